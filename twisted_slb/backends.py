@@ -1,0 +1,259 @@
+"""
+Backends and backend groups: the runtime state a listener balances over.
+
+Configuration objects (L{twisted_slb.config.GroupConfig}) are frozen values;
+the objects here are their live, mutable counterparts: health state, live
+connection counts and counters.  A L{BackendGroup} keeps the same L{Backend}
+objects across a config reload when the backend names stay the same, so that
+persistence pins and counters survive it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence
+
+from twisted.logger import Logger
+
+from twisted_slb.persistence.interfaces import HIT, NEW, NONE, REPIN, Session
+
+if TYPE_CHECKING:  # pragma: no cover
+    from twisted_slb.config import GroupConfig, ServerConfig
+    from twisted_slb.scheduling import IScheduler
+
+log = Logger(namespace="twisted_slb.backends")
+
+UP = "up"
+DOWN = "down"
+DRAIN = "drain"
+
+
+def backend_id(name: str) -> str:
+    """
+    The stable, opaque identifier of a backend, derived from its name only.
+
+    It is what the insert cookie carries and what stick tables store, so it
+    must be the same across restarts and across several balancer processes
+    sharing one config, and it must never reveal the backend's address.
+
+    @param name: the backend's configured name.
+    @return: 16 lowercase hex digits.
+    """
+    return hashlib.sha256(b"twisted_slb:" + name.encode("utf-8")).hexdigest()[:16]
+
+
+class Backend:
+    """
+    One backend server and its live state.
+
+    @ivar name: the configured name.
+    @ivar id: L{backend_id} of the name: the opaque key used by persistence.
+    @ivar host: the host name or IP address to connect to.
+    @ivar port: the TCP port to connect to.
+    @ivar weight: the scheduling weight; 0 means drain (no new clients, pinned
+        clients kept).
+    @ivar up: whether health checks (active or passive) consider it usable.
+    @ivar active: connections (TCP) or requests (HTTP) in flight now.
+    @ivar total: connections or requests ever started.
+    @ivar failures: connect or protocol failures counted against it.
+    @ivar bytes_in: bytes received from the backend.
+    @ivar bytes_out: bytes sent to the backend.
+    """
+
+    __slots__ = (
+        "name", "id", "host", "port", "weight", "up", "active", "total",
+        "failures", "bytes_in", "bytes_out", "extra",
+    )
+
+    def __init__(self, name: str, host: str, port: int, weight: int = 100) -> None:
+        self.name = name
+        self.id = backend_id(name)
+        self.host = host
+        self.port = port
+        self.weight = weight
+        self.up = True
+        self.active = 0
+        self.total = 0
+        self.failures = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        # Room for other modules (health checks, stats) to hang state on a
+        # backend without this class knowing about them.
+        self.extra: Dict[str, object] = {}
+
+    @classmethod
+    def from_config(cls, server: ServerConfig) -> Backend:
+        return cls(server.name, server.host, server.port, server.weight)
+
+    @property
+    def address(self) -> str:
+        """C{host:port}, with IPv6 literals in brackets."""
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    @property
+    def state(self) -> str:
+        """C{"up"}, C{"down"} or C{"drain"} (up with weight 0)."""
+        if not self.up:
+            return DOWN
+        if self.weight == 0:
+            return DRAIN
+        return UP
+
+    @property
+    def takes_new_clients(self) -> bool:
+        """Whether a scheduler may give it a client that is not pinned to it."""
+        return self.up and self.weight > 0
+
+    @property
+    def takes_pinned_clients(self) -> bool:
+        """Whether a client pinned to it may keep using it (drain keeps pins)."""
+        return self.up
+
+    def __repr__(self) -> str:
+        return f"<Backend {self.name} {self.address} weight={self.weight} {self.state}>"
+
+
+class BackendGroup:
+    """
+    A named group of backends and the scheduler that picks among them.
+
+    @ivar name: the group's configured name.
+    @ivar backends: the backends, in configuration order.
+    @ivar scheduler: an L{IScheduler} that picks among backends that take new
+        clients.
+    @ivar connect_timeout: seconds allowed for a connection to a backend.
+    @ivar retries: how many other backends are tried when a connect fails.
+    @ivar tls: a L{twisted_slb.config.BackendTLSConfig} or L{None}.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        backends: Iterable[Backend],
+        scheduler: Optional[IScheduler] = None,
+        connect_timeout: float = 5.0,
+        retries: int = 2,
+        tls: object = None,
+    ) -> None:
+        if scheduler is None:
+            from twisted_slb.scheduling import SmoothWeightedRoundRobin
+
+            scheduler = SmoothWeightedRoundRobin()
+        self.name = name
+        self.scheduler = scheduler
+        self.connect_timeout = connect_timeout
+        self.retries = retries
+        self.tls = tls
+        self.backends: List[Backend] = []
+        self._by_key: Dict[str, Backend] = {}
+        self._set_backends(list(backends))
+
+    @classmethod
+    def from_config(cls, config: GroupConfig) -> BackendGroup:
+        from twisted_slb.scheduling import scheduler_for
+
+        return cls(
+            config.name,
+            [Backend.from_config(s) for s in config.servers],
+            scheduler=scheduler_for(config.scheduler),
+            connect_timeout=config.connect_timeout,
+            retries=config.retries,
+            tls=config.tls,
+        )
+
+    def _set_backends(self, backends: List[Backend]) -> None:
+        self.backends = backends
+        by_key: Dict[str, Backend] = {}
+        for b in backends:
+            by_key[b.id] = b
+            by_key[b.name] = b
+        self._by_key = by_key
+
+    def update(self, config: GroupConfig) -> None:
+        """
+        Apply a reloaded configuration of this group in place.
+
+        Backends whose names stay keep their L{Backend} object (so their
+        health, counters and every pin to them survive); their address and
+        weight take the new values.  New names are added, missing ones removed.
+        """
+        from twisted_slb.scheduling import scheduler_for
+
+        old = {b.name: b for b in self.backends}
+        new: List[Backend] = []
+        for server in config.servers:
+            b = old.get(server.name)
+            if b is None:
+                b = Backend.from_config(server)
+            else:
+                b.host, b.port, b.weight = server.host, server.port, server.weight
+            new.append(b)
+        self._set_backends(new)
+        if config.scheduler != self.scheduler.name:
+            self.scheduler = scheduler_for(config.scheduler)
+        self.connect_timeout = config.connect_timeout
+        self.retries = config.retries
+        self.tls = config.tls
+
+    def get(self, key: str) -> Optional[Backend]:
+        """The backend whose id or name is C{key}, or L{None}."""
+        return self._by_key.get(key)
+
+    def pinned(self, key: Optional[str]) -> Optional[Backend]:
+        """
+        The backend a client pinned to C{key} may use, or L{None} when the key
+        is unknown or names a backend that is down.
+        """
+        if key is None:
+            return None
+        b = self._by_key.get(key)
+        if b is not None and b.takes_pinned_clients:
+            return b
+        return None
+
+    def choose(self, client_key: str = "", exclude: Sequence[Backend] = ()) -> Optional[Backend]:
+        """
+        Pick a backend for a client that is not (or no longer) pinned.
+
+        @param client_key: the client's identity (its IP address) for
+            schedulers that hash it.
+        @param exclude: backends already tried for this client.
+        @return: a backend that takes new clients, or L{None} if none does.
+        """
+        candidates = [b for b in self.backends if b.takes_new_clients and b not in exclude]
+        if not candidates:
+            return None
+        return self.scheduler.pick(candidates, client_key)
+
+    def __repr__(self) -> str:
+        return f"<BackendGroup {self.name} {self.backends!r}>"
+
+    def route(self, session: Session, exclude: Sequence[Backend] = ()) -> Optional[Backend]:
+        """
+        Choose the backend for a client visit and set C{session.outcome}.
+
+        A pin (C{session.pinned_key}) to a backend that can take it, and is not
+        in C{exclude}, is a hit; otherwise the scheduler chooses, and the
+        outcome is C{"repin"} when there was a pin and C{"new"} (or
+        C{"none"} without a policy) when there was none.
+
+        @param session: the visit; its C{pinned_key} and C{policy} are read.
+        @param exclude: backends that already failed for this visit.
+        @return: the backend, or L{None} when no backend can take the client.
+        """
+        key = session.pinned_key
+        if key is not None:
+            b = self.pinned(key)
+            if b is not None and b not in exclude:
+                session.outcome = HIT
+                return b
+            outcome = REPIN
+        elif session.policy is not None:
+            outcome = NEW
+        else:
+            outcome = NONE
+        b = self.choose(session.client_ip, exclude)
+        session.outcome = outcome
+        return b

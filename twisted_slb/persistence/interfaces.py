@@ -1,0 +1,138 @@
+"""
+The persistence contract.
+
+A persistence policy answers two questions, at two moments of a client's
+visit:
+
+ 1. Before a backend is chosen: I{is this client pinned to a backend?}
+    (L{IPersistencePolicy.find}).  The answer is a backend key (a
+    L{twisted_slb.backends.Backend.id}) or L{None}.
+ 2. Once a backend serves the client: I{remember it}
+    (L{IPersistencePolicy.remember}).  A TCP listener calls it when the
+    backend connection is up; an HTTP listener calls it when the backend's
+    response headers have arrived and before they reach the client, so that a
+    cookie policy can add or rewrite C{Set-Cookie}.
+
+Between the two, the balancer decides: a pin to a backend that can take it is
+a I{hit}; a client with no pin gets the scheduler's choice (I{new}); a pin to
+a backend that is unknown, down, or that failed to connect is replaced by the
+scheduler's choice (I{repin}).
+
+Both moments receive a L{Session}: what is known of this client for this
+connection (TCP) or request (HTTP).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import TYPE_CHECKING, Optional
+
+import attr
+from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:  # pragma: no cover
+    from twisted_slb.backends import Backend
+
+#: Persistence outcomes, as logged and counted.
+HIT = "hit"
+NEW = "new"
+REPIN = "repin"
+NONE = "none"  # the listener or rule has no persistence
+
+
+@attr.s(slots=True, auto_attribs=True)
+class Session:
+    """
+    One client visit as the balancer sees it.
+
+    @ivar client_ip: the client's IP address, normalised (an IPv4-mapped IPv6
+        address is given in its IPv4 form).
+    @ivar request: the L{twisted.web.iweb.IRequest} for HTTP, L{None} for TCP.
+    @ivar secure: whether the client reached us over TLS.
+    @ivar policy: the policy that pinned (or will pin) this client.
+    @ivar pinned_key: what L{IPersistencePolicy.find} answered.
+    @ivar backend: the backend that serves the visit, once chosen.
+    @ivar outcome: L{HIT}, L{NEW}, L{REPIN} or L{NONE}, once decided.
+    """
+
+    client_ip: str
+    request: object = None
+    secure: bool = False
+    policy: Optional["IPersistencePolicy"] = None
+    pinned_key: Optional[str] = None
+    backend: Optional["Backend"] = None
+    outcome: str = NONE
+
+
+class IPersistencePolicy(Interface):
+    """
+    Keeps a client on one backend.
+
+    Implementations are small: subclass one of the policies shipped with
+    twisted_slb (L{twisted_slb.persistence.sourceip.SourceIPPersistence},
+    L{twisted_slb.persistence.cookies.InsertCookie},
+    L{twisted_slb.persistence.cookies.RewriteCookie}) or write a new one with
+    these two methods.
+    """
+
+    name = Attribute("A short name for logs and C{--check}, e.g. C{'source_ip'}.")
+
+    def find(session: Session) -> Optional[str]:
+        """
+        Which backend is this client pinned to?
+
+        May also remove the policy's own marks from the request (for example
+        strip the C{SERVERID} cookie, or restore a rewritten cookie) so that
+        the backend never sees them.
+
+        @param session: the client visit; C{session.request} is set for HTTP.
+        @return: a backend key (L{twisted_slb.backends.Backend.id}) or L{None}
+            when the client is not pinned.  A key that names no usable
+            backend is not an error: the client is re-pinned.
+        """
+
+    def remember(session: Session, backend: "Backend") -> None:
+        """
+        Record that C{backend} serves this client.
+
+        Called once per visit, with C{session.outcome} already set.  For
+        HTTP, C{session.request.responseHeaders} holds the backend's response
+        headers, not yet sent, so that a cookie can be added or rewritten.
+
+        @param session: the client visit.
+        @param backend: the backend that serves it.
+        """
+
+
+def normalise_ip(host: str) -> str:
+    """
+    The canonical text of a client address: an IPv4-mapped IPv6 address
+    (C{::ffff:10.0.0.1}) becomes its IPv4 form, other IPv6 addresses are
+    compressed and lowercased, so that one client has one key.
+    """
+    if ":" not in host:
+        return host
+    try:
+        addr = ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    mapped = addr.ipv4_mapped
+    if mapped is not None:
+        return str(mapped)
+    return str(addr)
+
+
+def session_for(request) -> Session:
+    """
+    The L{Session} of an HTTP request, created on first use.
+
+    Persistence wrappers and L{twisted_slb.web.proxy.BalancedProxyResource}
+    both call this, so that the wrapper's answer reaches the proxy.
+    """
+    session = getattr(request, "slb_session", None)
+    if session is None:
+        addr = request.getClientAddress()
+        host = getattr(addr, "host", None) or "0.0.0.0"
+        session = Session(normalise_ip(host), request=request, secure=request.isSecure())
+        request.slb_session = session
+    return session
