@@ -1,0 +1,99 @@
+"""
+twistd support: C{twistd slb [--config slb.toml] [--check] [--port-base N]}.
+
+With C{--config}, every listener of the file runs.  Without it, a demo runs
+on loopback: demo backends and one listener per persistence mode, with a few
+lines on how to try it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.application.service import MultiService, Service
+from twisted.python import usage
+
+from twisted_slb.config import ConfigError, describe, load_config
+
+
+class Options(usage.Options):
+    synopsis = "[--config slb.toml] [--check] [--port-base N]"
+    longdesc = (
+        "Run the twisted_slb load balancer.  With --config, run the listeners of "
+        "that TOML file; with --check, only validate it and print each listener's "
+        "effective settings.  Without --config, run a demo on 127.0.0.1."
+    )
+    optFlags = [
+        ["check", None, "Validate the config, print its effective settings and exit (0: valid, 1: invalid)."],
+    ]
+    optParameters = [
+        ["config", "c", None, "The TOML configuration file."],
+        ["port-base", None, None, "Demo only: first port of the demo listeners (default 8080).", int],
+    ]
+
+    def postOptions(self) -> None:
+        path = self["config"]
+        if path is None:
+            if self["check"]:
+                raise usage.UsageError("--check needs --config FILE")
+            self["loaded"] = None
+            return
+        if self["port-base"] is not None:
+            raise usage.UsageError("--port-base applies to the demo only (no --config)")
+        try:
+            config = load_config(path)
+        except ConfigError as e:
+            # One message, no traceback, no usage text: the user's file is
+            # wrong, not the command line.
+            if self["check"]:
+                print(f"INVALID: {e}", file=sys.stderr)
+            raise SystemExit(str(e) if not self["check"] else 1)
+        if self["check"]:
+            print(describe(config))
+            print(f"OK: {path} is valid")
+            raise SystemExit(0)
+        self["loaded"] = config
+
+
+class _SIGHUPReload(Service):
+    """Reloads the balancer's configuration on SIGHUP (twistd only)."""
+
+    def __init__(self, balancer, reactor) -> None:
+        self.balancer = balancer
+        self.reactor = reactor
+        self._previous = None
+
+    def startService(self) -> None:
+        import signal
+
+        Service.startService(self)
+        if hasattr(signal, "SIGHUP"):
+            self._previous = signal.signal(
+                signal.SIGHUP,
+                lambda signum, frame: self.reactor.callFromThread(self.balancer.reload),
+            )
+
+    def stopService(self) -> None:
+        import signal
+
+        Service.stopService(self)
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+
+
+def makeService(options: Options):
+    from twisted.internet import reactor
+
+    from twisted_slb.service import BalancerService
+
+    config = options["loaded"]
+    if config is None:
+        from twisted_slb.demo import demo_service
+
+        return demo_service(options["port-base"], reactor)
+    top = MultiService()
+    balancer = BalancerService(config, reactor)
+    balancer.setServiceParent(top)
+    _SIGHUPReload(balancer, reactor).setServiceParent(top)
+    return top
