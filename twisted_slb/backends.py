@@ -62,7 +62,7 @@ class Backend:
 
     __slots__ = (
         "name", "id", "host", "port", "weight", "up", "active", "total",
-        "failures", "bytes_in", "bytes_out", "extra",
+        "failures", "bytes_in", "bytes_out", "extra", "monitor",
     )
 
     def __init__(self, name: str, host: str, port: int, weight: int = 100) -> None:
@@ -80,6 +80,8 @@ class Backend:
         # Room for other modules (health checks, stats) to hang state on a
         # backend without this class knowing about them.
         self.extra: Dict[str, object] = {}
+        # The passive health monitor told of failures and successes, if any.
+        self.monitor = None
 
     @classmethod
     def from_config(cls, server: ServerConfig) -> Backend:
@@ -110,6 +112,21 @@ class Backend:
     def takes_pinned_clients(self) -> bool:
         """Whether a client pinned to it may keep using it (drain keeps pins)."""
         return self.up
+
+    def record_failure(self, reason: str) -> None:
+        """
+        A connect or a request to this backend failed (refused, timed out,
+        reset, invalid response).  Counted, and passed on to the passive health
+        monitor, which may take the backend out.
+        """
+        self.failures += 1
+        if self.monitor is not None:
+            self.monitor.failure(self, reason)
+
+    def record_success(self) -> None:
+        """A connect or a request to this backend succeeded."""
+        if self.monitor is not None:
+            self.monitor.success(self)
 
     def __repr__(self) -> str:
         return f"<Backend {self.name} {self.address} weight={self.weight} {self.state}>"
@@ -226,6 +243,21 @@ class BackendGroup:
         if not candidates:
             return None
         return self.scheduler.pick(candidates, client_key)
+
+    def record_failure(self, reason: str) -> None:
+        """
+        A connect or a request to this backend failed (refused, timed out,
+        reset, invalid response).  Counted, and passed on to the passive health
+        monitor, which may take the backend out.
+        """
+        self.failures += 1
+        if self.monitor is not None:
+            self.monitor.failure(self, reason)
+
+    def record_success(self) -> None:
+        """A connect or a request to this backend succeeded."""
+        if self.monitor is not None:
+            self.monitor.success(self)
 
     def __repr__(self) -> str:
         return f"<BackendGroup {self.name} {self.backends!r}>"
