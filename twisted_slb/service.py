@@ -14,6 +14,7 @@ from typing import Dict, Optional
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 from twisted_slb.backends import BackendGroup
@@ -24,6 +25,32 @@ log = Logger(namespace="twisted_slb.service")
 
 class ListenFailed(Exception):
     """A listener could not bind its address."""
+
+
+class _SwitchableFactory(ServerFactory):
+    """
+    The factory a listening port holds: it builds protocols with whatever
+    factory is current, so that a reload changes what new connections get
+    without closing the port.  Connections already open keep the factory
+    that built them.
+    """
+
+    def __init__(self, current) -> None:
+        self.current = current
+
+    def doStart(self) -> None:
+        self.current.doStart()
+
+    def doStop(self) -> None:
+        self.current.doStop()
+
+    def switch(self, new) -> None:
+        old, self.current = self.current, new
+        new.doStart()
+        old.doStop()
+
+    def buildProtocol(self, addr):
+        return self.current.buildProtocol(addr)
 
 
 class ListenerService(Service):
@@ -43,14 +70,14 @@ class ListenerService(Service):
 
     def __init__(self, config: ListenerConfig, factory, reactor) -> None:
         self.config = config
-        self.factory = factory
+        self._switch = _SwitchableFactory(factory)
         self.reactor = reactor
         self.port = None
         self.setName(config.name)
 
     def _listen(self) -> Deferred:
         endpoint = serverFromString(self.reactor, self.config.bind)
-        d = endpoint.listen(self.factory)
+        d = endpoint.listen(self._switch)
 
         def listening(port):
             self.port = port
@@ -64,6 +91,23 @@ class ListenerService(Service):
 
         d.addCallback(listening)
         return d
+
+    @property
+    def factory(self):
+        """The factory that serves new connections."""
+        return self._switch.current
+
+    def reconfigure(self, config: ListenerConfig, factory) -> None:
+        """
+        Serve new connections with C{factory} (built from C{config}, whose
+        bind must be this listener's); open connections are not disturbed.
+        """
+        assert config.bind == self.config.bind
+        self.config = config
+        if self.port is None:
+            self._switch.current = factory
+        else:
+            self._switch.switch(factory)
 
     def privilegedStartService(self) -> None:
         Service.privilegedStartService(self)
@@ -252,9 +296,12 @@ class BalancerService(MultiService):
 
     def reload(self, config: Optional[Config] = None) -> bool:
         """
-        Re-read the configuration (from C{config.path} unless a L{Config} is
-        given) and apply it.  A configuration that fails to load is logged and
-        the one in force keeps running.
+        Re-read the configuration (from C{self.config.path} unless a L{Config}
+        is given) and apply it without dropping open connections: listeners
+        added, removed or changed; backends added, removed or re-weighted
+        (a backend that keeps its name keeps its state and its pins);
+        certificates re-read.  A configuration that fails to load is logged
+        and the one in force keeps running.
 
         @return: whether the new configuration is in force.
         """
@@ -264,5 +311,20 @@ class BalancerService(MultiService):
             except ConfigError as e:
                 log.error("reload failed, keeping the running configuration: {error}", error=str(e))
                 return False
-        log.info("reloading configuration from {path}", path=config.path)
-        raise NotImplementedError("reload is completed in the health/reload issue")
+        self._update_groups(config)
+        self.config = config
+        current = {s.name: s for s in list(self) if isinstance(s, ListenerService)}
+        for name, service in current.items():
+            new = config.listeners.get(name)
+            if new is None or new.bind != service.config.bind:
+                log.info("listener {listener} removed or moved: closing its port", listener=name)
+                self.removeService(service)
+        for listener in config.listeners.values():
+            factory = self._build_factory(listener)
+            service = self.namedServices.get(listener.name)
+            if service is None:
+                ListenerService(listener, factory, self.reactor).setServiceParent(self)
+            else:
+                service.reconfigure(listener, factory)
+        log.info("configuration reloaded from {path}", path=config.path)
+        return True
