@@ -1,0 +1,152 @@
+"""
+Tests for L{twisted_slb.tap} and the twistd plugin: the command line users
+type (C{twistd slb --config F}, C{--check}) and what it prints.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_slb import tap
+from twisted_slb.service import BalancerService
+
+GOOD = """
+[backends.web]
+servers = [ { name = "a", address = "127.0.0.1:9001" } ]
+
+[listeners.tcp]
+protocol = "tcp"
+bind = "tcp:0:interface=127.0.0.1"
+backends = "web"
+persistence = { type = "source_ip", timeout = 1000 }
+"""
+
+BAD = GOOD.replace("timeout = 1000", "timeout = 5000")
+
+
+def _twistd(*args: str, cwd: str) -> subprocess.CompletedProcess:
+    """Run the installed twistd of this interpreter's environment."""
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    return subprocess.run(
+        [twistd, "--pidfile=", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+class PluginTests(SynchronousTestCase):
+    def test_pluginIsListed(self) -> None:
+        """
+        The C{slb} service maker is found by Twisted's plugin system, which is
+        how C{twistd slb} finds it.
+        """
+        names = {p.tapname for p in getPlugins(IServiceMaker)}
+        self.assertIn("slb", names)
+
+    def test_twistdHelpListsSlb(self) -> None:
+        """C{twistd --help} lists the C{slb} command."""
+        result = _twistd("--help", cwd=self.mktemp_dir())
+        self.assertIn("slb", result.stdout)
+
+    def mktemp_dir(self) -> str:
+        path = self.mktemp()
+        os.makedirs(path)
+        return path
+
+
+class OptionsTests(SynchronousTestCase):
+    def write(self, text: str) -> str:
+        path = self.mktemp() + ".toml"
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_configIsLoaded(self) -> None:
+        """C{--config F} loads F into a L{Config} for makeService."""
+        options = tap.Options()
+        options.parseOptions(["--config", self.write(GOOD)])
+        self.assertEqual(list(options["loaded"].listeners), ["tcp"])
+
+    def test_badConfigIsOneMessage(self) -> None:
+        """
+        A bad file raises L{SystemExit} carrying the config error's message
+        (twistd prints it and exits 1), not a usage error with the whole
+        option summary.
+        """
+        options = tap.Options()
+        path = self.write(BAD)
+        with self.assertRaises(SystemExit) as cm:
+            options.parseOptions(["--config", path])
+        message = str(cm.exception.code)
+        self.assertIn(path, message)
+        self.assertIn("listeners.tcp.persistence.timeout", message)
+        self.assertIn("5000", message)
+
+    def test_portBaseWithConfigIsUsageError(self) -> None:
+        """C{--port-base} only means something for the demo."""
+        options = tap.Options()
+        with self.assertRaises(usage.UsageError):
+            options.parseOptions(["--config", self.write(GOOD), "--port-base", "9000"])
+
+    def test_checkWithoutConfigIsUsageError(self) -> None:
+        options = tap.Options()
+        with self.assertRaises(usage.UsageError):
+            options.parseOptions(["--check"])
+
+    def test_makeServiceRunsTheListeners(self) -> None:
+        """makeService builds a service tree holding a L{BalancerService}."""
+        options = tap.Options()
+        options.parseOptions(["--config", self.write(GOOD)])
+        top = tap.makeService(options)
+        balancers = [s for s in top if isinstance(s, BalancerService)]
+        self.assertEqual(len(balancers), 1)
+        self.assertEqual([s.name for s in balancers[0]], ["tcp"])
+
+
+class CommandLineTests(SynchronousTestCase):
+    """The real C{twistd} process, as a user runs it."""
+
+    def write(self, text: str) -> str:
+        path = os.path.abspath(self.mktemp() + ".toml")
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_checkValidPrintsEffectiveSettings(self) -> None:
+        """
+        C{twistd slb --config F --check} prints each listener with its
+        persistence policy and exits 0 without listening.
+        """
+        path = self.write(GOOD)
+        result = _twistd("slb", "--config", path, "--check", cwd=os.path.dirname(path))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("tcp", result.stdout)
+        self.assertIn("source_ip", result.stdout)
+
+    def test_checkInvalidExitsOne(self) -> None:
+        """C{--check} on a bad file prints the one error and exits 1."""
+        path = self.write(BAD)
+        result = _twistd("slb", "--config", path, "--check", cwd=os.path.dirname(path))
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("listeners.tcp.persistence.timeout", result.stderr)
+        self.assertNotIn("Traceback", result.stderr + result.stdout)
+
+    def test_runBadConfigExitsWithOneMessage(self) -> None:
+        """
+        C{twistd -n slb --config F} with a bad file prints the message, no
+        traceback, and exits non-zero.
+        """
+        path = self.write(BAD)
+        result = _twistd("-n", "slb", "--config", path, cwd=os.path.dirname(path))
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("listeners.tcp.persistence.timeout", result.stderr)
+        self.assertNotIn("Traceback", result.stderr + result.stdout)
