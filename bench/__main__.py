@@ -1,0 +1,427 @@
+"""
+twisted_slb against HAProxy, side by side, in one run.
+
+    python -m bench [--duration 5] [--runs 3] [--only http_keepalive,...]
+                    [--slb-python PATH] [--workers N] [--json out.json] [--quick]
+
+Starts nginx backends (a small body, and a large file for throughput), then
+runs each workload against the backend directly, HAProxy (same persistence:
+C{cookie SERVERID insert indirect nocache}, C{stick on src}) and twisted_slb,
+and prints a table of absolute figures and ratios to HAProxy.  Loopback only,
+bounded in time: a warm-up, C{--runs} runs, the median.  See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+TOOLS = {"wrk": "wrk", "haproxy": "haproxy", "nginx": "nginx-light", "curl": "curl"}
+
+
+def ensure_tools() -> None:
+    """Install wrk, HAProxy and nginx from Debian's packages if missing."""
+    missing = [pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}")]
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        raise SystemExit(f"bench: missing {', '.join(missing)}; install them (apt-get install {' '.join(missing)})")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
+
+
+def tool(name: str) -> str:
+    return shutil.which(name) or f"/usr/sbin/{name}"
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+class Proc:
+    """A background process, stopped at exit."""
+
+    def __init__(self, argv: List[str], log: str, env: Optional[dict] = None) -> None:
+        self.log = open(log, "wb")
+        self.p = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            os.killpg(self.p.pid, signal.SIGTERM)
+            try:
+                self.p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.p.pid, signal.SIGKILL)
+                self.p.wait()
+        self.log.close()
+
+
+# -- the systems under test --------------------------------------------------
+
+
+def make_cert(tmp: str) -> tuple:
+    """A self-signed RSA 2048 certificate for 127.0.0.1 / localhost (both LBs use it)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+    import datetime
+    import ipaddress
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
+    cert_path, key_path, both = (os.path.join(tmp, n) for n in ("cert.pem", "key.pem", "both.pem"))
+    for path, data in ((cert_path, cert_pem), (key_path, key_pem), (both, cert_pem + key_pem)):
+        with open(path, "wb") as f:
+            f.write(data)
+    return cert_path, key_path, both
+
+
+class Setup:
+    """Ports and processes of one benchmark run."""
+
+    def __init__(self, tmp: str, args) -> None:
+        self.tmp = tmp
+        self.args = args
+        self.procs: List[Proc] = []
+        self.backend_ports = [free_port(), free_port()]
+        self.ha = {k: free_port() for k in ("http", "tcp", "https")}
+        self.slb = {k: free_port() for k in ("http", "tcp", "https")}
+        self.cert, self.key, self.both = make_cert(tmp)
+        self.slb_pid = 0
+        self.ha_pid = 0
+
+    def start_nginx(self) -> None:
+        big = os.path.join(self.tmp, "big")
+        with open(big, "wb") as f:
+            f.truncate(self.args.bulk_mb * 1024 * 1024)
+        servers = "\n".join(
+            f"""server {{ listen 127.0.0.1:{port} reuseport; access_log off;
+                 location = /big {{ alias {big}; }}
+                 location / {{ return 200 "hello from {i}\\n"; }} }}"""
+            for i, port in enumerate(self.backend_ports)
+        )
+        conf = os.path.join(self.tmp, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(
+                f"""daemon off; worker_processes 1; pid {self.tmp}/nginx.pid; error_log {self.tmp}/nginx.err;
+events {{ worker_connections 20000; }}
+http {{ keepalive_requests 1000000; client_body_temp_path {self.tmp}; proxy_temp_path {self.tmp};
+       fastcgi_temp_path {self.tmp}; uwsgi_temp_path {self.tmp}; scgi_temp_path {self.tmp};
+       sendfile on; {servers} }}
+"""
+            )
+        self.procs.append(Proc([tool("nginx"), "-c", conf, "-p", self.tmp], os.path.join(self.tmp, "nginx.log")))
+        for port in self.backend_ports:
+            wait_port(port)
+
+    def start_haproxy(self) -> None:
+        a, b = self.backend_ports
+        conf = os.path.join(self.tmp, "haproxy.cfg")
+        with open(conf, "w") as f:
+            f.write(
+                f"""global
+    nbthread 1
+    maxconn 50000
+defaults
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend http
+    mode http
+    bind 127.0.0.1:{self.ha['http']}
+    default_backend web
+frontend https
+    mode http
+    bind 127.0.0.1:{self.ha['https']} ssl crt {self.both}
+    default_backend web
+backend web
+    mode http
+    balance roundrobin
+    http-reuse always
+    cookie SERVERID insert indirect nocache
+    server a 127.0.0.1:{a} cookie a
+    server b 127.0.0.1:{b} cookie b
+frontend tcp
+    mode tcp
+    bind 127.0.0.1:{self.ha['tcp']}
+    default_backend tcpweb
+backend tcpweb
+    mode tcp
+    balance roundrobin
+    stick-table type ip size 1m expire 1000s
+    stick on src
+    server a 127.0.0.1:{a}
+    server b 127.0.0.1:{b}
+"""
+            )
+        p = Proc([tool("haproxy"), "-f", conf], os.path.join(self.tmp, "haproxy.log"))
+        self.procs.append(p)
+        self.ha_pid = p.p.pid
+        for port in self.ha.values():
+            wait_port(port)
+
+    def start_slb(self) -> None:
+        a, b = self.backend_ports
+        conf = os.path.join(self.tmp, "slb.toml")
+        with open(conf, "w") as f:
+            f.write(
+                f"""workers = {self.args.workers}
+
+[backends.web]
+scheduler = "rr"
+servers = [ {{ name = "a", address = "127.0.0.1:{a}" }}, {{ name = "b", address = "127.0.0.1:{b}" }} ]
+
+[listeners.http]
+protocol = "http"
+bind = "tcp:{self.slb['http']}:interface=127.0.0.1:backlog=4096"
+backends = "web"
+persistence = {{ type = "insert_cookie", timeout = 3600 }}
+
+[listeners.https]
+protocol = "https"
+bind = "tcp:{self.slb['https']}:interface=127.0.0.1:backlog=4096"
+backends = "web"
+persistence = {{ type = "insert_cookie", timeout = 3600 }}
+certificates = [ {{ cert = "{self.cert}", key = "{self.key}" }} ]
+
+[listeners.tcp]
+protocol = "tcp"
+bind = "tcp:{self.slb['tcp']}:interface=127.0.0.1:backlog=4096"
+backends = "web"
+persistence = {{ type = "source_ip", timeout = 1000 }}
+"""
+            )
+        python = self.args.slb_python
+        argv = [python, "-c", "from twisted.scripts.twistd import run; run()", "--pidfile=", "-n", "--logfile=/dev/null", "slb", "--config", conf]
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        p = Proc(argv, os.path.join(self.tmp, "slb.log"), env=env)
+        self.procs.append(p)
+        self.slb_pid = p.p.pid
+        for port in self.slb.values():
+            wait_port(port)
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+
+
+# -- load generators -----------------------------------------------------------
+
+
+def wrk(url: str, duration: float, connections: int = 50, close: bool = False) -> Dict[str, float]:
+    argv = [tool("wrk"), "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url]
+    if close:
+        argv[1:1] = ["-H", "Connection: close"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60).stdout
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not m:
+        raise RuntimeError(f"wrk gave no figure for {url}:\n{out}")
+    result = {"rps": float(m.group(1))}
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    result["non2xx"] = float(errors.group(1)) if errors else 0.0
+    if socket_errors:
+        result["socket_errors"] = socket_errors.group(1)
+    for pct in ("50", "99"):
+        lm = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if lm:
+            value = float(lm.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[lm.group(2)]
+            result[f"p{pct}_ms"] = value
+    return result
+
+
+def bulk(url: str, timeout: float) -> Dict[str, float]:
+    out = subprocess.run(
+        [tool("curl"), "-s", "-o", "/dev/null", "-w", "%{speed_download} %{size_download}", url],
+        capture_output=True, text=True, timeout=timeout,
+    ).stdout.split()
+    return {"mb_s": float(out[0]) / 1e6, "bytes": float(out[1])}
+
+
+def idle_connections(port: int, pid: int, count: int) -> Dict[str, float]:
+    """RSS of C{pid} before and with C{count} idle client connections to C{port}."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, count + 1000)), hard))
+    before = rss_kb(pid)
+    socks = []
+    try:
+        for i in range(count):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            socks.append(s)
+        time.sleep(1.0)  # let the server accept them all (a benchmark, not a test)
+        during = rss_kb(pid)
+    finally:
+        for s in socks:
+            s.close()
+    return {"rss_before_mb": before / 1024, "rss_mb": during / 1024, "connections": count}
+
+
+# -- the run -------------------------------------------------------------------
+
+
+def median_of(runs: int, fn: Callable[[], Dict[str, float]]) -> Dict[str, float]:
+    fn()  # warm-up
+    results = [fn() for _ in range(runs)]
+    keys = [k for k, v in results[0].items() if isinstance(v, float)]
+    return {k: statistics.median(r[k] for r in results) for k in keys}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run (default 5)")
+    parser.add_argument("--runs", type=int, default=3, help="measured runs per figure, after one warm-up (default 3)")
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--bulk-mb", type=int, default=1024, help="size of the bulk transfer (default 1024 MB)")
+    parser.add_argument("--idle", type=int, default=10000, help="idle connections for the memory figure")
+    parser.add_argument("--only", default="", help="comma-separated workloads")
+    parser.add_argument("--slb-python", default=sys.executable, help="interpreter that runs twisted_slb (e.g. a PyPy venv)")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--json", default=os.path.join(HERE, "results", "latest.json"))
+    parser.add_argument("--quick", action="store_true", help="a smoke run: tiny durations and sizes")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.runs, args.bulk_mb, args.idle = 1.0, 1, 8, 100
+    ensure_tools()
+    only = set(filter(None, args.only.split(",")))
+    rows: List[dict] = []
+    tmp = tempfile.mkdtemp(prefix="slb-bench-")
+    setup = Setup(tmp, args)
+    try:
+        setup.start_nginx()
+        setup.start_haproxy()
+        setup.start_slb()
+        direct = f"http://127.0.0.1:{setup.backend_ports[0]}"
+        d, n = args.duration, args.connections
+        workloads = [
+            ("http_keepalive", "HTTP keep-alive + insert cookie (req/s)", "rps",
+             lambda base: wrk(base["http"] + "/", d, n), True),
+            ("http_close", "HTTP new connection per request (req/s)", "rps",
+             lambda base: wrk(base["http"] + "/", d, n, close=True), True),
+            ("tcp_keepalive", "TCP keep-alive + source IP (req/s)", "rps",
+             lambda base: wrk(base["tcp"] + "/", d, n), True),
+            ("tcp_close", "TCP new connection per request (conn/s)", "rps",
+             lambda base: wrk(base["tcp"] + "/", d, n, close=True), True),
+            ("tcp_bulk", f"TCP bulk {args.bulk_mb} MB (MB/s)", "mb_s",
+             lambda base: bulk(base["tcp"] + "/big", 600), True),
+            ("https_keepalive", "HTTPS keep-alive (req/s)", "rps",
+             lambda base: wrk(base["https"] + "/", d, n), False),
+            ("https_handshakes", "HTTPS new TLS handshake per request (req/s)", "rps",
+             lambda base: wrk(base["https"] + "/", d, n, close=True), False),
+        ]
+        bases = {
+            "direct": {"http": direct, "tcp": direct, "https": None},
+            "haproxy": {k: f"{'https' if k == 'https' else 'http'}://127.0.0.1:{p}" for k, p in setup.ha.items()},
+            "twisted_slb": {k: f"{'https' if k == 'https' else 'http'}://127.0.0.1:{p}" for k, p in setup.slb.items()},
+        }
+        for key, title, unit, fn, has_direct in workloads:
+            if only and key not in only:
+                continue
+            row = {"workload": key, "title": title, "unit": unit}
+            for system, base in bases.items():
+                if system == "direct" and not has_direct:
+                    continue
+                row[system] = median_of(args.runs, lambda: fn(base))
+            row["ratio"] = row["twisted_slb"][unit] / row["haproxy"][unit] if row["haproxy"][unit] else 0.0
+            rows.append(row)
+            print(f"{title:48} slb {row['twisted_slb'][unit]:10.1f}  haproxy {row['haproxy'][unit]:10.1f}  "
+                  f"ratio {row['ratio']:.2f}", flush=True)
+        if not only or "memory" in only:
+            row = {"workload": "memory_idle", "title": f"RSS with {args.idle} idle connections (MB)", "unit": "rss_mb"}
+            row["twisted_slb"] = idle_connections(setup.slb["http"], setup.slb_pid, args.idle)
+            row["haproxy"] = idle_connections(setup.ha["http"], setup.ha_pid, args.idle)
+            row["ratio"] = row["twisted_slb"]["rss_mb"] / max(row["haproxy"]["rss_mb"], 0.001)
+            rows.append(row)
+            print(f"{row['title']:48} slb {row['twisted_slb']['rss_mb']:10.1f}  haproxy {row['haproxy']['rss_mb']:10.1f}", flush=True)
+    finally:
+        setup.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    report = {
+        "python": args.slb_python,
+        "workers": args.workers,
+        "duration": args.duration,
+        "runs": args.runs,
+        "rows": rows,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=2)
+    print_table(rows)
+    print(f"\nJSON written to {args.json}")
+    return 0
+
+
+def print_table(rows: List[dict]) -> None:
+    print()
+    print(f"| {'workload':46} | {'direct':>10} | {'HAProxy':>10} | {'twisted_slb':>11} | {'slb/HAProxy':>11} |")
+    print(f"|{'-' * 48}|{'-' * 12}|{'-' * 12}|{'-' * 13}|{'-' * 13}|")
+    for row in rows:
+        unit = row["unit"]
+        direct = row.get("direct", {}).get(unit)
+        print(
+            f"| {row['title']:46} | {'' if direct is None else f'{direct:10.1f}':>10} | "
+            f"{row['haproxy'][unit]:10.1f} | {row['twisted_slb'][unit]:11.1f} | {row['ratio']:10.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
