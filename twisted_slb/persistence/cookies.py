@@ -1,0 +1,610 @@
+"""
+Cookie persistence for HTTP and HTTPS listeners: insert and rewrite.
+
+L{InsertCookie} (HAProxy: C{cookie SERVERID insert indirect nocache}) adds a
+cookie of its own that names the backend; L{RewriteCookie} (HAProxy:
+C{cookie JSESSIONID prefix}) prefixes a cookie the backend sets with the
+backend's id.  Both are resources that wrap the proxy and are the
+L{IPersistencePolicy} of the requests they see::
+
+    proxy = BalancedProxyResource(group)
+    site = Site(InsertCookie(proxy, name=b"SERVERID", timeout=3600))
+
+Both are stateless: the cookie itself names the backend (by
+L{twisted_slb.backends.Backend.id}, derived from the backend's name, never
+its address), so any number of balancer processes sharing a configuration
+route a client the same way.  Cookies are not signed: a client that forges
+one can only choose which of the group's backends serves it, which it could
+also do by retrying.
+
+Bad cookies are bad traffic, not errors: a malformed, oversized, non-ASCII
+or unknown value is ignored and the client is balanced and re-pinned as if it
+had none.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Callable, List, Optional, Tuple, Union
+from weakref import WeakKeyDictionary
+
+from twisted.logger import Logger
+from twisted.web.http import datetimeToString
+from twisted.web.http_headers import Headers
+from twisted.web.resource import IResource
+from zope.interface import implementer
+
+from twisted_slb.persistence.interfaces import HIT, REPIN, IPersistencePolicy, Session
+from twisted_slb.persistence.resource import PersistenceResource
+
+if TYPE_CHECKING:  # pragma: no cover
+    from twisted.internet.interfaces import IReactorTime
+
+    from twisted_slb.backends import Backend
+    from twisted_slb.config import PersistenceConfig
+
+log = Logger(namespace="twisted_slb.persistence.cookies")
+
+#: RFC 6265 / RFC 9110 token: the characters a cookie name may use.
+_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+#: Characters that must not appear in a Path or Domain attribute.
+_BAD_ATTRIBUTE = re.compile(r"[\x00-\x20;,\x7f-\U0010ffff]")
+
+#: Longest cookie value either policy will look at; a longer one is ignored.
+MAX_VALUE_BYTES = 4096
+
+_SAMESITE = {"lax": b"Lax", "strict": b"Strict", "none": b"None", "": b""}
+_SECURE = ("auto", "always", "never")
+MAX_TIMEOUT = 86400
+
+
+def _as_name(name: Union[bytes, str]) -> bytes:
+    """
+    A cookie name as bytes, checked.
+
+    @raise ValueError: the name is empty or not an RFC 6265 token.
+    """
+    if isinstance(name, str):
+        try:
+            name = name.encode("ascii")
+        except UnicodeEncodeError:
+            raise ValueError(f"cookie name {name!r} is not ASCII") from None
+    if not _TOKEN.match(name):
+        raise ValueError(f"cookie name {name!r} is not a valid token (letters, digits, !#$%&'*+-.^_`|~)")
+    return name
+
+
+def _unquote(value: bytes) -> Tuple[bytes, bool]:
+    """
+    C{value} without the one pair of double quotes RFC 6265 allows around a
+    cookie value, and whether it had them.
+    """
+    if len(value) >= 2 and value[:1] == b'"' and value[-1:] == b'"':
+        return value[1:-1], True
+    return value, False
+
+
+def edit_request_cookies(
+    headers: Headers, name: bytes, edit: Callable[[bytes], Optional[bytes]]
+) -> None:
+    """
+    Edit every occurrence of cookie C{name} in the C{Cookie} request
+    header(s), in place.
+
+    Cookie names are case-sensitive (RFC 6265).  A header in which C{name}
+    does not occur is left byte for byte as it was; one in which it does is
+    rebuilt from its pairs joined by C{"; "}; a header left with no pair is
+    removed.
+
+    @param headers: the request headers.
+    @param name: the cookie name.
+    @param edit: called with each value (whitespace stripped, quotes kept),
+        in the order the client sent them; returns the new value, or L{None}
+        to remove the pair.
+    """
+    raw = headers.getRawHeaders(b"cookie")
+    if not raw:
+        return
+    changed = False
+    lines: List[bytes] = []
+    for line in raw:
+        parts: List[bytes] = []
+        line_changed = False
+        for part in line.split(b";"):
+            part = part.strip()
+            if not part:
+                continue
+            n, eq, v = part.partition(b"=")
+            if eq and n.strip() == name:
+                line_changed = True
+                new = edit(v.strip())
+                if new is None:
+                    continue
+                part = name + b"=" + new
+            parts.append(part)
+        if not line_changed:
+            lines.append(line)
+        elif parts:
+            lines.append(b"; ".join(parts))
+        changed = changed or line_changed
+    if not changed:
+        return
+    if lines:
+        headers.setRawHeaders(b"cookie", lines)
+    else:
+        headers.removeHeader(b"cookie")
+
+
+def _forget_received_cookie(request: object, name: bytes) -> None:
+    """
+    Drop C{name} from C{request.received_cookies} too, so that nothing
+    behind the wrapper sees our cookie by that route either.
+    """
+    received = getattr(request, "received_cookies", None)
+    if isinstance(received, dict):
+        received.pop(name, None)
+
+
+def _cache_control_keeps_set_cookie_private(values: List[bytes]) -> bool:
+    """
+    Whether C{Cache-Control} already keeps shared caches from storing a
+    C{Set-Cookie}: C{private}, C{no-store}, or a C{no-cache} / C{private}
+    naming C{Set-Cookie}.
+    """
+    for directive in b",".join(values).split(b","):
+        key, eq, arg = directive.strip().partition(b"=")
+        key = key.strip().lower()
+        if key == b"no-store" or (key == b"private" and not eq):
+            return True
+        if key in (b"no-cache", b"private") and b"set-cookie" in arg.lower():
+            return True
+    return False
+
+
+def add_nocache(headers: Headers) -> None:
+    """
+    Add C{Cache-Control: no-cache="Set-Cookie"} to response headers that set
+    a persistence cookie, so that a shared cache never hands one client's
+    pin to others (what HAProxy's C{nocache} is for).
+
+    An existing C{Cache-Control} is kept and the directive appended to it, in
+    one header; nothing is added when the response is already C{private} or
+    C{no-store}, or already says C{no-cache="Set-Cookie"}: those keep the
+    cookie out of shared caches already.
+    """
+    existing = headers.getRawHeaders(b"cache-control") or []
+    if _cache_control_keeps_set_cookie_private(existing):
+        return
+    merged = [v.strip() for v in existing if v.strip()]
+    merged.append(b'no-cache="Set-Cookie"')
+    headers.setRawHeaders(b"cache-control", [b", ".join(merged)])
+
+
+def _int_to_base36(n: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    if n <= 0:
+        return "0"
+    out = []
+    while n:
+        n, r = divmod(n, 36)
+        out.append(digits[r])
+    return "".join(reversed(out))
+
+
+@implementer(IPersistencePolicy)
+class InsertCookie(PersistenceResource):
+    """
+    Insert-cookie persistence: the balancer's own cookie names the backend.
+
+    The first response a client gets from a backend carries
+    C{Set-Cookie: SERVERID=<value>}; later requests that carry it go to the
+    same backend for as long as it is up (a drained backend keeps its
+    clients).  The cookie is stripped from the request before it reaches the
+    backend, and a C{SERVERID} cookie the backend sets itself is removed from
+    its response, so the two never clash.
+
+    B{The value} is C{<backend id>} (16 hex digits,
+    L{twisted_slb.backends.Backend.id}), followed with C{refresh} on by
+    C{.<issue time>} (seconds since the epoch in base 36), e.g.
+    C{SERVERID=3f2a9c0d51e4b7a8.sxkq3c}: short, opaque, the same in every
+    process sharing the configuration, never the backend's address.  Both
+    forms are accepted back, whatever C{refresh} says now.
+
+    B{When it is set}: into every response that came from a backend, whatever
+    its status (404, 500 and 302 included), when the client is new or is
+    re-pinned (its cookie named no usable backend, or was unreadable); and,
+    with C{refresh}, when more than half of C{timeout} has passed since the
+    cookie was issued (sliding expiry: only idle clients lose their pin).  A
+    client that holds a valid, fresh cookie for a usable backend gets no
+    C{Set-Cookie} at all, so no status, redirects included, ever re-pins it.
+
+    B{Several cookies}: when a request carries our cookie more than once
+    (several C{Cookie} headers, or the name twice, e.g. one set for a parent
+    domain), the first valid value in the order the client sent them wins.
+
+    B{Subclassing}: override L{cookie_value_for} and L{parse_cookie_value}
+    together to change the value format, or L{set_cookie_header} to change
+    the attributes.
+
+    @ivar cookie_name: the cookie name (bytes).
+    @ivar timeout: the cookie lifetime in seconds (C{Max-Age}).
+    @ivar secure: C{"auto"} (C{Secure} when the client came over TLS),
+        C{"always"} or C{"never"}.
+    @ivar httponly: whether to add C{HttpOnly}.
+    @ivar samesite: C{"lax"}, C{"strict"}, C{"none"} or C{""} (attribute
+        left out).
+    @ivar domain: the C{Domain} attribute, C{""} for none (a host-only
+        cookie).
+    @ivar path: the C{Path} attribute, C{""} for none.
+    @ivar refresh: whether to re-issue the cookie to active clients.
+    @ivar clock: the L{IReactorTime} giving the time.
+    """
+
+    name = "insert_cookie"
+
+    _VALUE = re.compile(r"^([0-9a-f]{16})(?:\.([0-9a-z]{1,10}))?$")
+
+    def __init__(
+        self,
+        wrapped: IResource,
+        name: Union[bytes, str] = b"SERVERID",
+        timeout: int = 3600,
+        secure: str = "auto",
+        httponly: bool = True,
+        samesite: str = "lax",
+        domain: str = "",
+        path: str = "/",
+        refresh: bool = True,
+        reactor: Optional[IReactorTime] = None,
+    ) -> None:
+        """
+        @param wrapped: the resource that proxies to the backends.
+        @param name: the cookie name.
+        @param timeout: the cookie lifetime, 1..86400 seconds.
+        @param secure: C{"auto"}, C{"always"} or C{"never"}.
+        @param httponly: whether to add C{HttpOnly}.
+        @param samesite: C{"lax"}, C{"strict"}, C{"none"} or C{""}.
+        @param domain: the C{Domain} attribute, or C{""}.
+        @param path: the C{Path} attribute, or C{""}.
+        @param refresh: sliding expiry.
+        @param reactor: an L{IReactorTime}; the global reactor if L{None}.
+        @raise ValueError: an option is out of range; the message says which.
+        """
+        PersistenceResource.__init__(self, wrapped)
+        self.cookie_name = _as_name(name)
+        if isinstance(timeout, bool) or not isinstance(timeout, int) or not 1 <= timeout <= MAX_TIMEOUT:
+            raise ValueError(f"insert cookie timeout {timeout!r} is not an integer from 1 to {MAX_TIMEOUT}")
+        if secure not in _SECURE:
+            raise ValueError(f"insert cookie secure {secure!r} is not one of {', '.join(_SECURE)}")
+        if samesite not in _SAMESITE:
+            raise ValueError(f"insert cookie samesite {samesite!r} is not one of lax, strict, none, ''")
+        for label, value in (("domain", domain), ("path", path)):
+            if _BAD_ATTRIBUTE.search(value):
+                raise ValueError(
+                    f"insert cookie {label} {value!r} contains a space, ';', ',' or a control "
+                    "or non-ASCII character"
+                )
+        self.timeout = timeout
+        self.secure = secure
+        self.httponly = httponly
+        self.samesite = samesite
+        self.domain = domain
+        self.path = path
+        self.refresh = refresh
+        if reactor is None:
+            from twisted.internet import reactor
+        self.clock = reactor
+        # What each request's cookie said (backend key, issue time), between
+        # find() and remember(); weak so that requests that never reach a
+        # backend leave nothing behind.
+        self._seen: "WeakKeyDictionary[object, Tuple[str, Optional[int]]]" = WeakKeyDictionary()
+
+    @classmethod
+    def from_config(
+        cls, wrapped: IResource, persistence_config: PersistenceConfig, reactor: Optional[IReactorTime] = None
+    ) -> InsertCookie:
+        """
+        Build from a listener's or rule's C{persistence} table
+        (C{type = "insert_cookie"}); C{cookie = ""} means C{SERVERID}.
+        """
+        return cls(
+            wrapped,
+            name=persistence_config.cookie or "SERVERID",
+            timeout=persistence_config.timeout,
+            secure=persistence_config.secure,
+            httponly=persistence_config.httponly,
+            samesite=persistence_config.samesite,
+            domain=persistence_config.domain,
+            path=persistence_config.path,
+            refresh=persistence_config.refresh,
+            reactor=reactor,
+        )
+
+    # -- the value format (override both together) ----------------------
+
+    def cookie_value_for(self, backend: Backend) -> str:
+        """
+        The cookie value that pins a client to C{backend}: its id, and with
+        C{refresh} on the issue time.  Must be ASCII and need no quoting.
+        """
+        if not self.refresh:
+            return backend.id
+        return f"{backend.id}.{_int_to_base36(int(self.clock.seconds()))}"
+
+    def parse_cookie_value(self, value: str) -> Optional[Tuple[str, Optional[int]]]:
+        """
+        Read a value made by L{cookie_value_for}.
+
+        @param value: the value the client sent, unquoted, ASCII.
+        @return: C{(backend key, issue time or None)}, or L{None} when the
+            value is not ours.
+        """
+        match = self._VALUE.match(value)
+        if match is None:
+            return None
+        key, stamp = match.groups()
+        return key, (int(stamp, 36) if stamp is not None else None)
+
+    # -- IPersistencePolicy ---------------------------------------------
+
+    def find(self, session: Session) -> Optional[str]:
+        """
+        The backend key of the first valid cookie of ours in the request,
+        which loses every occurrence of our cookie on the way.
+        """
+        request = session.request
+        found: List[Tuple[str, Optional[int]]] = []
+
+        def take(value: bytes) -> None:
+            if not found and len(value) <= MAX_VALUE_BYTES:
+                inner, _ = _unquote(value)
+                try:
+                    text = inner.decode("ascii")
+                except UnicodeDecodeError:
+                    return None
+                parsed = self.parse_cookie_value(text)
+                if parsed is not None:
+                    found.append(parsed)
+            return None
+
+        edit_request_cookies(request.requestHeaders, self.cookie_name, take)
+        _forget_received_cookie(request, self.cookie_name)
+        if not found:
+            self._seen.pop(request, None)
+            return None
+        self._seen[request] = found[0]
+        return found[0][0]
+
+    def remember(self, session: Session, backend: Backend) -> None:
+        """
+        Set the cookie on the backend's response when the client is new, was
+        re-pinned, or (with C{refresh}) holds a cookie past half its life.
+        """
+        request = session.request
+        if request is None:
+            return
+        seen = self._seen.pop(request, None)
+        headers = request.responseHeaders
+        self._drop_backend_cookie(headers, backend)
+        if session.outcome == HIT and seen is not None and seen[0] == backend.id:
+            if not self._needs_refresh(seen[1]):
+                return
+        elif session.outcome == REPIN:
+            log.info(
+                "client {client} re-pinned from {old} to backend {backend} ({cookie} cookie)",
+                client=session.client_ip,
+                old=session.pinned_key,
+                backend=backend.name,
+                cookie=self.cookie_name.decode("ascii"),
+            )
+        headers.addRawHeader(b"set-cookie", self.set_cookie_header(session, backend))
+        add_nocache(headers)
+
+    # -- helpers ----------------------------------------------------------
+
+    def _needs_refresh(self, issued: Optional[int]) -> bool:
+        if not self.refresh:
+            return False
+        if issued is None:
+            # Issued while refresh was off: give it a stamp now.
+            return True
+        age = self.clock.seconds() - issued
+        half = self.timeout / 2.0
+        # A stamp far in the future is forged or from a badly skewed clock:
+        # re-issue it rather than never refreshing it.
+        return age > half or age < -half
+
+    def is_secure(self, session: Session) -> bool:
+        """Whether the cookie set for this visit gets C{Secure}."""
+        return self.secure == "always" or (self.secure == "auto" and bool(session.secure))
+
+    def set_cookie_header(self, session: Session, backend: Backend) -> bytes:
+        """
+        The C{Set-Cookie} header value pinning this client to C{backend}.
+
+        C{SameSite=None} is left out when the cookie is not C{Secure}:
+        browsers reject a C{SameSite=None} cookie without C{Secure}, and the
+        client would never be pinned.
+        """
+        secure = self.is_secure(session)
+        value = self.cookie_value_for(backend).encode("ascii")
+        parts = [
+            self.cookie_name + b"=" + value,
+            b"Max-Age=%d" % (self.timeout,),
+            b"Expires=" + datetimeToString(self.clock.seconds() + self.timeout),
+        ]
+        if self.path:
+            parts.append(b"Path=" + self.path.encode("ascii"))
+        if self.domain:
+            parts.append(b"Domain=" + self.domain.encode("ascii"))
+        if secure:
+            parts.append(b"Secure")
+        if self.httponly:
+            parts.append(b"HttpOnly")
+        if self.samesite and (secure or self.samesite != "none"):
+            parts.append(b"SameSite=" + _SAMESITE[self.samesite])
+        return b"; ".join(parts)
+
+    def _drop_backend_cookie(self, headers: Headers, backend: Backend) -> None:
+        """
+        Remove a C{Set-Cookie} for our cookie name that the backend sent: it
+        would overwrite the pin in the client.
+        """
+        raw = headers.getRawHeaders(b"set-cookie")
+        if not raw:
+            return
+        kept = [v for v in raw if v.partition(b";")[0].partition(b"=")[0].strip() != self.cookie_name]
+        if len(kept) == len(raw):
+            return
+        log.debug(
+            "backend {backend} set the {cookie} cookie itself; removed",
+            backend=backend.name,
+            cookie=self.cookie_name.decode("ascii"),
+        )
+        if kept:
+            headers.setRawHeaders(b"set-cookie", kept)
+        else:
+            headers.removeHeader(b"set-cookie")
+
+
+@implementer(IPersistencePolicy)
+class RewriteCookie(PersistenceResource):
+    """
+    Rewrite-cookie persistence: the backend's own session cookie, prefixed
+    with the backend's id.
+
+    The backend's C{Set-Cookie: JSESSIONID=abc; Path=/; HttpOnly} reaches the
+    client as C{JSESSIONID=<backend id>~abc; Path=/; HttpOnly}: every
+    attribute verbatim, so expiry and lifetime stay the backend's; a quoted
+    value keeps its quotes around the prefixed value; an empty value (a
+    deletion) is left alone; other C{Set-Cookie} headers are untouched.  It
+    is done on every response, so a backend that rotates its session id
+    keeps the client pinned.
+
+    A request with C{JSESSIONID=<backend id>~abc} goes to that backend, which
+    receives C{JSESSIONID=abc}: the prefix is removed from every occurrence
+    of the cookie before forwarding, also when it names a backend that is
+    unknown or down (the client is then re-pinned, and gets the new prefix as
+    soon as its new backend sets the cookie).  A value without a prefix of
+    ours (16 hex digits and C{~}) is passed through unchanged and the client
+    is balanced as new.  With several occurrences, the first one carrying a
+    prefix decides.
+
+    Limit (as with HAProxy's C{prefix} mode): a re-pinned client keeps its
+    old prefix until its new backend sets the cookie again; until then each
+    request is balanced anew.
+
+    B{Subclassing}: override L{cookie_value_for} and L{split_cookie_value}
+    together to change the prefix format.
+
+    @ivar cookie_name: the backend's cookie name (bytes).
+    """
+
+    name = "rewrite_cookie"
+
+    _PREFIXED = re.compile(rb"^([0-9a-f]{16})~(.*)$", re.DOTALL)
+
+    def __init__(self, wrapped: IResource, name: Union[bytes, str] = b"JSESSIONID") -> None:
+        """
+        @param wrapped: the resource that proxies to the backends.
+        @param name: the name of the cookie the backends set.
+        @raise ValueError: the name is not a valid cookie name.
+        """
+        PersistenceResource.__init__(self, wrapped)
+        self.cookie_name = _as_name(name)
+
+    @classmethod
+    def from_config(cls, wrapped: IResource, persistence_config: PersistenceConfig) -> RewriteCookie:
+        """
+        Build from a C{persistence} table with C{type = "rewrite_cookie"}.
+
+        @raise ValueError: C{cookie} is empty or not a valid name.
+        """
+        if not persistence_config.cookie:
+            raise ValueError("rewrite_cookie persistence needs the name of the backend's cookie (cookie = ...)")
+        return cls(wrapped, name=persistence_config.cookie)
+
+    # -- the value format (override both together) ----------------------
+
+    def cookie_value_for(self, backend: Backend, value: bytes) -> bytes:
+        """The backend's cookie value C{value} as the client gets it."""
+        return backend.id.encode("ascii") + b"~" + value
+
+    def split_cookie_value(self, value: bytes) -> Optional[Tuple[str, bytes]]:
+        """
+        Read a value made by L{cookie_value_for}.
+
+        @param value: the value the client sent, unquoted.
+        @return: C{(backend key, the backend's own value)}, or L{None} when
+            the value carries no prefix of ours.
+        """
+        match = self._PREFIXED.match(value)
+        if match is None:
+            return None
+        return match.group(1).decode("ascii"), match.group(2)
+
+    # -- IPersistencePolicy ---------------------------------------------
+
+    def find(self, session: Session) -> Optional[str]:
+        """
+        The backend key of the first prefixed cookie of ours; every prefixed
+        occurrence is restored to the backend's value.
+        """
+        request = session.request
+        keys: List[str] = []
+
+        def restore(value: bytes) -> bytes:
+            if len(value) > MAX_VALUE_BYTES:
+                return value
+            inner, quoted = _unquote(value)
+            split = self.split_cookie_value(inner)
+            if split is None:
+                return value
+            key, original = split
+            keys.append(key)
+            return b'"' + original + b'"' if quoted else original
+
+        edit_request_cookies(request.requestHeaders, self.cookie_name, restore)
+        received = getattr(request, "received_cookies", None)
+        if isinstance(received, dict) and self.cookie_name in received:
+            inner, quoted = _unquote(received[self.cookie_name])
+            split = self.split_cookie_value(inner)
+            if split is not None:
+                received[self.cookie_name] = b'"' + split[1] + b'"' if quoted else split[1]
+        return keys[0] if keys else None
+
+    def remember(self, session: Session, backend: Backend) -> None:
+        """Prefix the backend's C{Set-Cookie} for our name with its id."""
+        request = session.request
+        if request is None:
+            return
+        headers = request.responseHeaders
+        raw = headers.getRawHeaders(b"set-cookie")
+        if session.outcome == REPIN:
+            log.info(
+                "client {client} re-pinned from {old} to backend {backend} ({cookie} cookie{note})",
+                client=session.client_ip,
+                old=session.pinned_key,
+                backend=backend.name,
+                cookie=self.cookie_name.decode("ascii"),
+                note="" if raw else "; the backend set no new cookie yet",
+            )
+        if not raw:
+            return
+        rewritten: List[bytes] = []
+        changed = False
+        for line in raw:
+            first, semi, rest = line.partition(b";")
+            n, eq, v = first.partition(b"=")
+            if eq and n.strip() == self.cookie_name:
+                inner, quoted = _unquote(v.strip())
+                if inner:
+                    new = self.cookie_value_for(backend, inner)
+                    if quoted:
+                        new = b'"' + new + b'"'
+                    line = self.cookie_name + b"=" + new + semi + rest
+                    changed = True
+            rewritten.append(line)
+        if changed:
+            headers.setRawHeaders(b"set-cookie", rewritten)

@@ -1,0 +1,158 @@
+"""
+Putting a persistence policy in front of an HTTP resource.
+
+A persistence policy is not part of the proxy: it wraps it.  For each request
+the wrapper asks its policy which backend the client is pinned to and leaves
+the answer in the request's L{Session} (see
+L{twisted_slb.persistence.interfaces.session_for}); the proxy behind it routes
+with that answer and calls the policy back (C{remember}) when the backend's
+response headers are in, before anything reaches the client::
+
+    proxy = BalancedProxyResource(group)
+    site = Site(PersistenceResource(proxy, SourceIPPersistence(table)))
+
+The cookie policies (L{twisted_slb.persistence.cookies}) are subclasses that
+are both the wrapper and the policy.  L{wrap_with_persistence} builds the
+right wrapper for a L{twisted_slb.config.PersistenceConfig}.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, MutableMapping, Optional
+
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource, getChildForRequest
+
+from twisted_slb.persistence.interfaces import IPersistencePolicy, session_for
+
+if TYPE_CHECKING:  # pragma: no cover
+    from twisted.internet.interfaces import IReactorTime
+
+    from twisted_slb.config import PersistenceConfig
+
+log = Logger(namespace="twisted_slb.persistence.resource")
+
+
+class PersistenceResource(Resource):
+    """
+    A resource that puts a persistence policy in front of another resource
+    (normally a L{twisted_slb.web.proxy.BalancedProxyResource}).
+
+    For each request it sets C{session.policy} and C{session.pinned_key}
+    (the policy's C{find}) on the request's L{Session}, then renders the
+    wrapped resource, which routes with them and calls
+    C{session.policy.remember} once a backend answers.
+
+    Subclasses that implement L{IPersistencePolicy} themselves (the cookie
+    policies, or a user's own, see C{examples/sticky_header_policy.py}) pass
+    no C{policy}: the resource is its own policy.
+
+    @ivar wrapped: the resource that does the work.
+    @ivar policy: the L{IPersistencePolicy} consulted for each request.
+    """
+
+    isLeaf = True
+
+    def __init__(self, wrapped: IResource, policy: Optional[IPersistencePolicy] = None) -> None:
+        """
+        @param wrapped: the resource rendered for each request, after the
+            policy's C{find}.
+        @param policy: the policy; L{None} means C{self}, for subclasses that
+            implement L{IPersistencePolicy}.
+        @raise TypeError: no policy was given and this object is not one.
+        """
+        Resource.__init__(self)
+        if policy is None:
+            if not IPersistencePolicy.providedBy(self):
+                raise TypeError(
+                    f"{type(self).__name__} needs a policy: pass one, or declare "
+                    "@implementer(IPersistencePolicy) on the subclass"
+                )
+            policy = self
+        self.wrapped = wrapped
+        self.policy = policy
+
+    def render(self, request: IRequest) -> object:
+        """
+        Ask the policy where this client is pinned, then render the wrapped
+        resource.
+
+        A policy whose C{find} raises is a bug, not bad traffic: it is logged
+        and the request is balanced as if the client were not pinned, rather
+        than answered with a 500.
+        """
+        session = session_for(request)
+        session.policy = self.policy
+        try:
+            session.pinned_key = self.policy.find(session)
+        except Exception:
+            log.failure(
+                "persistence policy {policy!r} failed to read the request; balancing it unpinned",
+                policy=self.policy,
+            )
+            session.pinned_key = None
+        return getChildForRequest(self.wrapped, request).render(request)
+
+    def __repr__(self) -> str:
+        if self.policy is self:
+            return f"<{type(self).__name__} wrapping {self.wrapped!r}>"
+        return f"<{type(self).__name__} {self.policy!r} wrapping {self.wrapped!r}>"
+
+
+def wrap_with_persistence(
+    resource: IResource,
+    persistence_config: Optional[PersistenceConfig],
+    reactor: Optional[IReactorTime] = None,
+    stick_tables: Optional[MutableMapping[str, object]] = None,
+    table_key: str = "",
+) -> IResource:
+    """
+    Put the persistence a configuration asks for in front of C{resource}.
+
+    @param resource: what to wrap, normally a
+        L{twisted_slb.web.proxy.BalancedProxyResource}.
+    @param persistence_config: a listener's or rule's C{persistence}; L{None}
+        means no persistence and C{resource} is returned unchanged.
+    @param reactor: the L{IReactorTime} cookie expiry and stick tables use;
+        the global reactor if L{None}.
+    @param stick_tables: for C{source_ip}: the caller's stick tables by key,
+        so that a table (and every pin in it) survives a config reload that
+        rebuilds the resources.  A missing table is created and stored in it;
+        an existing one takes the new timeout and size bound.  L{None}: a new
+        table each call.
+    @param table_key: the key of this listener's or rule's table in
+        C{stick_tables} (e.g. C{"web/app"}: listener and backend group).
+    @return: the wrapping resource.
+    @raise ValueError: an unknown persistence type.
+    """
+    if persistence_config is None:
+        return resource
+    kind = persistence_config.type
+    if kind == "insert_cookie":
+        from twisted_slb.persistence.cookies import InsertCookie
+
+        return InsertCookie.from_config(resource, persistence_config, reactor=reactor)
+    if kind == "rewrite_cookie":
+        from twisted_slb.persistence.cookies import RewriteCookie
+
+        return RewriteCookie.from_config(resource, persistence_config)
+    if kind == "source_ip":
+        from twisted_slb.persistence.sourceip import SourceIPPersistence, StickTable
+
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        table = None if stick_tables is None else stick_tables.get(table_key)
+        if table is None:
+            table = StickTable(persistence_config.timeout, persistence_config.max_entries, clock=reactor)
+            if stick_tables is not None:
+                stick_tables[table_key] = table
+        else:
+            table.timeout = persistence_config.timeout
+            table.max_entries = persistence_config.max_entries
+        return PersistenceResource(resource, SourceIPPersistence(table))
+    raise ValueError(
+        f"unknown persistence type {kind!r}: expected 'insert_cookie', 'rewrite_cookie' or 'source_ip'"
+    )

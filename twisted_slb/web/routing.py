@@ -1,0 +1,216 @@
+"""
+Forwarding rules for HTTP listeners, and the HTTP-to-HTTPS redirect.
+
+A listener with C{[[listeners.X.rules]]} gets a L{RuleRouter}: the first
+L{Route} whose domain matches the request's C{Host} and whose path prefix
+matches its path renders the request; each route has its own backend group
+and persistence (its resource is a persistence wrapper around a proxy).  This
+is how different domains get different persistence rules (the FAQ's
+question 5).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional, Sequence, Tuple
+from urllib.parse import urlsplit
+
+import attr
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource, getChildForRequest
+
+log = Logger(namespace="twisted_slb.web.routing")
+
+#: A host name (letters, digits, hyphens, underscores, dots) or an IPv6
+#: literal in brackets, with an optional port.
+_HOST = re.compile(rb"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::([0-9]{1,5}))?$")
+
+_DOMAIN_PATTERN = re.compile(r"^(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*$|^\[[0-9a-f:.]+\]$")
+
+
+def _absolute_target(request: IRequest):
+    """The split request target when the client sent an absolute URI."""
+    uri = request.uri
+    if uri.startswith(b"/") or b"://" not in uri:
+        return None
+    return urlsplit(uri)
+
+
+def request_host(request: IRequest) -> Optional[str]:
+    """
+    The host a request asked for: its C{Host} header (or, for an absolute
+    request target, the URI's authority, which RFC 9112 3.2.2 says wins)
+    without the port, lowercased, without a trailing dot.
+
+    @return: the host (an IPv6 literal keeps its brackets), or L{None} when
+        the header is missing or is not a valid host.
+    """
+    absolute = _absolute_target(request)
+    raw = absolute.netloc if absolute is not None and absolute.netloc else request.getHeader(b"host")
+    if raw is None:
+        return None
+    match = _HOST.match(raw.strip())
+    if match is None:
+        return None
+    host = match.group(1).decode("ascii").lower()
+    if host.endswith(".") and not host.startswith("["):
+        host = host[:-1]
+    return host or None
+
+
+def request_path(request: IRequest) -> bytes:
+    """The path of a request, without the query, as the client sent it."""
+    absolute = _absolute_target(request)
+    if absolute is not None:
+        return absolute.path or b"/"
+    return request.uri.split(b"?", 1)[0]
+
+
+def _check_domain(domain: str) -> str:
+    domain = domain.strip().lower().rstrip(".")
+    if domain and not _DOMAIN_PATTERN.match(domain):
+        raise ValueError(
+            f"route domain {domain!r} is not a host name, '*.' followed by a domain, or '' (any host)"
+        )
+    return domain
+
+
+def _check_path(path: str) -> str:
+    if not path.startswith("/"):
+        raise ValueError(f"route path {path!r} must start with '/'")
+    return path
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Route:
+    """
+    One forwarding rule.
+
+    @ivar domain: C{""} for any host; C{"app.example.com"} for that host
+        exactly; C{"*.example.com"} for any host with exactly one more label
+        (C{a.example.com}, not C{example.com} nor C{a.b.example.com}).
+        Compared with the C{Host} header without its port, case-insensitively.
+    @ivar path: a path prefix, matched segment by segment: C{"/api"} matches
+        C{/api}, C{/api/} and C{/api/x}, not C{/apix}; a trailing slash makes
+        no difference (C{"/api/"} is C{"/api"}); C{"/"} matches every path.
+        The path is compared as the client sent it (percent-encoding
+        included), case-sensitively.
+    @ivar resource: what renders a matching request.
+    """
+
+    domain: str = attr.ib(converter=_check_domain)
+    path: str = attr.ib(converter=_check_path)
+    resource: IResource = attr.ib()
+    _prefix: bytes = attr.ib(init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "_prefix", self.path.rstrip("/").encode("utf-8"))
+
+    def matches_host(self, host: Optional[str]) -> bool:
+        """Whether C{host} (as given by L{request_host}) matches C{domain}."""
+        if not self.domain:
+            return True
+        if host is None:
+            return False
+        if self.domain.startswith("*."):
+            suffix = self.domain[1:]
+            label = host[: -len(suffix)]
+            return host.endswith(suffix) and bool(label) and "." not in label
+        return host == self.domain
+
+    def matches_path(self, path: bytes) -> bool:
+        """Whether the request path C{path} (no query) is under C{path}."""
+        prefix = self._prefix
+        if not prefix:
+            return True
+        return path == prefix or path.startswith(prefix + b"/")
+
+
+class RuleRouter(Resource):
+    """
+    Renders each request with the first matching L{Route}, else C{default}.
+
+    A request no route matches, without a default, gets a 404 with a short
+    body.
+
+    @ivar routes: the routes, first match wins.
+    @ivar default: the resource for requests no route matches, or L{None}.
+    """
+
+    isLeaf = True
+
+    def __init__(self, routes: Sequence[Route], default: Optional[IResource] = None) -> None:
+        Resource.__init__(self)
+        self.routes: Tuple[Route, ...] = tuple(routes)
+        self.default = default
+
+    def route_for(self, request: IRequest) -> Optional[IResource]:
+        """The resource that should render C{request}, or L{None}."""
+        host = request_host(request)
+        path = request_path(request)
+        for route in self.routes:
+            if route.matches_host(host) and route.matches_path(path):
+                return route.resource
+        return self.default
+
+    def render(self, request: IRequest) -> bytes:
+        resource = self.route_for(request)
+        if resource is None:
+            log.info(
+                "no route for host {host!r} path {path!r}",
+                host=request.getHeader(b"host"),
+                path=request_path(request),
+            )
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"404 Not Found: no route for this host and path.\n"
+        return getChildForRequest(resource, request).render(request)
+
+
+class HTTPSRedirectResource(Resource):
+    """
+    Sends every request to the same URL over HTTPS with a 301.
+
+    C{http://example.com:8080/a?b=1} becomes C{https://example.com/a?b=1}
+    (or C{https://example.com:8443/a?b=1} with C{port=8443}).  A request
+    without a valid C{Host} header gets a 400: there is nowhere to send it.
+
+    @ivar port: the HTTPS port, left out of the URL when it is 443.
+    """
+
+    isLeaf = True
+
+    def __init__(self, port: int = 443) -> None:
+        Resource.__init__(self)
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise ValueError(f"HTTPS redirect port {port!r} is not a port number (1..65535)")
+        self.port = port
+
+    def location_for(self, request: IRequest) -> Optional[bytes]:
+        """The HTTPS URL for C{request}, or L{None} without a valid host."""
+        host = request_host(request)
+        if host is None:
+            return None
+        target = request.uri
+        absolute = _absolute_target(request)
+        if absolute is not None:
+            # Absolute form (GET http://host/path HTTP/1.1): keep path and query.
+            target = (absolute.path or b"/") + (b"?" + absolute.query if absolute.query else b"")
+        elif not target.startswith(b"/"):
+            # "*" (OPTIONS) or garbage: send the client to the site's root.
+            target = b"/"
+        netloc = host.encode("ascii")
+        if self.port != 443:
+            netloc += b":%d" % (self.port,)
+        return b"https://" + netloc + target
+
+    def render(self, request: IRequest) -> bytes:
+        location = self.location_for(request)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        if location is None:
+            request.setResponseCode(400)
+            return b"400 Bad Request: a Host header is needed to redirect to HTTPS.\n"
+        request.setResponseCode(301)
+        request.setHeader(b"location", location)
+        return b"Moved to " + location + b"\n"
