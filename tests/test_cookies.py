@@ -1,0 +1,834 @@
+"""
+Tests for L{twisted_slb.persistence.cookies} and
+L{twisted_slb.persistence.resource}.
+
+Requests go through a real L{twisted.web.server.Site} and
+L{twisted.web.http.HTTPChannel} over a L{StringTransport}; behind the
+persistence wrapper sits L{FakeProxy}, which does what
+L{twisted_slb.web.proxy.BalancedProxyResource} promises: route on a real
+L{BackendGroup}, put the backend's response headers in the request, call
+C{session.policy.remember}, then write the body.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import attr
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http import datetimeToString
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from twisted_slb.backends import Backend, BackendGroup
+from twisted_slb.config import PersistenceConfig
+from twisted_slb.persistence.cookies import InsertCookie, RewriteCookie
+from twisted_slb.persistence.interfaces import HIT, NEW, REPIN, IPersistencePolicy, session_for
+from twisted_slb.persistence.resource import PersistenceResource, wrap_with_persistence
+from twisted_slb.scheduling import RoundRobin
+
+NOW = 1_700_000_000
+
+
+@attr.s(auto_attribs=True)
+class Response:
+    """A parsed HTTP response."""
+
+    status: int
+    headers: List[Tuple[bytes, bytes]]
+    body: bytes
+
+    def all(self, name: bytes) -> List[bytes]:
+        return [v for k, v in self.headers if k == name.lower()]
+
+    def one(self, name: bytes) -> Optional[bytes]:
+        values = self.all(name)
+        return values[0] if values else None
+
+
+def parse_response(data: bytes) -> Response:
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(b" ")[1])
+    headers = []
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers.append((name.strip().lower(), value.strip()))
+    return Response(status, headers, body)
+
+
+@implementer(ISSLTransport)
+class SecureStringTransport(StringTransport):
+    """A StringTransport that says it is TLS, so that C{request.isSecure()}."""
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+
+def serve(resource, request: bytes, secure: bool = False) -> Response:
+    """
+    Send one raw request to C{resource} through a real L{Site} and
+    L{HTTPChannel} over a L{StringTransport}; return the parsed response.
+    """
+    site = Site(resource, reactor=Clock())
+    peer = IPv4Address("TCP", "10.0.0.7", 40000)
+    channel = site.buildProtocol(peer)
+    transport = StringTransport(peerAddress=peer, hostAddress=IPv4Address("TCP", "10.0.0.1", 80))
+    if secure:
+        transport = SecureStringTransport(peerAddress=peer, hostAddress=transport.getHost())
+    channel.makeConnection(transport)
+    channel.dataReceived(request)
+    channel.connectionLost(None)
+    return parse_response(transport.value())
+
+
+def get(path: bytes = b"/", cookies: Sequence[bytes] = (), host: bytes = b"www.example.com", method=b"GET") -> bytes:
+    """A raw HTTP/1.1 request with one C{Cookie} header per item of C{cookies}."""
+    lines = [method + b" " + path + b" HTTP/1.1", b"Host: " + host, b"Connection: close"]
+    lines += [b"Cookie: " + c for c in cookies]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+@attr.s(auto_attribs=True)
+class Seen:
+    """What the fake backend saw of one request."""
+
+    backend: Backend
+    cookies: Optional[List[bytes]]
+    outcome: str
+    received_cookies: dict
+
+
+class FakeProxy(Resource):
+    """
+    Stands in for BalancedProxyResource: routes on a real group, sets the
+    "backend's" status and headers, calls remember, writes a body.
+    """
+
+    isLeaf = True
+
+    def __init__(self, group: BackendGroup, status: int = 200, headers=()) -> None:
+        Resource.__init__(self)
+        self.group = group
+        self.status = status
+        self.headers = list(headers)
+        self.seen: List[Seen] = []
+
+    def render(self, request):
+        session = session_for(request)
+        backend = self.group.route(session, ())
+        self.seen.append(
+            Seen(
+                backend,
+                request.requestHeaders.getRawHeaders(b"cookie"),
+                session.outcome,
+                dict(getattr(request, "received_cookies", {})),
+            )
+        )
+        request.setResponseCode(self.status)
+        for name, value in self.headers:
+            request.responseHeaders.addRawHeader(name, value)
+        if session.policy is not None:
+            session.policy.remember(session, backend)
+        return b"served by " + backend.name.encode()
+
+
+def make_group() -> BackendGroup:
+    return BackendGroup(
+        "web",
+        [Backend("a", "10.0.0.11", 8080), Backend("b", "10.0.0.12", 8080), Backend("c", "10.0.0.13", 8080)],
+        scheduler=RoundRobin(),
+    )
+
+
+class Fixture:
+    """A group, a fake proxy and an InsertCookie in front of it."""
+
+    def __init__(self, status: int = 200, headers=(), **options) -> None:
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.group = make_group()
+        self.proxy = FakeProxy(self.group, status, headers)
+        self.policy = InsertCookie(self.proxy, reactor=self.clock, **options)
+
+    def request(self, *args, secure: bool = False, **kwargs) -> Response:
+        return serve(self.policy, get(*args, **kwargs), secure=secure)
+
+    def cookie_for(self, name: str, stamp: Optional[int] = NOW) -> bytes:
+        key = self.group.get(name).id
+        if stamp is None:
+            return b"SERVERID=" + key.encode()
+        return b"SERVERID=" + key.encode() + b"." + _base36(stamp).encode()
+
+
+def _base36(n: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while n:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+    return out or "0"
+
+
+def set_cookie_named(response: Response, name: bytes) -> List[bytes]:
+    return [v for v in response.all(b"set-cookie") if v.split(b"=", 1)[0] == name]
+
+
+def cookie_pair(set_cookie: bytes) -> bytes:
+    """The C{name=value} part of a C{Set-Cookie} header value."""
+    return set_cookie.split(b";", 1)[0]
+
+
+def attributes(set_cookie: bytes) -> List[bytes]:
+    return [a.strip() for a in set_cookie.split(b";")[1:]]
+
+
+# --- PersistenceResource -------------------------------------------------
+
+
+@implementer(IPersistencePolicy)
+class RecordingPolicy:
+    name = "recording"
+
+    def __init__(self, key: Optional[str] = None) -> None:
+        self.key = key
+        self.remembered: List[Tuple[str, str]] = []
+
+    def find(self, session):
+        return self.key
+
+    def remember(self, session, backend):
+        self.remembered.append((session.outcome, backend.name))
+
+
+class PersistenceResourceTests(SynchronousTestCase):
+    def test_findAnswerReachesTheProxy(self) -> None:
+        """The policy's C{find} answer is the session's C{pinned_key}, so the proxy routes on it."""
+        group = make_group()
+        proxy = FakeProxy(group)
+        serve(PersistenceResource(proxy, RecordingPolicy(group.get("c").id)), get())
+        self.assertEqual((proxy.seen[0].backend.name, proxy.seen[0].outcome), ("c", HIT))
+
+    def test_policyIsRememberedAfterRouting(self) -> None:
+        """The proxy calls back the wrapper's policy with the chosen backend."""
+        group = make_group()
+        policy = RecordingPolicy()
+        serve(PersistenceResource(FakeProxy(group), policy), get())
+        self.assertEqual(policy.remembered, [(NEW, "a")])
+
+    def test_subclassIsItsOwnPolicy(self) -> None:
+        """A subclass that implements IPersistencePolicy needs no policy argument."""
+
+        @implementer(IPersistencePolicy)
+        class Sticky(PersistenceResource):
+            name = "sticky"
+
+            def find(self, session):
+                return "b"
+
+            def remember(self, session, backend):
+                pass
+
+        group = make_group()
+        proxy = FakeProxy(group)
+        wrapper = Sticky(proxy)
+        serve(wrapper, get())
+        self.assertIs(wrapper.policy, wrapper)
+        self.assertEqual(proxy.seen[0].backend.name, "b")
+
+    def test_missingPolicyIsTypeError(self) -> None:
+        """A plain PersistenceResource without a policy is a programming error, said at once."""
+        self.assertRaises(TypeError, PersistenceResource, Resource())
+
+    def test_failingFindBalancesUnpinned(self) -> None:
+        """A policy whose find raises is logged; the client is balanced, not given a 500."""
+
+        class Broken(RecordingPolicy):
+            def find(self, session):
+                raise RuntimeError("bug")
+
+        group = make_group()
+        proxy = FakeProxy(group)
+        response = serve(PersistenceResource(proxy, Broken()), get())
+        self.assertEqual(response.status, 200)
+        self.assertEqual(proxy.seen[0].outcome, NEW)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_wrappedTreeIsTraversed(self) -> None:
+        """A wrapped resource that is not a leaf is traversed like Site would."""
+        group = make_group()
+        root = Resource()
+        proxy = FakeProxy(group)
+        root.putChild(b"app", proxy)
+        response = serve(PersistenceResource(root, RecordingPolicy()), get(b"/app/x"))
+        self.assertEqual(response.body, b"served by a")
+
+
+class WrapWithPersistenceTests(SynchronousTestCase):
+    def test_noneReturnsResource(self) -> None:
+        proxy = Resource()
+        self.assertIs(wrap_with_persistence(proxy, None), proxy)
+
+    def test_insertCookie(self) -> None:
+        """C{insert_cookie} builds an InsertCookie with the configured options; no name means SERVERID."""
+        clock = Clock()
+        wrapper = wrap_with_persistence(
+            Resource(),
+            PersistenceConfig(type="insert_cookie", timeout=600, samesite="strict", refresh=False),
+            reactor=clock,
+        )
+        self.assertIsInstance(wrapper, InsertCookie)
+        self.assertEqual(
+            (wrapper.cookie_name, wrapper.timeout, wrapper.samesite, wrapper.refresh, wrapper.clock),
+            (b"SERVERID", 600, "strict", False, clock),
+        )
+
+    def test_rewriteCookie(self) -> None:
+        wrapper = wrap_with_persistence(Resource(), PersistenceConfig(type="rewrite_cookie", cookie="PHPSESSID"))
+        self.assertIsInstance(wrapper, RewriteCookie)
+        self.assertEqual(wrapper.cookie_name, b"PHPSESSID")
+
+    def test_unknownTypeIsValueError(self) -> None:
+        self.assertRaises(ValueError, wrap_with_persistence, Resource(), PersistenceConfig(type="bogus"))
+
+
+# --- InsertCookie --------------------------------------------------------
+
+
+class InsertCookieInterfaceTests(SynchronousTestCase):
+    def test_providesPolicy(self) -> None:
+        verifyObject(IPersistencePolicy, InsertCookie(Resource(), reactor=Clock()))
+
+    def test_fromConfig(self) -> None:
+        """Every option of the config's persistence table reaches the policy."""
+        clock = Clock()
+        policy = InsertCookie.from_config(
+            Resource(),
+            PersistenceConfig(
+                type="insert_cookie",
+                timeout=86400,
+                cookie="LB",
+                secure="always",
+                httponly=False,
+                samesite="none",
+                domain="example.com",
+                path="/app",
+                refresh=False,
+            ),
+            reactor=clock,
+        )
+        self.assertEqual(
+            (policy.cookie_name, policy.timeout, policy.secure, policy.httponly, policy.samesite,
+             policy.domain, policy.path, policy.refresh, policy.clock),
+            (b"LB", 86400, "always", False, "none", "example.com", "/app", False, clock),
+        )
+
+    def test_strNameAccepted(self) -> None:
+        self.assertEqual(InsertCookie(Resource(), name="LB", reactor=Clock()).cookie_name, b"LB")
+
+    def test_timeoutOutOfRange(self) -> None:
+        for timeout in (0, 86401, 1.5, True):
+            self.assertRaises(ValueError, InsertCookie, Resource(), timeout=timeout, reactor=Clock())
+
+    def test_badOptions(self) -> None:
+        """Bad names, secure and samesite values, and attribute injection are refused."""
+        for options in (
+            {"name": b"SERVER ID"},
+            {"name": ""},
+            {"name": "SÉRVER"},
+            {"secure": "yes"},
+            {"samesite": "Lax"},
+            {"domain": "a.com; Secure"},
+            {"path": "/a b"},
+        ):
+            self.assertRaises(ValueError, InsertCookie, Resource(), reactor=Clock(), **options)
+
+
+class InsertCookieTests(SynchronousTestCase):
+    def test_newClientGetsCookieNamingItsBackend(self) -> None:
+        """The first response carries SERVERID=<backend id>.<issue time>."""
+        f = Fixture()
+        response = f.request()
+        self.assertEqual([cookie_pair(v) for v in set_cookie_named(response, b"SERVERID")], [f.cookie_for("a")])
+        self.assertEqual(f.proxy.seen[0].outcome, NEW)
+
+    def test_cookieNeverRevealsAddress(self) -> None:
+        f = Fixture()
+        value = set_cookie_named(f.request(), b"SERVERID")[0]
+        self.assertNotIn(b"10.0.0", value)
+        self.assertNotIn(b"8080", value)
+
+    def test_cookieValueIsStableAcrossProcesses(self) -> None:
+        """Two balancers built from the same config give the same cookie at the same time."""
+        one, two = Fixture(), Fixture()
+        self.assertEqual(set_cookie_named(one.request(), b"SERVERID"), set_cookie_named(two.request(), b"SERVERID"))
+
+    def test_clientWithCookieStaysOnItsBackend(self) -> None:
+        """The FAQ's curl loop: 30 requests with the cookie all reach one backend."""
+        f = Fixture()
+        jar = cookie_pair(set_cookie_named(f.request(), b"SERVERID")[0])
+        bodies = {f.request(cookies=[jar]).body for _ in range(30)}
+        self.assertEqual(bodies, {b"served by a"})
+
+    def test_clientWithoutCookieIsBalanced(self) -> None:
+        """Without the cookie (curl without -b) requests are spread: persistence needs the cookie."""
+        f = Fixture()
+        bodies = {f.request().body for _ in range(3)}
+        self.assertEqual(len(bodies), 3)
+
+    def test_freshCookieGetsNoSetCookie(self) -> None:
+        f = Fixture()
+        response = f.request(cookies=[f.cookie_for("b")])
+        self.assertEqual(response.all(b"set-cookie"), [])
+        self.assertEqual(f.proxy.seen[0].outcome, HIT)
+
+    def _new_client_with_status(self, status: int) -> Response:
+        f = Fixture(status=status, headers=[(b"Location", b"/elsewhere")] if status == 302 else [])
+        response = f.request()
+        self.assertEqual(response.status, status)
+        return response
+
+    def test_cookieInsertedInto404(self) -> None:
+        """Unlike the FAQ's balancer, a 4xx response carries the cookie."""
+        self.assertEqual(len(set_cookie_named(self._new_client_with_status(404), b"SERVERID")), 1)
+
+    def test_cookieInsertedInto500(self) -> None:
+        self.assertEqual(len(set_cookie_named(self._new_client_with_status(500), b"SERVERID")), 1)
+
+    def test_cookieInsertedInto302(self) -> None:
+        self.assertEqual(len(set_cookie_named(self._new_client_with_status(302), b"SERVERID")), 1)
+
+    def test_redirectNeverRepinsClientWithValidCookie(self) -> None:
+        """A 302 to a client holding a valid cookie changes nothing: no Set-Cookie, same backend."""
+        f = Fixture(status=302, headers=[(b"Location", b"/login")])
+        responses = [f.request(cookies=[f.cookie_for("c")]) for _ in range(5)]
+        self.assertEqual([r.all(b"set-cookie") for r in responses], [[]] * 5)
+        self.assertEqual({s.backend.name for s in f.proxy.seen}, {"c"})
+
+    def test_errorStatusNeverRepinsClientWithValidCookie(self) -> None:
+        f = Fixture(status=503)
+        response = f.request(cookies=[f.cookie_for("b")])
+        self.assertEqual((response.all(b"set-cookie"), f.proxy.seen[0].backend.name), ([], "b"))
+
+    def test_cookieNamingDownBackendIsRepinned(self) -> None:
+        """The pinned backend is down: another serves, and the client gets its cookie."""
+        f = Fixture()
+        f.group.get("a").up = False
+        response = f.request(cookies=[f.cookie_for("a")])
+        seen = f.proxy.seen[0]
+        self.assertEqual(seen.outcome, REPIN)
+        self.assertNotEqual(seen.backend.name, "a")
+        self.assertEqual(
+            [cookie_pair(v) for v in set_cookie_named(response, b"SERVERID")], [f.cookie_for(seen.backend.name)]
+        )
+
+    def test_drainedBackendKeepsItsClients(self) -> None:
+        """Weight 0 takes no new clients but keeps pinned ones."""
+        f = Fixture()
+        f.group.get("c").weight = 0
+        f.request(cookies=[f.cookie_for("c")])
+        self.assertEqual((f.proxy.seen[0].backend.name, f.proxy.seen[0].outcome), ("c", HIT))
+
+    def test_unknownBackendIdIsRepinned(self) -> None:
+        f = Fixture()
+        response = f.request(cookies=[b"SERVERID=0123456789abcdef.sxkq3c"])
+        self.assertEqual(f.proxy.seen[0].outcome, REPIN)
+        self.assertEqual(response.status, 200)
+        self.assertEqual(len(set_cookie_named(response, b"SERVERID")), 1)
+
+    def _ignored(self, cookie: bytes) -> None:
+        """C{cookie} is ignored: 200, balanced as new, re-pinned, not forwarded."""
+        f = Fixture()
+        response = f.request(cookies=[cookie])
+        self.assertEqual(response.status, 200)
+        self.assertEqual(f.proxy.seen[0].outcome, NEW)
+        self.assertEqual(len(set_cookie_named(response, b"SERVERID")), 1)
+        self.assertIsNone(f.proxy.seen[0].cookies)
+
+    def test_garbageValueIgnored(self) -> None:
+        self._ignored(b"SERVERID=<script>alert(1)</script>")
+
+    def test_backendNameInsteadOfIdIgnored(self) -> None:
+        """Only ids are accepted: a cookie cannot name a backend by its configured name."""
+        self._ignored(b"SERVERID=a")
+
+    def test_hugeValueIgnored(self) -> None:
+        self._ignored(b"SERVERID=" + b"f" * 10000)
+
+    def test_nonAsciiValueIgnored(self) -> None:
+        self._ignored("SERVERID=caf\u00e9\u2603".encode("utf-8"))
+
+    def test_emptyValueIgnored(self) -> None:
+        self._ignored(b"SERVERID=")
+
+    def test_badStampIgnored(self) -> None:
+        f = Fixture()
+        self._ignored(f.cookie_for("a", stamp=None) + b".NOT-BASE36")
+
+    def test_quotedValueAccepted(self) -> None:
+        f = Fixture()
+        pair = f.cookie_for("b")
+        name, value = pair.split(b"=", 1)
+        f.request(cookies=[name + b'="' + value + b'"'])
+        self.assertEqual((f.proxy.seen[0].backend.name, f.proxy.seen[0].outcome), ("b", HIT))
+
+    def test_cookieStrippedBeforeBackend(self) -> None:
+        """The backend sees the client's other cookies, never ours."""
+        f = Fixture()
+        f.request(cookies=[b"lang=en; " + f.cookie_for("b") + b"; theme=dark"])
+        self.assertEqual(f.proxy.seen[0].cookies, [b"lang=en; theme=dark"])
+
+    def test_cookieStrippedFromReceivedCookies(self) -> None:
+        f = Fixture()
+        f.request(cookies=[b"lang=en; " + f.cookie_for("b")])
+        self.assertEqual(f.proxy.seen[0].received_cookies, {b"lang": b"en"})
+
+    def test_headerWithOnlyOurCookieRemoved(self) -> None:
+        f = Fixture()
+        f.request(cookies=[f.cookie_for("b"), b"lang=en"])
+        self.assertEqual(f.proxy.seen[0].cookies, [b"lang=en"])
+
+    def test_headersWithoutOurCookieUntouched(self) -> None:
+        """A Cookie header that does not carry ours is forwarded byte for byte."""
+        f = Fixture()
+        f.request(cookies=[b"a=1;b=2 ;  c", b"x=1; " + f.cookie_for("a")])
+        self.assertEqual(f.proxy.seen[0].cookies, [b"a=1;b=2 ;  c", b"x=1"])
+
+    def test_cookieNamesAreCaseSensitive(self) -> None:
+        """serverid is not SERVERID: it is the backend's business and is forwarded."""
+        f = Fixture()
+        f.request(cookies=[b"serverid=" + f.group.get("c").id.encode()])
+        self.assertEqual(f.proxy.seen[0].outcome, NEW)
+        self.assertEqual(f.proxy.seen[0].cookies, [b"serverid=" + f.group.get("c").id.encode()])
+
+    def test_firstValidOfSeveralCookiesWins(self) -> None:
+        """Several SERVERID cookies (several headers, or repeated): the first valid one decides."""
+        f = Fixture()
+        f.request(cookies=[b"SERVERID=junk", f.cookie_for("c") + b"; " + f.cookie_for("b")])
+        self.assertEqual(f.proxy.seen[0].backend.name, "c")
+        self.assertIsNone(f.proxy.seen[0].cookies)
+
+    def test_backendSetCookieKept(self) -> None:
+        """Our cookie is added next to the backend's own Set-Cookie headers, never instead."""
+        f = Fixture(headers=[(b"Set-Cookie", b"sid=1; Path=/"), (b"Set-Cookie", b"lang=en")])
+        response = f.request()
+        names = [cookie_pair(v).split(b"=")[0] for v in response.all(b"set-cookie")]
+        self.assertEqual(names, [b"sid", b"lang", b"SERVERID"])
+        self.assertEqual(response.all(b"set-cookie")[:2], [b"sid=1; Path=/", b"lang=en"])
+
+    def test_backendOwnServeridRemoved(self) -> None:
+        """A backend setting a cookie of our name would overwrite the pin: it is dropped."""
+        f = Fixture(headers=[(b"Set-Cookie", b"SERVERID=mine; Path=/")])
+        response = f.request(cookies=[f.cookie_for("a")])
+        self.assertEqual(response.all(b"set-cookie"), [])
+
+    def test_attributesByDefault(self) -> None:
+        """Max-Age, Expires, Path=/, HttpOnly and SameSite=Lax; no Secure over HTTP, no Domain."""
+        f = Fixture()
+        value = set_cookie_named(f.request(), b"SERVERID")[0]
+        self.assertEqual(
+            attributes(value),
+            [b"Max-Age=3600", b"Expires=" + datetimeToString(NOW + 3600), b"Path=/", b"HttpOnly", b"SameSite=Lax"],
+        )
+
+    def test_maxAgeIsTimeout(self) -> None:
+        f = Fixture(timeout=86400)
+        value = set_cookie_named(f.request(), b"SERVERID")[0]
+        self.assertIn(b"Max-Age=86400", attributes(value))
+        self.assertIn(b"Expires=" + datetimeToString(NOW + 86400), attributes(value))
+
+    def test_secureAutoOnHttps(self) -> None:
+        f = Fixture()
+        self.assertIn(b"Secure", attributes(set_cookie_named(f.request(secure=True), b"SERVERID")[0]))
+
+    def test_secureAutoNotOnHttp(self) -> None:
+        f = Fixture()
+        self.assertNotIn(b"Secure", attributes(set_cookie_named(f.request(), b"SERVERID")[0]))
+
+    def test_secureAlways(self) -> None:
+        f = Fixture(secure="always")
+        self.assertIn(b"Secure", attributes(set_cookie_named(f.request(), b"SERVERID")[0]))
+
+    def test_secureNever(self) -> None:
+        f = Fixture(secure="never")
+        self.assertNotIn(b"Secure", attributes(set_cookie_named(f.request(secure=True), b"SERVERID")[0]))
+
+    def test_sameSiteStrict(self) -> None:
+        f = Fixture(samesite="strict")
+        self.assertIn(b"SameSite=Strict", attributes(set_cookie_named(f.request(), b"SERVERID")[0]))
+
+    def test_sameSiteEmptyOmitted(self) -> None:
+        f = Fixture(samesite="")
+        value = set_cookie_named(f.request(), b"SERVERID")[0]
+        self.assertFalse([a for a in attributes(value) if a.startswith(b"SameSite")])
+
+    def test_sameSiteNoneWithSecure(self) -> None:
+        f = Fixture(samesite="none")
+        self.assertIn(b"SameSite=None", attributes(set_cookie_named(f.request(secure=True), b"SERVERID")[0]))
+
+    def test_sameSiteNoneLeftOutWithoutSecure(self) -> None:
+        """Browsers reject SameSite=None without Secure; leaving it out keeps the pin working."""
+        f = Fixture(samesite="none")
+        value = set_cookie_named(f.request(), b"SERVERID")[0]
+        self.assertFalse([a for a in attributes(value) if a.startswith(b"SameSite")])
+
+    def test_httpOnlyOff(self) -> None:
+        f = Fixture(httponly=False)
+        self.assertNotIn(b"HttpOnly", attributes(set_cookie_named(f.request(), b"SERVERID")[0]))
+
+    def test_domainAndPath(self) -> None:
+        f = Fixture(domain="example.com", path="/shop")
+        value = attributes(set_cookie_named(f.request(), b"SERVERID")[0])
+        self.assertIn(b"Domain=example.com", value)
+        self.assertIn(b"Path=/shop", value)
+
+    def test_otherName(self) -> None:
+        f = Fixture(name=b"LBID")
+        response = f.request(cookies=[b"LBID=" + f.group.get("c").id.encode()])
+        self.assertEqual(f.proxy.seen[0].backend.name, "c")
+        self.assertIsNone(f.proxy.seen[0].cookies)
+        self.assertEqual(response.all(b"set-cookie")[0][:5], b"LBID=")
+
+
+class InsertCookieCacheControlTests(SynchronousTestCase):
+    def test_nocacheAdded(self) -> None:
+        """A response that sets our cookie is kept out of shared caches."""
+        self.assertEqual(Fixture().request().all(b"cache-control"), [b'no-cache="Set-Cookie"'])
+
+    def test_nocacheMergedWithExisting(self) -> None:
+        f = Fixture(headers=[(b"Cache-Control", b"public"), (b"Cache-Control", b"max-age=60")])
+        self.assertEqual(f.request().all(b"cache-control"), [b'public, max-age=60, no-cache="Set-Cookie"'])
+
+    def test_privateLeftAlone(self) -> None:
+        f = Fixture(headers=[(b"Cache-Control", b"private, max-age=60")])
+        self.assertEqual(f.request().all(b"cache-control"), [b"private, max-age=60"])
+
+    def test_noStoreLeftAlone(self) -> None:
+        f = Fixture(headers=[(b"Cache-Control", b"no-store")])
+        self.assertEqual(f.request().all(b"cache-control"), [b"no-store"])
+
+    def test_notAddedWithoutOurCookie(self) -> None:
+        """A hit sets no cookie, so the backend's caching is not touched."""
+        f = Fixture(headers=[(b"Cache-Control", b"max-age=60")])
+        self.assertEqual(f.request(cookies=[f.cookie_for("a")]).all(b"cache-control"), [b"max-age=60"])
+
+
+class InsertCookieRefreshTests(SynchronousTestCase):
+    def test_youngCookieNotRefreshed(self) -> None:
+        f = Fixture(timeout=3600)
+        cookie = f.cookie_for("b")
+        f.clock.advance(1800)
+        self.assertEqual(f.request(cookies=[cookie]).all(b"set-cookie"), [])
+
+    def test_cookiePastHalfItsLifeRefreshed(self) -> None:
+        """Sliding expiry: an active client's cookie is re-issued, same backend, new stamp."""
+        f = Fixture(timeout=3600)
+        cookie = f.cookie_for("b")
+        f.clock.advance(1801)
+        response = f.request(cookies=[cookie])
+        self.assertEqual(
+            [cookie_pair(v) for v in set_cookie_named(response, b"SERVERID")], [f.cookie_for("b", NOW + 1801)]
+        )
+        self.assertEqual(f.proxy.seen[0].outcome, HIT)
+        self.assertEqual(response.all(b"cache-control"), [b'no-cache="Set-Cookie"'])
+
+    def test_noRefreshWhenOff(self) -> None:
+        f = Fixture(timeout=3600, refresh=False)
+        cookie = f.cookie_for("b", stamp=None)
+        f.clock.advance(3000)
+        self.assertEqual(f.request(cookies=[cookie]).all(b"set-cookie"), [])
+
+    def test_noStampWhenRefreshOff(self) -> None:
+        """Without refresh the value is the bare backend id."""
+        f = Fixture(refresh=False)
+        self.assertEqual(cookie_pair(set_cookie_named(f.request(), b"SERVERID")[0]), f.cookie_for("a", stamp=None))
+
+    def test_unstampedCookieRestampedWhenRefreshOn(self) -> None:
+        """A cookie issued while refresh was off is accepted, and re-issued with a stamp."""
+        f = Fixture()
+        response = f.request(cookies=[f.cookie_for("c", stamp=None)])
+        self.assertEqual(f.proxy.seen[0].outcome, HIT)
+        self.assertEqual([cookie_pair(v) for v in set_cookie_named(response, b"SERVERID")], [f.cookie_for("c")])
+
+    def test_futureStampReissued(self) -> None:
+        """A stamp far in the future (forged, or a skewed clock) would never refresh: re-issue it."""
+        f = Fixture(timeout=3600)
+        response = f.request(cookies=[f.cookie_for("c", stamp=NOW + 100000)])
+        self.assertEqual([cookie_pair(v) for v in set_cookie_named(response, b"SERVERID")], [f.cookie_for("c")])
+
+
+class InsertCookieSubclassTests(SynchronousTestCase):
+    def test_customValueFormat(self) -> None:
+        """Overriding cookie_value_for and parse_cookie_value changes the format end to end."""
+
+        class NamedCookie(InsertCookie):
+            def cookie_value_for(self, backend):
+                return "srv-" + backend.id
+
+            def parse_cookie_value(self, value):
+                if value.startswith("srv-"):
+                    return value[4:], None
+                return None
+
+        clock = Clock()
+        group = make_group()
+        proxy = FakeProxy(group)
+        policy = NamedCookie(proxy, refresh=False, reactor=clock)
+        first = serve(policy, get())
+        self.assertEqual(cookie_pair(first.all(b"set-cookie")[0]), b"SERVERID=srv-" + group.get("a").id.encode())
+        serve(policy, get(cookies=[b"SERVERID=srv-" + group.get("c").id.encode()]))
+        self.assertEqual(proxy.seen[1].backend.name, "c")
+
+
+# --- RewriteCookie -------------------------------------------------------
+
+
+class RewriteFixture:
+    def __init__(self, headers=(), status: int = 200, name=b"JSESSIONID") -> None:
+        self.group = make_group()
+        self.proxy = FakeProxy(self.group, status, headers)
+        self.policy = RewriteCookie(self.proxy, name=name)
+
+    def request(self, *args, **kwargs) -> Response:
+        return serve(self.policy, get(*args, **kwargs))
+
+    def prefix(self, name: str) -> bytes:
+        return self.group.get(name).id.encode() + b"~"
+
+
+class RewriteCookieTests(SynchronousTestCase):
+    def test_providesPolicy(self) -> None:
+        verifyObject(IPersistencePolicy, RewriteCookie(Resource()))
+
+    def test_fromConfigNeedsCookieName(self) -> None:
+        self.assertRaises(ValueError, RewriteCookie.from_config, Resource(), PersistenceConfig(type="rewrite_cookie"))
+
+    def test_badNameRefused(self) -> None:
+        self.assertRaises(ValueError, RewriteCookie, Resource(), name=b"J SESSION")
+
+    def test_backendCookiePrefixedAttributesKept(self) -> None:
+        """JSESSIONID=abc; Path=/; HttpOnly reaches the client as JSESSIONID=<id>~abc; Path=/; HttpOnly."""
+        f = RewriteFixture(headers=[(b"Set-Cookie", b"JSESSIONID=abc; Path=/; HttpOnly")])
+        response = f.request()
+        self.assertEqual(response.all(b"set-cookie"), [b"JSESSIONID=" + f.prefix("a") + b"abc; Path=/; HttpOnly"])
+
+    def test_backendExpiryKept(self) -> None:
+        """Expiry and lifetime stay the backend's: Max-Age and Expires are passed verbatim."""
+        header = b"JSESSIONID=abc; Max-Age=120; Expires=Wed, 21 Oct 2026 07:28:00 GMT; Secure"
+        f = RewriteFixture(headers=[(b"Set-Cookie", header)])
+        value = f.request().all(b"set-cookie")[0]
+        self.assertEqual(attributes(value), [b"Max-Age=120", b"Expires=Wed, 21 Oct 2026 07:28:00 GMT", b"Secure"])
+
+    def test_otherSetCookieUntouched(self) -> None:
+        f = RewriteFixture(headers=[(b"Set-Cookie", b"lang=en; Path=/"), (b"Set-Cookie", b"JSESSIONID=abc")])
+        self.assertEqual(
+            f.request().all(b"set-cookie"), [b"lang=en; Path=/", b"JSESSIONID=" + f.prefix("a") + b"abc"]
+        )
+
+    def test_quotedValuePrefixedInsideQuotes(self) -> None:
+        f = RewriteFixture(headers=[(b"Set-Cookie", b'JSESSIONID="abc"; Path=/')])
+        self.assertEqual(f.request().all(b"set-cookie"), [b'JSESSIONID="' + f.prefix("a") + b'abc"; Path=/'])
+
+    def test_deletionLeftAlone(self) -> None:
+        """An empty value deletes the cookie: there is nothing to pin."""
+        f = RewriteFixture(headers=[(b"Set-Cookie", b"JSESSIONID=; Max-Age=0")])
+        self.assertEqual(f.request().all(b"set-cookie"), [b"JSESSIONID=; Max-Age=0"])
+
+    def test_noSetCookieNothingAdded(self) -> None:
+        """Without the backend's cookie the response is untouched (no cookie, no Cache-Control)."""
+        f = RewriteFixture()
+        response = f.request()
+        self.assertEqual((response.all(b"set-cookie"), response.all(b"cache-control")), ([], []))
+
+    def test_prefixedCookieRoutesAndIsRestored(self) -> None:
+        """JSESSIONID=<id>~abc goes to that backend, which receives JSESSIONID=abc."""
+        f = RewriteFixture()
+        f.request(cookies=[b"lang=en; JSESSIONID=" + f.prefix("c") + b"abc"])
+        seen = f.proxy.seen[0]
+        self.assertEqual((seen.backend.name, seen.outcome, seen.cookies), ("c", HIT, [b"lang=en; JSESSIONID=abc"]))
+        self.assertEqual(seen.received_cookies[b"JSESSIONID"], b"abc")
+
+    def test_roundTrip(self) -> None:
+        """The cookie the client got back in the next request lands on the same backend as the original."""
+        f = RewriteFixture(headers=[(b"Set-Cookie", b"JSESSIONID=s3cr3t; Path=/")])
+        f.proxy.group.scheduler = RoundRobin()
+        pair = cookie_pair(f.request().all(b"set-cookie")[0])
+        for _ in range(5):
+            f.request(cookies=[pair])
+        self.assertEqual({s.backend.name for s in f.proxy.seen}, {"a"})
+        self.assertEqual({tuple(s.cookies) for s in f.proxy.seen[1:]}, {(b"JSESSIONID=s3cr3t",)})
+
+    def test_quotedIncomingRestoredWithQuotes(self) -> None:
+        f = RewriteFixture()
+        f.request(cookies=[b'JSESSIONID="' + f.prefix("b") + b'abc"'])
+        self.assertEqual((f.proxy.seen[0].backend.name, f.proxy.seen[0].cookies), ("b", [b'JSESSIONID="abc"']))
+
+    def test_unprefixedValuePassedThrough(self) -> None:
+        """A value without our prefix is the backend's business: unchanged, and the client is new."""
+        f = RewriteFixture()
+        f.request(cookies=[b"JSESSIONID=abc~def"])
+        self.assertEqual((f.proxy.seen[0].outcome, f.proxy.seen[0].cookies), (NEW, [b"JSESSIONID=abc~def"]))
+
+    def test_forgedPrefixStrippedAndRepinned(self) -> None:
+        """A prefix naming no backend is still removed; the client is re-pinned."""
+        f = RewriteFixture()
+        f.request(cookies=[b"JSESSIONID=0123456789abcdef~abc"])
+        self.assertEqual((f.proxy.seen[0].outcome, f.proxy.seen[0].cookies), (REPIN, [b"JSESSIONID=abc"]))
+
+    def test_everyOccurrenceRestored(self) -> None:
+        """The backend never sees a prefix, even with the cookie sent twice; the first decides."""
+        f = RewriteFixture()
+        f.request(cookies=[b"JSESSIONID=" + f.prefix("b") + b"x", b"JSESSIONID=" + f.prefix("c") + b"y"])
+        self.assertEqual(f.proxy.seen[0].backend.name, "b")
+        self.assertEqual(f.proxy.seen[0].cookies, [b"JSESSIONID=x", b"JSESSIONID=y"])
+
+    def test_hugeAndNonAsciiValuesNeverFail(self) -> None:
+        f = RewriteFixture()
+        for value in (b"J" * 10000, f.prefix("b") + "\u00e9\u2603".encode("utf-8"), b'"', b'""'):
+            self.assertEqual(f.request(cookies=[b"JSESSIONID=" + value]).status, 200)
+
+    def test_repinnedClientGetsNewPrefix(self) -> None:
+        """Pinned backend down: the new backend's cookie carries the new backend's prefix."""
+        f = RewriteFixture(headers=[(b"Set-Cookie", b"JSESSIONID=fresh; Path=/")])
+        f.group.get("a").up = False
+        response = f.request(cookies=[b"JSESSIONID=" + f.prefix("a") + b"old"])
+        seen = f.proxy.seen[0]
+        self.assertEqual(seen.outcome, REPIN)
+        self.assertEqual(seen.cookies, [b"JSESSIONID=old"])
+        self.assertEqual(response.all(b"set-cookie"), [b"JSESSIONID=" + f.prefix(seen.backend.name) + b"fresh; Path=/"])
+
+    def test_rotatedSessionIdOnHitPrefixed(self) -> None:
+        """A backend that rotates its session id on a hit keeps the client pinned."""
+        f = RewriteFixture(headers=[(b"Set-Cookie", b"JSESSIONID=rotated")])
+        response = f.request(cookies=[b"JSESSIONID=" + f.prefix("c") + b"abc"])
+        self.assertEqual(response.all(b"set-cookie"), [b"JSESSIONID=" + f.prefix("c") + b"rotated"])
+
+    def test_rewrittenWhateverTheStatus(self) -> None:
+        """The rewrite is done whatever the status."""
+        f = RewriteFixture(status=404, headers=[(b"Set-Cookie", b"JSESSIONID=abc")])
+        response = f.request()
+        self.assertEqual((response.status, response.all(b"set-cookie")), (404, [b"JSESSIONID=" + f.prefix("a") + b"abc"]))
+
+    def test_customPrefixFormat(self) -> None:
+        """Overriding cookie_value_for and split_cookie_value changes the prefix end to end."""
+
+        class Dotted(RewriteCookie):
+            def cookie_value_for(self, backend, value):
+                return value + b"." + backend.id.encode()
+
+            def split_cookie_value(self, value):
+                original, dot, key = value.rpartition(b".")
+                return (key.decode("ascii"), original) if dot else None
+
+        group = make_group()
+        proxy = FakeProxy(group, headers=[(b"Set-Cookie", b"sid=abc")])
+        policy = Dotted(proxy, name="sid")
+        self.assertEqual(serve(policy, get()).all(b"set-cookie"), [b"sid=abc." + group.get("a").id.encode()])
+        serve(policy, get(cookies=[b"sid=abc." + group.get("b").id.encode()]))
+        self.assertEqual((proxy.seen[1].backend.name, proxy.seen[1].cookies), ("b", [b"sid=abc"]))
