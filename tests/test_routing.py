@@ -1,0 +1,177 @@
+"""
+Tests for L{twisted_slb.web.routing}: forwarding rules and the HTTPS
+redirect, through a real L{Site} over a L{StringTransport}.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+
+from tests.test_cookies import serve
+from twisted_slb.web.routing import HTTPSRedirectResource, Route, RuleRouter
+
+
+class Named(Resource):
+    """A leaf that answers with its name and records the paths it saw."""
+
+    isLeaf = True
+
+    def __init__(self, name: bytes) -> None:
+        Resource.__init__(self)
+        self.name = name
+        self.paths: List[bytes] = []
+
+    def render(self, request):
+        self.paths.append(request.uri)
+        return self.name
+
+
+def request(target: bytes = b"/", host: Optional[bytes] = b"www.example.com") -> bytes:
+    lines = [b"GET " + target + b" HTTP/1.1", b"Connection: close"]
+    if host is not None:
+        lines.append(b"Host: " + host)
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+class RouteTests(SynchronousTestCase):
+    def test_domainLowercased(self) -> None:
+        self.assertEqual(Route("App.Example.COM.", "/", Resource()).domain, "app.example.com")
+
+    def test_badDomainRefused(self) -> None:
+        for domain in ("a.*.com", "*", "**.a.com", "a com", "a/b"):
+            self.assertRaises(ValueError, Route, domain, "/", Resource())
+
+    def test_pathMustBeAbsolute(self) -> None:
+        self.assertRaises(ValueError, Route, "", "api", Resource())
+
+    def test_wildcardMatchesExactlyOneLabel(self) -> None:
+        route = Route("*.example.com", "/", Resource())
+        self.assertEqual(
+            [route.matches_host(h) for h in ("a.example.com", "example.com", "a.b.example.com", "aexample.com")],
+            [True, False, False, False],
+        )
+
+    def test_emptyDomainMatchesAnyHostAndNone(self) -> None:
+        route = Route("", "/", Resource())
+        self.assertEqual([route.matches_host(h) for h in ("x.org", None)], [True, True])
+
+    def test_pathPrefixIsSegmentAware(self) -> None:
+        route = Route("", "/api", Resource())
+        self.assertEqual(
+            [route.matches_path(p) for p in (b"/api", b"/api/", b"/api/x", b"/apix", b"/", b"/API")],
+            [True, True, True, False, False, False],
+        )
+
+    def test_trailingSlashInPrefixIgnored(self) -> None:
+        route = Route("", "/api/", Resource())
+        self.assertEqual([route.matches_path(p) for p in (b"/api", b"/api/x", b"/apix")], [True, True, False])
+
+
+class RuleRouterTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.app = Named(b"app")
+        self.api = Named(b"api")
+        self.wild = Named(b"wild")
+        self.default = Named(b"default")
+        self.router = RuleRouter(
+            [
+                Route("app.example.com", "/api", self.api),
+                Route("app.example.com", "/", self.app),
+                Route("*.example.org", "/", self.wild),
+            ],
+            self.default,
+        )
+
+    def body(self, target: bytes = b"/", host: Optional[bytes] = b"app.example.com") -> bytes:
+        return serve(self.router, request(target, host)).body
+
+    def test_exactHost(self) -> None:
+        self.assertEqual(self.body(b"/", b"app.example.com"), b"app")
+
+    def test_hostCaseAndPortIgnored(self) -> None:
+        self.assertEqual(self.body(b"/", b"APP.Example.com:8080"), b"app")
+
+    def test_hostTrailingDotIgnored(self) -> None:
+        self.assertEqual(self.body(b"/", b"app.example.com."), b"app")
+
+    def test_firstMatchWins(self) -> None:
+        """/api/v1 matches both app rules: the first listed serves it."""
+        self.assertEqual(self.body(b"/api/v1?x=1"), b"api")
+
+    def test_pathPrefixNotSegmentFallsThrough(self) -> None:
+        self.assertEqual(self.body(b"/apix"), b"app")
+
+    def test_queryNotPartOfPath(self) -> None:
+        self.assertEqual(self.body(b"/api?next=/x"), b"api")
+
+    def test_wildcardHost(self) -> None:
+        self.assertEqual(self.body(b"/", b"shop.example.org:80"), b"wild")
+
+    def test_wildcardNotBareDomain(self) -> None:
+        self.assertEqual(self.body(b"/", b"example.org"), b"default")
+
+    def test_unknownHostGoesToDefault(self) -> None:
+        self.assertEqual(self.body(b"/", b"other.net"), b"default")
+
+    def test_missingHostGoesToDefault(self) -> None:
+        self.assertEqual(self.body(b"/", None), b"default")
+
+    def test_absoluteUriAuthorityUsed(self) -> None:
+        """GET http://app.example.com/api HTTP/1.1: the URI's host and path decide."""
+        self.assertEqual(self.body(b"http://app.example.com/api/x", b"other.net"), b"api")
+
+    def test_routeSeesWholePath(self) -> None:
+        self.body(b"/api/v1/users?id=3")
+        self.assertEqual(self.api.paths, [b"/api/v1/users?id=3"])
+
+    def test_noMatchNoDefaultIs404(self) -> None:
+        router = RuleRouter([Route("app.example.com", "/", self.app)], None)
+        response = serve(router, request(b"/", b"nope.example.com"))
+        self.assertEqual(response.status, 404)
+        self.assertIn(b"no route", response.body)
+
+    def test_ipv6HostLiteral(self) -> None:
+        router = RuleRouter([Route("[::1]", "/", self.app)], None)
+        self.assertEqual(serve(router, request(b"/", b"[::1]:8080")).body, b"app")
+
+    def test_invalidHostOnlyMatchesAnyDomain(self) -> None:
+        """A Host that is not a host name matches no named domain."""
+        router = RuleRouter([Route("app.example.com", "/", self.app), Route("", "/", self.api)], None)
+        self.assertEqual(serve(router, request(b"/", b"app.example.com/evil")).body, b"api")
+
+
+class HTTPSRedirectTests(SynchronousTestCase):
+    def location(self, target: bytes, host: Optional[bytes], port: int = 443):
+        response = serve(HTTPSRedirectResource(port), request(target, host))
+        return response.status, response.one(b"location")
+
+    def test_redirectKeepsHostPathAndQuery(self) -> None:
+        self.assertEqual(
+            self.location(b"/a/b?c=1&d=2", b"www.example.com"), (301, b"https://www.example.com/a/b?c=1&d=2")
+        )
+
+    def test_portOfHostDropped443Omitted(self) -> None:
+        self.assertEqual(self.location(b"/", b"www.example.com:8080"), (301, b"https://www.example.com/"))
+
+    def test_otherPortKept(self) -> None:
+        self.assertEqual(self.location(b"/x", b"www.example.com:8080", 8443), (301, b"https://www.example.com:8443/x"))
+
+    def test_ipv6Host(self) -> None:
+        self.assertEqual(self.location(b"/", b"[::1]:80"), (301, b"https://[::1]/"))
+
+    def test_absoluteUri(self) -> None:
+        self.assertEqual(self.location(b"http://www.example.com:80/p?q", b"x"), (301, b"https://www.example.com/p?q"))
+
+    def test_missingHostIs400(self) -> None:
+        self.assertEqual(self.location(b"/", None), (400, None))
+
+    def test_invalidHostIs400(self) -> None:
+        """A Host that is not a host name is not echoed into a Location."""
+        self.assertEqual(self.location(b"/", b"evil.com/x@a"), (400, None))
+
+    def test_badPortRefused(self) -> None:
+        for port in (0, 70000, "443"):
+            self.assertRaises(ValueError, HTTPSRedirectResource, port)
