@@ -35,7 +35,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IHandshakeListener,
     IOpenSSLClientConnectionCreator,
@@ -43,7 +42,7 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IReactorTime,
 )
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
@@ -685,7 +684,7 @@ class _HandshakeGuard(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.wrapped.dataReceived(data)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
