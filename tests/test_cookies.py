@@ -832,3 +832,48 @@ class RewriteCookieTests(SynchronousTestCase):
         self.assertEqual(serve(policy, get()).all(b"set-cookie"), [b"sid=abc." + group.get("a").id.encode()])
         serve(policy, get(cookies=[b"sid=abc." + group.get("b").id.encode()]))
         self.assertEqual((proxy.seen[1].backend.name, proxy.seen[1].cookies), ("b", [b"sid=abc"]))
+
+
+# --- examples/sticky_header_policy.py -----------------------------------
+
+
+def load_example():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "sticky_header_policy.py")
+    spec = importlib.util.spec_from_file_location("sticky_header_policy", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class StickyHeaderExampleTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.group = make_group()
+        self.proxy = FakeProxy(self.group)
+        self.policy = load_example().StickyHeader(self.proxy, self.group)
+
+    def served(self, user: Optional[bytes]) -> str:
+        raw = get()
+        if user is not None:
+            raw = raw[:-2] + b"X-User-Id: " + user + b"\r\n\r\n"
+        serve(self.policy, raw)
+        return self.proxy.seen[-1].backend.name
+
+    def test_sameHeaderSameBackend(self) -> None:
+        self.assertEqual({self.served(b"alice") for _ in range(10)}, {self.served(b"alice")})
+
+    def test_usersSpreadOverBackends(self) -> None:
+        self.assertGreater(len({self.served(b"user%d" % i) for i in range(30)}), 1)
+
+    def test_noHeaderBalanced(self) -> None:
+        self.served(None)
+        self.assertEqual(self.proxy.seen[-1].outcome, NEW)
+
+    def test_downBackendMovesOnlyItsUsers(self) -> None:
+        users = [b"user%d" % i for i in range(30)]
+        before = {u: self.served(u) for u in users}
+        self.group.get("a").up = False
+        after = {u: self.served(u) for u in users}
+        self.assertEqual({u for u in users if before[u] != after[u]}, {u for u in users if before[u] == "a"})
