@@ -173,9 +173,11 @@ class BalancerService(MultiService):
         self.groups: Dict[str, BackendGroup] = {}
         self.stick_tables: Dict[str, object] = {}
         self.pool = None
+        certificates = self._load_certificates(config)
         self._update_groups(config)
         for listener in config.listeners.values():
-            ListenerService(listener, self._build_factory(listener), reactor).setServiceParent(self)
+            factory = self._build_factory(listener, certificates)
+            ListenerService(listener, factory, reactor).setServiceParent(self)
 
     # -- building ----------------------------------------------------------
 
@@ -189,12 +191,29 @@ class BalancerService(MultiService):
         for name in [n for n in self.groups if n not in config.backends]:
             del self.groups[name]
 
-    def _build_factory(self, listener: ListenerConfig):
+    def _load_certificates(self, config: Config) -> Dict[str, object]:
+        """
+        Read and check the certificates of every https listener, before
+        anything else changes, so that a bad file fails a reload as a whole.
+
+        @raise ConfigError: a certificate file is missing or invalid.
+        """
+        from twisted_slb.tls import load_certificate_set
+
+        return {
+            listener.name: load_certificate_set(
+                listener.certificates, f"listeners.{listener.name}.certificates"
+            )
+            for listener in config.listeners.values()
+            if listener.protocol == "https"
+        }
+
+    def _build_factory(self, listener: ListenerConfig, certificates: Dict[str, object]):
         if listener.protocol == "tcp":
             return self._build_tcp(listener)
         site = self._build_site(listener)
         if listener.protocol == "https":
-            return self._wrap_tls(listener, site)
+            return self._wrap_tls(listener, site, certificates[listener.name])
         return site
 
     def _source_ip_policy(self, key: str, persistence):
@@ -283,12 +302,9 @@ class BalancerService(MultiService):
             max_headers=listener.max_headers,
         )
 
-    def _wrap_tls(self, listener: ListenerConfig, site):
-        from twisted_slb.tls import SNIServerOptions, load_certificate_set, server_tls_factory
+    def _wrap_tls(self, listener: ListenerConfig, site, certificates):
+        from twisted_slb.tls import SNIServerOptions, server_tls_factory
 
-        certificates = load_certificate_set(
-            listener.certificates, f"listeners.{listener.name}.certificates"
-        )
         options = SNIServerOptions(certificates, min_tls=listener.min_tls, alpn=listener.alpn)
         return server_tls_factory(options, site, reactor=self.reactor)
 
@@ -305,12 +321,13 @@ class BalancerService(MultiService):
 
         @return: whether the new configuration is in force.
         """
-        if config is None:
-            try:
+        try:
+            if config is None:
                 config = load_config(self.config.path)
-            except ConfigError as e:
-                log.error("reload failed, keeping the running configuration: {error}", error=str(e))
-                return False
+            certificates = self._load_certificates(config)
+        except ConfigError as e:
+            log.error("reload failed, keeping the running configuration: {error}", error=str(e))
+            return False
         self._update_groups(config)
         self.config = config
         current = {s.name: s for s in list(self) if isinstance(s, ListenerService)}
@@ -320,7 +337,7 @@ class BalancerService(MultiService):
                 log.info("listener {listener} removed or moved: closing its port", listener=name)
                 self.removeService(service)
         for listener in config.listeners.values():
-            factory = self._build_factory(listener)
+            factory = self._build_factory(listener, certificates)
             service = self.namedServices.get(listener.name)
             if service is None:
                 ListenerService(listener, factory, self.reactor).setServiceParent(self)
