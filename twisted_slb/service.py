@@ -9,7 +9,7 @@ stick tables of source-IP persistence, and the upstream connection pool.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Mapping, Optional, Tuple
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -68,16 +68,25 @@ class ListenerService(Service):
     @ivar port: the L{IListeningPort} once listening, else L{None}.
     """
 
-    def __init__(self, config: ListenerConfig, factory, reactor) -> None:
+    def __init__(self, config: ListenerConfig, factory, reactor, adopt: Optional[Tuple[int, int]] = None) -> None:
+        """
+        @param adopt: C{(file descriptor, address family)} of a listening
+            socket opened by a parent process (see L{twisted_slb.workers}),
+            served instead of listening on C{config.bind}.
+        """
         self.config = config
         self._switch = _SwitchableFactory(factory)
         self.reactor = reactor
+        self.adopt = adopt
         self.port = None
         self.setName(config.name)
 
     def _listen(self) -> Deferred:
-        endpoint = serverFromString(self.reactor, self.config.bind)
-        d = endpoint.listen(self._switch)
+        if self.adopt is not None:
+            fd, family = self.adopt
+            d = maybeDeferred(self.reactor.adoptStreamPort, fd, family, self._switch)
+        else:
+            d = serverFromString(self.reactor, self.config.bind).listen(self._switch)
 
         def listening(port):
             self.port = port
@@ -164,8 +173,24 @@ class BalancerService(MultiService):
         across reloads.
     """
 
-    def __init__(self, config: Config, reactor=None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor=None,
+        adopted: Optional[Mapping[str, Tuple[int, int]]] = None,
+        worker: bool = False,
+    ) -> None:
+        """
+        @param adopted: listener name -> C{(fd, family)} of listening sockets
+            inherited from a parent process (worker mode); those listeners
+            serve the socket instead of binding their address.
+        @param worker: this process is one of several workers: source-IP
+            persistence then picks new clients by consistent hashing so that
+            all workers agree without sharing a table.
+        """
         MultiService.__init__(self)
+        self.adopted = dict(adopted or {})
+        self.worker = worker
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
@@ -177,7 +202,9 @@ class BalancerService(MultiService):
         self._update_groups(config)
         for listener in config.listeners.values():
             factory = self._build_factory(listener, certificates)
-            ListenerService(listener, factory, reactor).setServiceParent(self)
+            ListenerService(
+                listener, factory, reactor, adopt=self.adopted.get(listener.name)
+            ).setServiceParent(self)
 
     # -- building ----------------------------------------------------------
 

@@ -93,7 +93,12 @@ def makeService(options: Options):
 
         return demo_service(options["port-base"], reactor)
     top = MultiService()
-    balancer = BalancerService(config, reactor)
+    if config.workers > 1:
+        from twisted_slb.workers import WorkerPoolService
+
+        balancer = WorkerPoolService(config, reactor)
+    else:
+        balancer = BalancerService(config, reactor)
     balancer.setServiceParent(top)
     _SIGHUPReload(balancer, reactor).setServiceParent(top)
     return top

@@ -1,0 +1,247 @@
+"""
+Several worker processes serving the same listening sockets (C{workers = N}).
+
+The parent opens every listener's socket (so ports below 1024 are bound once,
+with privileges) and never accepts on them; it starts N worker processes
+(C{python -m twisted_slb.workers}) that inherit the sockets and adopt them with
+L{IReactorSocket.adoptStreamPort}.  The kernel spreads new connections over
+the workers, so one host uses all its cores.
+
+Persistence agrees across workers: cookie persistence is stateless (the
+cookie names the backend), and source-IP persistence chooses new clients by
+consistent hashing of their address in worker mode, so every worker pins a
+given client to the same backend without sharing a table.
+
+The parent restarts a worker that dies, forwards SIGHUP (reload) to the
+workers (starting a new generation when the set of listening addresses
+changed), and on shutdown asks the workers to stop gracefully.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+from typing import Dict, List, Optional, Tuple
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import ProcessProtocol, ServerFactory
+from twisted.logger import Logger
+
+from twisted_slb.config import Config, ConfigError, load_config
+
+log = Logger(namespace="twisted_slb.workers")
+
+
+class _NeverAccepts(ServerFactory):
+    """The parent's factory: its ports never read, so this never builds."""
+
+    def buildProtocol(self, addr):  # pragma: no cover - the port is not read
+        return None
+
+
+def _family(port) -> int:
+    host = port.getHost()
+    if getattr(host, "type", None) is None:  # UNIXAddress
+        return socket.AF_UNIX
+    return socket.AF_INET6 if ":" in host.host else socket.AF_INET
+
+
+class _WorkerProcess(ProcessProtocol):
+    def __init__(self, pool: WorkerPoolService, index: int, generation: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.generation = generation
+        self.ended: defer.Deferred = defer.Deferred()
+
+    def processEnded(self, reason) -> None:
+        self.ended.callback(None)
+        self.pool._worker_ended(self, reason)
+
+
+class WorkerPoolService(Service):
+    """
+    The parent process of worker mode.
+
+    @ivar config: the L{Config} in force.
+    @ivar workers: the running worker process protocols.
+    """
+
+    #: seconds before a dead worker is started again (doubled while it keeps dying)
+    restart_delay = 1.0
+
+    def __init__(self, config: Config, reactor=None, python: str = sys.executable) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.config = config
+        self.python = python
+        self.ports: Dict[str, object] = {}  # bind description -> listening port (not read)
+        self.workers: List[_WorkerProcess] = []
+        self.generation = 0
+        self._stopping = False
+        self._delay = self.restart_delay
+
+    # -- sockets -----------------------------------------------------------
+
+    def _open_sockets(self, config: Config) -> None:
+        for listener in config.listeners.values():
+            if listener.bind in self.ports:
+                continue
+            failures: list = []
+            d = serverFromString(self.reactor, listener.bind).listen(_NeverAccepts())
+            d.addCallbacks(lambda port, bind=listener.bind: self.ports.__setitem__(bind, port), failures.append)
+            if failures:
+                raise SystemExit(
+                    f"twisted_slb: listener {listener.name!r} cannot listen on "
+                    f"{listener.bind!r}: {failures[0].getErrorMessage()}"
+                )
+            # The parent holds the socket for its workers; it never accepts.
+            self.ports[listener.bind].stopReading()
+
+    def _close_unused_sockets(self) -> None:
+        binds = {listener.bind for listener in self.config.listeners.values()}
+        for bind in [b for b in self.ports if b not in binds]:
+            self.ports.pop(bind).stopListening()
+
+    # -- workers -----------------------------------------------------------
+
+    def _spawn(self, index: int) -> None:
+        args = [self.python, "-m", "twisted_slb.workers", "--config", self.config.path, "--index", str(index)]
+        child_fds: Dict[int, object] = {0: "w", 1: 1, 2: 2}
+        for listener in self.config.listeners.values():
+            port = self.ports[listener.bind]
+            fd = port.fileno()
+            child_fds[fd] = fd
+            args += ["--listener", f"{listener.name}={fd}:{int(_family(port))}"]
+        proto = _WorkerProcess(self, index, self.generation)
+        self.reactor.spawnProcess(proto, self.python, args, env=os.environ.copy(), childFDs=child_fds)
+        self.workers.append(proto)
+        log.info("worker {index} started (pid {pid})", index=index, pid=proto.transport.pid)
+
+    def _worker_ended(self, proto: _WorkerProcess, reason) -> None:
+        if proto in self.workers:
+            self.workers.remove(proto)
+        if self._stopping or proto.generation != self.generation:
+            return
+        log.error(
+            "worker {index} exited unexpectedly ({reason}); restarting in {delay} s",
+            index=proto.index, reason=reason.getErrorMessage(), delay=self._delay,
+        )
+        self.reactor.callLater(self._delay, self._respawn, proto.index, proto.generation)
+        self._delay = min(self._delay * 2, 30.0)
+
+    def _respawn(self, index: int, generation: int) -> None:
+        if not self._stopping and generation == self.generation:
+            self._spawn(index)
+
+    def _signal_all(self, workers, signum: int) -> None:
+        for proto in workers:
+            try:
+                proto.transport.signalProcess(signum)
+            except Exception:  # the process already ended
+                pass
+
+    # -- lifetime ----------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+        self._open_sockets(self.config)
+
+    def startService(self) -> None:
+        Service.startService(self)
+        if not self.ports:
+            self._open_sockets(self.config)
+        for i in range(self.config.workers):
+            self._spawn(i)
+
+    def reload(self) -> bool:
+        """
+        Re-read the configuration.  When every listener keeps its address the
+        workers reload in place (SIGHUP); otherwise a new generation of
+        workers starts on the new sockets and the old one stops gracefully.
+        """
+        try:
+            config = load_config(self.config.path)
+            self._open_sockets(config)
+        except (ConfigError, SystemExit) as e:
+            log.error("reload failed, keeping the running configuration: {error}", error=str(e))
+            return False
+        same = {(l.name, l.bind) for l in config.listeners.values()} == {
+            (l.name, l.bind) for l in self.config.listeners.values()
+        }
+        self.config = config
+        if same and len(self.workers) == config.workers:
+            self._signal_all(self.workers, signal.SIGHUP)
+            return True
+        old = list(self.workers)
+        self.generation += 1
+        for i in range(config.workers):
+            self._spawn(i)
+        self._signal_all(old, signal.SIGTERM)
+        self._close_unused_sockets()
+        return True
+
+    def stopService(self):
+        Service.stopService(self)
+        self._stopping = True
+        workers = list(self.workers)
+        self._signal_all(workers, signal.SIGTERM)
+        ended = defer.DeferredList([w.ended for w in workers])
+        # A worker that outlives its grace period (plus a margin) is killed.
+        killer = self.reactor.callLater(
+            self.config.grace_period + 5.0, self._signal_all, workers, signal.SIGKILL
+        )
+
+        def done(_):
+            if killer.active():
+                killer.cancel()
+            for port in self.ports.values():
+                port.stopListening()
+            self.ports.clear()
+
+        return ended.addCallback(done)
+
+
+# -- the worker process ----------------------------------------------------------
+
+
+def _parse_listener(text: str) -> Tuple[str, Tuple[int, int]]:
+    name, _, rest = text.rpartition("=")
+    fd, _, family = rest.partition(":")
+    return name, (int(fd), int(family))
+
+
+def worker_main(argv: Optional[List[str]] = None) -> None:
+    """Entry point of a worker process (started by L{WorkerPoolService})."""
+    parser = argparse.ArgumentParser(prog="python -m twisted_slb.workers")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--listener", action="append", default=[])
+    args = parser.parse_args(argv)
+
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    from twisted_slb.service import BalancerService
+
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    config = load_config(args.config)
+    adopted = dict(_parse_listener(t) for t in args.listener)
+    balancer = BalancerService(config, reactor, adopted=adopted, worker=True)
+    balancer.startService()
+    for fd, _ in adopted.values():
+        # adoptStreamPort duplicated the descriptor: ours is no longer needed.
+        os.close(fd)
+    signal.signal(signal.SIGHUP, lambda *a: reactor.callFromThread(balancer.reload))
+    signal.signal(signal.SIGTERM, lambda *a: reactor.callFromThread(reactor.stop))
+    reactor.addSystemEventTrigger("before", "shutdown", balancer.stopService)
+    reactor.run(installSignalHandlers=False)
+
+
+if __name__ == "__main__":
+    worker_main()
