@@ -9,9 +9,18 @@ problem is a L{ConfigError} whose message names the file, the field path
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Tuple
+import difflib
+import os
+import re
+import sys
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import attr
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on PyPy 3.9
+    import tomli as tomllib
 
 # --- values ---------------------------------------------------------------
 
@@ -159,10 +168,570 @@ class ConfigError(Exception):
     """
 
 
+
+# --- loading --------------------------------------------------------------
+
+_MISSING = object()
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+# RFC 6265 cookie-name: an RFC 9110 token.
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_HOST_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?$")
+
+PROTOCOLS = ("tcp", "http", "https")
+SCHEDULER_NAMES = ("rr", "wrr", "wlc", "hash")
+PERSISTENCE_TYPES = ("source_ip", "insert_cookie", "rewrite_cookie")
+
+# Keys each listener protocol accepts (beyond the common ones).
+_COMMON_LISTENER_KEYS = ("protocol", "bind", "backends", "persistence", "max_connections")
+_TCP_KEYS = ("idle_timeout", "proxy_protocol")
+_HTTP_KEYS = (
+    "request_timeout", "client_idle_timeout", "max_header_bytes", "max_headers",
+    "max_connections_per_ip", "rules", "https_redirect_port",
+)
+_HTTPS_KEYS = ("certificates", "min_tls", "alpn")
+_LISTENER_KEYS = {
+    "tcp": _COMMON_LISTENER_KEYS + _TCP_KEYS,
+    "http": _COMMON_LISTENER_KEYS + _HTTP_KEYS,
+    "https": _COMMON_LISTENER_KEYS + _HTTP_KEYS + _HTTPS_KEYS,
+}
+_PERSISTENCE_KEYS = {
+    "source_ip": ("type", "timeout", "max_entries"),
+    "insert_cookie": ("type", "timeout", "cookie", "secure", "httponly", "samesite", "domain", "path", "refresh"),
+    "rewrite_cookie": ("type", "cookie"),
+}
+_TIMEOUT_RANGE = {"source_ip": (1, 3600), "insert_cookie": (1, 86400)}
+_DEFAULT_TIMEOUT = {"source_ip": 1000, "insert_cookie": 3600}
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return type(value).__name__
+
+
+class _Table:
+    """
+    One TOML table being read: knows its file and field path, so that every
+    error it raises names them.
+    """
+
+    def __init__(self, file: str, path: str, data: Any, allowed: Sequence[str]) -> None:
+        self.file = file
+        self.path = path
+        if not isinstance(data, dict):
+            raise self.error_at(path, "must be a table", data, "a table such as { key = value }")
+        self.data = data
+        for key in data:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(
+                    f"{file}: {self.field(key)}: unknown key{hint}; allowed keys here: {', '.join(allowed)}"
+                )
+
+    def field(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error_at(self, field: str, problem: str, value: Any, allowed: str) -> ConfigError:
+        return ConfigError(f"{self.file}: {field}: {problem}; got {value!r}; allowed: {allowed}")
+
+    def error(self, key: str, problem: str, value: Any, allowed: str) -> ConfigError:
+        return self.error_at(self.field(key), problem, value, allowed)
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def get(self, key: str, default: Any = _MISSING) -> Any:
+        if key not in self.data:
+            if default is _MISSING:
+                raise ConfigError(f"{self.file}: {self.field(key)}: required but missing")
+            return default
+        return self.data[key]
+
+    def string(self, key: str, default: Any = _MISSING, choices: Optional[Sequence[str]] = None,
+               allowed: str = "a string") -> Any:
+        value = self.get(key, default)
+        if value is default and key not in self.data:
+            return value
+        if choices is not None:
+            if not isinstance(value, str) or value not in choices:
+                raise self.error(key, "not one of the choices", value, " | ".join(repr(c) for c in choices))
+            return value
+        if not isinstance(value, str):
+            raise self.error(key, f"must be a string, not {_type_name(value)}", value, allowed)
+        return value
+
+    def boolean(self, key: str, default: Any = _MISSING) -> Any:
+        value = self.get(key, default)
+        if key in self.data and not isinstance(value, bool):
+            raise self.error(key, f"must be true or false, not {_type_name(value)}", value, "true | false")
+        return value
+
+    def integer(self, key: str, default: Any = _MISSING, low: Optional[int] = None,
+                high: Optional[int] = None, unit: str = "") -> Any:
+        value = self.get(key, default)
+        if key not in self.data:
+            return value
+        allowed = _range_text(low, high, unit, "an integer")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"must be an integer, not {_type_name(value)}", value, allowed)
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise self.error(key, "out of range", value, allowed)
+        return value
+
+    def number(self, key: str, default: Any = _MISSING, low: Optional[float] = None,
+               high: Optional[float] = None, unit: str = "seconds", above: bool = False) -> Any:
+        value = self.get(key, default)
+        if key not in self.data:
+            return value
+        allowed = _range_text(low, high, unit, "a number", above)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(key, f"must be a number, not {_type_name(value)}", value, allowed)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise self.error(key, "must be a finite number", value, allowed)
+        if low is not None and (value <= low if above else value < low):
+            raise self.error(key, "out of range", value, allowed)
+        if high is not None and value > high:
+            raise self.error(key, "out of range", value, allowed)
+        return float(value)
+
+    def table(self, key: str, allowed: Sequence[str]) -> Optional["_Table"]:
+        if key not in self.data:
+            return None
+        return _Table(self.file, self.field(key), self.data[key], allowed)
+
+    def array(self, key: str, default: Any = _MISSING, allowed: str = "an array") -> Any:
+        value = self.get(key, default)
+        if key in self.data and not isinstance(value, list):
+            raise self.error(key, f"must be an array, not {_type_name(value)}", value, allowed)
+        return value
+
+
+def _range_text(low, high, unit: str, kind: str, above: bool = False) -> str:
+    unit = f" {unit}" if unit else ""
+    if low is not None and high is not None:
+        return f"{kind} from {low} to {high}{unit}"
+    if low is not None:
+        return f"{kind} {'above' if above else 'of at least'} {low}{unit}"
+    return kind
+
+
+def _parse_address(t: _Table, key: str, value: Any) -> Tuple[str, int]:
+    allowed = '"host:port" or "[ipv6]:port", port 1..65535'
+    if not isinstance(value, str):
+        raise t.error(key, f"must be a string, not {_type_name(value)}", value, allowed)
+    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", value) or re.match(r"^([^:\[\]\s]+):(\d+)$", value)
+    if not m:
+        raise t.error(key, "not a host:port address", value, allowed)
+    host, port = m.group(1), int(m.group(2))
+    if not 1 <= port <= 65535:
+        raise t.error(key, "port out of range", value, allowed)
+    return host, port
+
+
+def _check_endpoint(t: _Table, key: str, value: Any) -> str:
+    """Parse a server endpoint description without listening."""
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    allowed = 'a Twisted server endpoint description such as "tcp:8080:interface=127.0.0.1"'
+    if not isinstance(value, str) or not value.strip():
+        raise t.error(key, "must be a non-empty string", value, allowed)
+    try:
+        serverFromString(MemoryReactor(), value)
+    except Exception as e:  # the parser raises ValueError, KeyError, TypeError...
+        raise t.error(key, f"not a valid endpoint ({e.__class__.__name__}: {e})", value, allowed) from None
+    return value
+
+
+def _resolve(base: str, path: str) -> str:
+    """Paths in a config file are relative to the file's directory."""
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
+
+
+def _check_file(t: _Table, key: str, value: Any, base: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise t.error(key, "must be a file path", value, "a path to a readable file")
+    path = _resolve(base, value)
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise t.error(key, "file not found or not readable", value, f"a readable file ({path})")
+    return path
+
+
+def _read_server(t: _Table, index: int, data: Any) -> ServerConfig:
+    s = _Table(t.file, f"{t.path}.servers[{index}]", data, ("name", "address", "weight"))
+    name = s.string("name")
+    if not _NAME.match(name):
+        raise s.error("name", "not a valid backend name", name, "letters, digits, '_', '.', '-'")
+    host, port = _parse_address(s, "address", s.get("address"))
+    weight = s.integer("weight", 100, 0, 1000)
+    return ServerConfig(name, host, port, weight)
+
+
+def _read_group(file: str, base: str, name: str, data: Any) -> GroupConfig:
+    t = _Table(file, f"backends.{name}", data,
+               ("scheduler", "connect_timeout", "retries", "servers", "tls", "health_check"))
+    if not _NAME.match(name):
+        raise t.error_at(t.path, "not a valid group name", name, "letters, digits, '_', '.', '-'")
+    servers_data = t.array("servers", allowed="a non-empty array of { name, address, weight } tables")
+    if not servers_data:
+        raise t.error("servers", "a group needs at least one server", servers_data,
+                      'a non-empty array such as [ { name = "a", address = "10.0.0.1:8080" } ]')
+    servers = tuple(_read_server(t, i, d) for i, d in enumerate(servers_data))
+    seen: Dict[str, int] = {}
+    for i, server in enumerate(servers):
+        if server.name in seen:
+            raise t.error_at(f"{t.path}.servers[{i}].name", "duplicate server name in this group",
+                             server.name, f"names unique in the group (servers[{seen[server.name]}] has it)")
+        seen[server.name] = i
+    tls = None
+    tt = t.table("tls", ("verify", "ca", "server_name"))
+    if tt is not None:
+        ca = tt.get("ca", "")
+        ca_path = _check_file(tt, "ca", ca, base) if ca != "" else None
+        tls = BackendTLSConfig(tt.boolean("verify", True), ca_path, tt.string("server_name", ""))
+    health = None
+    ht = t.table("health_check", ("type", "path", "host", "expect", "interval", "timeout",
+                                  "healthy_threshold", "unhealthy_threshold"))
+    if ht is not None:
+        path = ht.string("path", "/")
+        if not path.startswith("/"):
+            raise ht.error("path", "must start with '/'", path, 'a path such as "/health"')
+        expect = ht.array("expect", [200, 399], allowed="[low, high] status codes, 100..599")
+        if (len(expect) != 2 or any(isinstance(c, bool) or not isinstance(c, int) for c in expect)
+                or not 100 <= expect[0] <= expect[1] <= 599):
+            raise ht.error("expect", "not a status range", expect, "[low, high] with 100 <= low <= high <= 599")
+        health = HealthCheckConfig(
+            type=ht.string("type", "tcp", choices=("tcp", "http")),
+            path=path,
+            host=ht.string("host", ""),
+            expect=(expect[0], expect[1]),
+            interval=ht.number("interval", 2.0, 0, 3600, above=True),
+            timeout=ht.number("timeout", 5.0, 0, 3600, above=True),
+            healthy_threshold=ht.integer("healthy_threshold", 3, 1, 100),
+            unhealthy_threshold=ht.integer("unhealthy_threshold", 3, 1, 100),
+        )
+    return GroupConfig(
+        name=name,
+        servers=servers,
+        scheduler=t.string("scheduler", "wrr", choices=SCHEDULER_NAMES),
+        connect_timeout=t.number("connect_timeout", 5.0, 0, 3600, above=True),
+        retries=t.integer("retries", 2, 0, 100),
+        tls=tls,
+        health_check=health,
+    )
+
+
+def _read_persistence(t: _Table, key: str, protocol: str) -> Optional[PersistenceConfig]:
+    if not t.has(key):
+        return None
+    raw = t.get(key)
+    field = t.field(key)
+    if not isinstance(raw, dict):
+        raise t.error(key, "must be a table", raw, '{ type = "source_ip" | "insert_cookie" | "rewrite_cookie", ... }')
+    types = ("source_ip",) if protocol == "tcp" else PERSISTENCE_TYPES
+    kind = raw.get("type", _MISSING)
+    if kind is _MISSING:
+        raise ConfigError(f"{t.file}: {field}.type: required but missing; allowed: {' | '.join(types)}")
+    if kind not in types:
+        why = " (tcp listeners persist by source IP only)" if protocol == "tcp" and kind in PERSISTENCE_TYPES else ""
+        raise t.error_at(f"{field}.type", f"not a persistence type for {protocol} listeners{why}", kind,
+                         " | ".join(repr(x) for x in types))
+    if kind == "rewrite_cookie" and "timeout" in raw:
+        raise t.error_at(f"{field}.timeout", "rewrite_cookie has no timeout: the backend's cookie keeps its own expiry",
+                         raw["timeout"], "leave it out")
+    p = _Table(t.file, field, raw, _PERSISTENCE_KEYS[kind])
+    if kind == "rewrite_cookie":
+        cookie = p.string("cookie")
+        if not _TOKEN.match(cookie):
+            raise p.error("cookie", "not a valid cookie name", cookie, "a cookie name token such as JSESSIONID")
+        return PersistenceConfig(type=kind, cookie=cookie)
+    low, high = _TIMEOUT_RANGE[kind]
+    timeout = p.integer("timeout", _DEFAULT_TIMEOUT[kind], low, high, f"seconds for {kind} persistence")
+    if kind == "source_ip":
+        return PersistenceConfig(type=kind, timeout=timeout,
+                                 max_entries=p.integer("max_entries", 1_000_000, 1, 100_000_000))
+    cookie = p.string("cookie", "SERVERID")
+    if not _TOKEN.match(cookie):
+        raise p.error("cookie", "not a valid cookie name", cookie, "a cookie name token such as SERVERID")
+    secure = p.get("secure", "auto")
+    if secure is True:
+        secure = "always"
+    elif secure is False:
+        secure = "never"
+    elif secure not in ("auto", "always", "never"):
+        raise p.error("secure", "not one of the choices", secure, '"auto" (on for https) | "always" | "never" | true | false')
+    samesite = p.string("samesite", "lax", choices=("lax", "strict", "none", ""))
+    if samesite == "none" and secure == "never":
+        raise p.error("samesite", "SameSite=None needs a Secure cookie (browsers reject it otherwise)",
+                      samesite, 'secure = "auto" or "always" with samesite = "none"')
+    path = p.string("path", "/")
+    if not path.startswith("/") or ";" in path:
+        raise p.error("path", "must start with '/' and contain no ';'", path, 'a path such as "/"')
+    domain = p.string("domain", "")
+    if ";" in domain or " " in domain:
+        raise p.error("domain", "not a cookie domain", domain, 'a domain such as "example.com", or ""')
+    return PersistenceConfig(
+        type=kind, timeout=timeout, cookie=cookie, secure=secure,
+        httponly=p.boolean("httponly", True), samesite=samesite, domain=domain, path=path,
+        refresh=p.boolean("refresh", True),
+    )
+
+
+def _check_domain(t: _Table, key: str, value: str) -> str:
+    allowed = '"", an exact host such as "app.example.com", or "*.example.com"'
+    domain = value.lower()
+    if domain == "":
+        return domain
+    labels = domain[2:].split(".") if domain.startswith("*.") else domain.split(".")
+    if not all(_HOST_LABEL.match(label) for label in labels):
+        raise t.error(key, "not a host name (no port, scheme or path)", value, allowed)
+    return domain
+
+
+def _read_rule(t: _Table, index: int, data: Any, protocol: str, groups: Mapping[str, GroupConfig],
+               default_group: Optional[str]) -> RuleConfig:
+    r = _Table(t.file, f"{t.path}.rules[{index}]", data, ("domain", "path", "backends", "persistence"))
+    domain = _check_domain(r, "domain", r.string("domain", ""))
+    path = r.string("path", "/")
+    if not path.startswith("/"):
+        raise r.error("path", "must start with '/'", path, 'a path prefix such as "/api"')
+    backends = r.string("backends", default_group or "")
+    if backends == "":
+        raise ConfigError(f"{t.file}: {r.field('backends')}: required (the listener has no backends to default to)")
+    _check_group(r, "backends", backends, groups)
+    return RuleConfig(domain, path, backends, _read_persistence(r, "persistence", protocol))
+
+
+def _check_group(t: _Table, key: str, name: Any, groups: Mapping[str, GroupConfig]) -> str:
+    if not isinstance(name, str) or name not in groups:
+        known = ", ".join(repr(g) for g in groups) or "none are defined"
+        raise t.error(key, "no such backend group", name, f"one of the [backends.NAME] groups ({known})")
+    return name
+
+
+def _read_listener(file: str, base: str, name: str, data: Any,
+                   groups: Mapping[str, GroupConfig]) -> ListenerConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: listeners.{name}: must be a table; got {data!r}")
+    protocol = data.get("protocol", _MISSING)
+    if protocol is _MISSING:
+        raise ConfigError(f"{file}: listeners.{name}.protocol: required but missing; allowed: tcp | http | https")
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"{file}: listeners.{name}.protocol: not one of the choices; got {protocol!r}; "
+                          "allowed: 'tcp' | 'http' | 'https'")
+    allowed = _LISTENER_KEYS[protocol]
+    for key in data:
+        if key not in allowed and any(key in keys for keys in _LISTENER_KEYS.values()):
+            raise ConfigError(f"{file}: listeners.{name}.{key}: not a setting of {protocol} listeners; "
+                              f"allowed keys here: {', '.join(allowed)}")
+    t = _Table(file, f"listeners.{name}", data, allowed)
+    if not _NAME.match(name):
+        raise t.error_at(t.path, "not a valid listener name", name, "letters, digits, '_', '.', '-'")
+    bind = _check_endpoint(t, "bind", t.get("bind"))
+    redirect = None
+    if protocol != "tcp" and t.has("https_redirect_port"):
+        redirect = t.integer("https_redirect_port", None, 1, 65535)
+        for key in ("backends", "persistence", "rules"):
+            if t.has(key):
+                raise t.error(key, "a redirect listener sends every request to https and has no backends",
+                              t.get(key), "leave it out, or remove https_redirect_port")
+    backends = None
+    if redirect is None:
+        if t.has("backends") or protocol == "tcp" or not t.has("rules"):
+            backends = _check_group(t, "backends", t.get("backends"), groups)
+    kwargs: Dict[str, Any] = dict(
+        name=name, protocol=protocol, bind=bind, backends=backends,
+        persistence=_read_persistence(t, "persistence", protocol),
+        max_connections=t.integer("max_connections", 0, 0, 10_000_000),
+    )
+    if protocol == "tcp":
+        kwargs.update(
+            idle_timeout=t.number("idle_timeout", 900.0, 0, 86400 * 7, above=True),
+            proxy_protocol=t.string("proxy_protocol", None, choices=("v1", "v2")),
+        )
+    else:
+        rules_data = t.array("rules", [], allowed="an array of [[listeners.NAME.rules]] tables")
+        kwargs.update(
+            request_timeout=t.number("request_timeout", 60.0, 0, 86400, above=True),
+            client_idle_timeout=t.number("client_idle_timeout", 60.0, 0, 86400, above=True),
+            max_header_bytes=t.integer("max_header_bytes", 65536, 1024, 1048576, "bytes"),
+            max_headers=t.integer("max_headers", 100, 1, 1000),
+            max_connections_per_ip=t.integer("max_connections_per_ip", 0, 0, 1_000_000),
+            rules=tuple(_read_rule(t, i, d, protocol, groups, backends) for i, d in enumerate(rules_data)),
+            https_redirect_port=redirect,
+        )
+    if protocol == "https":
+        certs_data = t.array("certificates", allowed="a non-empty array of { cert, key, chain } tables")
+        if not certs_data:
+            raise t.error("certificates", "an https listener needs at least one certificate", certs_data,
+                          'a non-empty array such as [ { cert = "a.pem", key = "a.key" } ]')
+        certs = []
+        for i, d in enumerate(certs_data):
+            c = _Table(file, f"{t.path}.certificates[{i}]", d, ("cert", "key", "chain"))
+            chain = c.get("chain", None)
+            certs.append(CertificateConfig(
+                _check_file(c, "cert", c.get("cert"), base),
+                _check_file(c, "key", c.get("key"), base),
+                _check_file(c, "chain", chain, base) if chain is not None else None,
+            ))
+        alpn = t.array("alpn", ["http/1.1"], allowed='an array of protocol names such as ["http/1.1"]')
+        if not alpn or not all(isinstance(a, str) and a and len(a) < 256 for a in alpn):
+            raise t.error("alpn", "not a list of protocol names", alpn, 'a non-empty array such as ["http/1.1"]')
+        kwargs.update(
+            certificates=tuple(certs),
+            min_tls=t.string("min_tls", "1.2", choices=("1.2", "1.3")),
+            alpn=tuple(alpn),
+        )
+    return ListenerConfig(**kwargs)
+
+
+def parse_config(document: Any, path: str = "<string>") -> Config:
+    """
+    Validate a configuration given as TOML text or as an already parsed
+    dictionary.
+
+    @param path: the file name used in error messages; relative file paths in
+        the document are resolved against its directory.
+    @raise ConfigError: the document is invalid.
+    """
+    if isinstance(document, (bytes, str)):
+        text = document.decode("utf-8") if isinstance(document, bytes) else document
+        try:
+            document = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    base = os.path.dirname(os.path.abspath(path)) if not path.startswith("<") else os.getcwd()
+    top = _Table(path, "", document, ("backends", "listeners", "admin", "workers", "grace_period"))
+    groups_data = top.get("backends", {})
+    if not isinstance(groups_data, dict):
+        raise top.error("backends", "must be a table of groups", groups_data, "[backends.NAME] tables")
+    groups = {name: _read_group(path, base, name, data) for name, data in groups_data.items()}
+    listeners_data = top.get("listeners", _MISSING)
+    if listeners_data is _MISSING or listeners_data == {}:
+        raise ConfigError(f"{path}: listeners: no listener is configured; allowed: one or more "
+                          "[listeners.NAME] tables with protocol, bind and backends")
+    if not isinstance(listeners_data, dict):
+        raise top.error("listeners", "must be a table of listeners", listeners_data, "[listeners.NAME] tables")
+    listeners: Dict[str, ListenerConfig] = {}
+    binds: Dict[str, str] = {}
+    for name, data in listeners_data.items():
+        listener = _read_listener(path, base, name, data, groups)
+        if listener.bind in binds and not re.match(r"^(tcp6?|unix):0(:|$)", listener.bind):
+            raise ConfigError(f"{path}: listeners.{name}.bind: the same address as listeners.{binds[listener.bind]}; "
+                              f"got {listener.bind!r}; allowed: an address no other listener binds")
+        binds[listener.bind] = name
+        listeners[name] = listener
+    admin = None
+    at = top.table("admin", ("bind", "token"))
+    if at is not None:
+        admin = AdminConfig(_check_endpoint(at, "bind", at.get("bind")), at.string("token", ""))
+    config = Config(
+        path=path, backends=groups, listeners=listeners, admin=admin,
+        workers=top.integer("workers", 1, 1, 64),
+        grace_period=top.number("grace_period", 10.0, 0, 3600),
+    )
+    _check_certificates(config)
+    return config
+
+
+def _check_certificates(config: Config) -> None:
+    """Load every https listener's certificates now, so a bad file fails the load."""
+    https = [l for l in config.listeners.values() if l.protocol == "https"]
+    if not https:
+        return
+    from twisted_slb.tls import load_certificate_set
+
+    for listener in https:
+        try:
+            load_certificate_set(listener.certificates, f"listeners.{listener.name}.certificates")
+        except ConfigError as e:
+            raise ConfigError(f"{config.path}: {e}") from None
+
+
 def load_config(path: str) -> Config:
     """
     Read, parse and validate the TOML file at C{path}.
 
     @raise ConfigError: the file cannot be read, is not TOML, or is invalid.
     """
-    raise NotImplementedError("being written")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the configuration file: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
+    return parse_config(text, path)
+
+
+def _describe_persistence(p: Optional[PersistenceConfig], protocol: str) -> str:
+    if p is None:
+        unit = "connection" if protocol == "tcp" else "request"
+        return f"none (each {unit} is balanced on its own)"
+    if p.type == "source_ip":
+        return (f"source_ip: a client IP stays on its backend for {p.timeout} s after its last "
+                f"{'connection' if protocol == 'tcp' else 'request'} (table of at most {p.max_entries} clients)")
+    if p.type == "rewrite_cookie":
+        return f"rewrite_cookie {p.cookie}: the backend's cookie is prefixed with the backend id; expiry is the backend's"
+    attrs = [f"expires after {p.timeout} s", "sliding" if p.refresh else "fixed"]
+    if p.httponly:
+        attrs.append("HttpOnly")
+    if p.samesite:
+        attrs.append(f"SameSite={p.samesite.capitalize()}")
+    attrs.append({"auto": "Secure on https", "always": "always Secure", "never": "never Secure"}[p.secure])
+    if p.domain:
+        attrs.append(f"Domain={p.domain}")
+    attrs.append(f"Path={p.path}")
+    return f"insert_cookie {p.cookie}: " + ", ".join(attrs)
+
+
+def describe(config: Config) -> str:
+    """
+    The effective settings of every listener, for C{twistd slb --check}.
+    """
+    lines: List[str] = [f"config: {config.path}", f"workers: {config.workers}"]
+    for l in config.listeners.values():
+        lines.append("")
+        lines.append(f"listener {l.name}: {l.protocol} on {l.bind}")
+        if l.https_redirect_port is not None:
+            lines.append(f"  redirects every request to https (port {l.https_redirect_port})")
+            continue
+        if l.backends is not None:
+            g = config.backends[l.backends]
+            servers = ", ".join(f"{s.name}={s.host}:{s.port} (weight {s.weight})" for s in g.servers)
+            lines.append(f"  backends: {g.name} [{g.scheduler}] {servers}")
+            lines.append(f"  connect_timeout {g.connect_timeout} s, retries {g.retries}")
+        lines.append(f"  persistence: {_describe_persistence(l.persistence, l.protocol)}")
+        if l.protocol == "tcp":
+            lines.append(f"  idle_timeout {l.idle_timeout} s" +
+                         (f", PROXY protocol {l.proxy_protocol}" if l.proxy_protocol else ""))
+        else:
+            lines.append(f"  request_timeout {l.request_timeout} s, client_idle_timeout {l.client_idle_timeout} s, "
+                         f"max_header_bytes {l.max_header_bytes}, max_headers {l.max_headers}")
+            for i, r in enumerate(l.rules):
+                where = f"host {r.domain or '*'} path {r.path}"
+                lines.append(f"  rule {i}: {where} -> {r.backends}; persistence: "
+                             f"{_describe_persistence(r.persistence, l.protocol)}")
+        if l.protocol == "https":
+            lines.append(f"  TLS >= {l.min_tls}, ALPN {', '.join(l.alpn)}")
+            for c in l.certificates:
+                lines.append(f"  certificate {c.cert}")
+        if l.max_connections:
+            lines.append(f"  max_connections {l.max_connections}")
+    if config.admin is not None:
+        lines.append("")
+        lines.append(f"admin: {config.admin.bind}")
+    return "\n".join(lines)
