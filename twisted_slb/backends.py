@@ -230,19 +230,22 @@ class BackendGroup:
             return b
         return None
 
-    def choose(self, client_key: str = "", exclude: Sequence[Backend] = ()) -> Optional[Backend]:
+    def choose(
+        self, client_key: str = "", exclude: Sequence[Backend] = (), scheduler: Optional[IScheduler] = None
+    ) -> Optional[Backend]:
         """
         Pick a backend for a client that is not (or no longer) pinned.
 
         @param client_key: the client's identity (its IP address) for
             schedulers that hash it.
         @param exclude: backends already tried for this client.
+        @param scheduler: picks instead of the group's scheduler.
         @return: a backend that takes new clients, or L{None} if none does.
         """
         candidates = [b for b in self.backends if b.takes_new_clients and b not in exclude]
         if not candidates:
             return None
-        return self.scheduler.pick(candidates, client_key)
+        return (scheduler or self.scheduler).pick(candidates, client_key)
 
     def record_failure(self, reason: str) -> None:
         """
@@ -286,6 +289,8 @@ class BackendGroup:
             outcome = NEW
         else:
             outcome = NONE
-        b = self.choose(session.client_ip, exclude)
+        # A policy may say how its new clients are chosen (source-IP
+        # persistence uses consistent hashing when several workers run).
+        b = self.choose(session.client_ip, exclude, getattr(session.policy, "scheduler", None))
         session.outcome = outcome
         return b

@@ -253,6 +253,10 @@ class BalancerService(MultiService):
         else:
             table.timeout = persistence.timeout
             table.max_entries = persistence.max_entries
+        if self.worker:
+            from twisted_slb.scheduling import ConsistentHash
+
+            return SourceIPPersistence(table, scheduler=ConsistentHash())
         return SourceIPPersistence(table)
 
     def _build_tcp(self, listener: ListenerConfig):
