@@ -145,12 +145,23 @@ class ListenerService(Service):
                 )
             )
 
+    #: seconds open connections may finish when the listener stops
+    grace_period = 10.0
+
     def stopService(self):
+        """
+        Stop accepting, then let open connections finish for at most
+        L{grace_period} seconds before closing them.
+        """
         Service.stopService(self)
         port, self.port = self.port, None
-        if port is None:
-            return succeed(None)
-        return maybeDeferred(port.stopListening)
+        d = maybeDeferred(port.stopListening) if port is not None else succeed(None)
+        factory = self.factory
+        factory = getattr(factory, "wrappedFactory", factory)  # under TLS
+        drain = getattr(factory, "drain", None)
+        if drain is not None:
+            d.addCallback(lambda _: drain(self.grace_period))
+        return d
 
 
 def _describe_address(port) -> str:
@@ -202,9 +213,9 @@ class BalancerService(MultiService):
         self._update_groups(config)
         for listener in config.listeners.values():
             factory = self._build_factory(listener, certificates)
-            ListenerService(
-                listener, factory, reactor, adopt=self.adopted.get(listener.name)
-            ).setServiceParent(self)
+            service = ListenerService(listener, factory, reactor, adopt=self.adopted.get(listener.name))
+            service.grace_period = config.grace_period
+            service.setServiceParent(self)
 
     # -- building ----------------------------------------------------------
 
@@ -371,8 +382,10 @@ class BalancerService(MultiService):
             factory = self._build_factory(listener, certificates)
             service = self.namedServices.get(listener.name)
             if service is None:
-                ListenerService(listener, factory, self.reactor).setServiceParent(self)
+                service = ListenerService(listener, factory, self.reactor)
+                service.setServiceParent(self)
             else:
                 service.reconfigure(listener, factory)
+            service.grace_period = config.grace_period
         log.info("configuration reloaded from {path}", path=config.path)
         return True
