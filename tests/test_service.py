@@ -15,6 +15,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, c
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -47,6 +48,28 @@ class NamePage(Resource):
         return b"backend=" + self.name.encode("ascii") + b" cookie=" + seen + b"\n"
 
 
+class TrackingSite(Site):
+    """A backend site that can be killed: its port and its open connections."""
+
+    protocol = HTTPChannel  # not the HTTP/2-negotiating wrapper: we need .transport
+
+    def __init__(self, resource) -> None:
+        Site.__init__(self, resource)
+        self.protocols: list = []
+
+    def buildProtocol(self, addr):
+        proto = Site.buildProtocol(self, addr)
+        self.protocols.append(proto)
+        return proto
+
+    def kill(self, port) -> defer.Deferred:
+        for proto in self.protocols:
+            transport = getattr(proto, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+        return defer.maybeDeferred(port.stopListening)
+
+
 class NameEcho(LineOnlyReceiver):
     """A TCP backend: says its name on connect."""
 
@@ -73,7 +96,8 @@ class ServiceTestCase(TestCase):
 
     def start_http_backend(self, name: str, port: int = 0):
         page = NamePage(name)
-        d = TCP4ServerEndpoint(reactor, port, interface="127.0.0.1").listen(Site(page))
+        page.site = TrackingSite(page)
+        d = TCP4ServerEndpoint(reactor, port, interface="127.0.0.1").listen(page.site)
 
         def started(p):
             self.addCleanup(p.stopListening)
@@ -231,7 +255,8 @@ class HTTPPersistenceTests(ServiceTestCase):
         _, body, set_cookies = yield self.get(agent, self.url + "/")
         jar_update(jar, set_cookies)
         first = backend_of(body)
-        yield self.backends[first][0].stopListening()
+        port, page = self.backends[first]
+        yield page.site.kill(port)
         code, body, set_cookies = yield self.get(agent, self.url + "/", cookies=jar)
         self.assertEqual(code, 200)
         second = backend_of(body)

@@ -217,6 +217,18 @@ class BalancerService(MultiService):
             service.grace_period = config.grace_period
             service.setServiceParent(self)
 
+    def stopService(self):
+        """Stop every listener (letting open connections finish), then close
+        the upstream connection pool."""
+        d = MultiService.stopService(self)
+
+        def close_pool(result):
+            if self.pool is not None:
+                self.pool.close()
+            return result
+
+        return d.addBoth(close_pool)
+
     # -- building ----------------------------------------------------------
 
     def _update_groups(self, config: Config) -> None:

@@ -1,0 +1,522 @@
+"""
+L{BalancedProxyResource}: a streaming HTTP reverse proxy over a backend group.
+
+For each request: the L{Session} (filled by a persistence wrapper in front of
+this resource, if any) and the group choose a backend; the request goes to it
+over a pooled keep-alive HTTP/1.1 connection (L{twisted_slb.web.upstream});
+when the response head arrives, the persistence policy's C{remember} may add
+or rewrite cookies before anything reaches the client; the body then streams
+back with back-pressure (the upstream connection is the client's producer).
+
+A backend that fails before answering is retried on another backend when the
+request is safe to retry (an idempotent method with no body); otherwise the
+client gets 502 (backend error), 503 (no usable backend) or 504 (no answer in
+C{request_timeout}).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+from twisted.internet import error
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.protocols.basic import FileSender
+from twisted.web.http import HTTPChannel
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from twisted_slb.backends import Backend, BackendGroup
+from twisted_slb.persistence.interfaces import session_for
+from twisted_slb.shutdown import IdleTracker
+from twisted_slb.web.upstream import UpstreamPool
+
+log = Logger(namespace="twisted_slb.proxy")
+access = Logger(namespace="twisted_slb.access")
+
+#: RFC 9110 7.6.1 hop-by-hop fields, plus the de facto ones.
+HOP_BY_HOP = frozenset(
+    [
+        b"connection", b"proxy-connection", b"keep-alive", b"te", b"trailer",
+        b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
+    ]
+)
+#: Methods a proxy may send again (RFC 9110 9.2.2).
+IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
+# Headers we set ourselves on the way to the backend.
+_FORWARDED = frozenset([b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"content-length"])
+# Bodies up to this size are written with the head in one go.
+_SMALL_BODY = 65536
+
+
+def _connection_tokens(headers) -> frozenset:
+    values = headers.getRawHeaders(b"connection")
+    if not values:
+        return frozenset()
+    return frozenset(t.strip().lower() for v in values for t in v.split(b","))
+
+
+class _Exchange:
+    """One client request's trip through the proxy (and its retries)."""
+
+    upstream = None
+    connector = None
+    timeout_call = None
+    sender = None
+    status = 0
+    bytes_sent = 0
+    finished = False
+
+    def __init__(self, resource: BalancedProxyResource, request: Request) -> None:
+        self.resource = resource
+        self.request = request
+        self.session = session_for(request)
+        self.started = resource.reactor.seconds()
+        self.tried: List[Backend] = []
+        self.backend: Optional[Backend] = None
+        self.client_gone = False
+        self.responding = False
+        content = request.content
+        length = 0
+        if content is not None:
+            content.seek(0, 2)
+            length = content.tell()
+            content.seek(0, 0)
+        self.body_length = length
+        self.head = self._build_head()
+        request.notifyFinish().addErrback(self._client_lost)
+
+    def _build_head(self) -> bytes:
+        request = self.request
+        headers = request.requestHeaders
+        drop = HOP_BY_HOP | _FORWARDED | _connection_tokens(headers)
+        lines = [request.method, b" ", request.uri, b" HTTP/1.1\r\n"]
+        host = None
+        forwarded_for = None
+        for name, values in headers.getAllRawHeaders():
+            lower = name.lower()
+            if lower == b"host":
+                host = values[0]
+            elif lower == b"x-forwarded-for":
+                forwarded_for = b", ".join(values)
+            if lower in drop:
+                continue
+            for value in values:
+                lines += [name, b": ", value, b"\r\n"]
+        client = self.session.client_ip.encode("ascii")
+        lines += [b"X-Forwarded-For: ", (forwarded_for + b", " + client) if forwarded_for else client, b"\r\n"]
+        proto = b"https" if (request.isSecure() or self.resource.forwarded_proto == "https") else b"http"
+        lines += [b"X-Forwarded-Proto: ", proto, b"\r\n"]
+        if host is not None:
+            lines += [b"X-Forwarded-Host: ", host, b"\r\n"]
+        if self.body_length or request.method in (b"POST", b"PUT", b"PATCH"):
+            lines += [b"Content-Length: ", b"%d" % self.body_length, b"\r\n"]
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+    # -- choosing and connecting --------------------------------------------
+
+    def start(self) -> None:
+        resource = self.resource
+        group = resource.group
+        backend = None
+        if len(self.tried) <= group.retries:
+            backend = group.route(self.session, self.tried)
+        if backend is None:
+            if self.tried:
+                self.fail(502, "Bad Gateway", "no backend could answer")
+            else:
+                self.fail(503, "Service Unavailable", "no backend is available")
+            return
+        self.backend = backend
+        self.session.backend = backend
+        self.tried.append(backend)
+        tls = resource.tls_options_for(backend)
+        self.connector = resource.pool.get(
+            backend, group.connect_timeout, self._connected, self._connect_failed, tls
+        )
+
+    def _connect_failed(self, reason) -> None:
+        self.connector = None
+        backend = self.backend
+        why = "timed out" if reason.check(error.TimeoutError) else reason.getErrorMessage()
+        backend.record_failure(f"connect {why}")
+        log.warn(
+            "listener {listener}: connect to backend {backend} ({address}) failed: {why}",
+            listener=self.resource.listener_name, backend=backend.name, address=backend.address, why=why,
+        )
+        if not self.client_gone:
+            self.start()  # nothing was sent: always safe to try another backend
+
+    def _connected(self, upstream, reused: bool) -> None:
+        self.connector = None
+        if self.client_gone:
+            upstream.release()
+            return
+        self.upstream = upstream
+        backend = self.backend
+        backend.active += 1
+        backend.total += 1
+        request = self.request
+        upstream.send(self.head if self.body_length > _SMALL_BODY else self.head + self._small_body(),
+                      self, head_request=request.method == b"HEAD")
+        backend.bytes_out += len(self.head) + self.body_length
+        if self.body_length > _SMALL_BODY:
+            request.content.seek(0, 0)
+            self.sender = FileSender()
+            self.sender.beginFileTransfer(request.content, upstream.transport).addErrback(lambda f: None)
+        self.timeout_call = self.resource.reactor.callLater(self.resource.request_timeout, self._timed_out)
+
+    def _small_body(self) -> bytes:
+        if not self.body_length:
+            return b""
+        content = self.request.content
+        content.seek(0, 0)
+        return content.read()
+
+    def _end_upstream(self, reusable: bool) -> None:
+        upstream, self.upstream = self.upstream, None
+        if upstream is None:
+            return
+        self.backend.active -= 1
+        if self.sender is not None:
+            self.sender.stopProducing() if self.sender.deferred and not self.sender.deferred.called else None
+            self.sender = None
+        if reusable:
+            upstream.release()
+        else:
+            upstream.reusable = False
+            upstream.handler = None
+            upstream.transport.loseConnection()
+
+    def _cancel_timeout(self) -> None:
+        if self.timeout_call is not None and self.timeout_call.active():
+            self.timeout_call.cancel()
+        self.timeout_call = None
+
+    def _timed_out(self) -> None:
+        self.timeout_call = None
+        backend = self.backend
+        backend.record_failure("response timed out")
+        log.warn(
+            "listener {listener}: backend {backend} ({address}) sent no response in {timeout} s",
+            listener=self.resource.listener_name, backend=backend.name, address=backend.address,
+            timeout=self.resource.request_timeout,
+        )
+        self._end_upstream(False)
+        self.fail(504, "Gateway Timeout", "the backend did not answer in time")
+
+    # -- the response (called by UpstreamProtocol) ----------------------------
+
+    def response_head(self, code: int, reason: bytes, headers) -> None:
+        self._cancel_timeout()
+        self.backend.record_success()
+        if self.client_gone:
+            return
+        self.responding = True
+        request = self.request
+        self.status = code
+        request.setResponseCode(code, reason or None)
+        out = request.responseHeaders
+        # Site.process set these; the backend's own (or none) replace them.
+        out.removeHeader(b"server")
+        out.removeHeader(b"date")
+        request.defaultContentType = None
+        drop = HOP_BY_HOP
+        connection = [v for n, v in headers if n.lower() == b"connection"]
+        if connection:
+            drop = drop | frozenset(t.strip().lower() for v in connection for t in v.split(b","))
+        for name, value in headers:
+            if name.lower() not in drop:
+                out.addRawHeader(name, value)
+        session = self.session
+        if session.policy is not None:
+            session.policy.remember(session, self.backend)
+        if self.upstream is not None and self.upstream.state != 7:  # a body follows
+            request.registerProducer(self.upstream.transport, True)
+
+    def response_data(self, data: bytes) -> None:
+        if self.client_gone:
+            return
+        self.bytes_sent += len(data)
+        self.request.write(data)
+
+    def response_end(self) -> None:
+        if self.client_gone:
+            self._end_upstream(False)
+            return
+        request = self.request
+        if request.producer is not None:
+            request.unregisterProducer()
+        self.backend.bytes_in += self.bytes_sent
+        self._end_upstream(True)
+        self.finish()
+
+    def response_failed(self, reason, received: bool) -> None:
+        self._cancel_timeout()
+        upstream, self.upstream = self.upstream, None
+        backend = self.backend
+        if upstream is not None:
+            backend.active -= 1
+            upstream.transport.loseConnection()
+        why = reason.getErrorMessage() if hasattr(reason, "getErrorMessage") else str(reason)
+        backend.record_failure(why)
+        if self.client_gone:
+            return
+        if self.responding:
+            # Part of the response reached the client: all we can do is cut the
+            # connection so that the client sees it incomplete.
+            log.warn(
+                "listener {listener}: backend {backend} ({address}) failed mid-response: {why}",
+                listener=self.resource.listener_name, backend=backend.name, address=backend.address, why=why,
+            )
+            request = self.request
+            if request.producer is not None:
+                request.unregisterProducer()
+            request.channel.transport.abortConnection() if request.channel is not None else None
+            self.log_access()
+            return
+        log.warn(
+            "listener {listener}: backend {backend} ({address}) failed before answering: {why}",
+            listener=self.resource.listener_name, backend=backend.name, address=backend.address, why=why,
+        )
+        if not received and self.request.method in IDEMPOTENT and not self.body_length:
+            self.start()
+        else:
+            self.fail(502, "Bad Gateway", "the backend failed to answer")
+
+    # -- ending ---------------------------------------------------------------
+
+    def fail(self, code: int, reason: str, text: str) -> None:
+        if self.client_gone or self.finished:
+            return
+        request = self.request
+        self.status = code
+        request.setResponseCode(code, reason.encode("ascii"))
+        request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
+        request.responseHeaders.removeHeader(b"server")
+        body = f"{code} {reason}: {text}\n".encode("utf-8")
+        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        request.responseHeaders.setRawHeaders(b"cache-control", [b"no-store"])
+        self.bytes_sent = len(body)
+        request.write(body)
+        self.finish()
+
+    def finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.request.finish()
+        self.log_access()
+
+    def _client_lost(self, reason) -> None:
+        self.client_gone = True
+        self._cancel_timeout()
+        if self.connector is not None:
+            self.connector.disconnect()
+            self.connector = None
+        if self.upstream is not None:
+            self._end_upstream(False)
+        if not self.finished:
+            self.finished = True
+            self.log_access(client_gone=True)
+
+    def log_access(self, client_gone: bool = False) -> None:
+        request = self.request
+        backend = self.backend
+        session = self.session
+        resource = self.resource
+        access.info(
+            "{listener} {client} {host} \"{method} {path}\" {status} -> {backend} "
+            "persistence={outcome} bytes={bytes} {duration:.3f}s{gone}",
+            listener=resource.listener_name,
+            client=session.client_ip,
+            host=request.getHeader(b"host"),
+            method=request.method,
+            path=request.uri,
+            status=self.status,
+            backend=backend.name if backend else "-",
+            outcome=session.outcome,
+            bytes=self.bytes_sent,
+            duration=resource.reactor.seconds() - self.started,
+            gone=" (client closed)" if client_gone else "",
+        )
+        stats = resource.stats
+        if stats is not None:
+            stats.request_done(backend, 0 if client_gone else self.status, session.outcome, self.bytes_sent)
+
+
+class BalancedProxyResource(Resource):
+    """
+    A twisted.web resource that proxies every request to a backend of a
+    L{BackendGroup}.
+
+    It can be mounted anywhere in a resource tree (the request URI is
+    forwarded as received) and put behind a persistence wrapper
+    (L{twisted_slb.persistence.cookies.InsertCookie},
+    L{twisted_slb.persistence.cookies.RewriteCookie},
+    L{twisted_slb.persistence.resource.PersistenceResource}).
+
+    @ivar group: the backends.
+    @ivar pool: the L{UpstreamPool} of keep-alive backend connections.
+    @ivar request_timeout: seconds a backend has to start answering.
+    @ivar tls: a L{twisted_slb.tls.ClientTLSCache}-like object with
+        C{options_for(group, tls, host)}, for groups with TLS to backends.
+    @ivar stats: an object with C{request_done(backend, status, outcome,
+        bytes)}, or L{None}.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        group: BackendGroup,
+        reactor=None,
+        pool: Optional[UpstreamPool] = None,
+        request_timeout: float = 60.0,
+        listener_name: str = "http",
+        forwarded_proto: Optional[str] = None,
+        tls=None,
+        stats=None,
+    ) -> None:
+        Resource.__init__(self)
+        if reactor is None:
+            from twisted.internet import reactor
+        self.group = group
+        self.reactor = reactor
+        self.pool = pool if pool is not None else UpstreamPool(reactor)
+        self.request_timeout = request_timeout
+        self.listener_name = listener_name
+        self.forwarded_proto = forwarded_proto
+        self.tls = tls
+        self.stats = stats
+
+    def tls_options_for(self, backend: Backend):
+        group = self.group
+        if group.tls is None:
+            return None
+        if self.tls is None:
+            from twisted_slb.tls import ClientTLSCache
+
+            self.tls = ClientTLSCache()
+        return self.tls.options_for(group.name, group.tls, backend.host)
+
+    def render(self, request: Request):
+        upgrade = request.getHeader(b"upgrade")
+        if upgrade is not None and b"upgrade" in _connection_tokens(request.requestHeaders):
+            request.setResponseCode(501, b"Not Implemented")
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            log.info(
+                "listener {listener}: refused Upgrade: {upgrade} from {client}",
+                listener=self.listener_name, upgrade=upgrade, client=request.getClientAddress(),
+            )
+            return b"501 Not Implemented: protocol upgrades are not supported by this balancer\n"
+        _Exchange(self, request).start()
+        return NOT_DONE_YET
+
+
+class _BalancerChannel(HTTPChannel):
+    """
+    An L{HTTPChannel} that answers oversized requests with the right status:
+    414 for a request line over the limit, 431 for header lines or a header
+    block over it (twisted.web answers 400, or closes silently).
+    """
+
+    def lineLengthExceeded(self, line):
+        # _receivedHeaderSize is documented in HTTPChannel's ivars; it is 0
+        # until the request line has been received.
+        first = self._receivedHeaderSize == 0
+        self._too_large(414 if first else 431, b"URI Too Long" if first else b"Request Header Fields Too Large")
+
+    def lineReceived(self, line):
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            first = self._receivedHeaderSize == 0
+            self._too_large(414 if first else 431, b"URI Too Long" if first else b"Request Header Fields Too Large")
+            return
+        if self._receivedHeaderCount >= self.maxHeaders and line:
+            self._too_large(431, b"Request Header Fields Too Large")
+            return
+        return HTTPChannel.lineReceived(self, line)
+
+    def connectionMade(self) -> None:
+        HTTPChannel.connectionMade(self)
+        self.site.channels.add(self)
+
+    def connectionLost(self, reason) -> None:
+        HTTPChannel.connectionLost(self, reason)
+        site = self.site
+        site.channels.discard(self)
+        if not site.channels:
+            site.tracker.idle()
+
+    def _too_large(self, code: int, reason: bytes) -> None:
+        log.info(
+            "request from {client} refused: {code} {reason}",
+            client=self.transport.getPeer(), code=code, reason=reason.decode("ascii"),
+        )
+        body = b"%d %s\n" % (code, reason)
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (code, reason, len(body), body)
+        )
+        self.dataReceived = lambda data: None
+        self.loseConnection()
+
+
+class BalancerSite(Site):
+    """
+    The L{Site} of a twisted_slb HTTP listener: idle keep-alive clients are
+    closed after C{client_idle_timeout}; request heads over
+    C{max_header_bytes} get 414 or 431, more than C{max_headers} header
+    lines get 431.
+    """
+
+    noisy = False
+    protocol = _BalancerChannel
+
+    def __init__(
+        self,
+        resource,
+        reactor=None,
+        client_idle_timeout: float = 60.0,
+        max_header_bytes: int = 65536,
+        max_headers: int = 100,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        Site.__init__(self, resource, reactor=reactor, timeout=client_idle_timeout)
+        self.max_header_bytes = max_header_bytes
+        self.max_headers = max_headers
+        self.channels: set = set()
+        self.tracker = IdleTracker()
+
+    def drain(self, grace: float) -> Deferred:
+        """
+        Graceful shutdown (after the port stopped listening): idle keep-alive
+        connections are closed now, busy ones after their response; those
+        still open after C{grace} seconds are closed.
+
+        @return: a L{Deferred} that fires when no connection is left.
+        """
+        for channel in list(self.channels):
+            if channel.requests:
+                channel.persistent = False
+            else:
+                channel.loseConnection()
+
+        def force() -> None:
+            for channel in list(self.channels):
+                channel.transport.abortConnection()
+
+        return self.tracker.wait(not self.channels, grace, force, self.reactor)
+
+    def log(self, request) -> None:
+        # The proxy writes its own access line (with backend and persistence).
+        pass
+
+    def buildProtocol(self, addr):
+        channel = Site.buildProtocol(self, addr)
+        channel.MAX_LENGTH = self.max_header_bytes
+        channel.totalHeadersSize = self.max_header_bytes
+        channel.maxHeaders = self.max_headers
+        return channel
