@@ -35,6 +35,8 @@ class _SwitchableFactory(ServerFactory):
     that built them.
     """
 
+    noisy = False
+
     def __init__(self, current) -> None:
         self.current = current
 

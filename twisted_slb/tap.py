@@ -25,6 +25,7 @@ class Options(usage.Options):
     )
     optFlags = [
         ["check", None, "Validate the config, print its effective settings and exit (0: valid, 1: invalid)."],
+        ["print-config", None, "Demo only: print the demo's configuration (TOML) and exit."],
     ]
     optParameters = [
         ["config", "c", None, "The TOML configuration file."],
@@ -36,10 +37,16 @@ class Options(usage.Options):
         if path is None:
             if self["check"]:
                 raise usage.UsageError("--check needs --config FILE")
+            if self["print-config"]:
+                from twisted_slb.demo import DEMO_PORT_BASE, demo_config_text
+
+                base = self["port-base"]
+                print(demo_config_text(DEMO_PORT_BASE if base is None else base), end="")
+                raise SystemExit(0)
             self["loaded"] = None
             return
-        if self["port-base"] is not None:
-            raise usage.UsageError("--port-base applies to the demo only (no --config)")
+        if self["port-base"] is not None or self["print-config"]:
+            raise usage.UsageError("--port-base and --print-config apply to the demo only (no --config)")
         try:
             config = load_config(path)
         except ConfigError as e:
