@@ -56,9 +56,11 @@ class CheckPage(Resource):
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return b"ok\n"
         cookie = (request.getHeader(b"cookie") or b"").decode("latin-1")
-        if request.getCookie(b"JSESSIONID") is None:
+        if not any(c.strip().startswith("JSESSIONID=") for c in cookie.split(";")):
             session = os.urandom(8).hex()
-            request.addCookie(b"JSESSIONID", session.encode("ascii"), path=b"/", httpOnly=True)
+            request.responseHeaders.addRawHeader(
+                b"set-cookie", b"JSESSIONID=" + session.encode("ascii") + b"; Path=/; HttpOnly"
+            )
         client = request.getClientAddress()
         client = getattr(client, "host", str(client))
         address = self.address or f"{request.getHost().host}:{request.getHost().port}"

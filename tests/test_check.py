@@ -1,0 +1,134 @@
+"""
+Tests for L{twisted_slb.check} (C{slb-check}) against real servers on
+127.0.0.1: a sticky one, one that loses persistence, one whose 302 changes
+the cookie, a refused port, and TCP listeners.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from twisted_slb.check import run
+from twisted_slb.demo import EchoNameFactory
+
+
+class Sticky(Resource):
+    """Sets SERVERID on the first visit and always answers backend a."""
+
+    isLeaf = True
+
+    def render(self, request):
+        if request.getCookie(b"SERVERID") is None:
+            request.responseHeaders.addRawHeader(b"set-cookie", b"SERVERID=aaaa; Path=/")
+        return b"backend=a\n"
+
+
+class Alternating(Resource):
+    """No persistence: backends a and b in turn."""
+
+    isLeaf = True
+    count = 0
+
+    def render(self, request):
+        self.count += 1
+        return b"backend=%s\n" % (b"ab"[self.count % 2:][:1],)
+
+
+class RedirectRepins(Resource):
+    """Sticky, but the third request answers 302 with a new SERVERID."""
+
+    isLeaf = True
+    count = 0
+
+    def render(self, request):
+        self.count += 1
+        if self.count == 1:
+            request.responseHeaders.addRawHeader(b"set-cookie", b"SERVERID=aaaa")
+            return b"page\n"
+        if self.count == 3:
+            request.setResponseCode(302)
+            request.responseHeaders.addRawHeader(b"set-cookie", b"SERVERID=bbbb")
+            return b"moved\n"
+        return b"page\n"
+
+
+class CheckTests(TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def serve(self, resource) -> str:
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(resource))
+        self.addCleanup(port.stopListening)
+        return f"http://127.0.0.1:{port.getHost().port}/"
+
+    @defer.inlineCallbacks
+    def check(self, *argv):
+        out, err = io.StringIO(), io.StringIO()
+        code = yield run(list(argv), reactor, out, err)
+        return code, out.getvalue(), err.getvalue()
+
+    @defer.inlineCallbacks
+    def test_persistentExitsZero(self):
+        url = yield self.serve(Sticky())
+        code, out, _ = yield self.check(url, "-n", "5")
+        self.assertEqual(code, 0)
+        self.assertIn("persistent: 5/5 on backend a", out)
+
+    @defer.inlineCallbacks
+    def test_brokenPersistenceExitsOne(self):
+        url = yield self.serve(Alternating())
+        code, out, _ = yield self.check(url, "-n", "4")
+        self.assertEqual(code, 1)
+        self.assertIn("no persistence cookie was set by the first response", out)
+
+    @defer.inlineCallbacks
+    def test_redirectThatChangesTheCookieIsNamed(self):
+        """The verdict names the 302 that set a new cookie (the FAQ's case)."""
+        url = yield self.serve(RedirectRepins())
+        code, out, _ = yield self.check(url, "-n", "4", "--cookie", "SERVERID")
+        self.assertEqual(code, 1)
+        self.assertIn("request 2: backend changed aaaa -> bbbb: the response (status 302) set a new SERVERID", out)
+
+    @defer.inlineCallbacks
+    def test_matchNamesTheBackend(self):
+        url = yield self.serve(Sticky())
+        code, out, _ = yield self.check(url, "-n", "2", "--match", r"backend=(\w)")
+        self.assertEqual(code, 0)
+        self.assertIn("on backend a", out)
+
+    @defer.inlineCallbacks
+    def test_json(self):
+        url = yield self.serve(Sticky())
+        code, out, _ = yield self.check(url, "-n", "3", "--json")
+        doc = json.loads(out)
+        self.assertEqual((code, doc["persistent"], len(doc["requests"])), (0, True, 4))
+
+    @defer.inlineCallbacks
+    def test_connectionRefusedExitsTwo(self):
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(Sticky()))
+        number = port.getHost().port
+        yield port.stopListening()
+        code, _, err = yield self.check(f"http://127.0.0.1:{number}/", "-n", "1")
+        self.assertEqual(code, 2)
+        self.assertIn("refused", err)
+
+    @defer.inlineCallbacks
+    def test_usageErrorExitsTwo(self):
+        code, _, err = yield self.check("-n", "3")
+        self.assertEqual(code, 2)
+        self.assertIn("give a URL", err)
+
+    @defer.inlineCallbacks
+    def test_tcpFromSourceAddress(self):
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(EchoNameFactory("c"))
+        self.addCleanup(port.stopListening)
+        code, out, _ = yield self.check("--tcp", f"127.0.0.1:{port.getHost().port}", "--source", "127.0.0.5", "-n", "3")
+        self.assertEqual(code, 0)
+        self.assertIn("persistent: 3/3 on backend c", out)

@@ -1,0 +1,98 @@
+"""
+Tests for L{twisted_slb.demo}: the check page, the TCP echo, the demo
+configuration, the port check, and the default run end to end.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.internet import defer, reactor
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.test.requesthelper import DummyRequest
+
+from twisted_slb.config import parse_config
+from twisted_slb.demo import (
+    CheckPage,
+    EchoNameFactory,
+    PortTaken,
+    check_ports_free,
+    demo_banner,
+    demo_config_text,
+    demo_layout,
+)
+
+
+class CheckPageTests(SynchronousTestCase):
+    def render(self, path=b"/", accept=None, cookie=None):
+        request = DummyRequest([path.lstrip(b"/")])
+        request.path = path
+        if accept:
+            request.requestHeaders.addRawHeader(b"accept", accept)
+        if cookie:
+            request.requestHeaders.addRawHeader(b"cookie", cookie)
+        body = CheckPage("a", "127.0.0.1:9001").render(request)
+        return request, body
+
+    def test_plainTextForCurl(self):
+        """curl gets one greppable line with the name and address."""
+        _, body = self.render()
+        self.assertTrue(body.startswith(b"backend=a address=127.0.0.1:9001 "))
+
+    def test_htmlForBrowsers(self):
+        request, body = self.render(accept=b"text/html")
+        self.assertIn(b"<b>a</b>", body)
+        self.assertIn(b"text/html", request.responseHeaders.getRawHeaders(b"content-type")[0])
+
+    def test_healthIsOk(self):
+        _, body = self.render(b"/health")
+        self.assertEqual(body, b"ok\n")
+
+    def test_setsSessionCookieOnlyWhenAbsent(self):
+        """Like a Java app: a JSESSIONID for new visitors only."""
+        request, _ = self.render()
+        set_cookies = request.responseHeaders.getRawHeaders(b"set-cookie")
+        self.assertTrue(set_cookies[0].startswith(b"JSESSIONID="))
+        request, body = self.render(cookie=b"JSESSIONID=abc")
+        self.assertIsNone(request.responseHeaders.getRawHeaders(b"set-cookie"))
+        self.assertIn(b"cookie=JSESSIONID=abc", body)
+
+
+class EchoTests(SynchronousTestCase):
+    def test_saysItsNameThenEchoes(self):
+        proto = EchoNameFactory("b").buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(b"hello\n")
+        self.assertEqual(transport.value(), b"backend=b\nhello\n")
+
+
+class LayoutTests(SynchronousTestCase):
+    def test_configLoads(self):
+        """The demo's configuration is a valid config with the three modes."""
+        config = parse_config(demo_config_text(9000), path="<demo>")
+        kinds = {name: l.persistence.type for name, l in config.listeners.items()}
+        self.assertEqual(kinds, {"insert": "insert_cookie", "rewrite": "rewrite_cookie", "tcp": "source_ip"})
+        self.assertEqual(config.listeners["insert"].bind, "tcp:9000:interface=127.0.0.1")
+
+    def test_bannerShowsTheCurlWalkThrough(self):
+        banner = demo_banner(9000)
+        self.assertIn("curl -c jar http://127.0.0.1:9000/", banner)
+        self.assertIn("curl -b jar http://127.0.0.1:9000/", banner)
+        self.assertIn("slb-check http://127.0.0.1:9000/ -n 30", banner)
+
+    def test_takenPortIsNamed(self):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        self.addCleanup(s.close)
+        port = s.getsockname()[1]
+        with self.assertRaises(PortTaken) as cm:
+            check_ports_free([port])
+        self.assertIn(str(port), str(cm.exception))
+        self.assertIn("--port-base", str(cm.exception))
+
+    def test_portsDoNotOverlap(self):
+        ports = demo_layout(8080).ports
+        self.assertEqual(len(ports), len(set(ports)))
