@@ -211,6 +211,9 @@ class BalancerService(MultiService):
         self.groups: Dict[str, BackendGroup] = {}
         self.stick_tables: Dict[str, object] = {}
         self.pool = None
+        from twisted_slb.tls import ClientTLSCache
+
+        self.client_tls = ClientTLSCache()
         certificates = self._load_certificates(config)
         self._update_groups(config)
         for listener in config.listeners.values():
@@ -226,7 +229,7 @@ class BalancerService(MultiService):
 
         def close_pool(result):
             if self.pool is not None:
-                self.pool.close()
+                return self.pool.close().addCallback(lambda _: result)
             return result
 
         return d.addBoth(close_pool)
@@ -242,6 +245,10 @@ class BalancerService(MultiService):
                 group.update(group_config)
         for name in [n for n in self.groups if n not in config.backends]:
             del self.groups[name]
+        for name, group_config in config.backends.items():
+            if group_config.tls is not None:
+                # Loads the CA file and warns (once) about verify = false.
+                self.client_tls.prepare(name, group_config.tls)
 
     def _load_certificates(self, config: Config) -> Dict[str, object]:
         """
@@ -310,6 +317,7 @@ class BalancerService(MultiService):
             pool=self._upstream_pool(),
             request_timeout=listener.request_timeout,
             listener_name=listener.name,
+            tls=self.client_tls,
         )
         if persistence is None:
             return proxy

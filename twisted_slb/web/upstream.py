@@ -17,7 +17,10 @@ from typing import Dict, List, Optional, Tuple
 
 from twisted.internet import error
 from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+
+from twisted_slb.shutdown import IdleTracker
 
 log = Logger(namespace="twisted_slb.upstream")
 
@@ -324,8 +327,8 @@ class UpstreamPool:
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self.idle: Dict[tuple, List[UpstreamProtocol]] = {}
-        self.connecting: set = set()
         self.all: set = set()
+        self._closed = IdleTracker()
 
     def get(self, backend, connect_timeout: float, ready, failed, tls_options=None):
         """
@@ -374,13 +377,23 @@ class UpstreamPool:
         idle = self.idle.get(proto.key)
         if idle and proto in idle:
             idle.remove(proto)
+        if not self.all:
+            self._closed.idle()
 
-    def close(self) -> None:
-        """Close every connection (idle and busy)."""
+    def close(self) -> Deferred:
+        """
+        Close every connection (idle and busy) at once.
+
+        @return: a L{Deferred} that fires when they are all closed.
+        """
         for proto in list(self.all):
             proto.reusable = False
-            proto.transport.loseConnection()
+            if proto.idle_call is not None and proto.idle_call.active():
+                proto.idle_call.cancel()
+            proto.idle_call = None
+            proto.transport.abortConnection()
         self.idle.clear()
+        return self._closed.wait(not self.all, 0, lambda: None, self.reactor)
 
 
 class _ReadyProtocol(UpstreamProtocol):
