@@ -237,14 +237,21 @@ class BalancerService(MultiService):
     # -- building ----------------------------------------------------------
 
     def _update_groups(self, config: Config) -> None:
+        from twisted_slb.health import HealthMonitor
+
         for name, group_config in config.backends.items():
             group = self.groups.get(name)
             if group is None:
-                self.groups[name] = BackendGroup.from_config(group_config)
+                group = self.groups[name] = BackendGroup.from_config(group_config)
+                monitor = HealthMonitor(group, group_config.health_check, reactor=self.reactor)
+                monitor.setName(f"health:{name}")
+                monitor.setServiceParent(self)
             else:
                 group.update(group_config)
+                self.getServiceNamed(f"health:{name}").update(group, group_config.health_check)
         for name in [n for n in self.groups if n not in config.backends]:
             del self.groups[name]
+            self.removeService(self.getServiceNamed(f"health:{name}"))
         for name, group_config in config.backends.items():
             if group_config.tls is not None:
                 # Loads the CA file and warns (once) about verify = false.
