@@ -19,8 +19,12 @@ from twisted.logger import Logger
 
 from twisted_slb.backends import BackendGroup
 from twisted_slb.config import Config, ConfigError, ListenerConfig, load_config
+from twisted_slb.stats import StatsRegistry
 
 log = Logger(namespace="twisted_slb.service")
+
+#: The service name of the admin listener (no configured listener can have it).
+ADMIN = "[admin]"
 
 
 class ListenFailed(Exception):
@@ -214,9 +218,10 @@ class BalancerService(MultiService):
         from twisted_slb.tls import ClientTLSCache
 
         self.client_tls = ClientTLSCache()
+        self.stats = StatsRegistry(self.groups)
         certificates = self._load_certificates(config)
         self._update_groups(config)
-        for listener in config.listeners.values():
+        for listener in self._listener_configs(config):
             factory = self._build_factory(listener, certificates)
             service = ListenerService(listener, factory, reactor, adopt=self.adopted.get(listener.name))
             service.grace_period = config.grace_period
@@ -274,7 +279,18 @@ class BalancerService(MultiService):
             if listener.protocol == "https"
         }
 
+    def _listener_configs(self, config: Config):
+        """The listeners of C{config}, the admin listener included."""
+        listeners = list(config.listeners.values())
+        if config.admin is not None:
+            listeners.append(ListenerConfig(name=ADMIN, protocol="admin", bind=config.admin.bind))
+        return listeners
+
     def _build_factory(self, listener: ListenerConfig, certificates: Dict[str, object]):
+        if listener.protocol == "admin":
+            from twisted_slb.admin import admin_site
+
+            return admin_site(self.stats, self.config.admin.token)
         if listener.protocol == "tcp":
             return self._build_tcp(listener)
         site = self._build_site(listener)
@@ -304,14 +320,18 @@ class BalancerService(MultiService):
         policy = None
         if listener.persistence is not None:
             policy = self._source_ip_policy(f"{listener.name}/{listener.backends}", listener.persistence)
-        return TCPBalancerFactory(
+        stats = self.stats.for_listener(listener.name, "tcp")
+        factory = TCPBalancerFactory(
             self.groups[listener.backends],
             policy=policy,
             reactor=self.reactor,
             idle_timeout=listener.idle_timeout,
             proxy_protocol=listener.proxy_protocol,
             listener_name=listener.name,
+            stats=stats,
         )
+        stats.active_source = lambda: factory.active
+        return factory
 
     def _build_route(self, listener: ListenerConfig, group_name: str, persistence):
         from twisted_slb.persistence.cookies import InsertCookie, RewriteCookie
@@ -325,6 +345,7 @@ class BalancerService(MultiService):
             request_timeout=listener.request_timeout,
             listener_name=listener.name,
             tls=self.client_tls,
+            stats=self.stats.for_listener(listener.name, listener.protocol),
         )
         if persistence is None:
             return proxy
@@ -365,13 +386,16 @@ class BalancerService(MultiService):
     def _build_site(self, listener: ListenerConfig):
         from twisted_slb.web.proxy import BalancerSite
 
-        return BalancerSite(
+        site = BalancerSite(
             self._build_resource(listener),
             reactor=self.reactor,
             client_idle_timeout=listener.client_idle_timeout,
             max_header_bytes=listener.max_header_bytes,
             max_headers=listener.max_headers,
         )
+        stats = site.stats = self.stats.for_listener(listener.name, listener.protocol)
+        stats.active_source = lambda: len(site.channels)
+        return site
 
     def _wrap_tls(self, listener: ListenerConfig, site, certificates):
         from twisted_slb.tls import SNIServerOptions, server_tls_factory
@@ -403,11 +427,12 @@ class BalancerService(MultiService):
         self.config = config
         current = {s.name: s for s in list(self) if isinstance(s, ListenerService)}
         for name, service in current.items():
-            new = config.listeners.get(name)
+            new = {l.name: l for l in self._listener_configs(config)}.get(name)
             if new is None or new.bind != service.config.bind:
                 log.info("listener {listener} removed or moved: closing its port", listener=name)
                 self.removeService(service)
-        for listener in config.listeners.values():
+        self.stats.retain(config.listeners)
+        for listener in self._listener_configs(config):
             factory = self._build_factory(listener, certificates)
             service = self.namedServices.get(listener.name)
             if service is None:

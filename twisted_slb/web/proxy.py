@@ -489,6 +489,7 @@ class BalancerSite(Site):
         self.max_headers = max_headers
         self.channels: set = set()
         self.tracker = IdleTracker()
+        self.stats = None
 
     def drain(self, grace: float) -> Deferred:
         """
@@ -516,6 +517,8 @@ class BalancerSite(Site):
 
     def buildProtocol(self, addr):
         channel = Site.buildProtocol(self, addr)
+        if self.stats is not None:
+            self.stats.connections_total += 1
         channel.MAX_LENGTH = self.max_header_bytes
         channel.totalHeadersSize = self.max_header_bytes
         channel.maxHeaders = self.max_headers

@@ -1,0 +1,125 @@
+"""
+Counters of every listener, read by the admin listener.
+
+The proxies call L{ListenerStats.request_done} (HTTP, once per request) and
+L{ListenerStats.connection_done} (TCP, once per connection); both are a few
+integer increments.  Backend counters (active, total, failures, bytes) live on
+the L{twisted_slb.backends.Backend} objects themselves, and health results in
+C{backend.extra["health"]}; L{StatsRegistry.snapshot} puts it all together.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional, Tuple
+
+OUTCOMES = ("hit", "new", "repin", "none")
+
+
+class ListenerStats:
+    """
+    @ivar requests: (backend name, status code) -> count; status 0 is a
+        request whose client left before the response.
+    @ivar persistence: outcome -> count.
+    """
+
+    def __init__(self, name: str, protocol: str) -> None:
+        self.name = name
+        self.protocol = protocol
+        self.connections_total = 0
+        self.requests: Dict[Tuple[str, int], int] = {}
+        self.persistence: Dict[str, int] = dict.fromkeys(OUTCOMES, 0)
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.active_source = None  # a callable giving open connections now
+
+    @property
+    def active(self) -> int:
+        return self.active_source() if self.active_source is not None else 0
+
+    def request_done(self, backend, status: int, outcome: str, bytes_sent: int) -> None:
+        key = (backend.name if backend is not None else "-", status)
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
+        self.persistence[outcome] = self.persistence.get(outcome, 0) + 1
+        self.bytes_out += bytes_sent
+
+    def connection_done(self, backend, outcome: str, bytes_in: int, bytes_out: int) -> None:
+        self.connections_total += 1
+        self.persistence[outcome] = self.persistence.get(outcome, 0) + 1
+        self.bytes_in += bytes_in
+        self.bytes_out += bytes_out
+
+    def by_class(self) -> Dict[str, int]:
+        """Requests by status class: C{{"2xx": 10, "4xx": 1, ...}}."""
+        out: Dict[str, int] = {}
+        for (_, status), count in self.requests.items():
+            key = f"{status // 100}xx" if status else "no response"
+            out[key] = out.get(key, 0) + count
+        return out
+
+    def snapshot(self) -> dict:
+        return {
+            "name": self.name,
+            "protocol": self.protocol,
+            "active_connections": self.active,
+            "connections_total": self.connections_total,
+            "requests_total": sum(self.requests.values()) if self.protocol != "tcp" else 0,
+            "requests_by_class": self.by_class() if self.protocol != "tcp" else {},
+            "persistence": dict(self.persistence),
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+        }
+
+
+class StatsRegistry:
+    """
+    Every listener's L{ListenerStats} (kept across reloads) and the backend
+    groups, for the admin listener.
+    """
+
+    def __init__(self, groups: Optional[Mapping[str, object]] = None) -> None:
+        self.listeners: Dict[str, ListenerStats] = {}
+        self.groups = groups if groups is not None else {}
+
+    def for_listener(self, name: str, protocol: str) -> ListenerStats:
+        stats = self.listeners.get(name)
+        if stats is None or stats.protocol != protocol:
+            stats = self.listeners[name] = ListenerStats(name, protocol)
+        return stats
+
+    def retain(self, names) -> None:
+        """Forget listeners that are gone after a reload."""
+        for name in [n for n in self.listeners if n not in names]:
+            del self.listeners[name]
+
+    def snapshot(self) -> dict:
+        groups = []
+        for group in self.groups.values():
+            backends = []
+            for b in group.backends:
+                health = b.extra.get("health")
+                backends.append({
+                    "name": b.name,
+                    "address": b.address,
+                    "id": b.id,
+                    "state": b.state,
+                    "weight": b.weight,
+                    "active": b.active,
+                    "total": b.total,
+                    "failures": b.failures,
+                    "bytes_in": b.bytes_in,
+                    "bytes_out": b.bytes_out,
+                    "health": None if health is None else {
+                        "last_status": health.last_status,
+                        "last_reason": health.last_reason,
+                        "last_check": health.last_check,
+                        "consecutive_successes": health.consecutive_successes,
+                        "consecutive_failures": health.consecutive_failures,
+                        "down_by": health.down_by,
+                    },
+                })
+            groups.append({"name": group.name, "scheduler": group.scheduler.name, "backends": backends})
+        return {
+            "listeners": [s.snapshot() for s in self.listeners.values()],
+            "groups": groups,
+        }
