@@ -411,3 +411,47 @@ class ReloadTests(ServiceTestCase):
         self.assertNotIn("app", self.service.namedServices)
         code, _, _ = yield self.get(self.agent(), self.url + "/")
         self.assertEqual(code, 200)
+
+
+class SlowPage(Resource):
+    """Answers when told to."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        Resource.__init__(self)
+        self.waiting: List = []
+        self.arrived: defer.Deferred = defer.Deferred()
+
+    def render(self, request):
+        self.waiting.append(request)
+        self.arrived.callback(None)
+        from twisted.web.server import NOT_DONE_YET
+
+        return NOT_DONE_YET
+
+
+class GracefulShutdownTests(ServiceTestCase):
+    @defer.inlineCallbacks
+    def test_inFlightRequestFinishes(self):
+        """
+        Stopping the service stops accepting at once but lets the request
+        in flight finish; the stop completes after it.
+        """
+        page = SlowPage()
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(page))
+        self.addCleanup(port.stopListening)
+        text = HTTP_CONFIG.format(a=port.getHost().port, b=port.getHost().port, c=port.getHost().port)
+        service = BalancerService(load_config(self.write_config(text)), reactor)
+        service.startService()
+        url = f"http://127.0.0.1:{self.port_of(service, 'web')}/"
+        response = self.agent().request(b"GET", url.encode())
+        yield page.arrived
+        stopped = service.stopService()
+        self.assertFalse(stopped.called)
+        page.waiting[0].write(b"done")
+        page.waiting[0].finish()
+        response = yield response
+        body = yield readBody(response)
+        self.assertEqual(body, b"done")
+        yield stopped
