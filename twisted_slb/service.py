@@ -329,6 +329,7 @@ class BalancerService(MultiService):
             proxy_protocol=listener.proxy_protocol,
             listener_name=listener.name,
             stats=stats,
+            max_connections=listener.max_connections,
         )
         stats.active_source = lambda: factory.active
         return factory
@@ -392,6 +393,9 @@ class BalancerService(MultiService):
             client_idle_timeout=listener.client_idle_timeout,
             max_header_bytes=listener.max_header_bytes,
             max_headers=listener.max_headers,
+            max_connections=listener.max_connections,
+            max_connections_per_ip=listener.max_connections_per_ip,
+            listener_name=listener.name,
         )
         stats = site.stats = self.stats.for_listener(listener.name, listener.protocol)
         stats.active_source = lambda: len(site.channels)

@@ -338,6 +338,7 @@ class TCPBalancerFactory(ServerFactory):
         proxy_protocol: Optional[str] = None,
         listener_name: str = "tcp",
         stats=None,
+        max_connections: int = 0,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -354,8 +355,23 @@ class TCPBalancerFactory(ServerFactory):
         self.total = 0
         self.connections: Set[TCPBalancerProtocol] = set()
         self.tracker = IdleTracker()
+        self.max_connections = max_connections
+        self.refusing = False
 
-    def buildProtocol(self, addr) -> TCPBalancerProtocol:
+    def buildProtocol(self, addr) -> Optional[TCPBalancerProtocol]:
+        if self.max_connections and self.active >= self.max_connections:
+            # None makes the port close the new connection at once.  Logged
+            # when the limit is reached, not for every refused client.
+            if not self.refusing:
+                self.refusing = True
+                log.warn(
+                    "listener {listener}: {limit} connections open (max_connections): refusing new ones",
+                    listener=self.listener_name, limit=self.max_connections,
+                )
+            return None
+        if self.refusing:
+            self.refusing = False
+            log.info("listener {listener}: accepting connections again", listener=self.listener_name)
         return TCPBalancerProtocol(self)
 
     def drain(self, grace: float) -> Deferred:

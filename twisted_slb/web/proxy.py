@@ -16,10 +16,11 @@ C{request_timeout}).
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.web.http import HTTPChannel
@@ -438,6 +439,8 @@ class _BalancerChannel(HTTPChannel):
             return
         return HTTPChannel.lineReceived(self, line)
 
+    client_ip = None
+
     def connectionMade(self) -> None:
         HTTPChannel.connectionMade(self)
         self.site.channels.add(self)
@@ -446,6 +449,8 @@ class _BalancerChannel(HTTPChannel):
         HTTPChannel.connectionLost(self, reason)
         site = self.site
         site.channels.discard(self)
+        if self.client_ip is not None:
+            site.release_ip(self.client_ip)
         if not site.channels:
             site.tracker.idle()
 
@@ -463,12 +468,26 @@ class _BalancerChannel(HTTPChannel):
         self.loseConnection()
 
 
+class _TooManyConnections(Protocol):
+    """Answers 429 to a client over its connection limit, and closes."""
+
+    def connectionMade(self) -> None:
+        body = b"429 Too Many Requests: too many connections from your address\n"
+        self.transport.write(
+            b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.transport.loseConnection()
+
+
 class BalancerSite(Site):
     """
     The L{Site} of a twisted_slb HTTP listener: idle keep-alive clients are
     closed after C{client_idle_timeout}; request heads over
     C{max_header_bytes} get 414 or 431, more than C{max_headers} header
-    lines get 431.
+    lines get 431.  Over C{max_connections} open connections, new ones are
+    closed at once; a client address over C{max_connections_per_ip} gets 429
+    and a close.  (0: no limit.)
     """
 
     noisy = False
@@ -481,10 +500,18 @@ class BalancerSite(Site):
         client_idle_timeout: float = 60.0,
         max_header_bytes: int = 65536,
         max_headers: int = 100,
+        max_connections: int = 0,
+        max_connections_per_ip: int = 0,
+        listener_name: str = "http",
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
         Site.__init__(self, resource, reactor=reactor, timeout=client_idle_timeout)
+        self.max_connections = max_connections
+        self.max_connections_per_ip = max_connections_per_ip
+        self.listener_name = listener_name
+        self.per_ip: Dict[str, int] = {}
+        self.refusing = False
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
         self.channels: set = set()
@@ -515,8 +542,34 @@ class BalancerSite(Site):
         # The proxy writes its own access line (with backend and persistence).
         pass
 
+    def release_ip(self, ip: str) -> None:
+        n = self.per_ip.get(ip, 0) - 1
+        if n > 0:
+            self.per_ip[ip] = n
+        else:
+            self.per_ip.pop(ip, None)
+
     def buildProtocol(self, addr):
+        if self.max_connections and len(self.channels) >= self.max_connections:
+            if not self.refusing:
+                self.refusing = True
+                log.warn(
+                    "listener {listener}: {limit} connections open (max_connections): refusing new ones",
+                    listener=self.listener_name, limit=self.max_connections,
+                )
+            return None
+        self.refusing = False
+        ip = getattr(addr, "host", None)
+        if self.max_connections_per_ip and ip is not None:
+            if self.per_ip.get(ip, 0) >= self.max_connections_per_ip:
+                log.info("listener {listener}: client {client} over max_connections_per_ip ({limit}): 429",
+                         listener=self.listener_name, client=ip, limit=self.max_connections_per_ip)
+                return _TooManyConnections()
+            self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        else:
+            ip = None
         channel = Site.buildProtocol(self, addr)
+        channel.client_ip = ip
         if self.stats is not None:
             self.stats.connections_total += 1
         channel.MAX_LENGTH = self.max_header_bytes

@@ -1,0 +1,70 @@
+"""
+Connection limits: C{max_connections} on TCP and HTTP listeners and
+C{max_connections_per_ip} on HTTP listeners.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+
+from twisted_slb.backends import Backend, BackendGroup
+from twisted_slb.tcp import TCPBalancerFactory
+from twisted_slb.web.proxy import BalancerSite
+
+
+def addr(host: str, port: int = 5000) -> IPv4Address:
+    return IPv4Address("TCP", host, port)
+
+
+class TCPLimitTests(SynchronousTestCase):
+    def test_overTheLimitIsRefused(self):
+        reactor = MemoryReactorClock()
+        factory = TCPBalancerFactory(
+            BackendGroup("g", [Backend("a", "127.0.0.1", 1)]), reactor=reactor, max_connections=2
+        )
+        protocols = []
+        for i in range(2):
+            proto = factory.buildProtocol(addr("127.0.0.2"))
+            proto.makeConnection(StringTransport(peerAddress=addr("127.0.0.2")))
+            protocols.append(proto)
+        self.assertIsNone(factory.buildProtocol(addr("127.0.0.3")))
+        protocols[0].connectionLost(None)
+        self.assertIsNotNone(factory.buildProtocol(addr("127.0.0.3")))
+
+
+class HTTPLimitTests(SynchronousTestCase):
+    def site(self, **kwargs) -> BalancerSite:
+        return BalancerSite(Resource(), reactor=MemoryReactorClock(), **kwargs)
+
+    def connect(self, site, host):
+        proto = site.buildProtocol(addr(host))
+        if proto is None:
+            return None, None
+        transport = StringTransport(peerAddress=addr(host))
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def test_maxConnections(self):
+        site = self.site(max_connections=2)
+        first, _ = self.connect(site, "127.0.0.2")
+        self.connect(site, "127.0.0.3")
+        self.assertEqual(self.connect(site, "127.0.0.4"), (None, None))
+        first.connectionLost(None)
+        self.assertIsNotNone(self.connect(site, "127.0.0.4")[0])
+
+    def test_perClientAddressGets429(self):
+        site = self.site(max_connections_per_ip=2)
+        first, _ = self.connect(site, "127.0.0.2")
+        self.connect(site, "127.0.0.2")
+        _, transport = self.connect(site, "127.0.0.2")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 429 Too Many Requests\r\n"))
+        self.assertTrue(transport.disconnecting)
+        # Another address is not affected, and a freed slot is usable again.
+        _, other = self.connect(site, "127.0.0.3")
+        self.assertEqual(other.value(), b"")
+        first.connectionLost(None)
+        _, again = self.connect(site, "127.0.0.2")
+        self.assertEqual(again.value(), b"")
