@@ -279,7 +279,8 @@ class BalancerService(MultiService):
             if listener.protocol == "https"
         }
 
-    def _listener_configs(self, config: Config):
+    @staticmethod
+    def _listener_configs(config: Config):
         """The listeners of C{config}, the admin listener included."""
         listeners = list(config.listeners.values())
         if config.admin is not None:

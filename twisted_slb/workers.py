@@ -40,6 +40,8 @@ log = Logger(namespace="twisted_slb.workers")
 class _NeverAccepts(ServerFactory):
     """The parent's factory: its ports never read, so this never builds."""
 
+    noisy = False
+
     def buildProtocol(self, addr):  # pragma: no cover - the port is not read
         return None
 
@@ -88,8 +90,14 @@ class WorkerPoolService(Service):
 
     # -- sockets -----------------------------------------------------------
 
+    @staticmethod
+    def _listeners(config: Config):
+        from twisted_slb.service import BalancerService
+
+        return BalancerService._listener_configs(config)
+
     def _open_sockets(self, config: Config) -> None:
-        for listener in config.listeners.values():
+        for listener in self._listeners(config):
             if listener.bind in self.ports:
                 continue
             failures: list = []
@@ -104,7 +112,7 @@ class WorkerPoolService(Service):
             self.ports[listener.bind].stopReading()
 
     def _close_unused_sockets(self) -> None:
-        binds = {listener.bind for listener in self.config.listeners.values()}
+        binds = {listener.bind for listener in self._listeners(self.config)}
         for bind in [b for b in self.ports if b not in binds]:
             self.ports.pop(bind).stopListening()
 
@@ -113,7 +121,7 @@ class WorkerPoolService(Service):
     def _spawn(self, index: int) -> None:
         args = [self.python, "-m", "twisted_slb.workers", "--config", self.config.path, "--index", str(index)]
         child_fds: Dict[int, object] = {0: "w", 1: 1, 2: 2}
-        for listener in self.config.listeners.values():
+        for listener in self._listeners(self.config):
             port = self.ports[listener.bind]
             fd = port.fileno()
             child_fds[fd] = fd
@@ -171,8 +179,8 @@ class WorkerPoolService(Service):
         except (ConfigError, SystemExit) as e:
             log.error("reload failed, keeping the running configuration: {error}", error=str(e))
             return False
-        same = {(l.name, l.bind) for l in config.listeners.values()} == {
-            (l.name, l.bind) for l in self.config.listeners.values()
+        same = {(l.name, l.bind) for l in self._listeners(config)} == {
+            (l.name, l.bind) for l in self._listeners(self.config)
         }
         self.config = config
         if same and len(self.workers) == config.workers:
