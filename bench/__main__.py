@@ -179,7 +179,7 @@ http {{ keepalive_requests 1000000; client_body_temp_path {self.tmp}; proxy_temp
             f.write(
                 f"""global
     nbthread 1
-    maxconn 50000
+    maxconn 9900
 defaults
     timeout connect 5s
     timeout client 60s
@@ -231,12 +231,14 @@ servers = [ {{ name = "a", address = "127.0.0.1:{a}" }}, {{ name = "b", address 
 
 [listeners.http]
 protocol = "http"
+access_log = false
 bind = "tcp:{self.slb['http']}:interface=127.0.0.1:backlog=4096"
 backends = "web"
 persistence = {{ type = "insert_cookie", timeout = 3600 }}
 
 [listeners.https]
 protocol = "https"
+access_log = false
 bind = "tcp:{self.slb['https']}:interface=127.0.0.1:backlog=4096"
 backends = "web"
 persistence = {{ type = "insert_cookie", timeout = 3600 }}
@@ -244,6 +246,7 @@ certificates = [ {{ cert = "{self.cert}", key = "{self.key}" }} ]
 
 [listeners.tcp]
 protocol = "tcp"
+access_log = false
 bind = "tcp:{self.slb['tcp']}:interface=127.0.0.1:backlog=4096"
 backends = "web"
 persistence = {{ type = "source_ip", timeout = 1000 }}
@@ -267,7 +270,7 @@ persistence = {{ type = "source_ip", timeout = 1000 }}
 
 
 def wrk(url: str, duration: float, connections: int = 50, close: bool = False) -> Dict[str, float]:
-    argv = [tool("wrk"), "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url]
+    argv = [tool("wrk"), "-t1", f"-c{connections}", f"-d{max(1, int(duration))}s", "--latency", url]
     if close:
         argv[1:1] = ["-H", "Connection: close"]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60).stdout
@@ -298,10 +301,6 @@ def bulk(url: str, timeout: float) -> Dict[str, float]:
 
 def idle_connections(port: int, pid: int, count: int) -> Dict[str, float]:
     """RSS of C{pid} before and with C{count} idle client connections to C{port}."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, count + 1000)), hard))
     before = rss_kb(pid)
     socks = []
     try:
@@ -342,6 +341,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.quick:
         args.duration, args.runs, args.bulk_mb, args.idle = 1.0, 1, 8, 100
     ensure_tools()
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the servers we start
     only = set(filter(None, args.only.split(",")))
     rows: List[dict] = []
     tmp = tempfile.mkdtemp(prefix="slb-bench-")
@@ -388,10 +391,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not only or "memory" in only:
             row = {"workload": "memory_idle", "title": f"RSS with {args.idle} idle connections (MB)", "unit": "rss_mb"}
             row["twisted_slb"] = idle_connections(setup.slb["http"], setup.slb_pid, args.idle)
-            row["haproxy"] = idle_connections(setup.ha["http"], setup.ha_pid, args.idle)
+            # HAProxy's maxconn must fit the descriptor limit here (9900).
+            row["haproxy"] = idle_connections(setup.ha["http"], setup.ha_pid, min(args.idle, 9000))
             row["ratio"] = row["twisted_slb"]["rss_mb"] / max(row["haproxy"]["rss_mb"], 0.001)
             rows.append(row)
             print(f"{row['title']:48} slb {row['twisted_slb']['rss_mb']:10.1f}  haproxy {row['haproxy']['rss_mb']:10.1f}", flush=True)
+    except Exception:
+        for name in ("haproxy.log", "nginx.log", "slb.log"):
+            path = os.path.join(tmp, name)
+            if os.path.exists(path):
+                with open(path, errors="replace") as f:
+                    tail = f.read()[-2000:]
+                print(f"--- {name} ---\n{tail}", file=sys.stderr)
+        raise
     finally:
         setup.stop()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -455,3 +455,34 @@ class GracefulShutdownTests(ServiceTestCase):
         body = yield readBody(response)
         self.assertEqual(body, b"done")
         yield stopped
+
+
+class AccessLogTests(ServiceTestCase):
+    @defer.inlineCallbacks
+    def run_one(self, access_log: str):
+        from twisted.logger import globalLogPublisher
+
+        port, _ = yield self.start_http_backend("a")
+        events = []
+        observer = lambda e: events.append(e) if e.get("log_namespace") == "twisted_slb.access" else None
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        text = HTTP_CONFIG.format(a=port.getHost().port, b=port.getHost().port, c=port.getHost().port)
+        text = text.replace('[listeners.web]\n', f"[listeners.web]\naccess_log = {access_log}\n")
+        service = self.start_balancer(text)
+        yield self.get(self.agent(), f"http://127.0.0.1:{self.port_of(service, 'web')}/x?y=1")
+        return events
+
+    @defer.inlineCallbacks
+    def test_oneLinePerRequest(self):
+        """Each request is one access line with its backend and persistence outcome."""
+        events = yield self.run_one("true")
+        self.assertEqual(len(events), 1)
+        e = events[0]
+        self.assertEqual((e["listener"], e["method"], e["path"], e["status"], e["backend"], e["outcome"]),
+                         ("web", "GET", "/x?y=1", 200, "a", "new"))
+
+    @defer.inlineCallbacks
+    def test_accessLogOff(self):
+        events = yield self.run_one("false")
+        self.assertEqual(events, [])

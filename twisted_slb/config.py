@@ -122,6 +122,7 @@ class ListenerConfig:
     backends: Optional[str] = None  # group name; None only for a redirect listener
     persistence: Optional[PersistenceConfig] = None
     max_connections: int = 0  # 0: unlimited
+    access_log: bool = True  # one line per connection (tcp) or request (http)
     # tcp
     idle_timeout: float = 900.0
     proxy_protocol: Optional[str] = None  # None | "v1" | "v2"
@@ -182,7 +183,7 @@ SCHEDULER_NAMES = ("rr", "wrr", "wlc", "hash")
 PERSISTENCE_TYPES = ("source_ip", "insert_cookie", "rewrite_cookie")
 
 # Keys each listener protocol accepts (beyond the common ones).
-_COMMON_LISTENER_KEYS = ("protocol", "bind", "backends", "persistence", "max_connections")
+_COMMON_LISTENER_KEYS = ("protocol", "bind", "backends", "persistence", "max_connections", "access_log")
 _TCP_KEYS = ("idle_timeout", "proxy_protocol")
 _HTTP_KEYS = (
     "request_timeout", "client_idle_timeout", "max_header_bytes", "max_headers",
@@ -554,6 +555,7 @@ def _read_listener(file: str, base: str, name: str, data: Any,
         name=name, protocol=protocol, bind=bind, backends=backends,
         persistence=_read_persistence(t, "persistence", protocol),
         max_connections=t.integer("max_connections", 0, 0, 10_000_000),
+        access_log=t.boolean("access_log", True),
     )
     if protocol == "tcp":
         kwargs.update(
@@ -731,6 +733,8 @@ def describe(config: Config) -> str:
                 lines.append(f"  certificate {c.cert}")
         if l.max_connections:
             lines.append(f"  max_connections {l.max_connections}")
+        if not l.access_log:
+            lines.append("  access log off")
     if config.admin is not None:
         lines.append("")
         lines.append(f"admin: {config.admin.bind}")

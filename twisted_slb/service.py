@@ -331,6 +331,7 @@ class BalancerService(MultiService):
             listener_name=listener.name,
             stats=stats,
             max_connections=listener.max_connections,
+            access_log=listener.access_log,
         )
         stats.active_source = lambda: factory.active
         return factory
@@ -348,6 +349,7 @@ class BalancerService(MultiService):
             listener_name=listener.name,
             tls=self.client_tls,
             stats=self.stats.for_listener(listener.name, listener.protocol),
+            access_log=listener.access_log,
         )
         if persistence is None:
             return proxy

@@ -35,6 +35,7 @@ from zope.interface import implementer
 from twisted_slb.backends import Backend, BackendGroup
 from twisted_slb.persistence.interfaces import IPersistencePolicy, Session, normalise_ip
 from twisted_slb.shutdown import IdleTracker
+from twisted_slb.web.upstream import set_nodelay
 
 log = Logger(namespace="twisted_slb.tcp")
 access = Logger(namespace="twisted_slb.access")
@@ -76,6 +77,7 @@ class _BackendProtocol(Protocol):
         self.client = client
 
     def connectionMade(self) -> None:
+        set_nodelay(self.transport)
         self.client.backend_connected(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -145,6 +147,7 @@ class TCPBalancerProtocol(Protocol):
         factory.total += 1
         factory.connections.add(self)
         self.transport.pauseProducing()
+        set_nodelay(self.transport)
         peer = self.transport.getPeer()
         self.session = Session(normalise_ip(getattr(peer, "host", "") or "0.0.0.0"))
         policy = factory.policy
@@ -294,6 +297,13 @@ class TCPBalancerProtocol(Protocol):
     def log_access(self) -> None:
         session = self.session
         backend = session.backend if self.backend_protocol is not None else None
+        if self.factory.access_log:
+            self._log_line(session, backend)
+        stats = self.factory.stats
+        if stats is not None:
+            stats.connection_done(backend, session.outcome, self.bytes_from_client, self.bytes_to_client)
+
+    def _log_line(self, session, backend) -> None:
         access.info(
             "{listener} {client} -> {backend} ({address}) persistence={outcome} "
             "in={bytes_in} out={bytes_out} {duration:.3f}s {ended}",
@@ -307,9 +317,6 @@ class TCPBalancerProtocol(Protocol):
             duration=self.clock.seconds() - self.started,
             ended=self.ended_by,
         )
-        stats = self.factory.stats
-        if stats is not None:
-            stats.connection_done(backend, session.outcome, self.bytes_from_client, self.bytes_to_client)
 
 
 class TCPBalancerFactory(ServerFactory):
@@ -325,6 +332,7 @@ class TCPBalancerFactory(ServerFactory):
     @ivar total: client connections ever accepted.
     @ivar stats: an object with C{connection_done(backend, outcome,
         bytes_in, bytes_out)}, or L{None}.
+    @ivar access_log: whether to log one line per connection.
     """
 
     noisy = False
@@ -339,6 +347,7 @@ class TCPBalancerFactory(ServerFactory):
         listener_name: str = "tcp",
         stats=None,
         max_connections: int = 0,
+        access_log: bool = True,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -357,6 +366,7 @@ class TCPBalancerFactory(ServerFactory):
         self.tracker = IdleTracker()
         self.max_connections = max_connections
         self.refusing = False
+        self.access_log = access_log
 
     def buildProtocol(self, addr) -> Optional[TCPBalancerProtocol]:
         if self.max_connections and self.active >= self.max_connections:

@@ -30,7 +30,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted_slb.backends import Backend, BackendGroup
 from twisted_slb.persistence.interfaces import session_for
 from twisted_slb.shutdown import IdleTracker
-from twisted_slb.web.upstream import UpstreamPool
+from twisted_slb.web.upstream import UpstreamPool, set_nodelay
 
 log = Logger(namespace="twisted_slb.proxy")
 access = Logger(namespace="twisted_slb.access")
@@ -323,8 +323,16 @@ class _Exchange:
             self.log_access(client_gone=True)
 
     def log_access(self, client_gone: bool = False) -> None:
-        request = self.request
         backend = self.backend
+        resource = self.resource
+        if resource.access_log:
+            self._log_line(backend, client_gone)
+        stats = resource.stats
+        if stats is not None:
+            stats.request_done(backend, 0 if client_gone else self.status, self.session.outcome, self.bytes_sent)
+
+    def _log_line(self, backend, client_gone: bool) -> None:
+        request = self.request
         session = self.session
         resource = self.resource
         access.info(
@@ -342,9 +350,6 @@ class _Exchange:
             duration=resource.reactor.seconds() - self.started,
             gone=" (client closed)" if client_gone else "",
         )
-        stats = resource.stats
-        if stats is not None:
-            stats.request_done(backend, 0 if client_gone else self.status, session.outcome, self.bytes_sent)
 
 
 class BalancedProxyResource(Resource):
@@ -365,6 +370,7 @@ class BalancedProxyResource(Resource):
         C{options_for(group, tls, host)}, for groups with TLS to backends.
     @ivar stats: an object with C{request_done(backend, status, outcome,
         bytes)}, or L{None}.
+    @ivar access_log: whether to log one line per request.
     """
 
     isLeaf = True
@@ -379,6 +385,7 @@ class BalancedProxyResource(Resource):
         forwarded_proto: Optional[str] = None,
         tls=None,
         stats=None,
+        access_log: bool = True,
     ) -> None:
         Resource.__init__(self)
         if reactor is None:
@@ -391,6 +398,7 @@ class BalancedProxyResource(Resource):
         self.forwarded_proto = forwarded_proto
         self.tls = tls
         self.stats = stats
+        self.access_log = access_log
 
     def tls_options_for(self, backend: Backend):
         group = self.group
@@ -443,6 +451,7 @@ class _BalancerChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         HTTPChannel.connectionMade(self)
+        set_nodelay(self.transport)
         self.site.channels.add(self)
 
     def connectionLost(self, reason) -> None:

@@ -28,6 +28,23 @@ log = Logger(namespace="twisted_slb.upstream")
 MAX_HEAD = 65536
 
 
+def set_nodelay(transport) -> None:
+    """
+    Turn Nagle's algorithm off: a proxy writes a response head and its body
+    (or a request and its body) in separate small writes, and Nagle would
+    hold the second until the peer's delayed ACK, adding up to 40 ms.
+    """
+    setter = getattr(transport, "setTcpNoDelay", None)
+    if setter is None:
+        # Under TLS the TCP transport is one level down.
+        setter = getattr(getattr(transport, "transport", None), "setTcpNoDelay", None)
+    if setter is not None:
+        try:
+            setter(True)
+        except OSError:  # not a TCP socket after all (e.g. a UNIX socket)
+            pass
+
+
 class UpstreamError(Exception):
     """The backend broke the protocol (an invalid response)."""
 
@@ -82,6 +99,7 @@ class UpstreamProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.connected = True
+        set_nodelay(self.transport)
 
     def send(self, head: bytes, handler, head_request: bool = False) -> None:
         """
