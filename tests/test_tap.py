@@ -109,7 +109,7 @@ class OptionsTests(SynchronousTestCase):
         top = tap.makeService(options)
         balancers = [s for s in top if isinstance(s, BalancerService)]
         self.assertEqual(len(balancers), 1)
-        self.assertEqual([s.name for s in balancers[0]], ["tcp"])
+        self.assertEqual(sorted(s.name for s in balancers[0]), ["health:web", "tcp"])
 
 
 class CommandLineTests(SynchronousTestCase):
