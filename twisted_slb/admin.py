@@ -1,6 +1,6 @@
 """
 The admin listener: C{/} (an HTML page), C{/stats} (JSON), C{/metrics}
-(Prometheus text format) and a small API to drain or enable a backend.
+(Prometheus text format) and a small API to drain or enable a backend::
 
     [admin]
     bind = "tcp:8404:interface=127.0.0.1"

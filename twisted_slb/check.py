@@ -1,5 +1,5 @@
 """
-C{slb-check}: the FAQ's persistence test, with a verdict.
+C{slb-check}: the FAQ's persistence test, with a verdict::
 
     slb-check URL [-n 30] [--interval 0] [--cookie NAME] [--match REGEX]
               [--no-jar] [--json] [--source ADDR] [--timeout 10]

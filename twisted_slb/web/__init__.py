@@ -6,5 +6,3 @@ upstream connection pool, and host/path routing.
 from twisted_slb.web.proxy import BalancedProxyResource, BalancerSite
 from twisted_slb.web.routing import HTTPSRedirectResource, Route, RuleRouter
 from twisted_slb.web.upstream import UpstreamPool
-
-__all__ = ["BalancedProxyResource", "BalancerSite", "HTTPSRedirectResource", "Route", "RuleRouter", "UpstreamPool"]
