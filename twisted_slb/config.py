@@ -619,7 +619,7 @@ def parse_config(document: Any, path: str = "<string>") -> Config:
     if not isinstance(groups_data, dict):
         raise top.error("backends", "must be a table of groups", groups_data, "[backends.NAME] tables")
     groups = {name: _read_group(path, base, name, data) for name, data in groups_data.items()}
-    listeners_data = top.get("listeners", _MISSING)
+    listeners_data = top.data.get("listeners", _MISSING)
     if listeners_data is _MISSING or listeners_data == {}:
         raise ConfigError(f"{path}: listeners: no listener is configured; allowed: one or more "
                           "[listeners.NAME] tables with protocol, bind and backends")

@@ -1,0 +1,93 @@
+"""
+Tests for L{twisted_slb.backends}: ids, states, routing outcomes and reloads.
+"""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_slb.backends import Backend, BackendGroup, backend_id
+from twisted_slb.config import GroupConfig, ServerConfig
+from twisted_slb.persistence.interfaces import Session
+
+
+class BackendTests(SynchronousTestCase):
+    def test_idIsStableOpaqueAndIndependentOfAddress(self):
+        a1 = Backend("a", "10.0.0.1", 80)
+        a2 = Backend("a", "192.0.2.9", 8080)
+        self.assertEqual(a1.id, a2.id)
+        self.assertEqual(a1.id, backend_id("a"))
+        self.assertRegex(a1.id, "^[0-9a-f]{16}$")
+        self.assertNotIn("10.0.0.1", a1.id)
+        self.assertNotEqual(a1.id, Backend("b", "10.0.0.1", 80).id)
+
+    def test_states(self):
+        b = Backend("a", "10.0.0.1", 80)
+        self.assertEqual(b.state, "up")
+        b.weight = 0
+        self.assertEqual((b.state, b.takes_new_clients, b.takes_pinned_clients), ("drain", False, True))
+        b.up = False
+        self.assertEqual((b.state, b.takes_pinned_clients), ("down", False))
+
+    def test_ipv6Address(self):
+        self.assertEqual(Backend("a", "2001:db8::1", 80).address, "[2001:db8::1]:80")
+
+
+class RouteTests(SynchronousTestCase):
+    def setUp(self):
+        self.group = BackendGroup("g", [Backend("a", "10.0.0.1", 80), Backend("b", "10.0.0.2", 80)])
+        self.a = self.group.get("a")
+
+    def session(self, key=None, policy=object()):
+        return Session("10.9.9.9", policy=policy, pinned_key=key)
+
+    def test_getByIdOrName(self):
+        self.assertIs(self.group.get(self.a.id), self.a)
+        self.assertIs(self.group.get("a"), self.a)
+        self.assertIsNone(self.group.get("zz"))
+
+    def test_hit(self):
+        s = self.session(self.a.id)
+        self.assertIs(self.group.route(s), self.a)
+        self.assertEqual(s.outcome, "hit")
+
+    def test_drainedBackendKeepsPins(self):
+        self.a.weight = 0
+        s = self.session(self.a.id)
+        self.assertIs(self.group.route(s), self.a)
+        self.assertEqual(s.outcome, "hit")
+
+    def test_downBackendRepins(self):
+        self.a.up = False
+        s = self.session(self.a.id)
+        self.assertEqual(self.group.route(s).name, "b")
+        self.assertEqual(s.outcome, "repin")
+
+    def test_unknownKeyRepins(self):
+        s = self.session("0123456789abcdef")
+        self.group.route(s)
+        self.assertEqual(s.outcome, "repin")
+
+    def test_excludedPinRepins(self):
+        """A pinned backend that just failed to connect is not tried again."""
+        s = self.session(self.a.id)
+        self.assertEqual(self.group.route(s, exclude=[self.a]).name, "b")
+        self.assertEqual(s.outcome, "repin")
+
+    def test_newAndNone(self):
+        s = self.session()
+        self.group.route(s)
+        self.assertEqual(s.outcome, "new")
+        s = self.session(policy=None)
+        self.group.route(s)
+        self.assertEqual(s.outcome, "none")
+
+    def test_updateKeepsObjectsOfKeptNames(self):
+        config = GroupConfig("g", (ServerConfig("a", "10.0.0.9", 81, 5), ServerConfig("c", "10.0.0.3", 80)),
+                             scheduler="hash", retries=4)
+        self.group.update(config)
+        self.assertIs(self.group.get("a"), self.a)
+        self.assertEqual((self.a.host, self.a.port, self.a.weight), ("10.0.0.9", 81, 5))
+        self.assertEqual([b.name for b in self.group.backends], ["a", "c"])
+        self.assertIsNone(self.group.get("b"))
+        self.assertEqual((self.group.scheduler.name, self.group.retries), ("hash", 4))

@@ -1,0 +1,137 @@
+"""
+Tests for L{twisted_slb.persistence.sourceip}: the stick table (idle expiry,
+LRU bound, IPv6) and the source-IP policy.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from twisted_slb.backends import Backend, BackendGroup
+from twisted_slb.persistence.interfaces import IPersistencePolicy, Session, normalise_ip
+from twisted_slb.persistence.sourceip import SourceIPPersistence, StickTable
+
+
+class StickTableTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.table = StickTable(100, max_entries=3, clock=self.clock)
+
+    def test_idleExpiry(self):
+        self.table.set("10.0.0.1", "k1")
+        self.clock.advance(100)
+        self.assertEqual(self.table.get("10.0.0.1"), "k1")
+        self.clock.advance(0.01)
+        self.assertIsNone(self.table.get("10.0.0.1"))
+        self.assertEqual(len(self.table), 0)
+
+    def test_setRefreshes(self):
+        self.table.set("10.0.0.1", "k1")
+        self.clock.advance(80)
+        self.table.set("10.0.0.1", "k1")
+        self.clock.advance(80)
+        self.assertEqual(self.table.get("10.0.0.1"), "k1")
+
+    def test_getDoesNotRefresh(self):
+        self.table.set("10.0.0.1", "k1")
+        self.clock.advance(80)
+        self.table.get("10.0.0.1")
+        self.clock.advance(30)
+        self.assertIsNone(self.table.get("10.0.0.1"))
+
+    def test_lruBound(self):
+        for i in range(3):
+            self.table.set(f"10.0.0.{i}", "k")
+        self.table.set("10.0.0.0", "k")  # most recent now
+        self.table.set("10.0.0.9", "k")  # evicts 10.0.0.1, the least recently used
+        self.assertIsNone(self.table.get("10.0.0.1"))
+        self.assertEqual(len(self.table), 3)
+        self.assertEqual(self.table.get("10.0.0.0"), "k")
+
+    def test_expireDropsOnlyExpired(self):
+        self.table.set("a", "k")
+        self.clock.advance(60)
+        self.table.set("b", "k")
+        self.clock.advance(50)
+        self.assertEqual(self.table.expire(), 1)
+        self.assertEqual([c for c, _, _ in self.table.items()], ["b"])
+
+    def test_timeoutChangeOnALiveTable(self):
+        self.table.set("a", "k")
+        self.clock.advance(50)
+        self.table.timeout = 10
+        self.assertIsNone(self.table.get("a"))
+
+    def test_manyBackendKeysAreInterned(self):
+        table = StickTable(100, clock=self.clock)
+        table.set("a", "x" * 16)
+        table.set("b", "x" * 16)
+        self.assertIs(table.get("a"), table.get("b"))
+
+
+class NormaliseTests(SynchronousTestCase):
+    def test_ipv4MappedIsIpv4(self):
+        self.assertEqual(normalise_ip("::ffff:10.0.0.1"), "10.0.0.1")
+
+    def test_ipv6Compressed(self):
+        self.assertEqual(normalise_ip("2001:DB8:0:0::1"), "2001:db8::1")
+
+
+class PolicyTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.group = BackendGroup("g", [Backend("a", "10.0.0.1", 80), Backend("b", "10.0.0.2", 80)])
+        self.policy = SourceIPPersistence(StickTable(1000, clock=self.clock))
+
+    def visit(self, ip):
+        session = Session(normalise_ip(ip), policy=self.policy)
+        session.pinned_key = self.policy.find(session)
+        backend = self.group.route(session)
+        self.policy.remember(session, backend)
+        return backend, session.outcome
+
+    def test_interface(self):
+        verifyObject(IPersistencePolicy, self.policy)
+
+    def test_newThenHit(self):
+        first, outcome = self.visit("192.0.2.1")
+        self.assertEqual(outcome, "new")
+        for _ in range(5):
+            self.assertEqual(self.visit("192.0.2.1"), (first, "hit"))
+
+    def test_ipv4MappedClientIsTheSameClient(self):
+        first, _ = self.visit("192.0.2.1")
+        self.assertEqual(self.visit("::ffff:192.0.2.1"), (first, "hit"))
+
+    def test_ipv6Clients(self):
+        first, _ = self.visit("2001:db8::5")
+        self.assertEqual(self.visit("2001:db8:0::5"), (first, "hit"))
+
+    def test_downBackendRepinsAndTheNewPinSticks(self):
+        first, _ = self.visit("192.0.2.1")
+        first.up = False
+        second, outcome = self.visit("192.0.2.1")
+        self.assertEqual(outcome, "repin")
+        self.assertIsNot(second, first)
+        first.up = True
+        self.assertEqual(self.visit("192.0.2.1"), (second, "hit"))
+
+    def test_removedBackendRepins(self):
+        first, _ = self.visit("192.0.2.1")
+        from twisted_slb.config import GroupConfig, ServerConfig
+
+        other = "b" if first.name == "a" else "a"
+        self.group.update(GroupConfig("g", (ServerConfig(other, "10.0.0.9", 80),)))
+        backend, outcome = self.visit("192.0.2.1")
+        self.assertEqual((backend.name, outcome), (other, "repin"))
+
+    def test_subclassKey(self):
+        class PerNetwork(SourceIPPersistence):
+            def client_key(self, session):
+                return session.client_ip.rsplit(".", 1)[0]
+
+        self.policy = PerNetwork(StickTable(1000, clock=self.clock))
+        first, _ = self.visit("192.0.2.1")
+        self.assertEqual(self.visit("192.0.2.200"), (first, "hit"))
