@@ -274,7 +274,11 @@ class _Exchange:
             request = self.request
             if request.producer is not None:
                 request.unregisterProducer()
-            request.channel.transport.abortConnection() if request.channel is not None else None
+            if request.channel is not None:
+                # What was sent is flushed, then the connection closes: the
+                # client sees a response shorter than announced (or a chunked
+                # body without its last chunk), never one that looks complete.
+                request.channel.transport.loseConnection()
             self.log_access()
             return
         log.warn(

@@ -1,0 +1,371 @@
+"""
+Tests for the HTTP proxy: the upstream parser in memory, and
+L{BalancedProxyResource} end to end over loopback with real backends.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseFailed, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+from twisted_slb.backends import Backend, BackendGroup
+from twisted_slb.web.proxy import BalancedProxyResource, BalancerSite
+from twisted_slb.web.upstream import UpstreamPool, UpstreamProtocol
+
+
+class Handler:
+    def __init__(self):
+        self.head = None
+        self.data: List[bytes] = []
+        self.ended = False
+        self.failed = None
+
+    def response_head(self, code, reason, headers):
+        self.head = (code, reason, headers)
+
+    def response_data(self, data):
+        self.data.append(data)
+
+    def response_end(self):
+        self.ended = True
+
+    def response_failed(self, reason, received):
+        self.failed = (reason, received)
+
+
+class UpstreamParserTests(SynchronousTestCase):
+    def exchange(self, response: bytes, head_request=False, chunks=None):
+        proto = UpstreamProtocol()
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        handler = Handler()
+        proto.send(b"GET / HTTP/1.1\r\n\r\n", handler, head_request=head_request)
+        for piece in chunks or [response]:
+            proto.dataReceived(piece)
+        return proto, handler
+
+    def test_contentLength(self):
+        proto, h = self.exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+        self.assertEqual((h.head[0], b"".join(h.data), h.ended, proto.reusable), (200, b"hello", True, True))
+
+    def test_chunkedWithExtensionsAndTrailers(self):
+        raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n1\r\n!\r\n0\r\nX-T: 1\r\n\r\n"
+        # Byte by byte: every state must cope with a split.
+        proto, h = self.exchange(b"", chunks=[raw[i:i + 1] for i in range(len(raw))])
+        self.assertEqual((b"".join(h.data), h.ended, proto.reusable), (b"hello!", True, True))
+
+    def test_headHasNoBody(self):
+        proto, h = self.exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n", head_request=True)
+        self.assertTrue(h.ended)
+        self.assertEqual(h.data, [])
+
+    def test_204And304HaveNoBody(self):
+        for status in (b"204 No Content", b"304 Not Modified"):
+            proto, h = self.exchange(b"HTTP/1.1 " + status + b"\r\n\r\n")
+            self.assertTrue(h.ended)
+
+    def test_interimResponsesSkipped(self):
+        proto, h = self.exchange(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual((h.head[0], b"".join(h.data)), (200, b"ok"))
+
+    def test_untilClose(self):
+        proto, h = self.exchange(b"HTTP/1.1 200 OK\r\n\r\nsome")
+        self.assertFalse(proto.reusable)
+        from twisted.internet.error import ConnectionDone
+
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(h.ended)
+
+    def test_connectionCloseNotReusable(self):
+        proto, h = self.exchange(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+        self.assertFalse(proto.reusable)
+
+    def test_malformedStatusLineFails(self):
+        proto, h = self.exchange(b"HTTX/1.1 2OO OK\r\n\r\n")
+        self.assertIsNotNone(h.failed)
+        self.assertTrue(h.failed[1])
+
+    def test_conflictingContentLengthsFail(self):
+        proto, h = self.exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello")
+        self.assertIsNotNone(h.failed)
+
+    def test_badChunkSizeFails(self):
+        proto, h = self.exchange(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+        self.assertIsNotNone(h.failed)
+
+
+from twisted.python.failure import Failure  # noqa: E402
+
+
+class Recorder(Resource):
+    """A backend that records what it received."""
+
+    isLeaf = True
+
+    def __init__(self):
+        Resource.__init__(self)
+        self.requests = []
+
+    def render(self, request):
+        self.requests.append((request.method, request.uri, request.requestHeaders, request.content.read()))
+        if request.uri == b"/big":
+            request.setHeader(b"content-type", b"application/octet-stream")
+            return b"x" * (20 * 1024 * 1024)
+        if request.uri == b"/upload":
+            return b"%d" % len(self.requests[-1][3])
+        request.setHeader(b"connection", b"x-secret")
+        request.setHeader(b"x-secret", b"hop")
+        request.setHeader(b"keep-alive", b"timeout=5")
+        return b"ok"
+
+
+class Silent(Resource):
+    """Accepts requests and never answers."""
+
+    isLeaf = True
+
+    def render(self, request):
+        return NOT_DONE_YET
+
+
+class HalfAnswer(protocol.Protocol):
+    """Answers half a response and dies."""
+
+    def dataReceived(self, data):
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
+        self.transport.loseConnection()
+
+
+class CloseBeforeAnswer(protocol.Protocol):
+    def dataReceived(self, data):
+        self.factory.seen += 1
+        self.transport.loseConnection()
+
+
+class ProxyTests(TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def listen(self, factory):
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        return port
+
+    @defer.inlineCallbacks
+    def proxy(self, *backends, clock=None, request_timeout=60.0, retries=2):
+        group = BackendGroup("g", [Backend(f"b{i}", "127.0.0.1", p) for i, p in enumerate(backends)], retries=retries)
+        from twisted_slb.scheduling import RoundRobin
+
+        group.scheduler = RoundRobin()
+        pool = UpstreamPool(reactor)
+        self.addCleanup(pool.close)
+        resource = BalancedProxyResource(group, reactor=clock or reactor, pool=pool, request_timeout=request_timeout)
+        site = BalancerSite(resource, reactor=reactor)
+        port = yield self.listen(site)
+        return f"http://127.0.0.1:{port.getHost().port}", group
+
+    def agent(self):
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        return Agent(reactor, pool=pool)
+
+    @defer.inlineCallbacks
+    def test_headersOnTheWayToTheBackend(self):
+        """Hop-by-hop headers stripped, Host kept, X-Forwarded-* set."""
+        recorder = Recorder()
+        port = yield self.listen(Site(recorder))
+        url, _ = yield self.proxy(port.getHost().port)
+        headers = Headers({b"host": [b"app.example.com"], b"connection": [b"keep-alive, x-drop"],
+                           b"x-drop": [b"1"], b"te": [b"trailers"], b"x-forwarded-for": [b"198.51.100.1"],
+                           b"x-keep": [b"yes"]})
+        response = yield self.agent().request(b"GET", (url + "/p?q=1").encode(), headers)
+        yield readBody(response)
+        method, uri, seen, _ = recorder.requests[0]
+        self.assertEqual((method, uri), (b"GET", b"/p?q=1"))
+        self.assertEqual(seen.getRawHeaders(b"host"), [b"app.example.com"])
+        self.assertEqual(seen.getRawHeaders(b"x-forwarded-for"), [b"198.51.100.1, 127.0.0.1"])
+        self.assertEqual(seen.getRawHeaders(b"x-forwarded-proto"), [b"http"])
+        self.assertEqual(seen.getRawHeaders(b"x-forwarded-host"), [b"app.example.com"])
+        self.assertEqual(seen.getRawHeaders(b"x-keep"), [b"yes"])
+        for gone in (b"x-drop", b"te"):
+            self.assertIsNone(seen.getRawHeaders(gone))
+
+    @defer.inlineCallbacks
+    def test_hopByHopStrippedFromResponses(self):
+        port = yield self.listen(Site(Recorder()))
+        url, _ = yield self.proxy(port.getHost().port)
+        response = yield self.agent().request(b"GET", (url + "/").encode())
+        self.assertEqual((yield readBody(response)), b"ok")
+        self.assertIsNone(response.headers.getRawHeaders(b"x-secret"))
+        self.assertIsNone(response.headers.getRawHeaders(b"keep-alive"))
+
+    @defer.inlineCallbacks
+    def test_keepAliveReusesBackendConnections(self):
+        recorder = Recorder()
+        site = Site(recorder)
+        built = []
+        original = site.buildProtocol
+        site.buildProtocol = lambda addr: built.append(addr) or original(addr)
+        port = yield self.listen(site)
+        url, _ = yield self.proxy(port.getHost().port)
+        agent = self.agent()
+        for _ in range(5):
+            yield readBody((yield agent.request(b"GET", (url + "/").encode())))
+        self.assertEqual(len(recorder.requests), 5)
+        self.assertEqual(len(built), 1)
+
+    @defer.inlineCallbacks
+    def test_refusedBackendRetriedForGet(self):
+        dead = yield self.listen(Site(Recorder()))
+        dead_port = dead.getHost().port
+        yield dead.stopListening()
+        live = yield self.listen(Site(Recorder()))
+        url, group = yield self.proxy(dead_port, live.getHost().port)
+        response = yield self.agent().request(b"GET", (url + "/").encode())
+        self.assertEqual((response.code, (yield readBody(response))), (200, b"ok"))
+        self.assertEqual(group.backends[0].failures, 1)
+
+    @defer.inlineCallbacks
+    def test_postWithBodyNotRetried(self):
+        """A POST whose backend dies after receiving it is not replayed: 502."""
+        closer = protocol.ServerFactory.forProtocol(CloseBeforeAnswer)
+        closer.seen = 0
+        first = yield self.listen(closer)
+        second = yield self.listen(closer)
+        url, _ = yield self.proxy(first.getHost().port, second.getHost().port)
+        response = yield self.agent().request(b"POST", (url + "/").encode(), None,
+                                              FileBodyProducer(__import__("io").BytesIO(b"payload")))
+        yield readBody(response)
+        self.assertEqual(response.code, 502)
+        self.assertEqual(closer.seen, 1)
+
+    @defer.inlineCallbacks
+    def test_getAfterBackendDiesBeforeAnswerIsRetried(self):
+        closer = protocol.ServerFactory.forProtocol(CloseBeforeAnswer)
+        closer.seen = 0
+        first = yield self.listen(closer)
+        live = yield self.listen(Site(Recorder()))
+        url, _ = yield self.proxy(first.getHost().port, live.getHost().port)
+        response = yield self.agent().request(b"GET", (url + "/").encode())
+        self.assertEqual((response.code, (yield readBody(response))), (200, b"ok"))
+
+    @defer.inlineCallbacks
+    def test_noUsableBackendIs503(self):
+        port = yield self.listen(Site(Recorder()))
+        url, group = yield self.proxy(port.getHost().port)
+        group.backends[0].up = False
+        response = yield self.agent().request(b"GET", (url + "/").encode())
+        body = yield readBody(response)
+        self.assertEqual(response.code, 503)
+        self.assertIn(b"503 Service Unavailable", body)
+
+    @defer.inlineCallbacks
+    def test_allRefusedIs502(self):
+        dead = yield self.listen(Site(Recorder()))
+        dead_port = dead.getHost().port
+        yield dead.stopListening()
+        url, _ = yield self.proxy(dead_port)
+        response = yield self.agent().request(b"GET", (url + "/").encode())
+        yield readBody(response)
+        self.assertEqual(response.code, 502)
+
+    @defer.inlineCallbacks
+    def test_slowBackendIs504(self):
+        clock = Clock()
+        silent = Resource()
+        silent.isLeaf = True
+        arrived = defer.Deferred()
+
+        def render(request):
+            arrived.callback(None)
+            return NOT_DONE_YET
+
+        silent.render = render
+        port = yield self.listen(Site(silent))
+        url, group = yield self.proxy(port.getHost().port, clock=clock, request_timeout=30)
+        d = self.agent().request(b"GET", (url + "/").encode())
+        yield arrived
+        clock.advance(30)
+        response = yield d
+        body = yield readBody(response)
+        self.assertEqual((response.code, body), (504, b"504 Gateway Timeout: the backend did not answer in time\n"))
+
+    @defer.inlineCallbacks
+    def test_largeBodiesStreamBothWays(self):
+        recorder = Recorder()
+        port = yield self.listen(Site(recorder))
+        url, _ = yield self.proxy(port.getHost().port)
+        response = yield self.agent().request(b"GET", (url + "/big").encode())
+        body = yield readBody(response)
+        self.assertEqual(len(body), 20 * 1024 * 1024)
+        upload = __import__("io").BytesIO(b"y" * (20 * 1024 * 1024))
+        response = yield self.agent().request(b"POST", (url + "/upload").encode(), None, FileBodyProducer(upload))
+        self.assertEqual((yield readBody(response)), b"%d" % (20 * 1024 * 1024))
+
+    @defer.inlineCallbacks
+    def test_backendDyingMidResponseClosesTheClient(self):
+        port = yield self.listen(protocol.ServerFactory.forProtocol(HalfAnswer))
+        url, _ = yield self.proxy(port.getHost().port)
+        response = yield self.agent().request(b"GET", (url + "/").encode())
+        with self.assertRaises(ResponseFailed):
+            yield readBody(response)
+
+    @defer.inlineCallbacks
+    def test_clientClosingMidResponseLogsNoError(self):
+        arrived = defer.Deferred()
+        slow = Resource()
+        slow.isLeaf = True
+        held = []
+
+        def render(request):
+            request.setHeader(b"content-length", b"100")
+            request.write(b"part")
+            held.append(request)
+            arrived.callback(None)
+            return NOT_DONE_YET
+
+        slow.render = render
+        port = yield self.listen(Site(slow))
+        url, _ = yield self.proxy(port.getHost().port)
+
+        class Rude(protocol.Protocol):
+            def connectionMade(self):
+                self.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+
+            def dataReceived(self, data):
+                self.transport.abortConnection()
+
+        host, _, number = url.rpartition(":")
+        yield protocol.ClientCreator(reactor, Rude).connectTCP("127.0.0.1", int(number))
+        yield arrived
+        # Let the proxy see the client go, then the backend finish anyway.
+        yield __import__("twisted.internet.task", fromlist=["deferLater"]).deferLater(reactor, 0, lambda: None)
+        held[0].write(b"x" * 96)
+        held[0].finish()
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    @defer.inlineCallbacks
+    def test_upgradeRefused(self):
+        port = yield self.listen(Site(Recorder()))
+        url, _ = yield self.proxy(port.getHost().port)
+        headers = Headers({b"connection": [b"Upgrade"], b"upgrade": [b"websocket"]})
+        response = yield self.agent().request(b"GET", (url + "/").encode(), headers)
+        yield readBody(response)
+        self.assertEqual(response.code, 501)
+
+    @defer.inlineCallbacks
+    def test_oversizedHeadersAre431(self):
+        port = yield self.listen(Site(Recorder()))
+        url, _ = yield self.proxy(port.getHost().port)
+        headers = Headers({b"x-big": [b"a" * 70000]})
+        response = yield self.agent().request(b"GET", (url + "/").encode(), headers)
+        yield readBody(response)
+        self.assertEqual(response.code, 431)
