@@ -52,14 +52,14 @@ class ExampleCase(TestCase):
 
 class ConfigExampleTests(ExampleCase):
     @defer.inlineCallbacks
-    def run_config(self, name: str):
+    def run_config(self, name: str, where: str = EXAMPLES):
         ports = yield self.backends()
         with open(os.path.join(EXAMPLES, name)) as f:
             text = f.read()
-        parse_config(text, os.path.join(EXAMPLES, name))  # valid exactly as written
+        parse_config(text, os.path.join(where, name))  # valid exactly as written
         text = re.sub(r'bind = "tcp:\d+', 'bind = "tcp:0', text)
         text = re.sub(r"127\.0\.0\.1:(9\d\d\d)", lambda m: f"127.0.0.1:{ports[int(m.group(1))]}", text)
-        service = BalancerService(parse_config(text, os.path.join(EXAMPLES, name)), reactor)
+        service = BalancerService(parse_config(text, os.path.join(where, name)), reactor)
         service.startService()
         self.addCleanup(service.stopService)
         return service
@@ -68,7 +68,8 @@ class ConfigExampleTests(ExampleCase):
         return service.getServiceNamed(listener).port.getHost().port
 
     def test_everyConfigExampleIsTested(self):
-        tested = {"tcp-source-ip.toml", "http-insert-cookie.toml", "http-rewrite-cookie.toml", "domains.toml"}
+        tested = {"tcp-source-ip.toml", "http-insert-cookie.toml", "http-rewrite-cookie.toml", "domains.toml",
+                  "https.toml", "health-admin.toml"}
         present = {os.path.basename(p) for p in glob.glob(os.path.join(EXAMPLES, "*.toml"))}
         self.assertEqual(present, tested)
 
@@ -113,6 +114,39 @@ class ConfigExampleTests(ExampleCase):
         )
         yield readBody(response)
         self.assertTrue(any(c.startswith(b"SHOPID=") for c in response.headers.getRawHeaders(b"set-cookie")))
+
+
+    @defer.inlineCallbacks
+    def test_https(self):
+        """make_certs.py, then https.toml: SNI picks the wildcard certificate, the redirect works."""
+        import subprocess
+
+        where = os.path.abspath(self.mktemp())
+        subprocess.run([sys.executable, os.path.join(EXAMPLES, "make_certs.py"), os.path.join(where, "certs")],
+                       check=True, capture_output=True)
+        service = yield self.run_config("https.toml", where)
+        from twisted.internet import ssl
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+
+        from tests.test_https import PeerCertificate
+
+        with open(os.path.join(where, "certs", "ca.pem"), "rb") as f:
+            trust = ssl.Certificate.loadPEM(f.read())
+        client = PeerCertificate()
+        endpoint = wrapClientTLS(ssl.optionsForClientTLS("v1.api.example.test", trustRoot=trust),
+                                 TCP4ClientEndpoint(reactor, "127.0.0.1", self.port(service, "secure")))
+        yield connectProtocol(endpoint, client)
+        yield client.serial  # verified against *.api.example.test
+        code, _ = yield self.get(f"http://127.0.0.1:{self.port(service, 'redirect')}/cart?id=7",
+                                 host="shop.example.test")
+        self.assertEqual(code, 301)
+
+    @defer.inlineCallbacks
+    def test_healthAdmin(self):
+        service = yield self.run_config("health-admin.toml")
+        code, body = yield self.get(f"http://127.0.0.1:{self.port(service, '[admin]')}/stats")
+        self.assertEqual(code, 200)
+        self.assertIn(b'"state": "up"', body)
 
 
 class ProgramExampleTests(ExampleCase):
