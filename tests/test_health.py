@@ -175,3 +175,32 @@ class EndToEndTests(TestCase):
         self.addCleanup(port.stopListening)
         yield monitor.when(a, up=True)
         self.assertTrue(a.up)
+
+
+class SlowStartTests(SynchronousTestCase):
+    def test_shareRampsAfterComingUp(self):
+        """A backend back from down gets a tenth of its weight, growing to all of it."""
+        reactor = MemoryReactorClock()
+        group = group_of("a", "b")
+        monitor = HealthMonitor(group, None, reactor=reactor, passive_threshold=1, cooldown=5, slow_start=10)
+        monitor.startService()
+        self.addCleanup(monitor.stopService)
+        a = group.get("a")
+        a.record_failure("refused")
+        reactor.advance(5)  # cool-down over: up again, slowly
+        self.assertTrue(a.up)
+        self.assertEqual(a.share, 10.0)
+        reactor.pump([1] * 5)
+        self.assertEqual(a.share, 60.0)
+        reactor.pump([1] * 5)
+        self.assertEqual(a.share, 100.0)
+        self.assertEqual(reactor.getDelayedCalls(), [])
+        self.assertEqual(a.weight, 100)  # the configured weight is never touched
+
+    def test_schedulerHonoursTheShare(self):
+        group = group_of("a", "b")
+        group.get("a").ramp = 0.1
+        from collections import Counter
+
+        counts = Counter(group.choose("").name for _ in range(110))
+        self.assertEqual(counts, {"a": 10, "b": 100})

@@ -62,7 +62,7 @@ class Backend:
 
     __slots__ = (
         "name", "id", "host", "port", "weight", "up", "active", "total",
-        "failures", "bytes_in", "bytes_out", "extra", "monitor",
+        "failures", "bytes_in", "bytes_out", "extra", "monitor", "ramp",
     )
 
     def __init__(self, name: str, host: str, port: int, weight: int = 100) -> None:
@@ -82,6 +82,9 @@ class Backend:
         self.extra: Dict[str, object] = {}
         # The passive health monitor told of failures and successes, if any.
         self.monitor = None
+        # Slow start: the fraction of its weight a backend that just came
+        # up gets (1.0 once it is fully back).
+        self.ramp = 1.0
 
     @classmethod
     def from_config(cls, server: ServerConfig) -> Backend:
@@ -93,6 +96,11 @@ class Backend:
         if ":" in self.host:
             return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
+
+    @property
+    def share(self) -> float:
+        """The weight schedulers use: C{weight}, reduced during slow start."""
+        return self.weight * self.ramp
 
     @property
     def state(self) -> str:

@@ -69,6 +69,7 @@ class GroupConfig:
     retries: int = 2
     tls: Optional[BackendTLSConfig] = None
     health_check: Optional[HealthCheckConfig] = None
+    slow_start: float = 0.0  # seconds a backend that comes back up takes to reach its weight
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -381,7 +382,7 @@ def _read_server(t: _Table, index: int, data: Any) -> ServerConfig:
 
 def _read_group(file: str, base: str, name: str, data: Any) -> GroupConfig:
     t = _Table(file, f"backends.{name}", data,
-               ("scheduler", "connect_timeout", "retries", "servers", "tls", "health_check"))
+               ("scheduler", "connect_timeout", "retries", "servers", "tls", "health_check", "slow_start"))
     if not _NAME.match(name):
         raise t.error_at(t.path, "not a valid group name", name, "letters, digits, '_', '.', '-'")
     servers_data = t.array("servers", allowed="a non-empty array of { name, address, weight } tables")
@@ -430,6 +431,7 @@ def _read_group(file: str, base: str, name: str, data: Any) -> GroupConfig:
         retries=t.integer("retries", 2, 0, 100),
         tls=tls,
         health_check=health,
+        slow_start=t.number("slow_start", 0.0, 0, 3600),
     )
 
 

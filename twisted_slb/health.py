@@ -142,7 +142,12 @@ class HealthMonitor(Service):
         backend down.
     @ivar cooldown: seconds a passively downed backend stays out when there
         are no active checks.
+    @ivar slow_start: seconds over which a backend that comes back up goes
+        from a tenth of its weight to all of it (0: at once).
     """
+
+    #: slow-start steps (the share grows this many times)
+    ramp_steps = 10
 
     def __init__(
         self,
@@ -152,6 +157,7 @@ class HealthMonitor(Service):
         passive_threshold: int = 3,
         cooldown: float = 10.0,
         random: Callable[[], float] = _random.random,
+        slow_start: float = 0.0,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -161,6 +167,8 @@ class HealthMonitor(Service):
         self.passive_threshold = passive_threshold
         self.cooldown = cooldown
         self.random = random
+        self.slow_start = slow_start
+        self._ramps: Dict[str, object] = {}  # backend name -> next slow-start step
         self._timers: Dict[str, object] = {}  # backend name -> next check / cool-down call
         self._probes: Dict[str, _Probe] = {}
         self._watchers: List[Tuple[Backend, bool, Deferred]] = []
@@ -173,10 +181,11 @@ class HealthMonitor(Service):
 
     def stopService(self) -> None:
         Service.stopService(self)
-        for call in self._timers.values():
+        for call in list(self._timers.values()) + list(self._ramps.values()):
             if call.active():
                 call.cancel()
         self._timers.clear()
+        self._ramps.clear()
         for probe in list(self._probes.values()):
             probe.done = True
             if probe.timer is not None and probe.timer.active():
@@ -186,12 +195,14 @@ class HealthMonitor(Service):
         for backend in self.group.backends:
             if backend.monitor is self:
                 backend.monitor = None
+                backend.ramp = 1.0
 
-    def update(self, group: BackendGroup, config: Optional[HealthCheckConfig]) -> None:
+    def update(self, group: BackendGroup, config: Optional[HealthCheckConfig], slow_start: float = 0.0) -> None:
         """A reload: new settings and perhaps new backends."""
         changed = config != self.config
         self.group = group
         self.config = config
+        self.slow_start = slow_start
         if changed:
             for call in self._timers.values():
                 if call.active():
@@ -286,6 +297,13 @@ class HealthMonitor(Service):
 
     def _mark(self, backend: Backend, up: bool, why: str, by: str = "") -> None:
         backend.up = up
+        if up and self.slow_start > 0:
+            self._ramp(backend, 1)
+        elif not up:
+            call = self._ramps.pop(backend.name, None)
+            if call is not None and call.active():
+                call.cancel()
+            backend.ramp = 1.0
         state = self.state(backend)
         state.last_change = self.reactor.seconds()
         state.down_by = "" if up else by
@@ -298,6 +316,18 @@ class HealthMonitor(Service):
         for watch in [w for w in self._watchers if w[0] is backend and w[1] == up]:
             self._watchers.remove(watch)
             watch[2].callback(backend)
+
+    def _ramp(self, backend: Backend, step: int) -> None:
+        """Slow start: the share grows in steps from 1/steps to all of it."""
+        self._ramps.pop(backend.name, None)
+        steps = self.ramp_steps
+        backend.ramp = step / steps
+        if step < steps and backend.up:
+            self._ramps[backend.name] = self.reactor.callLater(
+                self.slow_start / steps, self._ramp, backend, step + 1
+            )
+        else:
+            backend.ramp = 1.0
 
     def when(self, backend: Backend, up: bool) -> Deferred:
         """A L{Deferred} that fires when C{backend} is next marked up (or down)."""

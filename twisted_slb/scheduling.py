@@ -65,9 +65,9 @@ class SmoothWeightedRoundRobin:
         best = None
         best_weight = 0
         for b in candidates:
-            w = current.get(b.name, 0) + b.weight
+            w = current.get(b.name, 0) + b.share
             current[b.name] = w
-            total += b.weight
+            total += b.share
             if best is None or w > best_weight:
                 best, best_weight = b, w
         assert best is not None
@@ -100,7 +100,7 @@ class WeightedLeastConnections:
         best_load = math.inf
         for i in range(n):
             b = candidates[(start + i) % n]
-            load = b.active / b.weight
+            load = b.active / b.share
             if load < best_load:
                 best, best_load = b, load
         return best
@@ -117,7 +117,7 @@ def _hash_score(client_key: str, backend: Backend) -> float:
         client_key.encode("utf-8") + b"\0" + backend.id.encode("ascii"), digest_size=8
     ).digest()
     u = (int.from_bytes(digest, "big") + 1) / (2**64 + 2)
-    return -backend.weight / math.log(u)
+    return -backend.share / math.log(u)
 
 
 @implementer(IScheduler)

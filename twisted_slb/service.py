@@ -248,12 +248,15 @@ class BalancerService(MultiService):
             group = self.groups.get(name)
             if group is None:
                 group = self.groups[name] = BackendGroup.from_config(group_config)
-                monitor = HealthMonitor(group, group_config.health_check, reactor=self.reactor)
+                monitor = HealthMonitor(group, group_config.health_check, reactor=self.reactor,
+                                        slow_start=group_config.slow_start)
                 monitor.setName(f"health:{name}")
                 monitor.setServiceParent(self)
             else:
                 group.update(group_config)
-                self.getServiceNamed(f"health:{name}").update(group, group_config.health_check)
+                self.getServiceNamed(f"health:{name}").update(
+                    group, group_config.health_check, group_config.slow_start
+                )
         for name in [n for n in self.groups if n not in config.backends]:
             del self.groups[name]
             self.removeService(self.getServiceNamed(f"health:{name}"))
