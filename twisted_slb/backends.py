@@ -255,21 +255,6 @@ class BackendGroup:
             return None
         return (scheduler or self.scheduler).pick(candidates, client_key)
 
-    def record_failure(self, reason: str) -> None:
-        """
-        A connect or a request to this backend failed (refused, timed out,
-        reset, invalid response).  Counted, and passed on to the passive health
-        monitor, which may take the backend out.
-        """
-        self.failures += 1
-        if self.monitor is not None:
-            self.monitor.failure(self, reason)
-
-    def record_success(self) -> None:
-        """A connect or a request to this backend succeeded."""
-        if self.monitor is not None:
-            self.monitor.success(self)
-
     def __repr__(self) -> str:
         return f"<BackendGroup {self.name} {self.backends!r}>"
 

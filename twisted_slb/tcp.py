@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twisted_slb.backends import Backend, BackendGroup
+from twisted_slb.limits import ConnectionLimit
 from twisted_slb.persistence.interfaces import IPersistencePolicy, Session, normalise_ip
 from twisted_slb.shutdown import IdleTracker
 from twisted_slb.web.upstream import set_nodelay
@@ -364,24 +365,12 @@ class TCPBalancerFactory(ServerFactory):
         self.total = 0
         self.connections: Set[TCPBalancerProtocol] = set()
         self.tracker = IdleTracker()
-        self.max_connections = max_connections
-        self.refusing = False
+        self.limit = ConnectionLimit(max_connections, listener_name)
         self.access_log = access_log
 
     def buildProtocol(self, addr) -> Optional[TCPBalancerProtocol]:
-        if self.max_connections and self.active >= self.max_connections:
-            # None makes the port close the new connection at once.  Logged
-            # when the limit is reached, not for every refused client.
-            if not self.refusing:
-                self.refusing = True
-                log.warn(
-                    "listener {listener}: {limit} connections open (max_connections): refusing new ones",
-                    listener=self.listener_name, limit=self.max_connections,
-                )
-            return None
-        if self.refusing:
-            self.refusing = False
-            log.info("listener {listener}: accepting connections again", listener=self.listener_name)
+        if not self.limit.admit(self.active):
+            return None  # the port closes the new connection at once
         return TCPBalancerProtocol(self)
 
     def drain(self, grace: float) -> Deferred:

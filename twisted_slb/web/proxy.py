@@ -29,6 +29,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from twisted_slb.backends import Backend, BackendGroup
 from twisted_slb.persistence.interfaces import session_for
+from twisted_slb.limits import ConnectionLimit
 from twisted_slb.shutdown import IdleTracker
 from twisted_slb.web.upstream import UpstreamPool, set_nodelay
 
@@ -520,11 +521,10 @@ class BalancerSite(Site):
         if reactor is None:
             from twisted.internet import reactor
         Site.__init__(self, resource, reactor=reactor, timeout=client_idle_timeout)
-        self.max_connections = max_connections
+        self.limit = ConnectionLimit(max_connections, listener_name)
         self.max_connections_per_ip = max_connections_per_ip
         self.listener_name = listener_name
         self.per_ip: Dict[str, int] = {}
-        self.refusing = False
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
         self.channels: set = set()
@@ -563,15 +563,8 @@ class BalancerSite(Site):
             self.per_ip.pop(ip, None)
 
     def buildProtocol(self, addr):
-        if self.max_connections and len(self.channels) >= self.max_connections:
-            if not self.refusing:
-                self.refusing = True
-                log.warn(
-                    "listener {listener}: {limit} connections open (max_connections): refusing new ones",
-                    listener=self.listener_name, limit=self.max_connections,
-                )
-            return None
-        self.refusing = False
+        if not self.limit.admit(len(self.channels)):
+            return None  # the port closes the new connection at once
         ip = getattr(addr, "host", None)
         if self.max_connections_per_ip and ip is not None:
             if self.per_ip.get(ip, 0) >= self.max_connections_per_ip:
