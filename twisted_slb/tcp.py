@@ -14,18 +14,21 @@ Data flow: the client's connection is paused at once (nothing is read before
 a backend is connected); its pin (if any) or the scheduler names a backend;
 a failed connect is counted against that backend and the next one is tried
 (C{group.retries} times) without the client noticing; once connected, the
-pin is recorded and bytes are relayed both ways, each transport registered
-as the producer of the other, so that a fast sender to a slow receiver is
-paused rather than buffered.  Half-closes are passed through.
+pin is recorded, the optional PROXY protocol header is sent, and bytes are
+relayed both ways, each transport registered as the producer of the other,
+so that a fast sender to a slow receiver is paused rather than buffered.
+Half-closes are passed through: a client that shuts down its sending side
+still receives the rest of the backend's answer, and the other way round.
 """
 
 from __future__ import annotations
 
-import socket
+import ipaddress
 import struct
 from typing import List, Optional, Set
 
 from twisted.internet import error
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
@@ -41,78 +44,133 @@ from twisted_slb.web.upstream import set_nodelay
 log = Logger(namespace="twisted_slb.tcp")
 access = Logger(namespace="twisted_slb.access")
 
+PROXY_PROTOCOL_VERSIONS = ("v1", "v2")
+
 _PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+_PROXY_V2_PROXY = 0x21  # version 2, command PROXY
+_PROXY_V2_LOCAL = 0x20  # version 2, command LOCAL: no address information
+_PROXY_V2_TCP4 = 0x11  # AF_INET, SOCK_STREAM
+_PROXY_V2_TCP6 = 0x21  # AF_INET6, SOCK_STREAM
+
+
+def _ip(address) -> Optional[ipaddress._BaseAddress]:
+    """The IP address of an L{IPv4Address} / L{IPv6Address}, else L{None}."""
+    if not isinstance(address, (IPv4Address, IPv6Address)):
+        return None
+    try:
+        # A scope ("fe80::1%eth0") has no place in a PROXY header.
+        return ipaddress.ip_address(address.host.split("%", 1)[0])
+    except ValueError:
+        return None
 
 
 def proxy_header(version: str, client, local) -> bytes:
     """
-    The PROXY protocol header (v1 text or v2 binary) announcing a TCP
-    connection from C{client} to C{local} (both L{IPv4Address} or
-    L{IPv6Address}), so that a backend sees the real client address.
+    The PROXY protocol header announcing a TCP connection from C{client} to
+    C{local}, so that a backend sees the real client address (HAProxy's
+    C{send-proxy} and C{send-proxy-v2}).
+
+    Two IPv4 addresses (an IPv4-mapped IPv6 address counts as IPv4, as a
+    dual-stack listener reports them) give C{TCP4}; otherwise both are given
+    as IPv6.  Addresses that are not IP (a UNIX socket listener) give
+    C{PROXY UNKNOWN} (v1) or the C{LOCAL} command (v2), which tell the
+    backend to use the connection's own addresses.
+
+    @param version: C{"v1"} (text) or C{"v2"} (binary).
+    @param client: the client's address (C{transport.getPeer()}).
+    @param local: the address the client connected to
+        (C{transport.getHost()}).
+    @return: the header bytes, to be sent before anything else.
+    @raise ValueError: C{version} is neither C{"v1"} nor C{"v2"}.
     """
-    v6 = ":" in client.host or ":" in local.host
-    src = client.host
-    dst = local.host
+    if version not in PROXY_PROTOCOL_VERSIONS:
+        raise ValueError(f"PROXY protocol version must be 'v1' or 'v2', not {version!r}")
+    src, dst = _ip(client), _ip(local)
+    if src is None or dst is None:
+        if version == "v1":
+            return b"PROXY UNKNOWN\r\n"
+        return _PROXY_V2_SIGNATURE + struct.pack("!BBH", _PROXY_V2_LOCAL, 0, 0)
+    if src.version == 6 and src.ipv4_mapped is not None:
+        src = src.ipv4_mapped
+    if dst.version == 6 and dst.ipv4_mapped is not None:
+        dst = dst.ipv4_mapped
+    v6 = src.version == 6 or dst.version == 6
     if v6:
-        src = src if ":" in src else "::ffff:" + src
-        dst = dst if ":" in dst else "::ffff:" + dst
+        # One IPv4 and one IPv6 address: say both in IPv6.
+        if src.version == 4:
+            src = ipaddress.IPv6Address("::ffff:" + str(src))
+        if dst.version == 4:
+            dst = ipaddress.IPv6Address("::ffff:" + str(dst))
     if version == "v1":
         family = "TCP6" if v6 else "TCP4"
         return f"PROXY {family} {src} {dst} {client.port} {local.port}\r\n".encode("ascii")
-    if v6:
-        addresses = socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst)
-        family = 0x21  # AF_INET6, STREAM
+    body = src.packed + dst.packed + struct.pack("!HH", client.port, local.port)
+    family_byte = _PROXY_V2_TCP6 if v6 else _PROXY_V2_TCP4
+    return _PROXY_V2_SIGNATURE + struct.pack("!BBH", _PROXY_V2_PROXY, family_byte, len(body)) + body
+
+
+def _lose_write_connection(transport) -> None:
+    """Half-close C{transport}, or close it when it cannot half-close."""
+    half_close = getattr(transport, "loseWriteConnection", None)
+    if half_close is None:
+        transport.loseConnection()
     else:
-        addresses = socket.inet_aton(src) + socket.inet_aton(dst)
-        family = 0x11  # AF_INET, STREAM
-    body = addresses + struct.pack("!HH", client.port, local.port)
-    # version 2, command PROXY (0x21)
-    return _PROXY_V2_SIGNATURE + struct.pack("!BBH", 0x21, family, len(body)) + body
+        half_close()
 
 
 @implementer(IHalfCloseableProtocol)
 class _BackendProtocol(Protocol):
-    """The balancer's connection to a backend: relays to the client side."""
+    """
+    The balancer's connection to a backend: relays what the backend sends to
+    the client side (a L{TCPBalancerProtocol}).
+    """
 
-    def __init__(self, client: TCPBalancerProtocol) -> None:
-        self.client = client
+    def __init__(self, relay: TCPBalancerProtocol) -> None:
+        self.relay = relay
 
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
-        self.client.backend_connected(self)
+        self.relay.backend_connected(self)
 
     def dataReceived(self, data: bytes) -> None:
-        client = self.client
-        client.bytes_to_client += len(data)
-        client.last_activity = client.clock.seconds()
-        client.transport.write(data)
+        relay = self.relay
+        n = len(data)
+        relay.bytes_to_client += n
+        relay.backend.bytes_in += n
+        relay.last_activity = relay.seconds()
+        relay.transport.write(data)
 
     def readConnectionLost(self) -> None:
-        self.client.backend_read_closed()
+        self.relay.backend_read_closed()
 
     def writeConnectionLost(self) -> None:
-        pass
+        pass  # we half-closed it ourselves (TCPBalancerProtocol.readConnectionLost)
 
     def connectionLost(self, reason) -> None:
-        self.client.backend_lost(reason)
+        self.relay.backend_lost(reason)
 
 
 class _BackendConnector(ClientFactory):
-    """Connects one backend for one client; failures go back to the client."""
+    """
+    Connects one backend for one client connection.
+
+    A plain C{ClientFactory} for C{reactor.connectTCP}: no endpoint and no
+    L{Deferred} per attempt, which keeps the per-connection cost low.
+    """
 
     noisy = False
 
-    def __init__(self, client: TCPBalancerProtocol, backend: Backend) -> None:
-        self.client = client
+    def __init__(self, relay: TCPBalancerProtocol, backend: Backend) -> None:
+        self.relay = relay
         self.backend = backend
 
-    def buildProtocol(self, addr):
-        proto = _BackendProtocol(self.client)
+    def buildProtocol(self, addr) -> _BackendProtocol:
+        proto = _BackendProtocol(self.relay)
         proto.factory = self
         return proto
 
     def clientConnectionFailed(self, connector, reason) -> None:
-        self.client.backend_failed(self.backend, reason)
+        self.relay.backend_failed(self.backend, reason)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -120,25 +178,41 @@ class TCPBalancerProtocol(Protocol):
     """
     One client connection of a L{TCPBalancerFactory}.
 
-    @ivar session: the L{Session}: client address, pin, chosen backend.
+    @ivar session: the L{Session}: client address, pin, persistence outcome.
+    @ivar backend: the backend this connection is relayed to, once connected.
     @ivar backend_protocol: the connection to the backend, once made.
+    @ivar tried: the backends tried so far (connect failures, then the one
+        that answered).
+    @ivar bytes_from_client: bytes the client sent (relayed to the backend).
+    @ivar bytes_to_client: bytes the backend sent (relayed to the client).
+    @ivar ended: why the connection ended (the first reason wins), for the
+        access log.
     """
 
+    backend: Optional[Backend] = None
     backend_protocol: Optional[_BackendProtocol] = None
     connector = None
-    ended_by = "client closed"
+    idle_call = None
+    ended: Optional[str] = None
 
     def __init__(self, factory: TCPBalancerFactory) -> None:
         self.factory = factory
-        self.clock = factory.reactor
+        self.seconds = factory.reactor.seconds
         self.tried: List[Backend] = []
         self.bytes_from_client = 0
         self.bytes_to_client = 0
-        self.client_read_closed = False
-        self.backend_read_closed_ = False
+        self.client_eof = False
+        self.backend_eof = False
+        self.first_eof: Optional[str] = None
         self.closed = False
-        self.idle_call = None
-        self.started = self.last_activity = self.clock.seconds()
+        self.backend_gone = False
+        self.early: List[bytes] = []
+        self.started = self.last_activity = self.seconds()
+
+    def end(self, why: str) -> None:
+        """Record why the connection ends, unless a reason is known already."""
+        if self.ended is None:
+            self.ended = why
 
     # -- client side -------------------------------------------------------
 
@@ -147,51 +221,78 @@ class TCPBalancerProtocol(Protocol):
         factory.active += 1
         factory.total += 1
         factory.connections.add(self)
-        self.transport.pauseProducing()
-        set_nodelay(self.transport)
-        peer = self.transport.getPeer()
-        self.session = Session(normalise_ip(getattr(peer, "host", "") or "0.0.0.0"))
+        transport = self.transport
+        # Read nothing until a backend is connected: its bytes would have
+        # nowhere to go.
+        transport.pauseProducing()
+        set_nodelay(transport)
+        peer = transport.getPeer()
+        session = self.session = Session(normalise_ip(getattr(peer, "host", None) or "0.0.0.0"))
         policy = factory.policy
         if policy is not None:
-            self.session.policy = policy
-            self.session.pinned_key = policy.find(self.session)
+            session.policy = policy
+            try:
+                session.pinned_key = policy.find(session)
+            except Exception:
+                # A broken policy costs its pin, not the client's connection.
+                log.failure("listener {listener}: persistence policy {policy!r} failed to find a pin",
+                            listener=factory.listener_name, policy=policy)
         self.connect_next()
 
     def connect_next(self) -> None:
-        group = self.factory.group
-        if len(self.tried) > group.retries:
-            backend = None
-        else:
+        """Connect the next backend, or close the client if none is left."""
+        factory = self.factory
+        group = factory.group
+        backend = None
+        if len(self.tried) <= group.retries:
             backend = group.route(self.session, self.tried)
         if backend is None:
-            self.ended_by = "no backend available" if not self.tried else "every backend tried failed"
+            why = "every backend tried failed" if self.tried else "no backend available"
+            self.end(why)
+            factory.no_backend += 1
             log.warn(
                 "listener {listener}: no backend for client {client}: {why}",
-                listener=self.factory.listener_name, client=self.session.client_ip, why=self.ended_by,
+                listener=factory.listener_name, client=self.session.client_ip, why=why,
             )
             self.transport.loseConnection()
             return
-        self.session.backend = backend
         self.tried.append(backend)
-        self.connector = self.factory.reactor.connectTCP(
+        self.connector = factory.reactor.connectTCP(
             backend.host, backend.port, _BackendConnector(self, backend), timeout=group.connect_timeout
         )
 
     def dataReceived(self, data: bytes) -> None:
-        self.bytes_from_client += len(data)
-        self.last_activity = self.clock.seconds()
+        if self.backend_protocol is None:
+            # A paused TCP transport reads nothing, but a wrapping transport
+            # (TLS) may still hand over what it had already decrypted.
+            self.early.append(data)
+            return
+        n = len(data)
+        self.bytes_from_client += n
+        self.backend.bytes_out += n
+        self.last_activity = self.seconds()
         self.backend_protocol.transport.write(data)
 
     def readConnectionLost(self) -> None:
-        # The client will send no more: pass the half-close on.
-        self.client_read_closed = True
-        if self.backend_protocol is not None:
-            self.backend_protocol.transport.loseWriteConnection()
-            if self.backend_read_closed_:
-                self.close("both sides closed")
+        # The client will send no more: pass the half-close on, keep relaying
+        # the backend's answer.
+        if self.client_eof:
+            return
+        self.client_eof = True
+        if self.first_eof is None:
+            self.first_eof = "client closed"
+        if self.backend_protocol is None:
+            return  # passed on once the backend is connected
+        backend_transport = self.backend_protocol.transport
+        # The client's side produces nothing more: stop pausing and resuming
+        # it (a resumed transport would read its end of file again).
+        backend_transport.unregisterProducer()
+        _lose_write_connection(backend_transport)
+        if self.backend_eof:
+            self.close(self.first_eof)
 
     def writeConnectionLost(self) -> None:
-        pass
+        pass  # we half-closed it ourselves (backend_read_closed)
 
     def connectionLost(self, reason) -> None:
         if self.closed:
@@ -199,144 +300,199 @@ class TCPBalancerProtocol(Protocol):
         self.closed = True
         factory = self.factory
         factory.active -= 1
-        factory.connections.discard(self)
         if self.idle_call is not None and self.idle_call.active():
             self.idle_call.cancel()
+        self.idle_call = None
         backend_protocol = self.backend_protocol
         if backend_protocol is not None:
-            backend = self.session.backend
-            backend.active -= 1
-            backend.bytes_out += self.bytes_from_client
-            backend.bytes_in += self.bytes_to_client
+            self.backend.active -= 1
             backend_protocol.transport.loseConnection()
         elif self.connector is not None:
-            # The client left while we were still connecting.
-            self.connector.disconnect()
-            self.ended_by = "client closed before a backend was connected"
+            # The client left while a backend was still connecting.
+            self.end("client closed before a backend was connected")
+            connector, self.connector = self.connector, None
+            connector.disconnect()
+        if reason is None or reason.check(error.ConnectionDone):
+            self.end(self.first_eof or "client closed")
+        else:
+            self.end(f"client connection lost: {reason.getErrorMessage()}")
         self.log_access()
+        if backend_protocol is None or self.backend_gone:
+            self.forget()
+
+    def forget(self) -> None:
+        """Both connections are closed: the factory is done with this one."""
+        factory = self.factory
+        factory.connections.discard(self)
         if not factory.connections:
             factory.tracker.idle()
 
     # -- backend side ----------------------------------------------------------
 
     def backend_failed(self, backend: Backend, reason) -> None:
+        """A connect to C{backend} failed: count it and try the next one."""
         self.connector = None
+        if self.closed:
+            # We gave up on it because the client left: not its failure.
+            return
         why = "timed out" if reason.check(error.TimeoutError) else reason.getErrorMessage()
         backend.record_failure(f"connect {why}")
         log.warn(
-            "listener {listener}: connect to backend {backend} ({address}) failed: {why}",
-            listener=self.factory.listener_name, backend=backend.name, address=backend.address, why=why,
+            "listener {listener}: connect to backend {backend} ({address}) for client {client} failed: {why}",
+            listener=self.factory.listener_name, backend=backend.name, address=backend.address,
+            client=self.session.client_ip, why=why,
         )
-        if self.closed:
-            return
         self.connect_next()
 
     def backend_connected(self, backend_protocol: _BackendProtocol) -> None:
+        """The backend answered: record the pin, then relay both ways."""
         self.connector = None
-        backend = self.session.backend
         if self.closed:
             backend_protocol.transport.loseConnection()
             return
+        factory = self.factory
+        session = self.session
+        backend = self.tried[-1]
+        session.backend = self.backend = backend
         self.backend_protocol = backend_protocol
         backend.record_success()
         backend.active += 1
         backend.total += 1
-        session = self.session
         if session.policy is not None:
-            session.policy.remember(session, backend)
+            try:
+                session.policy.remember(session, backend)
+            except Exception:
+                log.failure("listener {listener}: persistence policy {policy!r} failed to remember a pin",
+                            listener=factory.listener_name, policy=session.policy)
+        client_transport = self.transport
         backend_transport = backend_protocol.transport
-        if self.factory.proxy_protocol:
+        if factory.proxy_protocol:
             backend_transport.write(
-                proxy_header(self.factory.proxy_protocol, self.transport.getPeer(), self.transport.getHost())
+                proxy_header(factory.proxy_protocol, client_transport.getPeer(), client_transport.getHost())
             )
         # Each side is the producer of the other: a slow reader pauses the
         # fast writer instead of growing a buffer.
-        self.transport.registerProducer(backend_transport, True)
-        backend_transport.registerProducer(self.transport, True)
-        self.transport.resumeProducing()
-        timeout = self.factory.idle_timeout
+        client_transport.registerProducer(backend_transport, True)
+        backend_transport.registerProducer(client_transport, True)
+        self.last_activity = self.seconds()
+        timeout = factory.idle_timeout
         if timeout:
-            self.idle_call = self.clock.callLater(timeout, self.check_idle)
+            self.idle_call = factory.reactor.callLater(timeout, self.check_idle)
+        if self.early:
+            early, self.early = self.early, []
+            for data in early:
+                self.dataReceived(data)
+        if self.client_eof:
+            self.client_eof = False
+            self.readConnectionLost()
+        if not self.client_eof:
+            client_transport.resumeProducing()
 
     def backend_read_closed(self) -> None:
-        self.backend_read_closed_ = True
-        self.transport.loseWriteConnection()
-        if self.client_read_closed:
-            self.close("both sides closed")
+        """The backend will send no more: half-close the client's side."""
+        if self.backend_eof or self.closed:
+            return
+        self.backend_eof = True
+        if self.first_eof is None:
+            self.first_eof = "backend closed"
+        self.transport.unregisterProducer()
+        _lose_write_connection(self.transport)
+        if self.client_eof:
+            self.close(self.first_eof)
 
     def backend_lost(self, reason) -> None:
-        if not self.closed:
-            if not reason.check(error.ConnectionDone):
-                self.ended_by = f"backend connection lost: {reason.getErrorMessage()}"
-            elif not self.client_read_closed:
-                self.ended_by = "backend closed"
-            self.transport.loseConnection()
+        """The backend connection is gone: the client's goes too."""
+        self.backend_gone = True
+        if self.closed:
+            self.forget()
+            return
+        if reason.check(error.ConnectionDone):
+            self.end(self.first_eof or "backend closed")
+        else:
+            self.end(f"backend connection lost: {reason.getErrorMessage()}")
+        self.transport.loseConnection()
 
     # -- idle timeout --------------------------------------------------------
 
     def check_idle(self) -> None:
-        # One timer per connection, re-armed for the remaining time rather
-        # than reset on every chunk of data.
-        idle = self.clock.seconds() - self.last_activity
+        # One timer per connection, re-armed for the time left, rather than
+        # a DelayedCall reset on every chunk of data: the relay path only
+        # stores a timestamp.
+        self.idle_call = None
+        if self.closed:
+            return
         timeout = self.factory.idle_timeout
+        idle = self.seconds() - self.last_activity
         if idle >= timeout:
-            self.idle_call = None
             log.info(
-                "listener {listener}: closing idle connection of {client} after {timeout} s",
-                listener=self.factory.listener_name, client=self.session.client_ip, timeout=timeout,
+                "listener {listener}: closing connection of {client} to {backend}: idle for {timeout} s",
+                listener=self.factory.listener_name, client=self.session.client_ip,
+                backend=self.backend.name, timeout=timeout,
             )
             self.close("idle timeout")
         else:
-            self.idle_call = self.clock.callLater(timeout - idle, self.check_idle)
+            self.idle_call = self.factory.reactor.callLater(timeout - idle, self.check_idle)
 
     def close(self, why: str) -> None:
-        self.ended_by = why
+        """Close both sides (pending data is still delivered)."""
+        self.end(why)
         self.transport.loseConnection()
         if self.backend_protocol is not None:
             self.backend_protocol.transport.loseConnection()
 
+    # -- accounting ----------------------------------------------------------
+
     def log_access(self) -> None:
+        factory = self.factory
         session = self.session
-        backend = session.backend if self.backend_protocol is not None else None
-        if self.factory.access_log:
-            self._log_line(session, backend)
-        stats = self.factory.stats
+        backend = self.backend
+        if factory.access_log:
+            access.info(
+                "{listener} {client} -> {backend} ({backend_address}) persistence={outcome} "
+                "from_client={bytes_from_client} to_client={bytes_to_client} {duration:.3f}s {ended}",
+                listener=factory.listener_name,
+                client=session.client_ip,
+                backend=backend.name if backend else "-",
+                backend_address=backend.address if backend else "-",
+                outcome=session.outcome,
+                bytes_from_client=self.bytes_from_client,
+                bytes_to_client=self.bytes_to_client,
+                duration=self.seconds() - self.started,
+                ended=self.ended,
+            )
+        stats = factory.stats
         if stats is not None:
             stats.connection_done(backend, session.outcome, self.bytes_from_client, self.bytes_to_client)
-
-    def _log_line(self, session, backend) -> None:
-        access.info(
-            "{listener} {client} -> {backend} ({address}) persistence={outcome} "
-            "in={bytes_in} out={bytes_out} {duration:.3f}s {ended}",
-            listener=self.factory.listener_name,
-            client=session.client_ip,
-            backend=backend.name if backend else "-",
-            address=backend.address if backend else "-",
-            outcome=session.outcome,
-            bytes_in=self.bytes_from_client,
-            bytes_out=self.bytes_to_client,
-            duration=self.clock.seconds() - self.started,
-            ended=self.ended_by,
-        )
 
 
 class TCPBalancerFactory(ServerFactory):
     """
     A server factory that balances TCP connections over a L{BackendGroup}.
 
+    Listen on it with any stream endpoint
+    (C{serverFromString(reactor, "tcp:8081").listen(factory)}).
+
     @ivar group: the backends.
     @ivar policy: the L{IPersistencePolicy} (or L{None} for none).
-    @ivar idle_timeout: seconds a proxied connection may be idle (0: never).
+    @ivar reactor: provides C{connectTCP} and L{IReactorTime}.
+    @ivar idle_timeout: seconds a proxied connection may go without data in
+        either direction before both sides are closed (0: never).
     @ivar proxy_protocol: C{"v1"}, C{"v2"} or L{None}: send a PROXY protocol
         header to the backend first.
+    @ivar listener_name: the name in logs and stats.
     @ivar active: client connections open now.
     @ivar total: client connections ever accepted.
+    @ivar no_backend: client connections closed because no backend could
+        take them.
+    @ivar connections: the L{TCPBalancerProtocol}s whose client or backend
+        connection is still open (a graceful shutdown waits for them).
     @ivar stats: an object with C{connection_done(backend, outcome,
         bytes_in, bytes_out)}, or L{None}.
     @ivar access_log: whether to log one line per connection.
     """
 
     noisy = False
+    protocol = TCPBalancerProtocol
 
     def __init__(
         self,
@@ -350,10 +506,28 @@ class TCPBalancerFactory(ServerFactory):
         max_connections: int = 0,
         access_log: bool = True,
     ) -> None:
+        """
+        @param group: the backends to balance over.
+        @param policy: the persistence policy, or L{None} for none.
+        @param reactor: the reactor (C{connectTCP} and L{IReactorTime});
+            the global one by default.
+        @param idle_timeout: seconds without data either way before a
+            connection is closed; 0 for never.
+        @param proxy_protocol: C{"v1"} or C{"v2"} to send a PROXY protocol
+            header to the backend, L{None} not to.
+        @param listener_name: the name in logs and stats.
+        @param stats: receives C{connection_done(...)} once per connection.
+        @param max_connections: the most client connections open at once;
+            0 for no limit.
+        @param access_log: whether to log one line per connection.
+        @raise ValueError: C{proxy_protocol} or C{idle_timeout} is invalid.
+        """
         if reactor is None:
             from twisted.internet import reactor
-        if proxy_protocol not in (None, "v1", "v2"):
+        if proxy_protocol is not None and proxy_protocol not in PROXY_PROTOCOL_VERSIONS:
             raise ValueError(f"proxy_protocol must be None, 'v1' or 'v2', not {proxy_protocol!r}")
+        if idle_timeout < 0:
+            raise ValueError(f"idle_timeout must be 0 (never) or a positive number of seconds, not {idle_timeout!r}")
         self.group = group
         self.policy = policy
         self.reactor = reactor
@@ -363,6 +537,7 @@ class TCPBalancerFactory(ServerFactory):
         self.stats = stats
         self.active = 0
         self.total = 0
+        self.no_backend = 0
         self.connections: Set[TCPBalancerProtocol] = set()
         self.tracker = IdleTracker()
         self.limit = ConnectionLimit(max_connections, listener_name)
