@@ -182,7 +182,8 @@ class _Exchange:
             return
         self.backend.active -= 1
         if self.sender is not None:
-            self.sender.stopProducing() if self.sender.deferred and not self.sender.deferred.called else None
+            if self.sender.deferred is not None and not self.sender.deferred.called:
+                self.sender.stopProducing()  # the upload is abandoned with the connection
             self.sender = None
         if reusable:
             upstream.release()
@@ -234,7 +235,7 @@ class _Exchange:
         session = self.session
         if session.policy is not None:
             session.policy.remember(session, self.backend)
-        if self.upstream is not None and self.upstream.state != 7:  # a body follows
+        if self.upstream is not None and self.upstream.body_follows:
             request.registerProducer(self.upstream.transport, True)
 
     def response_data(self, data: bytes) -> None:

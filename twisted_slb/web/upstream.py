@@ -101,6 +101,11 @@ class UpstreamProtocol(Protocol):
         self.connected = True
         set_nodelay(self.transport)
 
+    @property
+    def body_follows(self) -> bool:
+        """Whether the response whose head just arrived still has a body to come."""
+        return self.state != _IDLE
+
     def send(self, head: bytes, handler, head_request: bool = False) -> None:
         """
         Send a request head (request line and headers, ending with the blank
