@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted_slb.backends import BackendGroup
 from twisted_slb.config import Config, ConfigError, ListenerConfig, load_config
 from twisted_slb.stats import StatsRegistry
+from twisted_slb.tls import ClientTLSCache, describe_address
 
 log = Logger(namespace="twisted_slb.service")
 
@@ -100,7 +101,7 @@ class ListenerService(Service):
                 "listener {listener} ({protocol}) listening on {address}",
                 listener=self.config.name,
                 protocol=self.config.protocol,
-                address=_describe_address(port),
+                address=describe_address(port.getHost()),
             )
             return port
 
@@ -170,16 +171,6 @@ class ListenerService(Service):
         return d
 
 
-def _describe_address(port) -> str:
-    addr = port.getHost()
-    host = getattr(addr, "host", None)
-    if host is None:
-        return str(addr)
-    if ":" in host:
-        return f"[{host}]:{addr.port}"
-    return f"{host}:{addr.port}"
-
-
 class BalancerService(MultiService):
     """
     Every listener of a configuration, and the state they share.
@@ -215,8 +206,6 @@ class BalancerService(MultiService):
         self.groups: Dict[str, BackendGroup] = {}
         self.stick_tables: Dict[str, object] = {}
         self.pool = None
-        from twisted_slb.tls import ClientTLSCache
-
         self.client_tls = ClientTLSCache()
         self.stats = StatsRegistry(self.groups)
         certificates = self._load_certificates(config)

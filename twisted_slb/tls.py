@@ -604,7 +604,8 @@ def _ssl_reason(error: BaseException) -> str:
     return str(error) or error.__class__.__name__
 
 
-def _describe_peer(address) -> str:
+def describe_address(address) -> str:
+    """C{host:port} of an address, IPv6 hosts in brackets (for log lines)."""
     host = getattr(address, "host", None)
     port = getattr(address, "port", None)
     if host is None:
@@ -668,7 +669,7 @@ class _HandshakeGuard(Protocol):
         self._timed_out = True
         log.info(
             "TLS handshake from {client} timed out after {timeout}s: closing",
-            client=_describe_peer(self._addr),
+            client=describe_address(self._addr),
             timeout=self._timeout,
         )
         self.transport.abortConnection()
@@ -694,7 +695,7 @@ class _HandshakeGuard(Protocol):
         self.wrapped.connectionLost(reason)
 
     def _log_failure(self, reason: Failure) -> None:
-        client = _describe_peer(self._addr)
+        client = describe_address(self._addr)
         if reason.check(SSL.Error):
             log.info(
                 "TLS handshake from {client} failed: {reason}",
