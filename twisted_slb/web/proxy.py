@@ -58,6 +58,38 @@ def _connection_tokens(headers) -> frozenset:
     return frozenset(t.strip().lower() for v in values for t in v.split(b","))
 
 
+def _origin_form(uri: bytes):
+    """
+    The request target to send (origin-form) and, for an absolute-form
+    target (C{GET http://host/path}), its authority.
+    """
+    lower = uri[:8].lower()
+    if not (lower.startswith(b"http://") or lower.startswith(b"https://")):
+        return uri, None
+    rest = uri.split(b"://", 1)[1]
+    slash = [i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0]
+    cut = min(slash) if slash else len(rest)
+    authority, target = rest[:cut], rest[cut:]
+    if target.startswith(b"?") or not target:
+        target = b"/" + target
+    return target, authority
+
+
+def _request_problem(request) -> Optional[str]:
+    """Why a request must not be forwarded (RFC 9112 3.2), or L{None}."""
+    hosts = request.requestHeaders.getRawHeaders(b"host") or []
+    if len(hosts) > 1:
+        return "more than one Host header"
+    if request.clientproto == b"HTTP/1.1" and not hosts and _origin_form(request.uri)[1] is None:
+        return "an HTTP/1.1 request needs a Host header"
+    if hosts and (not hosts[0] or b"," in hosts[0] or b" " in hosts[0].strip()):
+        return "invalid Host header"
+    authority = _origin_form(request.uri)[1]
+    if authority is not None and (not authority or b"@" in authority):
+        return "invalid absolute-form request target"
+    return None
+
+
 class _Exchange:
     """One client request's trip through the proxy (and its retries)."""
 
@@ -92,12 +124,19 @@ class _Exchange:
         request = self.request
         headers = request.requestHeaders
         drop = HOP_BY_HOP | _FORWARDED | _connection_tokens(headers)
-        lines = [request.method, b" ", request.uri, b" HTTP/1.1\r\n"]
-        host = None
+        target, authority = _origin_form(request.uri)
+        lines = [request.method, b" ", target, b" HTTP/1.1\r\n"]
+        host = authority
+        if authority is not None:
+            # RFC 9112 3.2.2: with an absolute-form target, the Host field
+            # is replaced by the target's authority, so that the backend can
+            # never read a host other than the one we routed on.
+            drop = drop | {b"host"}
+            lines += [b"Host: ", authority, b"\r\n"]
         forwarded_for = None
         for name, values in headers.getAllRawHeaders():
             lower = name.lower()
-            if lower == b"host":
+            if lower == b"host" and host is None:
                 host = values[0]
             elif lower == b"x-forwarded-for":
                 forwarded_for = b", ".join(values)
@@ -417,10 +456,19 @@ class BalancedProxyResource(Resource):
         return self.tls.options_for(group.name, group.tls, backend.host)
 
     def render(self, request: Request):
+        problem = _request_problem(request)
+        if problem is not None:
+            request.setResponseCode(400, b"Bad Request")
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            request.responseHeaders.removeHeader(b"server")
+            log.info("listener {listener}: 400 for {client}: {problem}",
+                     listener=self.listener_name, client=request.getClientAddress(), problem=problem)
+            return f"400 Bad Request: {problem}\n".encode("utf-8")
         upgrade = request.getHeader(b"upgrade")
         if upgrade is not None and b"upgrade" in _connection_tokens(request.requestHeaders):
             request.setResponseCode(501, b"Not Implemented")
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            request.responseHeaders.removeHeader(b"server")
             log.info(
                 "listener {listener}: refused Upgrade: {upgrade} from {client}",
                 listener=self.listener_name, upgrade=upgrade, client=request.getClientAddress(),
