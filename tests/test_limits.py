@@ -68,3 +68,27 @@ class HTTPLimitTests(SynchronousTestCase):
         first.connectionLost(None)
         _, again = self.connect(site, "127.0.0.2")
         self.assertEqual(again.value(), b"")
+
+
+class SlowClientTests(SynchronousTestCase):
+    """A client trickling its request head (slowloris) is timed out."""
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.site = BalancerSite(Resource(), reactor=self.reactor, client_idle_timeout=10)
+        self.proto = self.site.buildProtocol(addr("127.0.0.2"))
+        self.transport = StringTransport(peerAddress=addr("127.0.0.2"))
+        self.proto.makeConnection(self.transport)
+
+    def test_tricklingHeadersGet408(self):
+        self.proto.dataReceived(b"GET / HTTP/1.1\r\n")
+        for i in range(3):
+            self.reactor.advance(4)  # each byte comes before the idle timeout...
+            self.proto.dataReceived(b"X-%d: y\r\n" % i)
+        # ...but the head as a whole took longer than the timeout.
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 408 Request Timeout\r\n"))
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_completeHeadCancelsTheDeadline(self):
+        self.proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIsNone(self.proto.header_deadline)

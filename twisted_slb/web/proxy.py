@@ -499,9 +499,28 @@ class _BalancerChannel(HTTPChannel):
         if self._receivedHeaderCount >= self.maxHeaders and line:
             self._too_large(431, b"Request Header Fields Too Large")
             return
+        if self._receivedHeaderSize == 0 and line and self.header_deadline is None and self.timeOut:
+            # The idle timeout restarts with every byte, so a client that
+            # trickles its headers (slowloris) would never be timed out: the
+            # whole head must arrive within one timeout of its first line.
+            self.header_deadline = self.callLater(self.timeOut, self._headers_too_slow)
         return HTTPChannel.lineReceived(self, line)
 
+    def allHeadersReceived(self) -> None:
+        self._cancel_header_deadline()
+        HTTPChannel.allHeadersReceived(self)
+
+    def _cancel_header_deadline(self) -> None:
+        if self.header_deadline is not None and self.header_deadline.active():
+            self.header_deadline.cancel()
+        self.header_deadline = None
+
+    def _headers_too_slow(self) -> None:
+        self.header_deadline = None
+        self._too_large(408, b"Request Timeout")
+
     client_ip = None
+    header_deadline = None
 
     def connectionMade(self) -> None:
         HTTPChannel.connectionMade(self)
@@ -509,6 +528,7 @@ class _BalancerChannel(HTTPChannel):
         self.site.channels.add(self)
 
     def connectionLost(self, reason) -> None:
+        self._cancel_header_deadline()
         HTTPChannel.connectionLost(self, reason)
         site = self.site
         site.channels.discard(self)
@@ -518,6 +538,7 @@ class _BalancerChannel(HTTPChannel):
             site.tracker.idle()
 
     def _too_large(self, code: int, reason: bytes) -> None:
+        self._cancel_header_deadline()
         log.info(
             "request from {client} refused: {code} {reason}",
             client=self.transport.getPeer(), code=code, reason=reason.decode("ascii"),
