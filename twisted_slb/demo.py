@@ -179,8 +179,19 @@ persistence = {{ type = "source_ip", timeout = 1000 }}
 """
 
 
+def _slb_check() -> str:
+    """How to call slb-check from here: by name when it is on PATH."""
+    import shutil
+
+    if shutil.which("slb-check"):
+        return "slb-check"
+    beside = os.path.join(os.path.dirname(sys.executable), "slb-check")
+    return beside if os.path.exists(beside) else "slb-check"
+
+
 def demo_banner(port_base: int = DEMO_PORT_BASE) -> str:
     """The lines printed when the demo starts."""
+    check = _slb_check()
     layout = demo_layout(port_base)
     i = layout.interface
     p = layout.listener_ports
@@ -191,15 +202,15 @@ twisted_slb demo is running (Ctrl-C to stop). Demo backends: {backends}.
   Insert-cookie persistence (SERVERID), http://{i}:{p['insert']}/
     curl -c jar http://{i}:{p['insert']}/        # first visit: the response sets SERVERID
     curl -b jar http://{i}:{p['insert']}/        # same backend, every time
-    slb-check http://{i}:{p['insert']}/ -n 30    # the FAQ's 30-request loop, with a verdict
+    {check} http://{i}:{p['insert']}/ -n 30    # the FAQ's 30-request loop, with a verdict
 
   Rewrite-cookie persistence (the backend's JSESSIONID), http://{i}:{p['rewrite']}/
     curl -c jar2 http://{i}:{p['rewrite']}/ ; curl -b jar2 http://{i}:{p['rewrite']}/
-    slb-check http://{i}:{p['rewrite']}/ -n 30 --cookie JSESSIONID
+    {check} http://{i}:{p['rewrite']}/ -n 30 --cookie JSESSIONID
 
   Source-IP persistence (TCP), {i}:{p['tcp']}
     for a in 1 2 3; do curl -s --max-time 1 telnet://{i}:{p['tcp']} --interface 127.0.0.5 </dev/null; done
-    slb-check --tcp {i}:{p['tcp']} --source 127.0.0.5 -n 10
+    {check} --tcp {i}:{p['tcp']} --source 127.0.0.5 -n 10
 
   The demo's configuration: twistd slb --port-base {port_base} --print-config
 """
