@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import List, Optional, Set
+from typing import List, Optional, Set, Union
 
 from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -53,7 +53,7 @@ _PROXY_V2_TCP4 = 0x11  # AF_INET, SOCK_STREAM
 _PROXY_V2_TCP6 = 0x21  # AF_INET6, SOCK_STREAM
 
 
-def _ip(address) -> Optional[ipaddress._BaseAddress]:
+def _ip(address) -> Optional[Union[ipaddress.IPv4Address, ipaddress.IPv6Address]]:
     """The IP address of an L{IPv4Address} / L{IPv6Address}, else L{None}."""
     if not isinstance(address, (IPv4Address, IPv6Address)):
         return None
