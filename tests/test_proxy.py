@@ -223,6 +223,28 @@ class ProxyTests(TestCase):
         self.assertEqual(len(built), 1)
 
     @defer.inlineCallbacks
+    def test_unsafeRequestsGetAFreshConnection(self):
+        """
+        A POST never goes on an idle pooled connection (the backend might
+        close it just as the request is written, and a POST cannot be sent
+        again); GETs reuse connections.
+        """
+        recorder = Recorder()
+        site = Site(recorder)
+        built = []
+        original = site.buildProtocol
+        site.buildProtocol = lambda addr: built.append(addr) or original(addr)
+        port = yield self.listen(site)
+        url, _ = yield self.proxy(port.getHost().port)
+        agent = self.agent()
+        yield readBody((yield agent.request(b"GET", (url + "/").encode())))
+        body = FileBodyProducer(__import__("io").BytesIO(b"x"))
+        yield readBody((yield agent.request(b"POST", (url + "/upload").encode(), None, body)))
+        yield readBody((yield agent.request(b"GET", (url + "/").encode())))
+        self.assertEqual(len(recorder.requests), 3)
+        self.assertEqual(len(built), 2)
+
+    @defer.inlineCallbacks
     def test_refusedBackendRetriedForGet(self):
         dead = yield self.listen(Site(Recorder()))
         dead_port = dead.getHost().port

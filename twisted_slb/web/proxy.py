@@ -117,6 +117,8 @@ class _Exchange:
             length = content.tell()
             content.seek(0, 0)
         self.body_length = length
+        # Safe to send again if a backend fails before answering.
+        self.retryable = request.method in IDEMPOTENT and not length
         self.head = self._build_head()
         request.notifyFinish().addErrback(self._client_lost)
 
@@ -174,7 +176,7 @@ class _Exchange:
         self.tried.append(backend)
         tls = resource.tls_options_for(backend)
         self.connector = resource.pool.get(
-            backend, group.connect_timeout, self._connected, self._connect_failed, tls
+            backend, group.connect_timeout, self._connected, self._connect_failed, tls, reuse=self.retryable
         )
 
     def _connect_failed(self, reason) -> None:
@@ -326,7 +328,7 @@ class _Exchange:
             "listener {listener}: backend {backend} ({address}) failed before answering: {why}",
             listener=self.resource.listener_name, backend=backend.name, address=backend.address, why=why,
         )
-        if not received and self.request.method in IDEMPOTENT and not self.body_length:
+        if not received and self.retryable:
             self.start()
         else:
             self.fail(502, "Bad Gateway", "the backend failed to answer")

@@ -353,17 +353,21 @@ class UpstreamPool:
         self.all: set = set()
         self._closed = IdleTracker()
 
-    def get(self, backend, connect_timeout: float, ready, failed, tls_options=None):
+    def get(self, backend, connect_timeout: float, ready, failed, tls_options=None, reuse: bool = True):
         """
         An idle connection to C{backend}, or a new one.
 
         C{ready(protocol, reused)} is called with the connection (at once for
         a reused one); C{failed(reason)} if connecting fails.
 
+        @param reuse: whether an idle connection may be used.  A request that
+            cannot be sent again must not go on one: the backend may close an
+            idle connection just as the request is written, and then nobody
+            knows whether it was processed.
         @return: the connector of a new connection (to cancel it), or L{None}.
         """
         key = (backend.host, backend.port, tls_options is not None)
-        idle = self.idle.get(key)
+        idle = self.idle.get(key) if reuse else None
         while idle:
             proto = idle.pop()
             if proto.idle_call is not None and proto.idle_call.active():
