@@ -92,3 +92,32 @@ class SlowClientTests(SynchronousTestCase):
     def test_completeHeadCancelsTheDeadline(self):
         self.proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertIsNone(self.proto.header_deadline)
+
+    def test_clientThatStopsReadingIsClosed(self):
+        """
+        While a response is being written, a client whose socket stays full
+        for a whole idle timeout is dropped (twisted.web's own idle timeout
+        is off during a response).
+        """
+        from twisted.web.server import NOT_DONE_YET
+
+        class Endless(Resource):
+            isLeaf = True
+
+            def render(self, request):
+                request.write(b"x" * 100)
+                return NOT_DONE_YET
+
+        site = BalancerSite(Endless(), reactor=self.reactor, client_idle_timeout=10)
+        proto = site.buildProtocol(addr("127.0.0.2"))
+        transport = StringTransport(peerAddress=addr("127.0.0.2"))
+        proto.makeConnection(transport)
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        proto.pauseProducing()  # what the transport does when the client stops reading
+        self.reactor.advance(9)
+        proto.resumeProducing()  # it read something: the clock starts over
+        proto.pauseProducing()
+        self.reactor.advance(9)
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(1)
+        self.assertTrue(transport.disconnecting)

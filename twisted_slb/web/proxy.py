@@ -501,11 +501,11 @@ class _BalancerChannel(HTTPChannel):
         if self._receivedHeaderCount >= self.maxHeaders and line:
             self._too_large(431, b"Request Header Fields Too Large")
             return
-        if self._receivedHeaderSize == 0 and line and self.header_deadline is None and self.timeOut:
+        if self._receivedHeaderSize == 0 and line and self.header_deadline is None and self.site.timeOut:
             # The idle timeout restarts with every byte, so a client that
             # trickles its headers (slowloris) would never be timed out: the
             # whole head must arrive within one timeout of its first line.
-            self.header_deadline = self.callLater(self.timeOut, self._headers_too_slow)
+            self.header_deadline = self.callLater(self.site.timeOut, self._headers_too_slow)
         return HTTPChannel.lineReceived(self, line)
 
     def allHeadersReceived(self) -> None:
@@ -523,6 +523,34 @@ class _BalancerChannel(HTTPChannel):
 
     client_ip = None
     header_deadline = None
+    stalled = None  # the timer of a client that stopped reading
+
+    def pauseProducing(self) -> None:
+        # The client stopped reading (our send buffer is full).  twisted.web
+        # suspends the idle timeout while a request is being answered, so a
+        # client that never reads would hold the connection (and the paused
+        # backend connection) for as long as the backend keeps it: give it
+        # one idle timeout to read again.
+        HTTPChannel.pauseProducing(self)
+        # The site's timeout: the channel's own is set to None during a request.
+        timeout = self.site.timeOut
+        if self.stalled is None and timeout:
+            self.stalled = self.callLater(timeout, self._stopped_reading)
+
+    def resumeProducing(self) -> None:
+        self._cancel_stalled()
+        HTTPChannel.resumeProducing(self)
+
+    def _cancel_stalled(self) -> None:
+        if self.stalled is not None and self.stalled.active():
+            self.stalled.cancel()
+        self.stalled = None
+
+    def _stopped_reading(self) -> None:
+        self.stalled = None
+        log.info("client {client} read nothing for {timeout} s: closing its connection",
+                 client=self.transport.getPeer(), timeout=self.site.timeOut)
+        self.transport.abortConnection()
 
     def connectionMade(self) -> None:
         HTTPChannel.connectionMade(self)
@@ -531,6 +559,7 @@ class _BalancerChannel(HTTPChannel):
 
     def connectionLost(self, reason) -> None:
         self._cancel_header_deadline()
+        self._cancel_stalled()
         HTTPChannel.connectionLost(self, reason)
         site = self.site
         site.channels.discard(self)
