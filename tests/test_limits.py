@@ -12,6 +12,7 @@ from twisted.web.resource import Resource
 
 from twisted_slb.backends import Backend, BackendGroup
 from twisted_slb.tcp import TCPBalancerFactory
+from twisted_slb.web.front import HTTPFrontFactory
 from twisted_slb.web.proxy import BalancerSite
 
 
@@ -36,8 +37,10 @@ class TCPLimitTests(SynchronousTestCase):
 
 
 class HTTPLimitTests(SynchronousTestCase):
-    def site(self, **kwargs) -> BalancerSite:
-        return BalancerSite(Resource(), reactor=MemoryReactorClock(), **kwargs)
+    site_class = BalancerSite
+
+    def site(self, **kwargs):
+        return self.site_class(Resource(), reactor=MemoryReactorClock(), **kwargs)
 
     def connect(self, site, host):
         proto = site.buildProtocol(addr(host))
@@ -71,11 +74,13 @@ class HTTPLimitTests(SynchronousTestCase):
 
 
 class SlowClientTests(SynchronousTestCase):
-    """A client trickling its request head (slowloris) is timed out."""
+    """A client trickling its request head (slowloris) is timed out (L{BalancerSite})."""
+
+    site_class = BalancerSite
 
     def setUp(self):
         self.reactor = MemoryReactorClock()
-        self.site = BalancerSite(Resource(), reactor=self.reactor, client_idle_timeout=10)
+        self.site = self.site_class(Resource(), reactor=self.reactor, client_idle_timeout=10)
         self.proto = self.site.buildProtocol(addr("127.0.0.2"))
         self.transport = StringTransport(peerAddress=addr("127.0.0.2"))
         self.proto.makeConnection(self.transport)
@@ -108,7 +113,7 @@ class SlowClientTests(SynchronousTestCase):
                 request.write(b"x" * 100)
                 return NOT_DONE_YET
 
-        site = BalancerSite(Endless(), reactor=self.reactor, client_idle_timeout=10)
+        site = self.site_class(Endless(), reactor=self.reactor, client_idle_timeout=10)
         proto = site.buildProtocol(addr("127.0.0.2"))
         transport = StringTransport(peerAddress=addr("127.0.0.2"))
         proto.makeConnection(transport)
@@ -121,3 +126,23 @@ class SlowClientTests(SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
         self.reactor.advance(1)
         self.assertTrue(transport.disconnecting)
+
+
+class FrontHTTPLimitTests(HTTPLimitTests):
+    """The same limits on the listeners' own HTTP/1.1 server."""
+
+    site_class = HTTPFrontFactory
+
+
+class FrontSlowClientTests(SlowClientTests):
+    """The same timeouts on the listeners' own HTTP/1.1 server."""
+
+    site_class = HTTPFrontFactory
+
+    def test_completeHeadCancelsTheDeadline(self):
+        """Once the head is in, the head deadline no longer applies."""
+        self.proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.transport.clear()
+        self.proto.dataReceived(b"")
+        self.reactor.advance(15)
+        self.assertNotIn(b"408", self.transport.value())

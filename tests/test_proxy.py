@@ -18,6 +18,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from twisted_slb.backends import Backend, BackendGroup
+from twisted_slb.web.front import HTTPFrontFactory
 from twisted_slb.web.proxy import BalancedProxyResource, BalancerSite
 from twisted_slb.web.upstream import UpstreamPool, UpstreamProtocol
 
@@ -152,7 +153,10 @@ class CloseBeforeAnswer(protocol.Protocol):
 
 
 class ProxyTests(TestCase):
+    """The proxy behind twisted.web (L{BalancerSite}, for embedding)."""
+
     timeout = 60
+    site_class = BalancerSite
 
     @defer.inlineCallbacks
     def listen(self, factory):
@@ -169,7 +173,7 @@ class ProxyTests(TestCase):
         pool = UpstreamPool(reactor)
         self.addCleanup(pool.close)
         resource = BalancedProxyResource(group, reactor=clock or reactor, pool=pool, request_timeout=request_timeout)
-        site = BalancerSite(resource, reactor=reactor)
+        site = self.site_class(resource, reactor=reactor)
         port = yield self.listen(site)
         return f"http://127.0.0.1:{port.getHost().port}", group
 
@@ -391,3 +395,9 @@ class ProxyTests(TestCase):
         response = yield self.agent().request(b"GET", (url + "/").encode(), headers)
         yield readBody(response)
         self.assertEqual(response.code, 431)
+
+
+class FrontProxyTests(ProxyTests):
+    """The same, behind the listeners' own HTTP/1.1 server (L{HTTPFrontFactory})."""
+
+    site_class = HTTPFrontFactory

@@ -380,9 +380,9 @@ class BalancerService(MultiService):
         return RuleRouter(routes, default)
 
     def _build_site(self, listener: ListenerConfig):
-        from twisted_slb.web.proxy import BalancerSite
+        from twisted_slb.web.front import HTTPFrontFactory
 
-        site = BalancerSite(
+        site = HTTPFrontFactory(
             self._build_resource(listener),
             reactor=self.reactor,
             client_idle_timeout=listener.client_idle_timeout,
@@ -391,6 +391,7 @@ class BalancerService(MultiService):
             max_connections=listener.max_connections,
             max_connections_per_ip=listener.max_connections_per_ip,
             listener_name=listener.name,
+            secure=listener.protocol == "https",
         )
         stats = site.stats = self.stats.for_listener(listener.name, listener.protocol)
         stats.active_source = lambda: len(site.channels)

@@ -1,0 +1,398 @@
+"""
+The listeners' own HTTP/1.1 server (L{twisted_slb.web.front}), in memory:
+parsing and refusing requests, framing responses, keep-alive and pipelining,
+bodies, timeouts, back-pressure, half-close and draining.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionLost
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from twisted_slb.web.front import SPOOL_BYTES, FrontRequest, HTTPFrontFactory
+
+CLIENT = IPv4Address("TCP", "127.0.0.2", 5000)
+
+
+class Recorder(Resource):
+    """Records requests; answers with a fixed body, or holds them open."""
+
+    isLeaf = True
+
+    def __init__(self, hold: bool = False) -> None:
+        Resource.__init__(self)
+        self.hold = hold
+        self.requests: List[FrontRequest] = []
+        self.bodies: List[bytes] = []
+
+    def render(self, request):
+        self.requests.append(request)
+        self.bodies.append(request.content.read() if request.content is not None else b"")
+        if self.hold:
+            return NOT_DONE_YET
+        request.setHeader(b"content-type", b"text/plain")
+        return b"hello " + request.path
+
+
+def responses(data: bytes) -> List[bytes]:
+    """The status lines in C{data}."""
+    return [line for line in data.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
+
+
+class FrontTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.resource = Recorder()
+
+    def connect(self, resource=None, **kwargs):
+        factory = HTTPFrontFactory(resource or self.resource, reactor=self.reactor, **kwargs)
+        self.factory = factory
+        proto = factory.buildProtocol(CLIENT)
+        transport = StringTransport(peerAddress=CLIENT)
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def assertRefused(self, request: bytes, status: bytes, **kwargs) -> bytes:
+        proto, transport = self.connect(**kwargs)
+        proto.dataReceived(request)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 " + status), transport.value())
+        self.assertIn(b"\r\nConnection: close\r\n", transport.value())
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.resource.requests, [])
+        return transport.value()
+
+
+class ResponseTests(FrontTestCase):
+    def test_simpleGet(self):
+        proto, transport = self.connect()
+        proto.dataReceived(b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        out = transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 OK\r\n"), out)
+        self.assertIn(b"\r\nContent-Length: 8\r\n", out)
+        self.assertIn(b"\r\nDate: ", out)
+        self.assertNotIn(b"Server:", out)
+        self.assertTrue(out.endswith(b"\r\n\r\nhello /a"))
+        self.assertFalse(transport.disconnecting)
+        request = self.resource.requests[0]
+        self.assertEqual((request.method, request.uri, request.path), (b"GET", b"/a?b=1", b"/a"))
+        self.assertEqual(request.getHeader(b"host"), b"x")
+        self.assertEqual(request.getClientAddress(), CLIENT)
+        self.assertFalse(request.isSecure())
+
+    def test_secureFactory(self):
+        proto, transport = self.connect(secure=True)
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(self.resource.requests[0].isSecure())
+
+    def test_keepAliveAndPipelining(self):
+        """Pipelined requests are rendered one at a time and answered in order."""
+        resource = Recorder(hold=True)
+        proto, transport = self.connect(resource)
+        proto.dataReceived(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(len(resource.requests), 1)
+        first = resource.requests[0]
+        first.write(b"one")
+        first.finish()
+        self.assertEqual(len(resource.requests), 2)
+        resource.requests[1].write(b"two")
+        resource.requests[1].finish()
+        out = transport.value()
+        self.assertLess(out.index(b"3\r\none\r\n"), out.index(b"3\r\ntwo\r\n"))
+        self.assertEqual(out.count(b"Transfer-Encoding: chunked"), 2)
+        self.assertEqual(out.count(b"0\r\n\r\n"), 2)
+        self.assertFalse(transport.disconnecting)
+
+    def test_http10(self):
+        proto, transport = self.connect()
+        proto.dataReceived(b"GET / HTTP/1.0\r\n\r\n")
+        self.assertIn(b"\r\nConnection: close\r\n", transport.value())
+        self.assertTrue(transport.disconnecting)
+
+    def test_http10KeepAlive(self):
+        proto, transport = self.connect()
+        proto.dataReceived(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        self.assertIn(b"\r\nConnection: keep-alive\r\n", transport.value())
+        self.assertFalse(transport.disconnecting)
+
+    def test_http10StreamedBodyEndsWithTheConnection(self):
+        resource = Recorder(hold=True)
+        proto, transport = self.connect(resource)
+        proto.dataReceived(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        resource.requests[0].write(b"abc")
+        resource.requests[0].finish()
+        out = transport.value()
+        self.assertNotIn(b"chunked", out)
+        self.assertIn(b"\r\nConnection: close\r\n", out)
+        self.assertTrue(out.endswith(b"\r\n\r\nabc"))
+        self.assertTrue(transport.disconnecting)
+
+    def test_connectionClose(self):
+        proto, transport = self.connect()
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertIn(b"\r\nConnection: close\r\n", transport.value())
+        self.assertTrue(transport.disconnecting)
+
+    def test_head(self):
+        proto, transport = self.connect()
+        proto.dataReceived(b"HEAD /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        out = transport.value()
+        self.assertIn(b"\r\nContent-Length: 8\r\n", out)
+        self.assertTrue(out.endswith(b"\r\n\r\n"))
+
+    def test_noContentHasNoLength(self):
+        resource = Recorder(hold=True)
+        proto, transport = self.connect(resource)
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        resource.requests[0].setResponseCode(204)
+        resource.requests[0].finish()
+        out = transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 204 No Content\r\n"))
+        self.assertNotIn(b"Content-Length", out)
+        self.assertNotIn(b"chunked", out)
+
+    def test_renderErrorIs500(self):
+        class Broken(Resource):
+            isLeaf = True
+
+            def render(self, request):
+                raise ZeroDivisionError()
+
+        proto, transport = self.connect(Broken())
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 500 Internal Server Error\r\n"))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_clientGoneFailsNotifyFinish(self):
+        resource = Recorder(hold=True)
+        proto, transport = self.connect(resource)
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        failures = []
+        resource.requests[0].notifyFinish().addErrback(failures.append)
+        proto.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(len(failures), 1)
+        resource.requests[0].write(b"ignored")  # no error: the client is gone
+        resource.requests[0].finish()
+
+
+class RefusalTests(FrontTestCase):
+    """Requests the listener refuses never reach the resource."""
+
+    def test_bareLF(self):
+        self.assertRefused(b"GET / HTTP/1.1\nHost: x\n\n", b"400")
+
+    def test_bareLFInsideTheHead(self):
+        self.assertRefused(b"GET / HTTP/1.1\r\nHost: x\nX: y\r\n\r\n", b"400")
+
+    def test_bareCR(self):
+        self.assertRefused(b"GET / HTTP/1.1\r\nHost: x\rX: y\r\n\r\n", b"400")
+
+    def test_obsFold(self):
+        out = self.assertRefused(b"GET / HTTP/1.1\r\nHost: x\r\nX: a\r\n b\r\n\r\n", b"400")
+        self.assertIn(b"obs-fold", out)
+
+    def test_controlCharacter(self):
+        self.assertRefused(b"GET / HTTP/1.1\r\nHost: x\r\nX: a\x01b\r\n\r\n", b"400")
+
+    def test_spaceBeforeColon(self):
+        self.assertRefused(b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", b"400")
+
+    def test_invalidTarget(self):
+        self.assertRefused(b"GET foo HTTP/1.1\r\nHost: x\r\n\r\n", b"400")
+
+    def test_nonASCIITarget(self):
+        self.assertRefused(b"GET /\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n", b"400")
+
+    def test_connect(self):
+        self.assertRefused(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com\r\n\r\n", b"501")
+
+    def test_http2(self):
+        self.assertRefused(b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", b"505")
+
+    def test_unknownExpectation(self):
+        self.assertRefused(b"GET / HTTP/1.1\r\nHost: x\r\nExpect: magic\r\n\r\n", b"417")
+
+    def test_requestLineTooLong(self):
+        self.assertRefused(b"GET /" + b"a" * 200, b"414", max_header_bytes=100)
+
+    def test_headTooLarge(self):
+        self.assertRefused(b"GET / HTTP/1.1\r\nX: " + b"a" * 200, b"431", max_header_bytes=100)
+
+    def test_tooManyHeaders(self):
+        self.assertRefused(b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 5 + b"\r\n", b"431", max_headers=4)
+
+    def test_badChunkEnd(self):
+        self.assertRefused(
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n0\r\n\r\n", b"400"
+        )
+
+    def test_hexPrefixInChunkSize(self):
+        self.assertRefused(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0x3\r\nabc\r\n", b"400")
+
+    def test_chunkedHTTP10(self):
+        self.assertRefused(b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"400")
+
+    def test_refusalIsLogged(self):
+        self.assertRefused(b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", b"400")
+        # (the log line is checked end to end in test_service; here: the
+        # listener keeps serving other connections)
+        proto, transport = self.connect()
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 OK"))
+
+
+class BodyTests(FrontTestCase):
+    def test_contentLength(self):
+        proto, transport = self.connect()
+        proto.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nab")
+        self.assertEqual(self.resource.requests, [])
+        proto.dataReceived(b"cdeGET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(self.resource.bodies, [b"abcde", b""])
+        self.assertEqual(self.resource.requests[1].path, b"/next")
+
+    def test_identicalContentLengthsAreOne(self):
+        proto, transport = self.connect()
+        proto.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nab")
+        self.assertEqual(self.resource.bodies, [b"ab"])
+        self.assertEqual(self.resource.requests[0].requestHeaders.getRawHeaders(b"content-length"), [b"2"])
+
+    def test_chunkedIsDecodedAndTrailersDropped(self):
+        proto, transport = self.connect()
+        for piece in (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nab",
+                      b"c\r\n", b"2\r\nde\r", b"\n0\r\nX-Trailer: 1\r\n", b"\r\n"):
+            proto.dataReceived(piece)
+        self.assertEqual(self.resource.bodies, [b"abcde"])
+        headers = self.resource.requests[0].requestHeaders
+        self.assertFalse(headers.hasHeader(b"transfer-encoding"))
+        self.assertFalse(headers.hasHeader(b"x-trailer"))
+
+    def test_largeBodyIsSpooledToAFile(self):
+        resource = Recorder(hold=True)
+        proto, transport = self.connect(resource)
+        size = SPOOL_BYTES + 10
+        proto.dataReceived(b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+        for _ in range(size // 1000 + 1):
+            proto.dataReceived(b"x" * 1000)
+        self.assertEqual(len(resource.bodies[0]), size)
+        self.assertTrue(resource.requests[0].content._rolled)
+
+    def test_expectContinue(self):
+        proto, transport = self.connect()
+        proto.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+        self.assertEqual(transport.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
+        proto.dataReceived(b"ok")
+        self.assertEqual(self.resource.bodies, [b"ok"])
+        self.assertFalse(self.resource.requests[0].requestHeaders.hasHeader(b"expect"))
+
+
+class TimeoutTests(FrontTestCase):
+    def test_idleKeepAliveIsClosed(self):
+        proto, transport = self.connect(client_idle_timeout=10)
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.reactor.advance(9)
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_stalledBodyGets408(self):
+        proto, transport = self.connect(client_idle_timeout=10)
+        proto.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab")
+        for _ in range(3):
+            self.reactor.advance(9)  # a byte now and then keeps it alive
+            proto.dataReceived(b"c")
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(10)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 408 Request Timeout\r\n"))
+        self.assertTrue(transport.disconnecting)
+
+    def test_busyRequestIsNotTimedOut(self):
+        """A slow backend is the proxy's request_timeout's business, not the client's."""
+        resource = Recorder(hold=True)
+        proto, transport = self.connect(resource, client_idle_timeout=10)
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.reactor.advance(100)
+        self.assertFalse(transport.disconnecting)
+
+    def test_clientThatNeverReadsIsCutOffAfterClosing(self):
+        proto, transport = self.connect(client_idle_timeout=10)
+        proto.dataReceived(b"GET / HTTP/1.0\r\n\r\n")
+        self.assertTrue(transport.disconnecting)
+        proto.pauseProducing()
+        self.reactor.advance(9)
+        self.assertFalse(transport.disconnected)
+        self.reactor.advance(1)
+        self.assertTrue(transport.disconnected)  # aborted, not waiting to flush
+
+
+class FlowTests(FrontTestCase):
+    def test_pauseReachesTheProducer(self):
+        resource = Recorder(hold=True)
+        proto, transport = self.connect(resource)
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+
+        class Producer:
+            state = "producing"
+
+            def pauseProducing(self):
+                self.state = "paused"
+
+            def resumeProducing(self):
+                self.state = "producing"
+
+            def stopProducing(self):
+                self.state = "stopped"
+
+        producer = Producer()
+        resource.requests[0].registerProducer(producer, True)
+        proto.pauseProducing()
+        self.assertEqual(producer.state, "paused")
+        proto.resumeProducing()
+        self.assertEqual(producer.state, "producing")
+        proto.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(producer.state, "stopped")
+
+    def test_pipelinedFloodStopsReading(self):
+        resource = Recorder(hold=True)
+        proto, transport = self.connect(resource, max_header_bytes=1000)
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 50)
+        self.assertEqual(transport.producerState, "paused")
+        resource.requests[0].finish()
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(len(resource.requests), 2)
+
+    def test_halfCloseAnswersThenCloses(self):
+        resource = Recorder(hold=True)
+        proto, transport = self.connect(resource)
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        proto.readConnectionLost()
+        self.assertFalse(transport.disconnecting)
+        resource.requests[0].write(b"late")
+        resource.requests[0].finish()
+        self.assertIn(b"late", transport.value())
+        self.assertTrue(transport.disconnecting)
+
+    def test_drain(self):
+        resource = Recorder(hold=True)
+        busy, busy_transport = self.connect(resource)
+        busy.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        idle = self.factory.buildProtocol(CLIENT)
+        idle_transport = StringTransport(peerAddress=CLIENT)
+        idle.makeConnection(idle_transport)
+        done = []
+        self.factory.drain(5).addCallback(done.append)
+        self.assertTrue(idle_transport.disconnecting)
+        self.assertFalse(busy_transport.disconnecting)
+        idle.connectionLost(Failure(ConnectionLost()))
+        resource.requests[0].write(b"x")
+        resource.requests[0].finish()
+        self.assertTrue(busy_transport.disconnecting)
+        busy.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(done, [None])

@@ -1,0 +1,850 @@
+"""
+The client side of twisted_slb's HTTP and HTTPS listeners: a lean HTTP/1.1
+server protocol.
+
+twisted.web's L{HTTPChannel} and L{twisted.web.server.Request} serve any web
+application, and pay for it on every request: a line-by-line parser, a
+Request with dozens of attributes, a session and cookie machinery, a timer
+reset per read.  A load balancer's listener needs less: find the request head,
+check it strictly (a proxy must never read a request differently from the
+backend behind it), read the body, and hand the request to the resource tree
+that routes and proxies it.  L{HTTPFrontFactory} does that, and is what the
+configured listeners run; it renders the same resources
+(L{twisted_slb.web.routing.RuleRouter}, the persistence wrappers,
+L{twisted_slb.web.proxy.BalancedProxyResource}) through L{FrontRequest}, which
+has the part of L{twisted.web.iweb.IRequest} those resources use.  An
+application that wants the proxy inside its own twisted.web site keeps using
+L{twisted_slb.web.proxy.BalancerSite} or a plain L{twisted.web.server.Site}.
+
+What it does, and what it refuses:
+
+ - One request at a time per connection.  Pipelined requests wait in the
+   buffer (reading stops when more than C{max_header_bytes} are waiting) and
+   are answered in order; a bad one is answered with its error after the
+   good ones before it, and the connection closes.
+ - 400 for anything ambiguous: a bare CR or LF, obs-fold, a space before a
+   colon, a control character, an invalid method or request target, both
+   C{Content-Length} and C{Transfer-Encoding}, two different
+   C{Content-Length}s, a C{Transfer-Encoding} other than C{chunked}, a bad
+   chunk.  414 and 431 for a request line or a head over C{max_header_bytes},
+   431 for more than C{max_headers} fields, 505 for an HTTP version other
+   than 1.0 and 1.1, 417 for an expectation other than C{100-continue}.
+ - Timeouts (C{client_idle_timeout}): an idle keep-alive connection is
+   closed; a request head must arrive whole within one timeout of its first
+   byte (slowloris); a body must keep arriving (one timeout between reads);
+   a client that stops reading its response is closed after one timeout.
+   There is one timer per connection, moved lazily, not one per read.
+ - Bodies are read before the request is forwarded: up to 100 KB in memory,
+   spooled to a temporary file above that, so that memory stays flat.
+"""
+
+from __future__ import annotations
+
+import re
+from tempfile import SpooledTemporaryFile
+from typing import Dict, List, Optional
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ISSLTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES, datetimeToString
+from twisted.web.http_headers import Headers
+from twisted.web.resource import getChildForRequest
+from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
+
+from twisted_slb.limits import ConnectionLimit
+from twisted_slb.shutdown import IdleTracker
+from twisted_slb.web.upstream import set_nodelay
+
+log = Logger(namespace="twisted_slb.front")
+
+#: RFC 9110 5.6.2 token: methods and field names.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+#: What a request target may not contain: controls, space, DEL, non-ASCII.
+_BAD_TARGET = re.compile(rb"[\x00-\x20\x7f-\xff]")
+#: Control characters a request head may not contain (HTAB, CR and LF are
+#: checked separately).
+_BAD_HEAD = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+#: A chunk size: hex digits only (no sign, no 0x, no spaces inside).
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}\Z")
+#: Bodies up to this size stay in memory; larger ones go to a temporary file.
+SPOOL_BYTES = 100 * 1024
+#: Longest chunk-size line (size plus extensions).
+MAX_CHUNK_LINE = 4096
+
+# Connection states.
+_IDLE = 0  # waiting for the first byte of a request
+_HEAD = 1  # a request head is arriving
+_BODY = 2  # a Content-Length body is arriving
+_CHUNK_SIZE_LINE = 3
+_CHUNK_DATA = 4
+_CHUNK_END = 5
+_TRAILERS = 6
+_BUSY = 7  # the request is being answered
+_CLOSED = 8  # closing or closed: nothing more is read
+
+#: Reason phrases for the statuses the listener answers itself (RFC 9110
+#: wording; twisted.web's table has older ones, e.g. "Request Time-out").
+_REASONS = {
+    400: b"Bad Request", 408: b"Request Timeout", 414: b"URI Too Long",
+    417: b"Expectation Failed", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+    501: b"Not Implemented", 505: b"HTTP Version Not Supported",
+}
+
+_date = [0, b""]
+
+
+def _http_date(now: float) -> bytes:
+    """The C{Date} header value for C{now}, computed once per second."""
+    second = int(now)
+    if _date[0] != second:
+        _date[0] = second
+        _date[1] = datetimeToString(second)
+    return _date[1]
+
+
+class BadRequest(Exception):
+    """A request the listener refuses: C{code}, C{reason} and why."""
+
+    def __init__(self, why: str, code: int = 400) -> None:
+        Exception.__init__(self, why)
+        self.code = code
+
+
+class FrontRequest:
+    """
+    One request on an L{HTTPFrontChannel}, with the part of
+    L{twisted.web.iweb.IRequest} that twisted_slb's resources and persistence
+    policies use: C{method}, C{uri}, C{path}, C{clientproto},
+    C{requestHeaders}, C{responseHeaders}, C{content}, C{getHeader},
+    C{setHeader}, C{setResponseCode}, C{write}, C{finish}, C{notifyFinish},
+    C{registerProducer}, C{unregisterProducer}, C{isSecure},
+    C{getClientAddress}, C{getHost}.
+
+    The response is framed from its headers: a C{Content-Length} is kept;
+    otherwise an HTTP/1.1 client gets a chunked body and an HTTP/1.0 client a
+    body that ends when the connection closes.  No C{Server} header is added;
+    a C{Date} header is added when the response has none.
+    """
+
+    code = 200
+    code_message: Optional[bytes] = None
+    started = False
+    finished = False
+    chunked = False
+    no_body = False
+    producer = None
+    streaming = True
+    defaultContentType = None
+    slb_session = None
+
+    def __init__(self, channel: HTTPFrontChannel, method: bytes, uri: bytes, clientproto: bytes,
+                 headers: Headers, persistent: bool) -> None:
+        self.channel = channel
+        self.method = method
+        self.uri = uri
+        self.path = uri.split(b"?", 1)[0]
+        self.clientproto = clientproto
+        self.requestHeaders = headers
+        self.responseHeaders = Headers()
+        self.persistent = persistent
+        self.content = None
+        self.prepath: List[bytes] = []
+        self.postpath = self.path.split(b"/")[1:] if self.path.startswith(b"/") else []
+        self._finished_ds: Optional[List[Deferred]] = None
+        self.channel_secure = channel.secure
+        self.client_address = channel.peer
+        self.host_address = channel.host
+
+    def __repr__(self) -> str:
+        return f"<FrontRequest {self.method!r} {self.uri!r} {self.clientproto!r}>"
+
+    # -- what the request says --------------------------------------------
+
+    def getHeader(self, name: bytes) -> Optional[bytes]:
+        values = self.requestHeaders.getRawHeaders(name)
+        return values[-1] if values else None
+
+    def isSecure(self) -> bool:
+        return self.channel_secure
+
+    def getClientAddress(self):
+        return self.client_address
+
+    def getHost(self):
+        return self.host_address
+
+    # -- the response ---------------------------------------------------------
+
+    def setResponseCode(self, code: int, message: Optional[bytes] = None) -> None:
+        if self.started:
+            raise RuntimeError("the response head was already sent")
+        self.code = code
+        self.code_message = message
+
+    def setHeader(self, name: bytes, value: bytes) -> None:
+        self.responseHeaders.setRawHeaders(name, [value])
+
+    def notifyFinish(self) -> Deferred:
+        """
+        A L{Deferred} that fires when the response is complete, or fails when
+        the client's connection is lost before.
+        """
+        if self.finished:
+            return succeed(None)
+        d: Deferred = Deferred()
+        if self._finished_ds is None:
+            self._finished_ds = []
+        self._finished_ds.append(d)
+        return d
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        """
+        Register the producer of the response body: a push producer is paused
+        while the client does not read; a pull producer is asked for more
+        whenever the client's socket can take it.
+        """
+        if self.producer is not None:
+            raise RuntimeError(f"a producer is already registered: {self.producer!r}")
+        self.producer = producer
+        self.streaming = streaming
+        channel = self.channel
+        if channel is None:
+            producer.stopProducing()
+            return
+        channel.producer_registered(self)
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        if self.finished:
+            raise RuntimeError("write() after finish()")
+        channel = self.channel
+        if channel is None:
+            return  # the client is gone
+        if not self.started:
+            channel.transport.write(self._head(data, False))
+        elif data and not self.no_body:
+            if self.chunked:
+                channel.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+            else:
+                channel.transport.write(data)
+
+    def finish(self) -> None:
+        if self.finished:
+            raise RuntimeError("finish() called twice")
+        self.finished = True
+        channel = self.channel
+        if channel is None:
+            return
+        if not self.started:
+            channel.transport.write(self._head(b"", True))
+        elif self.chunked:
+            channel.transport.write(b"0\r\n\r\n")
+        ds, self._finished_ds = self._finished_ds, None
+        if ds:
+            for d in ds:
+                d.callback(None)
+        channel.request_done(self)
+
+    def _head(self, body: bytes, complete: bool) -> bytes:
+        """The response head, with C{body} after it, framed."""
+        self.started = True
+        code = self.code
+        headers = self.responseHeaders
+        no_body = self.no_body = self.method == b"HEAD" or code in (204, 304) or code < 200
+        if not no_body and not headers.hasHeader(b"content-length"):
+            if complete:
+                headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
+            elif self.clientproto == b"HTTP/1.1":
+                self.chunked = True
+                headers.setRawHeaders(b"transfer-encoding", [b"chunked"])
+            else:
+                self.persistent = False  # the body ends when the connection closes
+        connection = headers.getRawHeaders(b"connection")
+        if connection and b"close" in b",".join(connection).lower():
+            self.persistent = False
+        if not headers.hasHeader(b"date"):
+            headers.setRawHeaders(b"date", [_http_date(self.channel.clock.seconds())])
+        if not self.persistent:
+            headers.setRawHeaders(b"connection", [b"close"])
+        elif self.clientproto == b"HTTP/1.0":
+            headers.setRawHeaders(b"connection", [b"keep-alive"])
+        reason = self.code_message or RESPONSES.get(code, b"Unknown")
+        parts = [b"HTTP/1.1 %d %s\r\n" % (code, reason)]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                parts.append(b"%s: %s\r\n" % (name, value))
+        parts.append(b"\r\n")
+        if body and not no_body:
+            if self.chunked:
+                parts.append(b"%x\r\n%s\r\n" % (len(body), body))
+            else:
+                parts.append(body)
+        return b"".join(parts)
+
+    def _lost(self, reason: Failure) -> None:
+        """The client's connection is gone before the response ended."""
+        self.channel = None
+        producer, self.producer = self.producer, None
+        if producer is not None:
+            producer.stopProducing()
+        ds, self._finished_ds = self._finished_ds, None
+        if ds:
+            for d in ds:
+                d.errback(reason)
+
+
+@implementer(IPushProducer, IHalfCloseableProtocol)
+class HTTPFrontChannel(Protocol):
+    """
+    One client connection of an L{HTTPFrontFactory}.
+
+    It is its transport's push producer for the whole connection: when the
+    client stops reading, the response's producer (the backend connection)
+    is paused.
+    """
+
+    request: Optional[FrontRequest] = None
+    client_ip: Optional[str] = None
+    timer = None
+    paused = False
+    paused_at = 0.0
+    reading_paused = False
+    read_closed = False
+    draining = False
+    parsing = False
+    closed_at = 0.0
+    remaining = 0
+    pending: Optional[FrontRequest] = None  # a request whose body is arriving
+    head_started = 0.0
+
+    def __init__(self, factory: HTTPFrontFactory) -> None:
+        self.factory = factory
+        self.clock = factory.reactor
+        self.buffer = b""
+        self.state = _IDLE
+
+    # -- connection ---------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        set_nodelay(transport)
+        transport.registerProducer(self, True)
+        self.peer = transport.getPeer()
+        self.host = transport.getHost()
+        self.secure = self.factory.secure or ISSLTransport.providedBy(transport)
+        self.last = self.clock.seconds()
+        self.factory.channels.add(self)
+        if self.factory.timeout:
+            self.timer = self.clock.callLater(self.factory.timeout, self._check_timeout)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.state = _CLOSED
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        pending, self.pending = self.pending, None
+        if pending is not None and pending.content is not None:
+            pending.content.close()
+        request, self.request = self.request, None
+        if request is not None and not request.finished:
+            request._lost(reason)
+        self.factory.channel_closed(self)
+
+    def readConnectionLost(self) -> None:
+        # The client sent FIN: answer what it asked for, then close (as
+        # HAProxy does without "option abortonclose").
+        self.read_closed = True
+        if self.state != _BUSY:
+            self._close()
+
+    def writeConnectionLost(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        self.state = _CLOSED
+        self.closed_at = self.clock.seconds()
+        self.transport.loseConnection()
+
+    # -- IPushProducer: the client's socket is full, or has room again ------
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.paused_at = self.clock.seconds()
+        request = self.request
+        if request is not None and request.producer is not None and request.streaming:
+            request.producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        request = self.request
+        if request is not None and request.producer is not None:
+            if request.streaming:
+                request.producer.resumeProducing()
+            else:
+                self._pull(request)
+
+    def stopProducing(self) -> None:
+        pass  # connectionLost follows
+
+    def producer_registered(self, request: FrontRequest) -> None:
+        if request.streaming:
+            if self.paused:
+                request.producer.pauseProducing()
+        elif not self.paused:
+            self._pull(request)
+
+    def _pull(self, request: FrontRequest) -> None:
+        # A pull producer writes one piece per resumeProducing; ask until the
+        # transport pauses us (its buffer is full) or the producer is done.
+        while request.producer is not None and not request.streaming and not self.paused and self.request is request:
+            request.producer.resumeProducing()
+
+    # -- reading ------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        state = self.state
+        if state == _CLOSED:
+            return
+        self.buffer = self.buffer + data if self.buffer else data
+        if state == _BUSY:
+            # Pipelined: keep it for later, but not without bound.
+            if len(self.buffer) > self.factory.max_header_bytes and not self.reading_paused:
+                self.reading_paused = True
+                self.transport.pauseProducing()
+            return
+        self.last = self.clock.seconds()
+        self._feed()
+
+    def _feed(self) -> None:
+        """Parse what is buffered, as far as it goes."""
+        if self.parsing:
+            return  # a request answered synchronously: the loop below goes on
+        self.parsing = True
+        try:
+            while self.buffer and self.state < _BUSY:
+                if not self._step():
+                    break
+        except BadRequest as e:
+            self._refuse(e.code, str(e))
+        finally:
+            self.parsing = False
+        if self.read_closed and self.state < _BUSY:
+            self._close()  # the client will send nothing more
+
+    def _step(self) -> bool:
+        """Parse one piece of the buffer; C{False} when more bytes are needed."""
+        state = self.state
+        buffer = self.buffer
+        if state <= _HEAD:
+            if state == _IDLE:
+                # RFC 9112 2.2: empty lines before a request line are ignored.
+                while buffer.startswith(b"\r\n"):
+                    buffer = buffer[2:]
+                self.buffer = buffer
+                if not buffer:
+                    return False
+                self.state = _HEAD
+                self.head_started = self.clock.seconds()
+            end = buffer.find(b"\r\n\r\n")
+            limit = self.factory.max_header_bytes
+            if end < 0:
+                if len(buffer) > limit:
+                    self._head_too_large(buffer)
+                if buffer.startswith(b"\n") or b"\n\n" in buffer or b"\r\n\n" in buffer:
+                    raise BadRequest("a bare LF in the request head")
+                return False
+            if end > limit:
+                self._head_too_large(buffer[:end])
+            self.buffer = buffer[end + 4:]
+            self._request_head(buffer[:end])
+            return True
+        if state == _BODY:
+            n = self.remaining
+            content = self.pending.content
+            if len(buffer) < n:
+                content.write(buffer)
+                self.remaining = n - len(buffer)
+                self.buffer = b""
+                return False
+            content.write(buffer[:n])
+            self.buffer = buffer[n:]
+            self._dispatch()
+            return True
+        if state == _CHUNK_SIZE_LINE:
+            end = buffer.find(b"\r\n")
+            if end < 0:
+                if len(buffer) > MAX_CHUNK_LINE:
+                    raise BadRequest("a chunk-size line over 4096 bytes")
+                return False
+            line = buffer[:end]
+            self.buffer = buffer[end + 2:]
+            size = line.split(b";", 1)[0].rstrip(b" \t")
+            if not _CHUNK_SIZE.match(size) or b"\n" in line or b"\r" in line:
+                raise BadRequest(f"invalid chunk size {line[:20]!r}")
+            n = int(size, 16)
+            if n:
+                self.remaining = n
+                self.state = _CHUNK_DATA
+            else:
+                self.state = _TRAILERS
+            return True
+        if state == _CHUNK_DATA:
+            n = self.remaining
+            if len(buffer) <= n:
+                self.pending.content.write(buffer)
+                self.buffer = b""
+                self.remaining = n - len(buffer)
+                if not self.remaining:
+                    self.state = _CHUNK_END
+                return False
+            self.pending.content.write(buffer[:n])
+            self.buffer = buffer[n:]
+            self.state = _CHUNK_END
+            return True
+        if state == _CHUNK_END:
+            if len(buffer) < 2:
+                return False
+            if buffer[:2] != b"\r\n":
+                raise BadRequest("a chunk not followed by CRLF")
+            self.buffer = buffer[2:]
+            self.state = _CHUNK_SIZE_LINE
+            return True
+        # _TRAILERS: fields after the last chunk are read and dropped (the
+        # body is forwarded with a Content-Length).
+        end = buffer.find(b"\r\n")
+        if end < 0:
+            if len(buffer) > self.factory.max_header_bytes:
+                raise BadRequest("trailer fields over max_header_bytes", 431)
+            return False
+        line = buffer[:end]
+        self.buffer = buffer[end + 2:]
+        if not line:
+            self._dispatch()
+        elif b":" not in line or b"\n" in line or b"\r" in line or _BAD_HEAD.search(line):
+            raise BadRequest("an invalid trailer field")
+        return True
+
+    def _head_too_large(self, head: bytes) -> None:
+        if b"\r\n" not in head:
+            raise BadRequest("the request line is over max_header_bytes", 414)
+        raise BadRequest("the request head is over max_header_bytes", 431)
+
+    def _request_head(self, head: bytes) -> None:
+        """Check a request head and start the request (or its body)."""
+        lines = head.split(b"\r\n")
+        crlfs = len(lines) - 1
+        if head.count(b"\n") != crlfs:
+            raise BadRequest("a bare LF in the request head")
+        if head.count(b"\r") != crlfs:
+            raise BadRequest("a bare CR in the request head")
+        if _BAD_HEAD.search(head):
+            raise BadRequest("a control character in the request head")
+        if crlfs > self.factory.max_headers:
+            raise BadRequest(f"more than {self.factory.max_headers} header fields", 431)
+        parts = lines[0].split(b" ")
+        if len(parts) != 3:
+            raise BadRequest("the request line is not 'method target HTTP/version'")
+        method, target, version = parts
+        if version != b"HTTP/1.1" and version != b"HTTP/1.0":
+            if version[:5] == b"HTTP/" and len(version) == 8 and version[5:6].isdigit() and version[7:].isdigit():
+                raise BadRequest(f"HTTP version {version.decode('ascii')} is not supported", 505)
+            raise BadRequest("the request line is not 'method target HTTP/version'")
+        if not _TOKEN.match(method):
+            raise BadRequest("an invalid method")
+        if not target or _BAD_TARGET.search(target):
+            raise BadRequest("an invalid request target")
+        if method == b"CONNECT":
+            raise BadRequest("CONNECT is not supported by this balancer", 501)
+        if target[:1] != b"/" and target != b"*" and target[:7].lower() != b"http://" \
+                and target[:8].lower() != b"https://":
+            raise BadRequest("the request target is not a path, an http(s) URL or '*'")
+        headers = Headers()
+        add = headers.addRawHeader
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon or not _TOKEN.match(name):
+                if line[:1] in (b" ", b"\t"):
+                    raise BadRequest("a folded header line (obs-fold)")
+                raise BadRequest(f"an invalid header line {line[:40]!r}")
+            add(name, value.strip(b" \t"))
+        persistent = version == b"HTTP/1.1"
+        connection = headers.getRawHeaders(b"connection")
+        if connection:
+            tokens = {t.strip().lower() for v in connection for t in v.split(b",")}
+            if b"close" in tokens:
+                persistent = False
+            elif b"keep-alive" in tokens:
+                persistent = True
+        if self.draining or self.read_closed:
+            persistent = False
+        request = FrontRequest(self, method, target, version, headers, persistent)
+        length = headers.getRawHeaders(b"content-length")
+        chunked = headers.getRawHeaders(b"transfer-encoding")
+        if chunked is not None:
+            if length is not None:
+                raise BadRequest("both Content-Length and Transfer-Encoding")
+            if len(chunked) != 1 or chunked[0].lower() != b"chunked":
+                raise BadRequest(f"Transfer-Encoding {b', '.join(chunked)[:40]!r} is not 'chunked'")
+            if version == b"HTTP/1.0":
+                raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+            headers.removeHeader(b"transfer-encoding")
+            n = -1
+        elif length is not None:
+            if len(set(length)) != 1 or not length[0].isdigit() or len(length[0]) > 15:
+                raise BadRequest(f"invalid Content-Length {b', '.join(length)[:40]!r}")
+            n = int(length[0])
+            headers.setRawHeaders(b"content-length", [length[0]])
+        else:
+            n = 0
+        expect = headers.getRawHeaders(b"expect")
+        if expect is not None:
+            headers.removeHeader(b"expect")
+            if len(expect) != 1 or expect[0].lower() != b"100-continue":
+                raise BadRequest("an expectation other than 100-continue", 417)
+            if n and version == b"HTTP/1.1":
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if n == 0:
+            self.pending = request
+            self._dispatch()
+            return
+        request.content = SpooledTemporaryFile(max_size=SPOOL_BYTES)
+        self.pending = request
+        if n > 0:
+            self.remaining = n
+            self.state = _BODY
+        else:
+            self.state = _CHUNK_SIZE_LINE
+
+    # -- answering ----------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        request, self.pending = self.pending, None
+        self.state = _BUSY
+        self.request = request
+        if request.content is not None:
+            request.content.seek(0, 0)
+        factory = self.factory
+        try:
+            body = getChildForRequest(factory.resource, request).render(request)
+        except Exception:
+            log.failure("listener {listener}: error rendering {request!r}", listener=factory.listener_name,
+                        request=request)
+            self._internal_error(request)
+            return
+        if body is NOT_DONE_YET:
+            return
+        if not isinstance(body, bytes):
+            log.error("listener {listener}: {resource!r} rendered {type} instead of bytes",
+                      listener=factory.listener_name, resource=factory.resource, type=type(body).__name__)
+            self._internal_error(request)
+            return
+        if request.finished:
+            return
+        if request.code not in (204, 304):
+            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        request.write(body)
+        request.finish()
+
+    def _internal_error(self, request: FrontRequest) -> None:
+        if request.finished or request.channel is None:
+            return
+        if request.started:
+            self.transport.abortConnection()
+            return
+        request.code = 500
+        request.code_message = None
+        request.responseHeaders = Headers({b"content-type": [b"text/plain; charset=utf-8"]})
+        request.persistent = False
+        request.write(b"500 Internal Server Error\n")
+        request.finish()
+
+    def request_done(self, request: FrontRequest) -> None:
+        """The response to C{request} is complete."""
+        self.request = None
+        if request.content is not None:
+            request.content.close()
+        if not request.persistent or self.draining or self.state == _CLOSED:
+            self._close()
+            return
+        self.state = _IDLE
+        self.last = self.clock.seconds()
+        if self.reading_paused:
+            self.reading_paused = False
+            self.transport.resumeProducing()
+        if self.buffer or self.read_closed:
+            self._feed()
+
+    def _refuse(self, code: int, why: str) -> None:
+        """Answer a request the listener will not forward, and close."""
+        factory = self.factory
+        log.info("listener {listener}: {code} for {client}: {why}", listener=factory.listener_name, code=code,
+                 client=self.client_ip or getattr(self.peer, "host", self.peer), why=why)
+        if factory.stats is not None:
+            factory.stats.request_done(None, code, "none", 0)
+        pending, self.pending = self.pending, None
+        if pending is not None and pending.content is not None:
+            pending.content.close()
+        self.state = _CLOSED
+        self.closed_at = self.clock.seconds()
+        reason = _REASONS[code]
+        body = b"%d %s: %s\n" % (code, reason, why.encode("ascii", "replace"))
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (code, reason, len(body), body)
+        )
+        self.transport.loseConnection()
+
+    # -- timeouts -----------------------------------------------------------
+
+    def _check_timeout(self) -> None:
+        """
+        The connection's one timer.  Activity only records the time; when the
+        timer fires it finds the deadline that applies now and either acts or
+        waits until then.
+        """
+        self.timer = None
+        timeout = self.factory.timeout
+        now = self.clock.seconds()
+        state = self.state
+        if state == _CLOSED:
+            # Closing waits for the client to read what is left; one that
+            # never does is cut off.
+            deadline = self.closed_at + timeout
+        elif state == _BUSY:
+            deadline = self.paused_at + timeout if self.paused else now + timeout
+        elif state == _HEAD:
+            deadline = self.head_started + timeout
+        else:
+            deadline = self.last + timeout
+        if now < deadline:
+            self.timer = self.clock.callLater(deadline - now, self._check_timeout)
+            return
+        client = self.client_ip or getattr(self.peer, "host", self.peer)
+        if state == _CLOSED or (state == _IDLE and self.paused):
+            self.transport.abortConnection()
+        elif state == _BUSY:
+            log.info("listener {listener}: client {client} read nothing for {timeout} s: closing its connection",
+                     listener=self.factory.listener_name, client=client, timeout=timeout)
+            self.state = _CLOSED
+            self.transport.abortConnection()
+        elif state == _IDLE:
+            self._close()  # an idle keep-alive connection: close quietly
+        elif state == _HEAD:
+            self._refuse(408, f"the request head took over {timeout:g} s")
+        else:
+            self._refuse(408, f"no request body bytes for {timeout:g} s")
+
+
+class _TooManyConnections(Protocol):
+    """Answers 429 to a client over its connection limit, and closes."""
+
+    def connectionMade(self) -> None:
+        body = b"429 Too Many Requests: too many connections from your address\n"
+        self.transport.write(
+            b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.transport.loseConnection()
+
+
+class HTTPFrontFactory(Factory):
+    """
+    The factory of an HTTP listener: serves C{resource} (usually a
+    L{twisted_slb.web.proxy.BalancedProxyResource}, behind persistence and
+    routing resources) over HTTP/1.1 and HTTP/1.0.
+
+    Over C{max_connections} open connections, new ones are closed at once; a
+    client address over C{max_connections_per_ip} gets 429 and a close
+    (0: no limit).  Put it under L{twisted_slb.tls.server_tls_factory} (or
+    any TLS wrapper) for HTTPS, with C{secure=True} so that requests say so
+    even if the wrapper's transport does not provide L{ISSLTransport}.
+
+    @ivar channels: the open L{HTTPFrontChannel}s.
+    @ivar stats: the listener's L{twisted_slb.stats.ListenerStats}, or
+        L{None}.
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        resource,
+        reactor=None,
+        client_idle_timeout: float = 60.0,
+        max_header_bytes: int = 65536,
+        max_headers: int = 100,
+        max_connections: int = 0,
+        max_connections_per_ip: int = 0,
+        listener_name: str = "http",
+        secure: bool = False,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.resource = resource
+        self.reactor = reactor
+        self.timeout = client_idle_timeout
+        self.max_header_bytes = max_header_bytes
+        self.max_headers = max_headers
+        self.limit = ConnectionLimit(max_connections, listener_name)
+        self.max_connections_per_ip = max_connections_per_ip
+        self.listener_name = listener_name
+        self.secure = secure
+        self.per_ip: Dict[str, int] = {}
+        self.channels: set = set()
+        self.tracker = IdleTracker()
+        self.stats = None
+
+    def buildProtocol(self, addr):
+        if not self.limit.admit(len(self.channels)):
+            return None  # the port closes the new connection at once
+        ip = getattr(addr, "host", None)
+        if self.max_connections_per_ip and ip is not None:
+            if self.per_ip.get(ip, 0) >= self.max_connections_per_ip:
+                log.info("listener {listener}: client {client} over max_connections_per_ip ({limit}): 429",
+                         listener=self.listener_name, client=ip, limit=self.max_connections_per_ip)
+                return _TooManyConnections()
+            self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        else:
+            ip = None
+        channel = HTTPFrontChannel(self)
+        channel.client_ip = ip
+        if self.stats is not None:
+            self.stats.connections_total += 1
+        return channel
+
+    def channel_closed(self, channel: HTTPFrontChannel) -> None:
+        self.channels.discard(channel)
+        ip = channel.client_ip
+        if ip is not None:
+            n = self.per_ip.get(ip, 0) - 1
+            if n > 0:
+                self.per_ip[ip] = n
+            else:
+                self.per_ip.pop(ip, None)
+        if not self.channels:
+            self.tracker.idle()
+
+    def drain(self, grace: float) -> Deferred:
+        """
+        Graceful shutdown (after the port stopped listening): idle
+        connections are closed now, busy ones after their response; those
+        still open after C{grace} seconds are closed.
+
+        @return: a L{Deferred} that fires when no connection is left.
+        """
+        for channel in list(self.channels):
+            channel.draining = True
+            if channel.state == _IDLE:
+                channel._close()
+
+        def force() -> None:
+            for channel in list(self.channels):
+                channel.transport.abortConnection()
+
+        return self.tracker.wait(not self.channels, grace, force, self.reactor)
