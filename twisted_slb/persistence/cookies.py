@@ -299,6 +299,8 @@ class InsertCookie(PersistenceResource):
         # find() and remember(); weak so that requests that never reach a
         # backend leave nothing behind.
         self._seen: "WeakKeyDictionary[object, Tuple[str, Optional[int]]]" = WeakKeyDictionary()
+        self._stamp: Tuple[int, str] = (-1, "")
+        self._attributes: Tuple[Tuple[int, bool], bytes] = ((-1, False), b"")
 
     @classmethod
     def from_config(
@@ -330,7 +332,10 @@ class InsertCookie(PersistenceResource):
         """
         if not self.refresh:
             return backend.id
-        return f"{backend.id}.{_int_to_base36(int(self.clock.seconds()))}"
+        now = int(self.clock.seconds())
+        if self._stamp[0] != now:
+            self._stamp = (now, _int_to_base36(now))
+        return f"{backend.id}.{self._stamp[1]}"
 
     def parse_cookie_value(self, value: str) -> Optional[Tuple[str, Optional[int]]]:
         """
@@ -429,10 +434,18 @@ class InsertCookie(PersistenceResource):
         """
         secure = self.is_secure(session)
         value = self.cookie_value_for(backend).encode("ascii")
+        # The attributes change once a second (Expires): build them once.
+        key = (int(self.clock.seconds()), secure)
+        if self._attributes[0] != key:
+            self._attributes = (key, self._cookie_attributes(key[0], secure))
+        return self.cookie_name + b"=" + value + self._attributes[1]
+
+    def _cookie_attributes(self, now: int, secure: bool) -> bytes:
+        """The C{Set-Cookie} attributes after the value, from C{; Max-Age} on."""
         parts = [
-            self.cookie_name + b"=" + value,
+            b"",
             b"Max-Age=%d" % (self.timeout,),
-            b"Expires=" + datetimeToString(self.clock.seconds() + self.timeout),
+            b"Expires=" + datetimeToString(now + self.timeout),
         ]
         if self.path:
             parts.append(b"Path=" + self.path.encode("ascii"))

@@ -86,7 +86,7 @@ class UpstreamProtocol(Protocol):
     handler = None
     pool = None
     key = None
-    idle_call = None
+    idle_since = 0.0
 
     def __init__(self) -> None:
         self.buffer = b""
@@ -352,6 +352,10 @@ class UpstreamPool:
         self.idle: Dict[tuple, List[UpstreamProtocol]] = {}
         self.all: set = set()
         self._closed = IdleTracker()
+        # One timer for the whole pool closes connections idle for longer
+        # than idle_timeout (a timer per connection would be set and
+        # cancelled on every request).
+        self._sweeper = None
 
     def get(self, backend, connect_timeout: float, ready, failed, tls_options=None, reuse: bool = True):
         """
@@ -370,9 +374,6 @@ class UpstreamPool:
         idle = self.idle.get(key) if reuse else None
         while idle:
             proto = idle.pop()
-            if proto.idle_call is not None and proto.idle_call.active():
-                proto.idle_call.cancel()
-            proto.idle_call = None
             if proto.connected and proto.reusable:
                 ready(proto, True)
                 return None
@@ -387,20 +388,30 @@ class UpstreamPool:
         if len(idle) >= self.max_idle:
             proto.transport.loseConnection()
             return
+        proto.idle_since = self.reactor.seconds()
         idle.append(proto)
-        proto.idle_call = self.reactor.callLater(self.idle_timeout, self._expire, proto)
+        if self._sweeper is None:
+            self._sweeper = self.reactor.callLater(self.idle_timeout, self._sweep)
 
-    def _expire(self, proto: UpstreamProtocol) -> None:
-        proto.idle_call = None
-        proto.reusable = False
-        proto.transport.loseConnection()
+    def _sweep(self) -> None:
+        """Close the connections idle for C{idle_timeout}; come back for the rest."""
+        self._sweeper = None
+        now = self.reactor.seconds()
+        oldest = None
+        for idle in list(self.idle.values()):
+            # Each list is in the order connections became idle.
+            while idle and now - idle[0].idle_since >= self.idle_timeout:
+                proto = idle.pop(0)
+                proto.reusable = False
+                proto.transport.loseConnection()
+            if idle and (oldest is None or idle[0].idle_since < oldest):
+                oldest = idle[0].idle_since
+        if oldest is not None:
+            self._sweeper = self.reactor.callLater(oldest + self.idle_timeout - now, self._sweep)
 
     def forget(self, proto: UpstreamProtocol) -> None:
         """A connection closed: it is no longer idle nor open."""
         self.all.discard(proto)
-        if proto.idle_call is not None and proto.idle_call.active():
-            proto.idle_call.cancel()
-        proto.idle_call = None
         idle = self.idle.get(proto.key)
         if idle and proto in idle:
             idle.remove(proto)
@@ -413,11 +424,11 @@ class UpstreamPool:
 
         @return: a L{Deferred} that fires when they are all closed.
         """
+        if self._sweeper is not None and self._sweeper.active():
+            self._sweeper.cancel()
+        self._sweeper = None
         for proto in list(self.all):
             proto.reusable = False
-            if proto.idle_call is not None and proto.idle_call.active():
-                proto.idle_call.cancel()
-            proto.idle_call = None
             proto.transport.abortConnection()
         self.idle.clear()
         return self._closed.wait(not self.all, 0, lambda: None, self.reactor)
