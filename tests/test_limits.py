@@ -11,6 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
 from twisted_slb.backends import Backend, BackendGroup
+from twisted_slb.limits import ConnectionLimit
 from twisted_slb.tcp import TCPBalancerFactory
 from twisted_slb.web.front import HTTPFrontFactory
 from twisted_slb.web.proxy import BalancerSite
@@ -146,3 +147,86 @@ class FrontSlowClientTests(SlowClientTests):
         self.proto.dataReceived(b"")
         self.reactor.advance(15)
         self.assertNotIn(b"408", self.transport.value())
+
+
+class FakePort:
+    """A listening port that records whether it accepts."""
+
+    connected = True
+    disconnecting = False
+
+    def __init__(self) -> None:
+        self.reading = True
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+    def startReading(self) -> None:
+        self.reading = True
+
+
+class ConnectionLimitTests(SynchronousTestCase):
+    def test_waitPausesAcceptingAtTheLimit(self):
+        limit = ConnectionLimit(2, "l", wait=True)
+        port = FakePort()
+        limit.add_port(port)
+        self.assertTrue(limit.admit())
+        self.assertTrue(port.reading)
+        self.assertTrue(limit.admit())
+        self.assertFalse(port.reading)  # new connections wait in the backlog
+        self.assertFalse(limit.admit())  # one accepted in the same batch is closed
+        limit.release()
+        self.assertTrue(port.reading)
+        self.assertEqual(limit.open, 1)
+
+    def test_closeKeepsAccepting(self):
+        limit = ConnectionLimit(1, "l", wait=False)
+        port = FakePort()
+        limit.add_port(port)
+        self.assertTrue(limit.admit())
+        self.assertFalse(limit.admit())
+        self.assertTrue(port.reading)
+
+    def test_globalLimitCoversEveryListener(self):
+        everything = ConnectionLimit(2, "[all]")
+        a = ConnectionLimit(0, "a", wait=True, parent=everything)
+        b = ConnectionLimit(0, "b", wait=False, parent=everything)
+        port_a, port_b = FakePort(), FakePort()
+        a.add_port(port_a)
+        b.add_port(port_b)
+        self.assertTrue(a.admit())
+        self.assertTrue(b.admit())
+        self.assertEqual(everything.open, 2)
+        self.assertFalse(port_a.reading)  # a waits...
+        self.assertTrue(port_b.reading)  # ...b closes what is over
+        self.assertFalse(b.admit())
+        self.assertFalse(a.admit())
+        b.release()
+        self.assertTrue(port_a.reading)
+        self.assertTrue(a.admit())
+
+    def test_raisingTheGlobalLimitResumes(self):
+        everything = ConnectionLimit(1, "[all]")
+        a = ConnectionLimit(0, "a", wait=True, parent=everything)
+        port = FakePort()
+        a.add_port(port)
+        a.admit()
+        self.assertFalse(port.reading)
+        everything.configure(0, False)
+        self.assertTrue(port.reading)
+
+    def test_loggedOncePerEpisode(self):
+        from twisted.logger import globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        limit = ConnectionLimit(1, "l")
+        limit.admit()
+        for _ in range(5):
+            limit.admit()
+        limit.release()
+        limit.admit()
+        texts = [e["log_format"] for e in events if e.get("log_namespace") == "twisted_slb.limits"]
+        self.assertEqual(len([t for t in texts if "connections open" in t]), 1)
+        self.assertEqual(len([t for t in texts if "accepting connections again" in t]), 1)

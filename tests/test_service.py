@@ -486,3 +486,65 @@ class AccessLogTests(ServiceTestCase):
     def test_accessLogOff(self):
         events = yield self.run_one("false")
         self.assertEqual(events, [])
+
+
+class HoldingLineClient(LineOnlyReceiver):
+    """Keeps its connection open; C{first} fires with the first line."""
+
+    def __init__(self) -> None:
+        self.first: defer.Deferred = defer.Deferred()
+        self.lost: defer.Deferred = defer.Deferred()
+
+    def lineReceived(self, line: bytes) -> None:
+        if not self.first.called:
+            self.first.callback(line.decode("ascii"))
+
+    def connectionLost(self, reason) -> None:
+        self.lost.callback(None)
+
+
+class MaxConnectionsTests(ServiceTestCase):
+    """The global C{max_connections}, with C{over_limit = "wait"}: new connections wait for a slot."""
+
+    @defer.inlineCallbacks
+    def test_overTheGlobalLimitWaitsForASlot(self):
+        backend = yield self.start_tcp_backend("a")
+        other = yield self.start_tcp_backend("b")
+        service = self.start_balancer(
+            f"""
+max_connections = 1
+
+[backends.t]
+servers = [ {{ name = "a", address = "127.0.0.1:{backend.getHost().port}" }} ]
+
+[listeners.one]
+protocol = "tcp"
+bind = "tcp:0:interface=127.0.0.1"
+backends = "t"
+
+[listeners.two]
+protocol = "tcp"
+bind = "tcp:0:interface=127.0.0.1"
+backends = "t"
+"""
+        )
+
+        def connect(name):
+            endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port_of(service, name))
+            return connectProtocol(endpoint, HoldingLineClient())
+
+        first = yield connect("one")
+        self.assertEqual((yield first.first), "backend=a")
+        waiting = yield connect("two")  # the kernel completes the handshake (backlog)
+        # A round trip elsewhere gives the reactor several turns to accept it.
+        probe = yield connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", other.getHost().port), HoldingLineClient()
+        )
+        self.assertEqual((yield probe.first), "backend=b")
+        probe.transport.loseConnection()
+        self.assertEqual(service.global_limit.open, 1)
+        self.assertFalse(waiting.first.called)
+        first.transport.loseConnection()
+        self.assertEqual((yield waiting.first), "backend=a")  # served once a slot freed
+        waiting.transport.loseConnection()
+        yield waiting.lost

@@ -123,6 +123,7 @@ class ListenerConfig:
     backends: Optional[str] = None  # group name; None only for a redirect listener
     persistence: Optional[PersistenceConfig] = None
     max_connections: int = 0  # 0: unlimited
+    over_limit: str = "wait"  # "wait" | "close": connections over max_connections
     access_log: bool = True  # one line per connection (tcp) or request (http)
     # tcp
     idle_timeout: float = 900.0
@@ -159,6 +160,7 @@ class Config:
     admin: Optional[AdminConfig] = None
     workers: int = 1
     grace_period: float = 10.0  # seconds open requests may finish on SIGTERM
+    max_connections: int = 0  # over all listeners (not the admin one); 0: unlimited
 
 
 class ConfigError(Exception):
@@ -184,7 +186,9 @@ SCHEDULER_NAMES = ("rr", "wrr", "wlc", "hash")
 PERSISTENCE_TYPES = ("source_ip", "insert_cookie", "rewrite_cookie")
 
 # Keys each listener protocol accepts (beyond the common ones).
-_COMMON_LISTENER_KEYS = ("protocol", "bind", "backends", "persistence", "max_connections", "access_log")
+_COMMON_LISTENER_KEYS = (
+    "protocol", "bind", "backends", "persistence", "max_connections", "over_limit", "access_log",
+)
 _TCP_KEYS = ("idle_timeout", "proxy_protocol")
 _HTTP_KEYS = (
     "request_timeout", "client_idle_timeout", "max_header_bytes", "max_headers",
@@ -557,6 +561,7 @@ def _read_listener(file: str, base: str, name: str, data: Any,
         name=name, protocol=protocol, bind=bind, backends=backends,
         persistence=_read_persistence(t, "persistence", protocol),
         max_connections=t.integer("max_connections", 0, 0, 10_000_000),
+        over_limit=t.string("over_limit", "wait", choices=("wait", "close")),
         access_log=t.boolean("access_log", True),
     )
     if protocol == "tcp":
@@ -616,7 +621,7 @@ def parse_config(document: Any, path: str = "<string>") -> Config:
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
     base = os.path.dirname(os.path.abspath(path)) if not path.startswith("<") else os.getcwd()
-    top = _Table(path, "", document, ("backends", "listeners", "admin", "workers", "grace_period"))
+    top = _Table(path, "", document, ("backends", "listeners", "admin", "workers", "grace_period", "max_connections"))
     groups_data = top.get("backends", {})
     if not isinstance(groups_data, dict):
         raise top.error("backends", "must be a table of groups", groups_data, "[backends.NAME] tables")
@@ -644,6 +649,7 @@ def parse_config(document: Any, path: str = "<string>") -> Config:
         path=path, backends=groups, listeners=listeners, admin=admin,
         workers=top.integer("workers", 1, 1, 64),
         grace_period=top.number("grace_period", 10.0, 0, 3600),
+        max_connections=top.integer("max_connections", 0, 0, 100_000_000),
     )
     _check_certificates(config)
     return config
@@ -707,6 +713,8 @@ def describe(config: Config) -> str:
     The effective settings of every listener, for C{twistd slb --check}.
     """
     lines: List[str] = [f"config: {config.path}", f"workers: {config.workers}"]
+    if config.max_connections:
+        lines.append(f"max_connections {config.max_connections} over all listeners")
     for l in config.listeners.values():
         lines.append("")
         lines.append(f"listener {l.name}: {l.protocol} on {l.bind}")
@@ -734,7 +742,7 @@ def describe(config: Config) -> str:
             for c in l.certificates:
                 lines.append(f"  certificate {c.cert}")
         if l.max_connections:
-            lines.append(f"  max_connections {l.max_connections}")
+            lines.append(f"  max_connections {l.max_connections}, over_limit {l.over_limit}")
         if not l.access_log:
             lines.append("  access log off")
     if config.admin is not None:

@@ -1,39 +1,146 @@
 """
-Connection limits shared by the TCP and HTTP listeners.
+Connection limits shared by the TCP and HTTP listeners: each listener's
+C{max_connections}, and the configuration's global C{max_connections} over
+all of them.
+
+What happens to a connection over a limit is the listener's C{over_limit}:
+
+ - C{"wait"} (the default, as HAProxy's C{maxconn}): the listener stops
+   accepting while the limit is reached, so new connections wait in the
+   kernel's listen backlog (C{backlog=} in the bind string) and are served
+   as soon as a slot frees.  Twisted accepts connections in batches; one
+   already accepted past the limit when the batch ran is closed at once.
+ - C{"close"}: connections keep being accepted and those over the limit are
+   closed at once.
+
+Either way the condition is logged once when it starts and once when it
+ends, never once per connection.
 """
 
 from __future__ import annotations
+
+from typing import Optional, Set
 
 from twisted.logger import Logger
 
 log = Logger(namespace="twisted_slb.limits")
 
+#: What a listener does with connections over its limits.
+OVER_LIMIT = ("wait", "close")
+
 
 class ConnectionLimit:
     """
-    C{max_connections} of one listener: says whether a new connection may
-    be served, and logs when the limit starts and stops refusing (once, not
-    for every refused client).
+    The open-connection count and limit of one listener (or, as the
+    C{parent} of listeners' limits, of all of them).
+
+    A listener's factory calls L{admit} for each new connection and
+    L{release} when an admitted one closes; the listener registers its
+    listening port in L{ports} so that a C{"wait"} limit can stop and restart
+    accepting.
 
     @ivar limit: the most connections open at once; 0 for no limit.
+    @ivar open: connections admitted and not yet released.
+    @ivar wait: whether a full limit stops accepting (C{over_limit = "wait"})
+        rather than closing new connections.
+    @ivar parent: the global limit this one also counts against, or L{None}.
+    @ivar ports: listening ports paused while this listener is full.
     """
 
-    def __init__(self, limit: int, listener_name: str) -> None:
+    def __init__(self, limit: int = 0, listener_name: str = "", wait: bool = False,
+                 parent: Optional[ConnectionLimit] = None) -> None:
         self.limit = limit
         self.listener_name = listener_name
+        self.wait = wait
+        self.parent = parent
+        self.open = 0
         self.refusing = False
+        self.paused = False
+        self.ports: Set[object] = set()
+        self.children: Set[ConnectionLimit] = set()
+        if parent is not None:
+            parent.children.add(self)
 
-    def admit(self, open_now: int) -> bool:
-        """Whether one more connection, with C{open_now} open, is allowed."""
-        if self.limit and open_now >= self.limit:
+    def full(self) -> bool:
+        """Whether this limit alone is reached."""
+        return bool(self.limit) and self.open >= self.limit
+
+    def blocked(self) -> bool:
+        """Whether a new connection would be over this limit or the global one."""
+        return self.full() or (self.parent is not None and self.parent.full())
+
+    def admit(self) -> bool:
+        """
+        Count one more connection if the limits allow it.
+
+        @return: whether the connection may be served; when L{False} it must
+            be closed (and not released).
+        """
+        if self.blocked():
             if not self.refusing:
                 self.refusing = True
+                which = self if self.full() else self.parent
                 log.warn(
-                    "listener {listener}: {limit} connections open (max_connections): refusing new ones",
-                    listener=self.listener_name, limit=self.limit,
+                    "listener {listener}: {open} connections open ({scope} max_connections {limit}): "
+                    "{action}",
+                    listener=self.listener_name, open=which.open, limit=which.limit,
+                    scope="the listener's" if which is self else "the global",
+                    action="new connections wait" if self.wait else "closing new connections",
                 )
             return False
-        if self.refusing:
+        self.open += 1
+        if self.parent is not None:
+            self.parent.open += 1
+        self._update()
+        return True
+
+    def release(self) -> None:
+        """An admitted connection closed."""
+        self.open -= 1
+        if self.parent is not None:
+            self.parent.open -= 1
+        self._update()
+
+    def configure(self, limit: int, wait: bool) -> None:
+        """Apply a reloaded configuration; the count carries over."""
+        self.limit = limit
+        self.wait = wait
+        self._update()
+        for child in list(self.children):
+            child._apply()
+
+    def add_port(self, port) -> None:
+        """Pause C{port} while this listener is full (in C{"wait"} mode)."""
+        self.ports.add(port)
+        self.paused = False
+        self._update()
+
+    def remove_port(self, port) -> None:
+        self.ports.discard(port)
+
+    def _update(self) -> None:
+        """Pause or resume accepting on the listeners whose state changed."""
+        if self.parent is not None and self.parent.limit:
+            for sibling in list(self.parent.children):
+                sibling._apply()
+        else:
+            self._apply()
+
+    def _apply(self) -> None:
+        blocked = self.blocked()
+        pause = self.wait and blocked
+        if pause != self.paused:
+            self.paused = pause
+            for port in list(self.ports):
+                # tcp.Port is a FileDescriptor: stopReading/startReading stop
+                # and restart accept() without closing the socket (there is
+                # no pause in IListeningPort).
+                if getattr(port, "disconnecting", False) or not getattr(port, "connected", True):
+                    continue
+                if pause:
+                    port.stopReading()
+                else:
+                    port.startReading()
+        if self.refusing and not blocked:
             self.refusing = False
             log.info("listener {listener}: accepting connections again", listener=self.listener_name)
-        return True

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 
 from twisted_slb.backends import BackendGroup
 from twisted_slb.config import Config, ConfigError, ListenerConfig, load_config
+from twisted_slb.limits import ConnectionLimit
 from twisted_slb.stats import StatsRegistry
 from twisted_slb.tls import ClientTLSCache, describe_address
 
@@ -97,6 +98,9 @@ class ListenerService(Service):
 
         def listening(port):
             self.port = port
+            limit = self._limit()
+            if limit is not None:
+                limit.add_port(port)
             log.info(
                 "listener {listener} ({protocol}) listening on {address}",
                 listener=self.config.name,
@@ -112,6 +116,12 @@ class ListenerService(Service):
     def factory(self):
         """The factory that serves new connections."""
         return self._switch.current
+
+    def _limit(self):
+        """The listener's L{twisted_slb.limits.ConnectionLimit}, if it has one."""
+        factory = self.factory
+        factory = getattr(factory, "wrappedFactory", factory)  # under TLS
+        return getattr(factory, "limit", None)
 
     def reconfigure(self, config: ListenerConfig, factory) -> None:
         """
@@ -162,6 +172,9 @@ class ListenerService(Service):
         """
         Service.stopService(self)
         port, self.port = self.port, None
+        limit = self._limit()
+        if port is not None and limit is not None:
+            limit.remove_port(port)
         d = maybeDeferred(port.stopListening) if port is not None else succeed(None)
         factory = self.factory
         factory = getattr(factory, "wrappedFactory", factory)  # under TLS
@@ -206,6 +219,9 @@ class BalancerService(MultiService):
         self.groups: Dict[str, BackendGroup] = {}
         self.stick_tables: Dict[str, object] = {}
         self.pool = None
+        # Connection counts outlive a reload (open connections still count).
+        self.global_limit = ConnectionLimit(config.max_connections, "[all listeners]")
+        self.limits: Dict[str, ConnectionLimit] = {}
         self.client_tls = ClientTLSCache()
         self.stats = StatsRegistry(self.groups)
         certificates = self._load_certificates(config)
@@ -307,6 +323,18 @@ class BalancerService(MultiService):
             return SourceIPPersistence(table, scheduler=ConsistentHash())
         return SourceIPPersistence(table)
 
+    def _limit_for(self, listener: ListenerConfig) -> ConnectionLimit:
+        """The listener's connection limit, kept (with its count) across reloads."""
+        wait = listener.over_limit == "wait"
+        limit = self.limits.get(listener.name)
+        if limit is None:
+            limit = self.limits[listener.name] = ConnectionLimit(
+                listener.max_connections, listener.name, wait, parent=self.global_limit
+            )
+        else:
+            limit.configure(listener.max_connections, wait)
+        return limit
+
     def _build_tcp(self, listener: ListenerConfig):
         from twisted_slb.tcp import TCPBalancerFactory
 
@@ -324,6 +352,7 @@ class BalancerService(MultiService):
             stats=stats,
             max_connections=listener.max_connections,
             access_log=listener.access_log,
+            limit=self._limit_for(listener),
         )
         stats.active_source = lambda: factory.active
         return factory
@@ -392,6 +421,7 @@ class BalancerService(MultiService):
             max_connections_per_ip=listener.max_connections_per_ip,
             listener_name=listener.name,
             secure=listener.protocol == "https",
+            limit=self._limit_for(listener),
         )
         stats = site.stats = self.stats.for_listener(listener.name, listener.protocol)
         stats.active_source = lambda: len(site.channels)
@@ -425,12 +455,16 @@ class BalancerService(MultiService):
             return False
         self._update_groups(config)
         self.config = config
+        self.global_limit.configure(config.max_connections, False)
         current = {s.name: s for s in list(self) if isinstance(s, ListenerService)}
         for name, service in current.items():
             new = {l.name: l for l in self._listener_configs(config)}.get(name)
             if new is None or new.bind != service.config.bind:
                 log.info("listener {listener} removed or moved: closing its port", listener=name)
                 self.removeService(service)
+                if new is None:
+                    # Its open connections still count until they close.
+                    self.limits.pop(name, None)
         self.stats.retain(config.listeners)
         for listener in self._listener_configs(config):
             factory = self._build_factory(listener, certificates)

@@ -300,6 +300,7 @@ class TCPBalancerProtocol(Protocol):
         self.closed = True
         factory = self.factory
         factory.active -= 1
+        factory.limit.release()
         if self.idle_call is not None and self.idle_call.active():
             self.idle_call.cancel()
         self.idle_call = None
@@ -505,6 +506,7 @@ class TCPBalancerFactory(ServerFactory):
         stats=None,
         max_connections: int = 0,
         access_log: bool = True,
+        limit: Optional[ConnectionLimit] = None,
     ) -> None:
         """
         @param group: the backends to balance over.
@@ -520,6 +522,10 @@ class TCPBalancerFactory(ServerFactory):
         @param max_connections: the most client connections open at once;
             0 for no limit.
         @param access_log: whether to log one line per connection.
+        @param limit: a L{ConnectionLimit} to count connections against
+            (shared with the global limit and kept across reloads by
+            L{twisted_slb.service.BalancerService}); by default one of
+            C{max_connections} that closes connections over it.
         @raise ValueError: C{proxy_protocol} or C{idle_timeout} is invalid.
         """
         if reactor is None:
@@ -540,11 +546,11 @@ class TCPBalancerFactory(ServerFactory):
         self.no_backend = 0
         self.connections: Set[TCPBalancerProtocol] = set()
         self.tracker = IdleTracker()
-        self.limit = ConnectionLimit(max_connections, listener_name)
+        self.limit = limit if limit is not None else ConnectionLimit(max_connections, listener_name)
         self.access_log = access_log
 
     def buildProtocol(self, addr) -> Optional[TCPBalancerProtocol]:
-        if not self.limit.admit(self.active):
+        if not self.limit.admit():
             return None  # the port closes the new connection at once
         return TCPBalancerProtocol(self)
 

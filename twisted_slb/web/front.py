@@ -783,6 +783,7 @@ class HTTPFrontFactory(Factory):
         max_connections_per_ip: int = 0,
         listener_name: str = "http",
         secure: bool = False,
+        limit: Optional[ConnectionLimit] = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -791,7 +792,7 @@ class HTTPFrontFactory(Factory):
         self.timeout = client_idle_timeout
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
-        self.limit = ConnectionLimit(max_connections, listener_name)
+        self.limit = limit if limit is not None else ConnectionLimit(max_connections, listener_name)
         self.max_connections_per_ip = max_connections_per_ip
         self.listener_name = listener_name
         self.secure = secure
@@ -801,17 +802,18 @@ class HTTPFrontFactory(Factory):
         self.stats = None
 
     def buildProtocol(self, addr):
-        if not self.limit.admit(len(self.channels)):
-            return None  # the port closes the new connection at once
         ip = getattr(addr, "host", None)
         if self.max_connections_per_ip and ip is not None:
             if self.per_ip.get(ip, 0) >= self.max_connections_per_ip:
                 log.info("listener {listener}: client {client} over max_connections_per_ip ({limit}): 429",
                          listener=self.listener_name, client=ip, limit=self.max_connections_per_ip)
                 return _TooManyConnections()
-            self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         else:
             ip = None
+        if not self.limit.admit():
+            return None  # the port closes the new connection at once
+        if ip is not None:
+            self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         channel = HTTPFrontChannel(self)
         channel.client_ip = ip
         if self.stats is not None:
@@ -820,6 +822,7 @@ class HTTPFrontFactory(Factory):
 
     def channel_closed(self, channel: HTTPFrontChannel) -> None:
         self.channels.discard(channel)
+        self.limit.release()
         ip = channel.client_ip
         if ip is not None:
             n = self.per_ip.get(ip, 0) - 1

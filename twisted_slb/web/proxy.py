@@ -563,6 +563,7 @@ class _BalancerChannel(HTTPChannel):
         HTTPChannel.connectionLost(self, reason)
         site = self.site
         site.channels.discard(self)
+        site.limit.release()
         if self.client_ip is not None:
             site.release_ip(self.client_ip)
         if not site.channels:
@@ -618,11 +619,12 @@ class BalancerSite(Site):
         max_connections: int = 0,
         max_connections_per_ip: int = 0,
         listener_name: str = "http",
+        limit: Optional[ConnectionLimit] = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
         Site.__init__(self, resource, reactor=reactor, timeout=client_idle_timeout)
-        self.limit = ConnectionLimit(max_connections, listener_name)
+        self.limit = limit if limit is not None else ConnectionLimit(max_connections, listener_name)
         self.max_connections_per_ip = max_connections_per_ip
         self.listener_name = listener_name
         self.per_ip: Dict[str, int] = {}
@@ -664,17 +666,18 @@ class BalancerSite(Site):
             self.per_ip.pop(ip, None)
 
     def buildProtocol(self, addr):
-        if not self.limit.admit(len(self.channels)):
-            return None  # the port closes the new connection at once
         ip = getattr(addr, "host", None)
         if self.max_connections_per_ip and ip is not None:
             if self.per_ip.get(ip, 0) >= self.max_connections_per_ip:
                 log.info("listener {listener}: client {client} over max_connections_per_ip ({limit}): 429",
                          listener=self.listener_name, client=ip, limit=self.max_connections_per_ip)
                 return _TooManyConnections()
-            self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         else:
             ip = None
+        if not self.limit.admit():
+            return None  # the port closes the new connection at once
+        if ip is not None:
+            self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         channel = Site.buildProtocol(self, addr)
         channel.client_ip = ip
         if self.stats is not None:
