@@ -120,6 +120,7 @@ class _Exchange:
         # Safe to send again if a backend fails before answering.
         self.retryable = request.method in IDEMPOTENT and not length
         self.head = self._build_head()
+        request.slb_exchange = self  # for introspection (tests, debugging)
         request.notifyFinish().addErrback(self._client_lost)
 
     def _build_head(self) -> bytes:
