@@ -315,6 +315,20 @@ def idle_connections(port: int, pid: int, count: int) -> Dict[str, float]:
     return {"rss_before_mb": before / 1024, "rss_mb": during / 1024, "connections": count}
 
 
+def stick_table(python: str, entries: int) -> Dict[str, float]:
+    """Process RSS with a stick table of C{entries} clients (bench/sticktable_memory.py)."""
+    out = subprocess.run(
+        [python, os.path.join(HERE, "sticktable_memory.py"), "--entries", str(entries)],
+        capture_output=True, text=True, timeout=600, check=True,
+    ).stdout
+    figures = dict(re.findall(r"^(RSS after|bytes per entry|lookup):\s+([\d.]+)", out, re.M))
+    return {
+        "rss_mb": float(figures["RSS after"]),
+        "bytes_per_entry": float(figures["bytes per entry"]),
+        "lookup_us": float(figures["lookup"]),
+    }
+
+
 # -- the run -------------------------------------------------------------------
 
 
@@ -396,6 +410,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             row["ratio"] = row["twisted_slb"]["rss_mb"] / max(row["haproxy"]["rss_mb"], 0.001)
             rows.append(row)
             print(f"{row['title']:48} slb {row['twisted_slb']['rss_mb']:10.1f}  haproxy {row['haproxy']['rss_mb']:10.1f}", flush=True)
+        if not only or "sticktable" in only:
+            entries = 10_000 if args.quick else 1_000_000
+            rows.append({
+                "workload": "sticktable", "title": f"stick table, {entries:,} clients (MB RSS)", "unit": "rss_mb",
+                "twisted_slb": stick_table(args.slb_python, entries),
+            })
+            print(f"{rows[-1]['title']:48} slb {rows[-1]['twisted_slb']['rss_mb']:10.1f}", flush=True)
     except Exception:
         for name in ("haproxy.log", "nginx.log", "slb.log"):
             path = os.path.join(tmp, name)
@@ -429,9 +450,12 @@ def print_table(rows: List[dict]) -> None:
     for row in rows:
         unit = row["unit"]
         direct = row.get("direct", {}).get(unit)
+        haproxy = row.get("haproxy", {}).get(unit)
+        ratio = row.get("ratio")
         print(
             f"| {row['title']:46} | {'' if direct is None else f'{direct:10.1f}':>10} | "
-            f"{row['haproxy'][unit]:10.1f} | {row['twisted_slb'][unit]:11.1f} | {row['ratio']:10.2f}x |"
+            f"{'' if haproxy is None else f'{haproxy:10.1f}':>10} | {row['twisted_slb'][unit]:11.1f} | "
+            f"{'' if ratio is None else f'{ratio:10.2f}x':>11} |"
         )
 
 
