@@ -701,3 +701,46 @@ class LoopbackTests(TestCase):
         data = yield self.visit("127.0.0.7", b"x" * 100000, half_close=True)
         name, echoed_and_count = data.split(b"\n", 1)
         self.assertEqual(echoed_and_count, b"x" * 100000 + b"got 100000\n")
+
+
+class PinLifetimeTests(RelayCase):
+    """A source-IP pin does not expire under a connection that stays open."""
+
+    def setUp(self):
+        RelayCase.setUp(self)
+        self.table = StickTable(timeout=100, clock=self.reactor)
+        self.factory = self.make_factory(policy=SourceIPPersistence(self.table))
+
+    def test_longConnectionKeepsItsPin(self):
+        proto, client = self.client()
+        self.backend_connects()
+        for _ in range(25):  # 500 s, five table timeouts, with traffic
+            self.reactor.advance(20)
+            proto.dataReceived(b"x")
+        self.assertFalse(client.disconnecting)
+        self.assertEqual(self.table.get("192.0.2.7"), self.group.get("a").id)
+
+    def test_timeoutCountsFromTheEndOfTheConnection(self):
+        proto, client = self.client()
+        self.backend_connects()
+        for _ in range(6):
+            self.reactor.advance(20)
+            proto.dataReceived(b"x")
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.reactor.advance(99)
+        self.assertEqual(self.table.get("192.0.2.7"), self.group.get("a").id)
+        self.reactor.advance(2)
+        self.assertIsNone(self.table.get("192.0.2.7"))
+
+    def test_aNewerPinIsNotOverwritten(self):
+        proto, client = self.client()
+        self.backend_connects()
+        self.table.set("192.0.2.7", self.group.get("b").id)  # another connection re-pinned it
+        self.reactor.advance(60)
+        self.assertEqual(self.table.get("192.0.2.7"), self.group.get("b").id)
+
+    def test_idleTimeoutStillCloses(self):
+        proto, client = self.client()
+        self.backend_connects()
+        self.reactor.advance(30)
+        self.assertTrue(client.disconnecting)

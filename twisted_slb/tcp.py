@@ -194,6 +194,7 @@ class TCPBalancerProtocol(Protocol):
     connector = None
     idle_call = None
     ended: Optional[str] = None
+    pinned_at = 0.0
 
     def __init__(self, factory: TCPBalancerFactory) -> None:
         self.factory = factory
@@ -308,6 +309,8 @@ class TCPBalancerProtocol(Protocol):
         if backend_protocol is not None:
             self.backend.active -= 1
             backend_protocol.transport.loseConnection()
+            if factory.pin_refresh:
+                self.refresh_pin()  # the pin's timeout counts from the end of the connection
         elif self.connector is not None:
             # The client left while a backend was still connecting.
             self.end("client closed before a backend was connected")
@@ -375,10 +378,10 @@ class TCPBalancerProtocol(Protocol):
         # fast writer instead of growing a buffer.
         client_transport.registerProducer(backend_transport, True)
         backend_transport.registerProducer(client_transport, True)
-        self.last_activity = self.seconds()
-        timeout = factory.idle_timeout
-        if timeout:
-            self.idle_call = factory.reactor.callLater(timeout, self.check_idle)
+        self.last_activity = self.pinned_at = self.seconds()
+        first_check = min([t for t in (factory.idle_timeout, factory.pin_refresh) if t], default=0)
+        if first_check:
+            self.idle_call = factory.reactor.callLater(first_check, self.check_idle)
         if self.early:
             early, self.early = self.early, []
             for data in early:
@@ -418,21 +421,44 @@ class TCPBalancerProtocol(Protocol):
     def check_idle(self) -> None:
         # One timer per connection, re-armed for the time left, rather than
         # a DelayedCall reset on every chunk of data: the relay path only
-        # stores a timestamp.
+        # stores a timestamp.  The same timer keeps the client's pin alive
+        # while the connection is open (the policy's refresh_interval).
         self.idle_call = None
         if self.closed:
             return
-        timeout = self.factory.idle_timeout
-        idle = self.seconds() - self.last_activity
-        if idle >= timeout:
+        factory = self.factory
+        now = self.seconds()
+        timeout = factory.idle_timeout
+        idle = now - self.last_activity
+        if timeout and idle >= timeout:
             log.info(
                 "listener {listener}: closing connection of {client} to {backend}: idle for {timeout} s",
-                listener=self.factory.listener_name, client=self.session.client_ip,
+                listener=factory.listener_name, client=self.session.client_ip,
                 backend=self.backend.name, timeout=timeout,
             )
             self.close("idle timeout")
-        else:
-            self.idle_call = self.factory.reactor.callLater(timeout - idle, self.check_idle)
+            return
+        interval = factory.pin_refresh
+        if interval and now - self.pinned_at >= interval:
+            self.refresh_pin()
+        waits = []
+        if timeout:
+            waits.append(timeout - idle)
+        if interval:
+            waits.append(self.pinned_at + interval - now)
+        self.idle_call = factory.reactor.callLater(min(waits), self.check_idle)
+
+    def refresh_pin(self) -> None:
+        """Tell the policy (if it cares) that this client still uses its backend."""
+        self.pinned_at = self.seconds()
+        refresh = getattr(self.session.policy, "refresh", None)
+        if refresh is None or self.backend is None:
+            return
+        try:
+            refresh(self.session, self.backend)
+        except Exception:
+            log.failure("listener {listener}: persistence policy {policy!r} failed to refresh a pin",
+                        listener=self.factory.listener_name, policy=self.session.policy)
 
     def close(self, why: str) -> None:
         """Close both sides (pending data is still delivered)."""
@@ -548,6 +574,9 @@ class TCPBalancerFactory(ServerFactory):
         self.tracker = IdleTracker()
         self.limit = limit if limit is not None else ConnectionLimit(max_connections, listener_name)
         self.access_log = access_log
+        # A policy with refresh() (source IP) keeps the pins of open
+        # connections alive; see TCPBalancerProtocol.check_idle.
+        self.pin_refresh = getattr(policy, "refresh_interval", None) if hasattr(policy, "refresh") else None
 
     def buildProtocol(self, addr) -> Optional[TCPBalancerProtocol]:
         if not self.limit.admit():

@@ -160,3 +160,24 @@ class SourceIPPersistence:
 
     def remember(self, session: Session, backend) -> None:
         self.table.set(self.client_key(session), backend.id)
+
+    @property
+    def refresh_interval(self) -> float:
+        """
+        How often a connection that stays open calls L{refresh}: half the
+        table timeout, so that the entry of a client with a connection open
+        never expires under it.
+        """
+        return self.table.timeout / 2.0
+
+    def refresh(self, session: Session, backend) -> None:
+        """
+        The client still uses C{backend} (its connection is open, or just
+        closed): restart its entry's timeout, as HAProxy's C{expire} counts
+        from the last activity.  An entry that another connection moved to
+        another backend since is left alone.
+        """
+        key = self.client_key(session)
+        current = self.table.get(key)
+        if current is None or current == backend.id:
+            self.table.set(key, backend.id)
