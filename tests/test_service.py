@@ -456,6 +456,31 @@ class GracefulShutdownTests(ServiceTestCase):
         self.assertEqual(body, b"done")
         yield stopped
 
+    @defer.inlineCallbacks
+    def test_requestOnAFactoryReplacedByAReloadFinishes(self):
+        """
+        A reload gives the listener a new factory; connections the old one
+        serves are drained at stop too, not cut.
+        """
+        page = SlowPage()
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(page))
+        self.addCleanup(port.stopListening)
+        text = HTTP_CONFIG.format(a=port.getHost().port, b=port.getHost().port, c=port.getHost().port)
+        service = BalancerService(load_config(self.write_config(text)), reactor)
+        service.startService()
+        url = f"http://127.0.0.1:{self.port_of(service, 'web')}/"
+        response = self.agent().request(b"GET", url.encode())
+        yield page.arrived
+        self.assertTrue(service.reload(load_config(service.config.path)))
+        stopped = service.stopService()
+        self.assertFalse(stopped.called)
+        page.waiting[0].write(b"done")
+        page.waiting[0].finish()
+        response = yield response
+        body = yield readBody(response)
+        self.assertEqual(body, b"done")
+        yield stopped
+
 
 class AccessLogTests(ServiceTestCase):
     @defer.inlineCallbacks

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Dict, Mapping, Optional, Tuple
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
@@ -84,6 +84,9 @@ class ListenerService(Service):
         """
         self.config = config
         self._switch = _SwitchableFactory(factory)
+        # Factories a reload replaced: their connections are still open and
+        # must be drained too when the listener stops.
+        self._replaced: list = []
         self.reactor = reactor
         self.adopt = adopt
         self.port = None
@@ -130,10 +133,13 @@ class ListenerService(Service):
         """
         assert config.bind == self.config.bind
         self.config = config
+        old = self.factory
         if self.port is None:
             self._switch.current = factory
         else:
             self._switch.switch(factory)
+        if old is not factory:
+            self._replaced = [f for f in self._replaced + [old] if _open_connections(f)]
 
     def privilegedStartService(self) -> None:
         Service.privilegedStartService(self)
@@ -176,12 +182,28 @@ class ListenerService(Service):
         if port is not None and limit is not None:
             limit.remove_port(port)
         d = maybeDeferred(port.stopListening) if port is not None else succeed(None)
-        factory = self.factory
-        factory = getattr(factory, "wrappedFactory", factory)  # under TLS
-        drain = getattr(factory, "drain", None)
-        if drain is not None:
-            d.addCallback(lambda _: drain(self.grace_period))
-        return d
+        factories, self._replaced = [self.factory] + self._replaced, []
+
+        def drain_all(_):
+            drains = []
+            for factory in factories:
+                factory = getattr(factory, "wrappedFactory", factory)  # under TLS
+                drain = getattr(factory, "drain", None)
+                if drain is not None:
+                    drains.append(drain(self.grace_period))
+            return gatherResults(drains)
+
+        return d.addCallback(drain_all)
+
+
+def _open_connections(factory) -> int:
+    """How many connections a listener factory (maybe under TLS) still has open."""
+    factory = getattr(factory, "wrappedFactory", factory)
+    for name in ("channels", "connections"):
+        open_now = getattr(factory, name, None)
+        if open_now is not None:
+            return len(open_now)
+    return 0
 
 
 class BalancerService(MultiService):
