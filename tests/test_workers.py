@@ -68,3 +68,39 @@ class WorkersTests(TestCase):
         transport.signalProcess("TERM")
         code, signum = yield proc.ended
         self.assertIn((code, signum), [(0, None), (None, signal.SIGTERM)])
+
+    @defer.inlineCallbacks
+    def test_workersExitWhenTheParentIsKilled(self):
+        """A SIGKILLed parent leaves no worker serving on alone."""
+        import re
+
+        from twisted.internet.task import deferLater
+
+        path = os.path.abspath(self.mktemp() + ".toml")
+        with open(path, "w") as f:
+            f.write(CONFIG.format(a=1, b=2))
+        proc = Twistd()
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        transport = reactor.spawnProcess(proc, twistd, [twistd, "--pidfile=", "-n", "slb", "--config", path],
+                                         env=os.environ.copy())
+        self.addCleanup(lambda: proc.ended.called or transport.signalProcess("KILL"))
+        yield proc.wait_for(r"worker 1 started", True)
+        first = yield proc.wait_for(r"listener web \(http\) listening on 127\.0\.0\.1:(\d+)", True)
+        yield proc.wait_for(r"listener web \(http\) listening on 127\.0\.0\.1:" + first.group(1))
+        pids = [int(p) for p in re.findall(r"worker \d started \(pid (\d+)\)", proc.output)]
+        self.assertEqual(len(pids), 2)
+        transport.signalProcess("KILL")
+        yield proc.ended
+
+        def alive(pid: int) -> bool:
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    return "\nState:\tZ" not in f.read()  # a zombie has exited
+            except FileNotFoundError:
+                return False
+
+        for _ in range(400):  # at most 20 s
+            if not any(alive(pid) for pid in pids):
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual([pid for pid in pids if alive(pid)], [])

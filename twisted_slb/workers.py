@@ -248,7 +248,27 @@ def worker_main(argv: Optional[List[str]] = None) -> None:
     signal.signal(signal.SIGHUP, lambda *a: reactor.callFromThread(balancer.reload))
     signal.signal(signal.SIGTERM, lambda *a: reactor.callFromThread(reactor.stop))
     reactor.addSystemEventTrigger("before", "shutdown", balancer.stopService)
+    _watch_parent(reactor, args.index)
     reactor.run(installSignalHandlers=False)
+
+
+def _watch_parent(reactor, index: int) -> None:
+    """
+    Stop (gracefully) when the parent is gone: it holds the write end of our
+    standard input, so its death, even by SIGKILL, is end-of-file there.
+    Without this, workers of a killed parent would serve on alone, with
+    nobody to restart them or forward a reload.
+    """
+    from twisted.internet.protocol import Protocol
+    from twisted.internet.stdio import StandardIO
+
+    class ParentWatch(Protocol):
+        def connectionLost(self, reason=None) -> None:
+            log.warn("worker {index}: the parent process is gone; stopping", index=index)
+            if reactor.running:
+                reactor.stop()
+
+    StandardIO(ParentWatch(), stdin=0, stdout=1, reactor=reactor)
 
 
 if __name__ == "__main__":
