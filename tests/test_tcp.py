@@ -170,6 +170,17 @@ class ConnectTests(RelayCase):
         self.assertEqual((self.group.get("a").failures, self.group.get("b").failures), (1, 0))
         self.assertEqual(reasons, [("a", "connect timed out")])
 
+    def test_outOfDescriptorsIsNotTheBackendsFailure(self):
+        """A connect that fails for lack of descriptors here does not count against the backend."""
+        import errno
+
+        from twisted.internet.error import ConnectBindError
+
+        self.client()
+        self.fail_connect(reason=ConnectBindError(errno.EMFILE, "Too many open files"))
+        self.assertEqual(self.group.get("a").failures, 0)
+        self.assertEqual(self.reactor.tcpClients[1][:2], ("10.0.0.2", 82))  # still tries the next
+
     def test_noBackendLeftClosesTheClient(self):
         self.group.retries = 5
         proto, client = self.client()

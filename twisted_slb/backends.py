@@ -10,9 +10,11 @@ persistence pins and counters survive it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence
 
+from twisted.internet import error
 from twisted.logger import Logger
 
 from twisted_slb.persistence.interfaces import HIT, NEW, NONE, REPIN, Session
@@ -287,3 +289,20 @@ class BackendGroup:
         b = self.choose(session.client_ip, exclude, getattr(session.policy, "scheduler", None))
         session.outcome = outcome
         return b
+
+
+#: errno values of a connect that failed for lack of local resources.
+_LOCAL_ERRNOS = frozenset([errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM])
+
+
+def local_failure(reason) -> bool:
+    """
+    Whether a failed connect to a backend is this process's problem (out of
+    file descriptors or memory) rather than the backend's: such a failure
+    must not count against the backend, or a descriptor shortage here would
+    take healthy backends down.
+
+    @param reason: the L{twisted.python.failure.Failure} of the connect.
+    """
+    value = getattr(reason, "value", reason)
+    return isinstance(value, error.ConnectError) and getattr(value, "osError", None) in _LOCAL_ERRNOS

@@ -23,6 +23,8 @@ from typing import Optional, Set
 
 from twisted.logger import Logger
 
+from twisted_slb.accept import pause_port, resume_port
+
 log = Logger(namespace="twisted_slb.limits")
 
 #: What a listener does with connections over its limits.
@@ -112,11 +114,13 @@ class ConnectionLimit:
     def add_port(self, port) -> None:
         """Pause C{port} while this listener is full (in C{"wait"} mode)."""
         self.ports.add(port)
-        self.paused = False
+        if self.paused:
+            pause_port(port, self)
         self._update()
 
     def remove_port(self, port) -> None:
         self.ports.discard(port)
+        resume_port(port, self)
 
     def _update(self) -> None:
         """Pause or resume accepting on the listeners whose state changed."""
@@ -132,15 +136,10 @@ class ConnectionLimit:
         if pause != self.paused:
             self.paused = pause
             for port in list(self.ports):
-                # tcp.Port is a FileDescriptor: stopReading/startReading stop
-                # and restart accept() without closing the socket (there is
-                # no pause in IListeningPort).
-                if getattr(port, "disconnecting", False) or not getattr(port, "connected", True):
-                    continue
                 if pause:
-                    port.stopReading()
+                    pause_port(port, self)
                 else:
-                    port.startReading()
+                    resume_port(port, self)
         if self.refusing and not blocked:
             self.refusing = False
             log.info("listener {listener}: accepting connections again", listener=self.listener_name)

@@ -17,6 +17,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
+from twisted_slb.accept import AcceptGuard
 from twisted_slb.backends import BackendGroup
 from twisted_slb.config import Config, ConfigError, ListenerConfig, load_config
 from twisted_slb.limits import ConnectionLimit
@@ -57,7 +58,13 @@ class _SwitchableFactory(ServerFactory):
         new.doStart()
         old.doStop()
 
+    #: the L{twisted_slb.accept.AcceptGuard} of the port, once listening
+    guard = None
+
     def buildProtocol(self, addr):
+        guard = self.guard
+        if guard is not None and guard.episode:
+            guard.accepted()
         return self.current.buildProtocol(addr)
 
 
@@ -101,6 +108,8 @@ class ListenerService(Service):
 
         def listening(port):
             self.port = port
+            if hasattr(port, "_logger"):  # a tcp.Port (see AcceptGuard)
+                self._switch.guard = AcceptGuard(port, self.config.name, self.reactor)
             limit = self._limit()
             if limit is not None:
                 limit.add_port(port)
@@ -181,6 +190,9 @@ class ListenerService(Service):
         limit = self._limit()
         if port is not None and limit is not None:
             limit.remove_port(port)
+        guard, self._switch.guard = self._switch.guard, None
+        if guard is not None:
+            guard.stop()
         d = maybeDeferred(port.stopListening) if port is not None else succeed(None)
         factories, self._replaced = [self.factory] + self._replaced, []
 

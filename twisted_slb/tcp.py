@@ -35,7 +35,7 @@ from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twisted_slb.backends import Backend, BackendGroup
+from twisted_slb.backends import Backend, BackendGroup, local_failure
 from twisted_slb.limits import ConnectionLimit
 from twisted_slb.persistence.interfaces import IPersistencePolicy, Session, normalise_ip
 from twisted_slb.shutdown import IdleTracker
@@ -340,7 +340,10 @@ class TCPBalancerProtocol(Protocol):
             # We gave up on it because the client left: not its failure.
             return
         why = "timed out" if reason.check(error.TimeoutError) else reason.getErrorMessage()
-        backend.record_failure(f"connect {why}")
+        if local_failure(reason):
+            why += " (a shortage in this process, not counted against the backend)"
+        else:
+            backend.record_failure(f"connect {why}")
         log.warn(
             "listener {listener}: connect to backend {backend} ({address}) for client {client} failed: {why}",
             listener=self.factory.listener_name, backend=backend.name, address=backend.address,

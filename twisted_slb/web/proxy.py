@@ -27,7 +27,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from twisted_slb.backends import Backend, BackendGroup
+from twisted_slb.backends import Backend, BackendGroup, local_failure
 from twisted_slb.persistence.interfaces import session_for
 from twisted_slb.limits import ConnectionLimit
 from twisted_slb.shutdown import IdleTracker
@@ -184,7 +184,10 @@ class _Exchange:
         self.connector = None
         backend = self.backend
         why = "timed out" if reason.check(error.TimeoutError) else reason.getErrorMessage()
-        backend.record_failure(f"connect {why}")
+        if local_failure(reason):
+            why += " (a shortage in this process, not counted against the backend)"
+        else:
+            backend.record_failure(f"connect {why}")
         log.warn(
             "listener {listener}: connect to backend {backend} ({address}) failed: {why}",
             listener=self.resource.listener_name, backend=backend.name, address=backend.address, why=why,

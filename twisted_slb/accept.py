@@ -1,0 +1,129 @@
+"""
+What a listener does when the process runs out of file descriptors.
+
+When C{accept()} fails with C{EMFILE} (the process is at its
+C{ulimit -n}), Twisted's TCP port frees a descriptor it keeps in reserve,
+accepts every pending connection and closes it at once, then takes the
+reserve back; it logs one line per closed connection, and starts over the
+next time the listening socket is readable.  Under a flood that is a log line
+per refused client and a busy accept loop.
+
+L{AcceptGuard} makes that one warning per episode and a pause: the port
+stops accepting for C{backoff} seconds at a time (new clients wait in the
+listen backlog instead of being accepted and closed), and when a connection
+is accepted again one line says so, with how many were closed meanwhile.
+HAProxy and nginx also pause their listeners on C{EMFILE}.
+
+Listening ports are paused for more than one reason (this, and a full
+C{max_connections} with C{over_limit = "wait"}): L{pause_port} and
+L{resume_port} keep the reasons apart so that one never resumes a port
+another still holds.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Set
+from weakref import WeakKeyDictionary
+
+from twisted.logger import Logger, globalLogPublisher
+
+log = Logger(namespace="twisted_slb.accept")
+
+_pauses: "WeakKeyDictionary[object, Set[object]]" = WeakKeyDictionary()
+
+
+def _listening(port) -> bool:
+    return bool(getattr(port, "connected", True)) and not getattr(port, "disconnecting", False)
+
+
+def pause_port(port, reason: object) -> None:
+    """Stop accepting on C{port} for C{reason} (until L{resume_port})."""
+    reasons = _pauses.setdefault(port, set())
+    if not reasons and _listening(port):
+        # tcp.Port is a FileDescriptor: stopReading stops accept() without
+        # closing the socket (IListeningPort has no pause of its own).
+        port.stopReading()
+    reasons.add(reason)
+
+
+def resume_port(port, reason: object) -> None:
+    """C{reason} no longer holds C{port}; it accepts again if nothing else does."""
+    reasons = _pauses.get(port)
+    if not reasons or reason not in reasons:
+        return
+    reasons.discard(reason)
+    if not reasons and _listening(port):
+        port.startReading()
+
+
+class AcceptGuard:
+    """
+    Watches one listening port's accept errors (see the module docstring).
+
+    @ivar episode: whether the port is out of descriptors now (since the
+        last connection it accepted).
+    @ivar closed: connections Twisted accepted and closed in this episode.
+    """
+
+    #: Log formats of Twisted's accept loop (twisted.internet.tcp._accept).
+    _START = ("EMFILE encountered", "Could not accept new connection")
+    _CLOSED = "EMFILE recovery: Closed socket"
+    _QUIET = ("Re-reserving EMFILE recovery",)
+
+    def __init__(self, port, listener_name: str, reactor, backoff: float = 0.5) -> None:
+        self.port = port
+        self.listener_name = listener_name
+        self.reactor = reactor
+        self.backoff = backoff
+        self.episode = False
+        self.closed = 0
+        self.pauses = 0
+        self._resume_call = None
+        # The port logs accept errors through its _logger (a Logger in the
+        # class, private): give this port one of its own that reports to us,
+        # as the events only exist there.
+        port._logger = Logger(namespace=port._logger.namespace, observer=self)
+
+    def __call__(self, event: Dict) -> None:
+        """The port's log events: accept trouble is summarised, the rest passes."""
+        text = event.get("log_format") or ""
+        if text.startswith(self._START):
+            self._out_of_descriptors(event)
+        elif text.startswith(self._CLOSED):
+            self.closed += 1
+        elif not text.startswith(self._QUIET):
+            globalLogPublisher(event)
+
+    def _out_of_descriptors(self, event: Dict) -> None:
+        if not self.episode:
+            self.episode = True
+            self.closed = 0
+            error = event.get("acceptError", "EMFILE")
+            log.warn(
+                "listener {listener}: cannot accept ({error}: out of file descriptors, see ulimit -n); "
+                "connections that cannot be served are closed, and accepting pauses for {backoff} s at a time",
+                listener=self.listener_name, error=error, backoff=self.backoff,
+            )
+        if self._resume_call is None:
+            self.pauses += 1
+            pause_port(self.port, self)
+            self._resume_call = self.reactor.callLater(self.backoff, self._resume)
+
+    def _resume(self) -> None:
+        self._resume_call = None
+        resume_port(self.port, self)
+
+    def accepted(self) -> None:
+        """The port accepted a connection: an episode, if any, is over."""
+        if self.episode:
+            self.episode = False
+            log.info(
+                "listener {listener}: accepting connections again ({closed} closed while out of file descriptors)",
+                listener=self.listener_name, closed=self.closed,
+            )
+
+    def stop(self) -> None:
+        """The port is closing: cancel a pending resume."""
+        if self._resume_call is not None and self._resume_call.active():
+            self._resume_call.cancel()
+        self._resume_call = None
