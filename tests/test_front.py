@@ -396,3 +396,24 @@ class FlowTests(FrontTestCase):
         self.assertTrue(busy_transport.disconnecting)
         busy.connectionLost(Failure(ConnectionLost()))
         self.assertEqual(done, [None])
+
+    def test_pullProducerIsDrivenByTheTransport(self):
+        """A pull producer (FileSender) gets the transport until it is done."""
+        from io import BytesIO
+
+        from twisted.protocols.basic import FileSender
+
+        resource = Recorder(hold=True)
+        proto, transport = self.connect(resource)
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        request = resource.requests[0]
+        request.setHeader(b"content-length", b"70000")
+        request.write(b"")
+        sender = FileSender()
+        done = sender.beginFileTransfer(BytesIO(b"y" * 70000), request)
+        self.assertIs(transport.producer, sender)
+        while not done.called:
+            transport.producer.resumeProducing()  # what the transport does as its buffer empties
+        request.finish()
+        self.assertIs(transport.producer, proto)
+        self.assertTrue(transport.value().endswith(b"y" * 70000))

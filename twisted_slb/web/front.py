@@ -218,7 +218,9 @@ class FrontRequest:
         channel.producer_registered(self)
 
     def unregisterProducer(self) -> None:
-        self.producer = None
+        producer, self.producer = self.producer, None
+        if producer is not None and not self.streaming and self.channel is not None:
+            self.channel.pull_producer_done()
 
     def write(self, data: bytes) -> None:
         if self.finished:
@@ -383,11 +385,8 @@ class HTTPFrontChannel(Protocol):
     def resumeProducing(self) -> None:
         self.paused = False
         request = self.request
-        if request is not None and request.producer is not None:
-            if request.streaming:
-                request.producer.resumeProducing()
-            else:
-                self._pull(request)
+        if request is not None and request.producer is not None and request.streaming:
+            request.producer.resumeProducing()
 
     def stopProducing(self) -> None:
         pass  # connectionLost follows
@@ -396,14 +395,16 @@ class HTTPFrontChannel(Protocol):
         if request.streaming:
             if self.paused:
                 request.producer.pauseProducing()
-        elif not self.paused:
-            self._pull(request)
+            return
+        # A pull producer is asked for more each time the transport's buffer
+        # empties, which only the transport knows: hand it the producer
+        # until the body is done, then take the transport back.
+        self.transport.unregisterProducer()
+        self.transport.registerProducer(request.producer, False)
 
-    def _pull(self, request: FrontRequest) -> None:
-        # A pull producer writes one piece per resumeProducing; ask until the
-        # transport pauses us (its buffer is full) or the producer is done.
-        while request.producer is not None and not request.streaming and not self.paused and self.request is request:
-            request.producer.resumeProducing()
+    def pull_producer_done(self) -> None:
+        self.transport.unregisterProducer()
+        self.transport.registerProducer(self, True)
 
     # -- reading ------------------------------------------------------------
 
