@@ -150,3 +150,38 @@ class SmugglingTests(TestCase):
         sent = b"".join(self.backend.received)
         self.assertLess(sent.index(b"GET /1 "), sent.index(b"GET /2 "))
         self.assertNotIn(b"BAD", sent)
+
+
+class FrontSmugglingTests(SmugglingTests):
+    """
+    The same through the listeners' own HTTP/1.1 server, plus the requests
+    only it refuses with a status (twisted.web closes on some of them).
+    """
+
+    site_class = HTTPFrontFactory
+
+    def test_bareLF(self):
+        return self.assertRefused(b"GET / HTTP/1.1\nHost: x\n\n")
+
+    def test_bareCR(self):
+        return self.assertRefused(b"GET / HTTP/1.1\r\nHost: x\rX-Y: z\r\n\r\n")
+
+    def test_obsFold(self):
+        return self.assertRefused(b"GET / HTTP/1.1\r\nHost: x\r\nX-Y: a\r\n  b\r\n\r\n")
+
+    def test_requestLineOverTheLimit(self):
+        return self.assertRefused(b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", b"414")
+
+    def test_headersOverTheLimit(self):
+        return self.assertRefused(b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 70000 + b"\r\n\r\n", b"431")
+
+    def test_tooManyHeaders(self):
+        return self.assertRefused(b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X: y\r\n" * 101 + b"\r\n", b"431")
+
+    def test_upgrade(self):
+        return self.assertRefused(
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", b"501"
+        )
+
+    def test_connect(self):
+        return self.assertRefused(b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n", b"501")

@@ -532,7 +532,8 @@ class HTTPFrontChannel(Protocol):
         return True
 
     def _head_too_large(self, head: bytes) -> None:
-        if b"\r\n" not in head:
+        line_end = head.find(b"\r\n")
+        if line_end < 0 or line_end > self.factory.max_header_bytes:
             raise BadRequest("the request line is over max_header_bytes", 414)
         raise BadRequest("the request head is over max_header_bytes", 431)
 

@@ -474,6 +474,8 @@ class BalancedProxyResource(Resource):
         if upgrade is not None and b"upgrade" in _connection_tokens(request.requestHeaders):
             request.setResponseCode(501, b"Not Implemented")
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            # What follows on this connection may be the other protocol's.
+            request.setHeader(b"connection", b"close")
             request.responseHeaders.removeHeader(b"server")
             log.info(
                 "listener {listener}: refused Upgrade: {upgrade} from {client}",
