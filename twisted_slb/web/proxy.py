@@ -75,6 +75,15 @@ def _origin_form(uri: bytes):
     return target, authority
 
 
+def _close_after(request) -> None:
+    """Close the client's connection once this response is sent."""
+    request.setHeader(b"connection", b"close")
+    channel = getattr(request, "channel", None)
+    if isinstance(channel, HTTPChannel):
+        # twisted.web decides keep-alive from the request alone.
+        channel.persistent = False
+
+
 def _request_problem(request) -> Optional[str]:
     """Why a request must not be forwarded (RFC 9112 3.2), or L{None}."""
     hosts = request.requestHeaders.getRawHeaders(b"host") or []
@@ -466,6 +475,7 @@ class BalancedProxyResource(Resource):
         if problem is not None:
             request.setResponseCode(400, b"Bad Request")
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            _close_after(request)  # as for any malformed request
             request.responseHeaders.removeHeader(b"server")
             log.info("listener {listener}: 400 for {client}: {problem}",
                      listener=self.listener_name, client=request.getClientAddress(), problem=problem)
@@ -475,7 +485,7 @@ class BalancedProxyResource(Resource):
             request.setResponseCode(501, b"Not Implemented")
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             # What follows on this connection may be the other protocol's.
-            request.setHeader(b"connection", b"close")
+            _close_after(request)
             request.responseHeaders.removeHeader(b"server")
             log.info(
                 "listener {listener}: refused Upgrade: {upgrade} from {client}",
