@@ -140,6 +140,9 @@ class FrontRequest:
     streaming = True
     defaultContentType = None
     slb_session = None
+    #: unlike twisted.web's Request, no Server, Date or Content-Type is preset
+    adds_default_headers = False
+    _lost_callback = None
 
     def __init__(self, channel: HTTPFrontChannel, method: bytes, uri: bytes, clientproto: bytes,
                  headers: Headers, persistent: bool) -> None:
@@ -200,6 +203,14 @@ class FrontRequest:
             self._finished_ds = []
         self._finished_ds.append(d)
         return d
+
+    def on_connection_lost(self, callback) -> None:
+        """
+        Call C{callback(reason)} if the client's connection is lost before
+        the response ends: what C{notifyFinish().addErrback(callback)} does,
+        without a L{Deferred} (one callback; the proxy's, on its hot path).
+        """
+        self._lost_callback = callback
 
     def registerProducer(self, producer, streaming: bool) -> None:
         """
@@ -295,6 +306,9 @@ class FrontRequest:
         producer, self.producer = self.producer, None
         if producer is not None:
             producer.stopProducing()
+        callback, self._lost_callback = self._lost_callback, None
+        if callback is not None:
+            callback(reason)
         ds, self._finished_ds = self._finished_ds, None
         if ds:
             for d in ds:

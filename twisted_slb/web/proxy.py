@@ -130,7 +130,11 @@ class _Exchange:
         self.retryable = request.method in IDEMPOTENT and not length
         self.head = self._build_head()
         request.slb_exchange = self  # for introspection (tests, debugging)
-        request.notifyFinish().addErrback(self._client_lost)
+        on_lost = getattr(request, "on_connection_lost", None)
+        if on_lost is not None:
+            on_lost(self._client_lost)  # the listeners' server: no Deferred per request
+        else:
+            request.notifyFinish().addErrback(self._client_lost)
 
     def _build_head(self) -> bytes:
         request = self.request
@@ -275,17 +279,21 @@ class _Exchange:
         self.status = code
         request.setResponseCode(code, reason or None)
         out = request.responseHeaders
-        # Site.process set these; the backend's own (or none) replace them.
-        out.removeHeader(b"server")
-        out.removeHeader(b"date")
-        request.defaultContentType = None
+        if getattr(request, "adds_default_headers", True):
+            # twisted.web's Site.process set these; the backend's own (or
+            # none) replace them.
+            out.removeHeader(b"server")
+            out.removeHeader(b"date")
+            request.defaultContentType = None
+        lowered = [(name.lower(), name, value) for name, value in headers]
         drop = HOP_BY_HOP
-        connection = [v for n, v in headers if n.lower() == b"connection"]
-        if connection:
-            drop = drop | frozenset(t.strip().lower() for v in connection for t in v.split(b","))
-        for name, value in headers:
-            if name.lower() not in drop:
-                out.addRawHeader(name, value)
+        for lower, _, value in lowered:
+            if lower == b"connection":
+                drop = drop | frozenset(t.strip().lower() for t in value.split(b","))
+        add = out.addRawHeader
+        for lower, name, value in lowered:
+            if lower not in drop:
+                add(name, value)
         session = self.session
         if session.policy is not None:
             session.policy.remember(session, self.backend)
