@@ -125,6 +125,7 @@ class ListenerConfig:
     max_connections: int = 0  # 0: unlimited
     over_limit: str = "wait"  # "wait" | "close": connections over max_connections
     access_log: bool = True  # one line per connection (tcp) or request (http)
+    access_log_path: Optional[str] = None  # None: the lines go to twistd's log
     # tcp
     idle_timeout: float = 900.0
     proxy_protocol: Optional[str] = None  # None | "v1" | "v2"
@@ -374,6 +375,26 @@ def _check_file(t: _Table, key: str, value: Any, base: str) -> str:
     return path
 
 
+def _read_access_log(t: _Table, base: str) -> Dict[str, Any]:
+    """C{access_log}: true (twistd's log), false, or a file of its own."""
+    value = t.get("access_log", True)
+    allowed = "true (into twistd's log), false, or the path of a file to append to"
+    if isinstance(value, bool):
+        return {"access_log": value, "access_log_path": None}
+    if not isinstance(value, str) or not value.strip():
+        raise t.error("access_log", "must be true, false or a file path", value, allowed)
+    path = _resolve(base, value)
+    directory = os.path.dirname(path) or "."
+    if os.path.isdir(path):
+        raise t.error("access_log", "is a directory", value, allowed)
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
+        raise t.error("access_log", "its directory does not exist or is not writable", value,
+                      f"{allowed} (the directory {directory} must exist)")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise t.error("access_log", "file not writable", value, allowed)
+    return {"access_log": True, "access_log_path": path}
+
+
 def _read_server(t: _Table, index: int, data: Any) -> ServerConfig:
     s = _Table(t.file, f"{t.path}.servers[{index}]", data, ("name", "address", "weight"))
     name = s.string("name")
@@ -562,7 +583,7 @@ def _read_listener(file: str, base: str, name: str, data: Any,
         persistence=_read_persistence(t, "persistence", protocol),
         max_connections=t.integer("max_connections", 0, 0, 10_000_000),
         over_limit=t.string("over_limit", "wait", choices=("wait", "close")),
-        access_log=t.boolean("access_log", True),
+        **_read_access_log(t, base),
     )
     if protocol == "tcp":
         kwargs.update(
@@ -743,6 +764,8 @@ def describe(config: Config) -> str:
                 lines.append(f"  certificate {c.cert}")
         if l.max_connections:
             lines.append(f"  max_connections {l.max_connections}, over_limit {l.over_limit}")
+        if l.access_log_path:
+            lines.append(f"  access log to {l.access_log_path} (buffered, flushed every second)")
         if not l.access_log:
             lines.append("  access log off")
     if config.admin is not None:

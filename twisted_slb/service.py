@@ -256,6 +256,7 @@ class BalancerService(MultiService):
         # Connection counts outlive a reload (open connections still count).
         self.global_limit = ConnectionLimit(config.max_connections, "[all listeners]")
         self.limits: Dict[str, ConnectionLimit] = {}
+        self.access_files: Dict[str, object] = {}
         self.client_tls = ClientTLSCache()
         self.stats = StatsRegistry(self.groups)
         certificates = self._load_certificates(config)
@@ -272,11 +273,25 @@ class BalancerService(MultiService):
         d = MultiService.stopService(self)
 
         def close_pool(result):
+            for access_file in self.access_files.values():
+                access_file.close()
             if self.pool is not None:
                 return self.pool.close().addCallback(lambda _: result)
             return result
 
         return d.addBoth(close_pool)
+
+    def _access_file(self, listener: ListenerConfig):
+        """The buffered access log file of a listener, shared by path; L{None} for twistd's log."""
+        path = listener.access_log_path
+        if path is None:
+            return None
+        access_file = self.access_files.get(path)
+        if access_file is None:
+            from twisted_slb.accesslog import AccessLogFile
+
+            access_file = self.access_files[path] = AccessLogFile(path, reactor=self.reactor)
+        return access_file
 
     # -- building ----------------------------------------------------------
 
@@ -387,6 +402,7 @@ class BalancerService(MultiService):
             max_connections=listener.max_connections,
             access_log=listener.access_log,
             limit=self._limit_for(listener),
+            access_file=self._access_file(listener),
         )
         stats.active_source = lambda: factory.active
         return factory
@@ -405,6 +421,7 @@ class BalancerService(MultiService):
             tls=self.client_tls,
             stats=self.stats.for_listener(listener.name, listener.protocol),
             access_log=listener.access_log,
+            access_file=self._access_file(listener),
         )
         if persistence is None:
             return proxy
@@ -490,6 +507,14 @@ class BalancerService(MultiService):
         self._update_groups(config)
         self.config = config
         self.global_limit.configure(config.max_connections, False)
+        # Access log files are reopened by name (log rotation: rename, then
+        # SIGHUP); files no listener names any more are closed.
+        wanted = {l.access_log_path for l in self._listener_configs(config)}
+        for path in list(self.access_files):
+            if path in wanted:
+                self.access_files[path].reopen()
+            else:
+                self.access_files.pop(path).close()
         current = {s.name: s for s in list(self) if isinstance(s, ListenerService)}
         for name, service in current.items():
             new = {l.name: l for l in self._listener_configs(config)}.get(name)

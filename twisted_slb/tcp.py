@@ -477,19 +477,21 @@ class TCPBalancerProtocol(Protocol):
         session = self.session
         backend = self.backend
         if factory.access_log:
-            access.info(
-                "{listener} {client} -> {backend} ({backend_address}) persistence={outcome} "
-                "from_client={bytes_from_client} to_client={bytes_to_client} {duration:.3f}s {ended}",
-                listener=factory.listener_name,
-                client=session.client_ip,
-                backend=backend.name if backend else "-",
-                backend_address=backend.address if backend else "-",
-                outcome=session.outcome,
-                bytes_from_client=self.bytes_from_client,
-                bytes_to_client=self.bytes_to_client,
-                duration=self.seconds() - self.started,
-                ended=self.ended,
-            )
+            listener = factory.listener_name
+            client = session.client_ip
+            name = backend.name if backend else "-"
+            address = backend.address if backend else "-"
+            outcome = session.outcome
+            duration = self.seconds() - self.started
+            line = (f"{listener} {client} -> {name} ({address}) persistence={outcome} "
+                    f"from_client={self.bytes_from_client} to_client={self.bytes_to_client} "
+                    f"{duration:.3f}s {self.ended}")
+            if factory.access_file is not None:
+                factory.access_file.write_line(line)
+            else:
+                access.info("{line}", line=line, listener=listener, client=client, backend=name,
+                            backend_address=address, outcome=outcome, bytes_from_client=self.bytes_from_client,
+                            bytes_to_client=self.bytes_to_client, duration=duration, ended=self.ended)
         stats = factory.stats
         if stats is not None:
             stats.connection_done(backend, session.outcome, self.bytes_from_client, self.bytes_to_client)
@@ -536,6 +538,7 @@ class TCPBalancerFactory(ServerFactory):
         max_connections: int = 0,
         access_log: bool = True,
         limit: Optional[ConnectionLimit] = None,
+        access_file=None,
     ) -> None:
         """
         @param group: the backends to balance over.
@@ -551,6 +554,8 @@ class TCPBalancerFactory(ServerFactory):
         @param max_connections: the most client connections open at once;
             0 for no limit.
         @param access_log: whether to log one line per connection.
+        @param access_file: a L{twisted_slb.accesslog.AccessLogFile} for the
+            lines, or L{None} for log events (namespace C{twisted_slb.access}).
         @param limit: a L{ConnectionLimit} to count connections against
             (shared with the global limit and kept across reloads by
             L{twisted_slb.service.BalancerService}); by default one of
@@ -577,6 +582,7 @@ class TCPBalancerFactory(ServerFactory):
         self.tracker = IdleTracker()
         self.limit = limit if limit is not None else ConnectionLimit(max_connections, listener_name)
         self.access_log = access_log
+        self.access_file = access_file
         # A policy with refresh() (source IP) keeps the pins of open
         # connections alive; see TCPBalancerProtocol.check_idle.
         self.pin_refresh = getattr(policy, "refresh_interval", None) if hasattr(policy, "refresh") else None

@@ -403,21 +403,26 @@ class _Exchange:
         request = self.request
         session = self.session
         resource = self.resource
-        access.info(
-            "{listener} {client} {host} \"{method} {path}\" {status} -> {backend} "
-            "persistence={outcome} bytes={bytes} {duration:.3f}s{gone}",
-            listener=resource.listener_name,
-            client=session.client_ip,
-            host=(request.getHeader(b"host") or b"-").decode("latin-1"),
-            method=request.method.decode("latin-1"),
-            path=request.uri.decode("latin-1"),
-            status=self.status,
-            backend=backend.name if backend else "-",
-            outcome=session.outcome,
-            bytes=self.bytes_sent,
-            duration=resource.reactor.seconds() - self.started,
-            gone=" (client closed)" if client_gone else "",
-        )
+        listener = resource.listener_name
+        client = session.client_ip
+        host = (request.getHeader(b"host") or b"-").decode("latin-1")
+        method = request.method.decode("latin-1")
+        path = request.uri.decode("latin-1")
+        status = self.status
+        name = backend.name if backend else "-"
+        outcome = session.outcome
+        sent = self.bytes_sent
+        duration = resource.reactor.seconds() - self.started
+        gone = " (client closed)" if client_gone else ""
+        # One f-string; a log event also keeps every field for observers.
+        line = (f'{listener} {client} {host} "{method} {path}" {status} -> {name} persistence={outcome} '
+                f"bytes={sent} {duration:.3f}s{gone}")
+        if resource.access_file is not None:
+            resource.access_file.write_line(line)
+        else:
+            access.info("{line}", line=line, listener=listener, client=client, host=host, method=method,
+                        path=path, status=status, backend=name, outcome=outcome, bytes=sent,
+                        duration=duration, gone=gone)
 
 
 class BalancedProxyResource(Resource):
@@ -439,6 +444,8 @@ class BalancedProxyResource(Resource):
     @ivar stats: an object with C{request_done(backend, status, outcome,
         bytes)}, or L{None}.
     @ivar access_log: whether to log one line per request.
+    @ivar access_file: a L{twisted_slb.accesslog.AccessLogFile} the lines go
+        to, or L{None} for log events in the C{twisted_slb.access} namespace.
     """
 
     isLeaf = True
@@ -454,6 +461,7 @@ class BalancedProxyResource(Resource):
         tls=None,
         stats=None,
         access_log: bool = True,
+        access_file=None,
     ) -> None:
         Resource.__init__(self)
         if reactor is None:
@@ -467,6 +475,7 @@ class BalancedProxyResource(Resource):
         self.tls = tls
         self.stats = stats
         self.access_log = access_log
+        self.access_file = access_file
 
     def tls_options_for(self, backend: Backend):
         group = self.group
