@@ -417,3 +417,28 @@ class FlowTests(FrontTestCase):
         request.finish()
         self.assertIs(transport.producer, proto)
         self.assertTrue(transport.value().endswith(b"y" * 70000))
+
+
+class BodyLimitTests(FrontTestCase):
+    def test_announcedBodyOverTheLimitIs413BeforeReading(self):
+        out = self.assertRefused(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 101\r\nExpect: 100-continue\r\n\r\n", b"413",
+            max_body_bytes=100,
+        )
+        self.assertNotIn(b"100 Continue", out)
+
+    def test_chunkedBodyOverTheLimitIs413(self):
+        proto, transport = self.connect(max_body_bytes=100)
+        proto.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(2):
+            proto.dataReceived(b"32\r\n" + b"x" * 50 + b"\r\n")
+        self.assertEqual(transport.value(), b"")  # 100 bytes: at the limit, not over
+        proto.dataReceived(b"1\r\nx\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 Content Too Large\r\n"))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.resource.requests, [])
+
+    def test_bodyAtTheLimitIsForwarded(self):
+        proto, transport = self.connect(max_body_bytes=3)
+        proto.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        self.assertEqual(self.resource.bodies, [b"abc"])

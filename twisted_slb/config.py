@@ -134,6 +134,7 @@ class ListenerConfig:
     client_idle_timeout: float = 60.0
     max_header_bytes: int = 65536
     max_headers: int = 100
+    max_body_bytes: int = 0  # 0: unlimited
     max_connections_per_ip: int = 0  # 0: unlimited
     rules: Tuple[RuleConfig, ...] = ()
     https_redirect_port: Optional[int] = None
@@ -192,7 +193,7 @@ _COMMON_LISTENER_KEYS = (
 )
 _TCP_KEYS = ("idle_timeout", "proxy_protocol")
 _HTTP_KEYS = (
-    "request_timeout", "client_idle_timeout", "max_header_bytes", "max_headers",
+    "request_timeout", "client_idle_timeout", "max_header_bytes", "max_headers", "max_body_bytes",
     "max_connections_per_ip", "rules", "https_redirect_port",
 )
 _HTTPS_KEYS = ("certificates", "min_tls", "alpn")
@@ -597,6 +598,7 @@ def _read_listener(file: str, base: str, name: str, data: Any,
             client_idle_timeout=t.number("client_idle_timeout", 60.0, 0, 86400, above=True),
             max_header_bytes=t.integer("max_header_bytes", 65536, 1024, 1048576, "bytes"),
             max_headers=t.integer("max_headers", 100, 1, 1000),
+            max_body_bytes=t.integer("max_body_bytes", 0, 0, 2 ** 50, "bytes"),
             max_connections_per_ip=t.integer("max_connections_per_ip", 0, 0, 1_000_000),
             rules=tuple(_read_rule(t, i, d, protocol, groups, backends) for i, d in enumerate(rules_data)),
             https_redirect_port=redirect,
@@ -753,7 +755,8 @@ def describe(config: Config) -> str:
                          (f", PROXY protocol {l.proxy_protocol}" if l.proxy_protocol else ""))
         else:
             lines.append(f"  request_timeout {l.request_timeout} s, client_idle_timeout {l.client_idle_timeout} s, "
-                         f"max_header_bytes {l.max_header_bytes}, max_headers {l.max_headers}")
+                         f"max_header_bytes {l.max_header_bytes}, max_headers {l.max_headers}" +
+                         (f", max_body_bytes {l.max_body_bytes}" if l.max_body_bytes else ""))
             for i, r in enumerate(l.rules):
                 where = f"host {r.domain or '*'} path {r.path}"
                 lines.append(f"  rule {i}: {where} -> {r.backends}; persistence: "

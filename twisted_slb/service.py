@@ -468,6 +468,7 @@ class BalancerService(MultiService):
             client_idle_timeout=listener.client_idle_timeout,
             max_header_bytes=listener.max_header_bytes,
             max_headers=listener.max_headers,
+            max_body_bytes=listener.max_body_bytes,
             max_connections=listener.max_connections,
             max_connections_per_ip=listener.max_connections_per_ip,
             listener_name=listener.name,

@@ -26,7 +26,8 @@ What it does, and what it refuses:
    colon, a control character, an invalid method or request target, both
    C{Content-Length} and C{Transfer-Encoding}, two different
    C{Content-Length}s, a C{Transfer-Encoding} other than C{chunked}, a bad
-   chunk.  414 and 431 for a request line or a head over C{max_header_bytes},
+   chunk.  413 for a body over C{max_body_bytes} (announced, or as it
+   arrives when chunked).  414 and 431 for a request line or a head over C{max_header_bytes},
    431 for more than C{max_headers} fields, 505 for an HTTP version other
    than 1.0 and 1.1, 417 for an expectation other than C{100-continue}.
  - Timeouts (C{client_idle_timeout}): an idle keep-alive connection is
@@ -89,7 +90,7 @@ _CLOSED = 8  # closing or closed: nothing more is read
 #: Reason phrases for the statuses the listener answers itself (RFC 9110
 #: wording; twisted.web's table has older ones, e.g. "Request Time-out").
 _REASONS = {
-    400: b"Bad Request", 408: b"Request Timeout", 414: b"URI Too Long",
+    400: b"Bad Request", 408: b"Request Timeout", 413: b"Content Too Large", 414: b"URI Too Long",
     417: b"Expectation Failed", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
     501: b"Not Implemented", 505: b"HTTP Version Not Supported",
 }
@@ -336,6 +337,7 @@ class HTTPFrontChannel(Protocol):
     parsing = False
     closed_at = 0.0
     remaining = 0
+    body_read = 0  # chunked body bytes so far, against max_body_bytes
     pending: Optional[FrontRequest] = None  # a request whose body is arriving
     head_started = 0.0
 
@@ -511,6 +513,11 @@ class HTTPFrontChannel(Protocol):
             return True
         if state == _CHUNK_DATA:
             n = self.remaining
+            limit = self.factory.max_body_bytes
+            if limit:
+                self.body_read += min(n, len(buffer))
+                if self.body_read > limit:
+                    raise BadRequest(f"a chunked body over max_body_bytes ({limit})", 413)
             if len(buffer) <= n:
                 self.pending.content.write(buffer)
                 self.buffer = b""
@@ -618,6 +625,10 @@ class HTTPFrontChannel(Protocol):
             headers.setRawHeaders(b"content-length", [length[0]])
         else:
             n = 0
+        limit = self.factory.max_body_bytes
+        if limit and n > limit:
+            raise BadRequest(f"a body of {n} bytes, over max_body_bytes ({limit})", 413)
+        self.body_read = 0
         expect = headers.getRawHeaders(b"expect")
         if expect is not None:
             headers.removeHeader(b"expect")
@@ -800,6 +811,7 @@ class HTTPFrontFactory(Factory):
         listener_name: str = "http",
         secure: bool = False,
         limit: Optional[ConnectionLimit] = None,
+        max_body_bytes: int = 0,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -808,6 +820,7 @@ class HTTPFrontFactory(Factory):
         self.timeout = client_idle_timeout
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
+        self.max_body_bytes = max_body_bytes
         self.limit = limit if limit is not None else ConnectionLimit(max_connections, listener_name)
         self.max_connections_per_ip = max_connections_per_ip
         self.listener_name = listener_name
