@@ -44,7 +44,6 @@ import re
 import signal
 import socket
 import ssl
-import subprocess
 import sys
 import tempfile
 import threading

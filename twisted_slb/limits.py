@@ -19,8 +19,9 @@ ends, never once per connection.
 
 from __future__ import annotations
 
-from typing import Optional, Set
+from typing import Dict, Optional, Set
 
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from twisted_slb.accept import pause_port, resume_port
@@ -143,3 +144,54 @@ class ConnectionLimit:
         if self.refusing and not blocked:
             self.refusing = False
             log.info("listener {listener}: accepting connections again", listener=self.listener_name)
+
+
+class ClientAddressLimit:
+    """
+    C{max_connections_per_ip} of an HTTP listener: open connections per
+    client address.  A client over it gets L{TooManyConnections} (429).
+
+    @ivar limit: connections per address; 0 for no limit.
+    @ivar open: open connections by address (only addresses with some).
+    """
+
+    def __init__(self, limit: int, listener_name: str) -> None:
+        self.limit = limit
+        self.listener_name = listener_name
+        self.open: Dict[str, int] = {}
+
+    def allows(self, ip: Optional[str]) -> bool:
+        """Whether C{ip} may open one more connection (logged when not)."""
+        if not self.limit or ip is None or self.open.get(ip, 0) < self.limit:
+            return True
+        log.info("listener {listener}: client {client} over max_connections_per_ip ({limit}): 429",
+                 listener=self.listener_name, client=ip, limit=self.limit)
+        return False
+
+    def add(self, ip: Optional[str]) -> Optional[str]:
+        """Count a connection of C{ip}; returns the key to L{release}, or L{None} if not counted."""
+        if not self.limit or ip is None:
+            return None
+        self.open[ip] = self.open.get(ip, 0) + 1
+        return ip
+
+    def release(self, ip: Optional[str]) -> None:
+        if ip is None:
+            return
+        n = self.open.get(ip, 0) - 1
+        if n > 0:
+            self.open[ip] = n
+        else:
+            self.open.pop(ip, None)
+
+
+class TooManyConnections(Protocol):
+    """Answers 429 to a client over its connection limit, and closes."""
+
+    def connectionMade(self) -> None:
+        body = b"429 Too Many Requests: too many connections from your address\n"
+        self.transport.write(
+            b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.transport.loseConnection()

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import re
 from tempfile import SpooledTemporaryFile
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ISSLTransport
@@ -56,7 +56,7 @@ from twisted.web.resource import getChildForRequest
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from twisted_slb.limits import ConnectionLimit
+from twisted_slb.limits import ClientAddressLimit, ConnectionLimit, TooManyConnections
 from twisted_slb.shutdown import IdleTracker
 from twisted_slb.web.upstream import set_nodelay
 
@@ -768,18 +768,6 @@ class HTTPFrontChannel(Protocol):
             self._refuse(408, f"no request body bytes for {timeout:g} s")
 
 
-class _TooManyConnections(Protocol):
-    """Answers 429 to a client over its connection limit, and closes."""
-
-    def connectionMade(self) -> None:
-        body = b"429 Too Many Requests: too many connections from your address\n"
-        self.transport.write(
-            b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (len(body), body)
-        )
-        self.transport.loseConnection()
-
-
 class HTTPFrontFactory(Factory):
     """
     The factory of an HTTP listener: serves C{resource} (usually a
@@ -822,29 +810,21 @@ class HTTPFrontFactory(Factory):
         self.max_headers = max_headers
         self.max_body_bytes = max_body_bytes
         self.limit = limit if limit is not None else ConnectionLimit(max_connections, listener_name)
-        self.max_connections_per_ip = max_connections_per_ip
+        self.per_ip = ClientAddressLimit(max_connections_per_ip, listener_name)
         self.listener_name = listener_name
         self.secure = secure
-        self.per_ip: Dict[str, int] = {}
         self.channels: set = set()
         self.tracker = IdleTracker()
         self.stats = None
 
     def buildProtocol(self, addr):
         ip = getattr(addr, "host", None)
-        if self.max_connections_per_ip and ip is not None:
-            if self.per_ip.get(ip, 0) >= self.max_connections_per_ip:
-                log.info("listener {listener}: client {client} over max_connections_per_ip ({limit}): 429",
-                         listener=self.listener_name, client=ip, limit=self.max_connections_per_ip)
-                return _TooManyConnections()
-        else:
-            ip = None
+        if not self.per_ip.allows(ip):
+            return TooManyConnections()
         if not self.limit.admit():
             return None  # the port closes the new connection at once
-        if ip is not None:
-            self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         channel = HTTPFrontChannel(self)
-        channel.client_ip = ip
+        channel.client_ip = self.per_ip.add(ip)
         if self.stats is not None:
             self.stats.connections_total += 1
         return channel
@@ -852,13 +832,7 @@ class HTTPFrontFactory(Factory):
     def channel_closed(self, channel: HTTPFrontChannel) -> None:
         self.channels.discard(channel)
         self.limit.release()
-        ip = channel.client_ip
-        if ip is not None:
-            n = self.per_ip.get(ip, 0) - 1
-            if n > 0:
-                self.per_ip[ip] = n
-            else:
-                self.per_ip.pop(ip, None)
+        self.per_ip.release(channel.client_ip)
         if not self.channels:
             self.tracker.idle()
 

@@ -16,11 +16,10 @@ C{request_timeout}).
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.web.http import HTTPChannel
@@ -29,7 +28,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from twisted_slb.backends import Backend, BackendGroup, local_failure
 from twisted_slb.persistence.interfaces import session_for
-from twisted_slb.limits import ConnectionLimit
+from twisted_slb.limits import ClientAddressLimit, ConnectionLimit, TooManyConnections
 from twisted_slb.shutdown import IdleTracker
 from twisted_slb.web.upstream import UpstreamPool, set_nodelay
 
@@ -597,8 +596,7 @@ class _BalancerChannel(HTTPChannel):
         site = self.site
         site.channels.discard(self)
         site.limit.release()
-        if self.client_ip is not None:
-            site.release_ip(self.client_ip)
+        site.per_ip.release(self.client_ip)
         if not site.channels:
             site.tracker.idle()
 
@@ -615,18 +613,6 @@ class _BalancerChannel(HTTPChannel):
         )
         self.dataReceived = lambda data: None
         self.loseConnection()
-
-
-class _TooManyConnections(Protocol):
-    """Answers 429 to a client over its connection limit, and closes."""
-
-    def connectionMade(self) -> None:
-        body = b"429 Too Many Requests: too many connections from your address\n"
-        self.transport.write(
-            b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (len(body), body)
-        )
-        self.transport.loseConnection()
 
 
 class BalancerSite(Site):
@@ -658,9 +644,8 @@ class BalancerSite(Site):
             from twisted.internet import reactor
         Site.__init__(self, resource, reactor=reactor, timeout=client_idle_timeout)
         self.limit = limit if limit is not None else ConnectionLimit(max_connections, listener_name)
-        self.max_connections_per_ip = max_connections_per_ip
+        self.per_ip = ClientAddressLimit(max_connections_per_ip, listener_name)
         self.listener_name = listener_name
-        self.per_ip: Dict[str, int] = {}
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
         self.channels: set = set()
@@ -691,28 +676,14 @@ class BalancerSite(Site):
         # The proxy writes its own access line (with backend and persistence).
         pass
 
-    def release_ip(self, ip: str) -> None:
-        n = self.per_ip.get(ip, 0) - 1
-        if n > 0:
-            self.per_ip[ip] = n
-        else:
-            self.per_ip.pop(ip, None)
-
     def buildProtocol(self, addr):
         ip = getattr(addr, "host", None)
-        if self.max_connections_per_ip and ip is not None:
-            if self.per_ip.get(ip, 0) >= self.max_connections_per_ip:
-                log.info("listener {listener}: client {client} over max_connections_per_ip ({limit}): 429",
-                         listener=self.listener_name, client=ip, limit=self.max_connections_per_ip)
-                return _TooManyConnections()
-        else:
-            ip = None
+        if not self.per_ip.allows(ip):
+            return TooManyConnections()
         if not self.limit.admit():
             return None  # the port closes the new connection at once
-        if ip is not None:
-            self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         channel = Site.buildProtocol(self, addr)
-        channel.client_ip = ip
+        channel.client_ip = self.per_ip.add(ip)
         if self.stats is not None:
             self.stats.connections_total += 1
         channel.MAX_LENGTH = self.max_header_bytes

@@ -13,7 +13,7 @@ with the framing (Content-Length, chunked, or until close) decoded.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 from twisted.internet import error
 from twisted.internet.protocol import ClientFactory, Protocol
