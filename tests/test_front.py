@@ -442,3 +442,33 @@ class BodyLimitTests(FrontTestCase):
         proto, transport = self.connect(max_body_bytes=3)
         proto.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
         self.assertEqual(self.resource.bodies, [b"abc"])
+
+
+class TunnelTests(FrontTestCase):
+    def test_tunnelRelaysAndTimesOut(self):
+        resource = Recorder(hold=True)
+        proto, transport = self.connect(resource, client_idle_timeout=10, tunnel_timeout=100)
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: y\r\n\r\nearly")
+        request = resource.requests[0]
+        self.assertTrue(request.can_switch_protocols)
+        peer = StringTransport()
+        request.setResponseCode(101)
+        request.setHeader(b"connection", b"Upgrade")
+        request.switch_protocols(peer)
+        out = transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 101 Switching Protocols\r\n"), out)
+        self.assertNotIn(b"Content-Length", out)
+        self.assertNotIn(b"close", out)
+        self.assertEqual(peer.value(), b"early")
+        self.assertIs(transport.producer, peer)  # back-pressure both ways
+        proto.dataReceived(b"more")
+        self.assertEqual(peer.value(), b"earlymore")
+        request.tunnel_write(b"back")
+        self.assertTrue(transport.value().endswith(b"back"))
+        self.reactor.advance(60)  # longer than client_idle_timeout: a tunnel has its own
+        self.assertFalse(transport.disconnecting)
+        proto.dataReceived(b"x")
+        self.reactor.advance(99)
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(1)
+        self.assertTrue(transport.disconnecting)

@@ -8,9 +8,11 @@ from __future__ import annotations
 from typing import List
 
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.error import ConnectionDone
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseFailed, readBody
 from twisted.web.http_headers import Headers
@@ -42,6 +44,15 @@ class Handler:
     def response_failed(self, reason, received):
         self.failed = (reason, received)
 
+    def response_switch(self, code, reason, headers):
+        self.head = (code, reason, headers)
+
+    def tunnel_data(self, data):
+        self.data.append(data)
+
+    def tunnel_closed(self, reason):
+        self.ended = True
+
 
 class UpstreamParserTests(SynchronousTestCase):
     def exchange(self, response: bytes, head_request=False, chunks=None):
@@ -53,6 +64,24 @@ class UpstreamParserTests(SynchronousTestCase):
         for piece in chunks or [response]:
             proto.dataReceived(piece)
         return proto, handler
+
+    def test_switchToATunnel(self):
+        """A 101 to an upgrade request: the rest of the bytes are the tunnel's, and the connection is never reused."""
+        proto = UpstreamProtocol()
+        proto.makeConnection(StringTransport())
+        handler = Handler()
+        proto.send(b"GET / HTTP/1.1\r\nUpgrade: x\r\n\r\n", handler, upgrade=True)
+        proto.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\nab")
+        proto.dataReceived(b"HTTP/1.1 200 not a response any more\r\n\r\n")
+        self.assertEqual(handler.head[0], 101)
+        self.assertEqual(b"".join(handler.data), b"abHTTP/1.1 200 not a response any more\r\n\r\n")
+        self.assertFalse(proto.reusable)
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(handler.ended)
+
+    def test_101WithoutUpgradeFails(self):
+        proto, h = self.exchange(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+        self.assertIsNotNone(h.failed)
 
     def test_contentLength(self):
         proto, h = self.exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
@@ -104,7 +133,6 @@ class UpstreamParserTests(SynchronousTestCase):
         self.assertIsNotNone(h.failed)
 
 
-from twisted.python.failure import Failure  # noqa: E402
 
 
 class Recorder(Resource):
@@ -401,3 +429,140 @@ class FrontProxyTests(ProxyTests):
     """The same, behind the listeners' own HTTP/1.1 server (L{HTTPFrontFactory})."""
 
     site_class = HTTPFrontFactory
+
+    @defer.inlineCallbacks
+    def test_upgradeRefused(self):
+        """
+        Here an Upgrade is forwarded (see L{TunnelTests}); a backend that
+        does not switch answers normally.
+        """
+        recorder = Recorder()
+        port = yield self.listen(Site(recorder))
+        url, _ = yield self.proxy(port.getHost().port)
+        headers = Headers({b"connection": [b"Upgrade"], b"upgrade": [b"websocket"]})
+        response = yield self.agent().request(b"GET", (url + "/").encode(), headers)
+        yield readBody(response)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(recorder.requests[-1][2].getRawHeaders(b"upgrade"), [b"websocket"])
+
+
+class SwitchingBackend(protocol.Protocol):
+    """Answers an Upgrade with 101 (and a cookie), then echoes bytes in upper case."""
+
+    def connectionMade(self):
+        self.factory.connections.append(self)
+        self.buffer = b""
+        self.switched = False
+        self.lost: defer.Deferred = defer.Deferred()
+
+    def connectionLost(self, reason):
+        self.lost.callback(None)
+
+    def dataReceived(self, data):
+        if self.switched:
+            self.transport.write(data.upper())
+            return
+        self.buffer += data
+        if b"\r\n\r\n" in self.buffer:
+            head, rest = self.buffer.split(b"\r\n\r\n", 1)
+            self.factory.heads.append(head)
+            self.switched = True
+            self.transport.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Set-Cookie: app=1\r\n\r\nhello"
+            )
+            if rest:
+                self.transport.write(rest.upper())
+
+
+class TunnelClient(protocol.Protocol):
+    def __init__(self, request: bytes):
+        self.request = request
+        self.received = b""
+        self.waiting = []
+        self.closed: defer.Deferred = defer.Deferred()
+
+    def connectionMade(self):
+        self.transport.write(self.request)
+
+    def dataReceived(self, data):
+        self.received += data
+        for marker, d in list(self.waiting):
+            if marker in self.received:
+                self.waiting.remove((marker, d))
+                d.callback(self.received)
+
+    def wait_for(self, marker: bytes) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        if marker in self.received:
+            d.callback(self.received)
+        else:
+            self.waiting.append((marker, d))
+        return d
+
+    def connectionLost(self, reason):
+        self.closed.callback(self.received)
+
+
+class TunnelTests(TestCase):
+    """Upgrade (WebSocket) through the listeners' server: a 101 turns both connections into a tunnel."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        from twisted_slb.persistence.cookies import InsertCookie
+
+        self.backend = protocol.ServerFactory.forProtocol(SwitchingBackend)
+        self.backend.connections = []
+        self.backend.heads = []
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(self.backend)
+        self.addCleanup(port.stopListening)
+        pool = UpstreamPool(reactor)
+        self.addCleanup(pool.close)
+        self.group = BackendGroup("g", [Backend("a", "127.0.0.1", port.getHost().port)])
+        resource = InsertCookie(BalancedProxyResource(self.group, pool=pool, access_log=False))
+        self.factory = HTTPFrontFactory(resource, tunnel_timeout=5)
+        listening = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(self.factory)
+        self.addCleanup(listening.stopListening)
+        self.port = listening.getHost().port
+
+    def connect(self, request: bytes):
+        return protocol.ClientCreator(reactor, TunnelClient, request).connectTCP("127.0.0.1", self.port)
+
+    UPGRADE = b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+
+    @defer.inlineCallbacks
+    def test_switchAndRelayBothWays(self):
+        client = yield self.connect(self.UPGRADE + b"early")
+        yield client.wait_for(b"hello")
+        head = client.received.split(b"\r\n\r\n", 1)[0]
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+        self.assertIn(b"\r\nConnection: Upgrade", head)
+        self.assertIn(b"\r\nUpgrade: websocket", head)
+        self.assertIn(b"Set-Cookie: SERVERID=", head)  # the persistence cookie rides on the 101
+        self.assertIn(b"Set-Cookie: app=1", head)
+        yield client.wait_for(b"EARLY")  # bytes sent before the 101 are relayed
+        client.transport.write(b"ping")
+        yield client.wait_for(b"PING")
+        sent = self.backend.heads[0]
+        self.assertIn(b"\r\nConnection: Upgrade\r\nUpgrade: websocket", sent)
+        client.transport.loseConnection()
+        yield client.closed
+        yield self.backend.connections[0].lost  # the balancer closed its side too
+        self.assertEqual(self.group.get("a").active, 0)
+
+    @defer.inlineCallbacks
+    def test_backendClosingEndsTheTunnel(self):
+        client = yield self.connect(self.UPGRADE)
+        yield client.wait_for(b"hello")
+        self.backend.connections[0].transport.loseConnection()
+        yield client.closed
+        self.assertEqual(len(self.factory.channels), 0)
+
+    @defer.inlineCallbacks
+    def test_http10UpgradeIsRefused(self):
+        client = yield self.connect(b"GET / HTTP/1.0\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        response = yield client.closed
+        self.assertTrue(response.startswith(b"HTTP/1.1 501 "), response)
+        self.assertEqual(self.backend.heads, [])

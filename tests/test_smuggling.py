@@ -178,10 +178,17 @@ class FrontSmugglingTests(SmugglingTests):
     def test_tooManyHeaders(self):
         return self.assertRefused(b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X: y\r\n" * 101 + b"\r\n", b"431")
 
-    def test_upgrade(self):
-        return self.assertRefused(
-            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", b"501"
+    @defer.inlineCallbacks
+    def test_upgradeIsForwardedAsSuch(self):
+        """An Upgrade reaches the backend with exactly one Connection and one Upgrade header."""
+        response = yield self.send(
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n"
+            b"Connection: close\r\n\r\n"
         )
+        self.assertTrue(response.startswith(b"HTTP/1.1 200"), response)  # the backend did not switch
+        sent = b"".join(self.backend.received).lower()
+        self.assertEqual(sent.count(b"\r\nconnection:"), 1)
+        self.assertEqual(sent.count(b"\r\nupgrade: websocket\r\n"), 1)
 
     def test_connect(self):
         return self.assertRefused(b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n", b"501")

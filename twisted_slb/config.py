@@ -135,6 +135,7 @@ class ListenerConfig:
     max_header_bytes: int = 65536
     max_headers: int = 100
     max_body_bytes: int = 0  # 0: unlimited
+    tunnel_timeout: float = 3600.0  # idle seconds of an upgraded (WebSocket) connection
     max_connections_per_ip: int = 0  # 0: unlimited
     rules: Tuple[RuleConfig, ...] = ()
     https_redirect_port: Optional[int] = None
@@ -193,7 +194,7 @@ _COMMON_LISTENER_KEYS = (
 )
 _TCP_KEYS = ("idle_timeout", "proxy_protocol")
 _HTTP_KEYS = (
-    "request_timeout", "client_idle_timeout", "max_header_bytes", "max_headers", "max_body_bytes",
+    "request_timeout", "client_idle_timeout", "max_header_bytes", "max_headers", "max_body_bytes", "tunnel_timeout",
     "max_connections_per_ip", "rules", "https_redirect_port",
 )
 _HTTPS_KEYS = ("certificates", "min_tls", "alpn")
@@ -599,6 +600,7 @@ def _read_listener(file: str, base: str, name: str, data: Any,
             max_header_bytes=t.integer("max_header_bytes", 65536, 1024, 1048576, "bytes"),
             max_headers=t.integer("max_headers", 100, 1, 1000),
             max_body_bytes=t.integer("max_body_bytes", 0, 0, 2 ** 50, "bytes"),
+            tunnel_timeout=t.number("tunnel_timeout", 3600.0, 0, 86400 * 7),
             max_connections_per_ip=t.integer("max_connections_per_ip", 0, 0, 1_000_000),
             rules=tuple(_read_rule(t, i, d, protocol, groups, backends) for i, d in enumerate(rules_data)),
             https_redirect_port=redirect,

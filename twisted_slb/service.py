@@ -469,6 +469,7 @@ class BalancerService(MultiService):
             max_header_bytes=listener.max_header_bytes,
             max_headers=listener.max_headers,
             max_body_bytes=listener.max_body_bytes,
+            tunnel_timeout=listener.tunnel_timeout,
             max_connections=listener.max_connections,
             max_connections_per_ip=listener.max_connections_per_ip,
             listener_name=listener.name,

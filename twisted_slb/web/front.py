@@ -37,6 +37,10 @@ What it does, and what it refuses:
    There is one timer per connection, moved lazily, not one per read.
  - Bodies are read before the request is forwarded: up to 100 KB in memory,
    spooled to a temporary file above that, so that memory stays flat.
+ - An HTTP/1.1 C{Upgrade} (WebSocket) is forwarded; when the backend answers
+   101 the proxy calls L{FrontRequest.switch_protocols} and the connection
+   becomes a tunnel, relayed both ways until either side closes or it is
+   idle for C{tunnel_timeout}.
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ _CHUNK_END = 5
 _TRAILERS = 6
 _BUSY = 7  # the request is being answered
 _CLOSED = 8  # closing or closed: nothing more is read
+_TUNNEL = 9  # after a 101: bytes are relayed as they are (WebSocket)
 
 #: Reason phrases for the statuses the listener answers itself (RFC 9110
 #: wording; twisted.web's table has older ones, e.g. "Request Time-out").
@@ -143,6 +148,8 @@ class FrontRequest:
     slb_session = None
     #: unlike twisted.web's Request, no Server, Date or Content-Type is preset
     adds_default_headers = False
+    #: the proxy may answer an Upgrade with L{switch_protocols}
+    can_switch_protocols = True
     _lost_callback = None
 
     def __init__(self, channel: HTTPFrontChannel, method: bytes, uri: bytes, clientproto: bytes,
@@ -212,6 +219,33 @@ class FrontRequest:
         without a L{Deferred} (one callback; the proxy's, on its hot path).
         """
         self._lost_callback = callback
+
+    def switch_protocols(self, peer_transport) -> None:
+        """
+        Send the C{101} response head (code and headers set by the caller,
+        C{Connection: Upgrade} among them), then relay bytes between the
+        client and C{peer_transport} as they are, both ways, until either
+        side closes or nothing passes for the listener's C{tunnel_timeout}.
+        """
+        channel = self.channel
+        if channel is None:
+            return
+        self.persistent = True  # no "Connection: close" on a 101
+        channel.transport.write(self._head(b"", False))
+        channel.start_tunnel(peer_transport)
+
+    def tunnel_closed(self) -> None:
+        """The peer ended the tunnel: close the client's connection."""
+        channel = self.channel
+        if channel is not None:
+            channel._close()
+
+    def tunnel_write(self, data: bytes) -> None:
+        """Bytes from the peer of a tunnel, for the client."""
+        channel = self.channel
+        if channel is not None:
+            channel.last = channel.clock.seconds()
+            channel.transport.write(data)
 
     def registerProducer(self, producer, streaming: bool) -> None:
         """
@@ -340,6 +374,7 @@ class HTTPFrontChannel(Protocol):
     body_read = 0  # chunked body bytes so far, against max_body_bytes
     pending: Optional[FrontRequest] = None  # a request whose body is arriving
     head_started = 0.0
+    tunnel = None  # the peer transport of a tunnel (after a 101)
 
     def __init__(self, factory: HTTPFrontFactory) -> None:
         self.factory = factory
@@ -376,7 +411,7 @@ class HTTPFrontChannel(Protocol):
 
     def readConnectionLost(self) -> None:
         # The client sent FIN: answer what it asked for, then close (as
-        # HAProxy does without "option abortonclose").
+        # HAProxy does without "option abortonclose").  A tunnel ends.
         self.read_closed = True
         if self.state != _BUSY:
             self._close()
@@ -388,6 +423,9 @@ class HTTPFrontChannel(Protocol):
         self.state = _CLOSED
         self.closed_at = self.clock.seconds()
         self.transport.loseConnection()
+        if self.timer is None and self.factory.timeout:
+            # A client that never reads what is left is cut off (see _check_timeout).
+            self.timer = self.clock.callLater(self.factory.timeout, self._check_timeout)
 
     # -- IPushProducer: the client's socket is full, or has room again ------
 
@@ -426,6 +464,10 @@ class HTTPFrontChannel(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         state = self.state
+        if state == _TUNNEL:
+            self.last = self.clock.seconds()
+            self.tunnel.write(data)
+            return
         if state == _CLOSED:
             return
         self.buffer = self.buffer + data if self.buffer else data
@@ -691,6 +733,23 @@ class HTTPFrontChannel(Protocol):
         request.write(b"500 Internal Server Error\n")
         request.finish()
 
+    def start_tunnel(self, peer_transport) -> None:
+        """Relay bytes between the client and C{peer_transport} from now on."""
+        self.state = _TUNNEL
+        self.tunnel = peer_transport
+        self.last = self.clock.seconds()
+        transport = self.transport
+        # Each side is the producer of the other, as in a TCP listener.
+        transport.unregisterProducer()
+        transport.registerProducer(peer_transport, True)
+        peer_transport.registerProducer(transport, True)
+        if self.reading_paused:
+            self.reading_paused = False
+            transport.resumeProducing()
+        early, self.buffer = self.buffer, b""
+        if early:
+            peer_transport.write(early)  # sent before the 101 arrived
+
     def request_done(self, request: FrontRequest) -> None:
         """The response to C{request} is complete."""
         self.request = None
@@ -739,6 +798,18 @@ class HTTPFrontChannel(Protocol):
         timeout = self.factory.timeout
         now = self.clock.seconds()
         state = self.state
+        if state == _TUNNEL:
+            timeout = self.factory.tunnel_timeout
+            if not timeout:
+                return
+            deadline = self.last + timeout
+            if now >= deadline:
+                log.info("listener {listener}: tunnel of {client} idle for {timeout} s: closing it",
+                         listener=self.factory.listener_name, client=self.client_ip or self.peer, timeout=timeout)
+                self._close()
+            else:
+                self.timer = self.clock.callLater(deadline - now, self._check_timeout)
+            return
         if state == _CLOSED:
             # Closing waits for the client to read what is left; one that
             # never does is cut off.
@@ -800,6 +871,7 @@ class HTTPFrontFactory(Factory):
         secure: bool = False,
         limit: Optional[ConnectionLimit] = None,
         max_body_bytes: int = 0,
+        tunnel_timeout: float = 3600.0,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -809,6 +881,7 @@ class HTTPFrontFactory(Factory):
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
         self.max_body_bytes = max_body_bytes
+        self.tunnel_timeout = tunnel_timeout
         self.limit = limit if limit is not None else ConnectionLimit(max_connections, listener_name)
         self.per_ip = ClientAddressLimit(max_connections_per_ip, listener_name)
         self.listener_name = listener_name

@@ -109,9 +109,11 @@ class _Exchange:
     bytes_sent = 0
     finished = False
 
-    def __init__(self, resource: BalancedProxyResource, request: Request) -> None:
+    def __init__(self, resource: BalancedProxyResource, request: Request, upgrade: Optional[bytes] = None) -> None:
         self.resource = resource
         self.request = request
+        # The Upgrade header of a request to tunnel (WebSocket), or None.
+        self.upgrade = upgrade
         self.session = session_for(request)
         self.started = resource.reactor.seconds()
         self.tried: List[Backend] = []
@@ -167,6 +169,8 @@ class _Exchange:
             lines += [b"X-Forwarded-Host: ", host, b"\r\n"]
         if self.body_length or request.method in (b"POST", b"PUT", b"PATCH"):
             lines += [b"Content-Length: ", b"%d" % self.body_length, b"\r\n"]
+        if self.upgrade is not None:
+            lines += [b"Connection: Upgrade\r\nUpgrade: ", self.upgrade, b"\r\n"]
         lines.append(b"\r\n")
         return b"".join(lines)
 
@@ -189,7 +193,9 @@ class _Exchange:
         self.tried.append(backend)
         tls = resource.tls_options_for(backend)
         self.connector = resource.pool.get(
-            backend, group.connect_timeout, self._connected, self._connect_failed, tls, reuse=self.retryable
+            backend, group.connect_timeout, self._connected, self._connect_failed, tls,
+            # A tunnel takes its connection for good: never an idle one.
+            reuse=self.retryable and self.upgrade is None,
         )
 
     def _connect_failed(self, reason) -> None:
@@ -218,7 +224,7 @@ class _Exchange:
         backend.total += 1
         request = self.request
         upstream.send(self.head if self.body_length > _SMALL_BODY else self.head + self._small_body(),
-                      self, head_request=request.method == b"HEAD")
+                      self, head_request=request.method == b"HEAD", upgrade=self.upgrade is not None)
         backend.bytes_out += len(self.head) + self.body_length
         if self.body_length > _SMALL_BODY:
             request.content.seek(0, 0)
@@ -298,6 +304,46 @@ class _Exchange:
             session.policy.remember(session, self.backend)
         if self.upstream is not None and self.upstream.body_follows:
             request.registerProducer(self.upstream.transport, True)
+
+    def response_switch(self, code: int, reason: bytes, headers) -> None:
+        """The backend accepted the upgrade (101): tunnel both connections."""
+        self._cancel_timeout()
+        self.backend.record_success()
+        if self.client_gone:
+            return
+        self.responding = True
+        request = self.request
+        self.status = code
+        request.setResponseCode(code, reason or None)
+        out = request.responseHeaders
+        drop = HOP_BY_HOP - {b"upgrade"}
+        for name, value in headers:
+            lower = name.lower()
+            if lower not in drop:
+                out.addRawHeader(name, value)
+        out.setRawHeaders(b"connection", [b"Upgrade"])
+        session = self.session
+        if session.policy is not None:
+            session.policy.remember(session, self.backend)
+        request.switch_protocols(self.upstream.transport)
+
+    def tunnel_data(self, data: bytes) -> None:
+        if self.client_gone:
+            return
+        self.bytes_sent += len(data)
+        self.request.tunnel_write(data)
+
+    def tunnel_closed(self, reason) -> None:
+        """The backend ended the tunnel: the client's connection ends too."""
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            self.backend.active -= 1
+        if self.client_gone or self.finished:
+            return
+        self.finished = True
+        self.backend.bytes_in += self.bytes_sent
+        self.log_access()
+        self.request.tunnel_closed()
 
     def response_data(self, data: bytes) -> None:
         if self.client_gone:
@@ -498,6 +544,10 @@ class BalancedProxyResource(Resource):
             return f"400 Bad Request: {problem}\n".encode("utf-8")
         upgrade = request.getHeader(b"upgrade")
         if upgrade is not None and b"upgrade" in _connection_tokens(request.requestHeaders):
+            if getattr(request, "can_switch_protocols", False) and request.clientproto == b"HTTP/1.1":
+                # The listeners' server can hand the connection over (WebSocket).
+                _Exchange(self, request, upgrade=upgrade).start()
+                return NOT_DONE_YET
             request.setResponseCode(501, b"Not Implemented")
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             # What follows on this connection may be the other protocol's.

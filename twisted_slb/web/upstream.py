@@ -70,9 +70,21 @@ class IResponseHandler:
         response had arrived.
         """
 
+    def response_switch(self, code: int, reason: bytes, headers: List[Tuple[bytes, bytes]]) -> None:
+        """
+        A 101 answered a request sent with C{upgrade=True}: from now on the
+        connection is a tunnel (L{tunnel_data}, L{tunnel_closed}).
+        """
+
+    def tunnel_data(self, data: bytes) -> None:
+        """Bytes from the backend after a 101, as they are."""
+
+    def tunnel_closed(self, reason) -> None:
+        """The backend closed the tunnel."""
+
 
 # Parser states.
-_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_CLOSE, _IDLE = range(8)
+_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_CLOSE, _IDLE, _TUNNEL = range(9)
 
 
 class UpstreamProtocol(Protocol):
@@ -95,6 +107,7 @@ class UpstreamProtocol(Protocol):
         self.reusable = True
         self.received = False
         self.head_request = False
+        self.upgrade = False
         self.connected = False
 
     def connectionMade(self) -> None:
@@ -106,15 +119,22 @@ class UpstreamProtocol(Protocol):
         """Whether the response whose head just arrived still has a body to come."""
         return self.state != _IDLE
 
-    def send(self, head: bytes, handler, head_request: bool = False) -> None:
+    def send(self, head: bytes, handler, head_request: bool = False, upgrade: bool = False) -> None:
         """
         Send a request head (request line and headers, ending with the blank
         line); the caller writes the body, if any, to C{self.transport}.
+
+        @param upgrade: the request asks for a protocol upgrade: a 101
+            answer turns the connection into a tunnel (see
+            L{IResponseHandler.response_switch}); it is never reused.
         """
         self.handler = handler
         self.state = _HEAD
         self.received = False
         self.head_request = head_request
+        self.upgrade = upgrade
+        if upgrade:
+            self.reusable = False
         self.transport.write(head)
 
     def dataReceived(self, data: bytes) -> None:
@@ -140,6 +160,9 @@ class UpstreamProtocol(Protocol):
     def _parse(self, data: bytes) -> None:
         while data and self.handler is not None:
             state = self.state
+            if state == _TUNNEL:
+                self.handler.tunnel_data(data)
+                return
             if state == _LENGTH:
                 n = self.remaining
                 if len(data) < n:
@@ -259,7 +282,12 @@ class UpstreamProtocol(Protocol):
             headers.append((name, value))
         if 100 <= code < 200:
             if code == 101:
-                raise UpstreamError("101 Switching Protocols to a request that did not ask to upgrade")
+                if not self.upgrade:
+                    raise UpstreamError("101 Switching Protocols to a request that did not ask to upgrade")
+                self.state = _TUNNEL
+                self.reusable = False
+                self.handler.response_switch(code, reason, headers)
+                return
             # Interim response (100 Continue, 103 Early Hints): skip it.
             return
         if close:
@@ -307,7 +335,9 @@ class UpstreamProtocol(Protocol):
         handler, self.handler = self.handler, None
         if handler is None:
             return
-        if self.state == _UNTIL_CLOSE and reason.check(error.ConnectionDone):
+        if self.state == _TUNNEL:
+            handler.tunnel_closed(reason)
+        elif self.state == _UNTIL_CLOSE and reason.check(error.ConnectionDone):
             handler.response_end()
         else:
             handler.response_failed(reason, self.received)
