@@ -742,7 +742,8 @@ class HTTPFrontChannel(Protocol):
         # Each side is the producer of the other, as in a TCP listener.
         transport.unregisterProducer()
         transport.registerProducer(peer_transport, True)
-        peer_transport.registerProducer(transport, True)
+        if getattr(peer_transport, "producer", None) is None:  # not still sending a request body
+            peer_transport.registerProducer(transport, True)
         if self.reading_paused:
             self.reading_paused = False
             transport.resumeProducing()
