@@ -215,6 +215,23 @@ class ConnectionLimitTests(SynchronousTestCase):
         everything.configure(0, False)
         self.assertTrue(port.reading)
 
+    def test_waitIsLoggedWhenAcceptingPauses(self):
+        """In wait mode no connection is refused, but reaching the limit is still logged, once."""
+        from twisted.logger import globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        limit = ConnectionLimit(1, "l", wait=True)
+        limit.add_port(FakePort())
+        limit.admit()
+        limit.release()
+        limit.admit()
+        texts = [e["log_format"] for e in events if e.get("log_namespace") == "twisted_slb.limits"]
+        self.assertEqual(len([t for t in texts if "connections open" in t]), 2)  # two episodes
+        self.assertEqual(len([t for t in texts if "accepting connections again" in t]), 1)
+        self.assertIn("new connections wait", [e for e in events if "action" in e][0]["action"])
+
     def test_loggedOncePerEpisode(self):
         from twisted.logger import globalLogPublisher
 

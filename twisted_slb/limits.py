@@ -80,16 +80,7 @@ class ConnectionLimit:
             be closed (and not released).
         """
         if self.blocked():
-            if not self.refusing:
-                self.refusing = True
-                which = self if self.full() else self.parent
-                log.warn(
-                    "listener {listener}: {open} connections open ({scope} max_connections {limit}): "
-                    "{action}",
-                    listener=self.listener_name, open=which.open, limit=which.limit,
-                    scope="the listener's" if which is self else "the global",
-                    action="new connections wait" if self.wait else "closing new connections",
-                )
+            self._log_full()
             return False
         self.open += 1
         if self.parent is not None:
@@ -131,6 +122,19 @@ class ConnectionLimit:
         else:
             self._apply()
 
+    def _log_full(self) -> None:
+        """Log, once until the limit is left, that it was reached."""
+        if self.refusing:
+            return
+        self.refusing = True
+        which = self if self.full() else self.parent
+        log.warn(
+            "listener {listener}: {open} connections open ({scope} max_connections {limit}): {action}",
+            listener=self.listener_name, open=which.open, limit=which.limit,
+            scope="the listener's" if which is self else "the global",
+            action="new connections wait" if self.wait else "closing new connections",
+        )
+
     def _apply(self) -> None:
         blocked = self.blocked()
         pause = self.wait and blocked
@@ -141,6 +145,8 @@ class ConnectionLimit:
                     pause_port(port, self)
                 else:
                     resume_port(port, self)
+        if pause:
+            self._log_full()
         if self.refusing and not blocked:
             self.refusing = False
             log.info("listener {listener}: accepting connections again", listener=self.listener_name)
