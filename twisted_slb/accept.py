@@ -6,12 +6,16 @@ C{ulimit -n}), Twisted's TCP port frees a descriptor it keeps in reserve,
 accepts every pending connection and closes it at once, then takes the
 reserve back; it logs one line per closed connection, and starts over the
 next time the listening socket is readable.  Under a flood that is a log line
-per refused client and a busy accept loop.
+per refused client.  Without the reserve (it could not be taken back), it
+logs "Could not accept new connection" and leaves the client pending, so the
+reactor calls it again at once: a busy loop, with a log line per turn.
 
 L{AcceptGuard} makes that one warning per episode and a pause: the port
 stops accepting for C{backoff} seconds at a time (new clients wait in the
-listen backlog instead of being accepted and closed), and when a connection
-is accepted again one line says so, with how many were closed meanwhile.
+listen backlog instead of being accepted and closed at once; those still
+there when a pause ends with no descriptor free are closed), and when a
+connection is accepted again one line says so, with how many were closed
+meanwhile.
 HAProxy and nginx also pause their listeners on C{EMFILE}.
 
 Listening ports are paused for more than one reason (this, and a full
