@@ -39,7 +39,7 @@ from twisted_slb.backends import Backend, BackendGroup, local_failure
 from twisted_slb.limits import ConnectionLimit
 from twisted_slb.persistence.interfaces import IPersistencePolicy, Session, normalise_ip
 from twisted_slb.shutdown import IdleTracker
-from twisted_slb.web.upstream import set_nodelay
+from twisted_slb.sockets import set_nodelay, write_now
 
 log = Logger(namespace="twisted_slb.tcp")
 access = Logger(namespace="twisted_slb.access")
@@ -138,7 +138,7 @@ class _BackendProtocol(Protocol):
         relay.bytes_to_client += n
         relay.backend.bytes_in += n
         relay.last_activity = relay.seconds()
-        relay.transport.write(data)
+        write_now(relay.transport, data)
 
     def readConnectionLost(self) -> None:
         self.relay.backend_read_closed()
@@ -272,7 +272,7 @@ class TCPBalancerProtocol(Protocol):
         self.bytes_from_client += n
         self.backend.bytes_out += n
         self.last_activity = self.seconds()
-        self.backend_protocol.transport.write(data)
+        write_now(self.backend_protocol.transport, data)
 
     def readConnectionLost(self) -> None:
         # The client will send no more: pass the half-close on, keep relaying

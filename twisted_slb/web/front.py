@@ -62,7 +62,7 @@ from zope.interface import implementer
 
 from twisted_slb.limits import ClientAddressLimit, ConnectionLimit, TooManyConnections
 from twisted_slb.shutdown import IdleTracker
-from twisted_slb.web.upstream import set_nodelay
+from twisted_slb.sockets import set_nodelay, write_now
 
 log = Logger(namespace="twisted_slb.front")
 
@@ -231,7 +231,7 @@ class FrontRequest:
         if channel is None:
             return
         self.persistent = True  # no "Connection: close" on a 101
-        channel.transport.write(self._head(b"", False))
+        write_now(channel.transport, self._head(b"", False))
         channel.start_tunnel(peer_transport)
 
     def tunnel_closed(self) -> None:
@@ -245,7 +245,7 @@ class FrontRequest:
         channel = self.channel
         if channel is not None:
             channel.last = channel.clock.seconds()
-            channel.transport.write(data)
+            write_now(channel.transport, data)
 
     def registerProducer(self, producer, streaming: bool) -> None:
         """
@@ -275,12 +275,12 @@ class FrontRequest:
         if channel is None:
             return  # the client is gone
         if not self.started:
-            channel.transport.write(self._head(data, False))
+            write_now(channel.transport, self._head(data, False))
         elif data and not self.no_body:
             if self.chunked:
-                channel.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+                write_now(channel.transport, b"%x\r\n%s\r\n" % (len(data), data))
             else:
-                channel.transport.write(data)
+                write_now(channel.transport, data)
 
     def finish(self) -> None:
         if self.finished:
@@ -290,9 +290,9 @@ class FrontRequest:
         if channel is None:
             return
         if not self.started:
-            channel.transport.write(self._head(b"", True))
+            write_now(channel.transport, self._head(b"", True))
         elif self.chunked:
-            channel.transport.write(b"0\r\n\r\n")
+            write_now(channel.transport, b"0\r\n\r\n")
         ds, self._finished_ds = self._finished_ds, None
         if ds:
             for d in ds:

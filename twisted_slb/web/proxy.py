@@ -30,7 +30,8 @@ from twisted_slb.backends import Backend, BackendGroup, local_failure
 from twisted_slb.persistence.interfaces import session_for
 from twisted_slb.limits import ClientAddressLimit, ConnectionLimit, TooManyConnections
 from twisted_slb.shutdown import IdleTracker
-from twisted_slb.web.upstream import UpstreamPool, set_nodelay
+from twisted_slb.sockets import set_nodelay
+from twisted_slb.web.upstream import UpstreamPool
 
 log = Logger(namespace="twisted_slb.proxy")
 access = Logger(namespace="twisted_slb.access")

@@ -21,28 +21,12 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from twisted_slb.shutdown import IdleTracker
+from twisted_slb.sockets import set_nodelay, write_now
 
 log = Logger(namespace="twisted_slb.upstream")
 
 #: Most bytes a response head (status line and headers) may take.
 MAX_HEAD = 65536
-
-
-def set_nodelay(transport) -> None:
-    """
-    Turn Nagle's algorithm off: a proxy writes a response head and its body
-    (or a request and its body) in separate small writes, and Nagle would
-    hold the second until the peer's delayed ACK, adding up to 40 ms.
-    """
-    setter = getattr(transport, "setTcpNoDelay", None)
-    if setter is None:
-        # Under TLS the TCP transport is one level down.
-        setter = getattr(getattr(transport, "transport", None), "setTcpNoDelay", None)
-    if setter is not None:
-        try:
-            setter(True)
-        except OSError:  # not a TCP socket after all (e.g. a UNIX socket)
-            pass
 
 
 class UpstreamError(Exception):
@@ -135,7 +119,7 @@ class UpstreamProtocol(Protocol):
         self.upgrade = upgrade
         if upgrade:
             self.reusable = False
-        self.transport.write(head)
+        write_now(self.transport, head)
 
     def dataReceived(self, data: bytes) -> None:
         if self.handler is None:

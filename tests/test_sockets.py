@@ -1,0 +1,103 @@
+"""
+Tests for L{twisted_slb.sockets.write_now}: it sends at once when a TCP
+transport has nothing buffered, and never reorders, loses or duplicates
+bytes when it cannot.
+"""
+
+import socket
+
+from twisted.internet import tcp
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_slb.sockets import write_now
+
+
+class _FDReactor:
+    """Just what L{tcp.Connection} asks of a reactor: the reader and writer sets."""
+
+    def __init__(self) -> None:
+        self.readers = set()
+        self.writers = set()
+
+    def addReader(self, fd) -> None:
+        self.readers.add(fd)
+
+    def removeReader(self, fd) -> None:
+        self.readers.discard(fd)
+
+    def addWriter(self, fd) -> None:
+        self.writers.add(fd)
+
+    def removeWriter(self, fd) -> None:
+        self.writers.discard(fd)
+
+
+class WriteNowTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        ours, self.peer = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(self.peer.close)
+        self.peer.setblocking(False)
+        self.reactor = _FDReactor()
+        self.transport = tcp.Connection(ours, Protocol(), self.reactor)
+        self.transport.connected = 1
+
+    def received(self) -> bytes:
+        chunks = []
+        while True:
+            try:
+                chunk = self.peer.recv(1 << 20)
+            except BlockingIOError:
+                return b"".join(chunks)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+    def test_sends_at_once(self) -> None:
+        """With nothing buffered, the bytes are sent without waiting for the reactor."""
+        write_now(self.transport, b"hello")
+        self.assertEqual(self.received(), b"hello")
+        self.assertNotIn(self.transport, self.reactor.writers)
+
+    def test_keeps_order_behind_buffered_bytes(self) -> None:
+        """Bytes already waiting in the transport go first."""
+        self.transport.write(b"first ")
+        write_now(self.transport, b"second")
+        self.assertEqual(self.received(), b"")
+        self.assertIn(self.transport, self.reactor.writers)
+        self.transport.doWrite()
+        self.assertEqual(self.received(), b"first second")
+
+    def test_partial_send_buffers_the_rest(self) -> None:
+        """What the socket does not take is buffered, in order, and sent later."""
+        payload = bytes(range(256)) * 16384  # 4 MB, more than a socket buffer
+        write_now(self.transport, payload)
+        self.assertIn(self.transport, self.reactor.writers)
+        got = [self.received()]
+        self.assertLess(len(got[0]), len(payload))
+        write_now(self.transport, b"tail")
+        while self.transport in self.reactor.writers:
+            self.transport.doWrite()
+            got.append(self.received())
+        self.assertEqual(b"".join(got), payload + b"tail")
+
+    def test_disconnecting_uses_write(self) -> None:
+        """After loseConnection, bytes go through Twisted's write path (sent before the close)."""
+        self.transport.loseConnection()
+        write_now(self.transport, b"late")
+        self.assertEqual(self.received(), b"")
+        self.assertEqual(self.transport._tempDataBuffer, [b"late"])
+
+    def test_send_error_left_to_twisted(self) -> None:
+        """A send that fails (the peer is gone) raises nothing here; Twisted's write path meets the error."""
+        self.peer.close()
+        write_now(self.transport, b"x" * 100000)
+        self.assertIn(self.transport, self.reactor.writers)
+
+    def test_other_transports(self) -> None:
+        """Any other transport (TLS, a UNIX socket, a test fake) just gets write()."""
+        transport = StringTransport()
+        write_now(transport, b"data")
+        self.assertEqual(transport.value(), b"data")
