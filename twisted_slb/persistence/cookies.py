@@ -173,7 +173,10 @@ def add_nocache(headers: Headers) -> None:
     C{no-store}, or already says C{no-cache="Set-Cookie"}: those keep the
     cookie out of shared caches already.
     """
-    existing = headers.getRawHeaders(b"cache-control") or []
+    existing = headers.getRawHeaders(b"cache-control")
+    if not existing:
+        headers.addRawHeader(b"cache-control", b'no-cache="Set-Cookie"')
+        return
     if _cache_control_keeps_set_cookie_private(existing):
         return
     merged = [v.strip() for v in existing if v.strip()]

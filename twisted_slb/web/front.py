@@ -63,6 +63,7 @@ from zope.interface import implementer
 from twisted_slb.limits import ClientAddressLimit, ConnectionLimit, TooManyConnections
 from twisted_slb.shutdown import IdleTracker
 from twisted_slb.sockets import set_nodelay, write_now
+from twisted_slb.web.headers import FastHeaders
 
 log = Logger(namespace="twisted_slb.front")
 
@@ -160,7 +161,7 @@ class FrontRequest:
         self.path = uri.split(b"?", 1)[0]
         self.clientproto = clientproto
         self.requestHeaders = headers
-        self.responseHeaders = Headers()
+        self.responseHeaders = FastHeaders()
         self.persistent = persistent
         self.content = None
         self.prepath: List[bytes] = []
@@ -629,7 +630,7 @@ class HTTPFrontChannel(Protocol):
         if target[:1] != b"/" and target != b"*" and target[:7].lower() != b"http://" \
                 and target[:8].lower() != b"https://":
             raise BadRequest("the request target is not a path, an http(s) URL or '*'")
-        headers = Headers()
+        headers = FastHeaders()
         add = headers.addRawHeader
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
