@@ -132,6 +132,27 @@ class UpstreamParserTests(SynchronousTestCase):
         proto, h = self.exchange(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
         self.assertIsNotNone(h.failed)
 
+    def test_headerLines(self):
+        """Names as sent, values without surrounding blanks, the framing fields included."""
+        proto, h = self.exchange(
+            b"HTTP/1.1 200 OK\r\nServer:nginx\r\nX-Blank:  \t a b \t\r\nX-Empty:\r\nCONTENT-length: 2\r\n\r\nok"
+        )
+        self.assertEqual(h.head, (200, b"OK", [(b"Server", b"nginx"), (b"X-Blank", b"a b"), (b"X-Empty", b""),
+                                               (b"CONTENT-length", b"2")]))
+        self.assertEqual(b"".join(h.data), b"ok")
+
+    def test_noHeadersNoReason(self):
+        proto, h = self.exchange(b"HTTP/1.1 204\r\n\r\n")
+        self.assertEqual(h.head, (204, b"", []))
+        self.assertTrue(h.ended)
+
+    def test_invalidHeaderNameFails(self):
+        """A name that is not a token (it could split the line we send on) fails the response."""
+        for line in (b"Bad Name: x", b"Bad(Name): x", b" Folded: x", b"no colon", b": no name"):
+            proto, h = self.exchange(b"HTTP/1.1 200 OK\r\n" + line + b"\r\nContent-Length: 0\r\n\r\n")
+            self.assertIsNotNone(h.failed, line)
+            self.assertIsNone(h.head, line)
+
 
 
 

@@ -18,7 +18,7 @@ C{Headers}' internals, which changed across Twisted versions.
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Sequence, Tuple, Union
 
 from twisted.web.http_headers import Headers
 
@@ -78,7 +78,7 @@ def _value(value: Union[bytes, str]) -> bytes:
         if not isinstance(value, str):
             raise TypeError(f"a header value must be bytes or str, not {type(value).__name__}")
         value = value.encode("utf-8")
-    if b"\r" in value or b"\n" in value:
+    if 13 in value or 10 in value:  # CR, LF (an int test is several times faster than b"\r" in value)
         return b" ".join(value.splitlines())
     return value
 
@@ -89,25 +89,23 @@ class FastHeaders(Headers):
     (C{getAllRawHeaders} gives canonical names, values given as L{str} are
     UTF-8 encoded, line breaks in values are folded), faster.
 
-    @ivar _values: lowercase name -> list of values.
-    @ivar _spelled: lowercase name -> canonical name.
+    @ivar _values: canonical name -> list of values.
     """
 
-    __slots__ = ("_values", "_spelled")
+    __slots__ = ("_values",)
 
     def __init__(self, rawHeaders=None) -> None:
         self._values: Dict[bytes, List[bytes]] = {}
-        self._spelled: Dict[bytes, bytes] = {}
         if rawHeaders is not None:
             for name, values in rawHeaders.items():
                 self.setRawHeaders(name, values)
 
     def __repr__(self) -> str:
-        return f"{self.__class__.__name__}({ {self._spelled[k]: v for k, v in self._values.items()}!r})"
+        return f"{self.__class__.__name__}({self._values!r})"
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Headers):
-            return sorted(self.getAllRawHeaders()) == sorted(
+            return sorted(self._values.items()) == sorted(
                 (name, list(values)) for name, values in other.getAllRawHeaders()
             )
         return NotImplemented
@@ -121,40 +119,33 @@ class FastHeaders(Headers):
     def copy(self) -> FastHeaders:
         new = self.__class__()
         new._values = {k: list(v) for k, v in self._values.items()}
-        new._spelled = dict(self._spelled)
         return new
 
     def hasHeader(self, name) -> bool:
-        key = _NAMES.get(name) or canonical_name(name)
-        return key[0] in self._values
+        return (_NAMES.get(name) or canonical_name(name))[1] in self._values
 
     def removeHeader(self, name) -> None:
-        lower = (_NAMES.get(name) or canonical_name(name))[0]
-        if self._values.pop(lower, None) is not None:
-            del self._spelled[lower]
+        self._values.pop((_NAMES.get(name) or canonical_name(name))[1], None)
 
     def setRawHeaders(self, name, values: Sequence) -> None:
         if isinstance(values, (bytes, str)) or not isinstance(values, Sequence):
             # Headers raises TypeError for these too: a lone string would
             # become one header per character.
             raise TypeError(f"header values must be a sequence of bytes or str, not {type(values).__name__}")
-        lower, spelled = _NAMES.get(name) or canonical_name(name)
-        self._values[lower] = [_value(v) for v in values]
-        self._spelled[lower] = spelled
+        self._values[(_NAMES.get(name) or canonical_name(name))[1]] = [_value(v) for v in values]
 
     def addRawHeader(self, name, value) -> None:
-        lower, spelled = _NAMES.get(name) or canonical_name(name)
-        if value.__class__ is not bytes or b"\r" in value or b"\n" in value:
+        key = (_NAMES.get(name) or canonical_name(name))[1]
+        if value.__class__ is not bytes or 13 in value or 10 in value:
             value = _value(value)
-        values = self._values.get(lower)
+        values = self._values.get(key)
         if values is None:
-            self._values[lower] = [value]
-            self._spelled[lower] = spelled
+            self._values[key] = [value]
         else:
             values.append(value)
 
     def getRawHeaders(self, name, default=None):
-        values = self._values.get((_NAMES.get(name) or canonical_name(name))[0])
+        values = self._values.get((_NAMES.get(name) or canonical_name(name))[1])
         if not values:
             return default
         if isinstance(name, str):
@@ -162,10 +153,4 @@ class FastHeaders(Headers):
         return values
 
     def getAllRawHeaders(self) -> Iterator[Tuple[bytes, Sequence[bytes]]]:
-        spelled = self._spelled
-        return ((spelled[lower], values) for lower, values in self._values.items())
-
-    def get_last(self, lower: bytes) -> Optional[bytes]:
-        """The last value of the header named C{lower} (lowercase bytes), or L{None}: the proxy's quick look-up."""
-        values = self._values.get(lower)
-        return values[-1] if values else None
+        return iter(self._values.items())

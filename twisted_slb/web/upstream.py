@@ -22,6 +22,7 @@ from twisted.logger import Logger
 
 from twisted_slb.shutdown import IdleTracker
 from twisted_slb.sockets import set_nodelay, write_now
+from twisted_slb.web.headers import canonical_name
 
 log = Logger(namespace="twisted_slb.upstream")
 
@@ -68,6 +69,9 @@ class IResponseHandler:
 
 
 # Parser states.
+# The fields that frame the message or the connection.
+_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
+
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_CLOSE, _IDLE, _TUNNEL = range(9)
 
 
@@ -229,10 +233,12 @@ class UpstreamProtocol(Protocol):
             self.transport.loseConnection()
 
     def _head(self, head: bytes) -> None:
-        lines = head.split(b"\r\n")
-        status = lines[0].split(b" ", 2)
+        status_end = head.find(b"\r\n")
+        if status_end < 0:
+            status_end = len(head)
+        status = head[:status_end].split(b" ", 2)
         if len(status) < 2 or not status[0].startswith(b"HTTP/1.") or len(status[1]) != 3 or not status[1].isdigit():
-            raise UpstreamError(f"invalid status line {lines[0][:80]!r}")
+            raise UpstreamError(f"invalid status line {head[:min(status_end, 80)]!r}")
         version = status[0]
         code = int(status[1])
         reason = status[2] if len(status) > 2 else b""
@@ -240,12 +246,19 @@ class UpstreamProtocol(Protocol):
         length = None
         chunked = False
         close = version == b"HTTP/1.0"
-        for line in lines[1:]:
+        for line in head[status_end + 2:].split(b"\r\n") if status_end < len(head) else ():
             name, sep, value = line.partition(b":")
-            if not sep or not name or name != name.strip() or b" " in name:
+            try:
+                # A token, checked once per distinct name (a bounded cache).
+                lower = canonical_name(name)[0] if sep else None
+            except ValueError:
+                lower = None
+            if lower is None:
                 raise UpstreamError(f"invalid header line {line[:80]!r}")
             value = value.strip()
-            lower = name.lower()
+            headers.append((name, value))
+            if lower not in _FRAMING:
+                continue
             if lower == b"content-length":
                 if not value.isdigit() or (length is not None and int(value) != length):
                     raise UpstreamError(f"invalid Content-Length {value[:20]!r}")
@@ -263,7 +276,6 @@ class UpstreamProtocol(Protocol):
                     close = True
                 elif b"keep-alive" in tokens and version == b"HTTP/1.0":
                     close = False
-            headers.append((name, value))
         if 100 <= code < 200:
             if code == 101:
                 if not self.upgrade:
