@@ -7,11 +7,13 @@ bytes when it cannot.
 import socket
 
 from twisted.internet import tcp
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_slb.sockets import write_now
+from twisted_slb.sockets import close, half_close, write_now
+from zope.interface import implementer
 
 
 class _FDReactor:
@@ -34,15 +36,51 @@ class _FDReactor:
         self.writers.discard(fd)
 
 
-class WriteNowTests(SynchronousTestCase):
+@implementer(IHalfCloseableProtocol)
+class _Recorder(Protocol):
+    def __init__(self) -> None:
+        self.events = []
+
+    def readConnectionLost(self) -> None:
+        self.events.append("readConnectionLost")
+
+    def writeConnectionLost(self) -> None:
+        self.events.append("writeConnectionLost")
+
+    def connectionLost(self, reason) -> None:
+        self.events.append("connectionLost")
+
+
+class _Paused:
+    """A streaming producer that the transport paused."""
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _SocketPairCase(SynchronousTestCase):
     def setUp(self) -> None:
         ours, self.peer = socket.socketpair()
         self.addCleanup(ours.close)
         self.addCleanup(self.peer.close)
         self.peer.setblocking(False)
         self.reactor = _FDReactor()
-        self.transport = tcp.Connection(ours, Protocol(), self.reactor)
+        self.protocol = _Recorder()
+        self.transport = tcp.Connection(ours, self.protocol, self.reactor)
         self.transport.connected = 1
+
+    def eof(self) -> bool:
+        """Whether the peer has read everything up to an end of file."""
+        try:
+            return self.peer.recv(1 << 20) == b""
+        except BlockingIOError:
+            return False
 
     def received(self) -> bytes:
         chunks = []
@@ -55,6 +93,7 @@ class WriteNowTests(SynchronousTestCase):
                 return b"".join(chunks)
             chunks.append(chunk)
 
+class WriteNowTests(_SocketPairCase):
     def test_sends_at_once(self) -> None:
         """With nothing buffered, the bytes are sent without waiting for the reactor."""
         write_now(self.transport, b"hello")
@@ -101,3 +140,56 @@ class WriteNowTests(SynchronousTestCase):
         transport = StringTransport()
         write_now(transport, b"data")
         self.assertEqual(transport.value(), b"data")
+
+
+class CloseTests(_SocketPairCase):
+    def test_half_close_at_once(self) -> None:
+        """With nothing buffered, the peer sees the end of file at once and the protocol is told."""
+        half_close(self.transport)
+        self.assertTrue(self.eof())
+        self.assertEqual(self.protocol.events, ["writeConnectionLost"])
+        self.assertNotIn(self.transport, self.reactor.writers)
+        self.assertTrue(self.transport.connected)  # still reading
+
+    def test_half_close_after_buffered_bytes(self) -> None:
+        """Buffered bytes go first: the shutdown waits for Twisted's write event."""
+        self.transport.write(b"pending")
+        half_close(self.transport)
+        self.assertFalse(self.eof())
+        self.assertEqual(self.protocol.events, [])
+        self.transport.doWrite()
+        self.assertEqual(self.received(), b"pending")
+        self.assertTrue(self.eof())
+        self.assertEqual(self.protocol.events, ["writeConnectionLost"])
+
+    def test_half_close_waits_for_a_paused_producer(self) -> None:
+        """A paused producer is resumed by the next write event, as Twisted does, before any shutdown."""
+        self.transport.registerProducer(_Paused(), True)
+        self.transport.producerPaused = True
+        half_close(self.transport)
+        self.assertFalse(self.eof())
+        self.assertIn(self.transport, self.reactor.writers)
+
+    def test_close_at_once(self) -> None:
+        """With nothing buffered, the connection is closed on the spot."""
+        close(self.transport)
+        self.assertEqual(self.protocol.events, ["writeConnectionLost", "connectionLost"])
+        self.assertFalse(self.transport.connected)
+        self.assertTrue(self.eof())
+
+    def test_close_after_buffered_bytes(self) -> None:
+        """Buffered bytes are sent before the close, on Twisted's write event."""
+        self.transport.write(b"last words")
+        close(self.transport)
+        self.assertEqual(self.protocol.events, [])
+        self.assertTrue(self.transport.disconnecting)
+        self.assertIn(self.transport, self.reactor.writers)
+
+    def test_other_transports(self) -> None:
+        """Any other transport gets loseWriteConnection / loseConnection."""
+        transport = StringTransport()
+        half_close(transport)
+        self.assertTrue(transport.disconnecting)  # StringTransport has no half-close
+        transport = StringTransport()
+        close(transport)
+        self.assertTrue(transport.disconnecting)

@@ -33,6 +33,61 @@ def set_nodelay(transport) -> None:
             pass
 
 
+def _flushed(transport) -> bool:
+    """
+    C{transport} is a plain TCP connection, open for writing, with nothing
+    buffered and no producer that its next write event would resume: the
+    state in which Twisted's next write event would only finish a close.
+    """
+    return (
+        isinstance(transport, tcp.Connection)
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnected
+        and not transport.dataBuffer
+        and not transport._tempDataBuffer
+        and not getattr(transport, "TLS", False)
+        and (transport.producer is None or (transport.streamingProducer and not transport.producerPaused))
+    )
+
+
+def half_close(transport) -> None:
+    """
+    Shut down the sending side of C{transport} (C{loseWriteConnection}),
+    or close it when it cannot half-close.
+
+    Twisted shuts the socket down on the next write event; with nothing
+    buffered this does at once what that event would do (C{shutdown}, then
+    the protocol's C{writeConnectionLost}), saving two C{epoll_ctl} calls
+    and a reactor event per connection.  It sets the same private state
+    (C{_writeDisconnecting}, C{_writeDisconnected}) and calls the same
+    private method (C{_closeWriteConnection}) as
+    C{twisted.internet.abstract.FileDescriptor.doWrite}.
+    """
+    if _flushed(transport):
+        transport._writeDisconnecting = True
+        transport._writeDisconnected = True
+        transport._closeWriteConnection()
+        return
+    lose_write = getattr(transport, "loseWriteConnection", None)
+    if lose_write is None:
+        transport.loseConnection()
+    else:
+        lose_write()
+
+
+def close(transport) -> None:
+    """
+    C{transport.loseConnection()}, at once when nothing is left to send:
+    once the sending side is shut down (L{half_close}), Twisted's
+    C{loseConnection} closes on the spot instead of on the next write
+    event.
+    """
+    if _flushed(transport):
+        half_close(transport)
+    transport.loseConnection()
+
+
 def write_now(transport, data: bytes) -> None:
     """
     Write C{data} to C{transport}, sending it on the spot when the

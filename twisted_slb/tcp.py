@@ -39,7 +39,7 @@ from twisted_slb.backends import Backend, BackendGroup, local_failure
 from twisted_slb.limits import ConnectionLimit
 from twisted_slb.persistence.interfaces import IPersistencePolicy, Session, normalise_ip
 from twisted_slb.shutdown import IdleTracker
-from twisted_slb.sockets import set_nodelay, write_now
+from twisted_slb.sockets import close, half_close, set_nodelay, write_now
 
 log = Logger(namespace="twisted_slb.tcp")
 access = Logger(namespace="twisted_slb.access")
@@ -107,15 +107,6 @@ def proxy_header(version: str, client, local) -> bytes:
     body = src.packed + dst.packed + struct.pack("!HH", client.port, local.port)
     family_byte = _PROXY_V2_TCP6 if v6 else _PROXY_V2_TCP4
     return _PROXY_V2_SIGNATURE + struct.pack("!BBH", _PROXY_V2_PROXY, family_byte, len(body)) + body
-
-
-def _lose_write_connection(transport) -> None:
-    """Half-close C{transport}, or close it when it cannot half-close."""
-    half_close = getattr(transport, "loseWriteConnection", None)
-    if half_close is None:
-        transport.loseConnection()
-    else:
-        half_close()
 
 
 @implementer(IHalfCloseableProtocol)
@@ -288,7 +279,7 @@ class TCPBalancerProtocol(Protocol):
         # The client's side produces nothing more: stop pausing and resuming
         # it (a resumed transport would read its end of file again).
         backend_transport.unregisterProducer()
-        _lose_write_connection(backend_transport)
+        half_close(backend_transport)
         if self.backend_eof:
             self.close(self.first_eof)
 
@@ -308,7 +299,6 @@ class TCPBalancerProtocol(Protocol):
         backend_protocol = self.backend_protocol
         if backend_protocol is not None:
             self.backend.active -= 1
-            backend_protocol.transport.loseConnection()
             if factory.pin_refresh:
                 self.refresh_pin()  # the pin's timeout counts from the end of the connection
         elif self.connector is not None:
@@ -320,13 +310,19 @@ class TCPBalancerProtocol(Protocol):
             self.end(self.first_eof or "client closed")
         else:
             self.end(f"client connection lost: {reason.getErrorMessage()}")
+        # Logged before the backend's connection is closed: that close may
+        # be immediate and end a graceful shutdown, which closes the log.
         self.log_access()
+        if backend_protocol is not None:
+            backend_protocol.transport.loseConnection()
         if backend_protocol is None or self.backend_gone:
             self.forget()
 
     def forget(self) -> None:
         """Both connections are closed: the factory is done with this one."""
         factory = self.factory
+        if self not in factory.connections:
+            return
         factory.connections.discard(self)
         if not factory.connections:
             factory.tracker.idle()
@@ -403,7 +399,7 @@ class TCPBalancerProtocol(Protocol):
         if self.first_eof is None:
             self.first_eof = "backend closed"
         self.transport.unregisterProducer()
-        _lose_write_connection(self.transport)
+        half_close(self.transport)
         if self.client_eof:
             self.close(self.first_eof)
 
@@ -466,9 +462,9 @@ class TCPBalancerProtocol(Protocol):
     def close(self, why: str) -> None:
         """Close both sides (pending data is still delivered)."""
         self.end(why)
-        self.transport.loseConnection()
+        close(self.transport)
         if self.backend_protocol is not None:
-            self.backend_protocol.transport.loseConnection()
+            close(self.backend_protocol.transport)
 
     # -- accounting ----------------------------------------------------------
 

@@ -305,27 +305,32 @@ class FrontRequest:
         self.started = True
         code = self.code
         headers = self.responseHeaders
+        # The listeners' own FastHeaders are read directly; anything else
+        # a resource may have put here goes through the Headers API.
+        fields = headers.by_name if type(headers) is FastHeaders else None
+        if fields is None:
+            fields = {name: list(values) for name, values in headers.getAllRawHeaders()}
         no_body = self.no_body = self.method == b"HEAD" or code in (204, 304) or code < 200
-        if not no_body and not headers.hasHeader(b"content-length"):
+        if not no_body and b"Content-Length" not in fields:
             if complete:
-                headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
+                fields[b"Content-Length"] = [b"%d" % len(body)]
             elif self.clientproto == b"HTTP/1.1":
                 self.chunked = True
-                headers.setRawHeaders(b"transfer-encoding", [b"chunked"])
+                fields[b"Transfer-Encoding"] = [b"chunked"]
             else:
                 self.persistent = False  # the body ends when the connection closes
-        connection = headers.getRawHeaders(b"connection")
+        connection = fields.get(b"Connection")
         if connection and b"close" in b",".join(connection).lower():
             self.persistent = False
-        if not headers.hasHeader(b"date"):
-            headers.setRawHeaders(b"date", [_http_date(self.channel.clock.seconds())])
+        if b"Date" not in fields:
+            fields[b"Date"] = [_http_date(self.channel.clock.seconds())]
         if not self.persistent:
-            headers.setRawHeaders(b"connection", [b"close"])
+            fields[b"Connection"] = [b"close"]
         elif self.clientproto == b"HTTP/1.0":
-            headers.setRawHeaders(b"connection", [b"keep-alive"])
+            fields[b"Connection"] = [b"keep-alive"]
         reason = self.code_message or RESPONSES.get(code, b"Unknown")
         parts = [b"HTTP/1.1 %d %s\r\n" % (code, reason)]
-        for name, values in headers.getAllRawHeaders():
+        for name, values in fields.items():
             for value in values:
                 parts.append(b"%s: %s\r\n" % (name, value))
         parts.append(b"\r\n")
@@ -634,13 +639,17 @@ class HTTPFrontChannel(Protocol):
         add = headers.addRawHeader
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
-            if not colon or not _TOKEN.match(name):
+            try:
+                if not colon:
+                    raise ValueError("no colon")
+                add(name, value.strip(b" \t"))  # raises ValueError for a name that is not a token
+            except ValueError:
                 if line[:1] in (b" ", b"\t"):
                     raise BadRequest("a folded header line (obs-fold)")
                 raise BadRequest(f"an invalid header line {line[:40]!r}")
-            add(name, value.strip(b" \t"))
+        fields = headers.by_name
         persistent = version == b"HTTP/1.1"
-        connection = headers.getRawHeaders(b"connection")
+        connection = fields.get(b"Connection")
         if connection:
             tokens = {t.strip().lower() for v in connection for t in v.split(b",")}
             if b"close" in tokens:
@@ -650,8 +659,8 @@ class HTTPFrontChannel(Protocol):
         if self.draining or self.read_closed:
             persistent = False
         request = FrontRequest(self, method, target, version, headers, persistent)
-        length = headers.getRawHeaders(b"content-length")
-        chunked = headers.getRawHeaders(b"transfer-encoding")
+        length = fields.get(b"Content-Length")
+        chunked = fields.get(b"Transfer-Encoding")
         if chunked is not None:
             if length is not None:
                 raise BadRequest("both Content-Length and Transfer-Encoding")
@@ -659,22 +668,22 @@ class HTTPFrontChannel(Protocol):
                 raise BadRequest(f"Transfer-Encoding {b', '.join(chunked)[:40]!r} is not 'chunked'")
             if version == b"HTTP/1.0":
                 raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
-            headers.removeHeader(b"transfer-encoding")
+            del fields[b"Transfer-Encoding"]
             n = -1
         elif length is not None:
             if len(set(length)) != 1 or not length[0].isdigit() or len(length[0]) > 15:
                 raise BadRequest(f"invalid Content-Length {b', '.join(length)[:40]!r}")
             n = int(length[0])
-            headers.setRawHeaders(b"content-length", [length[0]])
+            if len(length) > 1:
+                fields[b"Content-Length"] = [length[0]]
         else:
             n = 0
         limit = self.factory.max_body_bytes
         if limit and n > limit:
             raise BadRequest(f"a body of {n} bytes, over max_body_bytes ({limit})", 413)
         self.body_read = 0
-        expect = headers.getRawHeaders(b"expect")
+        expect = fields.pop(b"Expect", None)
         if expect is not None:
-            headers.removeHeader(b"expect")
             if len(expect) != 1 or expect[0].lower() != b"100-continue":
                 raise BadRequest("an expectation other than 100-continue", 417)
             if n and version == b"HTTP/1.1":
@@ -729,7 +738,7 @@ class HTTPFrontChannel(Protocol):
             return
         request.code = 500
         request.code_message = None
-        request.responseHeaders = Headers({b"content-type": [b"text/plain; charset=utf-8"]})
+        request.responseHeaders = FastHeaders({b"content-type": [b"text/plain; charset=utf-8"]})
         request.persistent = False
         request.write(b"500 Internal Server Error\n")
         request.finish()

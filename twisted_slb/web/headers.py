@@ -89,23 +89,26 @@ class FastHeaders(Headers):
     (C{getAllRawHeaders} gives canonical names, values given as L{str} are
     UTF-8 encoded, line breaks in values are folded), faster.
 
-    @ivar _values: canonical name -> list of values.
+    @ivar by_name: canonical name (C{b"Content-Length"}) -> list of values.
+        The listeners' server reads and sets its framing fields here
+        directly; whoever writes to it must keep the names canonical
+        tokens and the values free of CR and LF, as the methods do.
     """
 
-    __slots__ = ("_values",)
+    __slots__ = ("by_name",)
 
     def __init__(self, rawHeaders=None) -> None:
-        self._values: Dict[bytes, List[bytes]] = {}
+        self.by_name: Dict[bytes, List[bytes]] = {}
         if rawHeaders is not None:
             for name, values in rawHeaders.items():
                 self.setRawHeaders(name, values)
 
     def __repr__(self) -> str:
-        return f"{self.__class__.__name__}({self._values!r})"
+        return f"{self.__class__.__name__}({self.by_name!r})"
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Headers):
-            return sorted(self._values.items()) == sorted(
+            return sorted(self.by_name.items()) == sorted(
                 (name, list(values)) for name, values in other.getAllRawHeaders()
             )
         return NotImplemented
@@ -118,34 +121,34 @@ class FastHeaders(Headers):
 
     def copy(self) -> FastHeaders:
         new = self.__class__()
-        new._values = {k: list(v) for k, v in self._values.items()}
+        new.by_name = {k: list(v) for k, v in self.by_name.items()}
         return new
 
     def hasHeader(self, name) -> bool:
-        return (_NAMES.get(name) or canonical_name(name))[1] in self._values
+        return (_NAMES.get(name) or canonical_name(name))[1] in self.by_name
 
     def removeHeader(self, name) -> None:
-        self._values.pop((_NAMES.get(name) or canonical_name(name))[1], None)
+        self.by_name.pop((_NAMES.get(name) or canonical_name(name))[1], None)
 
     def setRawHeaders(self, name, values: Sequence) -> None:
         if isinstance(values, (bytes, str)) or not isinstance(values, Sequence):
             # Headers raises TypeError for these too: a lone string would
             # become one header per character.
             raise TypeError(f"header values must be a sequence of bytes or str, not {type(values).__name__}")
-        self._values[(_NAMES.get(name) or canonical_name(name))[1]] = [_value(v) for v in values]
+        self.by_name[(_NAMES.get(name) or canonical_name(name))[1]] = [_value(v) for v in values]
 
     def addRawHeader(self, name, value) -> None:
         key = (_NAMES.get(name) or canonical_name(name))[1]
         if value.__class__ is not bytes or 13 in value or 10 in value:
             value = _value(value)
-        values = self._values.get(key)
+        values = self.by_name.get(key)
         if values is None:
-            self._values[key] = [value]
+            self.by_name[key] = [value]
         else:
             values.append(value)
 
     def getRawHeaders(self, name, default=None):
-        values = self._values.get((_NAMES.get(name) or canonical_name(name))[1])
+        values = self.by_name.get((_NAMES.get(name) or canonical_name(name))[1])
         if not values:
             return default
         if isinstance(name, str):
@@ -153,4 +156,4 @@ class FastHeaders(Headers):
         return values
 
     def getAllRawHeaders(self) -> Iterator[Tuple[bytes, Sequence[bytes]]]:
-        return iter(self._values.items())
+        return iter(self.by_name.items())
