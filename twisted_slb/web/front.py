@@ -62,7 +62,7 @@ from zope.interface import implementer
 
 from twisted_slb.limits import ClientAddressLimit, ConnectionLimit, TooManyConnections
 from twisted_slb.shutdown import IdleTracker
-from twisted_slb.sockets import set_nodelay, write_now
+from twisted_slb.sockets import close, set_nodelay, write_now
 from twisted_slb.web.headers import FastHeaders
 
 log = Logger(namespace="twisted_slb.front")
@@ -376,6 +376,8 @@ class HTTPFrontChannel(Protocol):
     draining = False
     parsing = False
     closed_at = 0.0
+    closing = False  # _close() was called
+    lost = False  # connectionLost() was called
     remaining = 0
     body_read = 0  # chunked body bytes so far, against max_body_bytes
     pending: Optional[FrontRequest] = None  # a request whose body is arriving
@@ -404,6 +406,7 @@ class HTTPFrontChannel(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:
         self.state = _CLOSED
+        self.lost = True
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.timer = None
@@ -423,13 +426,17 @@ class HTTPFrontChannel(Protocol):
             self._close()
 
     def writeConnectionLost(self) -> None:
-        self._close()
+        if not self.closing:
+            self._close()
 
     def _close(self) -> None:
         self.state = _CLOSED
         self.closed_at = self.clock.seconds()
-        self.transport.loseConnection()
-        if self.timer is None and self.factory.timeout:
+        # With nothing left to send this closes at once (connectionLost
+        # runs before it returns); writeConnectionLost is ours then.
+        self.closing = True
+        close(self.transport)
+        if self.timer is None and self.factory.timeout and not self.lost:
             # A client that never reads what is left is cut off (see _check_timeout).
             self.timer = self.clock.callLater(self.factory.timeout, self._check_timeout)
 
