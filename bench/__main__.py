@@ -345,7 +345,7 @@ def stick_table(python: str, entries: int) -> Dict[str, float]:
     }
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, kinds=(11, 12)) -> float:
     """CPU time (user + system) of C{pid} and its worker processes so far."""
     pids = [pid]
     try:
@@ -361,7 +361,7 @@ def cpu_seconds(pid: int) -> float:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        ticks += sum(int(fields[k]) for k in kinds)  # 11: utime, 12: stime
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
@@ -372,11 +372,12 @@ def with_cpu(pid: int, fn: Callable[[], Dict[str, float]]) -> Callable[[], Dict[
     disturb much less than requests per second.
     """
     def run() -> Dict[str, float]:
-        before = cpu_seconds(pid)
+        before, before_sys = cpu_seconds(pid), cpu_seconds(pid, (12,))
         result = fn()
-        spent = cpu_seconds(pid) - before
+        spent, spent_sys = cpu_seconds(pid) - before, cpu_seconds(pid, (12,)) - before_sys
         if result.get("requests"):
             result["cpu_us"] = spent / result["requests"] * 1e6
+            result["cpu_sys_share"] = spent_sys / spent if spent else 0.0
         return result
 
     return run
@@ -458,7 +459,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             row["ratio"] = row["twisted_slb"][unit] / row["haproxy"][unit] if row["haproxy"][unit] else 0.0
             rows.append(row)
             cpu = "".join(
-                f"  {who} {row[system]['cpu_us']:.1f} us CPU/req"
+                f"  {who} {row[system]['cpu_us']:.1f} us CPU/req ({row[system]['cpu_sys_share']:.0%} in the kernel)"
                 for who, system in (("slb", "twisted_slb"), ("haproxy", "haproxy")) if "cpu_us" in row[system]
             )
             print(f"{title:48} slb {row['twisted_slb'][unit]:10.1f}  haproxy {row['haproxy'][unit]:10.1f}  "
