@@ -30,7 +30,7 @@ from twisted_slb.backends import Backend, BackendGroup
 from twisted_slb.persistence.interfaces import IPersistencePolicy
 from twisted_slb.persistence.sourceip import SourceIPPersistence, StickTable
 from twisted_slb.scheduling import RoundRobin
-from twisted_slb.tcp import TCPBalancerFactory, proxy_header
+from twisted_slb.tcp import EARLY_BYTES, TCPBalancerFactory, proxy_header
 
 CLIENT = IPv4Address("TCP", "192.0.2.7", 5555)
 LOCAL = IPv4Address("TCP", "127.0.0.1", 8081)
@@ -131,12 +131,20 @@ class RelayCase(SynchronousTestCase):
 
 
 class ConnectTests(RelayCase):
-    def test_clientPausedUntilBackendConnected(self):
-        """Nothing is read from the client before a backend is connected."""
+    def test_clientPausedPastEarlyBytesUntilBackendConnected(self):
+        """
+        What the client sends before a backend is connected waits for it;
+        past EARLY_BYTES, reading from the client pauses until then.
+        """
         proto, transport = self.client()
-        self.assertEqual(transport.producerState, "paused")
-        self.backend_connects()
         self.assertEqual(transport.producerState, "producing")
+        proto.dataReceived(b"x" * EARLY_BYTES)
+        self.assertEqual(transport.producerState, "producing")
+        proto.dataReceived(b"y")
+        self.assertEqual(transport.producerState, "paused")
+        backend_proto, backend = self.backend_connects()
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(backend.value(), b"x" * EARLY_BYTES + b"y")
 
     def test_connectsToChosenBackendWithGroupTimeout(self):
         self.client()

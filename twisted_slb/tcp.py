@@ -10,8 +10,9 @@ Embedding::
     factory = TCPBalancerFactory(group, policy)
     serverFromString(reactor, "tcp:8081").listen(factory)
 
-Data flow: the client's connection is paused at once (nothing is read before
-a backend is connected); its pin (if any) or the scheduler names a backend;
+Data flow: what the client sends before a backend is connected waits in
+memory, up to L{EARLY_BYTES} (then reading pauses); its pin (if any) or the
+scheduler names a backend;
 a failed connect is counted against that backend and the next one is tried
 (C{group.retries} times) without the client noticing; once connected, the
 pin is recorded, the optional PROXY protocol header is sent, and bytes are
@@ -45,6 +46,10 @@ log = Logger(namespace="twisted_slb.tcp")
 access = Logger(namespace="twisted_slb.access")
 
 PROXY_PROTOCOL_VERSIONS = ("v1", "v2")
+
+#: Bytes a client may send before its backend is connected; past them,
+#: reading from it pauses until then (Twisted's own write buffer size).
+EARLY_BYTES = 65536
 
 _PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 _PROXY_V2_PROXY = 0x21  # version 2, command PROXY
@@ -199,6 +204,8 @@ class TCPBalancerProtocol(Protocol):
         self.closed = False
         self.backend_gone = False
         self.early: List[bytes] = []
+        self.early_bytes = 0
+        self.early_paused = False
         self.started = self.last_activity = self.seconds()
 
     def end(self, why: str) -> None:
@@ -214,9 +221,9 @@ class TCPBalancerProtocol(Protocol):
         factory.total += 1
         factory.connections.add(self)
         transport = self.transport
-        # Read nothing until a backend is connected: its bytes would have
-        # nowhere to go.
-        transport.pauseProducing()
+        # What the client sends before a backend is connected is kept (see
+        # dataReceived), up to EARLY_BYTES; pausing the socket at once
+        # instead would cost two epoll_ctl calls on every connection.
         set_nodelay(transport)
         peer = transport.getPeer()
         session = self.session = Session(normalise_ip(getattr(peer, "host", None) or "0.0.0.0"))
@@ -255,9 +262,14 @@ class TCPBalancerProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self.backend_protocol is None:
-            # A paused TCP transport reads nothing, but a wrapping transport
-            # (TLS) may still hand over what it had already decrypted.
+            # No backend yet: keep it for when one is connected, and stop
+            # reading past EARLY_BYTES.  (A paused wrapping transport, TLS,
+            # may still hand over what it had already decrypted.)
             self.early.append(data)
+            self.early_bytes += len(data)
+            if self.early_bytes > EARLY_BYTES and not self.early_paused:
+                self.early_paused = True
+                self.transport.pauseProducing()
             return
         n = len(data)
         self.bytes_from_client += n
@@ -388,7 +400,8 @@ class TCPBalancerProtocol(Protocol):
         if self.client_eof:
             self.client_eof = False
             self.readConnectionLost()
-        if not self.client_eof:
+        if self.early_paused and not self.client_eof:
+            self.early_paused = False
             client_transport.resumeProducing()
 
     def backend_read_closed(self) -> None:
