@@ -68,10 +68,10 @@ class IResponseHandler:
         """The backend closed the tunnel."""
 
 
-# Parser states.
 # The fields that frame the message or the connection.
 _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 
+# Parser states.
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_CLOSE, _IDLE, _TUNNEL = range(9)
 
 
