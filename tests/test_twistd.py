@@ -123,3 +123,5 @@ class TwistdTests(TestCase):
         # shutdown of every service.
         self.assertIn((code, signum), [(0, None), (None, signal.SIGTERM)])
         self.assertIn("Server Shut Down.", proc.output)
+        # twistd slb runs twisted_slb's reactor when none was chosen.
+        self.assertIn("reactor class: twisted_slb.reactor.SLBEPollReactor.", proc.output)

@@ -90,6 +90,11 @@ class _SIGHUPReload(Service):
 
 
 def makeService(options: Options):
+    # Our epoll reactor, unless one was chosen (twistd --reactor NAME): see
+    # twisted_slb.reactor.  twistd logs its class as it starts.
+    from twisted_slb.reactor import install_default
+
+    install_default()
     from twisted.internet import reactor
 
     from twisted_slb.service import BalancerService

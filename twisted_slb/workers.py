@@ -120,6 +120,8 @@ class WorkerPoolService(Service):
 
     def _spawn(self, index: int) -> None:
         args = [self.python, "-m", "twisted_slb.workers", "--config", self.config.path, "--index", str(index)]
+        if type(self.reactor).__name__ != "SLBEPollReactor":
+            args.append("--twisted-reactor")  # the parent runs Twisted's reactor: so do its workers
         child_fds: Dict[int, object] = {0: "w", 1: 1, 2: 2}
         for listener in self._listeners(self.config):
             port = self.ports[listener.bind]
@@ -230,8 +232,14 @@ def worker_main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--listener", action="append", default=[])
+    parser.add_argument("--twisted-reactor", action="store_true",
+                        help="run Twisted's default reactor, not twisted_slb.reactor's")
     args = parser.parse_args(argv)
 
+    if not args.twisted_reactor:
+        from twisted_slb.reactor import install_default
+
+        install_default()
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
