@@ -85,7 +85,8 @@ def measure(requests: int, repeat: int, warmup: int = 1000) -> float:
     # What the start-up left on the heap (imports, the rig) is not the
     # request path's: keep the collector from walking it during the runs.
     gc.collect()
-    gc.freeze()
+    if hasattr(gc, "freeze"):  # not on PyPy
+        gc.freeze()
     best = float("inf")
     for _ in range(repeat):
         start = time.process_time()
