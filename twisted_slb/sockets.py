@@ -33,11 +33,10 @@ def set_nodelay(transport) -> None:
             pass
 
 
-def _flushed(transport) -> bool:
+def _empty_tcp(transport) -> bool:
     """
-    C{transport} is a plain TCP connection, open for writing, with nothing
-    buffered and no producer that its next write event would resume: the
-    state in which Twisted's next write event would only finish a close.
+    C{transport} is a plain TCP connection (not TLS), open for writing,
+    with nothing in its write buffer.
     """
     return (
         isinstance(transport, tcp.Connection)
@@ -47,7 +46,16 @@ def _flushed(transport) -> bool:
         and not transport.dataBuffer
         and not transport._tempDataBuffer
         and not getattr(transport, "TLS", False)
-        and (transport.producer is None or (transport.streamingProducer and not transport.producerPaused))
+    )
+
+
+def _flushed(transport) -> bool:
+    """
+    L{_empty_tcp}, and no producer that its next write event would resume:
+    the state in which Twisted's next write event would only finish a close.
+    """
+    return _empty_tcp(transport) and (
+        transport.producer is None or (transport.streamingProducer and not transport.producerPaused)
     )
 
 
@@ -99,20 +107,11 @@ def write_now(transport, data: bytes) -> None:
 
     This reads attributes of L{twisted.internet.tcp.Connection} that are
     not part of a documented interface (C{dataBuffer}, C{_tempDataBuffer},
-    C{_writeDisconnecting}, C{socket}): Twisted has no public "send now" API.  They have been
-    stable since Twisted 8; the checks below fall back to
-    C{transport.write} rather than guess when anything differs.
+    C{_writeDisconnecting}, C{socket}): Twisted has no public "send now"
+    API.  They have been stable since Twisted 8; when anything differs this
+    falls back to C{transport.write} rather than guess.
     """
-    if (
-        isinstance(transport, tcp.Connection)
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnecting
-        and not transport._writeDisconnected
-        and not transport.dataBuffer
-        and not transport._tempDataBuffer
-        and not getattr(transport, "TLS", False)
-    ):
+    if _empty_tcp(transport) and not transport._writeDisconnecting:
         try:
             sent = transport.socket.send(data)
         except OSError:
