@@ -13,7 +13,8 @@ It prints the best of C{--repeat} runs in microseconds per request.
 
 It measures what the load benchmark cannot isolate on a shared machine:
 the effect of a change to the request path, to within a few percent.  The
-reactor's socket work (about a fifth of the real cost) is not in it.
+reactor, the transports and the kernel are not in it: on CPython its figure
+is a little under half of the real cost per request.
 """
 
 from __future__ import annotations

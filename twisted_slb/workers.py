@@ -33,6 +33,7 @@ from twisted.internet.protocol import ProcessProtocol, ServerFactory
 from twisted.logger import Logger
 
 from twisted_slb.config import Config, ConfigError, load_config
+from twisted_slb.reactor import SLBEPollReactor
 
 log = Logger(namespace="twisted_slb.workers")
 
@@ -120,7 +121,7 @@ class WorkerPoolService(Service):
 
     def _spawn(self, index: int) -> None:
         args = [self.python, "-m", "twisted_slb.workers", "--config", self.config.path, "--index", str(index)]
-        if type(self.reactor).__name__ != "SLBEPollReactor":
+        if SLBEPollReactor is None or not isinstance(self.reactor, SLBEPollReactor):
             args.append("--twisted-reactor")  # the parent runs Twisted's reactor: so do its workers
         child_fds: Dict[int, object] = {0: "w", 1: 1, 2: 2}
         for listener in self._listeners(self.config):
