@@ -25,7 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from twisted_slb import tcp
+from twisted_slb import lean, tcp
 from twisted_slb.backends import Backend, BackendGroup
 from twisted_slb.persistence.interfaces import IPersistencePolicy
 from twisted_slb.persistence.sourceip import SourceIPPersistence, StickTable
@@ -641,9 +641,14 @@ class Client(Protocol):
 
 
 class LoopbackTests(TestCase):
-    """Real backends and a real listener on 127.0.0.1, clients from 127.0.0.N."""
+    """
+    Real backends and a real listener on 127.0.0.1, clients from 127.0.0.N:
+    lean transports to the backends, Twisted's for the clients.
+    """
 
     timeout = 20
+    lean_backends = True
+    lean_clients = False
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -660,8 +665,9 @@ class LoopbackTests(TestCase):
             backends.append(Backend(name, "127.0.0.1", port.getHost().port))
         self.group = BackendGroup("echo", backends, connect_timeout=5, retries=2)
         self.policy = SourceIPPersistence(StickTable(timeout=1000))
-        self.factory = TCPBalancerFactory(self.group, self.policy, access_log=False)
+        self.factory = TCPBalancerFactory(self.group, self.policy, access_log=False, lean=self.lean_backends)
         self.port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(self.factory)
+        self.assertEqual(lean.serve_port(self.port, self.factory) if self.lean_clients else False, self.lean_clients)
         # Cleanups run last-added first: stop listening, wait for every
         # relayed connection, then for the backends' connections.
         self.addCleanup(self.factory.drain, 10)
@@ -720,6 +726,31 @@ class LoopbackTests(TestCase):
         data = yield self.visit("127.0.0.7", b"x" * 100000, half_close=True)
         name, echoed_and_count = data.split(b"\n", 1)
         self.assertEqual(echoed_and_count, b"x" * 100000 + b"got 100000\n")
+
+
+class LeanLoopbackTests(LoopbackTests):
+    """The same, with lean transports on both sides (as C{twistd slb} runs)."""
+
+    lean_clients = True
+
+    @defer.inlineCallbacks
+    def test_transports(self):
+        data = yield self.visit("127.0.0.9", b"x" * 10, half_close=True)
+        self.assertTrue(data.endswith(b"got 10\n"))
+        self.assertIs(self.port.transport, lean.LeanServer)
+
+
+class TwistedTransportLoopbackTests(LoopbackTests):
+    """The same, with Twisted's transports on both sides (C{lean=False})."""
+
+    lean_backends = False
+
+    def test_connectTCP(self):
+        proto = self.factory.buildProtocol(None)
+        proto.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 1)))
+        self.assertNotIsInstance(proto.connector, lean.LeanConnector)
+        proto.transport.loseConnection()
+        proto.connectionLost(None)
 
 
 class PinLifetimeTests(RelayCase):

@@ -17,6 +17,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
+from twisted_slb import lean
 from twisted_slb.accept import AcceptGuard
 from twisted_slb.backends import BackendGroup
 from twisted_slb.config import Config, ConfigError, ListenerConfig, load_config
@@ -108,6 +109,9 @@ class ListenerService(Service):
 
         def listening(port):
             self.port = port
+            if getattr(self._switch.current, "lean", False):
+                # The TCP relay's accepted connections get lean transports.
+                lean.serve_port(port, self._switch)
             if hasattr(port, "_logger"):  # a tcp.Port (see AcceptGuard)
                 self._switch.guard = AcceptGuard(port, self.config.name, self.reactor)
             limit = self._limit()

@@ -36,6 +36,7 @@ from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from twisted_slb import lean
 from twisted_slb.backends import Backend, BackendGroup, local_failure
 from twisted_slb.limits import ConnectionLimit
 from twisted_slb.persistence.interfaces import IPersistencePolicy, Session, normalise_ip
@@ -144,6 +145,10 @@ class _BackendProtocol(Protocol):
 
     def connectionLost(self, reason) -> None:
         self.relay.backend_lost(reason)
+
+
+def _connect_tcp(reactor, host: str, port: int, factory, timeout: float):
+    return reactor.connectTCP(host, port, factory, timeout=timeout)
 
 
 class _BackendConnector(ClientFactory):
@@ -256,8 +261,9 @@ class TCPBalancerProtocol(Protocol):
             self.transport.loseConnection()
             return
         self.tried.append(backend)
-        self.connector = factory.reactor.connectTCP(
-            backend.host, backend.port, _BackendConnector(self, backend), timeout=group.connect_timeout
+        connect = lean.connect if factory.lean else _connect_tcp
+        self.connector = connect(
+            factory.reactor, backend.host, backend.port, _BackendConnector(self, backend), group.connect_timeout
         )
 
     def dataReceived(self, data: bytes) -> None:
@@ -530,6 +536,10 @@ class TCPBalancerFactory(ServerFactory):
     @ivar stats: an object with C{connection_done(backend, outcome,
         bytes_in, bytes_out)}, or L{None}.
     @ivar access_log: whether to log one line per connection.
+    @ivar lean: whether backend connections use L{twisted_slb.lean}'s
+        transports where they can (and, through
+        L{twisted_slb.service.ListenerService}, accepted client
+        connections); C{False} keeps Twisted's own everywhere.
     """
 
     noisy = False
@@ -548,6 +558,7 @@ class TCPBalancerFactory(ServerFactory):
         access_log: bool = True,
         limit: Optional[ConnectionLimit] = None,
         access_file=None,
+        lean: bool = True,
     ) -> None:
         """
         @param group: the backends to balance over.
@@ -565,6 +576,8 @@ class TCPBalancerFactory(ServerFactory):
         @param access_log: whether to log one line per connection.
         @param access_file: a L{twisted_slb.accesslog.AccessLogFile} for the
             lines, or L{None} for log events (namespace C{twisted_slb.access}).
+        @param lean: whether to use L{twisted_slb.lean}'s transports where
+            they can be (a POSIX reactor, backends given by IP address).
         @param limit: a L{ConnectionLimit} to count connections against
             (shared with the global limit and kept across reloads by
             L{twisted_slb.service.BalancerService}); by default one of
@@ -592,6 +605,7 @@ class TCPBalancerFactory(ServerFactory):
         self.limit = limit if limit is not None else ConnectionLimit(max_connections, listener_name)
         self.access_log = access_log
         self.access_file = access_file
+        self.lean = lean
         # A policy with refresh() (source IP) keeps the pins of open
         # connections alive; see TCPBalancerProtocol.check_idle.
         self.pin_refresh = getattr(policy, "refresh_interval", None) if hasattr(policy, "refresh") else None
