@@ -153,10 +153,10 @@ class LeanConnection:
         self._buffer = bytearray()
 
     def __repr__(self) -> str:
-        return f"<{self.__class__.__name__} {self.protocol.__class__.__name__} fd={self.fileno()}>"
+        return f"<{self.__class__.__name__} {self.logPrefix()} fd={self.fileno()}>"
 
     def logPrefix(self) -> str:
-        return self.protocol.__class__.__name__
+        return "-" if self.protocol is None else self.protocol.__class__.__name__
 
     def getHandle(self) -> socket.socket:
         return self.socket
@@ -337,6 +337,9 @@ class LeanConnection:
         self.socket.close()
         protocol = self.protocol
         producer, self.producer = self.producer, None
+        # Without the transport <-> protocol cycle, reference counting
+        # frees both, rather than the garbage collector (as Twisted does).
+        self.protocol = self._half = None
         try:
             protocol.connectionLost(reason)
         finally:

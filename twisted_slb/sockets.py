@@ -72,7 +72,7 @@ def half_close(transport) -> None:
     private method (C{_closeWriteConnection}) as
     C{twisted.internet.abstract.FileDescriptor.doWrite}.
     """
-    if _flushed(transport):
+    if isinstance(transport, tcp.Connection) and _flushed(transport):
         transport._writeDisconnecting = True
         transport._writeDisconnected = True
         transport._closeWriteConnection()
@@ -91,7 +91,7 @@ def close(transport) -> None:
     C{loseConnection} closes on the spot instead of on the next write
     event.
     """
-    if _flushed(transport):
+    if isinstance(transport, tcp.Connection) and _flushed(transport):
         half_close(transport)
     transport.loseConnection()
 
@@ -111,7 +111,7 @@ def write_now(transport, data: bytes) -> None:
     API.  They have been stable since Twisted 8; when anything differs this
     falls back to C{transport.write} rather than guess.
     """
-    if _empty_tcp(transport) and not transport._writeDisconnecting:
+    if isinstance(transport, tcp.Connection) and _empty_tcp(transport) and not transport._writeDisconnecting:
         try:
             sent = transport.socket.send(data)
         except OSError:

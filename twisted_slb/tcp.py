@@ -181,7 +181,8 @@ class TCPBalancerProtocol(Protocol):
 
     @ivar session: the L{Session}: client address, pin, persistence outcome.
     @ivar backend: the backend this connection is relayed to, once connected.
-    @ivar backend_protocol: the connection to the backend, once made.
+    @ivar backend_protocol: the connection to the backend, once made (and
+        until both sides are closed).
     @ivar tried: the backends tried so far (connect failures, then the one
         that answered).
     @ivar bytes_from_client: bytes the client sent (relayed to the backend).
@@ -342,6 +343,9 @@ class TCPBalancerProtocol(Protocol):
         if self not in factory.connections:
             return
         factory.connections.discard(self)
+        # Both sides are closed: without this cycle, reference counting
+        # frees the relay and its backend side (no garbage collection).
+        self.backend_protocol = None
         if not factory.connections:
             factory.tracker.idle()
 
