@@ -149,7 +149,8 @@ class LeanConnection:
         self.protocol = protocol
         self.reactor = reactor
         self.fileno = sock.fileno
-        self._half = IHalfCloseableProtocol(protocol, None)
+        # (providedBy: an adapter lookup per connection costs more.)
+        self._half = protocol if IHalfCloseableProtocol.providedBy(protocol) else None
         self._buffer = bytearray()
 
     def __repr__(self) -> str:
@@ -390,8 +391,14 @@ class LeanServer(LeanConnection):
         LeanConnection.__init__(self, sock, protocol, reactor)
         self.server = server
         self.sessionno = sessionno
-        self._peer = (IPv4Address if len(client) == 2 else IPv6Address)("TCP", client[0], client[1])
+        self._client = client
         self.startReading()
+
+    def getPeer(self):
+        if self._peer is None:
+            client = self._client
+            self._peer = (IPv4Address if len(client) == 2 else IPv6Address)("TCP", client[0], client[1])
+        return self._peer
 
 
 def serve_port(port, factory) -> bool:

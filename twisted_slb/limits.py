@@ -116,6 +116,9 @@ class ConnectionLimit:
 
     def _update(self) -> None:
         """Pause or resume accepting on the listeners whose state changed."""
+        parent = self.parent
+        if not self.limit and not self.paused and not self.refusing and (parent is None or not parent.limit):
+            return  # no limit to reach or leave (the common case: one check per connection)
         if self.parent is not None and self.parent.limit:
             for sibling in list(self.parent.children):
                 sibling._apply()

@@ -198,8 +198,13 @@ class TCPBalancerProtocol(Protocol):
     ended: Optional[str] = None
     pinned_at = 0.0
 
-    def __init__(self, factory: TCPBalancerFactory) -> None:
+    def __init__(self, factory: TCPBalancerFactory, address=None) -> None:
+        """
+        @param address: the client's address, as the listening port gave
+            it to C{buildProtocol}; L{None} to ask the transport.
+        """
         self.factory = factory
+        self.address = address
         self.seconds = factory.reactor.seconds
         self.tried: List[Backend] = []
         self.bytes_from_client = 0
@@ -231,7 +236,7 @@ class TCPBalancerProtocol(Protocol):
         # dataReceived), up to EARLY_BYTES; pausing the socket at once
         # instead would cost two epoll_ctl calls on every connection.
         set_nodelay(transport)
-        peer = transport.getPeer()
+        peer = self.address or transport.getPeer()
         session = self.session = Session(normalise_ip(getattr(peer, "host", None) or "0.0.0.0"))
         policy = factory.policy
         if policy is not None:
@@ -400,9 +405,8 @@ class TCPBalancerProtocol(Protocol):
         client_transport.registerProducer(backend_transport, True)
         backend_transport.registerProducer(client_transport, True)
         self.last_activity = self.pinned_at = self.seconds()
-        first_check = min([t for t in (factory.idle_timeout, factory.pin_refresh) if t], default=0)
-        if first_check:
-            self.idle_call = factory.reactor.callLater(first_check, self.check_idle)
+        if factory.first_check:
+            self.idle_call = factory.reactor.callLater(factory.first_check, self.check_idle)
         if self.early:
             early, self.early = self.early, []
             for data in early:
@@ -614,10 +618,18 @@ class TCPBalancerFactory(ServerFactory):
         # connections alive; see TCPBalancerProtocol.check_idle.
         self.pin_refresh = getattr(policy, "refresh_interval", None) if hasattr(policy, "refresh") else None
 
+    @property
+    def first_check(self) -> float:
+        """Seconds from a connect to its first idle / pin check (0: none)."""
+        idle, refresh = self.idle_timeout, self.pin_refresh
+        if idle and refresh:
+            return min(idle, refresh)
+        return idle or refresh or 0
+
     def buildProtocol(self, addr) -> Optional[TCPBalancerProtocol]:
         if not self.limit.admit():
             return None  # the port closes the new connection at once
-        return TCPBalancerProtocol(self)
+        return TCPBalancerProtocol(self, addr)
 
     def drain(self, grace: float) -> Deferred:
         """
