@@ -335,6 +335,22 @@ class ConnectTests(TestCase):
         transport.loseConnection()
 
     @defer.inlineCallbacks
+    def test_factoryDeclines(self):
+        """A factory whose buildProtocol returns None fails the connection (NoProtocol), as connectTCP's."""
+        server = listening_socket()
+        self.addCleanup(server.close)
+        factory = Connecting()
+        factory.buildProtocol = lambda addr: None
+        lean.connect(reactor, "127.0.0.1", server.getsockname()[1], factory, 5)
+        yield factory.done
+        [reason] = factory.failures
+        self.assertTrue(reason.check(error.NoProtocol))
+        accepted, _ = server.accept()
+        accepted.settimeout(5)
+        self.assertEqual(accepted.recv(10), b"")  # closed
+        accepted.close()
+
+    @defer.inlineCallbacks
     def test_refused(self):
         server = listening_socket()
         port = server.getsockname()[1]

@@ -483,6 +483,11 @@ class LeanConnector:
         reactor, sock = self.reactor, self.sock
         self.sock = None
         protocol = self.factory.buildProtocol(self.address)
+        if protocol is None:
+            # As connectTCP: a factory that declines the connection fails it.
+            sock.close()
+            self._report(error.NoProtocol())
+            return
         transport = LeanConnection(sock, protocol, reactor)
         transport._peer = self.address
         transport.startReading()
