@@ -119,8 +119,8 @@ class ConnectionLimit:
         parent = self.parent
         if not self.limit and not self.paused and not self.refusing and (parent is None or not parent.limit):
             return  # no limit to reach or leave (the common case: one check per connection)
-        if self.parent is not None and self.parent.limit:
-            for sibling in list(self.parent.children):
+        if parent is not None and parent.limit:
+            for sibling in list(parent.children):
                 sibling._apply()
         else:
             self._apply()

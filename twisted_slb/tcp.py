@@ -405,8 +405,9 @@ class TCPBalancerProtocol(Protocol):
         client_transport.registerProducer(backend_transport, True)
         backend_transport.registerProducer(client_transport, True)
         self.last_activity = self.pinned_at = self.seconds()
-        if factory.first_check:
-            self.idle_call = factory.reactor.callLater(factory.first_check, self.check_idle)
+        first_check = factory.first_check
+        if first_check:
+            self.idle_call = factory.reactor.callLater(first_check, self.check_idle)
         if self.early:
             early, self.early = self.early, []
             for data in early:
