@@ -138,8 +138,6 @@ class LeanConnection:
     _host = None
     _reading = False
     _writing = False
-    #: paused as a producer (reading stopped by pauseProducing)
-    _paused = False
     _read_closed = False
     _write_closing = False
     _write_closed = False
@@ -368,11 +366,9 @@ class LeanConnection:
     # -- as a producer (IPushProducer) ----------------------------------------
 
     def pauseProducing(self) -> None:
-        self._paused = True
         self.stopReading()
 
     def resumeProducing(self) -> None:
-        self._paused = False
         if self.connected and not self.disconnecting and not self._read_closed:
             self.startReading()
 
