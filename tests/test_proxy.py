@@ -5,6 +5,8 @@ L{BalancedProxyResource} end to end over loopback with real backends.
 
 from __future__ import annotations
 
+import gc
+import platform
 from typing import List
 
 from twisted.internet import defer, protocol, reactor
@@ -19,6 +21,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from bench import inproc
 from twisted_slb.backends import Backend, BackendGroup
 from twisted_slb.web.front import HTTPFrontFactory
 from twisted_slb.web.proxy import BalancedProxyResource, BalancerSite
@@ -201,6 +204,48 @@ class CloseBeforeAnswer(protocol.Protocol):
         self.transport.loseConnection()
 
 
+class GarbageTests(SynchronousTestCase):
+    """
+    A proxied request leaves no reference cycle behind: reference counting
+    frees it as soon as it is answered, and the garbage collector, which
+    would otherwise run every few requests, has nothing to find.
+    """
+
+    if platform.python_implementation() != "CPython":
+        skip = "only CPython frees by reference counting"
+
+    def assertNoCycles(self, request: bytes) -> None:
+        self.patch(inproc, "REQUEST", request)
+        rig = inproc.Rig()  # a listener with insert-cookie persistence, the proxy, pooled backends
+        for _ in range(5):
+            rig.one()
+        gc.collect()
+        if gc.isenabled():
+            gc.disable()
+            self.addCleanup(gc.enable)
+        for _ in range(50):
+            rig.one()
+        self.assertEqual(gc.collect(), 0)
+
+    def test_newClient(self) -> None:
+        """A client without a cookie: a backend is chosen and the cookie set."""
+        self.assertNoCycles(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+
+    def test_pinnedClient(self) -> None:
+        """A client whose cookie pins it to a backend."""
+        self.assertNoCycles(b"GET / HTTP/1.1\r\nHost: x\r\nCookie: a=1; SERVERID=a; b=2\r\n\r\n")
+
+
+class StatsRecorder:
+    """A listener's stats object that records each finished request."""
+
+    def __init__(self, done):
+        self.done = done
+
+    def request_done(self, backend, status, outcome, sent):
+        self.done.append((backend.name if backend else None, status))
+
+
 class ProxyTests(TestCase):
     """The proxy behind twisted.web (L{BalancerSite}, for embedding)."""
 
@@ -223,6 +268,7 @@ class ProxyTests(TestCase):
         self.addCleanup(pool.close)
         resource = BalancedProxyResource(group, reactor=clock or reactor, pool=pool, request_timeout=request_timeout)
         site = self.site_class(resource, reactor=reactor)
+        self.site, self.resource = site, resource
         port = yield self.listen(site)
         return f"http://127.0.0.1:{port.getHost().port}", group
 
@@ -389,9 +435,16 @@ class ProxyTests(TestCase):
     def test_backendDyingMidResponseClosesTheClient(self):
         port = yield self.listen(protocol.ServerFactory.forProtocol(HalfAnswer))
         url, _ = yield self.proxy(port.getHost().port)
+        done = []
+        self.resource.stats = StatsRecorder(done)
         response = yield self.agent().request(b"GET", (url + "/").encode())
         with self.assertRaises(ResponseFailed):
             yield readBody(response)
+        site = self.site
+        yield site.tracker.wait(not site.channels, 30, lambda: None, reactor)
+        # One request, counted (and logged) once: not again when the
+        # client's connection, cut to show the truncation, is lost.
+        self.assertEqual(done, [("b0", 200)])
 
     @defer.inlineCallbacks
     def test_clientClosingMidResponseLogsNoError(self):

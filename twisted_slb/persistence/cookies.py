@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import re
 from typing import TYPE_CHECKING, Callable, List, Optional, Tuple, Union
-from weakref import WeakKeyDictionary
 
 from twisted.logger import Logger
 from twisted.web.http import datetimeToString
@@ -298,10 +297,6 @@ class InsertCookie(PersistenceResource):
         if reactor is None:
             from twisted.internet import reactor
         self.clock = reactor
-        # What each request's cookie said (backend key, issue time), between
-        # find() and remember(); weak so that requests that never reach a
-        # backend leave nothing behind.
-        self._seen: "WeakKeyDictionary[object, Tuple[str, Optional[int]]]" = WeakKeyDictionary()
         self._stamp: Tuple[int, str] = (-1, "")
         self._attributes: Tuple[Tuple[int, bool], bytes] = ((-1, False), b"")
 
@@ -378,11 +373,9 @@ class InsertCookie(PersistenceResource):
 
         edit_request_cookies(request.requestHeaders, self.cookie_name, take)
         _forget_received_cookie(request, self.cookie_name)
-        if not found:
-            self._seen.pop(request, None)
-            return None
-        self._seen[request] = found[0]
-        return found[0][0]
+        # What the cookie said (backend key, issue time), for remember().
+        session.note = found[0] if found else None
+        return found[0][0] if found else None
 
     def remember(self, session: Session, backend: Backend) -> None:
         """
@@ -392,7 +385,7 @@ class InsertCookie(PersistenceResource):
         request = session.request
         if request is None:
             return
-        seen = self._seen.pop(request, None)
+        seen = session.note
         headers = request.responseHeaders
         self._drop_backend_cookie(headers, backend)
         if session.outcome == HIT and seen is not None and seen[0] == backend.id:

@@ -53,6 +53,9 @@ class Session:
     @ivar pinned_key: what L{IPersistencePolicy.find} answered.
     @ivar backend: the backend that serves the visit, once chosen.
     @ivar outcome: L{HIT}, L{NEW}, L{REPIN} or L{NONE}, once decided.
+    @ivar note: whatever the policy's C{find} wants its C{remember} to know
+        about this visit (L{InsertCookie} keeps the cookie it read); it
+        lives and dies with the visit.
     """
 
     client_ip: str
@@ -62,6 +65,7 @@ class Session:
     pinned_key: Optional[str] = None
     backend: Optional["Backend"] = None
     outcome: str = NONE
+    note: object = None
 
 
 class IPersistencePolicy(Interface):

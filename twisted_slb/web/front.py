@@ -287,6 +287,7 @@ class FrontRequest:
         if self.finished:
             raise RuntimeError("finish() called twice")
         self.finished = True
+        self._lost_callback = None  # the response is whole: nothing to tell any more
         channel = self.channel
         if channel is None:
             return

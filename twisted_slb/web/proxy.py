@@ -343,7 +343,7 @@ class _Exchange:
             return
         self.finished = True
         self.backend.bytes_in += self.bytes_sent
-        self.log_access()
+        self._over()
         self.request.tunnel_closed()
 
     def response_data(self, data: bytes) -> None:
@@ -389,7 +389,8 @@ class _Exchange:
                 # client sees a response shorter than announced (or a chunked
                 # body without its last chunk), never one that looks complete.
                 request.channel.transport.loseConnection()
-            self.log_access()
+            self.finished = True  # the client's loss that follows is not logged again
+            self._over()
             return
         log.warn(
             "listener {listener}: backend {backend} ({address}) failed before answering: {why}",
@@ -422,7 +423,7 @@ class _Exchange:
             return
         self.finished = True
         self.request.finish()
-        self.log_access()
+        self._over()
 
     def _client_lost(self, reason) -> None:
         self.client_gone = True
@@ -434,7 +435,22 @@ class _Exchange:
             self._end_upstream(False)
         if not self.finished:
             self.finished = True
-            self.log_access(client_gone=True)
+            self._over(client_gone=True)
+
+    def _over(self, client_gone: bool = False) -> None:
+        """
+        The exchange is over: log it, and drop the request's references to
+        the exchange and its session.  Those are the per-request reference
+        cycles (request, session, exchange); without them reference
+        counting frees a request at once instead of the garbage collector
+        later.
+        """
+        self.log_access(client_gone)
+        request = self.request
+        if getattr(request, "slb_exchange", None) is self:
+            request.slb_exchange = None
+        if getattr(request, "slb_session", None) is self.session:
+            request.slb_session = None
 
     def log_access(self, client_gone: bool = False) -> None:
         backend = self.backend
