@@ -31,6 +31,7 @@ from twisted_slb.persistence.interfaces import session_for
 from twisted_slb.limits import ClientAddressLimit, ConnectionLimit, TooManyConnections
 from twisted_slb.shutdown import IdleTracker
 from twisted_slb.sockets import set_nodelay
+from twisted_slb.timers import Deadlines
 from twisted_slb.web.upstream import UpstreamPool
 
 log = Logger(namespace="twisted_slb.proxy")
@@ -104,7 +105,6 @@ class _Exchange:
 
     upstream = None
     connector = None
-    timeout_call = None
     sender = None
     status = 0
     bytes_sent = 0
@@ -231,7 +231,8 @@ class _Exchange:
             request.content.seek(0, 0)
             self.sender = FileSender()
             self.sender.beginFileTransfer(request.content, upstream.transport).addErrback(lambda f: None)
-        self.timeout_call = self.resource.reactor.callLater(self.resource.request_timeout, self._timed_out)
+        resource = self.resource
+        resource.response_deadlines.add(self, resource.request_timeout)
 
     def _small_body(self) -> bytes:
         if not self.body_length:
@@ -257,12 +258,10 @@ class _Exchange:
             upstream.transport.loseConnection()
 
     def _cancel_timeout(self) -> None:
-        if self.timeout_call is not None and self.timeout_call.active():
-            self.timeout_call.cancel()
-        self.timeout_call = None
+        self.resource.response_deadlines.discard(self)
 
     def _timed_out(self) -> None:
-        self.timeout_call = None
+        """No response head came in C{request_timeout} (L{Deadlines} calls this)."""
         backend = self.backend
         backend.record_failure("response timed out")
         log.warn(
@@ -538,6 +537,8 @@ class BalancedProxyResource(Resource):
         self.stats = stats
         self.access_log = access_log
         self.access_file = access_file
+        # Each request's response timeout; one timer for them all.
+        self.response_deadlines = Deadlines(reactor, _Exchange._timed_out)
 
     def tls_options_for(self, backend: Backend):
         group = self.group

@@ -1,0 +1,98 @@
+"""
+Tests for L{twisted_slb.timers.Deadlines}: many deadlines, one reactor timer.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_slb.timers import Deadlines
+
+
+class DeadlinesTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.expired = []
+        self.deadlines = Deadlines(self.clock, self.expired.append)
+
+    def test_expiresAfterItsTimeout(self) -> None:
+        self.deadlines.add("a", 10)
+        self.clock.advance(9.9)
+        self.assertEqual(self.expired, [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.expired, ["a"])
+        self.assertEqual(self.deadlines.pending, {})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_discardedNeverExpires(self) -> None:
+        self.deadlines.add("a", 10)
+        self.deadlines.add("b", 10)
+        self.deadlines.discard("a")
+        self.clock.advance(10)
+        self.assertEqual(self.expired, ["b"])
+
+    def test_discardingAnUnknownItemIsHarmless(self) -> None:
+        self.deadlines.discard("nothing")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_oneTimerForManyDeadlines(self) -> None:
+        """Deadlines added later than the armed timer schedule nothing more."""
+        for i in range(100):
+            self.deadlines.add(i, 10)
+            self.clock.advance(0.05)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+
+    def test_rearmsForWhatIsStillPending(self) -> None:
+        """When the timer fires, it expires what is due and sleeps until the earliest deadline left."""
+        self.deadlines.add("a", 10)
+        self.clock.advance(4)
+        self.deadlines.add("b", 10)  # due at 14
+        self.clock.advance(6)
+        self.assertEqual(self.expired, ["a"])
+        [call] = self.clock.getDelayedCalls()
+        self.assertEqual(call.getTime(), 14)
+        self.clock.advance(4)
+        self.assertEqual(self.expired, ["a", "b"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_anEarlierDeadlineRearms(self) -> None:
+        self.deadlines.add("slow", 60)
+        self.deadlines.add("fast", 5)
+        [call] = self.clock.getDelayedCalls()
+        self.assertEqual(call.getTime(), 5)
+        self.clock.advance(5)
+        self.assertEqual(self.expired, ["fast"])
+        self.clock.advance(55)
+        self.assertEqual(self.expired, ["fast", "slow"])
+
+    def test_discardingTheLastStopsTheTimer(self) -> None:
+        """Nothing stays scheduled in the reactor once no deadline is pending."""
+        self.deadlines.add("a", 10)
+        self.deadlines.add("b", 10)
+        self.deadlines.discard("a")
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.deadlines.discard("b")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.deadlines.add("c", 10)
+        self.clock.advance(10)
+        self.assertEqual(self.expired, ["c"])
+
+    def test_addingAgainMovesTheDeadline(self) -> None:
+        self.deadlines.add("a", 10)
+        self.clock.advance(5)
+        self.deadlines.add("a", 10)  # now due at 15
+        self.clock.advance(5)
+        self.assertEqual(self.expired, [])
+        self.clock.advance(5)
+        self.assertEqual(self.expired, ["a"])
+
+    def test_expiryMayAddDeadlines(self) -> None:
+        """What an expiry does (a retry on another backend) may set a new deadline."""
+        deadlines = Deadlines(self.clock, lambda item: self.expired.append(item) or (
+            item == "first" and deadlines.add("retry", 10)))
+        deadlines.add("first", 10)
+        self.clock.advance(10)
+        self.assertEqual(deadlines.pending, {"retry": 20})
+        self.clock.advance(10)
+        self.assertEqual(self.expired, ["first", "retry"])
