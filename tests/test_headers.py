@@ -91,3 +91,31 @@ class FastHeadersTests(SynchronousTestCase):
         self.assertEqual(canonical_name(b"x-forwarded-for"), (b"x-forwarded-for", b"X-Forwarded-For"))
         self.assertEqual(canonical_name("WWW-authenticate"), (b"www-authenticate", b"WWW-Authenticate"))
         self.assertEqual(canonical_name(b"ETAG"), (b"etag", b"ETag"))
+
+    def test_addFields(self) -> None:
+        """The fields of a message head are added as addRawHeader would, whitespace around values dropped."""
+        headers = FastHeaders()
+        headers.add_fields([b"Host: example.com", b"accept:*/*", b"X-Many: 1", b"x-many:  2 \t", b"Empty:"])
+        expected = Headers()
+        for name, value in ((b"Host", b"example.com"), (b"accept", b"*/*"), (b"X-Many", b"1"), (b"x-many", b"2"),
+                            (b"Empty", b"")):
+            expected.addRawHeader(name, value)
+        self.assertEqual(headers, expected)
+        self.assertEqual(headers.getRawHeaders(b"x-many"), [b"1", b"2"])
+
+    def test_addFieldsRefusesBadLines(self) -> None:
+        """A line without a colon, or whose name is not a token, is refused."""
+        for line in (b"no colon", b"bad name: v", b" folded", b": no name", b"Host : space before colon"):
+            self.assertRaises(ValueError, FastHeaders().add_fields, [b"Ok: 1", line])
+
+    def test_addPairs(self) -> None:
+        """Pairs are added as addRawHeader would (line breaks folded), except the names skipped."""
+        headers = FastHeaders()
+        headers.add_pairs([(b"Server", b"nginx"), (b"Keep-Alive", b"timeout=5"), (b"x-a", b"1\r\n2"),
+                           (b"X-A", b"3"), (b"X-Secret", b"s")], frozenset([b"keep-alive", b"x-secret"]))
+        expected = Headers()
+        for name, value in ((b"Server", b"nginx"), (b"x-a", b"1\r\n2"), (b"X-A", b"3")):
+            expected.addRawHeader(name, value)
+        self.assertEqual(headers, expected)
+        self.assertEqual(headers.getRawHeaders(b"x-a"), [b"1 2", b"3"])
+        self.assertRaises(ValueError, FastHeaders().add_pairs, [(b"bad name", b"v")])

@@ -24,7 +24,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from bench import inproc
 from twisted_slb.backends import Backend, BackendGroup
 from twisted_slb.web.front import HTTPFrontFactory
-from twisted_slb.web.proxy import BalancedProxyResource, BalancerSite
+from twisted_slb.web.proxy import HOP_BY_HOP, BalancedProxyResource, BalancerSite, _response_hop_by_hop
 from twisted_slb.web.upstream import UpstreamPool, UpstreamProtocol
 
 
@@ -202,6 +202,24 @@ class CloseBeforeAnswer(protocol.Protocol):
     def dataReceived(self, data):
         self.factory.seen += 1
         self.transport.loseConnection()
+
+
+class ResponseHopByHopTests(SynchronousTestCase):
+    """Which fields of a backend's response are not forwarded."""
+
+    def test_withoutConnection(self) -> None:
+        self.assertEqual(_response_hop_by_hop([(b"Server", b"x"), (b"Content-Length", b"1")]), HOP_BY_HOP)
+
+    def test_connectionNamesFields(self) -> None:
+        """The fields a Connection header names go too, whatever the case and spacing."""
+        drop = _response_hop_by_hop([(b"connection", b"Keep-Alive, X-Private ,close")])
+        self.assertEqual(drop, HOP_BY_HOP | {b"x-private", b"close"})
+
+    def test_severalConnectionHeaders(self) -> None:
+        drop = _response_hop_by_hop([(b"Connection", b"x-one"), (b"CONNECTION", b"x-two")])
+        self.assertEqual(drop, HOP_BY_HOP | {b"x-one", b"x-two"})
+        # The cached sets are not changed by the union.
+        self.assertEqual(_response_hop_by_hop([(b"Connection", b"x-one")]), HOP_BY_HOP | {b"x-one"})
 
 
 class GarbageTests(SynchronousTestCase):

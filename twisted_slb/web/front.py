@@ -644,17 +644,16 @@ class HTTPFrontChannel(Protocol):
                 and target[:8].lower() != b"https://":
             raise BadRequest("the request target is not a path, an http(s) URL or '*'")
         headers = FastHeaders()
-        add = headers.addRawHeader
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            try:
-                if not colon:
-                    raise ValueError("no colon")
-                add(name, value.strip(b" \t"))  # raises ValueError for a name that is not a token
-            except ValueError:
+        try:
+            headers.add_fields(lines[1:])
+        except ValueError:
+            for line in lines[1:]:
                 if line[:1] in (b" ", b"\t"):
                     raise BadRequest("a folded header line (obs-fold)")
-                raise BadRequest(f"an invalid header line {line[:40]!r}")
+                name, colon, _ = line.partition(b":")
+                if not colon or not _TOKEN.match(name):
+                    raise BadRequest(f"an invalid header line {line[:40]!r}")
+            raise BadRequest("an invalid header line")  # not reached: add_fields found one
         fields = headers.by_name
         persistent = version == b"HTTP/1.1"
         connection = fields.get(b"Connection")

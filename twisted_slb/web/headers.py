@@ -147,6 +147,52 @@ class FastHeaders(Headers):
         else:
             values.append(value)
 
+    def add_fields(self, lines: Sequence[bytes]) -> None:
+        """
+        Add the header fields of a message head: C{lines} of C{name:
+        value}, split on CRLF and already free of CR, LF and other control
+        characters (the listeners' parser checks the whole head first).
+        Whitespace around a value is dropped.
+
+        One call per message instead of one L{addRawHeader} per field: this
+        runs for every request.
+
+        @raise ValueError: a line has no colon, or its name is not a token
+            (which includes a space before the colon, and obs-fold).
+        """
+        by_name = self.by_name
+        for line in lines:
+            name, colon, value = line.partition(b":")
+            if not colon:
+                raise ValueError(f"no colon in header line {line[:40]!r}")
+            key = (_NAMES.get(name) or canonical_name(name))[1]
+            values = by_name.get(key)
+            if values is None:
+                by_name[key] = [value.strip(b" \t")]
+            else:
+                values.append(value.strip(b" \t"))
+
+    def add_pairs(self, pairs: Sequence[Tuple[bytes, bytes]], skip: Union[frozenset, set] = frozenset()) -> None:
+        """
+        Add C{(name, value)} pairs, as L{addRawHeader} would, except those
+        whose lowercase name is in C{skip}: the proxy copies a backend's
+        response headers this way, without its hop-by-hop fields.
+
+        @raise ValueError: a name is not a token.
+        """
+        by_name = self.by_name
+        for name, value in pairs:
+            lower, key = _NAMES.get(name) or canonical_name(name)
+            if lower in skip:
+                continue
+            if value.__class__ is not bytes or 13 in value or 10 in value:
+                value = _value(value)
+            values = by_name.get(key)
+            if values is None:
+                by_name[key] = [value]
+            else:
+                values.append(value)
+
     def getRawHeaders(self, name, default=None):
         values = self.by_name.get((_NAMES.get(name) or canonical_name(name))[1])
         if not values:

@@ -16,7 +16,7 @@ C{request_timeout}).
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred
@@ -32,6 +32,7 @@ from twisted_slb.limits import ClientAddressLimit, ConnectionLimit, TooManyConne
 from twisted_slb.shutdown import IdleTracker
 from twisted_slb.sockets import set_nodelay
 from twisted_slb.timers import Deadlines
+from twisted_slb.web.headers import FastHeaders
 from twisted_slb.web.upstream import UpstreamPool
 
 log = Logger(namespace="twisted_slb.proxy")
@@ -57,6 +58,29 @@ def _connection_tokens(headers) -> frozenset:
     if not values:
         return frozenset()
     return frozenset(t.strip().lower() for v in values for t in v.split(b","))
+
+
+#: Connection header value -> the fields a response with it must lose.
+_HOP_BY_HOP_FOR: Dict[bytes, frozenset] = {}
+
+
+def _response_hop_by_hop(headers) -> frozenset:
+    """
+    The lowercase names of the fields of a response that are not
+    forwarded: L{HOP_BY_HOP}, and those its C{Connection} header names.
+    Backends send few distinct C{Connection} values (C{keep-alive},
+    C{close}): the set for each is computed once (a bounded cache).
+    """
+    drop = HOP_BY_HOP
+    for name, value in headers:
+        if len(name) == 10 and name.lower() == b"connection":
+            named = _HOP_BY_HOP_FOR.get(value)
+            if named is None:
+                named = HOP_BY_HOP | frozenset(t.strip().lower() for t in value.split(b","))
+                if len(_HOP_BY_HOP_FOR) < 1000:
+                    _HOP_BY_HOP_FOR[value] = named
+            drop = drop | named if drop is not HOP_BY_HOP else named
+    return drop
 
 
 def _origin_form(uri: bytes):
@@ -290,15 +314,13 @@ class _Exchange:
             out.removeHeader(b"server")
             out.removeHeader(b"date")
             request.defaultContentType = None
-        lowered = [(name.lower(), name, value) for name, value in headers]
-        drop = HOP_BY_HOP
-        for lower, _, value in lowered:
-            if lower == b"connection":
-                drop = drop | frozenset(t.strip().lower() for t in value.split(b","))
-        add = out.addRawHeader
-        for lower, name, value in lowered:
-            if lower not in drop:
-                add(name, value)
+        drop = _response_hop_by_hop(headers)
+        if type(out) is FastHeaders:
+            out.add_pairs(headers, drop)
+        else:
+            for name, value in headers:
+                if name.lower() not in drop:
+                    out.addRawHeader(name, value)
         session = self.session
         if session.policy is not None:
             session.policy.remember(session, self.backend)
