@@ -53,10 +53,15 @@ _FORWARDED = frozenset([b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-
 _SMALL_BODY = 65536
 
 
+_NO_TOKENS: frozenset = frozenset()
+#: What is never copied from a client's request to the backend's.
+_NOT_FORWARDED = HOP_BY_HOP | _FORWARDED
+
+
 def _connection_tokens(headers) -> frozenset:
     values = headers.getRawHeaders(b"connection")
     if not values:
-        return frozenset()
+        return _NO_TOKENS
     return frozenset(t.strip().lower() for v in values for t in v.split(b","))
 
 
@@ -88,6 +93,8 @@ def _origin_form(uri: bytes):
     The request target to send (origin-form) and, for an absolute-form
     target (C{GET http://host/path}), its authority.
     """
+    if uri[:1] == b"/":
+        return uri, None  # the usual case
     lower = uri[:8].lower()
     if not (lower.startswith(b"http://") or lower.startswith(b"https://")):
         return uri, None
@@ -165,7 +172,8 @@ class _Exchange:
     def _build_head(self) -> bytes:
         request = self.request
         headers = request.requestHeaders
-        drop = HOP_BY_HOP | _FORWARDED | _connection_tokens(headers)
+        tokens = _connection_tokens(headers)
+        drop = _NOT_FORWARDED | tokens if tokens else _NOT_FORWARDED
         target, authority = _origin_form(request.uri)
         lines = [request.method, b" ", target, b" HTTP/1.1\r\n"]
         host = authority
