@@ -22,7 +22,7 @@ from typing import Dict, Iterator, List, Sequence, Tuple, Union
 
 from twisted.web.http_headers import Headers
 
-__all__ = ["FastHeaders", "canonical_name"]
+__all__ = ["FastHeaders", "cached_name", "canonical_name"]
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 
@@ -42,6 +42,11 @@ _NAMES: Dict[Union[bytes, str], Tuple[bytes, bytes]] = {}
 # Legitimate traffic uses few distinct names; a client inventing new ones
 # must not grow the cache for ever (past this, names are just not cached).
 _MAX_NAMES = 10_000
+
+
+#: The C{(lowercase key, canonical name)} of a name already checked by
+#: L{canonical_name}, or L{None}: the hot paths try this before calling it.
+cached_name = _NAMES.get
 
 
 def canonical_name(name: Union[bytes, str]) -> Tuple[bytes, bytes]:

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 
 from twisted_slb.shutdown import IdleTracker
 from twisted_slb.sockets import set_nodelay, write_now
-from twisted_slb.web.headers import canonical_name
+from twisted_slb.web.headers import cached_name, canonical_name
 
 log = Logger(namespace="twisted_slb.upstream")
 
@@ -248,13 +248,16 @@ class UpstreamProtocol(Protocol):
         close = version == b"HTTP/1.0"
         for line in head[status_end + 2:].split(b"\r\n") if status_end < len(head) else ():
             name, sep, value = line.partition(b":")
-            try:
-                # A token, checked once per distinct name (a bounded cache).
-                lower = canonical_name(name)[0] if sep else None
-            except ValueError:
-                lower = None
-            if lower is None:
+            # A token, checked once per distinct name (a bounded cache).
+            names = cached_name(name)
+            if names is None:
+                try:
+                    names = canonical_name(name)
+                except ValueError:
+                    names = None
+            if names is None or not sep:
                 raise UpstreamError(f"invalid header line {line[:80]!r}")
+            lower = names[0]
             value = value.strip()
             headers.append((name, value))
             if lower not in _FRAMING:
@@ -271,7 +274,7 @@ class UpstreamProtocol(Protocol):
                 else:
                     chunked = True
             elif lower == b"connection":
-                tokens = [t.strip().lower() for t in value.split(b",")]
+                tokens = value.lower().replace(b" ", b"").replace(b"\t", b"").split(b",")
                 if b"close" in tokens:
                     close = True
                 elif b"keep-alive" in tokens and version == b"HTTP/1.0":
