@@ -20,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from twisted_slb import lean
+from twisted_slb.timers import Deadlines
 
 
 class Recorder(Protocol):
@@ -450,6 +451,32 @@ class ConnectTimeoutTests(SynchronousTestCase):
         from twisted_slb.backends import local_failure
 
         self.assertTrue(local_failure(reason))
+
+
+class SharedConnectTimeoutTests(ConnectTimeoutTests):
+    """The same, with the timeouts of many connects behind one timer (L{Deadlines})."""
+
+    def setUp(self):
+        self.server = listening_socket()
+        self.addCleanup(self.server.close)
+        self.reactor = MemoryReactorClock()
+        self.factory = Connecting()
+        self.deadlines = Deadlines(self.reactor, lean.LeanConnector.timed_out)
+        self.connector = lean.LeanConnector(
+            self.reactor, socket.AF_INET, "127.0.0.1", self.server.getsockname()[1], self.factory, 5,
+            self.deadlines,
+        )
+
+    def test_oneTimer(self):
+        other = Connecting()
+        second = lean.LeanConnector(self.reactor, socket.AF_INET, "127.0.0.1", self.server.getsockname()[1],
+                                    other, 5, self.deadlines)
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
+        second.disconnect()
+        self.reactor.advance(5)
+        [reason] = self.factory.failures
+        self.assertTrue(reason.check(error.TimeoutError))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
 
 
 class ServePortTests(TestCase):

@@ -96,3 +96,35 @@ class DeadlinesTests(SynchronousTestCase):
         self.assertEqual(deadlines.pending, {"retry": 20})
         self.clock.advance(10)
         self.assertEqual(self.expired, ["first", "retry"])
+
+    def test_staleEntriesDoNotAccumulate(self) -> None:
+        """Deadlines added and discarded by the thousand leave a small heap behind."""
+        self.deadlines.add("long", 1000)
+        for i in range(10000):
+            self.deadlines.add(i, 10)
+            self.deadlines.discard(i)
+        self.assertLess(len(self.deadlines._heap), 100)
+        self.assertEqual(self.deadlines.pending, {"long": 1000})
+        self.clock.advance(1000)
+        self.assertEqual(self.expired, ["long"])
+
+    def test_firesOncePerLiveDeadline(self) -> None:
+        """
+        The timer skips the deadlines discarded since it was armed: it wakes
+        for the earliest one still pending, not for each one that was ever
+        set.
+        """
+        self.deadlines.add("a", 10)  # the timer is armed for 10
+        for i in range(100):
+            self.deadlines.add(i, 10)
+            self.clock.advance(0.01)
+            if i != 50:
+                self.deadlines.discard(i)
+        self.deadlines.discard("a")
+        fired = []
+        original = self.deadlines._fire
+        self.deadlines._fire = lambda: fired.append(self.clock.seconds()) or original()
+        self.deadlines._call.func = self.deadlines._fire  # the timer already armed
+        self.clock.pump([1] * 20)
+        self.assertEqual(self.expired, [50])
+        self.assertEqual(fired, [10, 11])  # at 10 nothing is due: it sleeps until 10.5 (pumped at 11)

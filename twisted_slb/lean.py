@@ -71,6 +71,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twisted_slb.timers import Deadlines
+
 log = Logger(namespace="twisted_slb.lean")
 
 # Built once, as Twisted does for its own clean closes: a Failure per close
@@ -426,9 +428,11 @@ class LeanConnector:
 
     _done = False
     _timer = None
+    _deadlines = None
     sock = None
 
-    def __init__(self, reactor, family: int, host: str, port: int, factory, timeout: float) -> None:
+    def __init__(self, reactor, family: int, host: str, port: int, factory, timeout: float,
+                 deadlines: Optional[Deadlines] = None) -> None:
         self.reactor = reactor
         self.factory = factory
         self.address = _address(family, host, port)
@@ -452,7 +456,11 @@ class LeanConnector:
         self.fileno = sock.fileno  # until _finish
         reactor.addWriter(self)
         if timeout:
-            self._timer = reactor.callLater(timeout, self._fail, error.TimeoutError())
+            if deadlines is not None:
+                self._deadlines = deadlines
+                deadlines.add(self, timeout)
+            else:
+                self._timer = reactor.callLater(timeout, self._fail, error.TimeoutError())
 
     def __repr__(self) -> str:
         return f"<LeanConnector to {self.address.host}:{self.address.port}>"
@@ -516,6 +524,8 @@ class LeanConnector:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self._deadlines is not None:
+            self._deadlines.discard(self)
 
     def _fail(self, exc: Exception) -> None:
         if self._done:
@@ -529,8 +539,12 @@ class LeanConnector:
     def _report(self, exc: Exception) -> None:
         self.factory.clientConnectionFailed(self, Failure(exc))
 
+    def timed_out(self) -> None:
+        """The connect took longer than its timeout (called by L{Deadlines})."""
+        self._fail(error.TimeoutError())
 
-def connect(reactor, host: str, port: int, factory, timeout: float = 30):
+
+def connect(reactor, host: str, port: int, factory, timeout: float = 30, deadlines: Optional[Deadlines] = None):
     """
     Connect to C{host}:C{port} for C{factory} (a C{ClientFactory}) as
     C{reactor.connectTCP} does: on success C{factory.buildProtocol(address)}
@@ -541,9 +555,13 @@ def connect(reactor, host: str, port: int, factory, timeout: float = 30):
     A host name (not an IP address), or a reactor L{usable} says no to,
     goes through C{reactor.connectTCP} instead.
 
+    @param deadlines: a L{Deadlines} of C{reactor} whose C{expired} is
+        L{LeanConnector.timed_out}, shared by many connects: their timeouts
+        then share one timer instead of one each.
+
     @return: the connector (C{disconnect()} gives up on it).
     """
     family = _family(host) if usable(reactor) else None
     if family is None:
         return reactor.connectTCP(host, port, factory, timeout=timeout)
-    return LeanConnector(reactor, family, host, port, factory, timeout)
+    return LeanConnector(reactor, family, host, port, factory, timeout, deadlines)

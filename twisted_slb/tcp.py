@@ -37,11 +37,13 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twisted_slb import lean
+from twisted_slb.lean import LeanConnector
 from twisted_slb.backends import Backend, BackendGroup, local_failure
 from twisted_slb.limits import ConnectionLimit
 from twisted_slb.persistence.interfaces import IPersistencePolicy, Session, normalise_ip
 from twisted_slb.shutdown import IdleTracker
 from twisted_slb.sockets import close, half_close, set_nodelay, write_now
+from twisted_slb.timers import Deadlines
 
 log = Logger(namespace="twisted_slb.tcp")
 access = Logger(namespace="twisted_slb.access")
@@ -147,10 +149,6 @@ class _BackendProtocol(Protocol):
         self.relay.backend_lost(reason)
 
 
-def _connect_tcp(reactor, host: str, port: int, factory, timeout: float):
-    return reactor.connectTCP(host, port, factory, timeout=timeout)
-
-
 class _BackendConnector(ClientFactory):
     """
     Connects one backend for one client connection.
@@ -194,7 +192,6 @@ class TCPBalancerProtocol(Protocol):
     backend: Optional[Backend] = None
     backend_protocol: Optional[_BackendProtocol] = None
     connector = None
-    idle_call = None
     ended: Optional[str] = None
     pinned_at = 0.0
 
@@ -267,10 +264,13 @@ class TCPBalancerProtocol(Protocol):
             self.transport.loseConnection()
             return
         self.tried.append(backend)
-        connect = lean.connect if factory.lean else _connect_tcp
-        self.connector = connect(
-            factory.reactor, backend.host, backend.port, _BackendConnector(self, backend), group.connect_timeout
-        )
+        connector = _BackendConnector(self, backend)
+        if factory.lean:
+            self.connector = lean.connect(factory.reactor, backend.host, backend.port, connector,
+                                          group.connect_timeout, factory.connect_timeouts)
+        else:
+            self.connector = factory.reactor.connectTCP(backend.host, backend.port, connector,
+                                                        timeout=group.connect_timeout)
 
     def dataReceived(self, data: bytes) -> None:
         if self.backend_protocol is None:
@@ -317,9 +317,7 @@ class TCPBalancerProtocol(Protocol):
         factory = self.factory
         factory.active -= 1
         factory.limit.release()
-        if self.idle_call is not None and self.idle_call.active():
-            self.idle_call.cancel()
-        self.idle_call = None
+        factory.checks.discard(self)
         backend_protocol = self.backend_protocol
         if backend_protocol is not None:
             self.backend.active -= 1
@@ -407,7 +405,7 @@ class TCPBalancerProtocol(Protocol):
         self.last_activity = self.pinned_at = self.seconds()
         first_check = factory.first_check
         if first_check:
-            self.idle_call = factory.reactor.callLater(first_check, self.check_idle)
+            factory.checks.add(self, first_check)
         if self.early:
             early, self.early = self.early, []
             for data in early:
@@ -446,11 +444,11 @@ class TCPBalancerProtocol(Protocol):
     # -- idle timeout --------------------------------------------------------
 
     def check_idle(self) -> None:
-        # One timer per connection, re-armed for the time left, rather than
-        # a DelayedCall reset on every chunk of data: the relay path only
-        # stores a timestamp.  The same timer keeps the client's pin alive
-        # while the connection is open (the policy's refresh_interval).
-        self.idle_call = None
+        # One check per connection, re-armed for the time left, rather than
+        # a timer reset on every chunk of data: the relay path only stores a
+        # timestamp.  The same check keeps the client's pin alive while the
+        # connection is open (the policy's refresh_interval).  The checks
+        # of all connections share one timer (factory.checks).
         if self.closed:
             return
         factory = self.factory
@@ -473,7 +471,7 @@ class TCPBalancerProtocol(Protocol):
             waits.append(timeout - idle)
         if interval:
             waits.append(self.pinned_at + interval - now)
-        self.idle_call = factory.reactor.callLater(min(waits), self.check_idle)
+        factory.checks.add(self, min(waits))
 
     def refresh_pin(self) -> None:
         """Tell the policy (if it cares) that this client still uses its backend."""
@@ -611,6 +609,10 @@ class TCPBalancerFactory(ServerFactory):
         self.no_backend = 0
         self.connections: Set[TCPBalancerProtocol] = set()
         self.tracker = IdleTracker()
+        # Every connection's next idle / pin check, behind one timer.
+        self.checks = Deadlines(reactor, TCPBalancerProtocol.check_idle)
+        # The timeouts of lean backend connects, behind one timer too.
+        self.connect_timeouts = Deadlines(reactor, LeanConnector.timed_out)
         self.limit = limit if limit is not None else ConnectionLimit(max_connections, listener_name)
         self.access_log = access_log
         self.access_file = access_file

@@ -2,23 +2,27 @@
 Many deadlines behind one timer.
 
 A proxy that arms a timer for each request (a backend has C{request_timeout}
-seconds to answer) and cancels it when the answer comes pays for Twisted's
-L{DelayedCall} machinery on every request: an object, a heap insertion, a
-cancellation, and the reactor's periodic clean-up of cancelled calls.  Almost
-none of those timers ever fire.
+seconds to answer) or each connection (an idle timeout, a connect timeout)
+and cancels it soon after pays for Twisted's L{DelayedCall} machinery every
+time: an object, a heap insertion, a cancellation, and the reactor's
+periodic clean-up of cancelled calls.  Almost none of those timers fire.
 
-L{Deadlines} keeps the pending deadlines in a dictionary and one reactor
-timer for the earliest of them.  Adding a deadline is a dictionary store
-(when it is not earlier than the timer, which with one timeout for all is
-always), removing one is a dictionary removal.  While requests keep
-coming, the timer is armed once per timeout, finds nothing due, and sleeps
-until the earliest deadline still pending; when the last pending deadline
-is removed, the timer is cancelled.
+L{Deadlines} keeps the pending deadlines in a dictionary, a heap of them
+for finding the earliest, and one reactor timer for that earliest.  Adding
+a deadline is a dictionary store and a C{heappush}; removing one is a
+dictionary removal (its heap entry is dropped later, lazily).  While
+requests keep coming, the timer is armed about once per timeout: when it
+fires it drops the entries of deadlines already removed, expires what is
+due, and sleeps until the earliest deadline still pending.  When the last
+pending deadline is removed, the timer is cancelled, so an idle process
+leaves nothing scheduled.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Hashable, Optional
+from heapq import heapify, heappop, heappush
+from itertools import count
+from typing import Callable, Dict, Hashable, List, Optional, Tuple
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
@@ -37,20 +41,31 @@ class Deadlines:
         self.clock = clock
         self.expired = expired
         self.pending: Dict[Hashable, float] = {}
+        # (deadline, tie-breaker, item); entries whose deadline is no
+        # longer the item's in `pending` are stale and skipped.
+        self._heap: List[Tuple[float, int, Hashable]] = []
+        self._order = count()
         self._call: Optional[IDelayedCall] = None
         self._due = _NEVER  # when the timer fires
 
     def add(self, item: Hashable, timeout: float) -> None:
-        """Call C{expired(item)} in C{timeout} seconds unless discarded first."""
+        """
+        Call C{expired(item)} in C{timeout} seconds unless discarded first;
+        an item added again gets the new deadline instead of its old one.
+        """
         deadline = self.clock.seconds() + timeout
         self.pending[item] = deadline
+        heap = self._heap
+        heappush(heap, (deadline, next(self._order), item))
+        if len(heap) > 2 * len(self.pending) + 64:
+            self._compact()
         if deadline < self._due:
             self._arm(deadline, timeout)
 
     def discard(self, item: Hashable) -> None:
         """
         Forget C{item}'s deadline (if it has one).  With none left, the timer
-        stops too: nothing stays scheduled in the reactor for nothing.
+        stops too.
         """
         pending = self.pending
         pending.pop(item, None)
@@ -58,6 +73,13 @@ class Deadlines:
             self._call.cancel()
             self._call = None
             self._due = _NEVER
+            self._heap.clear()
+
+    def _compact(self) -> None:
+        """Drop the stale heap entries (when they outnumber the live ones)."""
+        order = self._order
+        self._heap = heap = [(deadline, next(order), item) for item, deadline in self.pending.items()]
+        heapify(heap)
 
     def _arm(self, deadline: float, delay: float) -> None:
         if self._call is not None:
@@ -69,12 +91,18 @@ class Deadlines:
         self._call = None
         self._due = _NEVER
         now = self.clock.seconds()
-        pending = self.pending
-        due = [item for item, deadline in pending.items() if deadline <= now]
-        for item in due:
-            del pending[item]
-        if pending:
-            earliest = min(pending.values())
-            self._arm(earliest, earliest - now)
+        heap, pending = self._heap, self.pending
+        due = []
+        while heap:
+            deadline, _, item = heap[0]
+            if pending.get(item) != deadline:
+                heappop(heap)  # discarded, or added again since
+            elif deadline <= now:
+                heappop(heap)
+                del pending[item]
+                due.append(item)
+            else:
+                self._arm(deadline, deadline - now)
+                break
         for item in due:
             self.expired(item)
