@@ -14,7 +14,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_slb import tap
+from twisted_slb import heap, tap
 from twisted_slb.service import BalancerService
 
 GOOD = """
@@ -110,6 +110,42 @@ class OptionsTests(SynchronousTestCase):
         balancers = [s for s in top if isinstance(s, BalancerService)]
         self.assertEqual(len(balancers), 1)
         self.assertEqual(sorted(s.name for s in balancers[0]), ["health:web", "tcp"])
+
+
+class HeapTests(SynchronousTestCase):
+    """twistd slb freezes its start-up heap, and gives it back before a reload (L{twisted_slb.heap})."""
+
+    if not hasattr(heap.gc, "freeze"):
+        skip = "this Python's collector has no freeze (PyPy): twisted_slb.heap does nothing"
+
+    def setUp(self) -> None:
+        self.calls = []
+        for name in ("collect", "freeze", "unfreeze"):
+            self.patch(heap.gc, name, lambda name=name: self.calls.append(name))
+
+    def test_frozenOnceTheListenersStarted(self) -> None:
+        options = tap.Options()
+        options.parseOptions(["--config", self.write(GOOD)])
+        top = tap.makeService(options)
+        services = list(top)
+        self.assertIsInstance(services[0], BalancerService)
+        self.assertIsInstance(services[-1], tap._FreezeHeap)  # MultiService starts them in this order
+        services[-1].startService()
+        self.assertEqual(self.calls, ["collect", "freeze"])
+
+    def test_reloadThawsFirst(self) -> None:
+        class Balancer:
+            def reload(balancer):
+                self.calls.append("reload")
+
+        tap._SIGHUPReload(Balancer(), None).reload()
+        self.assertEqual(self.calls, ["unfreeze", "reload"])
+
+    def write(self, text: str) -> str:
+        path = os.path.abspath(self.mktemp() + ".toml")
+        with open(path, "w") as f:
+            f.write(text)
+        return path
 
 
 class CommandLineTests(SynchronousTestCase):

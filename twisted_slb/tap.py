@@ -13,6 +13,7 @@ import sys
 from twisted.application.service import MultiService, Service
 from twisted.python import usage
 
+from twisted_slb import heap
 from twisted_slb.config import ConfigError, describe, load_config
 
 
@@ -62,6 +63,17 @@ class Options(usage.Options):
         self["loaded"] = config
 
 
+class _FreezeHeap(Service):
+    """
+    Once the listeners are started, takes what start-up allocated out of
+    the garbage collector's walks (see L{twisted_slb.heap}).
+    """
+
+    def startService(self) -> None:
+        Service.startService(self)
+        heap.freeze_startup()
+
+
 class _SIGHUPReload(Service):
     """Reloads the balancer's configuration on SIGHUP (twistd only)."""
 
@@ -77,8 +89,12 @@ class _SIGHUPReload(Service):
         if hasattr(signal, "SIGHUP"):
             self._previous = signal.signal(
                 signal.SIGHUP,
-                lambda signum, frame: self.reactor.callFromThread(self.balancer.reload),
+                lambda signum, frame: self.reactor.callFromThread(self.reload),
             )
+
+    def reload(self) -> None:
+        heap.thaw()  # the configuration replaced may then be collected
+        self.balancer.reload()
 
     def stopService(self) -> None:
         import signal
@@ -113,4 +129,5 @@ def makeService(options: Options):
         balancer = BalancerService(config, reactor)
     balancer.setServiceParent(top)
     _SIGHUPReload(balancer, reactor).setServiceParent(top)
+    _FreezeHeap().setServiceParent(top)  # last: after the listeners started
     return top

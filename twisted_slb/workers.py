@@ -32,6 +32,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import ProcessProtocol, ServerFactory
 from twisted.logger import Logger
 
+from twisted_slb import heap
 from twisted_slb.config import Config, ConfigError, load_config
 from twisted_slb.reactor import SLBEPollReactor
 
@@ -254,7 +255,13 @@ def worker_main(argv: Optional[List[str]] = None) -> None:
     for fd, _ in adopted.values():
         # adoptStreamPort duplicated the descriptor: ours is no longer needed.
         os.close(fd)
-    signal.signal(signal.SIGHUP, lambda *a: reactor.callFromThread(balancer.reload))
+    heap.freeze_startup()
+
+    def reload() -> None:
+        heap.thaw()  # the configuration replaced may then be collected
+        balancer.reload()
+
+    signal.signal(signal.SIGHUP, lambda *a: reactor.callFromThread(reload))
     signal.signal(signal.SIGTERM, lambda *a: reactor.callFromThread(reactor.stop))
     reactor.addSystemEventTrigger("before", "shutdown", balancer.stopService)
     _watch_parent(reactor, args.index)
