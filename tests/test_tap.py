@@ -122,6 +122,8 @@ class HeapTests(SynchronousTestCase):
         self.calls = []
         for name in ("collect", "freeze", "unfreeze"):
             self.patch(heap.gc, name, lambda name=name: self.calls.append(name))
+        self.patch(heap.gc, "get_threshold", lambda: (700, 10, 10))
+        self.patch(heap.gc, "set_threshold", lambda *t: self.calls.append(t))
 
     def test_frozenOnceTheListenersStarted(self) -> None:
         options = tap.Options()
@@ -131,7 +133,7 @@ class HeapTests(SynchronousTestCase):
         self.assertIsInstance(services[0], BalancerService)
         self.assertIsInstance(services[-1], tap._FreezeHeap)  # MultiService starts them in this order
         services[-1].startService()
-        self.assertEqual(self.calls, ["collect", "freeze"])
+        self.assertEqual(self.calls, ["collect", "freeze", (10_000, 10, 10)])
 
     def test_reloadThawsFirst(self) -> None:
         class Balancer:
