@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
@@ -115,15 +116,14 @@ class OptionsTests(SynchronousTestCase):
 class HeapTests(SynchronousTestCase):
     """twistd slb freezes its start-up heap, and gives it back before a reload (L{twisted_slb.heap})."""
 
-    if not hasattr(heap.gc, "freeze"):
-        skip = "this Python's collector has no freeze (PyPy): twisted_slb.heap does nothing"
-
     def setUp(self) -> None:
+        # A collector that records what is asked of it (CPython's interface).
         self.calls = []
+        collector = types.SimpleNamespace(get_threshold=lambda: (700, 10, 10))
         for name in ("collect", "freeze", "unfreeze"):
-            self.patch(heap.gc, name, lambda name=name: self.calls.append(name))
-        self.patch(heap.gc, "get_threshold", lambda: (700, 10, 10))
-        self.patch(heap.gc, "set_threshold", lambda *t: self.calls.append(t))
+            setattr(collector, name, lambda name=name: self.calls.append(name))
+        collector.set_threshold = lambda *t: self.calls.append(t)
+        self.patch(heap, "gc", collector)
 
     def test_frozenOnceTheListenersStarted(self) -> None:
         options = tap.Options()
@@ -142,6 +142,19 @@ class HeapTests(SynchronousTestCase):
 
         tap._SIGHUPReload(Balancer(), None).reload()
         self.assertEqual(self.calls, ["unfreeze", "reload"])
+
+    def test_aCollectorWithoutFreeze(self) -> None:
+        """On PyPy, whose collector has no freeze, nothing is asked of it."""
+        self.patch(heap, "gc", types.SimpleNamespace(collect=lambda: self.calls.append("collect")))
+        heap.freeze_startup()
+        heap.thaw()
+        self.assertEqual(self.calls, [])
+
+    def test_aHigherThresholdIsKept(self) -> None:
+        """A young threshold set higher than ours (PYTHONGC-like tuning) is not lowered."""
+        self.patch(heap.gc, "get_threshold", lambda: (50_000, 10, 10))
+        heap.freeze_startup()
+        self.assertEqual(self.calls, ["collect", "freeze", (50_000, 10, 10)])
 
     def write(self, text: str) -> str:
         path = os.path.abspath(self.mktemp() + ".toml")
