@@ -406,6 +406,20 @@ class ConnectTimeoutTests(SynchronousTestCase):
             self.reactor, socket.AF_INET, "127.0.0.1", self.server.getsockname()[1], self.factory, 5
         )
 
+    def test_nonBlockingFromTheStart(self):
+        """
+        The backend socket is non-blocking as it is made (C{SOCK_NONBLOCK}
+        on Linux, no C{setblocking} call after it); the connect is under way.
+        """
+        self.assertEqual(self.connector.sock.gettimeout(), 0.0)
+        self.assertEqual(self.connector.sock.type, socket.SOCK_STREAM)
+        if hasattr(socket, "SOCK_NONBLOCK"):
+            calls = []
+            self.patch(socket.socket, "setblocking", lambda sock, flag: calls.append(flag))
+            lean.LeanConnector(self.reactor, socket.AF_INET, "127.0.0.1", self.server.getsockname()[1],
+                               self.factory, 5).stopConnecting()
+            self.assertEqual(calls, [])
+
     def test_timesOut(self):
         self.assertIn(self.connector, self.reactor.writers)
         self.reactor.advance(4.9)

@@ -81,6 +81,9 @@ _DONE = Failure(error.ConnectionDone())
 _ABORTED = Failure(error.ConnectionAborted())
 
 _CONNECTING = (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, errno.EISCONN)
+# A socket made non-blocking as it is created (Linux): one ioctl fewer per
+# backend connection than socket() then setblocking(False).
+_NONBLOCKING_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 
 #: the SO_LINGER value that makes close() send a reset (abortConnection)
 _LINGER_RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"
@@ -437,8 +440,9 @@ class LeanConnector:
         self.factory = factory
         self.address = _address(family, host, port)
         try:
-            sock = self.sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setblocking(False)
+            sock = self.sock = socket.socket(family, _NONBLOCKING_STREAM)
+            if _NONBLOCKING_STREAM == socket.SOCK_STREAM:
+                sock.setblocking(False)
             err = sock.connect_ex((host, port))
         except OSError as e:
             # Out of descriptors, ...: reported on the reactor's next turn,
