@@ -349,6 +349,21 @@ class RelayTests(RelayCase):
         proto.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.access[0]["ended"], "client closed")
 
+    def test_secondEndOfFileClosesWithoutAShutdown(self):
+        """
+        Once both sides reached their end of file, the second side is closed
+        without being shut down first: the close sends its end of file.
+        """
+        for first, second in (("client", "backend"), ("backend", "client")):
+            proto, client = self.client()
+            backend_proto, backend = self.backend_connects()
+            sides = {"client": (proto, client), "backend": (backend_proto, backend)}
+            sides[first][0].readConnectionLost()
+            self.assertTrue(sides[second][1].write_closed)  # the first end of file is passed on
+            sides[second][0].readConnectionLost()
+            self.assertFalse(sides[first][1].write_closed, f"{first} side shut down before its close")
+            self.assertTrue(client.disconnecting and backend.disconnecting)
+
     def test_halfClosedSideIsNoLongerAProducer(self):
         """
         A side that reached its end of file is unregistered as a producer,

@@ -303,9 +303,12 @@ class TCPBalancerProtocol(Protocol):
         # The client's side produces nothing more: stop pausing and resuming
         # it (a resumed transport would read its end of file again).
         backend_transport.unregisterProducer()
-        half_close(backend_transport)
         if self.backend_eof:
+            # Both ends are done: closing sends the end of file, no
+            # shutdown before it (one system call fewer per connection).
             self.close(self.first_eof)
+        else:
+            half_close(backend_transport)
 
     def writeConnectionLost(self) -> None:
         pass  # we half-closed it ourselves (backend_read_closed)
@@ -328,7 +331,9 @@ class TCPBalancerProtocol(Protocol):
             self.end("client closed before a backend was connected")
             connector, self.connector = self.connector, None
             connector.disconnect()
-        if reason is None or reason.check(error.ConnectionDone):
+        # isinstance rather than Failure.check, which compares the qualified
+        # names of the exception's classes: this runs for every connection.
+        if reason is None or isinstance(reason.value, error.ConnectionDone):
             self.end(self.first_eof or "client closed")
         else:
             self.end(f"client connection lost: {reason.getErrorMessage()}")
@@ -425,9 +430,10 @@ class TCPBalancerProtocol(Protocol):
         if self.first_eof is None:
             self.first_eof = "backend closed"
         self.transport.unregisterProducer()
-        half_close(self.transport)
         if self.client_eof:
-            self.close(self.first_eof)
+            self.close(self.first_eof)  # as in readConnectionLost
+        else:
+            half_close(self.transport)
 
     def backend_lost(self, reason) -> None:
         """The backend connection is gone: the client's goes too."""
@@ -435,7 +441,7 @@ class TCPBalancerProtocol(Protocol):
         if self.closed:
             self.forget()
             return
-        if reason.check(error.ConnectionDone):
+        if isinstance(reason.value, error.ConnectionDone):
             self.end(self.first_eof or "backend closed")
         else:
             self.end(f"backend connection lost: {reason.getErrorMessage()}")
