@@ -420,6 +420,14 @@ class ConnectTimeoutTests(SynchronousTestCase):
                                self.factory, 5).stopConnecting()
             self.assertEqual(calls, [])
 
+    def test_backendAddressMadeOnce(self):
+        """Connects to one backend share its address object: it is made once, not per connection."""
+        again = lean.LeanConnector(self.reactor, socket.AF_INET, "127.0.0.1", self.server.getsockname()[1],
+                                   self.factory, 5)
+        again.stopConnecting()
+        self.assertIs(again.getDestination(), self.connector.getDestination())
+        self.assertEqual(again.getDestination(), IPv4Address("TCP", "127.0.0.1", self.server.getsockname()[1]))
+
     def test_timesOut(self):
         self.assertIn(self.connector, self.reactor.writers)
         self.reactor.advance(4.9)

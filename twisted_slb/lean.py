@@ -112,6 +112,11 @@ def _address(family: int, host: str, port: int):
     return IPv4Address("TCP", host, port)
 
 
+# A backend's address, made once rather than for every connect (backends
+# are few; Twisted's address classes are values nobody changes).
+_backend_address = lru_cache(maxsize=1024)(_address)
+
+
 def _lost(exc: OSError) -> Failure:
     """The Failure for a connection that broke with C{exc} (a reset, ...)."""
     return Failure(error.ConnectionLost(exc.strerror or str(exc)))
@@ -438,7 +443,7 @@ class LeanConnector:
                  deadlines: Optional[Deadlines] = None) -> None:
         self.reactor = reactor
         self.factory = factory
-        self.address = _address(family, host, port)
+        self.address = _backend_address(family, host, port)
         try:
             sock = self.sock = socket.socket(family, _NONBLOCKING_STREAM)
             if _NONBLOCKING_STREAM == socket.SOCK_STREAM:
