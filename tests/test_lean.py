@@ -475,6 +475,51 @@ class ConnectTimeoutTests(SynchronousTestCase):
         self.assertTrue(local_failure(reason))
 
 
+class RegistrationOrderTests(SynchronousTestCase):
+    """How a finished connect hands its socket's reactor registration over."""
+
+    def test_readingBeforeTheConnectorLetsGo(self):
+        """
+        The new transport is added as a reader before the connector is
+        removed as a writer: an epoll reactor then modifies the socket's
+        registration instead of removing it and adding it back.
+        """
+        calls = []
+
+        class Recording(MemoryReactorClock):
+            def addReader(self, reader):
+                calls.append(("addReader", type(reader).__name__))
+                MemoryReactorClock.addReader(self, reader)
+
+            def removeWriter(self, writer):
+                calls.append(("removeWriter", type(writer).__name__))
+                MemoryReactorClock.removeWriter(self, writer)
+
+        server = listening_socket()
+        self.addCleanup(server.close)
+        factory = Connecting()
+        connector = lean.LeanConnector(Recording(), socket.AF_INET, "127.0.0.1", server.getsockname()[1], factory, 5)
+        connector.doWrite()  # a loopback connect to a listening socket does not fail
+        self.assertEqual(calls, [("addReader", "LeanConnection"), ("removeWriter", "LeanConnector")])
+        self.assertIsInstance(factory.proto.transport, lean.LeanConnection)
+        self.addCleanup(factory.proto.transport.abortConnection)
+
+    def test_declinedConnectionIsClosed(self):
+        """A factory declining the connection: the connector lets go and the socket is closed."""
+        server = listening_socket()
+        self.addCleanup(server.close)
+        factory = Connecting()
+        factory.buildProtocol = lambda addr: None
+        reactor = MemoryReactorClock()
+        connector = lean.LeanConnector(reactor, socket.AF_INET, "127.0.0.1", server.getsockname()[1], factory, 5)
+        sock = connector.sock
+        connector.doWrite()
+        [reason] = factory.failures
+        self.assertTrue(reason.check(error.NoProtocol))
+        self.assertEqual((reactor.readers, reactor.writers), (set(), set()))
+        self.assertEqual(sock.fileno(), -1)
+
+
 class SharedConnectTimeoutTests(ConnectTimeoutTests):
     """The same, with the timeouts of many connects behind one timer (L{Deadlines})."""
 
