@@ -475,6 +475,37 @@ class ConnectTimeoutTests(SynchronousTestCase):
         self.assertTrue(local_failure(reason))
 
 
+class RecvTests(SynchronousTestCase):
+    """L{lean.recv}: what a transport reads with (a reused buffer on PyPy)."""
+
+    def setUp(self):
+        self.a, self.b = socket.socketpair()
+        self.addCleanup(self.a.close)
+        self.addCleanup(self.b.close)
+
+    def test_readsWhatArrived(self):
+        self.a.sendall(b"first")
+        first = lean.recv(self.b, 65536)
+        self.a.sendall(b"2nd")
+        second = lean.recv(self.b, 65536)
+        # Each read is bytes of its own: a later read does not change it.
+        self.assertEqual((first, second), (b"first", b"2nd"))
+        self.assertIs(type(first), bytes)
+
+    def test_sizeIsTheMost(self):
+        self.a.sendall(b"abcdef")
+        self.assertEqual(lean.recv(self.b, 4), b"abcd")
+        self.assertEqual(lean.recv(self.b, 1 << 20), b"ef")  # larger than the buffer
+
+    def test_endOfFile(self):
+        self.a.shutdown(socket.SHUT_WR)
+        self.assertEqual(lean.recv(self.b, 65536), b"")
+
+    def test_wouldBlock(self):
+        self.b.setblocking(False)
+        self.assertRaises(BlockingIOError, lean.recv, self.b, 65536)
+
+
 class RegistrationOrderTests(SynchronousTestCase):
     """How a finished connect hands its socket's reactor registration over."""
 

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import errno
 import os
+import platform
 import socket
 from functools import lru_cache
 from typing import Optional
@@ -84,6 +85,27 @@ _CONNECTING = (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, errno.EI
 # A socket made non-blocking as it is created (Linux): one ioctl fewer per
 # backend connection than socket() then setblocking(False).
 _NONBLOCKING_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+
+if platform.python_implementation() == "PyPy":
+    # PyPy's socket.recv(n) allocates all n bytes in the garbage collector's
+    # nursery, whatever arrives: at 64 KB a read, a proxied request filled
+    # the 1 MB nursery every few requests, and minor collections took a
+    # fifth of the process's time.  Reading into one reused buffer, then
+    # copying out what arrived, allocates only that (15% less CPU per
+    # request, HTTP keep-alive).  The reactor runs one read at a time.
+    _READ_BUFFER = bytearray(2 ** 16)
+    _READ_VIEW = memoryview(_READ_BUFFER)
+
+    def recv(sock: socket.socket, size: int) -> bytes:
+        """C{sock.recv(size)}, without a C{size}-byte allocation per call."""
+        if size > len(_READ_BUFFER):
+            return sock.recv(size)
+        return _READ_VIEW[:sock.recv_into(_READ_BUFFER, size)].tobytes()
+
+else:
+    #: C{recv(sock, size)}: C{sock.recv(size)} (on CPython, which allocates
+    #: only what arrives).
+    recv = socket.socket.recv
 
 #: the SO_LINGER value that makes close() send a reset (abortConnection)
 _LINGER_RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"
@@ -223,7 +245,7 @@ class LeanConnection:
 
     def doRead(self) -> None:
         try:
-            data = self.socket.recv(self.bufferSize)
+            data = recv(self.socket, self.bufferSize)
         except BlockingIOError:
             return
         except OSError as e:
