@@ -183,6 +183,20 @@ class LeanConnectionTests(TestCase):
         yield self.until(lambda: len(self.read_peer()) == 4000000)
         yield self.until(lambda: producer.calls == ["resume", "resume"])
 
+    @defer.inlineCallbacks
+    def test_pullProducerIsAskedForMoreAfterAWholeSend(self):
+        """
+        A write the socket takes whole still leads to the pull producer
+        being asked for more: on the next write event, as Twisted does,
+        not from inside the write.
+        """
+        producer = Producer()
+        self.transport.registerProducer(producer, False)
+        self.transport.write(b"small")
+        self.assertEqual(producer.calls, ["resume"])  # not yet
+        yield self.until(lambda: producer.calls == ["resume", "resume"])
+        self.assertEqual(self.read_peer(), b"small")
+
     def test_registerTwice(self):
         self.transport.registerProducer(Producer(), True)
         self.assertRaises(RuntimeError, self.transport.registerProducer, Producer(), True)

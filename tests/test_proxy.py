@@ -10,7 +10,7 @@ import platform
 import types
 from typing import List
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, tcp
 from twisted.internet.error import ConnectionDone
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import Clock
@@ -23,6 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from bench import inproc
+from twisted_slb import lean
 from twisted_slb.backends import Backend, BackendGroup
 from twisted_slb.web.front import FrontRequest, HTTPFrontFactory
 from twisted_slb.web.proxy import HOP_BY_HOP, BalancedProxyResource, BalancerSite, _response_hop_by_hop
@@ -329,6 +330,23 @@ class ProxyTests(TestCase):
     def agent(self):
         pool = HTTPConnectionPool(reactor, persistent=False)
         return Agent(reactor, pool=pool)
+
+    @defer.inlineCallbacks
+    def test_backendConnectionsLeanOrNot(self):
+        """
+        Plain backend connections run on L{twisted_slb.lean}'s transports;
+        with the pool's C{lean} off, on C{connectTCP}'s.  Either way the
+        request is answered.
+        """
+        port = yield self.listen(Site(Recorder()))
+        for use_lean, transport_type in ((True, lean.LeanConnection), (False, tcp.Client)):
+            url, _ = yield self.proxy(port.getHost().port)
+            pool = self.resource.pool
+            pool.lean = use_lean
+            response = yield self.agent().request(b"GET", (url + "/").encode())
+            yield readBody(response)
+            self.assertEqual(response.code, 200)
+            self.assertEqual({type(p.transport) for p in pool.all}, {transport_type})
 
     @defer.inlineCallbacks
     def test_headersOnTheWayToTheBackend(self):

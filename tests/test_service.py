@@ -20,6 +20,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from twisted_slb import lean
 from twisted_slb.config import load_config
 from twisted_slb.service import BalancerService
 
@@ -215,6 +216,18 @@ class HTTPPersistenceTests(ServiceTestCase):
             seen.add(backend_of(body))
             self.assertNotIn("SERVERID", body)
         self.assertEqual(seen, {first})
+
+    @defer.inlineCallbacks
+    def test_leanTransportsOnBothSides(self):
+        """
+        A plain HTTP listener's client connections and its connections to
+        backends run on L{twisted_slb.lean}'s transports.
+        """
+        self.assertIs(self.service.getServiceNamed("web").port.transport, lean.LeanServer)
+        yield self.get(self.agent(), self.url + "/")
+        upstreams = list(self.service.pool.all)
+        self.assertTrue(upstreams)
+        self.assertEqual({type(p.transport) for p in upstreams}, {lean.LeanConnection})
 
     @defer.inlineCallbacks
     def test_withoutCookieRequestsAreSpread(self):

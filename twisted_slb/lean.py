@@ -276,6 +276,11 @@ class LeanConnection:
                 # and closes from the reactor, not from inside the caller.
                 sent = 0
             if sent == len(data):
+                if self.producer is not None and not self.streamingProducer:
+                    # A pull producer is asked for more on the next write
+                    # event, as Twisted's transports ask it: not from
+                    # inside its own write.
+                    self._start_writing()
                 return
             data = memoryview(data)[sent:]
         buffer += data

@@ -110,7 +110,8 @@ class ListenerService(Service):
         def listening(port):
             self.port = port
             if getattr(self._switch.current, "lean", False):
-                # The TCP relay's accepted connections get lean transports.
+                # The TCP relay's and plain HTTP listeners' accepted
+                # connections get lean transports.
                 lean.serve_port(port, self._switch)
             if hasattr(port, "_logger"):  # a tcp.Port (see AcceptGuard)
                 self._switch.guard = AcceptGuard(port, self.config.name, self.reactor)

@@ -872,9 +872,12 @@ class HTTPFrontFactory(Factory):
     @ivar channels: the open L{HTTPFrontChannel}s.
     @ivar stats: the listener's L{twisted_slb.stats.ListenerStats}, or
         L{None}.
+    @ivar lean: whether a listener serving this factory directly (plain
+        HTTP) gives its connections L{twisted_slb.lean} transports.
     """
 
     noisy = False
+    lean = True
 
     def __init__(
         self,
