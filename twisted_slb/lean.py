@@ -1,5 +1,6 @@
 """
-Lean TCP transports for the TCP relay (L{twisted_slb.tcp}).
+Lean TCP transports for the TCP relay (L{twisted_slb.tcp}), the plain HTTP
+listeners and the HTTP proxy's backend connections.
 
 A relayed TCP connection does little: accept, connect a backend, a few
 reads and writes, two half-closes, two closes.  Through Twisted's own
@@ -17,7 +18,10 @@ protocols the transport interface they already use (C{write},
 C{loseConnection}, C{loseWriteConnection}, C{abortConnection},
 C{registerProducer}, C{pauseProducing} / C{resumeProducing}, C{getPeer} /
 C{getHost}, C{setTcpNoDelay}), with Twisted's meaning, so the relay code is
-the same whichever transport it runs on.
+the same whichever transport it runs on.  The HTTP listeners' server
+(L{twisted_slb.web.front}) and the proxy's backend connections
+(L{twisted_slb.web.upstream}) use the same interface, and pull producers
+(a C{FileSender} streaming an upload to a backend).
 
   - L{LeanServer} is what a listening C{tcp.Port} builds for each accepted
     connection: C{Port.transport} is documented as replaceable, and
