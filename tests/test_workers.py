@@ -53,8 +53,11 @@ class WorkersTests(TestCase):
                                          env=os.environ.copy())
         self.addCleanup(lambda: proc.ended.called or transport.signalProcess("KILL"))
         yield proc.wait_for(r"worker 1 started", True)
-        first = yield proc.wait_for(r"listener web \(http\) listening on 127\.0\.0\.1:(\d+)", True)
-        yield proc.wait_for(r"listener web \(http\) listening on 127\.0\.0\.1:" + first.group(1))
+        # Two listening lines for one port, looked for in all the output: the
+        # second may arrive in the same chunk as the first (a wait for it
+        # started after the first matched would then never fire).
+        listening = r"listener web \(http\) listening on 127\.0\.0\.1:"
+        first = yield proc.wait_for(listening + r"(\d+)[\s\S]*" + listening + r"\1\b", True)
         url = f"http://127.0.0.1:{first.group(1)}/".encode()
         # A new connection per request, so that both workers get some.
         agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
