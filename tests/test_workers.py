@@ -33,6 +33,12 @@ backends = "web"
 persistence = {{ type = "insert_cookie" }}
 """
 
+# Both workers' listening lines for one port, looked for in all the output:
+# the second may arrive in the same chunk as the first, and a wait for it
+# started once the first matched would never fire.
+_LISTENING = r"listener web \(http\) listening on 127\.0\.0\.1:"
+BOTH_LISTENING = _LISTENING + r"(\d+)[\s\S]*" + _LISTENING + r"\1\b"
+
 
 class WorkersTests(TestCase):
     timeout = 60
@@ -53,11 +59,7 @@ class WorkersTests(TestCase):
                                          env=os.environ.copy())
         self.addCleanup(lambda: proc.ended.called or transport.signalProcess("KILL"))
         yield proc.wait_for(r"worker 1 started", True)
-        # Two listening lines for one port, looked for in all the output: the
-        # second may arrive in the same chunk as the first (a wait for it
-        # started after the first matched would then never fire).
-        listening = r"listener web \(http\) listening on 127\.0\.0\.1:"
-        first = yield proc.wait_for(listening + r"(\d+)[\s\S]*" + listening + r"\1\b", True)
+        first = yield proc.wait_for(BOTH_LISTENING, True)
         url = f"http://127.0.0.1:{first.group(1)}/".encode()
         # A new connection per request, so that both workers get some.
         agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
@@ -88,8 +90,7 @@ class WorkersTests(TestCase):
                                          env=os.environ.copy())
         self.addCleanup(lambda: proc.ended.called or transport.signalProcess("KILL"))
         yield proc.wait_for(r"worker 1 started", True)
-        first = yield proc.wait_for(r"listener web \(http\) listening on 127\.0\.0\.1:(\d+)", True)
-        yield proc.wait_for(r"listener web \(http\) listening on 127\.0\.0\.1:" + first.group(1))
+        yield proc.wait_for(BOTH_LISTENING, True)
         pids = [int(p) for p in re.findall(r"worker \d started \(pid (\d+)\)", proc.output)]
         self.assertEqual(len(pids), 2)
         transport.signalProcess("KILL")
