@@ -10,7 +10,7 @@ import os
 import re
 from typing import Dict, List, Optional
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, tcp
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.trial.unittest import TestCase
@@ -228,6 +228,22 @@ class HTTPPersistenceTests(ServiceTestCase):
         upstreams = list(self.service.pool.all)
         self.assertTrue(upstreams)
         self.assertEqual({type(p.transport) for p in upstreams}, {lean.LeanConnection})
+
+    @defer.inlineCallbacks
+    def test_transportFollowsTheFactoryAcrossAReload(self):
+        """
+        A reload that puts a factory without lean transports (a TLS wrapper)
+        behind the port gives new connections Twisted's transports again,
+        and a lean one brings them back.
+        """
+        listener = self.service.getServiceNamed("web")
+        lean_factory = listener.factory
+        listener.reconfigure(listener.config, protocol.ServerFactory.forProtocol(protocol.Protocol))
+        self.assertIs(listener.port.transport, tcp.Server)
+        listener.reconfigure(listener.config, lean_factory)
+        self.assertIs(listener.port.transport, lean.LeanServer)
+        code, _, _ = yield self.get(self.agent(), self.url + "/")
+        self.assertEqual(code, 200)
 
     @defer.inlineCallbacks
     def test_withoutCookieRequestsAreSpread(self):

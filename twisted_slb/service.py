@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Dict, Mapping, Optional, Tuple
 
 from twisted.application.service import MultiService, Service
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import ServerFactory
@@ -109,10 +110,7 @@ class ListenerService(Service):
 
         def listening(port):
             self.port = port
-            if getattr(self._switch.current, "lean", False):
-                # The TCP relay's and plain HTTP listeners' accepted
-                # connections get lean transports.
-                lean.serve_port(port, self._switch)
+            self._choose_transport()
             if hasattr(port, "_logger"):  # a tcp.Port (see AcceptGuard)
                 self._switch.guard = AcceptGuard(port, self.config.name, self.reactor)
             limit = self._limit()
@@ -140,6 +138,19 @@ class ListenerService(Service):
         factory = getattr(factory, "wrappedFactory", factory)  # under TLS
         return getattr(factory, "limit", None)
 
+    def _choose_transport(self) -> None:
+        """
+        Lean transports for the connections the port accepts from now on
+        when the current factory takes them (the TCP relay, plain HTTP),
+        Twisted's otherwise (a TLS wrapper, after a reload that made an
+        HTTP listener HTTPS).
+        """
+        port = self.port
+        if getattr(self._switch.current, "lean", False):
+            lean.serve_port(port, self._switch)
+        elif type(port) is tcp.Port and port.transport is lean.LeanServer:
+            port.transport = tcp.Server
+
     def reconfigure(self, config: ListenerConfig, factory) -> None:
         """
         Serve new connections with C{factory} (built from C{config}, whose
@@ -152,6 +163,7 @@ class ListenerService(Service):
             self._switch.current = factory
         else:
             self._switch.switch(factory)
+            self._choose_transport()
         if old is not factory:
             self._replaced = [f for f in self._replaced + [old] if _open_connections(f)]
 
