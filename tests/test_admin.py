@@ -10,6 +10,10 @@ import os
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
@@ -17,9 +21,12 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
 from tests.test_service import NamePage
-from twisted_slb.admin import BackendAction, render_page
+from twisted_slb.admin import (
+    CONTENT_SECURITY_POLICY, MAX_BODY_BYTES, REQUEST_TIMEOUT, AdminAccess, admin_site, bind_interface,
+    exposed_without_token, render_page,
+)
 from twisted_slb.backends import Backend, BackendGroup
-from twisted_slb.config import load_config
+from twisted_slb.config import ConfigError, load_config, parse_config
 from twisted_slb.service import ADMIN, BalancerService
 from twisted_slb.stats import StatsRegistry
 
@@ -70,6 +77,7 @@ class AdminCase(TestCase):
 class AdminTests(AdminCase):
     @defer.inlineCallbacks
     def test_statsCountRequestsAndPersistence(self):
+        """/stats counts the listener's requests, status classes and persistence outcomes."""
         for _ in range(3):
             yield self.fetch(self.web + "/")
         response, body = yield self.fetch(self.admin + "/stats")
@@ -83,6 +91,7 @@ class AdminTests(AdminCase):
 
     @defer.inlineCallbacks
     def test_metricsAreLabelled(self):
+        """/metrics has labelled Prometheus samples."""
         yield self.fetch(self.web + "/")
         _, body = yield self.fetch(self.admin + "/metrics")
         samples = {
@@ -97,12 +106,58 @@ class AdminTests(AdminCase):
 
     @defer.inlineCallbacks
     def test_pageShowsBackends(self):
-        _, body = yield self.fetch(self.admin + "/")
+        """The page lists the group's backends with their state, id and action buttons, and the listeners' binds."""
+        response, body = yield self.fetch(self.admin + "/")
+        self.assertEqual(response.code, 200)
         self.assertIn(b"<h2>Group web", body)
-        self.assertIn(b"class='state up'", body)
+        self.assertIn(b'class="state up"', body)
+        self.assertIn(self.service.groups["web"].get("a").id.encode(), body)
+        self.assertIn(b'data-backend="a" data-action="drain"', body)
+        self.assertIn(b"<code>tcp:0:interface=127.0.0.1</code>", body)
+
+    @defer.inlineCallbacks
+    def test_pageSendsSecurityHeaders(self):
+        """The page forbids framing and inline script (CSP) and MIME sniffing, and names no server software."""
+        response, _ = yield self.fetch(self.admin + "/")
+        headers = response.headers
+        self.assertEqual(headers.getRawHeaders(b"content-security-policy"), [CONTENT_SECURITY_POLICY])
+        self.assertIn(b"frame-ancestors 'none'", CONTENT_SECURITY_POLICY)
+        self.assertNotIn(b"unsafe-inline", CONTENT_SECURITY_POLICY)
+        self.assertEqual(headers.getRawHeaders(b"x-content-type-options"), [b"nosniff"])
+        self.assertFalse(headers.hasHeader(b"server"))
+        self.assertFalse(headers.hasHeader(b"access-control-allow-origin"))
+        response, body = yield self.fetch(self.admin + "/admin.js")
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"text/javascript; charset=utf-8"])
+        self.assertIn(b"X-SLB-Admin", body)
+
+    @defer.inlineCallbacks
+    def test_statsHasVersionUptimeAndBinds(self):
+        """/stats carries the version, the uptime and each listener's bind."""
+        _, body = yield self.fetch(self.admin + "/stats")
+        doc = json.loads(body)
+        self.assertIsInstance(doc["version"], str)
+        self.assertGreaterEqual(doc["uptime"], 0)
+        web = [l for l in doc["listeners"] if l["name"] == "web"][0]
+        self.assertEqual(web["bind"], "tcp:0:interface=127.0.0.1")
+
+    @defer.inlineCallbacks
+    def test_hostOfAnotherNameIsRefused(self):
+        """A DNS-rebinding request (Host: attacker.example) gets 421 for reads and actions; 127.0.0.1:PORT and
+        localhost:PORT are served."""
+        port = self.admin.rsplit(":", 1)[1]
+        for path, method in (("/stats", b"GET"), ("/backends/web/a/down", b"POST")):
+            response, body = yield self.fetch(self.admin + path, method, {b"host": [b"attacker.example:" + port.encode()]})
+            self.assertEqual(response.code, 421, body)
+            self.assertNotIn(b"127.0.0.1", body)
+        self.assertEqual(self.service.groups["web"].get("a").state, "up")
+        for host in (b"127.0.0.1:" + port.encode(), b"localhost:" + port.encode()):
+            response, body = yield self.fetch(self.admin + "/stats", headers={b"host": [host]})
+            self.assertEqual(response.code, 200, host)
+            self.assertIn(b'"groups"', body)
 
     @defer.inlineCallbacks
     def test_drainFromLoopback(self):
+        """A plain POST from loopback (as curl -X POST sends it) drains and enables a backend."""
         response, body = yield self.fetch(self.admin + "/backends/web/a/drain", b"POST")
         self.assertEqual(response.code, 200)
         self.assertEqual(self.service.groups["web"].get("a").state, "drain")
@@ -111,6 +166,7 @@ class AdminTests(AdminCase):
 
     @defer.inlineCallbacks
     def test_unknownBackendIs404AndGetIs405(self):
+        """An unknown backend is 404; GET on an action is 405."""
         response, _ = yield self.fetch(self.admin + "/backends/web/zz/drain", b"POST")
         self.assertEqual(response.code, 404)
         response, _ = yield self.fetch(self.admin + "/backends/web/a/drain")
@@ -130,33 +186,296 @@ class TokenTests(AdminCase):
         self.assertEqual(response.code, 200)
 
 
-class RemoteClientTests(SynchronousTestCase):
-    def test_nonLoopbackRefusedWithoutToken(self):
-        from twisted.web.test.requesthelper import DummyRequest
-        from twisted.internet.address import IPv4Address
+ADMIN_ADDRESS = IPv4Address("TCP", "127.0.0.1", 8404)
 
-        group = BackendGroup("web", [Backend("a", "10.0.0.1", 80)])
-        action = BackendAction(StatsRegistry({"web": group}), token="")
-        request = DummyRequest([b"web", b"a", b"drain"])
-        request.method = b"POST"
-        request.client = IPv4Address("TCP", "192.0.2.7", 5555)
-        body = action.render_POST(request)
-        self.assertEqual(request.responseCode, 403)
-        self.assertIn(b"loopback", body)
-        self.assertEqual(group.get("a").weight, 100)
+
+class MemoryAdmin:
+    """An admin listener (L{admin_site}) over a L{StringTransport}, its time a L{Clock}."""
+
+    def __init__(self, token="", hosts=(), peer="127.0.0.1", bind="tcp:8404:interface=127.0.0.1") -> None:
+        self.clock = Clock()
+        self.group = BackendGroup("web", [Backend("a", "10.0.0.1", 80), Backend("b", "10.0.0.2", 80)])
+        self.factory = admin_site(StatsRegistry({"web": self.group}), token, hosts=hosts, bind=bind,
+                                  reactor=self.clock)
+        client = IPv4Address("TCP", peer, 5555)
+        self.protocol = self.factory.buildProtocol(client)
+        self.transport = StringTransport(hostAddress=ADMIN_ADDRESS, peerAddress=client)
+        self.protocol.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> bytes:
+        self.protocol.dataReceived(data)
+        return self.transport.value()
+
+    @property
+    def state(self) -> str:
+        return self.group.get("a").state
+
+
+def head(method=b"POST", path=b"/backends/web/a/down", host=b"127.0.0.1:8404", **headers) -> bytes:
+    lines = [b"%s %s HTTP/1.1" % (method, path), b"Host: " + host]
+    lines += [name.replace("_", "-").encode() + b": " + value for name, value in headers.items()]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+class HostTests(SynchronousTestCase):
+    def test_foreignHostIs421(self):
+        """A Host that is not one of the listener's names gets 421 and no data."""
+        admin = MemoryAdmin()
+        out = admin.send(head(b"GET", b"/stats", b"attacker.example"))
+        self.assertTrue(out.startswith(b"HTTP/1.1 421 "), out)
+        self.assertNotIn(b"10.0.0.1", out)
+        self.assertTrue(admin.transport.disconnecting)
+
+    def test_ownNamesAreServed(self):
+        """The bind address, localhost (any case, trailing dot, with or without port) and [admin] hosts are served."""
+        for host in (b"127.0.0.1:8404", b"localhost:8404", b"LOCALHOST", b"localhost.:8404", b"lb1.example.net"):
+            admin = MemoryAdmin(hosts=("lb1.example.net",))
+            out = admin.send(head(b"GET", b"/stats", host))
+            self.assertTrue(out.startswith(b"HTTP/1.1 200 "), (host, out))
+
+    def test_connectionAddressIsServedWhenBoundToAll(self):
+        """Bound to every interface, the address the connection arrived on is a name of the listener."""
+        admin = MemoryAdmin(bind="tcp:8404")
+        self.assertTrue(admin.send(head(b"GET", b"/stats", b"127.0.0.1:8404")).startswith(b"HTTP/1.1 200 "))
+        admin = MemoryAdmin(bind="tcp:8404")
+        self.assertTrue(admin.send(head(b"GET", b"/stats", b"10.9.9.9:8404")).startswith(b"HTTP/1.1 421 "))
+
+    def test_missingHostOnHTTP11Is400(self):
+        """An HTTP/1.1 request without Host is 400; two Host headers are 400."""
+        admin = MemoryAdmin()
+        self.assertTrue(admin.send(b"GET /stats HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400 "))
+        admin = MemoryAdmin()
+        out = admin.send(b"GET /stats HTTP/1.1\r\nHost: localhost\r\nHost: evil\r\n\r\n")
+        self.assertTrue(out.startswith(b"HTTP/1.1 400 "), out)
+
+    def test_bindInterface(self):
+        """The bind address is read from tcp endpoint descriptions, escaped IPv6 colons included."""
+        self.assertEqual(bind_interface("tcp:8404:interface=127.0.0.1"), "127.0.0.1")
+        self.assertEqual(bind_interface(r"tcp6:8404:interface=\:\:1"), "::1")
+        self.assertEqual(bind_interface("tcp:8404"), "")
+        self.assertIsNone(bind_interface("unix:/run/slb.sock"))
+
+
+class CrossSiteTests(SynchronousTestCase):
+    def assertRefused(self, admin, raw, code=b"403"):
+        out = admin.send(raw)
+        self.assertTrue(out.startswith(b"HTTP/1.1 " + code + b" "), out)
+        self.assertEqual(admin.state, "up")
+        return out
+
+    def test_curlStylePostIsAllowed(self):
+        """A POST with no sign of a browser (curl -X POST) acts from loopback."""
+        admin = MemoryAdmin()
+        out = admin.send(head(User_Agent=b"curl/7.88.1", Accept=b"*/*"))
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 "), out)
+        self.assertEqual(admin.state, "down")
+
+    def test_otherOriginIsRefused(self):
+        """A POST whose Origin is another site, or 'null', is refused even with the admin header."""
+        for origin in (b"http://127.0.0.1:9999", b"http://attacker.example", b"null", b"https://127.0.0.1:8404"):
+            out = self.assertRefused(MemoryAdmin(), head(Origin=origin, X_SLB_Admin=b"1"))
+            self.assertIn(b"another origin", out)
+
+    def test_crossSiteFetchMetadataIsRefused(self):
+        """A POST marked Sec-Fetch-Site same-site or cross-site is refused (another port of 127.0.0.1 is
+        same-site)."""
+        for site in (b"same-site", b"cross-site"):
+            self.assertRefused(MemoryAdmin(), head(Sec_Fetch_Site=site, X_SLB_Admin=b"1"))
+
+    def test_browserPostNeedsAdminHeader(self):
+        """A same-origin browser POST without X-SLB-Admin (what a form sends) is refused; with it, it acts."""
+        same = {"Origin": b"http://127.0.0.1:8404", "Sec_Fetch_Site": b"same-origin"}
+        self.assertRefused(MemoryAdmin(), head(**same))
+        self.assertRefused(MemoryAdmin(), head(Content_Type=b"application/x-www-form-urlencoded"))
+        self.assertRefused(MemoryAdmin(), head(Referer=b"http://127.0.0.1:8404/"))
+        admin = MemoryAdmin()
+        out = admin.send(head(X_SLB_Admin=b"1", **same))
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 "), out)
+        self.assertEqual(admin.state, "down")
+
+    def test_crossSiteReadIsRefused(self):
+        """A cross-site fetch of /stats is refused; following a link to the page (a navigation) is not."""
+        out = MemoryAdmin().send(head(b"GET", b"/stats", Sec_Fetch_Site=b"same-site", Sec_Fetch_Mode=b"cors"))
+        self.assertTrue(out.startswith(b"HTTP/1.1 403 "), out)
+        self.assertNotIn(b"10.0.0.1", out)
+        out = MemoryAdmin().send(head(b"GET", b"/", Sec_Fetch_Site=b"cross-site", Sec_Fetch_Mode=b"navigate"))
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 "), out)
+
+    def test_optionsIsNotAPreflightGrant(self):
+        """OPTIONS (a CORS preflight) gets 405 and no Access-Control-Allow-* header."""
+        out = MemoryAdmin().send(head(b"OPTIONS", b"/backends/web/a/down"))
+        self.assertTrue(out.startswith(b"HTTP/1.1 405 "), out)
+        self.assertNotIn(b"Access-Control", out)
+
+    def test_nonLoopbackRefusedWithoutToken(self):
+        """Without a token, actions from a non-loopback client are refused."""
+        out = self.assertRefused(MemoryAdmin(peer="192.0.2.7"), head())
+        self.assertIn(b"loopback", out)
+
+    def test_tokenActsFromAnywhereAndWithoutAdminHeader(self):
+        """With a token, the Authorization header is needed and enough (it cannot be sent cross-site)."""
+        self.assertRefused(MemoryAdmin(token="s3cret"), head())
+        self.assertRefused(MemoryAdmin(token="s3cret"), head(Authorization=b"Bearer wrong"))
+        admin = MemoryAdmin(token="s3cret", peer="192.0.2.7")
+        out = admin.send(head(Authorization=b"Bearer s3cret", Origin=b"http://127.0.0.1:8404"))
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 "), out)
+        self.assertEqual(admin.state, "down")
+
+
+class BodyAndDeadlineTests(SynchronousTestCase):
+    def test_wrongTokenRefusedBeforeBody(self):
+        """A wrong token is refused on the head: no 100 Continue, no body byte read, the connection closed."""
+        admin = MemoryAdmin(token="s3cret")
+        out = admin.send(head(Authorization=b"Bearer wrong", Content_Length=b"100", Expect=b"100-continue"))
+        self.assertTrue(out.startswith(b"HTTP/1.1 403 "), out)
+        self.assertNotIn(b"100 Continue", out)
+        self.assertTrue(admin.transport.disconnecting)
+        self.assertIsNone(admin.protocol.pending)
+
+    def test_bodyOverCapIs413(self):
+        """A body announced or sent chunked over MAX_BODY_BYTES is 413, even with the token."""
+        admin = MemoryAdmin(token="s3cret")
+        out = admin.send(head(Authorization=b"Bearer s3cret", Content_Length=b"%d" % (200 * 1024 * 1024)))
+        self.assertTrue(out.startswith(b"HTTP/1.1 413 "), out)
+        admin = MemoryAdmin(token="s3cret")
+        out = admin.send(head(Authorization=b"Bearer s3cret", Transfer_Encoding=b"chunked")
+                         + b"%x\r\n" % (MAX_BODY_BYTES + 1) + b"x" * (MAX_BODY_BYTES + 1))
+        self.assertTrue(out.startswith(b"HTTP/1.1 413 "), out)
+        self.assertEqual(admin.state, "up")
+        admin = MemoryAdmin()
+        out = admin.send(head(Content_Length=b"%d" % MAX_BODY_BYTES) + b"x" * MAX_BODY_BYTES)
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 "), out)
+
+    def test_headTrickleHitsDeadline(self):
+        """A head sent one line every 3 s is cut at REQUEST_TIMEOUT from its first byte: bytes do not extend it."""
+        admin = MemoryAdmin()
+        admin.send(b"GET /stats HTTP/1.1\r\n")
+        for i in range(3):
+            admin.clock.advance(3)
+            admin.send(b"X-Slow-%d: 1\r\n" % i)
+        self.assertFalse(admin.transport.disconnecting)
+        admin.clock.advance(REQUEST_TIMEOUT - 9)
+        self.assertTrue(admin.transport.value().startswith(b"HTTP/1.1 408 "), admin.transport.value())
+        self.assertTrue(admin.transport.disconnecting)
+
+    def test_bodyTrickleHitsDeadline(self):
+        """A body sent a byte every 3 s is cut at REQUEST_TIMEOUT from the request's first byte."""
+        admin = MemoryAdmin()
+        admin.send(head(Content_Length=b"100"))
+        for _ in range(3):
+            admin.clock.advance(3)
+            admin.send(b"x")
+        admin.clock.advance(REQUEST_TIMEOUT - 9)
+        self.assertTrue(admin.transport.value().startswith(b"HTTP/1.1 408 "), admin.transport.value())
+        self.assertEqual(admin.state, "up")
+
+    def test_emptyLinesDoNotKeepAnIdleConnection(self):
+        """Empty lines between requests do not restart the idle timeout."""
+        admin = MemoryAdmin()
+        for _ in range(3):
+            admin.clock.advance(3)
+            admin.send(b"\r\n")
+        admin.clock.advance(REQUEST_TIMEOUT - 9)
+        self.assertTrue(admin.transport.disconnecting)
+
+    def test_connectionsOverTheLimitAreClosed(self):
+        """The admin listener's connections count against its own limit."""
+        from twisted_slb.limits import ConnectionLimit
+
+        limit = ConnectionLimit(1, "[admin]")
+        factory = admin_site(StatsRegistry({}), reactor=Clock(), limit=limit)
+        client = IPv4Address("TCP", "127.0.0.1", 5555)
+        self.assertIsNotNone(factory.buildProtocol(client))
+        self.assertIsNone(factory.buildProtocol(client))
 
 
 class PageTests(SynchronousTestCase):
     def test_namesAreEscaped(self):
-        group = BackendGroup("w<b>", [Backend("b<i>", "10.0.0.1", 80)])
+        """Names shown on the page are escaped by twisted.web.template, in text and attributes."""
+        group = BackendGroup("w<b>", [Backend("b<i>\"", "10.0.0.1", 80)])
         page = render_page(StatsRegistry({"w": group}).snapshot())
         self.assertIn(b"b&lt;i&gt;", page)
+        self.assertIn(b'data-backend="b&lt;i&gt;&quot;"', page)
         self.assertNotIn(b"<i>", page)
+        self.assertNotIn(b"<b>", page)
 
     def test_downAndDrainColours(self):
+        """Drained and down backends get their state classes; the page refreshes itself and has no inline script."""
         group = BackendGroup("web", [Backend("a", "10.0.0.1", 80, weight=0), Backend("b", "10.0.0.2", 80)])
         group.get("b").up = False
         page = render_page(StatsRegistry({"web": group}).snapshot())
-        self.assertIn(b"class='state drain'", page)
-        self.assertIn(b"class='state down'", page)
-        self.assertIn(b"http-equiv=refresh", page)
+        self.assertIn(b'class="state drain"', page)
+        self.assertIn(b'class="state down"', page)
+        self.assertIn(b'http-equiv="refresh"', page)
+        self.assertIn(b'<script src="/admin.js"></script>', page)
+        self.assertNotIn(b"<style", page)
+
+    def test_tokenFieldOnlyWithToken(self):
+        """The token field is shown only when actions need a token."""
+        snapshot = StatsRegistry({}).snapshot()
+        self.assertNotIn(b'id="token"', render_page(snapshot))
+        self.assertIn(b'id="token"', render_page(snapshot, token_required=True))
+
+
+class ConfigTests(SynchronousTestCase):
+    BASE = """
+[backends.web]
+servers = [ { name = "a", address = "127.0.0.1:1" } ]
+[listeners.web]
+protocol = "http"
+bind = "tcp:0"
+backends = "web"
+[admin]
+bind = "tcp:0:interface=127.0.0.1"
+"""
+
+    def test_hostsAreRead(self):
+        """[admin] hosts and max_connections are read; names are lower-cased."""
+        config = parse_config(self.BASE + 'hosts = ["LB1.example.net", "10.0.0.5", "[::1]"]\nmax_connections = 3\n')
+        self.assertEqual(config.admin.hosts, ("lb1.example.net", "10.0.0.5", "::1"))
+        self.assertEqual(config.admin.max_connections, 3)
+
+    def test_badHostsNameTheField(self):
+        """A host with a scheme or port, or not a list, is a ConfigError naming the field and the value."""
+        for value, field in (('["http://lb1"]', "admin.hosts[0]"), ('["lb1:8404"]', "admin.hosts[0]"),
+                             ('"lb1"', "admin.hosts"), ('["ok", 3]', "admin.hosts[1]")):
+            with self.assertRaises(ConfigError) as cm:
+                parse_config(self.BASE + f"hosts = {value}\n")
+            self.assertIn(field + ":", str(cm.exception))
+            self.assertIn("allowed:", str(cm.exception))
+
+
+class ServiceTests(SynchronousTestCase):
+    def warnings(self, admin_lines: str):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        service = BalancerService(parse_config(ConfigTests.BASE.replace(
+            'bind = "tcp:0:interface=127.0.0.1"\n', admin_lines)), Clock())
+        return service, [e for e in events if e.get("log_namespace") == "twisted_slb.service"
+                         and "admin listener binds" in e.get("log_format", "")]
+
+    def test_warnsWhenExposedWithoutToken(self):
+        """Binding the admin beyond loopback without a token logs a warning at start; loopback or a token do not."""
+        _, warned = self.warnings('bind = "tcp:0"\n')
+        self.assertEqual(len(warned), 1)
+        _, warned = self.warnings('bind = "tcp:0:interface=127.0.0.1"\n')
+        self.assertEqual(warned, [])
+        _, warned = self.warnings('bind = "tcp:0"\ntoken = "x"\n')
+        self.assertEqual(warned, [])
+        self.assertTrue(exposed_without_token("tcp:0:interface=0.0.0.0", ""))
+        self.assertFalse(exposed_without_token(r"tcp6:0:interface=\:\:1", ""))
+
+    def test_adminHasItsOwnLimit(self):
+        """The admin listener counts its connections against [admin] max_connections, not the global limit."""
+        service, _ = self.warnings('bind = "tcp:0:interface=127.0.0.1"\nmax_connections = 2\n')
+        factory = service.getServiceNamed(ADMIN).factory
+        self.assertEqual(factory.limit.limit, 2)
+        self.assertIsNone(factory.limit.parent)
+
+    def test_accessChecksUseConfiguredHosts(self):
+        """The service builds the admin with [admin] hosts and the bind address as its names."""
+        service, _ = self.warnings('bind = "tcp:0:interface=127.0.0.2"\nhosts = ["lb1"]\n')
+        access = service.getServiceNamed(ADMIN).factory.check_head.__self__
+        self.assertIsInstance(access, AdminAccess)
+        self.assertEqual(access.names, {"localhost", "lb1", "127.0.0.2"})

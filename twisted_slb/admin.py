@@ -5,29 +5,249 @@ The admin listener: C{/} (an HTML page), C{/stats} (JSON), C{/metrics}
     [admin]
     bind = "tcp:8404:interface=127.0.0.1"
     token = ""        # when set, POST actions need "Authorization: Bearer <token>"
+    hosts = []        # more names a request's Host may carry (besides the bind address and localhost)
 
 POST actions (C{/backends/<group>/<backend>/drain}, C{.../enable},
-C{.../down}, C{.../up}) are refused unless the request comes from loopback
-or carries the token.
+C{.../down}, C{.../up}) change the balancer, so L{AdminAccess} refuses
+them when they could come from a web page the operator's browser shows:
+
+ - every request's C{Host} must be one of the listener's names (421
+   otherwise), so that a DNS-rebinding page can neither read nor act;
+ - a request a browser sent from another origin (C{Origin}, or
+   C{Sec-Fetch-Site} other than C{same-origin}) is refused (403), and a
+   cross-site read (a C{fetch} or C{<script>} of C{/stats}) too;
+ - a POST that shows any sign of a browser (C{Origin}, C{Sec-Fetch-*},
+   C{Referer}, C{Cookie}, a form's content type) needs the header
+   C{X-SLB-Admin: 1} or the token, which neither a cross-site form nor a
+   C{no-cors} fetch can send; C{curl -X POST} sends none of those signs
+   and needs nothing more;
+ - without a token, actions are allowed from loopback only; with one,
+   only with C{Authorization: Bearer <token>}.
+
+These checks run on the request head, before any body byte is read
+(L{AdminAccess.check_head}); bodies are capped at L{MAX_BODY_BYTES}, and a
+request must arrive whole within L{REQUEST_TIMEOUT} seconds.
 """
 
 from __future__ import annotations
 
 import hmac
-import html
 import ipaddress
 import json
-from typing import Dict, Optional
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.template import Tag, flattenString, tags
 
+from twisted_slb.limits import ConnectionLimit
 from twisted_slb.stats import StatsRegistry
+from twisted_slb.web.front import BadRequest, HTTPFrontFactory
 
 log = Logger(namespace="twisted_slb.admin")
+
+#: The header the admin page's script sends with its POSTs; a cross-site
+#: form or C{no-cors} fetch cannot send it (a CORS fetch would need a
+#: preflight, which the admin listener never grants).
+ADMIN_HEADER = b"X-SLB-Admin"
+#: Largest request body the admin listener reads (the actions need none).
+MAX_BODY_BYTES = 4096
+#: Seconds a request (head and body) has to arrive from its first byte, and
+#: an idle keep-alive connection stays open.
+REQUEST_TIMEOUT = 10.0
+MAX_HEADER_BYTES = 16384
+MAX_HEADERS = 64
+
+CONTENT_SECURITY_POLICY = (
+    b"default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+    b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+_SECURITY_HEADERS = (
+    (b"content-security-policy", CONTENT_SECURITY_POLICY),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+    (b"cache-control", b"no-store"),
+)
+#: Content types a cross-site HTML form can send.
+_FORM_TYPES = (b"application/x-www-form-urlencoded", b"multipart/form-data", b"text/plain")
+_SAFE_METHODS = (b"GET", b"HEAD")
+
+
+def _split_host(value: str) -> Tuple[str, Optional[str]]:
+    """C{"name:port"} or C{"[v6]:port"} -> (lower-case name, port or L{None})."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, bracket, rest = value[1:].partition("]")
+        if not bracket or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            raise ValueError(value)
+        return name, rest[1:] or None
+    name, colon, port = value.rpartition(":")
+    if colon and port.isdigit() and ":" not in name:
+        return name.rstrip("."), port
+    if ":" in value:
+        raise ValueError(value)
+    return value.rstrip("."), None
+
+
+def _origin(value: str) -> Optional[Tuple[str, str, str]]:
+    """C{scheme://host[:port]} -> (scheme, host, port with the default filled in)."""
+    scheme, sep, rest = value.strip().lower().partition("://")
+    if not sep or scheme not in ("http", "https") or "/" in rest:
+        return None
+    try:
+        name, port = _split_host(rest)
+    except ValueError:
+        return None
+    return scheme, name, port or ("443" if scheme == "https" else "80")
+
+
+def bind_interface(bind: str) -> Optional[str]:
+    """
+    The address a C{tcp:}/C{ssl:} endpoint description binds (C{""} for every
+    interface), or L{None} for other endpoints (C{unix:}, C{systemd:}).
+    """
+    kind, _, rest = bind.partition(":")
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return None
+    interface = ""
+    for part in rest.replace("\\:", "\0").split(":")[1:]:
+        key, eq, value = part.partition("=")
+        if eq and key == "interface":
+            interface = value.replace("\0", ":")
+    if not interface and kind == "tcp6":
+        return "::"
+    return interface
+
+
+def exposed_without_token(bind: str, token: str) -> bool:
+    """Whether an admin listener on C{bind} is reachable beyond loopback with no token."""
+    if token:
+        return False
+    interface = bind_interface(bind)
+    if interface is None:
+        return False  # a UNIX socket: file permissions decide
+    if interface == "":
+        return True
+    try:
+        return not ipaddress.ip_address(interface.split("%")[0]).is_loopback
+    except ValueError:
+        return True
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+class AdminAccess:
+    """
+    Who may read and act through the admin listener (see the module
+    docstring for the rules).
+
+    @ivar token: the bearer token actions need, or C{""}.
+    @ivar names: host names (lower case) a request's C{Host} may carry, on
+        top of the address the connection arrived on.
+    """
+
+    def __init__(self, token: str = "", names: Iterable[str] = ()) -> None:
+        self.token = token
+        self.names = frozenset(
+            {"localhost"} | {n.lower().strip("[]").rstrip(".") for n in names if n}
+        )
+
+    def _header(self, request, name: bytes) -> Optional[str]:
+        value = request.getHeader(name)
+        return None if value is None else value.decode("latin-1")
+
+    def host_refusal(self, request) -> Optional[Tuple[int, str]]:
+        """421 unless C{Host} names this listener (a rebinding page's does not)."""
+        values = request.requestHeaders.getRawHeaders(b"host") or []
+        if not values:
+            if request.clientproto == b"HTTP/1.0":
+                return None  # no name to check: not what a browser sends
+            return 400, "no Host header"
+        if len(values) > 1:
+            return 400, "more than one Host header"
+        try:
+            name, _ = _split_host(values[0].decode("latin-1"))
+        except ValueError:
+            return 400, f"invalid Host {values[0][:80]!r}"
+        local = getattr(request.getHost(), "host", None)
+        if name in self.names or (local is not None and name == local.split("%")[0].lower()):
+            return None
+        return 421, (f"Host {name!r} is not a name of this admin listener "
+                     "(add it to [admin] hosts if it is)")
+
+    def cross_site_refusal(self, request) -> Optional[str]:
+        """Why a browser request from another origin is refused, or L{None}."""
+        site = self._header(request, b"sec-fetch-site")
+        safe = request.method in _SAFE_METHODS
+        if safe:
+            # Reads: a navigation (a link to the page) is fine; a
+            # cross-site fetch or <script src> of /stats is not.
+            if site in ("cross-site", "same-site") and self._header(request, b"sec-fetch-mode") != "navigate":
+                return f"a cross-site read (Sec-Fetch-Site {site})"
+            return None
+        origin = self._header(request, b"origin")
+        if origin is not None:
+            own = _origin(("https" if request.isSecure() else "http") + "://" +
+                          (self._header(request, b"host") or ""))
+            if own is None or _origin(origin) != own:
+                return f"a request from another origin (Origin {origin[:80]})"
+        if site is not None and site != "same-origin":
+            return f"a request from another site (Sec-Fetch-Site {site[:40]})"
+        return None
+
+    def _from_browser(self, request) -> bool:
+        headers = request.requestHeaders
+        for name in (b"origin", b"sec-fetch-site", b"sec-fetch-mode", b"referer", b"cookie"):
+            if headers.hasHeader(name):
+                return True
+        content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        return content_type in _FORM_TYPES
+
+    def action_refusal(self, request) -> Optional[str]:
+        """Why a state-changing request is not authorized, or L{None}."""
+        if self.token:
+            given = request.getHeader(b"authorization") or b""
+            if hmac.compare_digest(given, b"Bearer " + self.token.encode("utf-8")):
+                return None
+            return "a valid 'Authorization: Bearer <token>' header is required"
+        if not _is_loopback(getattr(request.getClientAddress(), "host", "")):
+            return "actions are allowed from loopback only (or set [admin].token)"
+        if self._from_browser(request) and request.getHeader(ADMIN_HEADER) != b"1":
+            return "a browser's request needs the 'X-SLB-Admin: 1' header (the admin page's buttons send it)"
+        return None
+
+    def refusal(self, request) -> Optional[Tuple[int, str]]:
+        """C{(status, why)} if C{request} must be refused, else L{None}."""
+        refused = self.host_refusal(request)
+        if refused is not None:
+            return refused
+        why = self.cross_site_refusal(request)
+        if why is None and request.method not in _SAFE_METHODS:
+            why = self.action_refusal(request)
+        return None if why is None else (403, why)
+
+    def check_head(self, request) -> None:
+        """
+        The L{HTTPFrontFactory.check_head} hook: refuse on the request head,
+        before any body byte is read.
+
+        @raise BadRequest: the request is refused.
+        """
+        refused = self.refusal(request)
+        if refused is not None:
+            code, why = refused
+            raise BadRequest(f"{request.method.decode('ascii', 'replace')} {request.path[:100].decode('ascii', 'replace')}: {why}", code)
 
 
 class _Collector:
@@ -84,104 +304,261 @@ class MetricsPage(Resource):
         return generate_latest(self.prometheus)
 
 
-class StatsPage(Resource):
+
+class _AdminPage(Resource):
+    """
+    A leaf of the admin tree: checks L{AdminAccess} (again, for a tree served
+    by a plain twisted.web C{Site}), sends the security headers, and answers
+    405 to methods it has no C{render_*} for.
+    """
+
     isLeaf = True
 
-    def __init__(self, registry: StatsRegistry) -> None:
+    def __init__(self, access: AdminAccess) -> None:
         Resource.__init__(self)
+        self.access = access
+
+    def _guard(self, request) -> Optional[bytes]:
+        """Send the security headers; the refusal's body if refused."""
+        for name, value in _SECURITY_HEADERS:
+            request.setHeader(name, value)
+        refused = self.access.refusal(request)
+        if refused is None:
+            return None
+        code, why = refused
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return f"{code} {why}\n".encode("utf-8")
+
+    def render(self, request):
+        refused = self._guard(request)
+        if refused is not None:
+            return refused
+        method = request.method.decode("ascii", "replace")
+        if request.method == b"HEAD" and not hasattr(self, "render_HEAD"):
+            method = "GET"
+        handler = getattr(self, "render_" + method, None)
+        if handler is None:
+            allowed = sorted(m[7:] for m in dir(self) if m.startswith("render_") and m[7:].isupper())
+            request.setResponseCode(405)
+            request.setHeader(b"allow", ", ".join(allowed).encode("ascii"))
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return f"405 Method Not Allowed: use {' or '.join(allowed)}\n".encode("utf-8")
+        return handler(request)
+
+
+class MetricsPage(_AdminPage):
+    def __init__(self, access: AdminAccess, registry: StatsRegistry) -> None:
+        _AdminPage.__init__(self, access)
+        self.prometheus = CollectorRegistry(auto_describe=True)
+        self.prometheus.register(_Collector(registry))
+
+    def render_GET(self, request):
+        # generate_latest on the reactor thread: prometheus_client's own
+        # Twisted resource runs the collection in a thread pool, where it
+        # would read our counters while the reactor changes them.
+        request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+        return generate_latest(self.prometheus)
+
+
+class AdminState:
+    """
+    What the admin listener shows besides the registry's counters.
+
+    @ivar registry: the L{StatsRegistry}.
+    @ivar version: the twisted_slb version.
+    @ivar started: when the balancer started (C{clock.seconds()}).
+    @ivar binds: a callable returning listener name -> bind description.
+    """
+
+    def __init__(self, registry: StatsRegistry, clock=None, version: str = "",
+                 binds: Optional[Callable[[], Mapping[str, str]]] = None, started: Optional[float] = None) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
         self.registry = registry
+        self.clock = clock
+        self.version = version or _version()
+        self.binds = binds or dict
+        self.started = clock.seconds() if started is None else started
+
+    def snapshot(self) -> dict:
+        """The registry's snapshot, with each listener's bind, the version and the uptime."""
+        doc = self.registry.snapshot()
+        binds = self.binds()
+        for listener in doc["listeners"]:
+            listener["bind"] = binds.get(listener["name"])
+        doc["version"] = self.version
+        doc["uptime"] = round(self.clock.seconds() - self.started, 3)
+        return doc
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("twisted_slb")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class StatsPage(_AdminPage):
+    def __init__(self, access: AdminAccess, state: AdminState) -> None:
+        _AdminPage.__init__(self, access)
+        self.state = state
 
     def render_GET(self, request):
         request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"cache-control", b"no-store")
-        return json.dumps(self.registry.snapshot(), indent=2).encode("utf-8")
+        return json.dumps(self.state.snapshot(), indent=2).encode("utf-8")
 
 
-_STYLE = """
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    text = f"{hours}h {minutes:02d}m {seconds:02d}s" if hours or days else f"{minutes}m {seconds:02d}s"
+    return f"{days}d {text}" if days else text
+
+
+def _num(value) -> Tag:
+    return tags.td(str(value), class_="num")
+
+
+def _listener_rows(listeners: List[dict]) -> List[Tag]:
+    rows = [tags.tr(*[tags.th(h) for h in (
+        "listener", "protocol", "bind", "active", "connections", "requests", "by status", "persistence",
+        "bytes in", "bytes out")])]
+    for l in listeners:
+        persistence = ", ".join(f"{k} {v}" for k, v in l["persistence"].items() if v)
+        classes = ", ".join(f"{k}: {v}" for k, v in sorted(l["requests_by_class"].items()))
+        rows.append(tags.tr(
+            tags.td(l["name"]), tags.td(l["protocol"]), tags.td(tags.code(l.get("bind") or "-")),
+            _num(l["active_connections"]), _num(l["connections_total"]), _num(l["requests_total"]),
+            tags.td(classes), tags.td(persistence), _num(l.get("bytes_in", 0)), _num(l["bytes_out"]),
+        ))
+    return rows
+
+
+def _backend_row(group: str, b: dict) -> Tag:
+    health = b.get("health") or {}
+    check = f"{health.get('last_status') or '-'} {health.get('last_reason') or ''}".strip()
+    buttons = [
+        tags.button(action, type="button", class_="act",
+                    **{"data-group": group, "data-backend": b["name"], "data-action": action})
+        for action in ("drain", "enable", "down", "up")
+    ]
+    return tags.tr(
+        tags.td(b["name"]), tags.td(tags.code(str(b.get("id", "")))), tags.td(str(b["address"])),
+        tags.td(tags.span(b["state"], class_=f"state {b['state']}")),
+        _num(b["weight"]), _num(b["active"]), _num(b["total"]), _num(b["failures"]),
+        _num(b["bytes_in"]), _num(b["bytes_out"]), tags.td(check), tags.td(*buttons, class_="actions"),
+    )
+
+
+def page_tag(snapshot: dict, token_required: bool = False) -> Tag:
+    """The admin page for C{snapshot} (L{AdminState.snapshot}), as a tag tree."""
+    body = [
+        tags.h1("twisted_slb"),
+        tags.p(f"version {snapshot.get('version', '?')} · up {_duration(snapshot.get('uptime', 0))}",
+               id="about"),
+    ]
+    if token_required:
+        body.append(tags.p(tags.label("token ", tags.input(type="password", id="token", autocomplete="off")),
+                           " (actions need it; kept for this tab only)", id="auth"))
+    body.append(tags.p("", id="message", role="status"))
+    body += [tags.h2("Listeners"), tags.table(*_listener_rows(snapshot["listeners"]), id="listeners")]
+    for g in snapshot["groups"]:
+        header = tags.tr(*[tags.th(h) for h in (
+            "backend", "id", "address", "state", "weight", "active", "total", "failures", "bytes in",
+            "bytes out", "last check", "actions")])
+        body.append(tags.h2(f"Group {g['name']} ", tags.small(f"({g['scheduler']})")))
+        body.append(tags.table(header, *[_backend_row(g["name"], b) for b in g["backends"]], class_="group",
+                               **{"data-group": g["name"]}))
+    body.append(tags.p(tags.a("stats (JSON)", href="/stats"), " · ", tags.a("metrics (Prometheus)", href="/metrics")))
+    body.append(tags.script(src="/admin.js"))
+    return tags.html(
+        tags.head(
+            tags.meta(charset="utf-8"), tags.meta(**{"http-equiv": "refresh", "content": "5"}),
+            tags.title("twisted_slb"), tags.link(rel="stylesheet", href="/admin.css"),
+        ),
+        tags.body(*body),
+        lang="en",
+    )
+
+
+def render_page(snapshot: dict, token_required: bool = False) -> bytes:
+    """The admin page as bytes; every value is escaped by L{twisted.web.template}."""
+    out: List[bytes] = []
+    failures: list = []
+    # Nothing in the tree is asynchronous: the Deferred has fired on return.
+    flattenString(None, page_tag(snapshot, token_required)).addCallbacks(out.append, failures.append)
+    if failures:
+        failures[0].raiseException()
+    return b"<!DOCTYPE html>\n" + out[0]
+
+
+STYLE = b"""\
 body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}
 h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.5em}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}
 th{background:#f0f0f0}.num{text-align:right;font-variant-numeric:tabular-nums}
 .state{display:inline-block;padding:.1em .6em;border-radius:.8em;color:#fff;font-weight:600}
 .up{background:#1a8f3a}.drain{background:#d08a00}.down{background:#c62828}
+.actions button{margin-right:.3em}#message:empty{display:none}
+#message{padding:.3em .6em;background:#eef;border:1px solid #99c;display:inline-block}
+"""
+
+#: The page's script (served from the admin listener itself: the CSP allows
+#: no inline script).  Its POSTs carry X-SLB-Admin (and the token when one is
+#: typed), which no cross-site form can send.
+SCRIPT = b"""\
+"use strict";
+(function () {
+  var token = document.getElementById("token");
+  if (token) {
+    token.value = sessionStorage.getItem("slb-admin-token") || "";
+    token.addEventListener("input", function () { sessionStorage.setItem("slb-admin-token", token.value); });
+  }
+  var message = document.getElementById("message");
+  document.querySelectorAll("button[data-action]").forEach(function (button) {
+    button.addEventListener("click", function () {
+      var headers = {"X-SLB-Admin": "1"};
+      if (token && token.value) { headers["Authorization"] = "Bearer " + token.value; }
+      var url = "/backends/" + encodeURIComponent(button.dataset.group) + "/" +
+        encodeURIComponent(button.dataset.backend) + "/" + encodeURIComponent(button.dataset.action);
+      fetch(url, {method: "POST", headers: headers, credentials: "omit", cache: "no-store"}).then(function (r) {
+        return r.text().then(function (text) {
+          message.textContent = text;
+          if (r.ok) { location.reload(); }
+        });
+      }, function (error) { message.textContent = String(error); });
+    });
+  });
+})();
 """
 
 
-def render_page(snapshot: dict) -> bytes:
-    e = lambda v: html.escape(str(v))
-    rows = []
-    for l in snapshot["listeners"]:
-        persistence = ", ".join(f"{k} {v}" for k, v in l["persistence"].items() if v)
-        classes = ", ".join(f"{k}: {v}" for k, v in sorted(l["requests_by_class"].items()))
-        rows.append(
-            f"<tr><td>{e(l['name'])}</td><td>{e(l['protocol'])}</td><td class=num>{l['active_connections']}</td>"
-            f"<td class=num>{l['connections_total']}</td><td class=num>{l['requests_total']}</td>"
-            f"<td>{e(classes)}</td><td>{e(persistence)}</td><td class=num>{l['bytes_out']}</td></tr>"
-        )
-    parts = [
-        "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=5>",
-        f"<title>twisted_slb</title><style>{_STYLE}</style></head><body><h1>twisted_slb</h1>",
-        "<h2>Listeners</h2><table id=listeners><tr><th>listener</th><th>protocol</th><th>active</th>"
-        "<th>connections</th><th>requests</th><th>by status</th><th>persistence</th><th>bytes out</th></tr>",
-        *rows, "</table>",
-    ]
-    for g in snapshot["groups"]:
-        parts.append(f"<h2>Group {e(g['name'])} <small>({e(g['scheduler'])})</small></h2>")
-        parts.append(
-            "<table class=group><tr><th>backend</th><th>address</th><th>state</th><th>weight</th>"
-            "<th>active</th><th>total</th><th>failures</th><th>bytes in</th><th>bytes out</th><th>last check</th></tr>"
-        )
-        for b in g["backends"]:
-            health = b["health"] or {}
-            check = f"{health.get('last_status') or '-'} {health.get('last_reason') or ''}".strip()
-            parts.append(
-                f"<tr><td>{e(b['name'])}</td><td>{e(b['address'])}</td>"
-                f"<td><span class='state {e(b['state'])}'>{e(b['state'])}</span></td>"
-                f"<td class=num>{b['weight']}</td><td class=num>{b['active']}</td><td class=num>{b['total']}</td>"
-                f"<td class=num>{b['failures']}</td><td class=num>{b['bytes_in']}</td>"
-                f"<td class=num>{b['bytes_out']}</td><td>{e(check)}</td></tr>"
-            )
-        parts.append("</table>")
-    parts.append("<p><a href=stats>stats (JSON)</a> · <a href=metrics>metrics (Prometheus)</a></p></body></html>")
-    return "\n".join(parts).encode("utf-8")
-
-
-class BackendAction(Resource):
-    """POST /backends/<group>/<backend>/<action>."""
-
-    isLeaf = True
-
-    def __init__(self, registry: StatsRegistry, token: str) -> None:
-        Resource.__init__(self)
-        self.registry = registry
-        self.token = token
-        self.configured_weights: Dict[tuple, int] = {}
-
-    def _allowed(self, request) -> Optional[str]:
-        if self.token:
-            given = request.getHeader(b"authorization") or b""
-            if hmac.compare_digest(given, b"Bearer " + self.token.encode("utf-8")):
-                return None
-            return "a valid 'Authorization: Bearer <token>' header is required"
-        host = getattr(request.getClientAddress(), "host", "")
-        try:
-            if ipaddress.ip_address(host.split("%")[0]).is_loopback:
-                return None
-        except ValueError:
-            pass
-        return "actions are allowed from loopback only (or set [admin].token)"
+class StaticFile(_AdminPage):
+    def __init__(self, access: AdminAccess, body: bytes, content_type: bytes) -> None:
+        _AdminPage.__init__(self, access)
+        self.body = body
+        self.content_type = content_type
 
     def render_GET(self, request):
-        request.setResponseCode(405)
-        request.setHeader(b"allow", b"POST")
-        return b"405 Method Not Allowed: use POST\n"
+        request.setHeader(b"content-type", self.content_type)
+        return self.body
+
+
+class BackendAction(_AdminPage):
+    """POST /backends/<group>/<backend>/<action>."""
+
+    def __init__(self, access: AdminAccess, registry: StatsRegistry) -> None:
+        _AdminPage.__init__(self, access)
+        self.registry = registry
+        self.configured_weights: Dict[tuple, int] = {}
 
     def render_POST(self, request):
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        refused = self._allowed(request)
-        if refused:
-            request.setResponseCode(403)
-            return f"403 Forbidden: {refused}\n".encode("utf-8")
         parts = [p.decode("utf-8", "replace") for p in request.postpath if p]
         if len(parts) != 3 or parts[2] not in ("drain", "enable", "down", "up"):
             request.setResponseCode(404)
@@ -209,25 +586,83 @@ class BackendAction(Resource):
         return f"{group_name}/{backend_name}: {backend.state}, weight {backend.weight}\n".encode("utf-8")
 
 
-class AdminResource(Resource):
-    def __init__(self, registry: StatsRegistry, token: str = "") -> None:
-        Resource.__init__(self)
-        self.registry = registry
-        self.putChild(b"stats", StatsPage(registry))
-        self.putChild(b"metrics", MetricsPage(registry))
-        self.putChild(b"backends", BackendAction(registry, token))
+class AdminPage(_AdminPage):
+    """C{/}: the HTML page."""
 
-    def getChild(self, path, request):
-        if path == b"":
-            return self
-        return Resource.getChild(self, path, request)
+    def __init__(self, access: AdminAccess, state: AdminState) -> None:
+        _AdminPage.__init__(self, access)
+        self.state = state
 
     def render_GET(self, request):
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
-        return render_page(self.registry.snapshot())
+        return render_page(self.state.snapshot(), token_required=bool(self.access.token))
 
 
-def admin_site(registry: StatsRegistry, token: str = "") -> Site:
-    site = Site(AdminResource(registry, token))
-    site.noisy = False
-    return site
+class AdminResource(Resource):
+    """The admin tree: C{/}, C{/stats}, C{/metrics}, C{/backends/...}, C{/admin.js}, C{/admin.css}."""
+
+    def __init__(self, registry: StatsRegistry, token: str = "", access: Optional[AdminAccess] = None,
+                 state: Optional[AdminState] = None) -> None:
+        Resource.__init__(self)
+        self.registry = registry
+        self.access = access = access if access is not None else AdminAccess(token)
+        self.state = state = state if state is not None else AdminState(registry)
+        self.page = AdminPage(access, state)
+        self.putChild(b"stats", StatsPage(access, state))
+        self.putChild(b"metrics", MetricsPage(access, registry))
+        self.putChild(b"backends", BackendAction(access, registry))
+        self.putChild(b"admin.js", StaticFile(access, SCRIPT, b"text/javascript; charset=utf-8"))
+        self.putChild(b"admin.css", StaticFile(access, STYLE, b"text/css; charset=utf-8"))
+
+    def getChild(self, path, request):
+        if path == b"" and not request.postpath:
+            return self.page
+        return _NotFound(self.access)
+
+    def render(self, request):
+        return self.page.render(request)
+
+
+class _NotFound(_AdminPage):
+    def render(self, request):
+        refused = self._guard(request)
+        if refused is not None:
+            return refused
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"404 Not Found\n"
+
+
+def admin_site(registry: StatsRegistry, token: str = "", hosts: Iterable[str] = (), bind: str = "",
+               reactor=None, limit: Optional[ConnectionLimit] = None, state: Optional[AdminState] = None,
+               listener_name: str = "[admin]") -> HTTPFrontFactory:
+    """
+    The admin listener's factory: the admin tree served by
+    L{HTTPFrontFactory} with small limits (L{MAX_BODY_BYTES},
+    L{REQUEST_TIMEOUT}, L{MAX_HEADER_BYTES}) and L{AdminAccess} checked on
+    every request head.
+
+    @param hosts: names (besides C{bind}'s address and C{localhost}) a
+        request's C{Host} may carry.
+    @param limit: the listener's connection limit (C{[admin]
+        max_connections}).
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    interface = bind_interface(bind) if bind else None
+    access = AdminAccess(token, [*hosts, *([interface] if interface else [])])
+    if state is None:
+        state = AdminState(registry, clock=reactor)
+    factory = HTTPFrontFactory(
+        AdminResource(registry, access=access, state=state),
+        reactor=reactor,
+        client_idle_timeout=REQUEST_TIMEOUT,
+        max_header_bytes=MAX_HEADER_BYTES,
+        max_headers=MAX_HEADERS,
+        max_body_bytes=MAX_BODY_BYTES,
+        listener_name=listener_name,
+        limit=limit,
+    )
+    factory.check_head = access.check_head
+    factory.whole_request_deadline = True
+    return factory

@@ -10,6 +10,7 @@ problem is a L{ConfigError} whose message names the file, the field path
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import sys
@@ -150,7 +151,10 @@ class AdminConfig:
     """C{[admin]}."""
 
     bind: str
-    token: str = ""  # required for POST actions unless bound to loopback
+    token: str = ""  # when set, POST actions need "Authorization: Bearer <token>"
+    #: host names (besides the bind address and localhost) a request's Host may name
+    hosts: Tuple[str, ...] = ()
+    max_connections: int = 64  # open admin connections (not counted in the global max_connections)
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -346,6 +350,32 @@ def _parse_address(t: _Table, key: str, value: Any) -> Tuple[str, int]:
     if not 1 <= port <= 65535:
         raise t.error(key, "port out of range", value, allowed)
     return host, port
+
+
+#: A host name (RFC 1123 labels, an optional final dot) or an IPv4 address.
+_HOST_NAME = re.compile(r"(?=.{1,253}\.?\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?\Z")
+
+
+def _admin_hosts(t: _Table) -> Tuple[str, ...]:
+    """C{[admin] hosts}: names a request's C{Host} may carry, lower-cased."""
+    value = t.get("hosts", [])
+    allowed = 'a list of host names or IP addresses without port or scheme, e.g. ["lb1.example.net", "10.0.0.5"]'
+    if not isinstance(value, list):
+        raise t.error("hosts", "must be a list", value, allowed)
+    hosts = []
+    for i, host in enumerate(value):
+        field = f"{t.field('hosts')}[{i}]"
+        if not isinstance(host, str):
+            raise t.error_at(field, "must be a string", host, allowed)
+        name = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            if not _HOST_NAME.match(name) or name.replace(".", "").isdigit():
+                raise t.error_at(field, "not a host name or an IP address", host, allowed) from None
+        hosts.append(name.lower().rstrip("."))
+    return tuple(hosts)
 
 
 def _check_endpoint(t: _Table, key: str, value: Any) -> str:
@@ -667,9 +697,12 @@ def parse_config(document: Any, path: str = "<string>") -> Config:
         binds[listener.bind] = name
         listeners[name] = listener
     admin = None
-    at = top.table("admin", ("bind", "token"))
+    at = top.table("admin", ("bind", "token", "hosts", "max_connections"))
     if at is not None:
-        admin = AdminConfig(_check_endpoint(at, "bind", at.get("bind")), at.string("token", ""))
+        admin = AdminConfig(
+            _check_endpoint(at, "bind", at.get("bind")), at.string("token", ""), _admin_hosts(at),
+            at.integer("max_connections", 64, 1, 10_000),
+        )
     config = Config(
         path=path, backends=groups, listeners=listeners, admin=admin,
         workers=top.integer("workers", 1, 1, 64),

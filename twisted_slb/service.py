@@ -276,6 +276,8 @@ class BalancerService(MultiService):
         self.access_files: Dict[str, object] = {}
         self.client_tls = ClientTLSCache()
         self.stats = StatsRegistry(self.groups)
+        self.admin_state = None
+        self._warned_admin: Optional[str] = None
         certificates = self._load_certificates(config)
         self._update_groups(config)
         for listener in self._listener_configs(config):
@@ -358,20 +360,41 @@ class BalancerService(MultiService):
         """The listeners of C{config}, the admin listener included."""
         listeners = list(config.listeners.values())
         if config.admin is not None:
-            listeners.append(ListenerConfig(name=ADMIN, protocol="admin", bind=config.admin.bind))
+            listeners.append(ListenerConfig(name=ADMIN, protocol="admin", bind=config.admin.bind,
+                                            max_connections=config.admin.max_connections, over_limit="close"))
         return listeners
 
     def _build_factory(self, listener: ListenerConfig, certificates: Dict[str, object]):
         if listener.protocol == "admin":
-            from twisted_slb.admin import admin_site
-
-            return admin_site(self.stats, self.config.admin.token)
+            return self._build_admin(listener)
         if listener.protocol == "tcp":
             return self._build_tcp(listener)
         site = self._build_site(listener)
         if listener.protocol == "https":
             return self._wrap_tls(listener, site, certificates[listener.name])
         return site
+
+    def _build_admin(self, listener: ListenerConfig):
+        from twisted_slb.admin import AdminState, admin_site, exposed_without_token
+
+        admin = self.config.admin
+        if exposed_without_token(admin.bind, admin.token) and self._warned_admin != admin.bind:
+            self._warned_admin = admin.bind
+            log.warn("the admin listener binds {bind}, beyond loopback, with no [admin] token: anyone who reaches "
+                     "it reads the stats, and actions are still refused from other hosts; set [admin] token",
+                     bind=admin.bind)
+        if self.admin_state is None:
+            self.admin_state = AdminState(self.stats, clock=self.reactor)
+        self.admin_state.binds = lambda: {l.name: l.bind for l in self.config.listeners.values()}
+        # Its own limit, not a child of the global one: a balancer full of
+        # client connections must still answer its operator.
+        limit = self.limits.get(ADMIN)
+        if limit is None:
+            limit = self.limits[ADMIN] = ConnectionLimit(admin.max_connections, ADMIN, wait=False)
+        else:
+            limit.configure(admin.max_connections, False)
+        return admin_site(self.stats, admin.token, hosts=admin.hosts, bind=admin.bind, reactor=self.reactor,
+                          limit=limit, state=self.admin_state, listener_name=ADMIN)
 
     def _source_ip_policy(self, key: str, persistence):
         from twisted_slb.persistence.sourceip import SourceIPPersistence, StickTable

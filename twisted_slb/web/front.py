@@ -96,8 +96,9 @@ _TUNNEL = 9  # after a 101: bytes are relayed as they are (WebSocket)
 #: Reason phrases for the statuses the listener answers itself (RFC 9110
 #: wording; twisted.web's table has older ones, e.g. "Request Time-out").
 _REASONS = {
-    400: b"Bad Request", 408: b"Request Timeout", 413: b"Content Too Large", 414: b"URI Too Long",
-    417: b"Expectation Failed", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+    400: b"Bad Request", 403: b"Forbidden", 408: b"Request Timeout", 413: b"Content Too Large", 414: b"URI Too Long",
+    417: b"Expectation Failed", 421: b"Misdirected Request",
+    431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
     501: b"Not Implemented", 505: b"HTTP Version Not Supported",
 }
 
@@ -491,7 +492,10 @@ class HTTPFrontChannel(Protocol):
                 self.reading_paused = True
                 self.transport.pauseProducing()
             return
-        self.last = self.clock.seconds()
+        if state != _IDLE:
+            # Not while idle: empty lines between requests must not keep a
+            # connection open (the idle deadline runs from the last response).
+            self.last = self.clock.seconds()
         self._feed()
 
     def _feed(self) -> None:
@@ -523,7 +527,7 @@ class HTTPFrontChannel(Protocol):
                 if not buffer:
                     return False
                 self.state = _HEAD
-                self.head_started = self.clock.seconds()
+                self.head_started = self.last = self.clock.seconds()
             end = buffer.find(b"\r\n\r\n")
             limit = self.factory.max_header_bytes
             if end < 0:
@@ -688,6 +692,9 @@ class HTTPFrontChannel(Protocol):
         limit = self.factory.max_body_bytes
         if limit and n > limit:
             raise BadRequest(f"a body of {n} bytes, over max_body_bytes ({limit})", 413)
+        check_head = self.factory.check_head
+        if check_head is not None:
+            check_head(request)  # before any body byte is read (or 100 Continue sent)
         self.body_read = 0
         expect = fields.pop(b"Expect", None)
         if expect is not None:
@@ -834,7 +841,7 @@ class HTTPFrontChannel(Protocol):
             deadline = self.closed_at + timeout
         elif state == _BUSY:
             deadline = self.paused_at + timeout if self.paused else now + timeout
-        elif state == _HEAD:
+        elif state == _HEAD or (state != _IDLE and self.factory.whole_request_deadline):
             deadline = self.head_started + timeout
         else:
             deadline = self.last + timeout
@@ -878,6 +885,13 @@ class HTTPFrontFactory(Factory):
 
     noisy = False
     lean = True
+    #: called with each L{FrontRequest} once its head is read, before its
+    #: body: raises L{BadRequest} to refuse it (the admin listener checks
+    #: Host, origin and authorization there)
+    check_head = None
+    #: whether the body, too, must arrive within one timeout of the
+    #: request's first byte (rather than one timeout between reads)
+    whole_request_deadline = False
 
     def __init__(
         self,
