@@ -7,8 +7,10 @@ The admin listener: C{/} (an HTML page), C{/stats} (JSON), C{/metrics}
     token = ""        # when set, POST actions need "Authorization: Bearer <token>"
 
 POST actions (C{/backends/<group>/<backend>/drain}, C{.../enable},
-C{.../down}, C{.../up}) are refused unless the request comes from loopback
-or carries the token.
+C{.../down}, C{.../up}) set the operator's state of a backend (C{drain}:
+no new clients; C{down}: maintenance, no clients; C{enable} or C{up}: ready),
+which holds until the operator changes it, whatever the health checks say.
+They are refused unless the request comes from loopback or carries the token.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from twisted_slb.backends import ADMIN_STATES, DRAIN, MAINT, READY
 from twisted_slb.stats import StatsRegistry
 
 log = Logger(namespace="twisted_slb.admin")
@@ -56,16 +59,31 @@ class _Collector:
         failures = CounterMetricFamily("slb_backend_failures", "Failed connects and requests", labels=["group", "backend"])
         byte_count = CounterMetricFamily("slb_backend_bytes", "Bytes to and from the backend",
                                          labels=["group", "backend", "direction"])
+        admin = GaugeMetricFamily("slb_backend_admin_state", "The operator's state (1 for the one in force)",
+                                  labels=["group", "backend", "state"])
+        healthy = GaugeMetricFamily("slb_backend_healthy", "1 when the health checks (active and passive) "
+                                    "consider the backend up", labels=["group", "backend"])
+        ejected = GaugeMetricFamily("slb_backend_ejected", "1 while passive checks have ejected the backend",
+                                    labels=["group", "backend"])
+        ejections = CounterMetricFamily("slb_backend_ejections", "Ejections by passive checks",
+                                        labels=["group", "backend"])
         for group in self.registry.groups.values():
             for b in group.backends:
                 labels = [group.name, b.name]
                 up.add_metric(labels, 1 if b.up else 0)
+                for state in ADMIN_STATES:
+                    admin.add_metric(labels + [state], 1 if b.admin_state == state else 0)
+                healthy.add_metric(labels, 1 if b.health_state == "up" else 0)
+                ejected.add_metric(labels, 1 if b.ejected else 0)
+                health = b.extra.get("health")
+                ejections.add_metric(labels, getattr(health, "ejections", 0))
                 weight.add_metric(labels, b.weight)
                 busy.add_metric(labels, b.active)
                 failures.add_metric(labels, b.failures)
                 byte_count.add_metric(labels + ["in"], b.bytes_in)
                 byte_count.add_metric(labels + ["out"], b.bytes_out)
-        return [requests, connections, active, persistence, up, weight, busy, failures, byte_count]
+        return [requests, connections, active, persistence, up, weight, busy, failures, byte_count,
+                admin, healthy, ejected, ejections]
 
 
 class MetricsPage(Resource):
@@ -155,7 +173,6 @@ class BackendAction(Resource):
         Resource.__init__(self)
         self.registry = registry
         self.token = token
-        self.configured_weights: Dict[tuple, int] = {}
 
     def _allowed(self, request) -> Optional[str]:
         if self.token:
@@ -192,21 +209,16 @@ class BackendAction(Resource):
         if backend is None or backend.name != backend_name:
             request.setResponseCode(404)
             return f"404 Not Found: no backend {group_name}/{backend_name}\n".encode("utf-8")
-        key = (group_name, backend_name)
-        if action == "drain":
-            if backend.weight:
-                self.configured_weights[key] = backend.weight
-            backend.weight = 0
-        elif action == "enable":
-            backend.weight = backend.weight or self.configured_weights.pop(key, 100)
-        elif action == "down":
-            backend.up = False
-        else:
-            backend.up = True
-        log.info("admin: backend {group}/{backend} {action} by {client}; now {state}, weight {weight}",
+        # The operator's state only: the health checks never change it, and
+        # it never changes theirs.
+        backend.admin_state = {"drain": DRAIN, "down": MAINT}.get(action, READY)
+        log.info("admin: backend {group}/{backend} {action} by {client}; now {state} "
+                 "(operator {admin_state}, health {health_state}), weight {weight}",
                  group=group_name, backend=backend_name, action=action,
-                 client=getattr(request.getClientAddress(), "host", "?"), state=backend.state, weight=backend.weight)
-        return f"{group_name}/{backend_name}: {backend.state}, weight {backend.weight}\n".encode("utf-8")
+                 client=getattr(request.getClientAddress(), "host", "?"), state=backend.state,
+                 admin_state=backend.admin_state, health_state=backend.health_state, weight=backend.weight)
+        return (f"{group_name}/{backend_name}: {backend.state} (operator {backend.admin_state}, "
+                f"health {backend.health_state}), weight {backend.weight}\n").encode("utf-8")
 
 
 class AdminResource(Resource):
