@@ -22,7 +22,7 @@ from twisted.web.server import Site
 
 from tests.test_service import NamePage
 from twisted_slb.admin import (
-    CONTENT_SECURITY_POLICY, MAX_BODY_BYTES, REQUEST_TIMEOUT, AdminAccess, admin_site, bind_interface,
+    CONTENT_SECURITY_POLICY, MAX_BODY_BYTES, REQUEST_TIMEOUT, AdminAccess, BackendAction, admin_site, bind_interface,
     exposed_without_token, render_page,
 )
 from twisted_slb.backends import Backend, BackendGroup
@@ -88,6 +88,18 @@ class AdminTests(AdminCase):
         self.assertEqual(web["persistence"]["new"], 3)
         states = {b["name"]: b["state"] for b in doc["groups"][0]["backends"]}
         self.assertEqual(states, {"a": "up", "b": "up"})
+
+    @defer.inlineCallbacks
+    def test_statsShowOperatorAndHealthState(self):
+        """/stats gives each backend's operator state, health state and passive (ejection) view apart."""
+        yield self.fetch(self.admin + "/backends/web/a/down", b"POST")
+        _, body = yield self.fetch(self.admin + "/stats")
+        a = [b for b in json.loads(body)["groups"][0]["backends"] if b["name"] == "a"][0]
+        self.assertEqual((a["state"], a["admin_state"], a["health_state"]), ("down", "maint", "up"))
+        self.assertEqual((a["passive"]["ejected"], a["passive"]["ejections"]), (False, 0))
+        _, body = yield self.fetch(self.admin + "/metrics")
+        self.assertIn(b'slb_backend_admin_state{backend="a",group="web",state="maint"} 1.0', body)
+        self.assertIn(b'slb_backend_healthy{backend="a",group="web"} 1.0', body)
 
     @defer.inlineCallbacks
     def test_metricsAreLabelled(self):
@@ -160,9 +172,10 @@ class AdminTests(AdminCase):
         """A plain POST from loopback (as curl -X POST sends it) drains and enables a backend."""
         response, body = yield self.fetch(self.admin + "/backends/web/a/drain", b"POST")
         self.assertEqual(response.code, 200)
-        self.assertEqual(self.service.groups["web"].get("a").state, "drain")
+        a = self.service.groups["web"].get("a")
+        self.assertEqual((a.state, a.admin_state, a.weight), ("drain", "drain", 100))
         response, _ = yield self.fetch(self.admin + "/backends/web/a/enable", b"POST")
-        self.assertEqual(self.service.groups["web"].get("a").weight, 100)
+        self.assertEqual((a.state, a.admin_state), ("up", "ready"))
 
     @defer.inlineCallbacks
     def test_unknownBackendIs404AndGetIs405(self):
@@ -479,3 +492,68 @@ class ServiceTests(SynchronousTestCase):
         access = service.getServiceNamed(ADMIN).factory.check_head.__self__
         self.assertIsInstance(access, AdminAccess)
         self.assertEqual(access.names, {"localhost", "lb1", "127.0.0.2"})
+
+
+class OperatorStateTests(SynchronousTestCase):
+    """Issue 28: an operator's down or drain holds until the operator lifts it."""
+
+    def setUp(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        from twisted_slb.config import HealthCheckConfig
+        from twisted_slb.health import HealthMonitor
+
+        self.group = BackendGroup("web", [Backend("a", "10.0.0.1", 80), Backend("b", "10.0.0.2", 80)])
+        self.monitor = HealthMonitor(self.group, HealthCheckConfig(interval=1000), reactor=MemoryReactorClock())
+        self.monitor.startService()
+        self.addCleanup(self.monitor.stopService)
+        self.action = BackendAction(AdminAccess(""), StatsRegistry({"web": self.group}))
+        self.a = self.group.get("a")
+
+    def post(self, action):
+        from twisted.internet.address import IPv4Address
+        from twisted.web.test.requesthelper import DummyRequest
+
+        request = DummyRequest([b"web", b"a", action])
+        request.method = b"POST"
+        request.client = IPv4Address("TCP", "127.0.0.1", 5555)
+        return self.action.render_POST(request)
+
+    def test_downHoldsWhateverTheChecksSay(self):
+        """Passing health checks do not undo an operator's down; the operator's up does."""
+        self.post(b"down")
+        for _ in range(5):
+            self.monitor._checked(self.a, True, "status 200")
+        self.assertEqual((self.a.up, self.a.state, self.a.health_state), (False, "down", "up"))
+        self.assertIsNone(self.group.pinned(self.a.id))
+        self.post(b"up")
+        self.assertEqual((self.a.up, self.a.state), (True, "up"))
+
+    def test_drainHoldsWhateverTheChecksSay(self):
+        """A drained backend that fails and recovers stays drained: pins kept, no new clients."""
+        self.post(b"drain")
+        for ok in [False] * 3 + [True] * 3:
+            self.monitor._checked(self.a, ok, "x")
+        self.assertEqual((self.a.state, self.a.takes_new_clients, self.a.takes_pinned_clients),
+                         ("drain", False, True))
+        self.assertEqual({self.group.choose("").name for _ in range(10)}, {"b"})
+        self.post(b"enable")
+        self.assertTrue(self.a.takes_new_clients)
+
+    def test_upDoesNotOverrideFailingChecks(self):
+        """The operator's up lifts maintenance only: a backend the checks find down stays out."""
+        self.post(b"down")
+        for _ in range(3):
+            self.monitor._checked(self.a, False, "connect refused")
+        body = self.post(b"up")
+        self.assertEqual((self.a.admin_state, self.a.up), ("ready", False))
+        self.assertIn(b"operator ready, health down", body)
+
+    def test_pageShowsOperatorAndHealthState(self):
+        """The page shows the operator's state and the health state apart, as /stats does."""
+        self.post(b"down")
+        for _ in range(3):
+            self.monitor._checked(self.group.get("b"), False, "connect refused")
+        page = render_page(StatsRegistry({"web": self.group}).snapshot())
+        self.assertIn(b"<td>maint</td><td>up</td>", page)
+        self.assertIn(b"<td>ready</td><td>down</td>", page)

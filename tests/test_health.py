@@ -16,7 +16,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from twisted_slb.backends import Backend, BackendGroup
-from twisted_slb.config import HealthCheckConfig
+from twisted_slb.config import HealthCheckConfig, PassiveHealthConfig
 from twisted_slb.health import HealthMonitor
 
 
@@ -110,42 +110,243 @@ class StateMachineTests(SynchronousTestCase):
 
 
 class PassiveTests(SynchronousTestCase):
+    """Outlier detection (passive checks) with a fake clock."""
+
     def setUp(self):
         self.reactor = MemoryReactorClock()
         self.group = group_of("a", "b")
-        self.monitor = HealthMonitor(self.group, None, reactor=self.reactor, passive_threshold=3, cooldown=10)
-        self.monitor.startService()
-        self.addCleanup(self.monitor.stopService)
+        self.monitor = self.start(self.group, PassiveHealthConfig())
         self.a = self.group.get("a")
 
-    def test_refusedConnectsTakeBackendOut(self):
-        for _ in range(3):
-            self.a.record_failure("connect refused")
-        self.assertFalse(self.a.up)
-
-    def test_successResetsTheCount(self):
-        self.a.record_failure("x")
-        self.a.record_failure("x")
-        self.a.record_success()
-        self.a.record_failure("x")
-        self.assertTrue(self.a.up)
-
-    def test_backAfterCooldownAndOutAgainOnNextFailure(self):
-        for _ in range(3):
-            self.a.record_failure("refused")
-        self.reactor.advance(10)
-        self.assertTrue(self.a.up)
-        self.a.record_failure("refused")
-        self.assertFalse(self.a.up)
-
-    def test_noCooldownWithActiveChecks(self):
-        monitor = HealthMonitor(self.group, HealthCheckConfig(), reactor=self.reactor, passive_threshold=1)
+    def start(self, group, passive, config=None):
+        monitor = HealthMonitor(group, config, reactor=self.reactor, passive=passive)
         monitor.startService()
         self.addCleanup(monitor.stopService)
-        self.a.record_failure("refused")
-        self.assertFalse(self.a.up)
-        self.reactor.advance(monitor.cooldown + 1)
+        return monitor
+
+    def refuse(self, backend, times=3):
+        for _ in range(times):
+            backend.record_failure("connect connection refused")
+
+    def test_refusedConnectsEject(self):
+        """Three failed connects in a row eject the backend; the operator's state is untouched."""
+        self.refuse(self.a, 2)
+        self.assertTrue(self.a.up)
+        self.refuse(self.a, 1)
+        self.assertEqual((self.a.up, self.a.ejected, self.a.health_state, self.a.admin_state),
+                         (False, True, "down", "ready"))
+
+    def test_successResetsTheCount(self):
+        """A success between failed connects starts the count again."""
+        self.refuse(self.a, 2)
+        self.a.record_success()
+        self.refuse(self.a, 2)
+        self.assertTrue(self.a.up)
+
+    def test_requestFailuresAreJudgedByRate(self):
+        """Failed requests (not connects) never eject by count, only by rate over min_requests."""
+        for _ in range(19):
+            self.a.record_failure("connection reset mid-response")
+        self.assertFalse(self.a.ejected)
+        self.a.record_failure("connection reset mid-response")  # 20 seen, all failed
+        self.assertTrue(self.a.ejected)
+
+    def test_failureRateEjects(self):
+        """Half of 20 or more recent requests failing ejects the backend."""
+        for i in range(20):
+            self.a.record_success()
+            if i % 3 == 0:
+                self.a.record_failure("connection reset mid-response")
+        self.a.record_failure("response timed out")
+        self.a.record_failure("response timed out")
+        self.assertFalse(self.a.ejected)  # 9 of 20 requests failed: 45%
+        self.a.record_failure("response timed out")
+        self.assertTrue(self.a.ejected)  # 10 of 20: 50%
+
+    def test_oldFailuresAgeOut(self):
+        """Failures older than two intervals no longer count towards the rate."""
+        for _ in range(19):
+            self.a.record_failure("reset")
+        self.reactor.advance(20)
+        self.a.record_failure("reset")
+        self.assertFalse(self.a.ejected)
+
+    def test_ejectionGrowsWithRepeatsAndDecays(self):
+        """Ejections last 10, 20, 30 s while they repeat; time back in brings it down again."""
+        lengths = []
+        for _ in range(3):
+            self.refuse(self.a)
+            start = self.reactor.seconds()
+            while self.a.ejected:
+                self.reactor.advance(1)
+            lengths.append(self.reactor.seconds() - start)
+        self.assertEqual(lengths, [10, 20, 30])
+        self.reactor.advance(20)  # two intervals back in: 3 -> 1
+        self.refuse(self.a)
+        self.assertEqual(self.a.extra["health"].ejection_count, 2)
+        self.reactor.advance(20)
+        self.reactor.advance(40)  # four intervals back in: 2 -> 0
+        self.refuse(self.a)
+        self.assertEqual(self.a.extra["health"].ejection_count, 1)
+
+    def test_ejectionIsCapped(self):
+        """No ejection lasts longer than max_ejection_time."""
+        self.monitor.passive = PassiveHealthConfig(base_ejection_time=10, max_ejection_time=25)
+        for expected in (10, 20, 25, 25):
+            self.refuse(self.a)
+            self.assertEqual(self.a.extra["health"].ejected_until - self.reactor.seconds(), expected)
+            self.reactor.advance(expected)
+            self.assertFalse(self.a.ejected)
+
+    def test_returnIsNotOneStrike(self):
+        """A backend back from an ejection needs a whole new run of failures to go out again."""
+        self.refuse(self.a)
+        self.reactor.advance(10)
+        self.assertTrue(self.a.up)
+        self.refuse(self.a, 2)
+        self.assertTrue(self.a.up)
+
+    def test_returnRampsUp(self):
+        """A returning backend starts at a tenth of its weight and ramps up over passive.slow_start."""
+        self.refuse(self.a)
+        self.reactor.advance(10)
+        self.assertEqual(self.a.share, 10.0)
+        self.reactor.pump([1] * 5)
+        self.assertEqual(self.a.share, 60.0)
+        self.reactor.pump([1] * 5)
+        self.assertEqual(self.a.share, 100.0)
+
+    def test_maxEjectionPercent(self):
+        """At most max_ejection_percent of a group is ejected, at least one backend, never all."""
+        group = group_of("a", "b", "c", "d", "e")
+        self.start(group, PassiveHealthConfig(max_ejection_percent=50))
+        for b in group.backends:
+            self.refuse(b)
+        self.assertEqual([b.ejected for b in group.backends], [True, True, False, False, False])
+        self.reactor.advance(10)
+        self.assertEqual([b.ejected for b in group.backends], [False] * 5)
+
+    def test_neverTheWholeGroup(self):
+        """A group's last usable backend is never ejected, whatever max_ejection_percent says."""
+        solo = group_of("a")
+        self.start(solo, PassiveHealthConfig(max_ejection_percent=100))
+        self.refuse(solo.backends[0], 10)
+        self.assertTrue(solo.backends[0].up)
+        b = self.group.get("b")
+        b.up = False  # the other one is down by active checks
+        self.refuse(self.a, 10)
+        self.assertTrue(self.a.up)
+
+    def test_ejectionEndsWithActiveChecksToo(self):
+        """An ejection has its own timer; the active checks' verdict is kept apart from it."""
+        monitor = self.start(self.group, PassiveHealthConfig(), HealthCheckConfig(interval=1000))
+        self.refuse(self.a)
         self.assertEqual(self.a.extra["health"].down_by, "passive")
+        monitor._mark(self.a, False, "checks failed")
+        self.reactor.advance(10)
+        self.assertFalse(self.a.ejected)
+        self.assertFalse(self.a.up)  # still down by the active checks
+        self.assertEqual(self.a.extra["health"].down_by, "active")
+
+    def test_snapshot(self):
+        """The passive view for /stats: ejected, for how long, how often, and the recent rate."""
+        self.a.record_success()
+        self.refuse(self.a)
+        self.reactor.advance(4)
+        snap = self.monitor.passive_snapshot(self.a)
+        self.assertEqual((snap["ejected"], snap["ejected_for"], snap["ejections"], snap["ejection_multiplier"]),
+                         (True, 6.0, 1, 1))
+        self.assertEqual(snap["recent_failure_rate"], 75.0)
+        self.assertIn("3 failed connects in a row", snap["last_ejection_reason"])
+
+
+def drive(reactor, backend, seconds, rate, fails, http=True):
+    """
+    Offer C{backend} C{rate} requests a second for C{seconds}, as a proxy does
+    (each request it may take reports success, then perhaps failure), and
+    return the share of the time it was out.
+
+    @param fails: called with the time, returns C{None} (the request
+        succeeds), C{"connect"} (the connect fails) or C{"reset"} (the
+        response breaks after its head).
+    """
+    out = 0
+    steps = int(seconds * rate)
+    for _ in range(steps):
+        reactor.advance(1.0 / rate)
+        if not backend.takes_new_clients:
+            out += 1
+            continue
+        what = fails(reactor.seconds())
+        if what == "connect":
+            backend.record_failure("connect connection refused")
+        elif what == "early":
+            backend.record_failure("connection closed before the response head")
+        else:
+            backend.record_success()
+            if what == "reset":
+                backend.record_failure("connection reset mid-response")
+    return out / steps
+
+
+class IssueCasesTests(SynchronousTestCase):
+    """The two cases of issue 29, with the default settings and a fake clock."""
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.group = group_of("a", "b")
+        self.monitor = HealthMonitor(self.group, None, reactor=self.reactor, passive=PassiveHealthConfig())
+        self.monitor.startService()
+        self.addCleanup(self.monitor.stopService)
+
+    def test_tenPercentResetsStayIn(self):
+        """A backend that breaks 10% of its connections at 200 requests/s (half before the response head,
+        half after) is not kept out (the old three-in-a-row rule kept it out ~90% of the time)."""
+        import random
+
+        rng = random.Random(29)
+        a = self.group.get("a")
+
+        def fails(t):
+            x = rng.random()
+            return "early" if x < 0.05 else "reset" if x < 0.1 else None
+
+        out = drive(self.reactor, a, 600, 200, fails)
+        self.assertLess(out, 0.01)
+        self.assertEqual(a.extra["health"].ejections, 0)
+
+    def test_mostlyFailingBackendIsEjected(self):
+        """The same backend breaking 60% of its responses is ejected most of the time."""
+        import random
+
+        rng = random.Random(29)
+        a = self.group.get("a")
+        out = drive(self.reactor, a, 600, 200, lambda t: "reset" if rng.random() < 0.6 else None)
+        self.assertGreater(out, 0.8)
+
+    def test_flappingBackendComesBack(self):
+        """Refusing every other 2 s with no active checks, it is given back again and again, serves, and
+        stays in once it stops flapping."""
+        a = self.group.get("a")
+        served = []
+
+        def flap(t):
+            if int(t // 2) % 2:
+                return "connect"
+            served.append(t)
+            return None
+
+        drive(self.reactor, a, 600, 20, flap)
+        state = a.extra["health"]
+        self.assertGreater(state.ejections, 10)
+        returns = [t for t in served if t > 60]
+        self.assertGreater(len(returns), 20)  # it came back and served after the first minute
+        # Healthy from now on: back for good once the current ejection ends.
+        while a.ejected:
+            self.reactor.advance(1)
+        out = drive(self.reactor, a, 600, 20, lambda t: None)
+        self.assertEqual(out, 0.0)
+        self.assertEqual(self.monitor.passive_snapshot(a)["ejection_multiplier"], 0)
 
 
 class HealthPage(Resource):
@@ -179,22 +380,22 @@ class EndToEndTests(TestCase):
 
 class SlowStartTests(SynchronousTestCase):
     def test_shareRampsAfterComingUp(self):
-        """A backend back from down gets a tenth of its weight, growing to all of it."""
+        """A backend back up by active checks gets a tenth of its weight, growing to all of it."""
         reactor = MemoryReactorClock()
         group = group_of("a", "b")
-        monitor = HealthMonitor(group, None, reactor=reactor, passive_threshold=1, cooldown=5, slow_start=10)
+        monitor = HealthMonitor(group, HealthCheckConfig(interval=1000), reactor=reactor, slow_start=10)
         monitor.startService()
         self.addCleanup(monitor.stopService)
         a = group.get("a")
-        a.record_failure("refused")
-        reactor.advance(5)  # cool-down over: up again, slowly
+        monitor._mark(a, False, "checks failed")
+        monitor._mark(a, True, "checks passed")
         self.assertTrue(a.up)
         self.assertEqual(a.share, 10.0)
         reactor.pump([1] * 5)
         self.assertEqual(a.share, 60.0)
         reactor.pump([1] * 5)
         self.assertEqual(a.share, 100.0)
-        self.assertEqual(reactor.getDelayedCalls(), [])
+        self.assertEqual(monitor._ramps, {})
         self.assertEqual(a.weight, 100)  # the configured weight is never touched
 
     def test_schedulerHonoursTheShare(self):

@@ -1,7 +1,8 @@
 """
 C{workers = N}: a real twistd parent with two worker processes sharing the
 listening sockets; cookie persistence holds whichever worker answers, and
-SIGTERM stops them all.
+SIGTERM stops them all.  Restart back-off is tested with a fake clock and fake
+processes.
 """
 
 from __future__ import annotations
@@ -12,13 +13,18 @@ import sys
 
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.trial.unittest import TestCase
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
 from tests.test_service import NamePage
 from tests.test_twistd import Twistd
+from twisted_slb.config import Config
+from twisted_slb.workers import WorkerPoolService
 
 CONFIG = """
 workers = 2
@@ -108,3 +114,128 @@ class WorkersTests(TestCase):
                 break
             yield deferLater(reactor, 0.05, lambda: None)
         self.assertEqual([pid for pid in pids if alive(pid)], [])
+
+
+class _FakeProcess:
+    """What L{WorkerPoolService} uses of a process transport."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.signals: list = []
+
+    def signalProcess(self, signum) -> None:
+        self.signals.append(signum)
+
+
+class _SpawningClock(MemoryReactorClock):
+    """A clock whose spawnProcess only records the worker it was asked for."""
+
+    def __init__(self) -> None:
+        MemoryReactorClock.__init__(self)
+        self.spawned: list = []
+
+    def spawnProcess(self, proto, executable, args, env=None, childFDs=None, **kw):
+        transport = _FakeProcess(1000 + len(self.spawned))
+        proto.makeConnection(transport)
+        self.spawned.append(proto)
+        return transport
+
+
+class RestartTests(SynchronousTestCase):
+    """Restarts of dead workers, with a fake clock and fake processes."""
+
+    def setUp(self):
+        self.clock = _SpawningClock()
+        config = Config(path="slb.toml", backends={}, listeners={}, workers=2)
+        self.pool = WorkerPoolService(config, reactor=self.clock, python="python3")
+        self.pool.startService()
+        self.assertEqual(len(self.clock.spawned), 2)
+
+    def kill(self, index: int):
+        """SIGKILL the running worker C{index}; return its protocol."""
+        proto = [w for w in self.pool.workers if w.index == index][0]
+        proto.processEnded(Failure(ProcessTerminated(signal=signal.SIGKILL)))
+        return proto
+
+    def running(self, index: int) -> int:
+        return len([w for w in self.pool.workers if w.index == index])
+
+    def test_healthyWorkerIsRestartedAtOnce(self):
+        """A worker killed after a normal run is back without any delay, every time."""
+        for _ in range(5):
+            self.clock.advance(20)  # 20 s of healthy uptime, as in the issue
+            self.kill(0)
+            self.assertEqual(self.running(0), 0)
+            self.clock.advance(0)
+            self.assertEqual(self.running(0), 1)
+
+    def test_bothKilledAreBackAtOnce(self):
+        """Killing every worker (after normal runs) leaves the pool empty for no time at all."""
+        self.clock.advance(20)
+        for _ in range(5):
+            self.kill(0)
+            self.kill(1)
+            self.clock.advance(0)
+            self.assertEqual(len(self.pool.workers), 2)
+            self.clock.advance(6)
+
+    def test_crashLoopBacksOff(self):
+        """A worker that keeps dying right after starting waits 1, 2, 4 ... up to 30 s."""
+        delays = []
+        for _ in range(8):
+            self.clock.advance(0.5)  # dies half a second after starting
+            self.kill(0)
+            waited = 0.0
+            while not self.running(0):
+                self.clock.advance(0.5)
+                waited += 0.5
+            delays.append(waited)
+        self.assertEqual(delays, [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0])
+
+    def test_backOffResetsAfterHealthyUptime(self):
+        """Once a crash-looping worker has run normally, its next death restarts it at once."""
+        for _ in range(3):
+            self.clock.advance(0.5)
+            self.kill(0)
+            self.clock.advance(30)
+        self.clock.advance(self.pool.crash_window)  # now it runs normally
+        self.kill(0)
+        self.clock.advance(0)
+        self.assertEqual(self.running(0), 1)
+        self.clock.advance(0.5)  # and a new quick death starts the back-off from 1 s again
+        self.kill(0)
+        self.clock.advance(0.9)
+        self.assertEqual(self.running(0), 0)
+        self.clock.advance(0.1)
+        self.assertEqual(self.running(0), 1)
+
+    def test_backOffIsPerWorker(self):
+        """One worker's crash loop neither delays the other's restart nor touches the other."""
+        for _ in range(4):
+            self.clock.advance(0.5)
+            self.kill(0)
+            self.clock.advance(30)
+        other = [w for w in self.pool.workers if w.index == 1][0]
+        self.clock.advance(10)
+        self.kill(0)
+        self.kill(1)
+        self.clock.advance(0)
+        self.assertEqual(self.running(1), 1)
+        self.assertEqual(other.transport.signals, [])
+
+    def test_othersKeepRunningWhileOneIsDown(self):
+        """While a crash-looping worker waits, the other worker is neither signalled nor replaced."""
+        other = [w for w in self.pool.workers if w.index == 1][0]
+        self.clock.advance(0.5)
+        self.kill(0)
+        self.assertEqual(self.pool.workers, [other])
+        self.assertEqual(other.transport.signals, [])
+        self.assertEqual(len(self.clock.spawned), 2)
+
+    def test_noRestartWhileStopping(self):
+        """A worker that ends during shutdown is not restarted."""
+        self.clock.advance(20)
+        self.pool.stopService()
+        self.kill(0)
+        self.clock.advance(60)
+        self.assertEqual(self.running(0), 0)

@@ -8,7 +8,10 @@ The admin listener: C{/} (an HTML page), C{/stats} (JSON), C{/metrics}
     hosts = []        # more names a request's Host may carry (besides the bind address and localhost)
 
 POST actions (C{/backends/<group>/<backend>/drain}, C{.../enable},
-C{.../down}, C{.../up}) change the balancer, so L{AdminAccess} refuses
+C{.../down}, C{.../up}) set the operator's state of a backend (C{drain}:
+no new clients; C{down}: maintenance, no clients; C{enable} or C{up}: ready),
+which holds until the operator changes it, whatever the health checks say.
+They change the balancer, so L{AdminAccess} refuses
 them when they could come from a web page the operator's browser shows:
 
  - every request's C{Host} must be one of the listener's names (421
@@ -43,6 +46,7 @@ from twisted.web.resource import Resource
 from twisted.web.template import Tag, flattenString, tags
 
 from twisted_slb.limits import ConnectionLimit
+from twisted_slb.backends import ADMIN_STATES, DRAIN, MAINT, READY
 from twisted_slb.stats import StatsRegistry
 from twisted_slb.web.front import BadRequest, HTTPFrontFactory
 
@@ -276,16 +280,31 @@ class _Collector:
         failures = CounterMetricFamily("slb_backend_failures", "Failed connects and requests", labels=["group", "backend"])
         byte_count = CounterMetricFamily("slb_backend_bytes", "Bytes to and from the backend",
                                          labels=["group", "backend", "direction"])
+        admin = GaugeMetricFamily("slb_backend_admin_state", "The operator's state (1 for the one in force)",
+                                  labels=["group", "backend", "state"])
+        healthy = GaugeMetricFamily("slb_backend_healthy", "1 when the health checks (active and passive) "
+                                    "consider the backend up", labels=["group", "backend"])
+        ejected = GaugeMetricFamily("slb_backend_ejected", "1 while passive checks have ejected the backend",
+                                    labels=["group", "backend"])
+        ejections = CounterMetricFamily("slb_backend_ejections", "Ejections by passive checks",
+                                        labels=["group", "backend"])
         for group in self.registry.groups.values():
             for b in group.backends:
                 labels = [group.name, b.name]
                 up.add_metric(labels, 1 if b.up else 0)
+                for state in ADMIN_STATES:
+                    admin.add_metric(labels + [state], 1 if b.admin_state == state else 0)
+                healthy.add_metric(labels, 1 if b.health_state == "up" else 0)
+                ejected.add_metric(labels, 1 if b.ejected else 0)
+                health = b.extra.get("health")
+                ejections.add_metric(labels, getattr(health, "ejections", 0))
                 weight.add_metric(labels, b.weight)
                 busy.add_metric(labels, b.active)
                 failures.add_metric(labels, b.failures)
                 byte_count.add_metric(labels + ["in"], b.bytes_in)
                 byte_count.add_metric(labels + ["out"], b.bytes_out)
-        return [requests, connections, active, persistence, up, weight, busy, failures, byte_count]
+        return [requests, connections, active, persistence, up, weight, busy, failures, byte_count,
+                admin, healthy, ejected, ejections]
 
 
 class MetricsPage(Resource):
@@ -439,6 +458,14 @@ def _listener_rows(listeners: List[dict]) -> List[Tag]:
     return rows
 
 
+def _health(b: dict) -> str:
+    """The health checks' view: active state, and a passive ejection with its time left."""
+    passive = b.get("passive") or {}
+    if passive.get("ejected"):
+        return f"{b.get('health_state', '-')}, ejected ({passive.get('ejected_for', 0):.0f} s left)"
+    return str(b.get("health_state", "-"))
+
+
 def _backend_row(group: str, b: dict) -> Tag:
     health = b.get("health") or {}
     check = f"{health.get('last_status') or '-'} {health.get('last_reason') or ''}".strip()
@@ -450,6 +477,7 @@ def _backend_row(group: str, b: dict) -> Tag:
     return tags.tr(
         tags.td(b["name"]), tags.td(tags.code(str(b.get("id", "")))), tags.td(str(b["address"])),
         tags.td(tags.span(b["state"], class_=f"state {b['state']}")),
+        tags.td(str(b.get("admin_state", "-"))), tags.td(_health(b)),
         _num(b["weight"]), _num(b["active"]), _num(b["total"]), _num(b["failures"]),
         _num(b["bytes_in"]), _num(b["bytes_out"]), tags.td(check), tags.td(*buttons, class_="actions"),
     )
@@ -469,7 +497,7 @@ def page_tag(snapshot: dict, token_required: bool = False) -> Tag:
     body += [tags.h2("Listeners"), tags.table(*_listener_rows(snapshot["listeners"]), id="listeners")]
     for g in snapshot["groups"]:
         header = tags.tr(*[tags.th(h) for h in (
-            "backend", "id", "address", "state", "weight", "active", "total", "failures", "bytes in",
+            "backend", "id", "address", "state", "operator", "health", "weight", "active", "total", "failures", "bytes in",
             "bytes out", "last check", "actions")])
         body.append(tags.h2(f"Group {g['name']} ", tags.small(f"({g['scheduler']})")))
         body.append(tags.table(header, *[_backend_row(g["name"], b) for b in g["backends"]], class_="group",
@@ -555,7 +583,6 @@ class BackendAction(_AdminPage):
     def __init__(self, access: AdminAccess, registry: StatsRegistry) -> None:
         _AdminPage.__init__(self, access)
         self.registry = registry
-        self.configured_weights: Dict[tuple, int] = {}
 
     def render_POST(self, request):
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
@@ -569,21 +596,16 @@ class BackendAction(_AdminPage):
         if backend is None or backend.name != backend_name:
             request.setResponseCode(404)
             return f"404 Not Found: no backend {group_name}/{backend_name}\n".encode("utf-8")
-        key = (group_name, backend_name)
-        if action == "drain":
-            if backend.weight:
-                self.configured_weights[key] = backend.weight
-            backend.weight = 0
-        elif action == "enable":
-            backend.weight = backend.weight or self.configured_weights.pop(key, 100)
-        elif action == "down":
-            backend.up = False
-        else:
-            backend.up = True
-        log.info("admin: backend {group}/{backend} {action} by {client}; now {state}, weight {weight}",
+        # The operator's state only: the health checks never change it, and
+        # it never changes theirs.
+        backend.admin_state = {"drain": DRAIN, "down": MAINT}.get(action, READY)
+        log.info("admin: backend {group}/{backend} {action} by {client}; now {state} "
+                 "(operator {admin_state}, health {health_state}), weight {weight}",
                  group=group_name, backend=backend_name, action=action,
-                 client=getattr(request.getClientAddress(), "host", "?"), state=backend.state, weight=backend.weight)
-        return f"{group_name}/{backend_name}: {backend.state}, weight {backend.weight}\n".encode("utf-8")
+                 client=getattr(request.getClientAddress(), "host", "?"), state=backend.state,
+                 admin_state=backend.admin_state, health_state=backend.health_state, weight=backend.weight)
+        return (f"{group_name}/{backend_name}: {backend.state} (operator {backend.admin_state}, "
+                f"health {backend.health_state}), weight {backend.weight}\n").encode("utf-8")
 
 
 class AdminPage(_AdminPage):

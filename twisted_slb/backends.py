@@ -29,6 +29,13 @@ UP = "up"
 DOWN = "down"
 DRAIN = "drain"
 
+#: Operator (admin) states, set only from the admin API and never changed by
+#: health checks: in service, draining (no new clients, pins kept), or in
+#: maintenance (no clients at all), as HAProxy's ready / drain / maint.
+READY = "ready"
+MAINT = "maint"
+ADMIN_STATES = (READY, DRAIN, MAINT)
+
 
 def backend_id(name: str) -> str:
     """
@@ -48,13 +55,25 @@ class Backend:
     """
     One backend server and its live state.
 
+    Whether a backend may be used is three separate pieces of state, each
+    owned by one party, so that none undoes another's decision:
+
+      - C{admin_state}: the operator's (admin API) C{"ready"}, C{"drain"} or
+        C{"maint"}; it holds until the operator changes it, whatever the
+        health checks say;
+      - C{healthy}: the active health checks' verdict (L{True} without
+        active checks);
+      - C{ejected}: passive outlier detection has taken it out for a while.
+
     @ivar name: the configured name.
     @ivar id: L{backend_id} of the name: the opaque key used by persistence.
     @ivar host: the host name or IP address to connect to.
     @ivar port: the TCP port to connect to.
     @ivar weight: the scheduling weight; 0 means drain (no new clients, pinned
         clients kept).
-    @ivar up: whether health checks (active or passive) consider it usable.
+    @ivar admin_state: the operator's state, one of L{ADMIN_STATES}.
+    @ivar healthy: whether the active health checks consider it usable.
+    @ivar ejected: whether passive health checks have ejected it.
     @ivar active: connections (TCP) or requests (HTTP) in flight now.
     @ivar total: connections or requests ever started.
     @ivar failures: connect or protocol failures counted against it.
@@ -63,7 +82,7 @@ class Backend:
     """
 
     __slots__ = (
-        "name", "id", "host", "port", "weight", "up", "active", "total",
+        "name", "id", "host", "port", "weight", "admin_state", "healthy", "ejected", "active", "total",
         "failures", "bytes_in", "bytes_out", "extra", "monitor", "ramp",
     )
 
@@ -73,7 +92,9 @@ class Backend:
         self.host = host
         self.port = port
         self.weight = weight
-        self.up = True
+        self.admin_state = READY
+        self.healthy = True
+        self.ejected = False
         self.active = 0
         self.total = 0
         self.failures = 0
@@ -105,29 +126,49 @@ class Backend:
         return self.weight * self.ramp
 
     @property
+    def up(self) -> bool:
+        """
+        Whether pinned clients may use it: healthy, not ejected, and not in
+        maintenance.  Assigning it sets L{healthy} (the health-check state),
+        never the operator's state.
+        """
+        return self.healthy and not self.ejected and self.admin_state != MAINT
+
+    @up.setter
+    def up(self, value: bool) -> None:
+        self.healthy = bool(value)
+
+    @property
+    def health_state(self) -> str:
+        """C{"up"} or C{"down"}: the health checks' view alone (active, and passive ejection)."""
+        return UP if self.healthy and not self.ejected else DOWN
+
+    @property
     def state(self) -> str:
-        """C{"up"}, C{"down"} or C{"drain"} (up with weight 0)."""
+        """C{"up"}, C{"down"} (or in maintenance) or C{"drain"} (up, but no new clients)."""
         if not self.up:
             return DOWN
-        if self.weight == 0:
+        if self.weight == 0 or self.admin_state == DRAIN:
             return DRAIN
         return UP
 
     @property
     def takes_new_clients(self) -> bool:
         """Whether a scheduler may give it a client that is not pinned to it."""
-        return self.up and self.weight > 0
+        return self.healthy and not self.ejected and self.admin_state == READY and self.weight > 0
 
     @property
     def takes_pinned_clients(self) -> bool:
         """Whether a client pinned to it may keep using it (drain keeps pins)."""
-        return self.up
+        return self.healthy and not self.ejected and self.admin_state != MAINT
 
     def record_failure(self, reason: str) -> None:
         """
         A connect or a request to this backend failed (refused, timed out,
         reset, invalid response).  Counted, and passed on to the passive health
-        monitor, which may take the backend out.
+        monitor, which may eject the backend.  A C{reason} that starts with
+        C{"connect"} is a failed connect (it counts towards consecutive
+        failures as well as the failure rate); any other is a failed request.
         """
         self.failures += 1
         if self.monitor is not None:

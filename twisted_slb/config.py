@@ -60,6 +60,23 @@ class HealthCheckConfig:
 
 
 @attr.s(frozen=True, auto_attribs=True)
+class PassiveHealthConfig:
+    """
+    C{[backends.X].health_check.passive}: outlier detection on real traffic,
+    as Envoy's.  See docs/health.md for the figures behind the defaults.
+    """
+
+    consecutive_failures: int = 3  # failed connects in a row that eject; 0: off
+    failure_rate: float = 50.0  # percent of failed requests in the window that ejects; 0: off
+    min_requests: int = 20  # requests (successes and failures) in the window before failure_rate applies
+    interval: float = 10.0  # seconds: the failure-rate window, and the step of the ejection count's decay
+    base_ejection_time: float = 10.0  # seconds out for a first ejection; n-th in a row: n times this
+    max_ejection_time: float = 300.0  # the longest ejection
+    max_ejection_percent: float = 50.0  # at most this share of a group is ejected (at least one backend, never all)
+    slow_start: float = 10.0  # seconds over which a backend back from an ejection ramps up to its weight
+
+
+@attr.s(frozen=True, auto_attribs=True)
 class GroupConfig:
     """C{[backends.NAME]}: a backend group."""
 
@@ -69,8 +86,9 @@ class GroupConfig:
     connect_timeout: float = 5.0
     retries: int = 2
     tls: Optional[BackendTLSConfig] = None
-    health_check: Optional[HealthCheckConfig] = None
+    health_check: Optional[HealthCheckConfig] = None  # active checks; None: none
     slow_start: float = 0.0  # seconds a backend that comes back up takes to reach its weight
+    passive: PassiveHealthConfig = attr.Factory(PassiveHealthConfig)
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -460,26 +478,39 @@ def _read_group(file: str, base: str, name: str, data: Any) -> GroupConfig:
         ca_path = _check_file(tt, "ca", ca, base) if ca != "" else None
         tls = BackendTLSConfig(tt.boolean("verify", True), ca_path, tt.string("server_name", ""))
     health = None
-    ht = t.table("health_check", ("type", "path", "host", "expect", "interval", "timeout",
-                                  "healthy_threshold", "unhealthy_threshold"))
+    passive = PassiveHealthConfig()
+    active_keys = ("type", "path", "host", "expect", "interval", "timeout", "healthy_threshold",
+                   "unhealthy_threshold")
+    ht = t.table("health_check", active_keys + ("passive",))
     if ht is not None:
-        path = ht.string("path", "/")
-        if not path.startswith("/"):
-            raise ht.error("path", "must start with '/'", path, 'a path such as "/health"')
-        expect = ht.array("expect", [200, 399], allowed="[low, high] status codes, 100..599")
-        if (len(expect) != 2 or any(isinstance(c, bool) or not isinstance(c, int) for c in expect)
-                or not 100 <= expect[0] <= expect[1] <= 599):
-            raise ht.error("expect", "not a status range", expect, "[low, high] with 100 <= low <= high <= 599")
-        health = HealthCheckConfig(
-            type=ht.string("type", "tcp", choices=("tcp", "http")),
-            path=path,
-            host=ht.string("host", ""),
-            expect=(expect[0], expect[1]),
-            interval=ht.number("interval", 2.0, 0, 3600, above=True),
-            timeout=ht.number("timeout", 5.0, 0, 3600, above=True),
-            healthy_threshold=ht.integer("healthy_threshold", 3, 1, 100),
-            unhealthy_threshold=ht.integer("unhealthy_threshold", 3, 1, 100),
-        )
+        pt = ht.table("passive", _PASSIVE_KEYS)
+        if pt is not None:
+            passive = _read_passive(pt)
+        kind = ht.string("type", "tcp", choices=("tcp", "http", "none"))
+        if kind == "none":
+            extra = [k for k in active_keys if k != "type" and ht.has(k)]
+            if extra:
+                raise ht.error(extra[0], 'active check settings with type = "none"', ht.get(extra[0]),
+                               'leave it out, or choose type = "tcp" or "http"')
+        else:
+            path = ht.string("path", "/")
+            if not path.startswith("/"):
+                raise ht.error("path", "must start with '/'", path, 'a path such as "/health"')
+            expect = ht.array("expect", [200, 399], allowed="[low, high] status codes, 100..599")
+            if (len(expect) != 2 or any(isinstance(c, bool) or not isinstance(c, int) for c in expect)
+                    or not 100 <= expect[0] <= expect[1] <= 599):
+                raise ht.error("expect", "not a status range", expect,
+                               "[low, high] with 100 <= low <= high <= 599")
+            health = HealthCheckConfig(
+                type=kind,
+                path=path,
+                host=ht.string("host", ""),
+                expect=(expect[0], expect[1]),
+                interval=ht.number("interval", 2.0, 0, 3600, above=True),
+                timeout=ht.number("timeout", 5.0, 0, 3600, above=True),
+                healthy_threshold=ht.integer("healthy_threshold", 3, 1, 100),
+                unhealthy_threshold=ht.integer("unhealthy_threshold", 3, 1, 100),
+            )
     return GroupConfig(
         name=name,
         servers=servers,
@@ -489,6 +520,32 @@ def _read_group(file: str, base: str, name: str, data: Any) -> GroupConfig:
         tls=tls,
         health_check=health,
         slow_start=t.number("slow_start", 0.0, 0, 3600),
+        passive=passive,
+    )
+
+
+_PASSIVE_KEYS = ("consecutive_failures", "failure_rate", "min_requests", "interval", "base_ejection_time",
+                 "max_ejection_time", "max_ejection_percent", "slow_start")
+
+
+def _read_passive(t: _Table) -> PassiveHealthConfig:
+    """C{health_check.passive}: outlier detection settings, each checked here."""
+    default = PassiveHealthConfig()
+    base = t.number("base_ejection_time", default.base_ejection_time, 0, 3600, above=True)
+    longest = t.number("max_ejection_time", default.max_ejection_time, 0, 86400, above=True)
+    if longest < base:
+        raise t.error("max_ejection_time", "shorter than base_ejection_time", longest,
+                      f"a number of seconds of at least base_ejection_time ({base})")
+    return PassiveHealthConfig(
+        consecutive_failures=t.integer("consecutive_failures", default.consecutive_failures, 0, 1000),
+        failure_rate=t.number("failure_rate", default.failure_rate, 0, 100, unit="percent (0: off)"),
+        min_requests=t.integer("min_requests", default.min_requests, 1, 1_000_000),
+        interval=t.number("interval", default.interval, 0, 3600, above=True),
+        base_ejection_time=base,
+        max_ejection_time=longest,
+        max_ejection_percent=t.number("max_ejection_percent", default.max_ejection_percent, 0, 100,
+                                      unit="percent"),
+        slow_start=t.number("slow_start", default.slow_start, 0, 3600),
     )
 
 

@@ -1,21 +1,33 @@
 """
 Health checks: active (a TCP connect or an HTTP request on a timer) and
-passive (the proxies' own failed connects and requests).
+passive (outlier detection on the proxies' own connects and requests).
 
-Each backend of a group has a L{HealthState}.  An up backend goes down after
-C{unhealthy_threshold} failed active checks in a row, or after
-C{passive_threshold} failed connects/requests in a row; a down backend comes
-up after C{healthy_threshold} successful active checks in a row, or, when the
-group has no active checks, after a cool-down.  Each change is one log line.
+Each backend of a group has a L{HealthState}.  The two kinds of check own
+separate pieces of the backend's state (L{twisted_slb.backends.Backend}):
 
-Being down only means the schedulers and pins stop using the backend: a
-client pinned to it is re-pinned to a healthy backend on its next connection
-or request; when it comes back, new clients reach it, and clients that were
-re-pinned elsewhere stay where they are.
+  - active checks set C{healthy}: an up backend goes down after
+    C{unhealthy_threshold} failed checks in a row, and comes up after
+    C{healthy_threshold} successful ones;
+  - passive checks set C{ejected}, as Envoy's outlier detection does: a
+    backend is ejected after C{consecutive_failures} failed connects in a
+    row, or when C{failure_rate} percent of its requests failed over the last
+    C{interval} (once at least C{min_requests} were seen).  An ejection lasts
+    C{base_ejection_time} times the number of recent ejections (capped by
+    C{max_ejection_time}); that number decays by one for every C{interval}
+    spent back in.  No ejection takes out more than C{max_ejection_percent} of
+    a group, nor its last usable backend.  A returning backend starts afresh
+    (no one-strike rule) and ramps up to its weight over C{slow_start}.
+
+Neither ever touches the operator's C{admin_state}.  Each change is one log
+line.  Being down or ejected only means the schedulers and pins stop using
+the backend: a client pinned to it is re-pinned to a healthy backend on its
+next connection or request; when it comes back, new clients reach it, and
+clients that were re-pinned elsewhere stay where they are.
 """
 
 from __future__ import annotations
 
+import math
 import random as _random
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -27,7 +39,7 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 
 from twisted_slb.backends import Backend, BackendGroup
-from twisted_slb.config import HealthCheckConfig
+from twisted_slb.config import HealthCheckConfig, PassiveHealthConfig
 
 log = Logger(namespace="twisted_slb.health")
 
@@ -36,15 +48,30 @@ log = Logger(namespace="twisted_slb.health")
 class HealthState:
     """What the monitor knows of one backend (shown by the admin listener)."""
 
+    # active checks
     consecutive_successes: int = 0
     consecutive_failures: int = 0
-    passive_failures: int = 0
     last_check: Optional[float] = None
     last_status: str = ""  # "ok", "failed"
     last_reason: str = ""
     last_change: Optional[float] = None
     checks: int = 0
-    down_by: str = ""  # "active" or "passive" while down
+    down_by: str = ""  # "active" or "passive" while down or ejected
+    # passive checks (outlier detection)
+    passive_failures: int = 0  # failed connects in a row
+    window_start: float = 0.0
+    window_successes: int = 0
+    window_failures: int = 0  # every failure, failed connects included
+    window_connect_failures: int = 0
+    previous_successes: int = 0  # the interval before the current one
+    previous_failures: int = 0
+    previous_connect_failures: int = 0
+    ejections: int = 0  # ever
+    ejection_count: int = 0  # recent ejections (before decay): the multiplier of the next one
+    ejected_until: Optional[float] = None
+    returned_at: Optional[float] = None
+    last_ejection_reason: str = ""
+    refused_at: Optional[float] = None  # last ejection refused by max_ejection_percent
 
 
 class _Check(Protocol):
@@ -138,12 +165,10 @@ class HealthMonitor(Service):
 
     @ivar group: the L{BackendGroup}.
     @ivar config: the L{HealthCheckConfig}, or L{None} for passive checks only.
-    @ivar passive_threshold: failed connects/requests in a row that take a
-        backend down.
-    @ivar cooldown: seconds a passively downed backend stays out when there
-        are no active checks.
-    @ivar slow_start: seconds over which a backend that comes back up goes
-        from a tenth of its weight to all of it (0: at once).
+    @ivar passive: the L{PassiveHealthConfig}.
+    @ivar slow_start: seconds over which a backend that comes back up after
+        active checks goes from a tenth of its weight to all of it (0: at
+        once); a return from an ejection ramps over C{passive.slow_start}.
     """
 
     #: slow-start steps (the share grows this many times)
@@ -154,24 +179,43 @@ class HealthMonitor(Service):
         group: BackendGroup,
         config: Optional[HealthCheckConfig] = None,
         reactor=None,
-        passive_threshold: int = 3,
-        cooldown: float = 10.0,
+        passive_threshold: Optional[int] = None,
+        cooldown: Optional[float] = None,
         random: Callable[[], float] = _random.random,
         slow_start: float = 0.0,
+        passive: Optional[PassiveHealthConfig] = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
+        if passive is None:
+            passive = PassiveHealthConfig()
+        # The older keywords: a consecutive-failure threshold and a fixed cool-down.
+        if passive_threshold is not None:
+            passive = attr.evolve(passive, consecutive_failures=passive_threshold)
+        if cooldown is not None:
+            passive = attr.evolve(passive, base_ejection_time=cooldown,
+                                  max_ejection_time=max(cooldown, passive.max_ejection_time))
         self.group = group
         self.config = config
+        self.passive = passive
         self.reactor = reactor
-        self.passive_threshold = passive_threshold
-        self.cooldown = cooldown
         self.random = random
         self.slow_start = slow_start
         self._ramps: Dict[str, object] = {}  # backend name -> next slow-start step
-        self._timers: Dict[str, object] = {}  # backend name -> next check / cool-down call
+        self._timers: Dict[str, object] = {}  # backend name -> next active check
+        self._returns: Dict[str, object] = {}  # backend name -> end of its ejection
         self._probes: Dict[str, _Probe] = {}
         self._watchers: List[Tuple[Backend, bool, Deferred]] = []
+
+    @property
+    def passive_threshold(self) -> int:
+        """Failed connects in a row that eject a backend (C{passive.consecutive_failures})."""
+        return self.passive.consecutive_failures
+
+    @property
+    def cooldown(self) -> float:
+        """The length of a first ejection (C{passive.base_ejection_time})."""
+        return self.passive.base_ejection_time
 
     # -- lifetime ------------------------------------------------------------
 
@@ -181,11 +225,12 @@ class HealthMonitor(Service):
 
     def stopService(self) -> None:
         Service.stopService(self)
-        for call in list(self._timers.values()) + list(self._ramps.values()):
+        for call in list(self._timers.values()) + list(self._ramps.values()) + list(self._returns.values()):
             if call.active():
                 call.cancel()
         self._timers.clear()
         self._ramps.clear()
+        self._returns.clear()
         for probe in list(self._probes.values()):
             probe.done = True
             if probe.timer is not None and probe.timer.active():
@@ -196,18 +241,27 @@ class HealthMonitor(Service):
             if backend.monitor is self:
                 backend.monitor = None
                 backend.ramp = 1.0
+                backend.ejected = False
 
-    def update(self, group: BackendGroup, config: Optional[HealthCheckConfig], slow_start: float = 0.0) -> None:
-        """A reload: new settings and perhaps new backends."""
+    def update(self, group: BackendGroup, config: Optional[HealthCheckConfig], slow_start: float = 0.0,
+               passive: Optional[PassiveHealthConfig] = None) -> None:
+        """A reload: new settings and perhaps new backends.  Running ejections run on."""
         changed = config != self.config
         self.group = group
         self.config = config
         self.slow_start = slow_start
+        if passive is not None:
+            self.passive = passive
         if changed:
             for call in self._timers.values():
                 if call.active():
                     call.cancel()
             self._timers.clear()
+            if config is None:
+                # No more active checks: their verdict no longer stands.
+                for backend in group.backends:
+                    if not backend.healthy:
+                        self._mark(backend, True, "active checks removed")
         if self.running:
             self.sync()
 
@@ -218,15 +272,16 @@ class HealthMonitor(Service):
             names.add(backend.name)
             backend.monitor = self
             if "health" not in backend.extra:
-                backend.extra["health"] = HealthState()
+                backend.extra["health"] = HealthState(window_start=self.reactor.seconds())
             if self.config is not None and backend.name not in self._timers:
                 # Jittered first check so that many backends are not all
                 # checked at the same moment.
                 self._schedule(backend, self.random() * self.config.interval)
-        for name in [n for n in self._timers if n not in names]:
-            call = self._timers.pop(name)
-            if call.active():
-                call.cancel()
+        for timers in (self._timers, self._returns, self._ramps):
+            for name in [n for n in timers if n not in names]:
+                call = timers.pop(name)
+                if call.active():
+                    call.cancel()
 
     # -- active checks ---------------------------------------------------------
 
@@ -250,87 +305,225 @@ class HealthMonitor(Service):
         state.last_status = "ok" if ok else "failed"
         state.last_reason = reason
         config = self.config
+        if config is None:
+            return
         if ok:
             state.consecutive_successes += 1
             state.consecutive_failures = 0
-            if not backend.up and state.consecutive_successes >= config.healthy_threshold:
+            if not backend.healthy and state.consecutive_successes >= config.healthy_threshold:
                 self._mark(backend, True, f"{state.consecutive_successes} checks passed ({reason})")
         else:
             state.consecutive_failures += 1
             state.consecutive_successes = 0
-            if backend.up and state.consecutive_failures >= config.unhealthy_threshold:
-                self._mark(backend, False, f"{state.consecutive_failures} checks failed in a row: {reason}",
-                           by="active")
-        if self.running and config is not None and backend in self.group.backends:
+            if backend.healthy and state.consecutive_failures >= config.unhealthy_threshold:
+                self._mark(backend, False, f"{state.consecutive_failures} checks failed in a row: {reason}")
+        if self.running and backend in self.group.backends:
             self._schedule(backend, config.interval)
 
     # -- passive checks (called by the proxies through Backend.monitor) --------
 
-    def failure(self, backend: Backend, reason: str) -> None:
+    def failure(self, backend: Backend, reason: str, connect: Optional[bool] = None) -> None:
+        """
+        A connect or a request to C{backend} failed.
+
+        @param reason: what happened, for the log.
+        @param connect: whether the connect itself failed; L{None}: a reason
+            starting with C{"connect"} (as the proxies write it) says so.
+            Only failed connects count towards C{consecutive_failures}: a
+            backend that breaks one response in ten must not be ejected by
+            an unlucky run of three; the failure rate judges it.
+        """
         state = self.state(backend)
-        state.passive_failures += 1
-        if backend.up and state.passive_failures >= self.passive_threshold:
-            self._mark(backend, False, f"{state.passive_failures} failures in a row: {reason}", by="passive")
-            if self.config is None:
-                self._timers[backend.name] = self.reactor.callLater(self.cooldown, self._cooled_down, backend)
+        passive = self.passive
+        self._roll(state, passive.interval)
+        state.window_failures += 1
+        if connect is None:
+            connect = reason.startswith("connect ")
+        if connect:
+            state.passive_failures += 1
+            state.window_connect_failures += 1
+        if backend.ejected:
+            return
+        if connect and 0 < passive.consecutive_failures <= state.passive_failures:
+            self._eject(backend, state, f"{state.passive_failures} failed connects in a row: {reason}")
+            return
+        if passive.failure_rate > 0:
+            failures, seen = self._recent(state)
+            if seen >= passive.min_requests and failures * 100.0 >= passive.failure_rate * seen:
+                self._eject(backend, state, f"{failures} of {seen} requests failed "
+                            f"({100.0 * failures / seen:.0f}%, limit {passive.failure_rate:g}%): {reason}")
 
     def success(self, backend: Backend) -> None:
+        """A connect or a request to C{backend} succeeded."""
         state = backend.extra.get("health")
         if state is not None:
             state.passive_failures = 0
+            self._roll(state, self.passive.interval)
+            state.window_successes += 1
 
-    def _cooled_down(self, backend: Backend) -> None:
-        self._timers.pop(backend.name, None)
-        if not backend.up:
-            state = self.state(backend)
-            # One more failure takes it out again at once.
-            state.passive_failures = self.passive_threshold - 1
-            self._mark(backend, True, f"back after a {self.cooldown} s cool-down")
+    @staticmethod
+    def _recent(state: HealthState) -> Tuple[int, int]:
+        """
+        Failures and requests of the current and the previous interval.
+
+        The proxies report a success when a response head arrives, and a
+        failure if the body then breaks: one request, two reports.  So the
+        requests are the successes and the failed connects (which never
+        succeeded), and never fewer than the failures (requests that failed
+        before any response).
+        """
+        failures = state.window_failures + state.previous_failures
+        connects = state.window_connect_failures + state.previous_connect_failures
+        seen = max(state.window_successes + state.previous_successes + connects, failures)
+        return failures, seen
+
+    def _roll(self, state: HealthState, interval: float) -> None:
+        """Start a new failure-rate interval when the current one is over."""
+        elapsed = self.reactor.seconds() - state.window_start
+        if elapsed >= interval:
+            if elapsed >= 2 * interval:
+                state.previous_successes = state.previous_failures = state.previous_connect_failures = 0
+            else:
+                state.previous_successes = state.window_successes
+                state.previous_failures = state.window_failures
+                state.previous_connect_failures = state.window_connect_failures
+            state.window_successes = state.window_failures = state.window_connect_failures = 0
+            state.window_start = self.reactor.seconds()
+
+    def _eject(self, backend: Backend, state: HealthState, why: str) -> None:
+        passive = self.passive
+        now = self.reactor.seconds()
+        backends = self.group.backends
+        ejected = sum(1 for b in backends if b.ejected)
+        allowed = math.floor(len(backends) * passive.max_ejection_percent / 100.0 + 1e-9)
+        if passive.max_ejection_percent > 0:
+            allowed = max(allowed, 1)
+        others_usable = any(b.up for b in backends if b is not backend)
+        if ejected >= allowed or not others_usable:
+            if state.refused_at is None or now - state.refused_at >= passive.interval:
+                state.refused_at = now
+                limit = ("it is the group's last usable backend" if not others_usable
+                         else f"{ejected} of {len(backends)} already ejected (max_ejection_percent "
+                              f"{passive.max_ejection_percent:g})")
+                log.warn("backend {group}/{backend} ({address}) not ejected, {limit}: {why}",
+                         group=self.group.name, backend=backend.name, address=backend.address,
+                         limit=limit, why=why)
+            return
+        count = self._decayed_count(state, now) + 1
+        state.ejection_count = count
+        duration = min(passive.base_ejection_time * count, passive.max_ejection_time)
+        state.ejections += 1
+        state.ejected_until = now + duration
+        state.last_ejection_reason = why
+        was_up = backend.up
+        backend.ejected = True
+        self._stop_ramp(backend)
+        self._returns[backend.name] = self.reactor.callLater(duration, self._return, backend)
+        log.warn("backend {group}/{backend} ({address}) ejected for {duration:g} s (ejection {count}): {why}",
+                 group=self.group.name, backend=backend.name, address=backend.address,
+                 duration=duration, count=count, why=why)
+        self._changed(backend, state, was_up)
+
+    def _decayed_count(self, state: HealthState, now: float) -> int:
+        """The recent ejections, less one for every C{interval} spent back in since the last."""
+        if state.returned_at is None or state.ejected_until is None or now < state.ejected_until:
+            return state.ejection_count
+        back_for = now - state.returned_at
+        return max(0, state.ejection_count - int(back_for // self.passive.interval))
+
+    def _return(self, backend: Backend) -> None:
+        self._returns.pop(backend.name, None)
+        state = self.state(backend)
+        now = self.reactor.seconds()
+        state.returned_at = now
+        # A fresh start: no one-strike rule.
+        state.passive_failures = 0
+        state.window_successes = state.window_failures = state.window_connect_failures = 0
+        state.previous_successes = state.previous_failures = state.previous_connect_failures = 0
+        state.window_start = now
+        was_up = backend.up
+        backend.ejected = False
+        log.info("backend {group}/{backend} ({address}) back after an ejection of {duration:g} s",
+                 group=self.group.name, backend=backend.name, address=backend.address,
+                 duration=min(self.passive.base_ejection_time * state.ejection_count,
+                              self.passive.max_ejection_time))
+        if backend.up and self.passive.slow_start > 0:
+            self._ramp(backend, 1, self.passive.slow_start)
+        self._changed(backend, state, was_up)
+
+    def passive_snapshot(self, backend: Backend) -> dict:
+        """The passive checks' view of C{backend}, for C{/stats}."""
+        state = self.state(backend)
+        now = self.reactor.seconds()
+        self._roll(state, self.passive.interval)
+        failures, seen = self._recent(state)
+        ejected = backend.ejected and state.ejected_until is not None
+        return {
+            "ejected": backend.ejected,
+            "ejected_for": round(max(0.0, state.ejected_until - now), 3) if ejected else 0.0,
+            "ejections": state.ejections,
+            "ejection_multiplier": self._decayed_count(state, now),
+            "last_ejection_reason": state.last_ejection_reason,
+            "consecutive_connect_failures": state.passive_failures,
+            "recent_requests": seen,
+            "recent_failure_rate": round(100.0 * failures / seen, 1) if seen else 0.0,
+        }
 
     # -- state -----------------------------------------------------------------
 
     def state(self, backend: Backend) -> HealthState:
         state = backend.extra.get("health")
         if state is None:
-            state = backend.extra["health"] = HealthState()
+            state = backend.extra["health"] = HealthState(window_start=self.reactor.seconds())
         return state
 
-    def _mark(self, backend: Backend, up: bool, why: str, by: str = "") -> None:
-        backend.up = up
-        if up and self.slow_start > 0:
-            self._ramp(backend, 1)
+    def _mark(self, backend: Backend, up: bool, why: str) -> None:
+        """The active checks' verdict changed."""
+        was_up = backend.up
+        backend.healthy = up
+        if up and self.slow_start > 0 and backend.up:
+            self._ramp(backend, 1, self.slow_start)
         elif not up:
-            call = self._ramps.pop(backend.name, None)
-            if call is not None and call.active():
-                call.cancel()
-            backend.ramp = 1.0
+            self._stop_ramp(backend)
         state = self.state(backend)
-        state.last_change = self.reactor.seconds()
-        state.down_by = "" if up else by
         if up:
             log.info("backend {group}/{backend} ({address}) up: {why}",
                      group=self.group.name, backend=backend.name, address=backend.address, why=why)
         else:
             log.warn("backend {group}/{backend} ({address}) down: {why}",
                      group=self.group.name, backend=backend.name, address=backend.address, why=why)
+        self._changed(backend, state, was_up)
+
+    def _changed(self, backend: Backend, state: HealthState, was_up: bool) -> None:
+        state.last_change = self.reactor.seconds()
+        state.down_by = "active" if not backend.healthy else "passive" if backend.ejected else ""
+        up = backend.up
+        if up == was_up:
+            return
         for watch in [w for w in self._watchers if w[0] is backend and w[1] == up]:
             self._watchers.remove(watch)
             watch[2].callback(backend)
 
-    def _ramp(self, backend: Backend, step: int) -> None:
+    def _stop_ramp(self, backend: Backend) -> None:
+        call = self._ramps.pop(backend.name, None)
+        if call is not None and call.active():
+            call.cancel()
+        backend.ramp = 1.0
+
+    def _ramp(self, backend: Backend, step: int, duration: float) -> None:
         """Slow start: the share grows in steps from 1/steps to all of it."""
         self._ramps.pop(backend.name, None)
         steps = self.ramp_steps
         backend.ramp = step / steps
         if step < steps and backend.up:
             self._ramps[backend.name] = self.reactor.callLater(
-                self.slow_start / steps, self._ramp, backend, step + 1
+                duration / steps, self._ramp, backend, step + 1, duration
             )
         else:
             backend.ramp = 1.0
 
     def when(self, backend: Backend, up: bool) -> Deferred:
-        """A L{Deferred} that fires when C{backend} is next marked up (or down)."""
+        """A L{Deferred} that fires when C{backend} is next usable (or not)."""
         d: Deferred = Deferred()
         if backend.up == up:
             d.callback(backend)

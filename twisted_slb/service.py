@@ -322,13 +322,13 @@ class BalancerService(MultiService):
             if group is None:
                 group = self.groups[name] = BackendGroup.from_config(group_config)
                 monitor = HealthMonitor(group, group_config.health_check, reactor=self.reactor,
-                                        slow_start=group_config.slow_start)
+                                        slow_start=group_config.slow_start, passive=group_config.passive)
                 monitor.setName(f"health:{name}")
                 monitor.setServiceParent(self)
             else:
                 group.update(group_config)
                 self.getServiceNamed(f"health:{name}").update(
-                    group, group_config.health_check, group_config.slow_start
+                    group, group_config.health_check, group_config.slow_start, group_config.passive
                 )
         for name in [n for n in self.groups if n not in config.backends]:
             del self.groups[name]

@@ -3,9 +3,11 @@ Counters of every listener, read by the admin listener.
 
 The proxies call L{ListenerStats.request_done} (HTTP, once per request) and
 L{ListenerStats.connection_done} (TCP, once per connection); both are a few
-integer increments.  Backend counters (active, total, failures, bytes) live on
-the L{twisted_slb.backends.Backend} objects themselves, and health results in
-C{backend.extra["health"]}; L{StatsRegistry.snapshot} puts it all together.
+integer increments.  Backend counters (active, total, failures, bytes) and
+states (the operator's C{admin_state}, the checks' C{health_state}) live on
+the L{twisted_slb.backends.Backend} objects themselves, active check results in
+C{backend.extra["health"]}, and passive ejections with the backend's health
+monitor; L{StatsRegistry.snapshot} puts it all together.
 """
 
 from __future__ import annotations
@@ -103,6 +105,8 @@ class StatsRegistry:
                     "address": b.address,
                     "id": b.id,
                     "state": b.state,
+                    "admin_state": b.admin_state,
+                    "health_state": b.health_state,
                     "weight": b.weight,
                     "active": b.active,
                     "total": b.total,
@@ -117,6 +121,7 @@ class StatsRegistry:
                         "consecutive_failures": health.consecutive_failures,
                         "down_by": health.down_by,
                     },
+                    "passive": None if b.monitor is None else b.monitor.passive_snapshot(b),
                 })
             groups.append({"name": group.name, "scheduler": group.scheduler.name, "backends": backends})
         return {

@@ -12,7 +12,8 @@ cookie names the backend), and source-IP persistence chooses new clients by
 consistent hashing of their address in worker mode, so every worker pins a
 given client to the same backend without sharing a table.
 
-The parent restarts a worker that dies, forwards SIGHUP (reload) to the
+The parent restarts a worker that dies (at once, unless that worker is in a
+crash loop: see L{WorkerPoolService}), forwards SIGHUP (reload) to the
 workers (starting a new generation when the set of listening addresses
 changed), and on shutdown asks the workers to stop gracefully.
 """
@@ -56,10 +57,11 @@ def _family(port) -> int:
 
 
 class _WorkerProcess(ProcessProtocol):
-    def __init__(self, pool: WorkerPoolService, index: int, generation: int) -> None:
+    def __init__(self, pool: WorkerPoolService, index: int, generation: int, started: float) -> None:
         self.pool = pool
         self.index = index
         self.generation = generation
+        self.started = started  # reactor.seconds() when it was spawned
         self.ended: defer.Deferred = defer.Deferred()
 
     def processEnded(self, reason) -> None:
@@ -71,12 +73,24 @@ class WorkerPoolService(Service):
     """
     The parent process of worker mode.
 
+    Restarts are judged per worker slot (its index): a worker that dies after
+    running for at least L{crash_window} seconds is restarted at once, and its
+    slot's back-off is reset.  Only a worker that dies sooner than that after
+    starting is in a crash loop: it is restarted after L{restart_delay}
+    seconds, doubled on each further quick death of that slot, up to
+    L{max_restart_delay}.  The other workers are never touched: they keep
+    accepting on the shared sockets meanwhile.
+
     @ivar config: the L{Config} in force.
     @ivar workers: the running worker process protocols.
     """
 
-    #: seconds before a dead worker is started again (doubled while it keeps dying)
+    #: a worker that dies sooner than this (seconds) after starting is crash-looping
+    crash_window = 5.0
+    #: seconds before a crash-looping worker is started again (doubled while it keeps dying)
     restart_delay = 1.0
+    #: the longest back-off of a crash loop
+    max_restart_delay = 30.0
 
     def __init__(self, config: Config, reactor=None, python: str = sys.executable) -> None:
         if reactor is None:
@@ -88,7 +102,7 @@ class WorkerPoolService(Service):
         self.workers: List[_WorkerProcess] = []
         self.generation = 0
         self._stopping = False
-        self._delay = self.restart_delay
+        self._delays: Dict[int, float] = {}  # worker index -> its next crash-loop delay
 
     # -- sockets -----------------------------------------------------------
 
@@ -130,7 +144,7 @@ class WorkerPoolService(Service):
             fd = port.fileno()
             child_fds[fd] = fd
             args += ["--listener", f"{listener.name}={fd}:{int(_family(port))}"]
-        proto = _WorkerProcess(self, index, self.generation)
+        proto = _WorkerProcess(self, index, self.generation, self.reactor.seconds())
         self.reactor.spawnProcess(proto, self.python, args, env=os.environ.copy(), childFDs=child_fds)
         self.workers.append(proto)
         log.info("worker {index} started (pid {pid})", index=index, pid=proto.transport.pid)
@@ -140,12 +154,29 @@ class WorkerPoolService(Service):
             self.workers.remove(proto)
         if self._stopping or proto.generation != self.generation:
             return
+        delay = self.restart_delay_for(proto.index, self.reactor.seconds() - proto.started)
         log.error(
-            "worker {index} exited unexpectedly ({reason}); restarting in {delay} s",
-            index=proto.index, reason=reason.getErrorMessage(), delay=self._delay,
+            "worker {index} exited unexpectedly ({reason}) after {uptime:.1f} s; {when}",
+            index=proto.index, reason=reason.getErrorMessage(), uptime=self.reactor.seconds() - proto.started,
+            when="restarting it now" if delay == 0 else f"crash loop: restarting in {delay} s",
         )
-        self.reactor.callLater(self._delay, self._respawn, proto.index, proto.generation)
-        self._delay = min(self._delay * 2, 30.0)
+        # Even "now" goes through the reactor: never spawn from inside
+        # processEnded.
+        self.reactor.callLater(delay, self._respawn, proto.index, proto.generation)
+
+    def restart_delay_for(self, index: int, uptime: float) -> float:
+        """
+        How long to wait before restarting worker C{index}, which died after
+        C{uptime} seconds, and advance (or reset) that slot's back-off.
+
+        @return: 0 after a normal run; the slot's back-off after a quick death.
+        """
+        if uptime >= self.crash_window:
+            self._delays.pop(index, None)
+            return 0.0
+        delay = self._delays.get(index, self.restart_delay)
+        self._delays[index] = min(delay * 2, self.max_restart_delay)
+        return delay
 
     def _respawn(self, index: int, generation: int) -> None:
         if not self._stopping and generation == self.generation:
