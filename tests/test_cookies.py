@@ -29,7 +29,7 @@ from zope.interface.verify import verifyObject
 from twisted_slb.backends import Backend, BackendGroup
 from twisted_slb.config import PersistenceConfig
 from twisted_slb.persistence.cookies import InsertCookie, RewriteCookie
-from twisted_slb.persistence.interfaces import HIT, NEW, REPIN, IPersistencePolicy, session_for
+from twisted_slb.persistence.interfaces import EXPIRED, HIT, NEW, REPIN, IPersistencePolicy, session_for
 from twisted_slb.persistence.resource import PersistenceResource, wrap_with_persistence
 from twisted_slb.scheduling import RoundRobin
 
@@ -437,7 +437,7 @@ class InsertCookieTests(SynchronousTestCase):
 
     def test_unknownBackendIdIsRepinned(self) -> None:
         f = Fixture()
-        response = f.request(cookies=[b"SERVERID=0123456789abcdef.sxkq3c"])
+        response = f.request(cookies=[b"SERVERID=0123456789abcdef." + _base36(NOW).encode()])
         self.assertEqual(f.proxy.seen[0].outcome, REPIN)
         self.assertEqual(response.status, 200)
         self.assertEqual(len(set_cookie_named(response, b"SERVERID")), 1)
@@ -644,10 +644,10 @@ class InsertCookieRefreshTests(SynchronousTestCase):
         f.clock.advance(3000)
         self.assertEqual(f.request(cookies=[cookie]).all(b"set-cookie"), [])
 
-    def test_noStampWhenRefreshOff(self) -> None:
-        """Without refresh the value is the bare backend id."""
+    def test_stampedWhenRefreshOff(self) -> None:
+        """Without refresh the value still carries when it was written, so that max_idle is enforced."""
         f = Fixture(refresh=False)
-        self.assertEqual(cookie_pair(set_cookie_named(f.request(), b"SERVERID")[0]), f.cookie_for("a", stamp=None))
+        self.assertEqual(cookie_pair(set_cookie_named(f.request(), b"SERVERID")[0]), f.cookie_for("a"))
 
     def test_unstampedCookieRestampedWhenRefreshOn(self) -> None:
         """A cookie issued while refresh was off is accepted, and re-issued with a stamp."""
@@ -656,11 +656,12 @@ class InsertCookieRefreshTests(SynchronousTestCase):
         self.assertEqual(f.proxy.seen[0].outcome, HIT)
         self.assertEqual([cookie_pair(v) for v in set_cookie_named(response, b"SERVERID")], [f.cookie_for("c")])
 
-    def test_futureStampReissued(self) -> None:
-        """A stamp far in the future (forged, or a skewed clock) would never refresh: re-issue it."""
+    def test_futureStampExpired(self) -> None:
+        """A stamp far in the future (forged, or a skewed clock) counts as expired: balanced anew, new cookie."""
         f = Fixture(timeout=3600)
         response = f.request(cookies=[f.cookie_for("c", stamp=NOW + 100000)])
-        self.assertEqual([cookie_pair(v) for v in set_cookie_named(response, b"SERVERID")], [f.cookie_for("c")])
+        self.assertEqual((f.proxy.seen[0].backend.name, f.proxy.seen[0].outcome), ("a", EXPIRED))
+        self.assertEqual([cookie_pair(v) for v in set_cookie_named(response, b"SERVERID")], [f.cookie_for("a")])
 
 
 class InsertCookieSubclassTests(SynchronousTestCase):
