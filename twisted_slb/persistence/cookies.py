@@ -589,12 +589,12 @@ class InsertCookie(PersistenceResource):
         """
         The C{Set-Cookie} header value pinning this client to C{backend}.
 
-        @param issued: when the client's pin was first issued, for a refresh
-            with C{max_life}; L{None} for now.
-
         C{SameSite=None} is left out when the cookie is not C{Secure}:
         browsers reject a C{SameSite=None} cookie without C{Secure}, and the
         client would never be pinned.
+
+        @param issued: when the client's pin was first issued, for a refresh
+            with C{max_life}; L{None} for now.
         """
         secure = self.is_secure(session)
         value = (self.cookie_value_for(backend, issued) if self.max_life else self.cookie_value_for(backend))
