@@ -8,7 +8,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_slb.backends import Backend, BackendGroup, backend_id
 from twisted_slb.config import GroupConfig, ServerConfig
-from twisted_slb.persistence.interfaces import Session
+from twisted_slb.persistence.interfaces import EXPIRED, HIT, NEW, REPIN, STRICT, Session, strict_refusal
 
 
 class BackendTests(SynchronousTestCase):
@@ -91,3 +91,75 @@ class RouteTests(SynchronousTestCase):
         self.assertEqual([b.name for b in self.group.backends], ["a", "c"])
         self.assertIsNone(self.group.get("b"))
         self.assertEqual((self.group.scheduler.name, self.group.retries), ("hash", 4))
+
+
+class StrictPolicy:
+    """A policy with C{on_failure = "strict"} (route reads only that attribute)."""
+
+    on_failure = "strict"
+
+
+class StrictRouteTests(SynchronousTestCase):
+    """L{BackendGroup.route} with a strict policy (C{on_failure = "strict"})."""
+
+    def setUp(self):
+        self.group = BackendGroup("g", [Backend("a", "10.0.0.1", 80), Backend("b", "10.0.0.2", 80)])
+        self.a = self.group.get("a")
+
+    def session(self, key=None):
+        return Session("10.9.9.9", policy=StrictPolicy(), pinned_key=key)
+
+    def test_downBackendRefusesInsteadOfRepinning(self):
+        """A pin to a backend that is down gives no backend and the outcome strict."""
+        self.a.up = False
+        s = self.session(self.a.id)
+        self.assertIsNone(self.group.route(s))
+        self.assertEqual(s.outcome, STRICT)
+
+    def test_refusedBackendIsNotReplaced(self):
+        """A pinned backend that failed to connect (excluded) is not replaced by another."""
+        s = self.session(self.a.id)
+        self.assertIsNone(self.group.route(s, exclude=[self.a]))
+        self.assertEqual(s.outcome, STRICT)
+
+    def test_drainedBackendStillServesItsPins(self):
+        """Weight 0 (drain) keeps serving pinned clients in strict mode too."""
+        self.a.weight = 0
+        s = self.session(self.a.id)
+        self.assertIs(self.group.route(s), self.a)
+        self.assertEqual(s.outcome, HIT)
+
+    def test_removedBackendIsRebalanced(self):
+        """A pin to a key no backend of the group has (removed from the config) is re-pinned."""
+        s = self.session(backend_id("gone"))
+        self.assertIsNotNone(self.group.route(s))
+        self.assertEqual(s.outcome, REPIN)
+
+    def test_expiredOutcomeKept(self):
+        """A policy that found an expired pin (outcome expired, no key) keeps that outcome for a new choice."""
+        s = self.session()
+        s.outcome = EXPIRED
+        self.assertIsNotNone(self.group.route(s))
+        self.assertEqual(s.outcome, EXPIRED)
+
+
+class StrictRefusalTests(SynchronousTestCase):
+    """L{strict_refusal}: what listeners ask when no backend was found."""
+
+    def test_hitOfStrictPolicyIsRefusal(self):
+        """A strict pin whose backend failed with no retries left becomes the outcome strict."""
+        s = Session("10.9.9.9", policy=StrictPolicy(), outcome=HIT)
+        self.assertTrue(strict_refusal(s))
+        self.assertEqual(s.outcome, STRICT)
+
+    def test_repinPolicyIsNoRefusal(self):
+        """Without on_failure = strict, a failed pin is an ordinary failure."""
+        s = Session("10.9.9.9", policy=object(), outcome=HIT)
+        self.assertFalse(strict_refusal(s))
+        self.assertEqual(s.outcome, HIT)
+
+    def test_repinnedClientIsNoRefusal(self):
+        """A client already moved (repin) or new is not refused by strict mode."""
+        for outcome in (REPIN, NEW):
+            s = Session("10.9.9.9", policy=StrictPolicy(), outcome=outcome)
+            self.assertFalse(strict_refusal(s))

@@ -221,3 +221,104 @@ class FuzzTests(SynchronousTestCase):
             parse_config(document, "fuzz.toml")
         except ConfigError as e:
             self.assertTrue(str(e).startswith("fuzz.toml: "))
+
+
+HTTP_LISTENER = """
+[listeners.web]
+protocol = "http"
+bind = "tcp:8080"
+backends = "web"
+persistence = {persistence}
+"""
+
+
+class PersistenceModeTests(SynchronousTestCase):
+    """on_failure, max_idle, max_life and servers' cookie (issue 16, sections 1-3)."""
+
+    def parse(self, persistence: str, base: str = BASE):
+        return parse_config(base + HTTP_LISTENER.format(persistence=persistence), "slb.toml")
+
+    def error(self, persistence: str, base: str = BASE) -> str:
+        with self.assertRaises(ConfigError) as cm:
+            self.parse(persistence, base)
+        return str(cm.exception)
+
+    def test_defaultsUnchanged(self):
+        """Without the new keys: repin, max_idle is the timeout, no max_life."""
+        p = self.parse('{ type = "insert_cookie", timeout = 900 }').listeners["web"].persistence
+        self.assertEqual((p.on_failure, p.max_idle, p.max_life), ("repin", 900, 0))
+
+    def test_onFailureForEveryType(self):
+        """on_failure = "strict" is read for insert_cookie, rewrite_cookie and source_ip (http and tcp)."""
+        for persistence in ('{ type = "insert_cookie", on_failure = "strict" }',
+                            '{ type = "rewrite_cookie", cookie = "J", on_failure = "strict" }',
+                            '{ type = "source_ip", on_failure = "strict" }'):
+            self.assertEqual(self.parse(persistence).listeners["web"].persistence.on_failure, "strict")
+        tcp = parse_config(BASE.replace('timeout = 1000 }', 'timeout = 1000, on_failure = "strict" }'), "slb.toml")
+        self.assertEqual(tcp.listeners["tcp"].persistence.on_failure, "strict")
+
+    def test_onFailureUnknownValue(self):
+        """An unknown on_failure names the field, the value and the choices."""
+        self.assertIn("listeners.web.persistence.on_failure: not one of the choices; got 'fail'; "
+                      "allowed: 'repin' | 'strict'", self.error('{ type = "insert_cookie", on_failure = "fail" }'))
+
+    def test_lifetimesRead(self):
+        """max_idle and max_life are read in seconds."""
+        p = self.parse('{ type = "insert_cookie", timeout = 3600, max_idle = 1800, max_life = 28800 }')
+        self.assertEqual((p.listeners["web"].persistence.max_idle, p.listeners["web"].persistence.max_life),
+                         (1800, 28800))
+
+    def test_maxIdleAboveTimeout(self):
+        """max_idle may not exceed the cookie's timeout (the browser drops it then)."""
+        message = self.error('{ type = "insert_cookie", timeout = 600, max_idle = 601 }')
+        self.assertIn("listeners.web.persistence.max_idle: out of range; got 601; allowed: an integer from 1 to 600",
+                      message)
+
+    def test_maxLifeType(self):
+        """max_life must be an integer."""
+        message = self.error('{ type = "insert_cookie", max_life = "8h" }')
+        self.assertIn("listeners.web.persistence.max_life: must be an integer, not a string; got '8h'", message)
+
+    def test_maxLifeOnRewriteCookie(self):
+        """max_idle/max_life on rewrite_cookie is an error that says why and where they belong."""
+        message = self.error('{ type = "rewrite_cookie", cookie = "J", max_life = 60 }')
+        self.assertIn("listeners.web.persistence.max_life: not a setting of rewrite_cookie persistence, "
+                      "only of insert_cookie", message)
+        self.assertIn("got 60", message)
+
+    def test_maxIdleOnSourceIP(self):
+        """A key of another persistence type names the field and the keys allowed."""
+        message = self.error('{ type = "source_ip", max_idle = 60 }')
+        self.assertIn("listeners.web.persistence.max_idle: not a setting of source_ip persistence", message)
+        self.assertIn("keys of source_ip: type, timeout, max_entries, on_failure", message)
+
+    def test_serverCookieRead(self):
+        """A server's cookie value is read; servers without one have ""."""
+        config = self.parse('{ type = "insert_cookie" }', BASE.replace('weight = 100 }', 'weight = 100, cookie = "s1" }'))
+        self.assertEqual([s.cookie for s in config.backends["web"].servers], ["s1", ""])
+
+    def test_serverCookieNotAToken(self):
+        """A server cookie with a '.', '~', space or ';' is an error naming the field."""
+        for bad in ("s.1", "s~1", "s 1", "s;1", ""):
+            message = self.error('{ type = "insert_cookie" }',
+                                 BASE.replace('weight = 100 }', f'weight = 100, cookie = "{bad}" }}'))
+            self.assertIn(f"backends.web.servers[0].cookie: not a cookie-safe value; got {bad!r}", message)
+
+    def test_serverCookieDuplicate(self):
+        """Two servers of a group with one cookie value is an error naming the second."""
+        base = BASE.replace('weight = 100 }', 'weight = 100, cookie = "s1" }').replace(
+            '"[2001:db8::2]:8080" }', '"[2001:db8::2]:8080", cookie = "s1" }')
+        message = self.error('{ type = "insert_cookie" }', base)
+        self.assertIn("backends.web.servers[1].cookie: duplicate cookie value in this group; got 's1'", message)
+
+    def test_describeShowsTheNewSettings(self):
+        """--check prints on_failure, the lifetimes and the servers' cookie values."""
+        config = self.parse('{ type = "insert_cookie", timeout = 3600, max_idle = 1800, max_life = 28800, '
+                            'on_failure = "strict" }',
+                            BASE.replace('weight = 100 }', 'weight = 100, cookie = "s1" }'))
+        text = describe(config)
+        self.assertIn("max_idle 1800 s, max_life 28800 s", text)
+        self.assertIn("on_failure strict: a client whose backend is down or refuses is not moved, "
+                      "it gets 503 with Retry-After", text)
+        self.assertIn("a=10.0.0.1:8080 (weight 100, cookie s1)", text)
+        self.assertIn("on_failure repin", describe(parse_config(BASE, "slb.toml")))

@@ -27,9 +27,11 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from twisted_slb.backends import Backend, BackendGroup
-from twisted_slb.config import PersistenceConfig
-from twisted_slb.persistence.cookies import InsertCookie, RewriteCookie
-from twisted_slb.persistence.interfaces import HIT, NEW, REPIN, IPersistencePolicy, session_for
+from twisted_slb.config import PersistenceConfig, ServerConfig
+from twisted_slb.persistence.cookies import MAX_SKEW, FixedCookieValues, InsertCookie, RewriteCookie
+from twisted_slb.persistence.interfaces import (
+    EXPIRED, HIT, NEW, REPIN, STRICT, IPersistencePolicy, Session, session_for,
+)
 from twisted_slb.persistence.resource import PersistenceResource, wrap_with_persistence
 from twisted_slb.scheduling import RoundRobin
 
@@ -437,7 +439,7 @@ class InsertCookieTests(SynchronousTestCase):
 
     def test_unknownBackendIdIsRepinned(self) -> None:
         f = Fixture()
-        response = f.request(cookies=[b"SERVERID=0123456789abcdef.sxkq3c"])
+        response = f.request(cookies=[b"SERVERID=0123456789abcdef." + _base36(NOW).encode()])
         self.assertEqual(f.proxy.seen[0].outcome, REPIN)
         self.assertEqual(response.status, 200)
         self.assertEqual(len(set_cookie_named(response, b"SERVERID")), 1)
@@ -644,10 +646,10 @@ class InsertCookieRefreshTests(SynchronousTestCase):
         f.clock.advance(3000)
         self.assertEqual(f.request(cookies=[cookie]).all(b"set-cookie"), [])
 
-    def test_noStampWhenRefreshOff(self) -> None:
-        """Without refresh the value is the bare backend id."""
+    def test_stampedWhenRefreshOff(self) -> None:
+        """Without refresh the value still carries when it was written, so that max_idle is enforced."""
         f = Fixture(refresh=False)
-        self.assertEqual(cookie_pair(set_cookie_named(f.request(), b"SERVERID")[0]), f.cookie_for("a", stamp=None))
+        self.assertEqual(cookie_pair(set_cookie_named(f.request(), b"SERVERID")[0]), f.cookie_for("a"))
 
     def test_unstampedCookieRestampedWhenRefreshOn(self) -> None:
         """A cookie issued while refresh was off is accepted, and re-issued with a stamp."""
@@ -656,11 +658,12 @@ class InsertCookieRefreshTests(SynchronousTestCase):
         self.assertEqual(f.proxy.seen[0].outcome, HIT)
         self.assertEqual([cookie_pair(v) for v in set_cookie_named(response, b"SERVERID")], [f.cookie_for("c")])
 
-    def test_futureStampReissued(self) -> None:
-        """A stamp far in the future (forged, or a skewed clock) would never refresh: re-issue it."""
+    def test_futureStampExpired(self) -> None:
+        """A stamp far in the future (forged, or a skewed clock) counts as expired: balanced anew, new cookie."""
         f = Fixture(timeout=3600)
         response = f.request(cookies=[f.cookie_for("c", stamp=NOW + 100000)])
-        self.assertEqual([cookie_pair(v) for v in set_cookie_named(response, b"SERVERID")], [f.cookie_for("c")])
+        self.assertEqual((f.proxy.seen[0].backend.name, f.proxy.seen[0].outcome), ("a", EXPIRED))
+        self.assertEqual([cookie_pair(v) for v in set_cookie_named(response, b"SERVERID")], [f.cookie_for("a")])
 
 
 class InsertCookieSubclassTests(SynchronousTestCase):
@@ -877,3 +880,228 @@ class StickyHeaderExampleTests(SynchronousTestCase):
         self.group.get("a").up = False
         after = {u: self.served(u) for u in users}
         self.assertEqual({u for u in users if before[u] != after[u]}, {u for u in users if before[u] == "a"})
+
+
+# --- lifetimes (max_idle, max_life) ---------------------------------------
+
+
+def stamped(f: Fixture, name: str, *stamps: int) -> bytes:
+    """C{SERVERID=<id of name>.<stamp>...}: a value with the given time stamps."""
+    key = f.group.get(name).id
+    return b"SERVERID=" + ".".join([key] + [_base36(t) for t in stamps]).encode()
+
+
+class InsertCookieLifetimeTests(SynchronousTestCase):
+    def test_idleCookieExpires(self) -> None:
+        """A cookie last written more than max_idle ago counts as absent: balanced anew, outcome expired."""
+        f = Fixture(timeout=3600, max_idle=600)
+        cookie = f.cookie_for("c")
+        f.clock.advance(601)
+        response = f.request(cookies=[cookie])
+        self.assertEqual((f.proxy.seen[0].backend.name, f.proxy.seen[0].outcome), ("a", EXPIRED))
+        self.assertEqual([cookie_pair(v) for v in set_cookie_named(response, b"SERVERID")],
+                         [stamped(f, "a", NOW + 601)])
+
+    def test_cookieWithinMaxIdleIsHit(self) -> None:
+        """A cookie written less than max_idle ago still pins."""
+        f = Fixture(timeout=3600, max_idle=600)
+        cookie = f.cookie_for("c")
+        f.clock.advance(599)
+        f.request(cookies=[cookie])
+        self.assertEqual((f.proxy.seen[0].backend.name, f.proxy.seen[0].outcome), ("c", HIT))
+
+    def test_maxIdleDefaultsToTimeout(self) -> None:
+        """Without max_idle, a cookie older than the timeout (a replayed one) has expired."""
+        f = Fixture(timeout=3600)
+        cookie = f.cookie_for("c")
+        f.clock.advance(3601)
+        f.request(cookies=[cookie])
+        self.assertEqual(f.proxy.seen[0].outcome, EXPIRED)
+
+    def test_refreshAtHalfMaxIdle(self) -> None:
+        """With refresh, the stamp is re-written once past half of max_idle (not of timeout)."""
+        f = Fixture(timeout=3600, max_idle=600)
+        cookie = f.cookie_for("c")
+        f.clock.advance(301)
+        response = f.request(cookies=[cookie])
+        self.assertEqual(f.proxy.seen[0].outcome, HIT)
+        self.assertEqual([cookie_pair(v) for v in set_cookie_named(response, b"SERVERID")],
+                         [stamped(f, "c", NOW + 301)])
+
+    def test_maxLifeValueCarriesIssueTime(self) -> None:
+        """With max_life, a new cookie is <id>.<issued>.<written>."""
+        f = Fixture(timeout=3600, max_life=7200)
+        response = f.request()
+        self.assertEqual([cookie_pair(v) for v in set_cookie_named(response, b"SERVERID")],
+                         [stamped(f, "a", NOW, NOW)])
+
+    def test_activeClientKeptUntilMaxLifeThenExpired(self) -> None:
+        """
+        An active client (a request every 301 s, max_idle 600) is refreshed
+        and never cut before max_life; its issue time is kept, so the first
+        request past max_life is balanced anew.
+        """
+        f = Fixture(timeout=3600, max_idle=600, max_life=3000)
+        jar = cookie_pair(set_cookie_named(f.request(), b"SERVERID")[0])
+        outcomes = []
+        for _ in range(10):
+            f.clock.advance(301)
+            response = f.request(cookies=[jar])
+            outcomes.append(f.proxy.seen[-1].outcome)
+            for value in set_cookie_named(response, b"SERVERID"):
+                jar = cookie_pair(value)
+        self.assertEqual(outcomes, [HIT] * 9 + [EXPIRED])
+
+    def test_tooOldCookieExpiresThoughRecentlyWritten(self) -> None:
+        """A cookie first issued more than max_life ago expires even if written a moment ago."""
+        f = Fixture(timeout=3600, max_life=7200)
+        f.request(cookies=[stamped(f, "c", NOW - 7201, NOW - 10)])
+        self.assertEqual(f.proxy.seen[0].outcome, EXPIRED)
+
+    def test_unstampedCookieAcceptedAndStampedWithMaxLife(self) -> None:
+        """A bare cookie (issued by the previous release) still pins, and is re-issued with both stamps."""
+        f = Fixture(timeout=3600, max_life=7200)
+        response = f.request(cookies=[f.cookie_for("c", stamp=None)])
+        self.assertEqual(f.proxy.seen[0].outcome, HIT)
+        self.assertEqual([cookie_pair(v) for v in set_cookie_named(response, b"SERVERID")],
+                         [stamped(f, "c", NOW, NOW)])
+
+    def test_oneStampCookieWithMaxLifeGetsIssueTime(self) -> None:
+        """A cookie with only its write time (max_life just turned on) pins and is given an issue time."""
+        f = Fixture(timeout=3600, max_life=7200)
+        response = f.request(cookies=[stamped(f, "c", NOW - 5)])
+        self.assertEqual(f.proxy.seen[0].outcome, HIT)
+        self.assertEqual([cookie_pair(v) for v in set_cookie_named(response, b"SERVERID")],
+                         [stamped(f, "c", NOW, NOW)])
+
+    def test_smallSkewAccepted(self) -> None:
+        """A stamp a little in the future (another balancer's clock) is accepted."""
+        f = Fixture(timeout=3600)
+        f.request(cookies=[stamped(f, "c", NOW + MAX_SKEW)])
+        self.assertEqual(f.proxy.seen[0].outcome, HIT)
+
+    def test_futureIssueTimeExpired(self) -> None:
+        """An issue time beyond the skew in the future counts as expired."""
+        f = Fixture(timeout=3600, max_life=7200)
+        f.request(cookies=[stamped(f, "c", NOW + MAX_SKEW + 1, NOW)])
+        self.assertEqual(f.proxy.seen[0].outcome, EXPIRED)
+
+    def test_laterFreshCookieWinsOverExpiredOne(self) -> None:
+        """An expired occurrence is skipped; a fresh one after it still pins."""
+        f = Fixture(timeout=3600, max_idle=600)
+        f.request(cookies=[stamped(f, "b", NOW - 601), f.cookie_for("c")])
+        self.assertEqual((f.proxy.seen[0].backend.name, f.proxy.seen[0].outcome), ("c", HIT))
+
+    def test_expiredCookieStrippedFromRequest(self) -> None:
+        """An expired cookie is removed before the request reaches the backend, like a valid one."""
+        f = Fixture(timeout=3600, max_idle=600)
+        f.request(cookies=[stamped(f, "b", NOW - 601) + b"; other=1"])
+        self.assertEqual(f.proxy.seen[0].cookies, [b"other=1"])
+
+    def test_badLifetimesRejected(self) -> None:
+        """max_idle beyond the timeout and max_life out of range are ValueErrors naming the option."""
+        for options, word in (({"max_idle": 3601}, "max_idle"), ({"max_life": -1}, "max_life"),
+                              ({"on_failure": "sometimes"}, "on_failure")):
+            with self.assertRaises(ValueError) as cm:
+                InsertCookie(Resource(), timeout=3600, **options)
+            self.assertIn(word, str(cm.exception))
+
+
+# --- fixed cookie values per server ----------------------------------------
+
+
+class FixedValueTests(SynchronousTestCase):
+    def fixture(self, **options) -> Fixture:
+        return Fixture(server_cookies={"a": "s1", "b": "s2"}, **options)
+
+    def test_newClientGetsTheFixedValue(self) -> None:
+        """A server with cookie = "s1" is named s1 in the cookie (with its stamp)."""
+        f = self.fixture()
+        response = f.request()
+        self.assertEqual([cookie_pair(v) for v in set_cookie_named(response, b"SERVERID")],
+                         [b"SERVERID=s1." + _base36(NOW).encode()])
+
+    def test_haproxyBareValuePins(self) -> None:
+        """An HAProxy-issued SERVERID=s2 (no stamps) reaches server b."""
+        f = self.fixture(refresh=False)
+        response = f.request(cookies=[b"SERVERID=s2"])
+        self.assertEqual((f.proxy.seen[0].backend.name, f.proxy.seen[0].outcome), ("b", HIT))
+        self.assertEqual(response.all(b"set-cookie"), [])
+
+    def test_stampedFixedValuePinsAndExpires(self) -> None:
+        """Stamps after the fixed value are read: a fresh one pins, a stale one expires."""
+        f = self.fixture(max_idle=600)
+        f.request(cookies=[b"SERVERID=s2." + _base36(NOW - 10).encode()])
+        f.request(cookies=[b"SERVERID=s2." + _base36(NOW - 601).encode()])
+        self.assertEqual([s.outcome for s in f.proxy.seen], [HIT, EXPIRED])
+
+    def test_idValueStillAcceptedForFixedServer(self) -> None:
+        """A cookie naming the server by its id (issued before cookie = was set) still pins."""
+        f = self.fixture()
+        f.request(cookies=[f.cookie_for("b")])
+        self.assertEqual((f.proxy.seen[0].backend.name, f.proxy.seen[0].outcome), ("b", HIT))
+
+    def test_serverWithoutFixedValueUsesItsId(self) -> None:
+        """Servers with no fixed value are still named by their id."""
+        f = self.fixture()
+        f.request(cookies=[f.cookie_for("c")])
+        self.assertEqual((f.proxy.seen[0].backend.name, f.proxy.seen[0].outcome), ("c", HIT))
+
+    def test_unknownFixedValueIgnored(self) -> None:
+        """A value that is no server's (s9) is treated as no cookie."""
+        f = self.fixture()
+        f.request(cookies=[b"SERVERID=s9"])
+        self.assertEqual(f.proxy.seen[0].outcome, NEW)
+
+    def test_invalidOrDuplicateValuesRejected(self) -> None:
+        """Values must be cookie-safe tokens without '.' or '~', unique in the group."""
+        for values in ({"a": "s.1"}, {"a": "s~1"}, {"a": "s 1"}, {"a": "s1", "b": "s1"}):
+            self.assertRaises(ValueError, FixedCookieValues, values)
+
+    def test_fromServerConfigs(self) -> None:
+        """from_config takes the group's ServerConfigs and reads their cookie."""
+        proxy = FakeProxy(make_group())
+        policy = InsertCookie.from_config(
+            proxy, PersistenceConfig(type="insert_cookie", timeout=60),
+            servers=[ServerConfig("a", "10.0.0.11", 8080, cookie="s1"), ServerConfig("b", "10.0.0.12", 8080)],
+        )
+        serve(policy, get(cookies=[b"SERVERID=s1"]))
+        self.assertEqual(proxy.seen[0].backend.name, "a")
+
+    def test_rewritePrefixIsTheFixedValue(self) -> None:
+        """rewrite_cookie prefixes with s1~, and routes s1~abc to server a, which sees abc."""
+        group = make_group()
+        proxy = FakeProxy(group, headers=[(b"Set-Cookie", b"JSESSIONID=abc; Path=/")])
+        policy = RewriteCookie(proxy, server_cookies={"a": "s1", "b": "s2"})
+        response = serve(policy, get())
+        self.assertEqual(cookie_pair(response.all(b"set-cookie")[0]), b"JSESSIONID=s1~abc")
+        serve(policy, get(cookies=[b"JSESSIONID=s2~xyz"]))
+        self.assertEqual((proxy.seen[1].backend.name, proxy.seen[1].cookies), ("b", [b"JSESSIONID=xyz"]))
+
+    def test_rewriteUnknownPrefixPassedThrough(self) -> None:
+        """A value whose part before '~' is no server's is the application's own, passed unchanged."""
+        group = make_group()
+        proxy = FakeProxy(group)
+        policy = RewriteCookie(proxy, server_cookies={"a": "s1"})
+        serve(policy, get(cookies=[b"JSESSIONID=s9~xyz"]))
+        self.assertEqual((proxy.seen[0].outcome, proxy.seen[0].cookies), (NEW, [b"JSESSIONID=s9~xyz"]))
+
+
+class OnFailureTests(SynchronousTestCase):
+    def test_policiesCarryOnFailure(self) -> None:
+        """Every shipped policy takes on_failure from its configuration; repin is the default."""
+        proxy = FakeProxy(make_group())
+        for kind, extra in (("insert_cookie", {"timeout": 60}), ("rewrite_cookie", {"cookie": "J"}),
+                            ("source_ip", {"timeout": 60})):
+            default = wrap_with_persistence(proxy, PersistenceConfig(type=kind, **extra), reactor=Clock())
+            strict = wrap_with_persistence(proxy, PersistenceConfig(type=kind, on_failure="strict", **extra),
+                                           reactor=Clock())
+            self.assertEqual((default.policy.on_failure, strict.policy.on_failure), ("repin", "strict"), kind)
+
+    def test_strictPinKeptOnRefusal(self) -> None:
+        """A strict refusal sets no cookie: the client keeps its pin for when its backend is back."""
+        f = Fixture(on_failure="strict")
+        f.group.get("c").up = False
+        session = Session("10.0.0.7", policy=f.policy, pinned_key=f.group.get("c").id)
+        self.assertIsNone(f.group.route(session))
+        self.assertEqual(session.outcome, STRICT)

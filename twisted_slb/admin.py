@@ -265,7 +265,7 @@ class _Collector:
                                        labels=["listener", "backend", "code"])
         connections = CounterMetricFamily("slb_connections", "Client connections accepted", labels=["listener"])
         active = GaugeMetricFamily("slb_connections_active", "Client connections open now", labels=["listener"])
-        persistence = CounterMetricFamily("slb_persistence", "Persistence outcomes (hit, new, repin, none)",
+        persistence = CounterMetricFamily("slb_persistence", "Persistence outcomes (hit, new, repin, expired, strict, none)",
                                           labels=["listener", "outcome"])
         for stats in self.registry.listeners.values():
             for (backend, code), count in stats.requests.items():

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence
 from twisted.internet import error
 from twisted.logger import Logger
 
-from twisted_slb.persistence.interfaces import HIT, NEW, NONE, REPIN, Session
+from twisted_slb.persistence.interfaces import EXPIRED, HIT, NEW, NONE, REPIN, STRICT, Session, is_strict
 
 if TYPE_CHECKING:  # pragma: no cover
     from twisted_slb.config import GroupConfig, ServerConfig
@@ -308,7 +308,14 @@ class BackendGroup:
         A pin (C{session.pinned_key}) to a backend that can take it, and is not
         in C{exclude}, is a hit; otherwise the scheduler chooses, and the
         outcome is C{"repin"} when there was a pin and C{"new"} (or
-        C{"none"} without a policy) when there was none.
+        C{"none"} without a policy, or C{"expired"} when the policy found a
+        pin too old to use) when there was none.
+
+        With a strict policy (C{on_failure = "strict"}), a pin to a backend
+        of the group that is down or in C{exclude} is not moved: the answer
+        is L{None} with the outcome C{"strict"}.  A pin to a key the group
+        does not know (a backend removed from the configuration) is re-pinned
+        in both modes.
 
         @param session: the visit; its C{pinned_key} and C{policy} are read.
         @param exclude: backends that already failed for this visit.
@@ -320,9 +327,12 @@ class BackendGroup:
             if b is not None and b not in exclude:
                 session.outcome = HIT
                 return b
+            if is_strict(session.policy) and self.get(key) is not None:
+                session.outcome = STRICT
+                return None
             outcome = REPIN
         elif session.policy is not None:
-            outcome = NEW
+            outcome = EXPIRED if session.outcome == EXPIRED else NEW
         else:
             outcome = NONE
         # A policy may say how its new clients are chosen (source-IP

@@ -28,12 +28,18 @@ else:  # pragma: no cover - exercised on PyPy 3.9
 
 @attr.s(frozen=True, auto_attribs=True)
 class ServerConfig:
-    """One backend server: C{{ name = "a", address = "10.0.0.1:8080", weight = 100 }}."""
+    """
+    One backend server: C{{ name = "a", address = "10.0.0.1:8080", weight = 100 }}.
+
+    C{cookie} is the fixed value cookie persistence uses for it (HAProxy's
+    C{server a ... cookie s1}); C{""} means its opaque id.
+    """
 
     name: str
     host: str
     port: int
     weight: int = 100
+    cookie: str = ""
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -97,8 +103,10 @@ class PersistenceConfig:
     A C{persistence = {...}} table, on a listener or a rule.
 
     C{type} is C{"source_ip"} (C{timeout} 1..3600), C{"insert_cookie"}
-    (C{timeout} 1..86400, plus the cookie attributes) or C{"rewrite_cookie"}
-    (C{cookie} required; expiry is the backend's).
+    (C{timeout} 1..86400, plus the cookie attributes and the lifetimes
+    C{max_idle} and C{max_life}) or C{"rewrite_cookie"} (C{cookie} required;
+    expiry is the backend's).  C{on_failure} is C{"repin"} or C{"strict"}
+    for every type.
     """
 
     type: str
@@ -111,6 +119,9 @@ class PersistenceConfig:
     path: str = "/"
     refresh: bool = True  # sliding expiry
     max_entries: int = 1_000_000  # source_ip: stick table size bound (LRU)
+    on_failure: str = "repin"  # "repin" | "strict": what a pin to a down or refusing backend does
+    max_idle: int = 0  # insert_cookie: seconds since the cookie was last written; 0: the timeout
+    max_life: int = 0  # insert_cookie: seconds since the cookie was first issued; 0: no limit
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -226,10 +237,17 @@ _LISTENER_KEYS = {
     "https": _COMMON_LISTENER_KEYS + _HTTP_KEYS + _HTTPS_KEYS,
 }
 _PERSISTENCE_KEYS = {
-    "source_ip": ("type", "timeout", "max_entries"),
-    "insert_cookie": ("type", "timeout", "cookie", "secure", "httponly", "samesite", "domain", "path", "refresh"),
-    "rewrite_cookie": ("type", "cookie"),
+    "source_ip": ("type", "timeout", "max_entries", "on_failure"),
+    "insert_cookie": ("type", "timeout", "cookie", "secure", "httponly", "samesite", "domain", "path", "refresh",
+                      "on_failure", "max_idle", "max_life"),
+    "rewrite_cookie": ("type", "cookie", "on_failure"),
 }
+ON_FAILURE = ("repin", "strict")
+#: The longest max_life: a year.
+MAX_LIFE = 365 * 86400
+#: A server's fixed cookie value: no '.' (it separates the time stamps) and
+#: no '~' (it ends the rewrite_cookie prefix).
+_SERVER_COOKIE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _TIMEOUT_RANGE = {"source_ip": (1, 3600), "insert_cookie": (1, 86400)}
 _DEFAULT_TIMEOUT = {"source_ip": 1000, "insert_cookie": 3600}
 
@@ -446,13 +464,17 @@ def _read_access_log(t: _Table, base: str) -> Dict[str, Any]:
 
 
 def _read_server(t: _Table, index: int, data: Any) -> ServerConfig:
-    s = _Table(t.file, f"{t.path}.servers[{index}]", data, ("name", "address", "weight"))
+    s = _Table(t.file, f"{t.path}.servers[{index}]", data, ("name", "address", "weight", "cookie"))
     name = s.string("name")
     if not _NAME.match(name):
         raise s.error("name", "not a valid backend name", name, "letters, digits, '_', '.', '-'")
     host, port = _parse_address(s, "address", s.get("address"))
     weight = s.integer("weight", 100, 0, 1000)
-    return ServerConfig(name, host, port, weight)
+    cookie = s.string("cookie", "")
+    if s.has("cookie") and not _SERVER_COOKIE.match(cookie):
+        raise s.error("cookie", "not a cookie-safe value", cookie,
+                      "1 to 64 letters, digits, '-' or '_' (such as \"s1\")")
+    return ServerConfig(name, host, port, weight, cookie)
 
 
 def _read_group(file: str, base: str, name: str, data: Any) -> GroupConfig:
@@ -471,6 +493,14 @@ def _read_group(file: str, base: str, name: str, data: Any) -> GroupConfig:
             raise t.error_at(f"{t.path}.servers[{i}].name", "duplicate server name in this group",
                              server.name, f"names unique in the group (servers[{seen[server.name]}] has it)")
         seen[server.name] = i
+    cookies: Dict[str, int] = {}
+    for i, server in enumerate(servers):
+        if not server.cookie:
+            continue
+        if server.cookie in cookies:
+            raise t.error_at(f"{t.path}.servers[{i}].cookie", "duplicate cookie value in this group",
+                             server.cookie, f"values unique in the group (servers[{cookies[server.cookie]}] has it)")
+        cookies[server.cookie] = i
     tls = None
     tt = t.table("tls", ("verify", "ca", "server_name"))
     if tt is not None:
@@ -567,17 +597,30 @@ def _read_persistence(t: _Table, key: str, protocol: str) -> Optional[Persistenc
     if kind == "rewrite_cookie" and "timeout" in raw:
         raise t.error_at(f"{field}.timeout", "rewrite_cookie has no timeout: the backend's cookie keeps its own expiry",
                          raw["timeout"], "leave it out")
+    for key in raw:
+        if key not in _PERSISTENCE_KEYS[kind] and any(key in keys for keys in _PERSISTENCE_KEYS.values()):
+            owners = " and ".join(k for k, keys in _PERSISTENCE_KEYS.items() if key in keys)
+            why = (" (the balancer cannot re-write the backend's own cookie, so it cannot stamp it)"
+                   if kind == "rewrite_cookie" and key in ("max_idle", "max_life") else "")
+            raise t.error_at(f"{field}.{key}", f"not a setting of {kind} persistence, only of {owners}{why}",
+                             raw[key], f"leave it out; keys of {kind}: {', '.join(_PERSISTENCE_KEYS[kind])}")
     p = _Table(t.file, field, raw, _PERSISTENCE_KEYS[kind])
+    on_failure = p.string("on_failure", "repin", choices=ON_FAILURE)
     if kind == "rewrite_cookie":
         cookie = p.string("cookie")
         if not _TOKEN.match(cookie):
             raise p.error("cookie", "not a valid cookie name", cookie, "a cookie name token such as JSESSIONID")
-        return PersistenceConfig(type=kind, cookie=cookie)
+        return PersistenceConfig(type=kind, cookie=cookie, on_failure=on_failure)
     low, high = _TIMEOUT_RANGE[kind]
     timeout = p.integer("timeout", _DEFAULT_TIMEOUT[kind], low, high, f"seconds for {kind} persistence")
     if kind == "source_ip":
         return PersistenceConfig(type=kind, timeout=timeout,
-                                 max_entries=p.integer("max_entries", 1_000_000, 1, 100_000_000))
+                                 max_entries=p.integer("max_entries", 1_000_000, 1, 100_000_000),
+                                 on_failure=on_failure)
+    # max_idle beyond timeout would never apply: the browser drops the
+    # cookie after Max-Age = timeout.
+    max_idle = p.integer("max_idle", timeout, 1, timeout, f"seconds (at most this cookie's timeout, {timeout})")
+    max_life = p.integer("max_life", 0, 0, MAX_LIFE, "seconds (0: no limit)")
     cookie = p.string("cookie", "SERVERID")
     if not _TOKEN.match(cookie):
         raise p.error("cookie", "not a valid cookie name", cookie, "a cookie name token such as SERVERID")
@@ -601,7 +644,7 @@ def _read_persistence(t: _Table, key: str, protocol: str) -> Optional[Persistenc
     return PersistenceConfig(
         type=kind, timeout=timeout, cookie=cookie, secure=secure,
         httponly=p.boolean("httponly", True), samesite=samesite, domain=domain, path=path,
-        refresh=p.boolean("refresh", True),
+        refresh=p.boolean("refresh", True), on_failure=on_failure, max_idle=max_idle, max_life=max_life,
     )
 
 
@@ -806,12 +849,27 @@ def _describe_persistence(p: Optional[PersistenceConfig], protocol: str) -> str:
     if p is None:
         unit = "connection" if protocol == "tcp" else "request"
         return f"none (each {unit} is balanced on its own)"
+    return _describe_pin(p, protocol) + "; " + _describe_on_failure(p, protocol)
+
+
+def _describe_on_failure(p: PersistenceConfig, protocol: str) -> str:
+    if p.on_failure == "strict":
+        refusal = "its connection is closed" if protocol == "tcp" else "it gets 503 with Retry-After"
+        return f"on_failure strict: a client whose backend is down or refuses is not moved, {refusal}"
+    return "on_failure repin: a client whose backend is down or refuses is moved to another"
+
+
+def _describe_pin(p: PersistenceConfig, protocol: str) -> str:
     if p.type == "source_ip":
         return (f"source_ip: a client IP stays on its backend for {p.timeout} s after its last "
                 f"{'connection' if protocol == 'tcp' else 'request'} (table of at most {p.max_entries} clients)")
     if p.type == "rewrite_cookie":
-        return f"rewrite_cookie {p.cookie}: the backend's cookie is prefixed with the backend id; expiry is the backend's"
+        return (f"rewrite_cookie {p.cookie}: the backend's cookie is prefixed with the backend's cookie value "
+                "or id; expiry is the backend's")
     attrs = [f"expires after {p.timeout} s", "sliding" if p.refresh else "fixed"]
+    if p.max_idle:
+        attrs.append(f"max_idle {p.max_idle} s")
+    attrs.append(f"max_life {p.max_life} s" if p.max_life else "max_life none")
     if p.httponly:
         attrs.append("HttpOnly")
     if p.samesite:
@@ -838,7 +896,8 @@ def describe(config: Config) -> str:
             continue
         if l.backends is not None:
             g = config.backends[l.backends]
-            servers = ", ".join(f"{s.name}={s.host}:{s.port} (weight {s.weight})" for s in g.servers)
+            servers = ", ".join(f"{s.name}={s.host}:{s.port} (weight {s.weight}"
+                                + (f", cookie {s.cookie})" if s.cookie else ")") for s in g.servers)
             lines.append(f"  backends: {g.name} [{g.scheduler}] {servers}")
             lines.append(f"  connect_timeout {g.connect_timeout} s, retries {g.retries}")
         lines.append(f"  persistence: {_describe_persistence(l.persistence, l.protocol)}")

@@ -409,8 +409,8 @@ class BalancerService(MultiService):
         if self.worker:
             from twisted_slb.scheduling import ConsistentHash
 
-            return SourceIPPersistence(table, scheduler=ConsistentHash())
-        return SourceIPPersistence(table)
+            return SourceIPPersistence(table, scheduler=ConsistentHash(), on_failure=persistence.on_failure)
+        return SourceIPPersistence(table, on_failure=persistence.on_failure)
 
     def _limit_for(self, listener: ListenerConfig) -> ConnectionLimit:
         """The listener's connection limit, kept (with its count) across reloads."""
@@ -465,10 +465,11 @@ class BalancerService(MultiService):
         )
         if persistence is None:
             return proxy
+        servers = self.config.backends[group_name].servers
         if persistence.type == "insert_cookie":
-            return InsertCookie.from_config(proxy, persistence, reactor=self.reactor)
+            return InsertCookie.from_config(proxy, persistence, reactor=self.reactor, servers=servers)
         if persistence.type == "rewrite_cookie":
-            return RewriteCookie.from_config(proxy, persistence)
+            return RewriteCookie.from_config(proxy, persistence, servers=servers)
         policy = self._source_ip_policy(f"{listener.name}/{group_name}", persistence)
         return PersistenceResource(proxy, policy)
 

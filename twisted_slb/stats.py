@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Dict, Mapping, Optional, Tuple
 
-OUTCOMES = ("hit", "new", "repin", "none")
+OUTCOMES = ("hit", "new", "repin", "expired", "strict", "none")
 
 
 class ListenerStats:

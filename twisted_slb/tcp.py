@@ -40,7 +40,7 @@ from twisted_slb import lean
 from twisted_slb.lean import LeanConnector
 from twisted_slb.backends import Backend, BackendGroup, local_failure
 from twisted_slb.limits import ConnectionLimit
-from twisted_slb.persistence.interfaces import IPersistencePolicy, Session, normalise_ip
+from twisted_slb.persistence.interfaces import IPersistencePolicy, Session, normalise_ip, strict_refusal
 from twisted_slb.shutdown import IdleTracker
 from twisted_slb.sockets import close, half_close, set_nodelay, write_now
 from twisted_slb.timers import Deadlines
@@ -254,6 +254,9 @@ class TCPBalancerProtocol(Protocol):
         if len(self.tried) <= group.retries:
             backend = group.route(self.session, self.tried)
         if backend is None:
+            if strict_refusal(self.session):
+                self.refuse_pinned()
+                return
             why = "every backend tried failed" if self.tried else "no backend available"
             self.end(why)
             factory.no_backend += 1
@@ -271,6 +274,24 @@ class TCPBalancerProtocol(Protocol):
         else:
             self.connector = factory.reactor.connectTCP(backend.host, backend.port, connector,
                                                         timeout=group.connect_timeout)
+
+    def refuse_pinned(self) -> None:
+        """
+        Strict persistence: the client's backend is down or refused it, and
+        the client is not moved to another: its connection is closed, its
+        pin kept.
+        """
+        factory = self.factory
+        session = self.session
+        pinned = factory.group.get(session.pinned_key or "")
+        name = pinned.name if pinned is not None else session.pinned_key
+        self.end(f"pinned backend {name} down or refused (on_failure = strict)")
+        log.info(
+            "listener {listener}: client {client} is pinned to backend {backend}, which is down or refused; "
+            "closing (on_failure = strict)",
+            listener=factory.listener_name, client=session.client_ip, backend=name,
+        )
+        self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self.backend_protocol is None:

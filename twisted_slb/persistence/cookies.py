@@ -25,7 +25,7 @@ had none.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Callable, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from twisted.logger import Logger
 from twisted.web.http import datetimeToString
@@ -33,7 +33,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 from zope.interface import implementer
 
-from twisted_slb.persistence.interfaces import HIT, REPIN, IPersistencePolicy, Session
+from twisted_slb.backends import backend_id
+from twisted_slb.persistence.interfaces import EXPIRED, HIT, ON_FAILURE, REPIN, IPersistencePolicy, Session
 from twisted_slb.persistence.resource import PersistenceResource
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -56,6 +57,80 @@ MAX_VALUE_BYTES = 4096
 _SAMESITE = {"lax": b"Lax", "strict": b"Strict", "none": b"None", "": b""}
 _SECURE = ("auto", "always", "never")
 MAX_TIMEOUT = 86400
+#: The longest C{max_life}: a year.
+MAX_LIFE = 365 * 86400
+#: Seconds a cookie's time stamp may lie in the future (clocks of balancer
+#: processes that share a configuration differ a little); beyond it the
+#: cookie is forged or from a badly skewed clock, and counts as expired.
+MAX_SKEW = 60
+
+#: A fixed cookie value of a server (C{cookie = "s1"}): no C{.} (it separates
+#: the time stamps) and no C{~} (it ends the rewrite prefix).
+_FIXED = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: An insert cookie value: a backend id or fixed value, then up to two time
+#: stamps (seconds since the epoch, base 36).
+_INSERT_VALUE = re.compile(r"^([A-Za-z0-9_-]{1,64})((?:\.[0-9a-z]{1,10}){0,2})$")
+_HEX_ID = re.compile(r"^[0-9a-f]{16}$")
+
+
+class FixedCookieValues:
+    """
+    The fixed cookie values of a group's servers (C{cookie = "s1"} in
+    C{servers = [...]}, HAProxy's C{server a ... cookie s1}), both ways.
+
+    A server without one is named by its id (L{backend_id}).
+
+    @ivar by_value: fixed value -> backend id.
+    @ivar by_id: backend id -> fixed value.
+    """
+
+    def __init__(self, values: Union[Mapping[str, str], Iterable[object], None] = None) -> None:
+        """
+        @param values: server name -> fixed value, or server configurations
+            (objects with C{name} and C{cookie}, such as
+            L{twisted_slb.config.ServerConfig}; an empty C{cookie} is none).
+        @raise ValueError: a value is not a cookie-safe token, or two
+            servers have the same value.
+        """
+        pairs = values.items() if isinstance(values, Mapping) else (
+            (s.name, s.cookie) for s in (values or ()))  # type: ignore[attr-defined]
+        self.by_value: Dict[str, str] = {}
+        self.by_id: Dict[str, str] = {}
+        for name, value in pairs:
+            if not value:
+                continue
+            if not _FIXED.match(value):
+                raise ValueError(f"server {name!r} cookie {value!r} is not 1 to 64 letters, digits, '-' or '_'")
+            if value in self.by_value:
+                raise ValueError(f"server {name!r} cookie {value!r} is the value of another server too")
+            key = backend_id(name)
+            self.by_value[value] = key
+            self.by_id[key] = value
+
+    def __bool__(self) -> bool:
+        return bool(self.by_value)
+
+    def value_for(self, backend: Backend) -> str:
+        """The value naming C{backend}: its fixed value, or its id."""
+        return self.by_id.get(backend.id, backend.id)
+
+    def key_for(self, value: str) -> Optional[str]:
+        """
+        The backend key a value names: a fixed value's backend id, or the
+        value itself when it is shaped like an id; L{None} otherwise.
+        """
+        key = self.by_value.get(value)
+        if key is not None:
+            return key
+        if _HEX_ID.match(value):
+            return value
+        return None
+
+
+def _check_on_failure(kind: str, on_failure: str) -> str:
+    if on_failure not in ON_FAILURE:
+        raise ValueError(f"{kind} on_failure {on_failure!r} is not one of {', '.join(ON_FAILURE)}")
+    return on_failure
 
 
 def _as_name(name: Union[bytes, str]) -> bytes:
@@ -207,17 +282,26 @@ class InsertCookie(PersistenceResource):
     its response, so the two never clash.
 
     B{The value} is C{<backend id>} (16 hex digits,
-    L{twisted_slb.backends.Backend.id}), followed with C{refresh} on by
-    C{.<issue time>} (seconds since the epoch in base 36), e.g.
-    C{SERVERID=3f2a9c0d51e4b7a8.sxkq3c}: short, opaque, the same in every
-    process sharing the configuration, never the backend's address.  Both
-    forms are accepted back, whatever C{refresh} says now.
+    L{twisted_slb.backends.Backend.id}), or the server's fixed value
+    (C{cookie = "s1"}, see L{FixedCookieValues}), followed by
+    C{.<written>} (when it was last written, seconds since the epoch in base
+    36), e.g. C{SERVERID=3f2a9c0d51e4b7a8.sxkq3c}; with C{max_life} it is
+    C{.<issued>.<written>}: short, opaque, the same in every process sharing
+    the configuration, never the backend's address.  Every form is accepted
+    back, a bare one (no stamp, as issued before time stamps were checked)
+    included.
+
+    B{Lifetimes}: a cookie written more than C{max_idle} seconds ago, first
+    issued more than C{max_life} seconds ago, or stamped more than
+    L{MAX_SKEW} seconds in the future, counts as absent: the client is
+    balanced anew, gets a new cookie, and the outcome is C{"expired"}.
 
     B{When it is set}: into every response that came from a backend, whatever
     its status (404, 500 and 302 included), when the client is new or is
     re-pinned (its cookie named no usable backend, or was unreadable); and,
-    with C{refresh}, when more than half of C{timeout} has passed since the
-    cookie was issued (sliding expiry: only idle clients lose their pin).  A
+    with C{refresh}, when more than half of C{max_idle} has passed since the
+    cookie was written (sliding expiry: only idle clients lose their pin),
+    keeping its first issue time.  A
     client that holds a valid, fresh cookie for a usable backend gets no
     C{Set-Cookie} at all, so no status, redirects included, ever re-pins it.
 
@@ -240,12 +324,18 @@ class InsertCookie(PersistenceResource):
         cookie).
     @ivar path: the C{Path} attribute, C{""} for none.
     @ivar refresh: whether to re-issue the cookie to active clients.
+    @ivar max_idle: seconds after its last writing that a cookie expires.
+    @ivar max_life: seconds after its first issue that a cookie expires; 0
+        for no limit.
+    @ivar on_failure: C{"repin"} or C{"strict"} (see
+        L{twisted_slb.persistence.interfaces}).
+    @ivar retry_after: the C{Retry-After} seconds of a strict refusal's 503.
+    @ivar fixed: the servers' L{FixedCookieValues}.
     @ivar clock: the L{IReactorTime} giving the time.
     """
 
     name = "insert_cookie"
-
-    _VALUE = re.compile(r"^([0-9a-f]{16})(?:\.([0-9a-z]{1,10}))?$")
+    retry_after = 5
 
     def __init__(
         self,
@@ -259,6 +349,10 @@ class InsertCookie(PersistenceResource):
         path: str = "/",
         refresh: bool = True,
         reactor: Optional[IReactorTime] = None,
+        max_idle: Optional[int] = None,
+        max_life: int = 0,
+        on_failure: str = "repin",
+        server_cookies: Union[Mapping[str, str], Iterable[object], None] = None,
     ) -> None:
         """
         @param wrapped: the resource that proxies to the backends.
@@ -271,6 +365,12 @@ class InsertCookie(PersistenceResource):
         @param path: the C{Path} attribute, or C{""}.
         @param refresh: sliding expiry.
         @param reactor: an L{IReactorTime}; the global reactor if L{None}.
+        @param max_idle: seconds, 1 to C{timeout}; L{None} or 0 means
+            C{timeout}.
+        @param max_life: seconds, 0 (no limit) to L{MAX_LIFE}.
+        @param on_failure: C{"repin"} or C{"strict"}.
+        @param server_cookies: the servers' fixed values (see
+            L{FixedCookieValues}).
         @raise ValueError: an option is out of range; the message says which.
         """
         PersistenceResource.__init__(self, wrapped)
@@ -294,6 +394,16 @@ class InsertCookie(PersistenceResource):
         self.domain = domain
         self.path = path
         self.refresh = refresh
+        if not max_idle:
+            max_idle = timeout
+        if isinstance(max_idle, bool) or not isinstance(max_idle, int) or not 1 <= max_idle <= timeout:
+            raise ValueError(f"insert cookie max_idle {max_idle!r} is not an integer from 1 to the timeout ({timeout})")
+        if isinstance(max_life, bool) or not isinstance(max_life, int) or not 0 <= max_life <= MAX_LIFE:
+            raise ValueError(f"insert cookie max_life {max_life!r} is not an integer from 0 to {MAX_LIFE}")
+        self.max_idle = max_idle
+        self.max_life = max_life
+        self.on_failure = _check_on_failure("insert cookie", on_failure)
+        self.fixed = FixedCookieValues(server_cookies)
         if reactor is None:
             from twisted.internet import reactor
         self.clock = reactor
@@ -302,11 +412,18 @@ class InsertCookie(PersistenceResource):
 
     @classmethod
     def from_config(
-        cls, wrapped: IResource, persistence_config: PersistenceConfig, reactor: Optional[IReactorTime] = None
+        cls,
+        wrapped: IResource,
+        persistence_config: PersistenceConfig,
+        reactor: Optional[IReactorTime] = None,
+        servers: Iterable[object] = (),
     ) -> InsertCookie:
         """
         Build from a listener's or rule's C{persistence} table
         (C{type = "insert_cookie"}); C{cookie = ""} means C{SERVERID}.
+
+        @param servers: the group's L{twisted_slb.config.ServerConfig}s, for
+            their fixed cookie values.
         """
         return cls(
             wrapped,
@@ -319,35 +436,68 @@ class InsertCookie(PersistenceResource):
             path=persistence_config.path,
             refresh=persistence_config.refresh,
             reactor=reactor,
+            max_idle=persistence_config.max_idle or None,
+            max_life=persistence_config.max_life,
+            on_failure=persistence_config.on_failure,
+            server_cookies=servers,
         )
 
     # -- the value format (override both together) ----------------------
 
-    def cookie_value_for(self, backend: Backend) -> str:
+    def cookie_value_for(self, backend: Backend, issued: Optional[int] = None) -> str:
         """
-        The cookie value that pins a client to C{backend}: its id, and with
-        C{refresh} on the issue time.  Must be ASCII and need no quoting.
+        The cookie value that pins a client to C{backend} now: its fixed
+        value or id, then C{.<written>} (now), preceded with C{max_life} by
+        C{.<issued>}.  Must be ASCII and need no quoting.
+
+        @param issued: when the client's pin was first issued (kept across
+            refreshes); L{None} for now.  Only passed when C{max_life} is
+            set, so that subclasses written for C{cookie_value_for(backend)}
+            keep working.
         """
-        if not self.refresh:
-            return backend.id
         now = int(self.clock.seconds())
         if self._stamp[0] != now:
             self._stamp = (now, _int_to_base36(now))
-        return f"{backend.id}.{self._stamp[1]}"
+        value = f"{self.fixed.value_for(backend)}.{self._stamp[1]}"
+        if self.max_life:
+            first = self._stamp[1] if issued is None or issued == now else _int_to_base36(issued)
+            return f"{self.fixed.value_for(backend)}.{first}.{self._stamp[1]}"
+        return value
 
-    def parse_cookie_value(self, value: str) -> Optional[Tuple[str, Optional[int]]]:
+    def parse_cookie_value(self, value: str) -> Optional[Tuple[Optional[str], ...]]:
         """
-        Read a value made by L{cookie_value_for}.
+        Read a value made by L{cookie_value_for}, or a bare id or fixed value.
 
         @param value: the value the client sent, unquoted, ASCII.
-        @return: C{(backend key, issue time or None)}, or L{None} when the
-            value is not ours.
+        @return: C{(backend key, written or None, issued or None)} (a
+            subclass may answer just C{(backend key, written or None)}), or
+            L{None} when the value is not ours.
         """
-        match = self._VALUE.match(value)
+        match = _INSERT_VALUE.match(value)
         if match is None:
             return None
-        key, stamp = match.groups()
-        return key, (int(stamp, 36) if stamp is not None else None)
+        name, stamps = match.groups()
+        key = self.fixed.key_for(name)
+        if key is None:
+            return None
+        times = [int(t, 36) for t in stamps.split(".")[1:]]
+        if len(times) == 2:
+            return key, times[1], times[0]
+        return key, (times[0] if times else None), None
+
+    def expired(self, written: Optional[int], issued: Optional[int]) -> bool:
+        """
+        Whether a cookie written at C{written} and first issued at C{issued}
+        (either L{None} when it does not say) has expired: idle past
+        C{max_idle}, older than C{max_life}, or stamped in the future beyond
+        L{MAX_SKEW}.
+        """
+        now = self.clock.seconds()
+        if written is not None and (written - now > MAX_SKEW or now - written > self.max_idle):
+            return True
+        if issued is not None and (issued - now > MAX_SKEW or (self.max_life and now - issued > self.max_life)):
+            return True
+        return False
 
     # -- IPersistencePolicy ---------------------------------------------
 
@@ -357,7 +507,8 @@ class InsertCookie(PersistenceResource):
         which loses every occurrence of our cookie on the way.
         """
         request = session.request
-        found: List[Tuple[str, Optional[int]]] = []
+        found: List[Tuple[str, Optional[int], Optional[int]]] = []
+        stale: List[str] = []
 
         def take(value: bytes) -> None:
             if not found and len(value) <= MAX_VALUE_BYTES:
@@ -367,15 +518,31 @@ class InsertCookie(PersistenceResource):
                 except UnicodeDecodeError:
                     return None
                 parsed = self.parse_cookie_value(text)
-                if parsed is not None:
-                    found.append(parsed)
+                if parsed is None:
+                    return None
+                key, written = parsed[0], parsed[1]
+                issued = parsed[2] if len(parsed) > 2 else None
+                if self.expired(written, issued):
+                    stale.append(text)
+                else:
+                    found.append((key, written, issued))
             return None
 
         edit_request_cookies(request.requestHeaders, self.cookie_name, take)
         _forget_received_cookie(request, self.cookie_name)
-        # What the cookie said (backend key, issue time), for remember().
+        # What the cookie said (backend key, written, issued), for remember().
         session.note = found[0] if found else None
-        return found[0][0] if found else None
+        if found:
+            return found[0][0]
+        if stale:
+            # Too old: as if absent, but said so in the access log and stats.
+            session.outcome = EXPIRED
+            log.debug(
+                "client {client}: {cookie} cookie {value} expired (max_idle {max_idle} s, max_life {max_life} s)",
+                client=session.client_ip, cookie=self.cookie_name.decode("ascii"), value=stale[0],
+                max_idle=self.max_idle, max_life=self.max_life,
+            )
+        return None
 
     def remember(self, session: Session, backend: Backend) -> None:
         """
@@ -388,9 +555,11 @@ class InsertCookie(PersistenceResource):
         seen = session.note
         headers = request.responseHeaders
         self._drop_backend_cookie(headers, backend)
+        issued = None
         if session.outcome == HIT and seen is not None and seen[0] == backend.id:
-            if not self._needs_refresh(seen[1]):
+            if not self._needs_refresh(seen[1], seen[2]):
                 return
+            issued = seen[2]
         elif session.outcome == REPIN:
             log.info(
                 "client {client} re-pinned from {old} to backend {backend} ({cookie} cookie)",
@@ -399,37 +568,37 @@ class InsertCookie(PersistenceResource):
                 backend=backend.name,
                 cookie=self.cookie_name.decode("ascii"),
             )
-        headers.addRawHeader(b"set-cookie", self.set_cookie_header(session, backend))
+        headers.addRawHeader(b"set-cookie", self.set_cookie_header(session, backend, issued))
         add_nocache(headers)
 
     # -- helpers ----------------------------------------------------------
 
-    def _needs_refresh(self, issued: Optional[int]) -> bool:
+    def _needs_refresh(self, written: Optional[int], issued: Optional[int]) -> bool:
         if not self.refresh:
             return False
-        if issued is None:
-            # Issued while refresh was off: give it a stamp now.
+        if written is None or (self.max_life and issued is None):
+            # Issued without (all) the stamps in force now: stamp it.
             return True
-        age = self.clock.seconds() - issued
-        half = self.timeout / 2.0
-        # A stamp far in the future is forged or from a badly skewed clock:
-        # re-issue it rather than never refreshing it.
-        return age > half or age < -half
+        return self.clock.seconds() - written > self.max_idle / 2.0
 
     def is_secure(self, session: Session) -> bool:
         """Whether the cookie set for this visit gets C{Secure}."""
         return self.secure == "always" or (self.secure == "auto" and bool(session.secure))
 
-    def set_cookie_header(self, session: Session, backend: Backend) -> bytes:
+    def set_cookie_header(self, session: Session, backend: Backend, issued: Optional[int] = None) -> bytes:
         """
         The C{Set-Cookie} header value pinning this client to C{backend}.
 
         C{SameSite=None} is left out when the cookie is not C{Secure}:
         browsers reject a C{SameSite=None} cookie without C{Secure}, and the
         client would never be pinned.
+
+        @param issued: when the client's pin was first issued, for a refresh
+            with C{max_life}; L{None} for now.
         """
         secure = self.is_secure(session)
-        value = self.cookie_value_for(backend).encode("ascii")
+        value = (self.cookie_value_for(backend, issued) if self.max_life else self.cookie_value_for(backend))
+        value = value.encode("ascii")
         # The attributes change once a second (Expires): build them once.
         key = (int(self.clock.seconds()), secure)
         if self._attributes[0] != key:
@@ -504,41 +673,66 @@ class RewriteCookie(PersistenceResource):
     old prefix until its new backend sets the cookie again; until then each
     request is balanced anew.
 
+    A server with a fixed cookie value (C{cookie = "s1"}) is named by it:
+    C{JSESSIONID=s1~abc}, as HAProxy's C{prefix} mode does; the id prefix is
+    still accepted for it.
+
     B{Subclassing}: override L{cookie_value_for} and L{split_cookie_value}
     together to change the prefix format.
 
     @ivar cookie_name: the backend's cookie name (bytes).
+    @ivar on_failure: C{"repin"} or C{"strict"}.
+    @ivar retry_after: the C{Retry-After} seconds of a strict refusal's 503.
+    @ivar fixed: the servers' L{FixedCookieValues}.
     """
 
     name = "rewrite_cookie"
+    retry_after = 5
 
-    _PREFIXED = re.compile(rb"^([0-9a-f]{16})~(.*)$", re.DOTALL)
+    _PREFIXED = re.compile(rb"^([A-Za-z0-9_-]{1,64})~(.*)$", re.DOTALL)
 
-    def __init__(self, wrapped: IResource, name: Union[bytes, str] = b"JSESSIONID") -> None:
+    def __init__(
+        self,
+        wrapped: IResource,
+        name: Union[bytes, str] = b"JSESSIONID",
+        on_failure: str = "repin",
+        server_cookies: Union[Mapping[str, str], Iterable[object], None] = None,
+    ) -> None:
         """
         @param wrapped: the resource that proxies to the backends.
         @param name: the name of the cookie the backends set.
-        @raise ValueError: the name is not a valid cookie name.
+        @param on_failure: C{"repin"} or C{"strict"}.
+        @param server_cookies: the servers' fixed values (see
+            L{FixedCookieValues}).
+        @raise ValueError: the name is not a valid cookie name, or an
+            option is out of range.
         """
         PersistenceResource.__init__(self, wrapped)
         self.cookie_name = _as_name(name)
+        self.on_failure = _check_on_failure("rewrite cookie", on_failure)
+        self.fixed = FixedCookieValues(server_cookies)
 
     @classmethod
-    def from_config(cls, wrapped: IResource, persistence_config: PersistenceConfig) -> RewriteCookie:
+    def from_config(
+        cls, wrapped: IResource, persistence_config: PersistenceConfig, servers: Iterable[object] = ()
+    ) -> RewriteCookie:
         """
         Build from a C{persistence} table with C{type = "rewrite_cookie"}.
 
+        @param servers: the group's L{twisted_slb.config.ServerConfig}s, for
+            their fixed cookie values.
         @raise ValueError: C{cookie} is empty or not a valid name.
         """
         if not persistence_config.cookie:
             raise ValueError("rewrite_cookie persistence needs the name of the backend's cookie (cookie = ...)")
-        return cls(wrapped, name=persistence_config.cookie)
+        return cls(wrapped, name=persistence_config.cookie, on_failure=persistence_config.on_failure,
+                   server_cookies=servers)
 
     # -- the value format (override both together) ----------------------
 
     def cookie_value_for(self, backend: Backend, value: bytes) -> bytes:
         """The backend's cookie value C{value} as the client gets it."""
-        return backend.id.encode("ascii") + b"~" + value
+        return self.fixed.value_for(backend).encode("ascii") + b"~" + value
 
     def split_cookie_value(self, value: bytes) -> Optional[Tuple[str, bytes]]:
         """
@@ -551,7 +745,10 @@ class RewriteCookie(PersistenceResource):
         match = self._PREFIXED.match(value)
         if match is None:
             return None
-        return match.group(1).decode("ascii"), match.group(2)
+        key = self.fixed.key_for(match.group(1).decode("ascii"))
+        if key is None:
+            return None
+        return key, match.group(2)
 
     # -- IPersistencePolicy ---------------------------------------------
 

@@ -18,6 +18,13 @@ a I{hit}; a client with no pin gets the scheduler's choice (I{new}); a pin to
 a backend that is unknown, down, or that failed to connect is replaced by the
 scheduler's choice (I{repin}).
 
+A policy whose C{on_failure} attribute is C{"strict"} changes the last case:
+a pin to a backend that is still configured but down, or that refused the
+connection, is not moved (I{strict}): the client gets a 503 (HTTP) or a
+closed connection (TCP) and keeps its pin.  A pin to a backend that is no
+longer configured is re-pinned in both modes.  A policy may also report that
+the client's pin was there but too old (I{expired}, see L{EXPIRED}).
+
 Both moments receive a L{Session}: what is known of this client for this
 connection (TCP) or request (HTTP).
 """
@@ -38,6 +45,16 @@ HIT = "hit"
 NEW = "new"
 REPIN = "repin"
 NONE = "none"  # the listener or rule has no persistence
+#: The pin names a backend that is down or refused, and the policy's
+#: C{on_failure} is C{"strict"}: the client is refused rather than moved.
+STRICT = "strict"
+#: The client's pin was too old (a cookie past C{max_idle} or C{max_life}):
+#: it counts as absent and the client is balanced anew.  A policy's C{find}
+#: sets C{session.outcome} to it before answering L{None}.
+EXPIRED = "expired"
+
+#: The values of a policy's C{on_failure}.
+ON_FAILURE = ("repin", "strict")
 
 
 @attr.s(slots=True, auto_attribs=True)
@@ -52,7 +69,8 @@ class Session:
     @ivar policy: the policy that pinned (or will pin) this client.
     @ivar pinned_key: what L{IPersistencePolicy.find} answered.
     @ivar backend: the backend that serves the visit, once chosen.
-    @ivar outcome: L{HIT}, L{NEW}, L{REPIN} or L{NONE}, once decided.
+    @ivar outcome: L{HIT}, L{NEW}, L{REPIN}, L{EXPIRED}, L{STRICT} or
+        L{NONE}, once decided.
     @ivar note: whatever the policy's C{find} wants its C{remember} to know
         about this visit (L{InsertCookie} keeps the cookie it read); it
         lives and dies with the visit.
@@ -81,6 +99,11 @@ class IPersistencePolicy(Interface):
 
     name = Attribute("A short name for logs and C{--check}, e.g. C{'source_ip'}.")
 
+    # Optional, not declared as an Attribute so that existing policies stay
+    # valid: C{on_failure} (C{"repin"}, the default, or C{"strict"}) and
+    # C{retry_after} (seconds, for the 503 of a strict refusal); see
+    # L{is_strict}.
+
     def find(session: Session) -> Optional[str]:
         """
         Which backend is this client pinned to?
@@ -106,6 +129,34 @@ class IPersistencePolicy(Interface):
         @param session: the client visit.
         @param backend: the backend that serves it.
         """
+
+
+def is_strict(policy: object) -> bool:
+    """
+    Whether C{policy} keeps its clients on a backend that is down or refuses
+    them (C{on_failure = "strict"}) rather than moving them.  A policy without
+    the attribute re-pins.
+    """
+    return getattr(policy, "on_failure", "repin") == "strict"
+
+
+def strict_refusal(session: Session) -> bool:
+    """
+    Whether a visit for which no backend was found is a strict refusal: the
+    client's pin holds (C{on_failure = "strict"}) and its backend is down or
+    failed for this visit.  Sets C{session.outcome} to L{STRICT} if so.
+
+    Listeners call this when L{twisted_slb.backends.BackendGroup.route}
+    gave no backend (or the retries ran out after the pinned backend failed),
+    to refuse the client (503, or a closed connection) rather than report
+    that no backend is available.
+    """
+    if session.outcome == STRICT:
+        return True
+    if session.outcome == HIT and is_strict(session.policy):
+        session.outcome = STRICT
+        return True
+    return False
 
 
 def normalise_ip(host: str) -> str:

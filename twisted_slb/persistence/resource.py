@@ -18,7 +18,7 @@ right wrapper for a L{twisted_slb.config.PersistenceConfig}.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, MutableMapping, Optional
+from typing import TYPE_CHECKING, Iterable, MutableMapping, Optional
 
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
@@ -106,6 +106,7 @@ def wrap_with_persistence(
     reactor: Optional[IReactorTime] = None,
     stick_tables: Optional[MutableMapping[str, object]] = None,
     table_key: str = "",
+    servers: Iterable[object] = (),
 ) -> IResource:
     """
     Put the persistence a configuration asks for in front of C{resource}.
@@ -123,6 +124,8 @@ def wrap_with_persistence(
         table each call.
     @param table_key: the key of this listener's or rule's table in
         C{stick_tables} (e.g. C{"web/app"}: listener and backend group).
+    @param servers: the group's L{twisted_slb.config.ServerConfig}s, for the
+        cookie policies' fixed values (C{cookie = "s1"}).
     @return: the wrapping resource.
     @raise ValueError: an unknown persistence type.
     """
@@ -132,11 +135,11 @@ def wrap_with_persistence(
     if kind == "insert_cookie":
         from twisted_slb.persistence.cookies import InsertCookie
 
-        return InsertCookie.from_config(resource, persistence_config, reactor=reactor)
+        return InsertCookie.from_config(resource, persistence_config, reactor=reactor, servers=servers)
     if kind == "rewrite_cookie":
         from twisted_slb.persistence.cookies import RewriteCookie
 
-        return RewriteCookie.from_config(resource, persistence_config)
+        return RewriteCookie.from_config(resource, persistence_config, servers=servers)
     if kind == "source_ip":
         from twisted_slb.persistence.sourceip import SourceIPPersistence, StickTable
 
@@ -152,7 +155,7 @@ def wrap_with_persistence(
         else:
             table.timeout = persistence_config.timeout
             table.max_entries = persistence_config.max_entries
-        return PersistenceResource(resource, SourceIPPersistence(table))
+        return PersistenceResource(resource, SourceIPPersistence(table, on_failure=persistence_config.on_failure))
     raise ValueError(
         f"unknown persistence type {kind!r}: expected 'insert_cookie', 'rewrite_cookie' or 'source_ip'"
     )

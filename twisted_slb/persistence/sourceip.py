@@ -14,7 +14,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 from zope.interface import implementer
 
-from twisted_slb.persistence.interfaces import IPersistencePolicy, Session
+from twisted_slb.persistence.interfaces import ON_FAILURE, IPersistencePolicy, Session
 
 
 class StickTable:
@@ -137,19 +137,31 @@ class SourceIPPersistence:
     @ivar scheduler: when set, new clients are chosen by this scheduler rather
         than the group's (worker mode uses consistent hashing so that every
         worker process pins a client to the same backend).
+    @ivar on_failure: C{"repin"} (a client whose backend is down or refuses
+        is moved to another) or C{"strict"} (it is refused: 503 for HTTP, a
+        closed connection for TCP, and its entry is kept).
+    @ivar retry_after: the C{Retry-After} seconds of a strict refusal's 503.
     """
 
     name = "source_ip"
     scheduler = None
+    on_failure = "repin"
+    retry_after = 5
 
-    def __init__(self, table: StickTable, scheduler=None) -> None:
+    def __init__(self, table: StickTable, scheduler=None, on_failure: str = "repin") -> None:
+        """
+        @raise ValueError: C{on_failure} is not C{"repin"} or C{"strict"}.
+        """
+        if on_failure not in ON_FAILURE:
+            raise ValueError(f"source_ip on_failure {on_failure!r} is not one of {', '.join(ON_FAILURE)}")
         self.table = table
+        self.on_failure = on_failure
         if scheduler is not None:
             self.scheduler = scheduler
 
     @classmethod
     def from_config(cls, config, clock=None) -> "SourceIPPersistence":
-        return cls(StickTable(config.timeout, config.max_entries, clock=clock))
+        return cls(StickTable(config.timeout, config.max_entries, clock=clock), on_failure=config.on_failure)
 
     def client_key(self, session: Session) -> str:
         """The stick table key of a client: its normalised IP address."""

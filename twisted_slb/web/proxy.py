@@ -27,7 +27,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from twisted_slb.backends import Backend, BackendGroup, local_failure
-from twisted_slb.persistence.interfaces import session_for
+from twisted_slb.persistence.interfaces import session_for, strict_refusal
 from twisted_slb.limits import ClientAddressLimit, ConnectionLimit, TooManyConnections
 from twisted_slb.shutdown import IdleTracker
 from twisted_slb.sockets import set_nodelay
@@ -216,7 +216,9 @@ class _Exchange:
         if len(self.tried) <= group.retries:
             backend = group.route(self.session, self.tried)
         if backend is None:
-            if self.tried:
+            if strict_refusal(self.session):
+                self.refuse_pinned()
+            elif self.tried:
                 self.fail(502, "Bad Gateway", "no backend could answer")
             else:
                 self.fail(503, "Service Unavailable", "no backend is available")
@@ -446,6 +448,24 @@ class _Exchange:
         self.bytes_sent = len(body)
         request.write(body)
         self.finish()
+
+    def refuse_pinned(self) -> None:
+        """
+        Strict persistence: the client's backend is down or refused, and the
+        client is not moved.  503 with C{Retry-After}; the body does not name
+        the backend; the pin (cookie, table entry) is left as it was.
+        """
+        session = self.session
+        backend = self.resource.group.get(session.pinned_key or "") or self.backend
+        log.info(
+            "listener {listener}: client {client} is pinned to backend {backend}, which is down or refused; "
+            "503 (on_failure = strict)",
+            listener=self.resource.listener_name, client=session.client_ip,
+            backend=backend.name if backend is not None else session.pinned_key,
+        )
+        retry_after = getattr(session.policy, "retry_after", 5)
+        self.request.responseHeaders.setRawHeaders(b"retry-after", [b"%d" % (retry_after,)])
+        self.fail(503, "Service Unavailable", "the server holding this session is not available; retry later")
 
     def finish(self) -> None:
         if self.finished:
