@@ -65,7 +65,38 @@ class _Collector:
                 failures.add_metric(labels, b.failures)
                 byte_count.add_metric(labels + ["in"], b.bytes_in)
                 byte_count.add_metric(labels + ["out"], b.bytes_out)
-        return [requests, connections, active, persistence, up, weight, busy, failures, byte_count]
+        return [requests, connections, active, persistence, up, weight, busy, failures, byte_count,
+                *_udp_metrics(self.registry)]
+
+
+def _udp_metrics(registry: StatsRegistry) -> list:
+    """The udp listeners' datagrams, bytes, sessions and drops."""
+    datagrams = CounterMetricFamily("slb_udp_datagrams", "UDP datagrams from clients (in) and to clients (out)",
+                                    labels=["listener", "direction"])
+    byte_count = CounterMetricFamily("slb_udp_bytes", "UDP payload bytes from clients (in) and to clients (out)",
+                                     labels=["listener", "direction"])
+    sessions = GaugeMetricFamily("slb_udp_sessions_active", "UDP sessions (client addresses) open now", labels=["listener"])
+    sessions_total = CounterMetricFamily("slb_udp_sessions", "UDP sessions started", labels=["listener"])
+    drops = CounterMetricFamily("slb_udp_drops", "UDP datagrams dropped, by reason", labels=["listener", "reason"])
+    evictions = CounterMetricFamily("slb_udp_evictions", "UDP sessions evicted to stay within max_sessions",
+                                    labels=["listener"])
+    refused = CounterMetricFamily("slb_udp_refused", "UDP sessions whose backend answered port unreachable",
+                                  labels=["listener"])
+    for stats in registry.listeners.values():
+        if stats.protocol != "udp":
+            continue
+        name = stats.name
+        datagrams.add_metric([name, "in"], stats.datagrams_in)
+        datagrams.add_metric([name, "out"], stats.datagrams_out)
+        byte_count.add_metric([name, "in"], stats.bytes_in)
+        byte_count.add_metric([name, "out"], stats.bytes_out)
+        sessions.add_metric([name], stats.active)
+        sessions_total.add_metric([name], stats.connections_total)
+        for reason, count in stats.drops.items():
+            drops.add_metric([name, reason], count)
+        evictions.add_metric([name], stats.evictions)
+        refused.add_metric([name], stats.refused)
+    return [datagrams, byte_count, sessions, sessions_total, drops, evictions, refused]
 
 
 class MetricsPage(Resource):
@@ -124,6 +155,7 @@ def render_page(snapshot: dict) -> bytes:
         "<h2>Listeners</h2><table id=listeners><tr><th>listener</th><th>protocol</th><th>active</th>"
         "<th>connections</th><th>requests</th><th>by status</th><th>persistence</th><th>bytes out</th></tr>",
         *rows, "</table>",
+        *_udp_table(snapshot),
     ]
     for g in snapshot["groups"]:
         parts.append(f"<h2>Group {e(g['name'])} <small>({e(g['scheduler'])})</small></h2>")
@@ -144,6 +176,30 @@ def render_page(snapshot: dict) -> bytes:
         parts.append("</table>")
     parts.append("<p><a href=stats>stats (JSON)</a> · <a href=metrics>metrics (Prometheus)</a></p></body></html>")
     return "\n".join(parts).encode("utf-8")
+
+
+def _udp_table(snapshot: dict) -> list:
+    """The udp listeners' own table (none without udp listeners)."""
+    e = lambda v: html.escape(str(v))
+    udp = [l for l in snapshot["listeners"] if "udp" in l]
+    if not udp:
+        return []
+    parts = [
+        "<h2>UDP listeners</h2><table id=udp><tr><th>listener</th><th>sessions</th><th>sessions total</th>"
+        "<th>datagrams in</th><th>bytes in</th><th>datagrams out</th><th>bytes out</th><th>drops</th>"
+        "<th>evicted</th><th>refused</th></tr>"
+    ]
+    for l in udp:
+        u = l["udp"]
+        drops = ", ".join(f"{k} {v}" for k, v in u["drops"].items() if v) or "0"
+        parts.append(
+            f"<tr><td>{e(l['name'])}</td><td class=num>{u['sessions']}</td><td class=num>{u['sessions_total']}</td>"
+            f"<td class=num>{u['datagrams_in']}</td><td class=num>{l['bytes_in']}</td>"
+            f"<td class=num>{u['datagrams_out']}</td><td class=num>{l['bytes_out']}</td><td>{e(drops)}</td>"
+            f"<td class=num>{u['evictions']}</td><td class=num>{u['refused']}</td></tr>"
+        )
+    parts.append("</table>")
+    return parts
 
 
 class BackendAction(Resource):
