@@ -552,3 +552,113 @@ class LoopbackTests(TestCase):
         yield task.deferLater(reactor, 0, lambda: None)  # a UDP port closes on the next turn
         self.assertEqual([p.connected for p in ports], [0, 0, 0])
         self.assertEqual(listener.balancer.group.get("a").active, 0)
+
+
+BASE = """
+[backends.dns]
+servers = [ { name = "a", address = "10.0.0.1:53" } ]
+%s
+[listeners.dns]
+protocol = "udp"
+backends = "dns"
+%s
+"""
+
+
+class ConfigTests(SynchronousTestCase):
+    def error(self, listener: str, group: str = "", top: str = "") -> str:
+        from twisted_slb.config import ConfigError
+
+        with self.assertRaises(ConfigError) as e:
+            parse_config(top + BASE % (group, listener), "slb.toml")
+        return str(e.exception)
+
+    def test_fullListenerParses(self):
+        """Every udp setting is read, with defaults idle_timeout 30 and max_sessions 100000."""
+        config = parse_config(BASE % ("", 'bind = "udp:5353:interface=127.0.0.1"\n'
+                                          'persistence = { type = "source_ip", timeout = 3600 }'))
+        listener = config.listeners["dns"]
+        self.assertEqual((listener.protocol, listener.idle_timeout, listener.max_sessions), ("udp", 30.0, 100000))
+        self.assertEqual(listener.persistence.timeout, 3600)
+
+    def test_bindForms(self):
+        """udp:PORT and udp:PORT:interface=ADDR (IPv4, IPv6 plain or with Twisted's escaped colons) are read."""
+        from twisted_slb.config import parse_udp_bind
+
+        self.assertEqual(parse_udp_bind("udp:53"), (53, ""))
+        self.assertEqual(parse_udp_bind("udp:0:interface=127.0.0.2"), (0, "127.0.0.2"))
+        self.assertEqual(parse_udp_bind("udp:53:interface=::1"), (53, "::1"))
+        self.assertEqual(parse_udp_bind(r"udp:53:interface=\:\:1"), (53, "::1"))
+
+    def test_badBindNamesFieldValueAndForm(self):
+        """A bind that is not udp:PORT[:interface=ADDR] is an error naming the field, the value and the form."""
+        for bind, why in (("tcp:53", "must start with 'udp:'"), ("udp:70000", "port 70000 out of range"),
+                          ("udp:x", "'x' is not a port number"),
+                          ("udp:53:interface=dns.local", "interface 'dns.local' is not an IP address"),
+                          ("udp:53:backlog=5", "unknown option")):
+            message = self.error(f'bind = "{bind}"')
+            self.assertIn(f"slb.toml: listeners.dns.bind: not a udp address ({why}", message)
+            self.assertIn(f"got {bind!r}; allowed: \"udp:PORT\" or \"udp:PORT:interface=ADDR\"", message)
+
+    def test_persistenceIsSourceIpOnly(self):
+        """A cookie persistence type on a udp listener is refused, and the timeout is 1..3600."""
+        message = self.error('bind = "udp:53"\npersistence = { type = "insert_cookie" }')
+        self.assertIn("listeners.dns.persistence.type: not a persistence type for udp listeners "
+                      "(udp listeners persist by source IP only); got 'insert_cookie'; allowed: 'source_ip'", message)
+        message = self.error('bind = "udp:53"\npersistence = { type = "source_ip", timeout = 3601 }')
+        self.assertIn("listeners.dns.persistence.timeout: out of range; got 3601; allowed: an integer from 1 "
+                      "to 3600 seconds", message)
+
+    def test_settingsRangesAndForeignKeys(self):
+        """idle_timeout and max_sessions are checked; tcp-only settings are named as such."""
+        self.assertIn("listeners.dns.idle_timeout: out of range; got 0; allowed: a number from 0 to 3600 seconds",
+                      self.error('bind = "udp:53"\nidle_timeout = 0'))
+        self.assertIn("listeners.dns.max_sessions: out of range; got 0; allowed: an integer from 1 to 10000000",
+                      self.error('bind = "udp:53"\nmax_sessions = 0'))
+        self.assertIn("listeners.dns.proxy_protocol: not a setting of udp listeners",
+                      self.error('bind = "udp:53"\nproxy_protocol = "v1"'))
+
+    def test_backendsMustBeIpAddresses(self):
+        """A group behind a udp listener needs IP addresses: a host name is an error naming the server."""
+        from twisted_slb.config import ConfigError
+
+        text = (BASE % ("", 'bind = "udp:53"')).replace("10.0.0.1:53", "dns1.example:53")
+        with self.assertRaises(ConfigError) as e:
+            parse_config(text, "slb.toml")
+        self.assertIn("backends.dns.servers[0].address: a group used by udp listener dns needs IP addresses; "
+                      "got dns1.example:53", str(e.exception))
+
+    def test_oneProcessOnly(self):
+        """udp listeners run in one process: workers > 1 is an error."""
+        self.assertIn("workers: udp listeners (dns) run in one process; got 2",
+                      self.error('bind = "udp:53"', top="workers = 2\n"))
+
+    def test_udpHealthCheckPayloadEscapes(self):
+        r"""send and expect are strings in which \xHH, \n, \r, \t, \0 and \\ are bytes."""
+        group = "[backends.dns.health_check]\ntype = \"udp\"\nsend = 'id\\x12\\x34\\0\\\\'\nexpect = '\\x12\\x34'\n"
+        config = parse_config(BASE % (group, 'bind = "udp:53"'))
+        check = config.backends["dns"].health_check
+        self.assertEqual((check.type, check.send, check.expect_bytes), ("udp", b"id\x12\x34\x00\\", b"\x12\x34"))
+
+    def test_udpHealthCheckErrors(self):
+        """A bad escape, a missing send, or an http setting on a udp check is an error naming the field."""
+        self.assertIn(r"backends.dns.health_check.send: bad escape '\\q' at character 1; got 'a\\q'",
+                      self.error('bind = "udp:53"', group="[backends.dns.health_check]\ntype = \"udp\"\nsend = 'a\\q'\n"))
+        self.assertIn("backends.dns.health_check.send: a udp health check needs a datagram to send",
+                      self.error('bind = "udp:53"', group="[backends.dns.health_check]\ntype = \"udp\"\n"))
+        self.assertIn("backends.dns.health_check.path: not a setting of udp health checks",
+                      self.error('bind = "udp:53"',
+                                 group="[backends.dns.health_check]\ntype = \"udp\"\nsend = 'x'\npath = \"/\"\n"))
+
+    def test_checkDescribesTheListener(self):
+        """--check's description says how a udp listener works: sessions, idle_timeout, max_sessions, refusals."""
+        from twisted_slb.config import describe
+
+        text = describe(parse_config(BASE % ("", 'bind = "udp:5353:interface=127.0.0.1"\n'
+                                                 'persistence = { type = "source_ip", timeout = 300 }')))
+        self.assertIn("listener dns: udp on udp:5353:interface=127.0.0.1", text)
+        self.assertIn("persistence: source_ip: a client IP stays on its backend for 300 s after its last datagram",
+                      text)
+        self.assertIn("idle_timeout 30.0 s (silence both ways ends a session), max_sessions 100000", text)
+        self.assertIn("ICMP port unreachable counts as a failure", text)
+        self.assertIn("no PROXY protocol", text)
