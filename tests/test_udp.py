@@ -662,3 +662,31 @@ class ConfigTests(SynchronousTestCase):
         self.assertIn("idle_timeout 30.0 s (silence both ways ends a session), max_sessions 100000", text)
         self.assertIn("ICMP port unreachable counts as a failure", text)
         self.assertIn("no PROXY protocol", text)
+
+
+class SocketFailureTests(UDPCase):
+    def test_noSocketIsADropNotABackendFailure(self):
+        """When the balancer cannot open a socket (out of descriptors) the datagram is dropped as no_socket, not held against the backend."""
+        from twisted.internet.error import CannotListenError
+
+        b = self.balancer()
+
+        def refuse(*args, **kwargs):
+            raise CannotListenError("", 0, OSError(24, "Too many open files"))
+
+        self.reactor.listenUDP = refuse
+        b.datagramReceived(b"q", ("192.0.2.1", 1000))
+        self.assertEqual(b.stats.drops, {"no_backend": 0, "no_socket": 1, "send_error": 0})
+        self.assertEqual(self.group.get("a").failures, 0)
+        self.assertEqual(b.sessions, {})
+
+    def test_allBackendsRefusedEndsTheSession(self):
+        """A session whose every backend refused is ended, and its next datagram is a no_backend drop."""
+        b = self.balancer()
+        client = ("192.0.2.1", 1000)
+        for _ in range(2):
+            b.datagramReceived(b"q", client)
+            b.sessions[client].side.connectionRefused()
+        b.datagramReceived(b"q", client)
+        self.assertEqual(b.sessions, {})
+        self.assertEqual(b.stats.drops["no_backend"], 1)

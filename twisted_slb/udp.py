@@ -283,7 +283,6 @@ class UDPBalancer(DatagramProtocol):
         if len(self.sessions) >= self.max_sessions:
             self.evict()
         if not self.connect(session):
-            self.stats.drops[NO_BACKEND] += 1
             return None
         self.stats.connections_total += 1
         return session
@@ -292,29 +291,30 @@ class UDPBalancer(DatagramProtocol):
         """
         Route C{session} (again after a refusal) and open its socket.  A
         pinned backend that is drained takes no new session: the client is
-        re-pinned.
+        re-pinned.  A failure counts the datagram as dropped.
+
+        @return: whether the session has a backend and a socket now.
         """
         group = self.group
         exclude = list(session.tried)
         pinned = group.get(session.visit.pinned_key) if session.visit.pinned_key else None
         if pinned is not None and pinned.weight == 0:
             exclude.append(pinned)
-        while True:
-            backend = group.route(session.visit, exclude)
-            if backend is None:
-                return False
-            side = _BackendSide(self, session)
-            interface = "::" if ":" in backend.host else ""
-            try:
-                side.port = self.reactor.listenUDP(0, side, interface=interface)
-                side.port.connect(backend.host, backend.port)
-            except (error.CannotListenError, OSError, ValueError) as e:
-                side.close()
-                self.stats.drops[NO_SOCKET] += 1
-                log.warn("udp listener {listener}: no socket to {backend}: {error}",
-                         listener=self.listener_name, backend=backend.address, error=e)
-                return False
-            break
+        backend = group.route(session.visit, exclude)
+        if backend is None:
+            self.stats.drops[NO_BACKEND] += 1
+            return False
+        side = _BackendSide(self, session)
+        try:
+            side.port = self.reactor.listenUDP(0, side, interface="::" if ":" in backend.host else "")
+            side.port.connect(backend.host, backend.port)
+        except (error.CannotListenError, OSError, ValueError) as e:
+            # Out of descriptors, say: this process's problem, not the backend's.
+            side.close()
+            self.stats.drops[NO_SOCKET] += 1
+            log.warn("udp listener {listener}: no socket to {backend}: {error}",
+                     listener=self.listener_name, backend=backend.address, error=e)
+            return False
         session.backend = backend
         session.side = side
         session.answered = False
