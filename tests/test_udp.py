@@ -662,6 +662,7 @@ class ConfigTests(SynchronousTestCase):
         self.assertIn("idle_timeout 30.0 s (silence both ways ends a session), max_sessions 100000", text)
         self.assertIn("ICMP port unreachable counts as a failure", text)
         self.assertIn("no PROXY protocol", text)
+        self.assertNotIn("connect_timeout", text)
 
 
 class SocketFailureTests(UDPCase):

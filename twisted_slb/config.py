@@ -767,7 +767,8 @@ def describe(config: Config) -> str:
             g = config.backends[l.backends]
             servers = ", ".join(f"{s.name}={s.host}:{s.port} (weight {s.weight})" for s in g.servers)
             lines.append(f"  backends: {g.name} [{g.scheduler}] {servers}")
-            lines.append(f"  connect_timeout {g.connect_timeout} s, retries {g.retries}")
+            if l.protocol != "udp":  # a udp session connects nothing and retries on refusal
+                lines.append(f"  connect_timeout {g.connect_timeout} s, retries {g.retries}")
         lines.append(f"  persistence: {_describe_persistence(l.persistence, l.protocol)}")
         if l.protocol == "udp":
             lines.extend(_describe_udp(l))
