@@ -691,3 +691,29 @@ class SocketFailureTests(UDPCase):
         b.datagramReceived(b"q", client)
         self.assertEqual(b.sessions, {})
         self.assertEqual(b.stats.drops["no_backend"], 1)
+
+
+class LoopbackHealthTests(TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_silentBackendIsTakenDownByTheUdpCheck(self):
+        """On loopback, a backend whose socket is open but never answers fails its udp check and goes down; an echo stays up."""
+        from twisted_slb.config import HealthCheckConfig
+
+        silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        silent.bind(("127.0.0.1", 0))
+        self.addCleanup(silent.close)
+        echo = reactor.listenUDP(0, UDPEchoName("live"), interface="127.0.0.1")
+        self.addCleanup(echo.stopListening)
+        g = BackendGroup("g", [Backend("silent", "127.0.0.1", silent.getsockname()[1]),
+                               Backend("live", "127.0.0.1", echo.getHost().port)])
+        config = HealthCheckConfig(type="udp", send=b"ping", expect_bytes=b"ping", interval=0.05, timeout=0.2,
+                                   healthy_threshold=1, unhealthy_threshold=2)
+        monitor = HealthMonitor(g, config, reactor=reactor)
+        monitor.startService()
+        self.addCleanup(monitor.stopService)
+        yield monitor.when(g.get("silent"), up=False).addTimeout(10, reactor)
+        self.assertEqual(g.get("silent").extra["health"].last_reason, "no answer in 0.2 s")
+        self.assertTrue(g.get("live").up)
+        self.assertEqual(g.get("live").extra["health"].last_status, "ok")
