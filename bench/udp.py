@@ -15,12 +15,11 @@ second.  A lost datagram is sent again after a second (and counted).
 
 from __future__ import annotations
 
-import os
 import select
 import socket
 import sys
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 #: nginx's stream module as Debian ships it (libnginx-mod-stream)
 STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
