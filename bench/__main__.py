@@ -27,15 +27,20 @@ import tempfile
 import time
 from typing import Callable, Dict, List, Optional
 
+from bench import udp
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 TOOLS = {"wrk": "wrk", "haproxy": "haproxy", "nginx": "nginx-light", "curl": "curl"}
 
 
-def ensure_tools() -> None:
-    """Install wrk, HAProxy and nginx from Debian's packages if missing."""
-    missing = [pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}")]
+def ensure_tools(only=frozenset()) -> None:
+    """Install wrk, HAProxy and nginx (with its stream module for the udp row) from Debian's packages if missing."""
+    tools = {"nginx": TOOLS["nginx"]} if set(only) == {"udp"} else TOOLS
+    missing = [pkg for tool, pkg in tools.items() if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}")]
+    if (not only or "udp" in only) and not os.path.exists(udp.STREAM_MODULE):
+        missing.append("libnginx-mod-stream")
     if not missing:
         return
     if os.geteuid() != 0:
@@ -144,6 +149,11 @@ class Setup:
         self.backend_ports = [free_port(), free_port()]
         self.ha = {k: free_port() for k in ("http", "tcp", "https")}
         self.slb = {k: free_port() for k in ("http", "tcp", "https")}
+        # the udp row: echo backends, nginx's stream module, our udp listener
+        self.udp_backends = [udp.free_udp_port(), udp.free_udp_port()]
+        self.nginx_udp = udp.free_udp_port()
+        self.slb_udp = udp.free_udp_port()
+        self.nginx_udp_pid = 0
         self.cert, self.key, self.both = make_cert(tmp)
         self.slb_pid = 0
         self.ha_pid = 0
@@ -252,6 +262,8 @@ backends = "web"
 persistence = {{ type = "source_ip", timeout = 1000 }}
 """
             )
+            if self.args.workers == 1:  # udp listeners run in one process
+                f.write(self.slb_udp_config())
         python = self.args.slb_python
         argv = [python, "-c", "from twisted.scripts.twistd import run; run()", "--pidfile=", "-n", "--logfile=/dev/null", "slb", "--config", conf]
         if self.args.profile:
@@ -275,6 +287,35 @@ persistence = {{ type = "source_ip", timeout = 1000 }}
         self.slb_pid = p.p.pid
         for port in self.slb.values():
             wait_port(port)
+
+    def slb_udp_config(self) -> str:
+        a, b = self.udp_backends
+        return f"""
+[backends.udpecho]
+scheduler = "hash"
+servers = [ {{ name = "a", address = "127.0.0.1:{a}" }}, {{ name = "b", address = "127.0.0.1:{b}" }} ]
+
+[listeners.udp]
+protocol = "udp"
+access_log = false
+bind = "udp:{self.slb_udp}:interface=127.0.0.1"
+backends = "udpecho"
+persistence = {{ type = "source_ip", timeout = 1000 }}
+idle_timeout = 30
+"""
+
+    def start_udp(self) -> None:
+        """The echo backends and nginx's stream module (our udp listener is in slb.toml)."""
+        self.procs.append(Proc([sys.executable, "-m", "bench.udp", "echo", *map(str, self.udp_backends)],
+                               os.path.join(self.tmp, "udpecho.log"), env=dict(os.environ, PYTHONPATH=ROOT)))
+        conf = os.path.join(self.tmp, "nginx-udp.conf")
+        with open(conf, "w") as f:
+            f.write(udp.nginx_stream_conf(self.tmp, self.nginx_udp, self.udp_backends, 30))
+        p = Proc([tool("nginx"), "-c", conf, "-p", self.tmp], os.path.join(self.tmp, "nginx-udp.log"))
+        self.procs.append(p)
+        self.nginx_udp_pid = p.p.pid
+        for port in self.udp_backends + [self.nginx_udp, self.slb_udp]:
+            udp.wait_udp(port)
 
     def stop(self) -> None:
         for p in reversed(self.procs):
@@ -407,23 +448,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--json", default=os.path.join(HERE, "results", "latest.json"))
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny durations and sizes")
+    parser.add_argument("--udp-clients", type=int, default=64, help="client sockets of the udp row (default 64)")
     parser.add_argument("--profile", metavar="FILE", default="",
                         help="run twisted_slb under cProfile, write its figures to FILE and print the top functions")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.runs, args.bulk_mb, args.idle = 1.0, 1, 8, 100
-    ensure_tools()
+    only = set(filter(None, args.only.split(",")))
+    ensure_tools(only)
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the servers we start
-    only = set(filter(None, args.only.split(",")))
     rows: List[dict] = []
     tmp = tempfile.mkdtemp(prefix="slb-bench-")
     setup = Setup(tmp, args)
     try:
-        setup.start_nginx()
-        setup.start_haproxy()
+        if only != {"udp"}:
+            setup.start_nginx()
+            setup.start_haproxy()
         setup.start_slb()
         direct = f"http://127.0.0.1:{setup.backend_ports[0]}"
         d, n = args.duration, args.connections
@@ -466,6 +509,21 @@ def main(argv: Optional[List[str]] = None) -> int:
             )
             print(f"{title:48} slb {row['twisted_slb'][unit]:10.1f}  haproxy {row['haproxy'][unit]:10.1f}  "
                   f"ratio {row['ratio']:.2f}{cpu}", flush=True)
+        if (not only or "udp" in only) and args.workers == 1:
+            setup.start_udp()
+            clients = args.udp_clients
+            row = {"workload": "udp", "title": f"UDP req/resp, {clients} clients, vs nginx stream (req/s)",
+                   "unit": "rps", "compared_with": "nginx stream (hash $remote_addr consistent)"}
+            row["direct"] = median_of(args.runs, lambda: udp.load(setup.udp_backends[0], d, clients))
+            row["nginx"] = median_of(args.runs, with_cpu(setup.nginx_udp_pid, lambda: udp.load(setup.nginx_udp, d, clients)))
+            row["twisted_slb"] = median_of(args.runs, with_cpu(setup.slb_pid, lambda: udp.load(setup.slb_udp, d, clients)))
+            row["ratio"] = row["twisted_slb"]["rps"] / row["nginx"]["rps"] if row["nginx"]["rps"] else 0.0
+            rows.append(row)
+            print(f"{row['title']:48} slb {row['twisted_slb']['rps']:10.1f}  nginx {row['nginx']['rps']:10.1f}  "
+                  f"ratio {row['ratio']:.2f}  slb {row['twisted_slb']['cpu_us']:.1f} us CPU per datagram and its answer "
+                  f"({row['twisted_slb']['cpu_sys_share']:.0%} in the kernel)  nginx {row['nginx']['cpu_us']:.1f} us "
+                  f"({row['nginx']['cpu_sys_share']:.0%} in the kernel)  lost slb {row['twisted_slb']['lost']:.0f} "
+                  f"nginx {row['nginx']['lost']:.0f}", flush=True)
         if not only or "memory" in only:
             row = {"workload": "memory_idle", "title": f"RSS with {args.idle} idle connections (MB)", "unit": "rss_mb"}
             row["twisted_slb"] = idle_connections(setup.slb["http"], setup.slb_pid, args.idle)
@@ -482,7 +540,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             })
             print(f"{rows[-1]['title']:48} slb {rows[-1]['twisted_slb']['rss_mb']:10.1f}", flush=True)
     except Exception:
-        for name in ("haproxy.log", "nginx.log", "slb.log"):
+        for name in ("haproxy.log", "nginx.log", "slb.log", "nginx-udp.err", "udpecho.log"):
             path = os.path.join(tmp, name)
             if os.path.exists(path):
                 with open(path, errors="replace") as f:
@@ -519,7 +577,7 @@ def print_table(rows: List[dict]) -> None:
     for row in rows:
         unit = row["unit"]
         direct = row.get("direct", {}).get(unit)
-        haproxy = row.get("haproxy", {}).get(unit)
+        haproxy = row.get("haproxy", row.get("nginx", {})).get(unit)  # the udp row compares with nginx
         ratio = row.get("ratio")
         print(
             f"| {row['title']:46} | {'' if direct is None else f'{direct:10.1f}':>10} | "

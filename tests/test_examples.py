@@ -69,7 +69,7 @@ class ConfigExampleTests(ExampleCase):
 
     def test_everyConfigExampleIsTested(self):
         tested = {"tcp-source-ip.toml", "http-insert-cookie.toml", "http-rewrite-cookie.toml", "domains.toml",
-                  "https.toml", "health-admin.toml"}
+                  "https.toml", "health-admin.toml", "udp-dns.toml"}
         present = {os.path.basename(p) for p in glob.glob(os.path.join(EXAMPLES, "*.toml"))}
         self.assertEqual(present, tested)
 
@@ -147,6 +147,53 @@ class ConfigExampleTests(ExampleCase):
         code, body = yield self.get(f"http://127.0.0.1:{self.port(service, '[admin]')}/stats")
         self.assertEqual(code, 200)
         self.assertIn(b'"state": "up"', body)
+
+
+    @defer.inlineCallbacks
+    def test_udpDns(self):
+        """udp-dns.toml: answers come from one backend for every source port of a client IP, and the udp check passes."""
+        from twisted.internet.protocol import DatagramProtocol
+
+        from twisted_slb.demo import UDPEchoName
+
+        ports = {}
+        for name, port in (("a", 5301), ("b", 5302)):
+            listening = reactor.listenUDP(0, UDPEchoName(name), interface="127.0.0.1")
+            self.addCleanup(listening.stopListening)
+            ports[port] = listening.getHost().port
+        with open(os.path.join(EXAMPLES, "udp-dns.toml")) as f:
+            text = f.read()
+        parse_config(text, os.path.join(EXAMPLES, "udp-dns.toml"))  # valid exactly as written
+        text = text.replace('bind = "udp:5353', 'bind = "udp:0')
+        text = re.sub(r"127\.0\.0\.1:(530\d)", lambda m: f"127.0.0.1:{ports[int(m.group(1))]}", text)
+        service = BalancerService(parse_config(text, os.path.join(EXAMPLES, "udp-dns.toml")), reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        address = ("127.0.0.1", service.getServiceNamed("dns").port.getHost().port)
+
+        class Ask(DatagramProtocol):
+            def __init__(self):
+                self.answer = defer.Deferred()
+
+            def datagramReceived(self, data, addr):
+                self.answer.callback(data)
+
+        names = set()
+        for _ in range(4):
+            client = Ask()
+            port = reactor.listenUDP(0, client, interface="127.0.0.5")
+            self.addCleanup(port.stopListening)
+            port.write(b"hello", address)
+            names.add((yield client.answer.addTimeout(10, reactor)).split()[0])
+        self.assertEqual(len(names), 1)
+        monitor = service.getServiceNamed("health:dns")
+        backend = service.groups["dns"].get("a")
+        checked = defer.Deferred()
+        original = monitor._checked
+        monitor._checked = lambda b, ok, reason: (original(b, ok, reason),
+                                                 b is backend and not checked.called and checked.callback(ok))
+        ok = yield checked.addTimeout(10, reactor)
+        self.assertTrue(ok)
 
 
 class ProgramExampleTests(ExampleCase):

@@ -4,7 +4,6 @@ transport has nothing buffered, and never reorders, loses or duplicates
 bytes when it cannot.
 """
 
-import socket
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import IHalfCloseableProtocol

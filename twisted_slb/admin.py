@@ -37,7 +37,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Callable, Iterable, List, Mapping, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -304,24 +304,37 @@ class _Collector:
                 byte_count.add_metric(labels + ["in"], b.bytes_in)
                 byte_count.add_metric(labels + ["out"], b.bytes_out)
         return [requests, connections, active, persistence, up, weight, busy, failures, byte_count,
-                admin, healthy, ejected, ejections]
+                admin, healthy, ejected, ejections, *_udp_metrics(self.registry)]
 
 
-class MetricsPage(Resource):
-    isLeaf = True
-
-    def __init__(self, registry: StatsRegistry) -> None:
-        Resource.__init__(self)
-        self.prometheus = CollectorRegistry(auto_describe=True)
-        self.prometheus.register(_Collector(registry))
-
-    def render_GET(self, request):
-        # generate_latest on the reactor thread: prometheus_client's own
-        # Twisted resource runs the collection in a thread pool, where it
-        # would read our counters while the reactor changes them.
-        request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
-        return generate_latest(self.prometheus)
-
+def _udp_metrics(registry: StatsRegistry) -> list:
+    """The udp listeners' datagrams, bytes, sessions and drops."""
+    datagrams = CounterMetricFamily("slb_udp_datagrams", "UDP datagrams from clients (in) and to clients (out)",
+                                    labels=["listener", "direction"])
+    byte_count = CounterMetricFamily("slb_udp_bytes", "UDP payload bytes from clients (in) and to clients (out)",
+                                     labels=["listener", "direction"])
+    sessions = GaugeMetricFamily("slb_udp_sessions_active", "UDP sessions (client addresses) open now", labels=["listener"])
+    sessions_total = CounterMetricFamily("slb_udp_sessions", "UDP sessions started", labels=["listener"])
+    drops = CounterMetricFamily("slb_udp_drops", "UDP datagrams dropped, by reason", labels=["listener", "reason"])
+    evictions = CounterMetricFamily("slb_udp_evictions", "UDP sessions evicted to stay within max_sessions",
+                                    labels=["listener"])
+    refused = CounterMetricFamily("slb_udp_refused", "UDP sessions whose backend answered port unreachable",
+                                  labels=["listener"])
+    for stats in registry.listeners.values():
+        if stats.protocol != "udp":
+            continue
+        name = stats.name
+        datagrams.add_metric([name, "in"], stats.datagrams_in)
+        datagrams.add_metric([name, "out"], stats.datagrams_out)
+        byte_count.add_metric([name, "in"], stats.bytes_in)
+        byte_count.add_metric([name, "out"], stats.bytes_out)
+        sessions.add_metric([name], stats.active)
+        sessions_total.add_metric([name], stats.connections_total)
+        for reason, count in stats.drops.items():
+            drops.add_metric([name, reason], count)
+        evictions.add_metric([name], stats.evictions)
+        refused.add_metric([name], stats.refused)
+    return [datagrams, byte_count, sessions, sessions_total, drops, evictions, refused]
 
 
 class _AdminPage(Resource):
@@ -483,6 +496,26 @@ def _backend_row(group: str, b: dict) -> Tag:
     )
 
 
+def _udp_rows(snapshot: dict) -> List[Tag]:
+    """The udp listeners' own table (nothing without udp listeners)."""
+    udp = [l for l in snapshot["listeners"] if "udp" in l]
+    if not udp:
+        return []
+    header = tags.tr(*[tags.th(h) for h in (
+        "listener", "sessions", "sessions total", "datagrams in", "bytes in", "datagrams out", "bytes out",
+        "drops", "evicted", "refused")])
+    rows = [header]
+    for l in udp:
+        u = l["udp"]
+        drops = ", ".join(f"{k} {v}" for k, v in u["drops"].items() if v) or "0"
+        rows.append(tags.tr(
+            tags.td(l["name"]), _num(u["sessions"]), _num(u["sessions_total"]), _num(u["datagrams_in"]),
+            _num(l["bytes_in"]), _num(u["datagrams_out"]), _num(l["bytes_out"]), tags.td(drops),
+            _num(u["evictions"]), _num(u["refused"]),
+        ))
+    return [tags.h2("UDP listeners"), tags.table(*rows, id="udp")]
+
+
 def page_tag(snapshot: dict, token_required: bool = False) -> Tag:
     """The admin page for C{snapshot} (L{AdminState.snapshot}), as a tag tree."""
     body = [
@@ -495,6 +528,7 @@ def page_tag(snapshot: dict, token_required: bool = False) -> Tag:
                            " (actions need it; kept for this tab only)", id="auth"))
     body.append(tags.p("", id="message", role="status"))
     body += [tags.h2("Listeners"), tags.table(*_listener_rows(snapshot["listeners"]), id="listeners")]
+    body += _udp_rows(snapshot)
     for g in snapshot["groups"]:
         header = tags.tr(*[tags.th(h) for h in (
             "backend", "id", "address", "state", "operator", "health", "weight", "active", "total", "failures", "bytes in",

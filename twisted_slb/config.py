@@ -55,7 +55,7 @@ class BackendTLSConfig:
 class HealthCheckConfig:
     """C{[backends.X].health_check}."""
 
-    type: str = "tcp"  # "tcp" | "http"
+    type: str = "tcp"  # "tcp" | "http" | "udp"
     path: str = "/"
     host: str = ""  # Host header for http checks; "" means the server's address
     expect: Tuple[int, int] = (200, 399)  # inclusive status range
@@ -63,6 +63,9 @@ class HealthCheckConfig:
     timeout: float = 5.0
     healthy_threshold: int = 3
     unhealthy_threshold: int = 3
+    # udp: the datagram sent, and the bytes a reply must contain ("" : any reply)
+    send: bytes = b""
+    expect_bytes: bytes = b""
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -148,8 +151,8 @@ class ListenerConfig:
     """C{[listeners.NAME]}."""
 
     name: str
-    protocol: str  # "tcp" | "http" | "https"
-    bind: str  # a Twisted server endpoint description
+    protocol: str  # "tcp" | "http" | "https" | "udp"
+    bind: str  # a Twisted server endpoint description; for udp "udp:PORT[:interface=ADDR]"
     backends: Optional[str] = None  # group name; None only for a redirect listener
     persistence: Optional[PersistenceConfig] = None
     max_connections: int = 0  # 0: unlimited
@@ -173,6 +176,8 @@ class ListenerConfig:
     certificates: Tuple[CertificateConfig, ...] = ()
     min_tls: str = "1.2"  # "1.2" | "1.3"
     alpn: Tuple[str, ...] = ("http/1.1",)
+    # udp (idle_timeout above is shared with tcp; a udp listener's default is 30)
+    max_sessions: int = 100_000
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -217,7 +222,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _HOST_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?$")
 
-PROTOCOLS = ("tcp", "http", "https")
+PROTOCOLS = ("tcp", "http", "https", "udp")
 SCHEDULER_NAMES = ("rr", "wrr", "wlc", "hash")
 PERSISTENCE_TYPES = ("source_ip", "insert_cookie", "rewrite_cookie")
 
@@ -231,10 +236,12 @@ _HTTP_KEYS = (
     "max_connections_per_ip", "rules", "https_redirect_port",
 )
 _HTTPS_KEYS = ("certificates", "min_tls", "alpn")
+_UDP_KEYS = ("protocol", "bind", "backends", "persistence", "access_log", "idle_timeout", "max_sessions")
 _LISTENER_KEYS = {
     "tcp": _COMMON_LISTENER_KEYS + _TCP_KEYS,
     "http": _COMMON_LISTENER_KEYS + _HTTP_KEYS,
     "https": _COMMON_LISTENER_KEYS + _HTTP_KEYS + _HTTPS_KEYS,
+    "udp": _UDP_KEYS,
 }
 _PERSISTENCE_KEYS = {
     "source_ip": ("type", "timeout", "max_entries", "on_failure"),
@@ -510,19 +517,24 @@ def _read_group(file: str, base: str, name: str, data: Any) -> GroupConfig:
     health = None
     passive = PassiveHealthConfig()
     active_keys = ("type", "path", "host", "expect", "interval", "timeout", "healthy_threshold",
-                   "unhealthy_threshold")
+                   "unhealthy_threshold", "send")
     ht = t.table("health_check", active_keys + ("passive",))
     if ht is not None:
         pt = ht.table("passive", _PASSIVE_KEYS)
         if pt is not None:
             passive = _read_passive(pt)
-        kind = ht.string("type", "tcp", choices=("tcp", "http", "none"))
+        kind = ht.string("type", "tcp", choices=("tcp", "http", "udp", "none"))
         if kind == "none":
             extra = [k for k in active_keys if k != "type" and ht.has(k)]
             if extra:
                 raise ht.error(extra[0], 'active check settings with type = "none"', ht.get(extra[0]),
-                               'leave it out, or choose type = "tcp" or "http"')
+                               'leave it out, or choose type = "tcp", "http" or "udp"')
+        elif kind == "udp":
+            health = _read_udp_health_check(ht)
         else:
+            if ht.has("send"):
+                raise ht.error("send", "only udp health checks send a payload", ht.get("send"),
+                               'leave it out, or type = "udp"')
             path = ht.string("path", "/")
             if not path.startswith("/"):
                 raise ht.error("path", "must start with '/'", path, 'a path such as "/health"')
@@ -586,12 +598,13 @@ def _read_persistence(t: _Table, key: str, protocol: str) -> Optional[Persistenc
     field = t.field(key)
     if not isinstance(raw, dict):
         raise t.error(key, "must be a table", raw, '{ type = "source_ip" | "insert_cookie" | "rewrite_cookie", ... }')
-    types = ("source_ip",) if protocol == "tcp" else PERSISTENCE_TYPES
+    types = ("source_ip",) if protocol in ("tcp", "udp") else PERSISTENCE_TYPES
     kind = raw.get("type", _MISSING)
     if kind is _MISSING:
         raise ConfigError(f"{t.file}: {field}.type: required but missing; allowed: {' | '.join(types)}")
     if kind not in types:
-        why = " (tcp listeners persist by source IP only)" if protocol == "tcp" and kind in PERSISTENCE_TYPES else ""
+        why = (f" ({protocol} listeners persist by source IP only)"
+               if protocol in ("tcp", "udp") and kind in PERSISTENCE_TYPES else "")
         raise t.error_at(f"{field}.type", f"not a persistence type for {protocol} listeners{why}", kind,
                          " | ".join(repr(x) for x in types))
     if kind == "rewrite_cookie" and "timeout" in raw:
@@ -689,7 +702,7 @@ def _read_listener(file: str, base: str, name: str, data: Any,
         raise ConfigError(f"{file}: listeners.{name}.protocol: required but missing; allowed: tcp | http | https")
     if protocol not in PROTOCOLS:
         raise ConfigError(f"{file}: listeners.{name}.protocol: not one of the choices; got {protocol!r}; "
-                          "allowed: 'tcp' | 'http' | 'https'")
+                          "allowed: 'tcp' | 'http' | 'https' | 'udp'")
     allowed = _LISTENER_KEYS[protocol]
     for key in data:
         if key not in allowed and any(key in keys for keys in _LISTENER_KEYS.values()):
@@ -698,6 +711,8 @@ def _read_listener(file: str, base: str, name: str, data: Any,
     t = _Table(file, f"listeners.{name}", data, allowed)
     if not _NAME.match(name):
         raise t.error_at(t.path, "not a valid listener name", name, "letters, digits, '_', '.', '-'")
+    if protocol == "udp":
+        return _read_udp_listener(t, base, groups)
     bind = _check_endpoint(t, "bind", t.get("bind"))
     redirect = None
     if protocol != "tcp" and t.has("https_redirect_port"):
@@ -791,7 +806,7 @@ def parse_config(document: Any, path: str = "<string>") -> Config:
     binds: Dict[str, str] = {}
     for name, data in listeners_data.items():
         listener = _read_listener(path, base, name, data, groups)
-        if listener.bind in binds and not re.match(r"^(tcp6?|unix):0(:|$)", listener.bind):
+        if listener.bind in binds and not re.match(r"^(tcp6?|unix|udp):0(:|$)", listener.bind):
             raise ConfigError(f"{path}: listeners.{name}.bind: the same address as listeners.{binds[listener.bind]}; "
                               f"got {listener.bind!r}; allowed: an address no other listener binds")
         binds[listener.bind] = name
@@ -810,6 +825,7 @@ def parse_config(document: Any, path: str = "<string>") -> Config:
         max_connections=top.integer("max_connections", 0, 0, 100_000_000),
     )
     _check_certificates(config)
+    _check_udp(config)
     return config
 
 
@@ -847,7 +863,7 @@ def load_config(path: str) -> Config:
 
 def _describe_persistence(p: Optional[PersistenceConfig], protocol: str) -> str:
     if p is None:
-        unit = "connection" if protocol == "tcp" else "request"
+        unit = {"tcp": "connection", "udp": "session"}.get(protocol, "request")
         return f"none (each {unit} is balanced on its own)"
     return _describe_pin(p, protocol) + "; " + _describe_on_failure(p, protocol)
 
@@ -862,7 +878,8 @@ def _describe_on_failure(p: PersistenceConfig, protocol: str) -> str:
 def _describe_pin(p: PersistenceConfig, protocol: str) -> str:
     if p.type == "source_ip":
         return (f"source_ip: a client IP stays on its backend for {p.timeout} s after its last "
-                f"{'connection' if protocol == 'tcp' else 'request'} (table of at most {p.max_entries} clients)")
+                f"{ {'tcp': 'connection', 'udp': 'datagram'}.get(protocol, 'request')} "
+                f"(table of at most {p.max_entries} clients)")
     if p.type == "rewrite_cookie":
         return (f"rewrite_cookie {p.cookie}: the backend's cookie is prefixed with the backend's cookie value "
                 "or id; expiry is the backend's")
@@ -899,9 +916,12 @@ def describe(config: Config) -> str:
             servers = ", ".join(f"{s.name}={s.host}:{s.port} (weight {s.weight}"
                                 + (f", cookie {s.cookie})" if s.cookie else ")") for s in g.servers)
             lines.append(f"  backends: {g.name} [{g.scheduler}] {servers}")
-            lines.append(f"  connect_timeout {g.connect_timeout} s, retries {g.retries}")
+            if l.protocol != "udp":  # a udp session connects nothing and retries on refusal
+                lines.append(f"  connect_timeout {g.connect_timeout} s, retries {g.retries}")
         lines.append(f"  persistence: {_describe_persistence(l.persistence, l.protocol)}")
-        if l.protocol == "tcp":
+        if l.protocol == "udp":
+            lines.extend(_describe_udp(l))
+        elif l.protocol == "tcp":
             lines.append(f"  idle_timeout {l.idle_timeout} s" +
                          (f", PROXY protocol {l.proxy_protocol}" if l.proxy_protocol else ""))
         else:
@@ -926,3 +946,159 @@ def describe(config: Config) -> str:
         lines.append("")
         lines.append(f"admin: {config.admin.bind}")
     return "\n".join(lines)
+
+
+# --- udp listeners ------------------------------------------------------------
+
+_UDP_BIND_ALLOWED = '"udp:PORT" or "udp:PORT:interface=ADDR", PORT 0..65535, ADDR an IPv4 or IPv6 address'
+
+
+def parse_udp_bind(value: str) -> Tuple[int, str]:
+    """
+    Read a udp listener's C{bind}: C{"udp:PORT[:interface=ADDR]"} (Twisted has
+    no endpoint strings for UDP).  An IPv6 interface may be written plainly
+    (C{interface=::1}) or with Twisted's escaped colons (C{interface=\\:\\:1}).
+
+    @return: C{(port, interface)}; interface C{""} means every IPv4 address.
+    @raise ValueError: the text is not of that form (the message says why).
+    """
+    import ipaddress
+
+    if not isinstance(value, str) or not value.startswith("udp:"):
+        raise ValueError("must start with 'udp:'")
+    rest = value[4:]
+    port_text, sep, option = rest.partition(":")
+    if not port_text.isdigit():
+        raise ValueError(f"{port_text!r} is not a port number")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port {port} out of range")
+    interface = ""
+    if sep:
+        name, eq, address = option.partition("=")
+        if name != "interface" or not eq:
+            raise ValueError(f"unknown option {option!r} (the only option is interface=ADDR)")
+        address = address.replace("\\:", ":")
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ValueError(f"interface {address!r} is not an IP address") from None
+        interface = address
+    return port, interface
+
+
+def _decode_payload(t: _Table, key: str) -> bytes:
+    r"""
+    A udp health check payload: a TOML string in which C{\xHH}, C{\n},
+    C{\r}, C{\t}, C{\0} and C{\\} stand for bytes (write it as a literal
+    string, C{'\x00\x01'}, so that TOML leaves the backslashes alone);
+    other characters are UTF-8.
+    """
+    allowed = r"a string; \xHH, \n, \r, \t, \0 and \\ stand for bytes (use a 'literal string')"
+    text = t.string(key, "", allowed=allowed)
+    out = bytearray()
+    i = 0
+    simple = {"n": b"\n", "r": b"\r", "t": b"\t", "0": b"\0", "\\": b"\\"}
+    while i < len(text):
+        c = text[i]
+        if c != "\\":
+            out += c.encode("utf-8")
+            i += 1
+            continue
+        nxt = text[i + 1:i + 2]
+        if nxt in simple and nxt:
+            out += simple[nxt]
+            i += 2
+        elif nxt == "x" and re.match(r"^[0-9A-Fa-f]{2}$", text[i + 2:i + 4]):
+            out.append(int(text[i + 2:i + 4], 16))
+            i += 4
+        else:
+            raise t.error(key, f"bad escape {text[i:i + 4]!r} at character {i}", text, allowed)
+    if len(out) > 65507:
+        raise t.error(key, "longer than a UDP datagram can be", f"{len(out)} bytes", "at most 65507 bytes")
+    return bytes(out)
+
+
+def _read_udp_health_check(ht: _Table) -> HealthCheckConfig:
+    """C{health_check = { type = "udp", send = "...", expect = "..." }}."""
+    for key in ("path", "host"):
+        if ht.has(key):
+            raise ht.error(key, "not a setting of udp health checks", ht.get(key),
+                           "type, send, expect, interval, timeout, healthy_threshold, unhealthy_threshold")
+    send = _decode_payload(ht, "send")
+    if not send:
+        raise ht.error("send", "a udp health check needs a datagram to send", ht.get("send", ""),
+                       "a non-empty string, e.g. 'ping' or '\\x12\\x34...'")
+    return HealthCheckConfig(
+        type="udp",
+        send=send,
+        expect_bytes=_decode_payload(ht, "expect"),
+        interval=ht.number("interval", 2.0, 0, 3600, above=True),
+        timeout=ht.number("timeout", 5.0, 0, 3600, above=True),
+        healthy_threshold=ht.integer("healthy_threshold", 3, 1, 100),
+        unhealthy_threshold=ht.integer("unhealthy_threshold", 3, 1, 100),
+    )
+
+
+def _read_udp_listener(t: _Table, base: str, groups: Mapping[str, GroupConfig]) -> ListenerConfig:
+    """C{[listeners.NAME]} with C{protocol = "udp"}."""
+    bind = t.get("bind")
+    try:
+        parse_udp_bind(bind)
+    except ValueError as e:
+        raise t.error("bind", f"not a udp address ({e})", bind, _UDP_BIND_ALLOWED) from None
+    persistence = _read_persistence(t, "persistence", "udp")
+    return ListenerConfig(
+        name=t.path.split(".", 1)[1], protocol="udp", bind=bind,
+        backends=_check_group(t, "backends", t.get("backends"), groups),
+        persistence=persistence,
+        idle_timeout=t.number("idle_timeout", 30.0, 0, 3600, above=True),
+        max_sessions=t.integer("max_sessions", 100_000, 1, 10_000_000),
+        **_read_access_log(t, base),
+    )
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_udp(config: Config) -> None:
+    """
+    What udp listeners and udp health checks need of the rest of the file:
+    backends given by IP address (datagrams are sent to an address; the
+    balancer resolves no names per session), and one process.
+    """
+    udp = [l for l in config.listeners.values() if l.protocol == "udp"]
+    if udp and config.workers > 1:
+        raise ConfigError(f"{config.path}: workers: udp listeners ({', '.join(l.name for l in udp)}) run in one "
+                          f"process; got {config.workers}; allowed: 1 with a udp listener")
+    for group in config.backends.values():
+        users = [l.name for l in udp if l.backends == group.name]
+        checked = group.health_check is not None and group.health_check.type == "udp"
+        if not users and not checked:
+            continue
+        why = f"used by udp listener {users[0]}" if users else "checked over udp"
+        for i, server in enumerate(group.servers):
+            if not _is_ip(server.host):
+                raise ConfigError(
+                    f"{config.path}: backends.{group.name}.servers[{i}].address: a group {why} needs "
+                    f"IP addresses; got {server.host}:{server.port}; allowed: \"IPv4:port\" or \"[IPv6]:port\""
+                )
+
+
+def _describe_udp(l: ListenerConfig) -> List[str]:
+    port, interface = parse_udp_bind(l.bind)
+    return [
+        f"  udp on {interface or '0.0.0.0'} port {port}: a session is a client address (ip, port), relayed "
+        "through one socket connected to its backend",
+        f"  idle_timeout {l.idle_timeout} s (silence both ways ends a session), max_sessions {l.max_sessions} "
+        "(the oldest idle session is evicted beyond it)",
+        "  a backend's ICMP port unreachable counts as a failure and moves the session; "
+        "a drained backend gets no new session; no PROXY protocol",
+    ]

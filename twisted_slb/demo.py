@@ -26,7 +26,7 @@ import attr
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python import usage
 from twisted.web.resource import Resource
@@ -96,6 +96,22 @@ class EchoNameFactory(Factory):
 
     def __init__(self, name: str) -> None:
         self.name = name
+
+
+class UDPEchoName(DatagramProtocol):
+    """
+    A UDP demo backend: answers each datagram with C{backend=NAME } followed
+    by the datagram itself (so a udp health check's C{expect} of part of
+    its C{send} passes, and a client sees which backend answered).
+    """
+
+    noisy = False
+
+    def __init__(self, name: str) -> None:
+        self.prefix = b"backend=" + name.encode("utf-8") + b" "
+
+    def datagramReceived(self, data: bytes, addr) -> None:
+        self.transport.write(self.prefix + data, addr)
 
 
 def DemoBackendService(name: str, port: int, interface: str = DEMO_INTERFACE,

@@ -35,7 +35,7 @@ import attr
 from twisted.application.service import Service
 from twisted.internet import error
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import ClientFactory, DatagramProtocol, Protocol
 from twisted.logger import Logger
 
 from twisted_slb.backends import Backend, BackendGroup
@@ -157,6 +157,59 @@ class _Probe(ClientFactory):
             self.timer.cancel()
         self.timer = None
         self.monitor._checked(self.backend, ok, reason)
+
+
+class _UDPCheck(DatagramProtocol):
+    noisy = False
+
+    def __init__(self, probe: "_UDPProbe") -> None:
+        self.probe = probe
+
+    def datagramReceived(self, data: bytes, addr) -> None:
+        expect = self.probe.config.expect_bytes
+        if expect in data:
+            self.probe.finish(True, f"answered ({len(data)} bytes)")
+        else:
+            self.probe.finish(False, f"answer without {expect!r}: {data[:32]!r}")
+
+    def connectionRefused(self) -> None:
+        self.probe.finish(False, "port unreachable (ICMP)")
+
+    def stopProtocol(self) -> None:
+        # The epoll reactor closes a connected UDP port on an ICMP error
+        # (see twisted_slb.udp._BackendSide).
+        if not self.probe.done:
+            from twisted_slb.udp import socket_error
+
+            self.probe.finish(False, socket_error(self.probe.port))
+
+
+class _UDPProbe(_Probe):
+    """
+    One udp check: C{send} from a socket connected to the backend; a reply
+    containing C{expect_bytes} within C{timeout} passes, ICMP port
+    unreachable or silence fails.
+    """
+
+    def __init__(self, monitor: "HealthMonitor", backend: Backend, config: HealthCheckConfig) -> None:
+        _Probe.__init__(self, monitor, backend, config)
+        self.port = None
+        check = _UDPCheck(self)
+        try:
+            self.port = monitor.reactor.listenUDP(0, check, interface="::" if ":" in backend.host else "")
+            self.port.connect(backend.host, backend.port)
+            self.port.write(config.send)
+        except (error.CannotListenError, OSError, ValueError) as e:
+            self.finish(False, f"cannot send: {e}")
+
+    def finish(self, ok: bool, reason: str) -> None:
+        _Probe.finish(self, ok, reason)
+        self.cancel()
+
+    def cancel(self) -> None:
+        port, self.port = self.port, None
+        if port is not None:
+            port.stopListening()
 
 
 class HealthMonitor(Service):
@@ -292,6 +345,9 @@ class HealthMonitor(Service):
         self._timers.pop(backend.name, None)
         config = self.config
         if config is None or backend not in self.group.backends:
+            return
+        if config.type == "udp":
+            self._probes[backend.name] = _UDPProbe(self, backend, config)
             return
         probe = _Probe(self, backend, config)
         self._probes[backend.name] = probe

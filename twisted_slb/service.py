@@ -282,7 +282,7 @@ class BalancerService(MultiService):
         self._update_groups(config)
         for listener in self._listener_configs(config):
             factory = self._build_factory(listener, certificates)
-            service = ListenerService(listener, factory, reactor, adopt=self.adopted.get(listener.name))
+            service = self._listener_service(listener, factory, adopt=self.adopted.get(listener.name))
             service.grace_period = config.grace_period
             service.setServiceParent(self)
 
@@ -369,6 +369,8 @@ class BalancerService(MultiService):
             return self._build_admin(listener)
         if listener.protocol == "tcp":
             return self._build_tcp(listener)
+        if listener.protocol == "udp":
+            return self._build_udp(listener)
         site = self._build_site(listener)
         if listener.protocol == "https":
             return self._wrap_tls(listener, site, certificates[listener.name])
@@ -446,6 +448,39 @@ class BalancerService(MultiService):
         )
         stats.active_source = lambda: factory.active
         return factory
+
+    # -- udp listeners -------------------------------------------------------
+
+    def _listener_service(self, listener: ListenerConfig, factory, adopt=None):
+        """The service of a listener: L{ListenerService}, or a udp listener's own."""
+        if listener.protocol == "udp":
+            from twisted_slb.udp import UDPListenerService
+
+            return UDPListenerService(listener, factory, self.reactor)
+        return ListenerService(listener, factory, self.reactor, adopt=adopt)
+
+    def _build_udp(self, listener: ListenerConfig):
+        """
+        A L{twisted_slb.udp.UDPBalancer}; on a reload the running one takes
+        its settings (see L{twisted_slb.udp.UDPListenerService.reconfigure}),
+        keeping its sessions, and the stick table is the same one.
+        """
+        from twisted_slb.udp import UDPBalancer
+
+        policy = None
+        if listener.persistence is not None:
+            policy = self._source_ip_policy(f"{listener.name}/{listener.backends}", listener.persistence)
+        return UDPBalancer(
+            self.groups[listener.backends],
+            policy=policy,
+            reactor=self.reactor,
+            idle_timeout=listener.idle_timeout,
+            max_sessions=listener.max_sessions,
+            listener_name=listener.name,
+            stats=self.stats.for_listener(listener.name, "udp"),
+            access_log=listener.access_log,
+            access_file=self._access_file(listener),
+        )
 
     def _build_route(self, listener: ListenerConfig, group_name: str, persistence):
         from twisted_slb.persistence.cookies import InsertCookie, RewriteCookie
@@ -572,7 +607,7 @@ class BalancerService(MultiService):
             factory = self._build_factory(listener, certificates)
             service = self.namedServices.get(listener.name)
             if service is None:
-                service = ListenerService(listener, factory, self.reactor)
+                service = self._listener_service(listener, factory)
                 service.setServiceParent(self)
             else:
                 service.reconfigure(listener, factory)

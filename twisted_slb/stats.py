@@ -73,6 +73,45 @@ class ListenerStats:
         }
 
 
+class UDPListenerStats(ListenerStats):
+    """
+    A udp listener's counters: C{connections_total} counts sessions,
+    C{bytes_in}/C{bytes_out} are from and to clients, and
+    C{active_connections} is the sessions open now.
+
+    @ivar datagrams_in: datagrams from clients.
+    @ivar datagrams_out: datagrams to clients (the backends' replies).
+    @ivar drops: reason -> datagrams dropped (no backend, no socket, send error).
+    @ivar evictions: sessions ended early to stay within max_sessions.
+    @ivar refused: sessions whose backend answered ICMP port unreachable.
+    """
+
+    def __init__(self, name: str, protocol: str = "udp") -> None:
+        ListenerStats.__init__(self, name, protocol)
+        from twisted_slb.udp import DROP_REASONS
+
+        self.datagrams_in = 0
+        self.datagrams_out = 0
+        self.drops: Dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+        self.evictions = 0
+        self.refused = 0
+
+    def snapshot(self) -> dict:
+        out = ListenerStats.snapshot(self)
+        out["requests_total"] = 0
+        out["requests_by_class"] = {}
+        out["udp"] = {
+            "datagrams_in": self.datagrams_in,
+            "datagrams_out": self.datagrams_out,
+            "sessions": self.active,
+            "sessions_total": self.connections_total,
+            "drops": dict(self.drops),
+            "evictions": self.evictions,
+            "refused": self.refused,
+        }
+        return out
+
+
 class StatsRegistry:
     """
     Every listener's L{ListenerStats} (kept across reloads) and the backend
@@ -86,7 +125,8 @@ class StatsRegistry:
     def for_listener(self, name: str, protocol: str) -> ListenerStats:
         stats = self.listeners.get(name)
         if stats is None or stats.protocol != protocol:
-            stats = self.listeners[name] = ListenerStats(name, protocol)
+            kind = UDPListenerStats if protocol == "udp" else ListenerStats
+            stats = self.listeners[name] = kind(name, protocol)
         return stats
 
     def retain(self, names) -> None:
