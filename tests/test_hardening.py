@@ -517,3 +517,35 @@ class ClientCutsAreNotBackendFailuresTests(SynchronousTestCase):
         self.upstream_transport.close_with(ConnectionDone())
         self.assertEqual(self.backend.failures, 1)
         self.assertEqual(len(self.blamed), 1)
+
+
+class SlowReaderHoldsLittleTests(SynchronousTestCase):
+    """What a client that does not read makes the balancer hold is bounded (issue 22, case 2)."""
+
+    def test_clientBufferIsSmall(self):
+        """A client's transport pauses the backend past CLIENT_WRITE_BUFFER (16 KB), not 64 KB."""
+        from twisted_slb.web.front import CLIENT_WRITE_BUFFER
+
+        stack = Stack("none")
+        proto, transport = stack.connect(b"")
+        self.assertEqual(CLIENT_WRITE_BUFFER, 16 * 1024)
+        self.assertEqual(transport.bufferSize, CLIENT_WRITE_BUFFER)
+
+    def test_stalledClientsBackendIsReadInSmallPieces(self):
+        """
+        Once its client stalls, a backend connection is read 16 KB at a time,
+        and given back to the pool with its usual read size.
+        """
+        stack = Stack("none")
+        proto, transport = stack.connect(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        upstream, upstream_transport = stack.backend_connection()
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345")
+        proto.pauseProducing()
+        self.assertEqual(upstream_transport.producerState, "paused")
+        self.assertEqual(upstream_transport.bufferSize, 16 * 1024)
+        proto.resumeProducing()
+        self.assertEqual(upstream_transport.producerState, "producing")
+        upstream.dataReceived(b"67890")
+        self.assertTrue(transport.value().endswith(b"1234567890"))
+        self.assertFalse(upstream_transport.lost)
+        self.assertNotIn("bufferSize", vars(upstream_transport))  # back to the class's own

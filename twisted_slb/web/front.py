@@ -80,6 +80,13 @@ _VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]\Z")
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}\Z")
 #: Bodies up to this size stay in memory; larger ones go to a temporary file.
 SPOOL_BYTES = 100 * 1024
+#: What a client's connection holds in this process before the backend
+#: connection feeding it stops reading: the transport pauses its producer
+#: past this many buffered bytes (its C{bufferSize}, 64 KB by default, which
+#: with a 64 KB read from the backend on top let each client that does not
+#: read hold about 100 KB; 2,000 of them 200 MB).  The kernel's socket
+#: buffers, outside the process, do the rest of the buffering.
+CLIENT_WRITE_BUFFER = 16 * 1024
 #: Longest chunk-size line (size plus extensions).
 MAX_CHUNK_LINE = 4096
 
@@ -398,6 +405,10 @@ class HTTPFrontChannel(Protocol):
     def connectionMade(self) -> None:
         transport = self.transport
         set_nodelay(transport)
+        # bufferSize is a public attribute of Twisted's FileDescriptor (and
+        # of twisted_slb.lean's transports): the write buffer size past
+        # which the producer is paused, and the size of a read.
+        transport.bufferSize = self.factory.write_buffer
         transport.registerProducer(self, True)
         self.peer = transport.getPeer()
         self.host = transport.getHost()
@@ -895,6 +906,8 @@ class HTTPFrontFactory(Factory):
 
     noisy = False
     lean = True
+    #: see L{CLIENT_WRITE_BUFFER}
+    write_buffer = CLIENT_WRITE_BUFFER
 
     def __init__(
         self,

@@ -51,6 +51,8 @@ HOP_BY_HOP = frozenset(
 IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
 # Headers we set ourselves on the way to the backend.
 _FORWARDED = frozenset([b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"content-length"])
+# Bytes read at a time from a backend whose client stopped reading once.
+_STALLED_READ = 16 * 1024
 # Bodies up to this size are written with the head in one go.
 _SMALL_BODY = 65536
 
@@ -349,6 +351,9 @@ class _Exchange:
                 self.sender.stopProducing()  # the upload is abandoned with the connection
             self.sender = None
         if reusable:
+            transport = upstream.transport
+            if getattr(transport, "bufferSize", None) == _STALLED_READ:
+                del transport.bufferSize  # the class's own again: the next client may read fast
             upstream.release()
         else:
             upstream.reusable = False
@@ -404,9 +409,16 @@ class _Exchange:
     # -- IPushProducer, for the client's connection ------------------------------
 
     def pauseProducing(self) -> None:
-        """The client is not reading: stop reading from the backend."""
-        if self.upstream is not None:
-            self.upstream.transport.pauseProducing()
+        """
+        The client is not reading: stop reading from the backend.  Reads from
+        this backend connection are made small from now on, so that what a
+        client that reads slowly makes this process hold stays small (each
+        read lands in the client's buffer whole).
+        """
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.transport.pauseProducing()
+            upstream.transport.bufferSize = _STALLED_READ
 
     def resumeProducing(self) -> None:
         if self.upstream is not None:
