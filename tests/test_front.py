@@ -239,6 +239,56 @@ class RefusalTests(FrontTestCase):
     def test_chunkedHTTP10(self):
         self.assertRefused(b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"400")
 
+    def test_invalidByteInTheVersion(self):
+        """
+        A non-ASCII byte where the version's dot goes is a malformed request
+        line (400), not an exception (issue 22, case 1).
+        """
+        out = self.assertRefused(b"GET / HTTP/1\xab1\r\nHost: a\r\n\r\n", b"400")
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertNotIn(b"\xab", out)
+
+    def test_unsupportedVersionIsQuotedAsASCII(self):
+        """A well-formed version other than 1.0 and 1.1 gets 505 naming it."""
+        out = self.assertRefused(b"GET / HTTP/3.7\r\nHost: a\r\n\r\n", b"505")
+        self.assertIn(b"HTTP/3.7 is not supported", out)
+
+    def test_aParserBugIsA400NotAnException(self):
+        """
+        Should the parser itself raise, the client gets 400 and a close, the
+        error is logged, and nothing escapes to the caller of dataReceived
+        (which, for a pipelined request, is a backend connection's callback).
+        """
+        proto, transport = self.connect()
+
+        def broken(head):
+            raise ValueError("a bug")
+
+        proto._request_head = broken
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 "), transport.value())
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    def test_aParserBugAfterAPipelinedResponseIsNotRaisedToTheResponder(self):
+        """
+        A pipelined request parsed when the response before it finishes (from
+        the code that finished it) never raises into that code.
+        """
+        resource = Recorder(hold=True)
+        proto, transport = self.connect(resource)
+        proto.dataReceived(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+
+        def broken(head):
+            raise ValueError("a bug")
+
+        proto._request_head = broken
+        request = resource.requests[0]
+        request.write(b"ok")
+        request.finish()  # parses the next request: must not raise
+        self.assertEqual([r[9:12] for r in responses(transport.value())], [b"200", b"400"])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
     def test_refusalIsLogged(self):
         self.assertRefused(b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", b"400")
         # (the log line is checked end to end in test_service; here: the

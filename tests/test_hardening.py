@@ -9,16 +9,23 @@ Hostile and broken traffic, as properties over generated input (hypothesis):
    never answered with a 500;
 
 and backends that reset connections, end to end.
+
+Every test here fails on any error logged (a failure, or an event at
+level error or above), not only on exceptions: see L{collect_errors}.
 """
 
 from __future__ import annotations
 
+import re
 from typing import List
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -36,6 +43,69 @@ from twisted_slb.web.upstream import UpstreamPool
 CLIENT = IPv4Address("TCP", "192.0.2.9", 40000)
 
 
+def collect_errors(case) -> list:
+    """
+    The events logged at level error or above, or with a failure, while
+    C{case} runs (the list is filled as they come; cleaned up with the test).
+    """
+    errors: list = []
+
+    def observer(event) -> None:
+        if event.get("log_failure") is not None or event.get("log_level") in (LogLevel.error, LogLevel.critical):
+            errors.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    case.addCleanup(globalLogPublisher.removeObserver, observer)
+    return errors
+
+
+def collect_messages(case, text: str) -> list:
+    """The log events whose format contains C{text}, while C{case} runs."""
+    found: list = []
+
+    def observer(event) -> None:
+        if text in (event.get("log_format") or ""):
+            found.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    case.addCleanup(globalLogPublisher.removeObserver, observer)
+    return found
+
+
+class ClosingTransport(StringTransport):
+    """
+    A L{StringTransport} that closes as L{twisted_slb.lean}'s transports
+    do: at once, its protocol's C{connectionLost} running before
+    C{loseConnection} or C{abortConnection} returns, its producer stopped
+    after.  (That order is what made a client's cut look like a backend
+    failing mid-response.)
+    """
+
+    lost = False
+
+    def __init__(self, proto, **kwargs) -> None:
+        StringTransport.__init__(self, **kwargs)
+        self.proto = proto
+
+    def close_with(self, exception: Exception) -> None:
+        if self.lost:
+            return
+        self.lost = self.disconnecting = True
+        producer, self.producer = self.producer, None
+        self.proto.connectionLost(Failure(exception))
+        if producer is not None:
+            producer.stopProducing()
+
+    def loseConnection(self) -> None:
+        self.close_with(ConnectionDone())
+
+    def abortConnection(self) -> None:
+        self.close_with(ConnectionAborted())
+
+    def stopProducing(self) -> None:
+        self.loseConnection()
+
+
 def _group() -> BackendGroup:
     group = BackendGroup(
         "g",
@@ -49,26 +119,38 @@ def _group() -> BackendGroup:
 class Stack:
     """A listener (front + persistence + proxy) over a memory reactor."""
 
-    def __init__(self, policy: str) -> None:
+    def __init__(self, policy: str, **kwargs) -> None:
         self.reactor = MemoryReactorClock()
         self.group = _group()
-        proxy = BalancedProxyResource(
-            self.group, reactor=self.reactor, pool=UpstreamPool(self.reactor), access_log=False
-        )
+        self.pool = UpstreamPool(self.reactor)
+        proxy = BalancedProxyResource(self.group, reactor=self.reactor, pool=self.pool, access_log=False)
         if policy == "insert":
             resource = InsertCookie(proxy, reactor=self.reactor)
         elif policy == "rewrite":
             resource = RewriteCookie(proxy, name=b"JSESSIONID")
         else:
             resource = proxy
-        self.factory = HTTPFrontFactory(resource, reactor=self.reactor, max_header_bytes=16384)
+        kwargs.setdefault("max_header_bytes", 16384)
+        self.factory = HTTPFrontFactory(resource, reactor=self.reactor, **kwargs)
 
     def send(self, data: bytes) -> StringTransport:
+        return self.connect(data)[1]
+
+    def connect(self, data: bytes):
+        """A client connection that sent C{data}: (its channel, its L{ClosingTransport})."""
         proto = self.factory.buildProtocol(CLIENT)
-        transport = StringTransport(peerAddress=CLIENT)
+        transport = ClosingTransport(proto, peerAddress=CLIENT)
         proto.makeConnection(transport)
         proto.dataReceived(data)
-        return transport
+        return proto, transport
+
+    def backend_connection(self):
+        """Complete the last backend connection asked for: (its protocol, its L{ClosingTransport})."""
+        factory = self.reactor.tcpClients[-1][2]
+        proto = factory.buildProtocol(None)
+        transport = ClosingTransport(proto)
+        proto.makeConnection(transport)
+        return proto, transport
 
     def targets(self) -> List[str]:
         return [host for host, *_ in self.reactor.tcpClients]
@@ -102,12 +184,114 @@ def _requests(draw) -> bytes:
     return data
 
 
+#: The statuses the listener answers itself (501 and 505 are refusals:
+#: CONNECT or Upgrade, and a version other than 1.0 and 1.1).
+_REFUSALS = {b"100", b"400", b"408", b"414", b"417", b"431", b"501", b"505"}
+#: A request whose every byte the exhaustive tests change: a request line
+#: (method, absolute-form target with a port, query, version) and header
+#: fields, each with a name and a value.
+_BASE_HEAD = b"GET http://h:8/p?q=1 HTTP/1.1\r\nHost: h\r\nCookie: SERVERID=x\r\nX-Y: v"
+
+
+#: One byte of each kind a parser treats differently.
+_BYTE_KINDS = [bytes([b]) for b in (0, 9, 10, 13, 32, 34, 35, 44, 47, 58, 59, 63, 64, 91, 93, 127, 128, 171, 255)] \
+    + [b"a", b"Z", b"0", b"9"]
+
+
+def _statuses(out: bytes) -> List[bytes]:
+    """The status codes of the responses in C{out} (a body may run into the next status line)."""
+    return re.findall(rb"HTTP/1\.1 (\d\d\d) ", out)
+
+
 class FrontFuzzTests(SynchronousTestCase):
     """Whatever a client sends, the listener answers cleanly and keeps serving."""
+
+    def setUp(self) -> None:
+        self.errors = collect_errors(self)
+
+    def check_answer(self, out: bytes, allowed=_REFUSALS) -> None:
+        """C{out} is nothing yet (forwarded) or a refusal of ours; nothing was logged as an error."""
+        self.assertTrue(out == b"" or out.startswith(b"HTTP/1.1 "), out[:80])
+        self.assertTrue(set(_statuses(out)) <= allowed, out[:200])
+        self.assertNotIn(b"HTTP/1.1 500 ", out)
+        self.assertEqual(self.errors, [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_everyByteInEveryPosition(self):
+        """
+        Each of the 256 byte values, put in place of each byte of a request
+        line and its header fields, and inserted before each of them, gets a
+        refusal or is forwarded: never an exception, never a logged error,
+        never a 500 (issue 22, case 1: b"HTTP/1\\xab1" raised).
+        """
+        stack = Stack("insert")
+        head = _BASE_HEAD
+        for position in range(len(head) + 1):
+            for value in range(256):
+                byte = bytes([value])
+                variants = [head[:position] + byte + head[position:]]
+                if position < len(head):
+                    variants.append(head[:position] + byte + head[position + 1:])
+                for variant in variants:
+                    proto, transport = stack.connect(variant + b"\r\n\r\n")
+                    self.check_answer(transport.value())
+                    if not transport.lost:
+                        transport.loseConnection()
+        self.assertEqual(self.errors, [])
+
+    def test_pipelinedBehindAnAnsweredRequest(self):
+        """
+        A byte of each kind (controls, CR, LF, space, delimiters, DEL,
+        non-ASCII), in place of and before each byte of a request pipelined
+        behind a good one, is parsed when the backend's answer to the first
+        ends, from the backend connection's callbacks: it never raises
+        there, never logs an error, and the backend connection is kept
+        (issue 22, case 1).
+        """
+        head = _BASE_HEAD
+        for position in range(len(head) + 1):
+            for byte in _BYTE_KINDS:
+                variants = [head[:position] + byte + head[position:]]
+                if position < len(head):
+                    variants.append(head[:position] + byte + head[position + 1:])
+                for variant in variants:
+                    self.check_pipelined(variant + b"\r\n\r\n")
+
+    def check_pipelined(self, second: bytes) -> None:
+        stack = Stack("none")
+        proto, transport = stack.connect(b"GET /u HTTP/1.1\r\nHost: h\r\n\r\n" + second)
+        upstream, upstream_transport = stack.backend_connection()
+        self.assertTrue(upstream_transport.value().startswith(b"GET /u HTTP/1.1\r\n"))
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")  # must not raise
+        out = transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 OK\r\n"), out[:80])
+        self.check_answer(out[out.index(b"\r\n\r\nok") + 6:])
+        self.assertFalse(upstream_transport.lost, second)  # the backend connection was not dropped
+        self.assertEqual(stack.group.get("a").failures + stack.group.get("c").failures, 0)
+
+    def test_invalidVersionPipelinedBehindAGoodRequest(self):
+        """
+        The reproduction of issue 22, case 1: C{GET /v HTTP/1\\xab1}
+        pipelined behind C{GET /u} gets 400 after /u's answer, and the backend
+        connection is kept for the next request.
+        """
+        stack = Stack("none")
+        proto, transport = stack.connect(
+            b"GET /u HTTP/1.1\r\nHost: a\r\n\r\nGET /v HTTP/1\xab1\r\nHost: a\r\n\r\n")
+        upstream, upstream_transport = stack.backend_connection()
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(_statuses(transport.value()), [b"200", b"400"])
+        self.assertTrue(transport.lost)
+        self.assertFalse(upstream_transport.lost)
+        self.assertNotIn(b"/v", upstream_transport.value())
+        self.assertEqual(len(stack.pool.idle[("10.0.0.1", 81, False)]), 1)
+        self.assertEqual(self.errors, [])
 
     @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(data=st.one_of(_requests(), st.binary(max_size=300)))
     def test_anyBytes(self, data):
+        """Any bytes (request-shaped or not) get a refusal or are forwarded, and the next client is served."""
+        del self.errors[:]
         stack = Stack("insert")
         transport = stack.send(data)
         out = transport.value()
@@ -116,9 +300,9 @@ class FrontFuzzTests(SynchronousTestCase):
         # refusals: CONNECT or Upgrade, and HTTP/2.0 in a request line.)
         self.assertTrue(out == b"" or out.startswith(b"HTTP/1.1 "), out[:80])
         statuses = [line[9:12] for line in out.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
-        self.assertTrue(set(statuses) <= {b"100", b"400", b"408", b"414", b"417", b"431", b"501", b"505"},
-                        out[:200])
+        self.assertTrue(set(statuses) <= _REFUSALS, out[:200])
         self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(self.errors, [])
         self.assertNotIn("10.0.0.2", stack.targets())
         # The listener serves the next client normally.
         transport = stack.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -242,3 +426,126 @@ class BackendResetTests(TestCase):
         body = yield readBody(response)
         self.assertEqual(response.code, 502, body)
         self.assertEqual(self.resetting.resets, 1)
+
+
+class Monitor:
+    """A passive health monitor that records what it is told."""
+
+    def __init__(self) -> None:
+        self.failures: List[str] = []
+
+    def failure(self, backend, reason: str) -> None:
+        self.failures.append(reason)
+
+    def success(self, backend) -> None:
+        pass
+
+
+class ClientCutsAreNotBackendFailuresTests(SynchronousTestCase):
+    """
+    Passive health counts only what a backend did: whatever the client or
+    the balancer ends mid-response (a slow reader cut by
+    C{client_idle_timeout}, a client that closes or resets, the grace period
+    of a shutdown, the pool closing) is never a backend failure, nor logged
+    as one (issue 22 case 2, issue 29 section 2).  The transports close as
+    the lean ones do, which is the order that made those cuts look like the
+    backend failing.
+    """
+
+    def setUp(self) -> None:
+        self.errors = collect_errors(self)
+        self.blamed = collect_messages(self, "failed mid-response")
+        self.stack = Stack("none", client_idle_timeout=10)
+        self.backend = self.stack.group.get("a")
+        self.monitor = self.backend.monitor = Monitor()
+        self.client, self.client_transport = self.stack.connect(b"GET /big HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.upstream, self.upstream_transport = self.stack.backend_connection()
+        # A large response, under way.
+        self.upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 4096)
+        self.assertTrue(self.client_transport.value().startswith(b"HTTP/1.1 200 OK\r\n"))
+
+    def assertNotBlamed(self) -> None:
+        """The backend connection is closed and nothing counted against the backend."""
+        self.assertTrue(self.upstream_transport.lost)
+        self.assertTrue(self.client_transport.lost)
+        self.assertEqual(self.backend.failures, 0)
+        self.assertEqual(self.monitor.failures, [])
+        self.assertEqual(self.blamed, [])
+        self.assertEqual(self.errors, [])
+        self.assertEqual(self.backend.active, 0)
+
+    def test_slowReaderCutByTheIdleTimeout(self):
+        """A client that stops reading pauses the backend, and its cut after the timeout is not the backend's."""
+        self.client.pauseProducing()  # the client's socket is full
+        self.assertEqual(self.upstream_transport.producerState, "paused")
+        self.stack.reactor.advance(10)
+        self.assertNotBlamed()
+
+    def test_clientCloses(self):
+        """A client that closes mid-response."""
+        self.client_transport.close_with(ConnectionDone())
+        self.assertNotBlamed()
+
+    def test_clientResets(self):
+        """A client whose connection is reset mid-response."""
+        self.client_transport.close_with(ConnectionLost("reset"))
+        self.assertNotBlamed()
+
+    def test_gracePeriodOfAShutdown(self):
+        """Downloads still running when the grace period ends are cut by the balancer."""
+        done = self.stack.factory.drain(5)
+        self.assertFalse(self.client_transport.lost)
+        self.stack.reactor.advance(5)
+        self.assertNotBlamed()
+        self.assertIsNone(self.successResultOf(done))
+
+    def test_poolClosedUnderAResponse(self):
+        """The balancer closing its backend connections (shutdown) under a running response."""
+        self.stack.pool.close()
+        self.assertNotBlamed()
+
+    def test_backendResettingIsStillCounted(self):
+        """The control: a backend that resets mid-response is blamed and logged as such."""
+        self.upstream_transport.close_with(ConnectionLost("reset by the backend"))
+        self.assertEqual(self.backend.failures, 1)
+        self.assertEqual(len(self.monitor.failures), 1)
+        self.assertEqual(len(self.blamed), 1)
+        self.assertTrue(self.client_transport.lost)
+
+    def test_backendClosingEarlyIsStillCounted(self):
+        """The control: a backend that closes before the announced length is blamed."""
+        self.upstream_transport.close_with(ConnectionDone())
+        self.assertEqual(self.backend.failures, 1)
+        self.assertEqual(len(self.blamed), 1)
+
+
+class SlowReaderHoldsLittleTests(SynchronousTestCase):
+    """What a client that does not read makes the balancer hold is bounded (issue 22, case 2)."""
+
+    def test_clientBufferIsSmall(self):
+        """A client's transport pauses the backend past CLIENT_WRITE_BUFFER (16 KB), not 64 KB."""
+        from twisted_slb.web.front import CLIENT_WRITE_BUFFER
+
+        stack = Stack("none")
+        proto, transport = stack.connect(b"")
+        self.assertEqual(CLIENT_WRITE_BUFFER, 16 * 1024)
+        self.assertEqual(transport.bufferSize, CLIENT_WRITE_BUFFER)
+
+    def test_stalledClientsBackendIsReadInSmallPieces(self):
+        """
+        Once its client stalls, a backend connection is read 16 KB at a time,
+        and given back to the pool with its usual read size.
+        """
+        stack = Stack("none")
+        proto, transport = stack.connect(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        upstream, upstream_transport = stack.backend_connection()
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345")
+        proto.pauseProducing()
+        self.assertEqual(upstream_transport.producerState, "paused")
+        self.assertEqual(upstream_transport.bufferSize, 16 * 1024)
+        proto.resumeProducing()
+        self.assertEqual(upstream_transport.producerState, "producing")
+        upstream.dataReceived(b"67890")
+        self.assertTrue(transport.value().endswith(b"1234567890"))
+        self.assertFalse(upstream_transport.lost)
+        self.assertNotIn("bufferSize", vars(upstream_transport))  # back to the class's own

@@ -152,6 +152,68 @@ class SmugglingTests(TestCase):
         self.assertNotIn(b"BAD", sent)
 
 
+    # -- issue 22's reproductions (both servers) ----------------------------
+
+    @defer.inlineCallbacks
+    def test_invalidByteInTheVersion(self):
+        """Issue 22, case 1: C{HTTP/1\\xab1} gets 400 and a close (trial fails on any logged error)."""
+        response = yield self.send(b"GET / HTTP/1\xab1\r\nHost: a\r\n\r\n")
+        self.assertTrue(response.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 505 ")), response)
+        self.assertEqual(self.backend.received, [])
+
+    @defer.inlineCallbacks
+    def test_invalidVersionPipelinedBehindAGoodRequest(self):
+        """
+        Issue 22, case 1, pipelined: /u is answered, then the bad request gets
+        400 at once (not a 408 a minute later), and the backend connection is
+        kept for the next client.
+        """
+        response = yield self.send(
+            b"GET /u HTTP/1.1\r\nHost: a\r\n\r\nGET /v HTTP/1\xab1\r\nHost: a\r\n\r\n")
+        self.assertTrue(response.startswith(b"HTTP/1.1 200 OK\r\n"), response)
+        self.assertIn(b"HTTP/1.1 400 ", response)
+        self.assertNotIn(b"/v", b"".join(self.backend.received))
+        yield self.send(b"GET /w HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        self.assertEqual(len(self.backend.connections), 1)
+
+    @defer.inlineCallbacks
+    def test_http10WithoutHostGetsTheListenersAddress(self):
+        """
+        Issue 22, case 3: an HTTP/1.0 request without Host reaches the
+        backend as HTTP/1.1 with C{Host} set to the listener's address.
+        """
+        response = yield self.send(b"GET /h10 HTTP/1.0\r\n\r\n")
+        self.assertTrue(response.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")), response)  # twisted.web: 1.0
+        sent = b"".join(self.backend.received)
+        self.assertTrue(sent.startswith(b"GET /h10 HTTP/1.1\r\n"), sent)
+        self.assertIn(b"\r\nHost: 127.0.0.1:%d\r\n" % (self.port,), sent)
+        self.assertEqual(sent.lower().count(b"\r\nhost:"), 1)
+
+    @defer.inlineCallbacks
+    def test_connectionNamingHostKeepsHost(self):
+        """Issue 22, case 4: C{Connection: Host} does not remove Host, nor Cookie."""
+        response = yield self.send(
+            b"GET /h HTTP/1.1\r\nHost: a\r\nCookie: s=1\r\nX-Hop: 1\r\n"
+            b"Connection: Host, Cookie, Content-Length, Transfer-Encoding, X-Hop, close\r\n\r\n")
+        self.assertTrue(response.startswith(b"HTTP/1.1 200"), response)
+        sent = b"".join(self.backend.received)
+        self.assertIn(b"\r\nHost: a\r\n", sent)
+        self.assertIn(b"\r\nCookie: s=1\r\n", sent)
+        self.assertNotIn(b"x-hop", sent.lower())  # what Connection may name is still removed
+
+    def test_absoluteFormWithAnInvalidPort(self):
+        """Issue 22, case 5: port 99999 in an absolute-form target is 400."""
+        return self.assertRefused(b"GET http://a:99999/ HTTP/1.1\r\nHost: a\r\n\r\n")
+
+    def test_absoluteFormWithAFragment(self):
+        """Issue 22, case 5: a #fragment in an absolute-form target is 400."""
+        return self.assertRefused(b"GET http://a/p#frag HTTP/1.1\r\nHost: a\r\n\r\n")
+
+    def test_originFormWithAFragment(self):
+        """A #fragment is no part of any request target (RFC 9112 3.2): 400."""
+        return self.assertRefused(b"GET /p#frag HTTP/1.1\r\nHost: a\r\n\r\n")
+
+
 class FrontSmugglingTests(SmugglingTests):
     """
     The same through the listeners' own HTTP/1.1 server, plus the requests

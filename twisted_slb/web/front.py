@@ -74,10 +74,19 @@ _BAD_TARGET = re.compile(rb"[\x00-\x20\x7f-\xff]")
 #: Control characters a request head may not contain (HTAB, CR and LF are
 #: checked separately).
 _BAD_HEAD = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+#: An HTTP version (RFC 9112 2.3): ASCII digits only, so that it can be quoted back.
+_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]\Z")
 #: A chunk size: hex digits only (no sign, no 0x, no spaces inside).
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}\Z")
 #: Bodies up to this size stay in memory; larger ones go to a temporary file.
 SPOOL_BYTES = 100 * 1024
+#: What a client's connection holds in this process before the backend
+#: connection feeding it stops reading: the transport pauses its producer
+#: past this many buffered bytes (its C{bufferSize}, 64 KB by default, which
+#: with a 64 KB read from the backend on top let each client that does not
+#: read hold about 100 KB; 2,000 of them 200 MB).  The kernel's socket
+#: buffers, outside the process, do the rest of the buffering.
+CLIENT_WRITE_BUFFER = 16 * 1024
 #: Longest chunk-size line (size plus extensions).
 MAX_CHUNK_LINE = 4096
 
@@ -397,6 +406,10 @@ class HTTPFrontChannel(Protocol):
     def connectionMade(self) -> None:
         transport = self.transport
         set_nodelay(transport)
+        # bufferSize is a public attribute of Twisted's FileDescriptor (and
+        # of twisted_slb.lean's transports): the write buffer size past
+        # which the producer is paused, and the size of a read.
+        transport.bufferSize = self.factory.write_buffer
         transport.registerProducer(self, True)
         self.peer = transport.getPeer()
         self.host = transport.getHost()
@@ -509,6 +522,19 @@ class HTTPFrontChannel(Protocol):
                     break
         except BadRequest as e:
             self._refuse(e.code, str(e))
+        except Exception:
+            # A bug of ours, never the client's doing: the client still gets
+            # a 400 and a close, and the error is logged, but it never
+            # escapes.  _feed also runs from the end of a response, that is
+            # from the backend connection's callbacks, which must never see
+            # an exception caused by the next request's bytes.
+            log.failure("listener {listener}: error parsing a request from {client}",
+                        listener=self.factory.listener_name, client=self.client_ip or self.peer)
+            if self.request is not None:
+                self.state = _CLOSED  # a response is under way: it cannot be followed by a 400
+                self.transport.abortConnection()
+            elif self.state != _CLOSED:
+                self._refuse(400, "a request this listener could not parse")
         finally:
             self.parsing = False
         if self.read_closed and self.state < _BUSY:
@@ -635,7 +661,9 @@ class HTTPFrontChannel(Protocol):
             raise BadRequest("the request line is not 'method target HTTP/version'")
         method, target, version = parts
         if version != b"HTTP/1.1" and version != b"HTTP/1.0":
-            if version[:5] == b"HTTP/" and len(version) == 8 and version[5:6].isdigit() and version[7:].isdigit():
+            # Only HTTP/DIGIT.DIGIT is a version (RFC 9112 2.3); any other
+            # byte there (b"HTTP/1\xab1") is a malformed request line.
+            if _VERSION.match(version):
                 raise BadRequest(f"HTTP version {version.decode('ascii')} is not supported", 505)
             raise BadRequest("the request line is not 'method target HTTP/version'")
         if not _TOKEN.match(method):
@@ -892,6 +920,8 @@ class HTTPFrontFactory(Factory):
     #: whether the body, too, must arrive within one timeout of the
     #: request's first byte (rather than one timeout between reads)
     whole_request_deadline = False
+    #: see L{CLIENT_WRITE_BUFFER}
+    write_buffer = CLIENT_WRITE_BUFFER
 
     def __init__(
         self,

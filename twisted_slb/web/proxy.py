@@ -20,11 +20,13 @@ from typing import Dict, List, Optional
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
 
 from twisted_slb.backends import Backend, BackendGroup, local_failure
 from twisted_slb.persistence.interfaces import session_for, strict_refusal
@@ -49,6 +51,8 @@ HOP_BY_HOP = frozenset(
 IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
 # Headers we set ourselves on the way to the backend.
 _FORWARDED = frozenset([b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"content-length"])
+# Bytes read at a time from a backend whose client stopped reading once.
+_STALLED_READ = 16 * 1024
 # Bodies up to this size are written with the head in one go.
 _SMALL_BODY = 65536
 
@@ -58,11 +62,20 @@ _NO_TOKENS: frozenset = frozenset()
 _NOT_FORWARDED = HOP_BY_HOP | _FORWARDED
 
 
+#: Fields a C{Connection} header may name but never remove (RFC 9110
+#: 7.6.1 lets a sender name any field; these frame or route the message):
+#: C{Host} (the backend must get one, the one we routed on), C{Content-Length}
+#: and C{Transfer-Encoding} (the framing; the proxy writes its own), and
+#: C{Cookie} (what the persistence policies read is what the backend gets).
+NEVER_HOP_BY_HOP = frozenset([b"host", b"content-length", b"transfer-encoding", b"cookie"])
+
+
 def _connection_tokens(headers) -> frozenset:
+    """The fields a request's C{Connection} header names, less L{NEVER_HOP_BY_HOP}."""
     values = headers.getRawHeaders(b"connection")
     if not values:
         return _NO_TOKENS
-    return frozenset(t.strip().lower() for v in values for t in v.split(b","))
+    return frozenset(t.strip().lower() for v in values for t in v.split(b",")) - NEVER_HOP_BY_HOP
 
 
 #: Connection header value -> the fields a response with it must lose.
@@ -81,7 +94,7 @@ def _response_hop_by_hop(headers) -> frozenset:
         if len(name) == 10 and name.lower() == b"connection":
             named = _HOP_BY_HOP_FOR.get(value)
             if named is None:
-                named = HOP_BY_HOP | frozenset(t.strip().lower() for t in value.split(b","))
+                named = HOP_BY_HOP | (frozenset(t.strip().lower() for t in value.split(b",")) - NEVER_HOP_BY_HOP)
                 if len(_HOP_BY_HOP_FOR) < 1000:
                     _HOP_BY_HOP_FOR[value] = named
             drop = drop | named if drop is not HOP_BY_HOP else named
@@ -116,8 +129,46 @@ def _close_after(request) -> None:
         channel.persistent = False
 
 
+def _valid_authority(authority: bytes) -> bool:
+    """
+    Whether the authority of an absolute-form target is C{host[:port]} with
+    a port of 0..65535 (RFC 3986 3.2; no userinfo).
+    """
+    if not authority or b"@" in authority:
+        return False
+    if authority[:1] == b"[":
+        end = authority.find(b"]")
+        if end < 0:
+            return False
+        rest = authority[end + 1:]
+    else:
+        colon = authority.find(b":")
+        rest = authority[colon:] if colon >= 0 else b""
+        if colon == 0:
+            return False
+    if not rest:
+        return True
+    port = rest[1:]
+    return rest[:1] == b":" and (not port or (port.isdigit() and len(port) <= 5 and int(port) <= 65535))
+
+
+def _listener_authority(request) -> bytes:
+    """C{host:port} of the listener address a request came to, for a C{Host} header."""
+    address = request.getHost()
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if not host or port is None:
+        return b"localhost"
+    host = host.encode("ascii")
+    if b":" in host:
+        host = b"[" + host + b"]"
+    return b"%s:%d" % (host, port)
+
+
 def _request_problem(request) -> Optional[str]:
     """Why a request must not be forwarded (RFC 9112 3.2), or L{None}."""
+    if b"#" in request.uri:
+        return "a fragment (#) in the request target"
     hosts = request.requestHeaders.getRawHeaders(b"host") or []
     if len(hosts) > 1:
         return "more than one Host header"
@@ -126,13 +177,23 @@ def _request_problem(request) -> Optional[str]:
     if hosts and (not hosts[0] or b"," in hosts[0] or b" " in hosts[0].strip()):
         return "invalid Host header"
     authority = _origin_form(request.uri)[1]
-    if authority is not None and (not authority or b"@" in authority):
+    if authority is not None and not _valid_authority(authority):
         return "invalid absolute-form request target"
     return None
 
 
+@implementer(IPushProducer)
 class _Exchange:
-    """One client request's trip through the proxy (and its retries)."""
+    """
+    One client request's trip through the proxy (and its retries).
+
+    It is the producer of the response body for the client's connection
+    (pausing and resuming the backend connection), so that whatever ends
+    the client's side (the client closing, the listener's timeout, a
+    limit, the grace period of a shutdown) reaches the exchange through
+    L{stopProducing} before the backend connection is closed: see
+    L{_ended_by_us}.
+    """
 
     upstream = None
     connector = None
@@ -194,6 +255,13 @@ class _Exchange:
                 continue
             for value in values:
                 lines += [name, b": ", value, b"\r\n"]
+        if host is None:
+            # An HTTP/1.0 request without Host (HTTP/1.1 ones are refused):
+            # the backend gets HTTP/1.1, which needs one (RFC 9112 3.2).  The
+            # listener's address is what the client connected to, so URLs
+            # the backend builds from it (redirects) lead back through the
+            # balancer, never to a backend's own address.
+            lines += [b"Host: ", _listener_authority(request), b"\r\n"]
         client = self.session.client_ip.encode("ascii")
         lines += [b"X-Forwarded-For: ", (forwarded_for + b", " + client) if forwarded_for else client, b"\r\n"]
         proto = b"https" if (request.isSecure() or self.resource.forwarded_proto == "https") else b"http"
@@ -285,6 +353,9 @@ class _Exchange:
                 self.sender.stopProducing()  # the upload is abandoned with the connection
             self.sender = None
         if reusable:
+            transport = upstream.transport
+            if getattr(transport, "bufferSize", None) == _STALLED_READ:
+                del transport.bufferSize  # the class's own again: the next client may read fast
             upstream.release()
         else:
             upstream.reusable = False
@@ -335,7 +406,29 @@ class _Exchange:
         if session.policy is not None:
             session.policy.remember(session, self.backend)
         if self.upstream is not None and self.upstream.body_follows:
-            request.registerProducer(self.upstream.transport, True)
+            request.registerProducer(self, True)
+
+    # -- IPushProducer, for the client's connection ------------------------------
+
+    def pauseProducing(self) -> None:
+        """
+        The client is not reading: stop reading from the backend.  Reads from
+        this backend connection are made small from now on, so that what a
+        client that reads slowly makes this process hold stays small (each
+        read lands in the client's buffer whole).
+        """
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.transport.pauseProducing()
+            upstream.transport.bufferSize = _STALLED_READ
+
+    def resumeProducing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """The client's connection is closing, whoever closed it: never the backend's doing."""
+        self._client_lost(None)
 
     def response_switch(self, code: int, reason: bytes, headers) -> None:
         """The backend accepted the upgrade (101): tunnel both connections."""
@@ -394,6 +487,21 @@ class _Exchange:
         self._end_upstream(True)
         self.finish()
 
+    def _ended_by_us(self, reason) -> bool:
+        """
+        Passive health's one rule: a backend connection that fails counts
+        against the backend only if this side did not end it.  This side
+        ended it when the client's side of the exchange is over, however
+        (the client closed or reset its connection, was cut for not reading
+        within C{client_idle_timeout}, by a limit, or by the grace period of
+        a shutdown: all of those reach L{_client_lost}), or when this
+        process aborted the backend connection itself (the pool closing at
+        shutdown: L{error.ConnectionAborted} is only ever raised by a local
+        C{abortConnection}).  What is left is what the backend did: refused,
+        reset, closed early, timed out, or answered garbage.
+        """
+        return self.client_gone or (hasattr(reason, "check") and reason.check(error.ConnectionAborted) is not None)
+
     def response_failed(self, reason, received: bool) -> None:
         self._cancel_timeout()
         upstream, self.upstream = self.upstream, None
@@ -402,9 +510,28 @@ class _Exchange:
             backend.active -= 1
             upstream.transport.loseConnection()
         why = reason.getErrorMessage() if hasattr(reason, "getErrorMessage") else str(reason)
-        backend.record_failure(why)
-        if self.client_gone:
+        if self._ended_by_us(reason):
+            log.info(
+                "listener {listener}: connection to backend {backend} ({address}) ended by this side: {why}"
+                " (not counted against the backend)",
+                listener=self.resource.listener_name, backend=backend.name, address=backend.address, why=why,
+            )
+            if not self.client_gone and not self.finished:
+                # The balancer cut the backend while the client waits (the
+                # pool closing at shutdown): the client's connection ends too.
+                if self.responding:
+                    request = self.request
+                    if request.producer is not None:
+                        request.unregisterProducer()
+                    channel = getattr(request, "channel", None)
+                    if channel is not None:
+                        channel.transport.loseConnection()
+                    self.finished = True
+                    self._over()
+                else:
+                    self.fail(503, "Service Unavailable", "the balancer closed its backend connections")
             return
+        backend.record_failure(why)
         if self.responding:
             # Part of the response reached the client: all we can do is cut the
             # connection so that the client sees it incomplete.
@@ -475,6 +602,8 @@ class _Exchange:
         self._over()
 
     def _client_lost(self, reason) -> None:
+        if self.client_gone:
+            return  # told twice: as the producer, and by the request
         self.client_gone = True
         self._cancel_timeout()
         if self.connector is not None:
