@@ -17,6 +17,7 @@ import hmac
 import html
 import ipaddress
 import json
+import time
 from typing import Dict, Optional
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -107,6 +108,13 @@ th{background:#f0f0f0}.num{text-align:right;font-variant-numeric:tabular-nums}
 """
 
 
+def _process_line(process: Optional[dict]) -> str:
+    if not process:
+        return ""
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(process["started"]))
+    return f"<p id=process>process {int(process['pid'])}, started {html.escape(started)}</p>"
+
+
 def render_page(snapshot: dict) -> bytes:
     e = lambda v: html.escape(str(v))
     rows = []
@@ -121,6 +129,7 @@ def render_page(snapshot: dict) -> bytes:
     parts = [
         "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=5>",
         f"<title>twisted_slb</title><style>{_STYLE}</style></head><body><h1>twisted_slb</h1>",
+        _process_line(snapshot.get("process")),
         "<h2>Listeners</h2><table id=listeners><tr><th>listener</th><th>protocol</th><th>active</th>"
         "<th>connections</th><th>requests</th><th>by status</th><th>persistence</th><th>bytes out</th></tr>",
         *rows, "</table>",

@@ -9,6 +9,7 @@ stick tables of source-IP persistence, and the upstream connection pool.
 
 from __future__ import annotations
 
+import os
 from typing import Dict, Mapping, Optional, Tuple
 
 from twisted.application.service import MultiService, Service
@@ -106,7 +107,9 @@ class ListenerService(Service):
             fd, family = self.adopt
             d = maybeDeferred(self.reactor.adoptStreamPort, fd, family, self._switch)
         else:
-            d = serverFromString(self.reactor, self.config.bind).listen(self._switch)
+            d = maybeDeferred(_endpoint, self.reactor, self.config.bind).addCallback(
+                lambda endpoint: endpoint.listen(self._switch)
+            )
 
         def listening(port):
             self.port = port
@@ -225,6 +228,24 @@ class ListenerService(Service):
         return d.addCallback(drain_all)
 
 
+def _endpoint(reactor, bind: str):
+    """
+    The server endpoint of C{bind}; for C{systemd:} a clear error when the
+    process did not inherit that socket (Twisted's parser raises a bare
+    C{IndexError} or C{KeyError}).
+    """
+    try:
+        return serverFromString(reactor, bind)
+    except (IndexError, KeyError):
+        if not bind.startswith("systemd:"):
+            raise
+        raise ListenFailed(
+            "no such socket was passed by systemd (LISTEN_FDS="
+            f"{os.environ.get('LISTEN_FDS', 'unset')}, LISTEN_FDNAMES={os.environ.get('LISTEN_FDNAMES', 'unset')}); "
+            "start the process through its .socket unit or systemd-socket-activate"
+        ) from None
+
+
 def _open_connections(factory) -> int:
     """How many connections a listener factory (maybe under TLS) still has open."""
     factory = getattr(factory, "wrappedFactory", factory)
@@ -283,6 +304,19 @@ class BalancerService(MultiService):
             service = ListenerService(listener, factory, reactor, adopt=self.adopted.get(listener.name))
             service.grace_period = config.grace_period
             service.setServiceParent(self)
+
+    def listening_sockets(self) -> Dict[str, Tuple[str, int, int]]:
+        """
+        Listener name -> C{(bind, fd, address family)} of every listening
+        socket, for a new process to inherit (see L{twisted_slb.upgrade}).
+        """
+        from twisted_slb.workers import _family
+
+        return {
+            service.name: (service.config.bind, service.port.fileno(), int(_family(service.port)))
+            for service in self
+            if isinstance(service, ListenerService) and service.port is not None
+        }
 
     def stopService(self):
         """Stop every listener (letting open connections finish), then close
