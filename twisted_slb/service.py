@@ -239,11 +239,46 @@ def _endpoint(reactor, bind: str):
     except (IndexError, KeyError):
         if not bind.startswith("systemd:"):
             raise
+        endpoint = _systemd_without_names(reactor, bind)
+        if endpoint is not None:
+            return endpoint
         raise ListenFailed(
             "no such socket was passed by systemd (LISTEN_FDS="
             f"{os.environ.get('LISTEN_FDS', 'unset')}, LISTEN_FDNAMES={os.environ.get('LISTEN_FDNAMES', 'unset')}); "
             "start the process through its .socket unit or systemd-socket-activate"
         ) from None
+
+
+def _systemd_without_names(reactor, bind: str):
+    """
+    C{systemd:domain=D:index=N} when the environment named no descriptors.
+
+    Twisted's parser ignores C{LISTEN_FDS} unless C{LISTEN_FDNAMES} names
+    every descriptor, and C{systemd-socket-activate} sets no names unless
+    given C{--fdname}; systemd's own rule is then that descriptor C{3 + N} is
+    the socket.  It is used only if it is a listening socket of that family.
+    """
+    import socket
+
+    from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+
+    fields = dict(part.partition("=")[::2] for part in bind[len("systemd:"):].split(":"))
+    if not fields.get("index", "").isdigit():
+        return None
+    fd = 3 + int(fields["index"])
+    family = getattr(socket, "AF_" + fields.get("domain", ""), None)
+    try:
+        probe = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return None
+    with probe:
+        try:
+            listening = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        except OSError:
+            return None
+        if not listening or probe.family != family or probe.type != socket.SOCK_STREAM:
+            return None
+    return AdoptedStreamServerEndpoint(reactor, fd, family)
 
 
 def _open_connections(factory) -> int:
