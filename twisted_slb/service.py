@@ -172,7 +172,9 @@ class ListenerService(Service):
 
     def privilegedStartService(self) -> None:
         Service.privilegedStartService(self)
-        if self.port is not None:
+        if self.port is not None or (self.parent is not None and self.parent.running):
+            # Added by a reload to a running balancer: startService listens
+            # and logs a failure; the running process must not exit.
             return
         failures = []
         self._listen().addErrback(failures.append)
@@ -193,7 +195,7 @@ class ListenerService(Service):
                     "listener {listener} cannot listen on {bind}: {reason}",
                     listener=self.config.name,
                     bind=self.config.bind,
-                    reason=f.getErrorMessage(),
+                    reason=f.getErrorMessage() + _privilege_hint(f),
                 )
             )
 
@@ -226,6 +228,16 @@ class ListenerService(Service):
             return gatherResults(drains)
 
         return d.addCallback(drain_all)
+
+
+def _privilege_hint(failure) -> str:
+    """Why a bind after start-up was refused, when privileges were dropped."""
+    if "Permission denied" not in failure.getErrorMessage() or os.getuid() == 0:
+        return ""
+    return (
+        " (ports below 1024 need privileges this process dropped at start-up, twistd --uid: "
+        "restart it to bind the new port, or pass the socket from systemd with a systemd: bind)"
+    )
 
 
 def _endpoint(reactor, bind: str):
