@@ -156,6 +156,27 @@ persistence = { type = "insert_cookie", timeout = 86401 }
         message = self.error(BASE.replace('"tcp:8081:interface=0.0.0.0"', '"tpc:8081"'))
         self.assertIn("listeners.tcp.bind: not a valid endpoint", message)
 
+    def test_systemdBindNeedsNoInheritedSocket(self):
+        """A systemd: bind validates by its syntax: the socket exists only in the process systemd starts."""
+        for bind in ("systemd:domain=INET:index=0", "systemd:domain=INET6:name=web", "systemd:domain=UNIX:index=3"):
+            config = parse_config(BASE.replace('"tcp:8081:interface=0.0.0.0"', f'"{bind}"'), "slb.toml")
+            self.assertEqual(config.listeners["tcp"].bind, bind)
+
+    def test_badSystemdBind(self):
+        """A malformed systemd: bind names the field, the value, what is wrong and an example."""
+        cases = {
+            "systemd:index=0": "domain= (INET, INET6 or UNIX) is missing",
+            "systemd:domain=INET": "give exactly one of index=N and name=...",
+            "systemd:domain=INET:index=0:name=web": "give exactly one of index=N and name=...",
+            "systemd:domain=IPX4:index=0": "domain 'IPX4' is not INET, INET6 or UNIX",
+            "systemd:domain=INET:index=first": "index 'first' is not a number",
+            "systemd:domain=INET:port=80": "'port=80' is not domain=..., index=N or name=...",
+        }
+        for bind, problem in cases.items():
+            message = self.error(BASE.replace('"tcp:8081:interface=0.0.0.0"', f'"{bind}"'))
+            self.assertIn(f"listeners.tcp.bind: not a valid endpoint ({problem}); got {bind!r}", message)
+            self.assertIn('"systemd:domain=INET:index=0"', message)
+
     def test_rewriteHasNoTimeout(self):
         message = self.error(BASE + """
 [listeners.web]

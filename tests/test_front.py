@@ -430,12 +430,16 @@ class FlowTests(FrontTestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_drain(self):
+        """Draining closes idle keep-alive connections now and busy ones after their response."""
         resource = Recorder(hold=True)
         busy, busy_transport = self.connect(resource)
         busy.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         idle = self.factory.buildProtocol(CLIENT)
         idle_transport = StringTransport(peerAddress=CLIENT)
         idle.makeConnection(idle_transport)
+        idle.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        resource.requests[1].finish()  # served one request: an idle keep-alive connection now
+        self.assertFalse(idle_transport.disconnecting)
         done = []
         self.factory.drain(5).addCallback(done.append)
         self.assertTrue(idle_transport.disconnecting)
@@ -446,6 +450,22 @@ class FlowTests(FrontTestCase):
         self.assertTrue(busy_transport.disconnecting)
         busy.connectionLost(Failure(ConnectionLost()))
         self.assertEqual(done, [None])
+
+    def test_drainAnswersAConnectionJustAccepted(self):
+        """
+        A connection accepted just before the drain (its first request not
+        read yet) is not closed unanswered (a client would not retry it): its
+        request is answered, then the connection closes.
+        """
+        resource = Recorder(hold=True)
+        fresh, transport = self.connect(resource)
+        self.factory.drain(5)
+        self.assertFalse(transport.disconnecting)
+        fresh.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        resource.requests[0].write(b"answered")
+        resource.requests[0].finish()
+        self.assertIn(b"answered", transport.value())
+        self.assertTrue(transport.disconnecting)
 
     def test_pullProducerIsDrivenByTheTransport(self):
         """A pull producer (FileSender) gets the transport until it is done."""

@@ -602,3 +602,34 @@ backends = "t"
         self.assertEqual((yield waiting.first), "backend=a")  # served once a slot freed
         waiting.transport.loseConnection()
         yield waiting.lost
+
+
+class PrivilegedPortAfterDropTests(TestCase):
+    def test_reloadNeedingAPrivilegedPortSaysWhy(self):
+        """
+        A listener added after twistd --uid dropped privileges, refused a
+        port below 1024, logs that a restart is needed (not only EACCES).
+        """
+        import errno
+
+        from twisted.internet.error import CannotListenError
+        from twisted.internet.testing import MemoryReactor
+        from twisted.logger import globalLogPublisher
+
+        from twisted_slb.config import ListenerConfig
+        from twisted_slb.service import ListenerService
+
+        class Refusing(MemoryReactor):
+            def listenTCP(self, port, factory, backlog=50, interface=""):
+                raise CannotListenError(interface, port, OSError(errno.EACCES, "Permission denied"))
+
+        events: list = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.patch(os, "getuid", lambda: 65534)
+        config = ListenerConfig(name="web", protocol="tcp", bind="tcp:80", backends="b")
+        ListenerService(config, protocol.ServerFactory(), Refusing()).startService()
+        messages = [e["reason"] for e in events if e.get("listener") == "web" and "reason" in e]
+        self.assertEqual(len(messages), 1)
+        self.assertIn("Permission denied", messages[0])
+        self.assertIn("privileges this process dropped at start-up, twistd --uid: restart it", messages[0])

@@ -37,6 +37,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import time
 from typing import Callable, Iterable, List, Mapping, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -516,12 +517,20 @@ def _udp_rows(snapshot: dict) -> List[Tag]:
     return [tags.h2("UDP listeners"), tags.table(*rows, id="udp")]
 
 
+def _process_text(process: Optional[dict]) -> str:
+    """The process id and start time (they change on an upgrade), for the page's first line."""
+    if not process:
+        return ""
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(process["started"]))
+    return f" · process {int(process['pid'])}, started {started}"
+
+
 def page_tag(snapshot: dict, token_required: bool = False) -> Tag:
     """The admin page for C{snapshot} (L{AdminState.snapshot}), as a tag tree."""
     body = [
         tags.h1("twisted_slb"),
-        tags.p(f"version {snapshot.get('version', '?')} · up {_duration(snapshot.get('uptime', 0))}",
-               id="about"),
+        tags.p(f"version {snapshot.get('version', '?')} · up {_duration(snapshot.get('uptime', 0))}"
+               f"{_process_text(snapshot.get('process'))}", id="about"),
     ]
     if token_required:
         body.append(tags.p(tags.label("token ", tags.input(type="password", id="token", autocomplete="off")),

@@ -429,11 +429,42 @@ def _check_endpoint(t: _Table, key: str, value: Any) -> str:
     allowed = 'a Twisted server endpoint description such as "tcp:8080:interface=127.0.0.1"'
     if not isinstance(value, str) or not value.strip():
         raise t.error(key, "must be a non-empty string", value, allowed)
+    if value.startswith("systemd:"):
+        # Twisted's parser looks the descriptor up as it parses: check only
+        # the syntax here, the socket exists only in the process systemd starts.
+        problem = _systemd_endpoint_problem(value)
+        if problem is not None:
+            raise t.error(key, f"not a valid endpoint ({problem})", value,
+                          'e.g. "systemd:domain=INET:index=0" or "systemd:domain=INET6:name=web"')
+        return value
     try:
         serverFromString(MemoryReactor(), value)
     except Exception as e:  # the parser raises ValueError, KeyError, TypeError...
         raise t.error(key, f"not a valid endpoint ({e.__class__.__name__}: {e})", value, allowed) from None
     return value
+
+
+def _systemd_endpoint_problem(value: str) -> Optional[str]:
+    """What is wrong with a C{systemd:} endpoint description, or L{None}."""
+    import socket
+
+    fields: Dict[str, str] = {}
+    for part in value[len("systemd:"):].split(":"):
+        name, sep, arg = part.partition("=")
+        if not sep or name not in ("domain", "index", "name") or not arg:
+            return f"{part!r} is not domain=..., index=N or name=..."
+        if name in fields:
+            return f"{name} given twice"
+        fields[name] = arg
+    if "domain" not in fields:
+        return "domain= (INET, INET6 or UNIX) is missing"
+    if not isinstance(getattr(socket, "AF_" + fields["domain"], None), int):
+        return f"domain {fields['domain']!r} is not INET, INET6 or UNIX"
+    if ("index" in fields) == ("name" in fields):
+        return "give exactly one of index=N and name=..."
+    if "index" in fields and not fields["index"].isdigit():
+        return f"index {fields['index']!r} is not a number"
+    return None
 
 
 def _resolve(base: str, path: str) -> str:

@@ -9,6 +9,7 @@ stick tables of source-IP persistence, and the upstream connection pool.
 
 from __future__ import annotations
 
+import os
 from typing import Dict, Mapping, Optional, Tuple
 
 from twisted.application.service import MultiService, Service
@@ -106,7 +107,9 @@ class ListenerService(Service):
             fd, family = self.adopt
             d = maybeDeferred(self.reactor.adoptStreamPort, fd, family, self._switch)
         else:
-            d = serverFromString(self.reactor, self.config.bind).listen(self._switch)
+            d = maybeDeferred(_endpoint, self.reactor, self.config.bind).addCallback(
+                lambda endpoint: endpoint.listen(self._switch)
+            )
 
         def listening(port):
             self.port = port
@@ -169,7 +172,9 @@ class ListenerService(Service):
 
     def privilegedStartService(self) -> None:
         Service.privilegedStartService(self)
-        if self.port is not None:
+        if self.port is not None or (self.parent is not None and self.parent.running):
+            # Added by a reload to a running balancer: startService listens
+            # and logs a failure; the running process must not exit.
             return
         failures = []
         self._listen().addErrback(failures.append)
@@ -190,7 +195,7 @@ class ListenerService(Service):
                     "listener {listener} cannot listen on {bind}: {reason}",
                     listener=self.config.name,
                     bind=self.config.bind,
-                    reason=f.getErrorMessage(),
+                    reason=f.getErrorMessage() + _privilege_hint(f),
                 )
             )
 
@@ -223,6 +228,69 @@ class ListenerService(Service):
             return gatherResults(drains)
 
         return d.addCallback(drain_all)
+
+
+def _privilege_hint(failure) -> str:
+    """Why a bind after start-up was refused, when privileges were dropped."""
+    if "Permission denied" not in failure.getErrorMessage() or os.getuid() == 0:
+        return ""
+    return (
+        " (ports below 1024 need privileges this process dropped at start-up, twistd --uid: "
+        "restart it to bind the new port, or pass the socket from systemd with a systemd: bind)"
+    )
+
+
+def _endpoint(reactor, bind: str):
+    """
+    The server endpoint of C{bind}; for C{systemd:} a clear error when the
+    process did not inherit that socket (Twisted's parser raises a bare
+    C{IndexError} or C{KeyError}).
+    """
+    try:
+        return serverFromString(reactor, bind)
+    except (IndexError, KeyError):
+        if not bind.startswith("systemd:"):
+            raise
+        endpoint = _systemd_without_names(reactor, bind)
+        if endpoint is not None:
+            return endpoint
+        raise ListenFailed(
+            "no such socket was passed by systemd (LISTEN_FDS="
+            f"{os.environ.get('LISTEN_FDS', 'unset')}, LISTEN_FDNAMES={os.environ.get('LISTEN_FDNAMES', 'unset')}); "
+            "start the process through its .socket unit or systemd-socket-activate"
+        ) from None
+
+
+def _systemd_without_names(reactor, bind: str):
+    """
+    C{systemd:domain=D:index=N} when the environment named no descriptors.
+
+    Twisted's parser ignores C{LISTEN_FDS} unless C{LISTEN_FDNAMES} names
+    every descriptor, and C{systemd-socket-activate} sets no names unless
+    given C{--fdname}; systemd's own rule is then that descriptor C{3 + N} is
+    the socket.  It is used only if it is a listening socket of that family.
+    """
+    import socket
+
+    from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+
+    fields = dict(part.partition("=")[::2] for part in bind[len("systemd:"):].split(":"))
+    if not fields.get("index", "").isdigit():
+        return None
+    fd = 3 + int(fields["index"])
+    family = getattr(socket, "AF_" + fields.get("domain", ""), None)
+    try:
+        probe = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return None
+    with probe:
+        try:
+            listening = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        except OSError:
+            return None
+        if not listening or probe.family != family or probe.type != socket.SOCK_STREAM:
+            return None
+    return AdoptedStreamServerEndpoint(reactor, fd, family)
 
 
 def _open_connections(factory) -> int:
@@ -285,6 +353,19 @@ class BalancerService(MultiService):
             service = self._listener_service(listener, factory, adopt=self.adopted.get(listener.name))
             service.grace_period = config.grace_period
             service.setServiceParent(self)
+
+    def listening_sockets(self) -> Dict[str, Tuple[str, int, int]]:
+        """
+        Listener name -> C{(bind, fd, address family)} of every listening
+        socket, for a new process to inherit (see L{twisted_slb.upgrade}).
+        """
+        from twisted_slb.workers import _family
+
+        return {
+            service.name: (service.config.bind, service.port.fileno(), int(_family(service.port)))
+            for service in self
+            if isinstance(service, ListenerService) and service.port is not None
+        }
 
     def stopService(self):
         """Stop every listener (letting open connections finish), then close

@@ -12,6 +12,8 @@ monitor; L{StatsRegistry.snapshot} puts it all together.
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Dict, Mapping, Optional, Tuple
 
 OUTCOMES = ("hit", "new", "repin", "expired", "strict", "none")
@@ -121,6 +123,10 @@ class StatsRegistry:
     def __init__(self, groups: Optional[Mapping[str, object]] = None) -> None:
         self.listeners: Dict[str, ListenerStats] = {}
         self.groups = groups if groups is not None else {}
+        # Which process answers, and since when: an upgrade (SIGUSR2)
+        # changes both.
+        self.pid = os.getpid()
+        self.started = time.time()
 
     def for_listener(self, name: str, protocol: str) -> ListenerStats:
         stats = self.listeners.get(name)
@@ -165,6 +171,7 @@ class StatsRegistry:
                 })
             groups.append({"name": group.name, "scheduler": group.scheduler.name, "backends": backends})
         return {
+            "process": {"pid": self.pid, "started": self.started},
             "listeners": [s.snapshot() for s in self.listeners.values()],
             "groups": groups,
         }

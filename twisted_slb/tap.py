@@ -18,7 +18,7 @@ from twisted_slb.config import ConfigError, describe, load_config
 
 
 class Options(usage.Options):
-    synopsis = "[--config slb.toml] [--check] [--port-base N]"
+    synopsis = "[--config slb.toml] [--check] [--port-base N] | --upgrade --pidfile F"
     longdesc = (
         "Run the twisted_slb load balancer.  With --config, run the listeners of "
         "that TOML file; with --check, only validate it and print each listener's "
@@ -27,13 +27,23 @@ class Options(usage.Options):
     optFlags = [
         ["check", None, "Validate the config, print its effective settings and exit (0: valid, 1: invalid)."],
         ["print-config", None, "Demo only: print the demo's configuration (TOML) and exit."],
+        ["upgrade", None, "Upgrade the running balancer of --pidfile (SIGUSR2) and wait for the outcome."],
     ]
     optParameters = [
         ["config", "c", None, "The TOML configuration file."],
         ["port-base", None, None, "Demo only: first port of the demo listeners (default 8080).", int],
+        ["pidfile", None, None, "With --upgrade: the pid file of the running balancer."],
     ]
 
     def postOptions(self) -> None:
+        if self["upgrade"]:
+            if not self["pidfile"]:
+                raise usage.UsageError("--upgrade needs --pidfile F (the running balancer's pid file)")
+            from twisted_slb.upgrade import request_upgrade
+
+            raise SystemExit(request_upgrade(self["pidfile"]))
+        if self["pidfile"]:
+            raise usage.UsageError("--pidfile (of slb) goes with --upgrade; twistd's own is twistd --pidfile F slb")
         path = self["config"]
         if path is None:
             if self["check"]:
@@ -55,6 +65,10 @@ class Options(usage.Options):
             # wrong, not the command line.
             if self["check"]:
                 print(f"INVALID: {e}", file=sys.stderr)
+            else:
+                from twisted_slb.upgrade import report_failure
+
+                report_failure(str(e))  # to the process upgrading to us, if any
             raise SystemExit(str(e) if not self["check"] else 1)
         if self["check"]:
             print(describe(config))
@@ -115,19 +129,28 @@ def makeService(options: Options):
 
     from twisted_slb.service import BalancerService
 
+    from twisted_slb.upgrade import Inheritance, ReadyService, UpgradeService
+
     config = options["loaded"]
     if config is None:
         from twisted_slb.demo import demo_service
 
         return demo_service(options["port-base"], reactor)
+    # Sockets (and stick tables) handed over by a process upgrading to us.
+    inheritance = Inheritance.from_environment()
+    adopted = inheritance.adopted(BalancerService._listener_configs(config))
     top = MultiService()
     if config.workers > 1:
         from twisted_slb.workers import WorkerPoolService
 
-        balancer = WorkerPoolService(config, reactor)
+        balancer = WorkerPoolService(config, reactor, adopted=adopted)
     else:
-        balancer = BalancerService(config, reactor)
+        balancer = BalancerService(config, reactor, adopted=adopted)
+        inheritance.load_tables(balancer.stick_tables)
     balancer.setServiceParent(top)
     _SIGHUPReload(balancer, reactor).setServiceParent(top)
+    # twistd's options (parent of ours): their pid file moves aside during an upgrade.
+    UpgradeService(balancer, reactor, twistd_options=getattr(options, "parent", None)).setServiceParent(top)
+    ReadyService(inheritance).setServiceParent(top)  # after the listeners started: says "serving"
     _FreezeHeap().setServiceParent(top)  # last: after the listeners started
     return top

@@ -92,7 +92,14 @@ class WorkerPoolService(Service):
     #: the longest back-off of a crash loop
     max_restart_delay = 30.0
 
-    def __init__(self, config: Config, reactor=None, python: str = sys.executable) -> None:
+    def __init__(self, config: Config, reactor=None, python: str = sys.executable,
+                 adopted: Optional[Dict[str, Tuple[int, int]]] = None) -> None:
+        """
+        @param adopted: listener name -> C{(fd, family)} of listening sockets
+            handed over by the process this one upgrades (see
+            L{twisted_slb.upgrade}); served instead of binding again.
+        """
+        self.adopted = dict(adopted or {})
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
@@ -117,7 +124,11 @@ class WorkerPoolService(Service):
             if listener.bind in self.ports:
                 continue
             failures: list = []
-            d = serverFromString(self.reactor, listener.bind).listen(_NeverAccepts())
+            if listener.name in self.adopted:
+                fd, family = self.adopted.pop(listener.name)
+                d = defer.maybeDeferred(self.reactor.adoptStreamPort, fd, family, _NeverAccepts())
+            else:
+                d = serverFromString(self.reactor, listener.bind).listen(_NeverAccepts())
             d.addCallbacks(lambda port, bind=listener.bind: self.ports.__setitem__(bind, port), failures.append)
             if failures:
                 raise SystemExit(
@@ -131,6 +142,14 @@ class WorkerPoolService(Service):
         binds = {listener.bind for listener in self._listeners(self.config)}
         for bind in [b for b in self.ports if b not in binds]:
             self.ports.pop(bind).stopListening()
+
+    def listening_sockets(self) -> Dict[str, Tuple[str, int, int]]:
+        """Listener name -> C{(bind, fd, family)}, for an upgrade to inherit."""
+        return {
+            listener.name: (listener.bind, self.ports[listener.bind].fileno(), int(_family(self.ports[listener.bind])))
+            for listener in self._listeners(self.config)
+            if listener.bind in self.ports
+        }
 
     # -- workers -----------------------------------------------------------
 

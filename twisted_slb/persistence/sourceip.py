@@ -116,6 +116,22 @@ class StickTable:
         """Drop every expired entry; return how many were dropped."""
         return self._expire(self._now(), budget=len(self._entries))
 
+    def restore(self, client: str, backend_key: str, idle: float) -> None:
+        """
+        Put back an entry last used C{idle} seconds ago (a table handed over
+        by an upgrade, see L{twisted_slb.upgrade}).  Restore entries oldest
+        first, as L{items} gives them; an entry already expired is skipped.
+        """
+        if idle > self.timeout:
+            return
+        index = self._key_index.get(backend_key)
+        if index is None:
+            index = self._intern(backend_key)
+        self._entries.pop(client, None)
+        self._entries[client] = ((self._now() - int(idle * 1000)) << 16) | index
+        while len(self._entries) > self.max_entries:
+            del self._entries[next(iter(self._entries))]
+
     def items(self) -> Iterator[Tuple[str, str, float]]:
         """C{(client, backend key, seconds idle)} of the live entries, oldest first."""
         now = self._now()

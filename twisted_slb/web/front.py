@@ -385,6 +385,7 @@ class HTTPFrontChannel(Protocol):
     reading_paused = False
     read_closed = False
     draining = False
+    served = False  # a response was completed on this connection
     parsing = False
     closed_at = 0.0
     closing = False  # _close() was called
@@ -806,6 +807,7 @@ class HTTPFrontChannel(Protocol):
     def request_done(self, request: FrontRequest) -> None:
         """The response to C{request} is complete."""
         self.request = None
+        self.served = True
         if request.content is not None:
             request.content.close()
         if not request.persistent or self.draining or self.state == _CLOSED:
@@ -984,7 +986,11 @@ class HTTPFrontFactory(Factory):
         """
         for channel in list(self.channels):
             channel.draining = True
-            if channel.state == _IDLE:
+            # An idle keep-alive connection is closed now (a client retries a
+            # request that crossed the close on a reused connection); a
+            # connection accepted a moment ago has its first request on the
+            # way, and none would retry it: it is answered, then closed.
+            if channel.state == _IDLE and channel.served:
                 channel._close()
 
         def force() -> None:
