@@ -198,7 +198,7 @@ def hash_key_of(spec: str, request) -> Optional[str]:
     kind, _, name = spec.partition(":")
     value: Optional[bytes]
     if kind == "header":
-        values = request.requestHeaders.getRawHeaders(name)
+        values = request.requestHeaders.getRawHeaders(name.encode("ascii"))
         value = values[0].strip() if values else None
     elif kind == "cookie":
         value = _cookie(request, name.encode("ascii"))
