@@ -10,9 +10,9 @@ least-recently-used eviction.
 from __future__ import annotations
 
 from twisted_slb.persistence.interfaces import Session
-from twisted_slb.persistence.tables import Key, StickTable, TablePersistence
 
-__all__ = ["SourceIPPersistence", "StickTable"]
+# StickTable is imported from here by code written before the table moved.
+from twisted_slb.persistence.tables import Key, StickTable, TablePersistence  # noqa: F401
 
 
 class SourceIPPersistence(TablePersistence):
