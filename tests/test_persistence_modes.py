@@ -336,6 +336,16 @@ class TableAndSplitTests(ServiceTestCase):
         self.assertEqual({backend_of(body)}, seen)
         self.assertEqual(self.service.stats.listeners["header"].persistence["hit"], 4)
 
+    def test_tableDroppedWhenItsPersistenceChanges(self):
+        """A reload that changes a listener's persistence type drops the old table and starts a new one."""
+        old = self.service.stick_tables["header/web/header:x-session-id"]
+        old.set(b"abc", backend_id("a"))
+        text = self.config_text(90, 10).replace(
+            'type = "header", header = "X-Session-Id"', 'type = "learn_cookie", cookie = "sid"')
+        self.assertTrue(self.service.reload(parse_config(text, "slb.toml")))
+        self.assertNotIn("header/web/header:x-session-id", self.service.stick_tables)
+        self.assertEqual(len(self.service.stick_tables["header/web/learn_cookie:sid"]), 0)
+
     @defer.inlineCallbacks
     def test_learnedCookie(self):
         """

@@ -6,6 +6,7 @@ bytes, header persistence and learned-cookie persistence, in memory.
 
 from __future__ import annotations
 
+import attr
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
@@ -190,3 +191,26 @@ class LearnCookieTests(SynchronousTestCase):
         """A quoted cookie value is the same key as the unquoted one."""
         first, _ = self.visit(request(), [b'JSESSIONID="s1"'])
         self.assertEqual(self.visit(request(cookie=b"JSESSIONID=s1")), (first, "hit"))
+
+
+class WrapTests(SynchronousTestCase):
+    def test_wrapBuildsTablePoliciesAndKeepsTheirTable(self):
+        """wrap_with_persistence builds header and learn_cookie policies; a second build reuses the caller's table."""
+        from twisted.web.resource import Resource
+
+        from twisted_slb.config import PersistenceConfig
+        from twisted_slb.persistence.resource import wrap_with_persistence
+
+        tables: dict = {}
+        clock = Clock()
+        header = PersistenceConfig(type="header", header="X-Session-Id", timeout=60, max_entries=5)
+        first = wrap_with_persistence(Resource(), header, clock, tables, "web/g")
+        self.assertIsInstance(first.policy, HeaderPersistence)
+        self.assertEqual(first.policy.header, b"X-Session-Id")
+        again = wrap_with_persistence(Resource(), attr.evolve(header, timeout=120), clock, tables, "web/g")
+        self.assertIs(again.policy.table, first.policy.table)
+        self.assertEqual(again.policy.table.timeout, 120)
+        learn = PersistenceConfig(type="learn_cookie", cookie="JSESSIONID", timeout=60, on_failure="strict")
+        policy = wrap_with_persistence(Resource(), learn, clock).policy
+        self.assertIsInstance(policy, LearnCookiePersistence)
+        self.assertEqual((policy.cookie_name, policy.on_failure), (b"JSESSIONID", "strict"))
