@@ -416,3 +416,15 @@ class TableAndSplitTests(ServiceTestCase):
         self.assertEqual((split["route"], split["groups"]), ("split", ["web", "canary"]))
         self.assertEqual(split["clients"], {"web": 22, "canary": 2})
         self.assertEqual(split["requests"], {"web": 40, "canary": 4})
+
+    @defer.inlineCallbacks
+    def test_adminPageShowsSplitsAndHashKeys(self):
+        """The admin page shows each split's clients and requests per group, and a hash group's key and bound."""
+        from twisted_slb.admin import render_page
+
+        for _ in range(10):
+            yield self.request(self.url["split"] + "/", {})
+        page = render_page(self.service.stats.snapshot())
+        self.assertIn(b"<h2>Splits</h2>", page)
+        self.assertIn(b"<tr><td>split</td><td>canary</td><td class=\"num\">1</td>", page)
+        self.assertIn(b"(hash, key header:X-Tenant, bound 150%)", page)

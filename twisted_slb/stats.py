@@ -149,7 +149,11 @@ class StatsRegistry:
                     },
                     "passive": None if b.monitor is None else b.monitor.passive_snapshot(b),
                 })
-            groups.append({"name": group.name, "scheduler": group.scheduler.name, "backends": backends})
+            groups.append({
+                "name": group.name, "scheduler": group.scheduler.name, "backends": backends,
+                "hash_key": getattr(group, "hash_key", "source_ip"),
+                "hash_balance_factor": getattr(group.scheduler, "balance_factor", 0),
+            })
         return {
             "listeners": [s.snapshot() for s in self.listeners.values()],
             "groups": groups,
