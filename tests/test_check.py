@@ -59,6 +59,19 @@ class RedirectRepins(Resource):
         return b"page\n"
 
 
+class HeaderSticky(Resource):
+    """Header persistence: backend a for requests with X-Session-Id, a and b in turn without; no cookie."""
+
+    isLeaf = True
+    count = 0
+
+    def render(self, request):
+        self.count += 1
+        if request.getHeader(b"x-session-id") == b"abc":
+            return b"backend=a\n"
+        return b"backend=%s\n" % (b"ab"[self.count % 2:][:1],)
+
+
 class CheckTests(TestCase):
     timeout = 30
 
@@ -132,3 +145,27 @@ class CheckTests(TestCase):
         code, out, _ = yield self.check("--tcp", f"127.0.0.1:{port.getHost().port}", "--source", "127.0.0.5", "-n", "3")
         self.assertEqual(code, 0)
         self.assertIn("persistent: 3/3 on backend c", out)
+
+    @defer.inlineCallbacks
+    def test_headerSentWithEveryRequest(self):
+        """--header X-Session-Id:abc is sent on every request: header persistence passes without any cookie."""
+        url = yield self.serve(HeaderSticky())
+        code, out, _ = yield self.check(url, "-n", "4", "--header", "X-Session-Id: abc")
+        self.assertEqual(code, 0)
+        self.assertIn("persistent: 4/4 on backend a", out)
+
+    @defer.inlineCallbacks
+    def test_headerNotHonouredIsNamed(self):
+        """When the listener ignores the header, the verdict names the header that was sent."""
+        url = yield self.serve(HeaderSticky())
+        code, out, _ = yield self.check(url, "-n", "4", "--header", "X-Session-Id:other")
+        self.assertEqual(code, 1)
+        self.assertIn("with the same X-Session-Id: other: is header persistence enabled on this listener?", out)
+
+    @defer.inlineCallbacks
+    def test_badHeaderIsAUsageError(self):
+        """--header without a colon, or with a bad name, exits 2 with a message."""
+        for bad in ("X-Session-Id", "X Session:1"):
+            code, _, err = yield self.check("http://127.0.0.1:1/", "--header", bad)
+            self.assertEqual(code, 2)
+            self.assertIn("--header wants NAME:VALUE", err)

@@ -343,3 +343,140 @@ class PersistenceModeTests(SynchronousTestCase):
                       "it gets 503 with Retry-After", text)
         self.assertIn("a=10.0.0.1:8080 (weight 100, cookie s1)", text)
         self.assertIn("on_failure repin", describe(parse_config(BASE, "slb.toml")))
+
+
+TWO_GROUPS = BASE.replace("[listeners.tcp]", """[backends.canary]
+servers = [ { name = "c", address = "10.0.0.3:8080" } ]
+
+[listeners.tcp]""")
+
+
+class TableAndSplitConfigTests(SynchronousTestCase):
+    """header and learn_cookie persistence, hash_key, hash_balance_factor and weighted splits (issue 16, 4-6)."""
+
+    def parse(self, text: str):
+        return parse_config(text, "slb.toml")
+
+    def error(self, text: str) -> str:
+        with self.assertRaises(ConfigError) as cm:
+            self.parse(text)
+        return str(cm.exception)
+
+    def http(self, persistence: str = "", backends: str = '"web"', base: str = BASE) -> str:
+        text = base + f'\n[listeners.web]\nprotocol = "http"\nbind = "tcp:8080"\nbackends = {backends}\n'
+        if persistence:
+            text += f"persistence = {persistence}\n"
+        return text
+
+    def test_headerAndLearnCookieRead(self):
+        """Both table types read their name, timeout (default 3600), max_entries and on_failure."""
+        p = self.parse(self.http('{ type = "header", header = "X-Session-Id", max_entries = 10, '
+                                 'on_failure = "strict" }')).listeners["web"].persistence
+        self.assertEqual((p.type, p.header, p.timeout, p.max_entries, p.on_failure),
+                         ("header", "X-Session-Id", 3600, 10, "strict"))
+        p = self.parse(self.http('{ type = "learn_cookie", cookie = "JSESSIONID", timeout = 60 }')
+                       ).listeners["web"].persistence
+        self.assertEqual((p.type, p.cookie, p.timeout), ("learn_cookie", "JSESSIONID", 60))
+
+    def test_tableTypeErrors(self):
+        """Missing or invalid names, a key of another type, a timeout out of range, tcp use: each names the field."""
+        cases = [
+            ('{ type = "header" }', "listeners.web.persistence.header: required but missing"),
+            ('{ type = "header", header = "X Session" }',
+             "listeners.web.persistence.header: not a valid header name; got 'X Session'"),
+            ('{ type = "header", header = "Cookie" }', "listeners.web.persistence.header: not a header to stick on"),
+            ('{ type = "learn_cookie" }', "listeners.web.persistence.cookie: required but missing"),
+            ('{ type = "learn_cookie", cookie = "a;b" }',
+             "listeners.web.persistence.cookie: not a valid cookie name; got 'a;b'"),
+            ('{ type = "header", header = "X-S", max_idle = 5 }',
+             "listeners.web.persistence.max_idle: not a setting of header persistence, only of insert_cookie"),
+            ('{ type = "learn_cookie", cookie = "J", timeout = 86401 }',
+             "listeners.web.persistence.timeout: out of range; got 86401; allowed: an integer from 1 to 86400"),
+            ('{ type = "header", header = "X-S", max_entries = 0 }',
+             "listeners.web.persistence.max_entries: out of range; got 0"),
+        ]
+        for persistence, expected in cases:
+            self.assertIn(expected, self.error(self.http(persistence)))
+        message = self.error(BASE.replace('{ type = "source_ip", timeout = 1000 }', '{ type = "header", header = "X" }'))
+        self.assertIn("listeners.tcp.persistence.type: not a persistence type for tcp listeners", message)
+
+    def test_hashKeyRead(self):
+        """hash_key and hash_balance_factor are read for a hash group; the defaults are source_ip and 0."""
+        config = self.parse(BASE.replace('scheduler = "wrr"', 'scheduler = "hash"'))
+        self.assertEqual((config.backends["web"].hash_key, config.backends["web"].hash_balance_factor),
+                         ("source_ip", 0))
+        for key in ("header:X-Tenant", "cookie:uid", "query:user", "path", "host"):
+            base = BASE.replace('scheduler = "wrr"', f'scheduler = "hash"\nhash_key = "{key}"\nhash_balance_factor = 150')
+            config = self.parse(self.http(base=base.replace('[listeners.tcp]', '[listeners.x]').split('[listeners.x]')[0]))
+            self.assertEqual((config.backends["web"].hash_key, config.backends["web"].hash_balance_factor),
+                             (key, 150))
+
+    def test_hashKeyErrors(self):
+        """Unknown keys, bad names, a factor out of range, and either key without scheduler hash are errors."""
+        only_groups = BASE.split("[listeners.tcp]")[0]
+        cases = [
+            ('hash_key = "ip"', "backends.web.hash_key: not a hash key; got 'ip'; allowed: \"source_ip\" | "),
+            ('hash_key = "header:"', "backends.web.hash_key: not a valid header name after 'header:'"),
+            ('hash_key = "query:a&b"', "backends.web.hash_key: not a valid query name after 'query:'"),
+            ('hash_key = 3', "backends.web.hash_key: must be a string, not an integer"),
+            ('hash_balance_factor = 50', "backends.web.hash_balance_factor: below 100"),
+            ('hash_balance_factor = 10001', "backends.web.hash_balance_factor: out of range; got 10001"),
+        ]
+        for line, expected in cases:
+            text = only_groups.replace('scheduler = "wrr"', f'scheduler = "hash"\n{line}')
+            self.assertIn(expected, self.error(self.http(base=text)))
+        message = self.error(self.http(base=only_groups.replace('scheduler = "wrr"', 'hash_key = "path"')))
+        self.assertIn("backends.web.hash_key: a setting of scheduler = \"hash\" only (this group's scheduler is 'wrr')",
+                      message)
+
+    def test_tcpListenerNeedsSourceIPHashKey(self):
+        """A tcp listener over a group hashing a request property is an error naming the listener's backends."""
+        message = self.error(BASE.replace('scheduler = "wrr"', 'scheduler = "hash"\nhash_key = "header:X-T"'))
+        self.assertIn("listeners.tcp.backends: group 'web' hashes on 'header:X-T', which a tcp listener cannot read",
+                      message)
+
+    def test_splitRead(self):
+        """backends = [ { group, weight } ] is read as a split on a listener and a rule; backends is its first group."""
+        split = '[ { group = "web", weight = 90 }, { group = "canary", weight = 10 } ]'
+        text = self.http('{ type = "insert_cookie" }', split, TWO_GROUPS.split("[listeners.tcp]")[0])
+        text += f'[[listeners.web.rules]]\npath = "/app"\nbackends = {split}\n'
+        web = self.parse(text).listeners["web"]
+        self.assertEqual(web.backends, "web")
+        self.assertEqual([(s.group, s.weight) for s in web.split], [("web", 90), ("canary", 10)])
+        self.assertEqual([(s.group, s.weight) for s in web.rules[0].split], [("web", 90), ("canary", 10)])
+        text = describe(self.parse(text))
+        self.assertIn("split: web weight 90 (90% of new clients), canary weight 10 (10% of new clients)", text)
+        self.assertIn("rule 0: host * path /app -> split web weight 90", text)
+
+    def test_splitErrors(self):
+        """Each split mistake names the field, the value and what is allowed."""
+        groups = TWO_GROUPS.split("[listeners.tcp]")[0]
+        cases = [
+            ("[]", "listeners.web.backends: an empty split; got []"),
+            ('[ { group = "nope" } ]', "listeners.web.backends[0].group: no such backend group; got 'nope'"),
+            ('[ { group = "web" }, { group = "web" } ]', "listeners.web.backends[1].group: named twice in this split"),
+            ('[ { group = "web", weight = 0 } ]', "listeners.web.backends: every weight is 0"),
+            ('[ { group = "web", weight = 1001 } ]', "listeners.web.backends[0].weight: out of range; got 1001"),
+            ('[ { group = "web", wieght = 1 } ]', "listeners.web.backends[0].wieght: unknown key (did you mean 'weight'?)"),
+            ("3", "listeners.web.backends: must be a group name or an array of { group, weight }, not an integer"),
+        ]
+        for backends, expected in cases:
+            self.assertIn(expected, self.error(self.http(backends=backends, base=groups)))
+        clash = groups.replace('{ name = "c", address = "10.0.0.3:8080" }', '{ name = "a", address = "10.0.0.3:8080" }')
+        message = self.error(self.http(backends='[ { group = "web" }, { group = "canary" } ]', base=clash))
+        self.assertIn("listeners.web.backends[1].group: backend 'a' is in groups 'web' and 'canary'", message)
+        message = self.error(TWO_GROUPS.replace('backends = "web"\npersistence = { type = "source_ip"',
+                                                'backends = [ { group = "web" } ]\npersistence = { type = "source_ip"'))
+        self.assertIn("listeners.tcp.backends: a tcp listener balances over one group", message)
+
+    def test_describeTablesAndHash(self):
+        """--check prints the header and learn_cookie tables and a hash group's key and bound."""
+        base = BASE.split("[listeners.tcp]")[0].replace(
+            'scheduler = "wrr"', 'scheduler = "hash"\nhash_key = "cookie:uid"\nhash_balance_factor = 125')
+        text = describe(self.parse(self.http('{ type = "header", header = "X-Session-Id", max_entries = 5 }', base=base)))
+        self.assertIn("persistence: header X-Session-Id: a request carrying it stays on the backend", text)
+        self.assertIn("(table of at most 5 values); without it, balanced as usual and nothing stored", text)
+        self.assertIn("hash_key cookie:uid (requests without it: weighted round robin), "
+                      "no backend above 125% of the average load", text)
+        text = describe(self.parse(self.http('{ type = "learn_cookie", cookie = "JSESSIONID" }')))
+        self.assertIn("learn_cookie JSESSIONID: the value the backend sets is learned (never modified)", text)

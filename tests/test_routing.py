@@ -175,3 +175,59 @@ class HTTPSRedirectTests(SynchronousTestCase):
     def test_badPortRefused(self) -> None:
         for port in (0, 70000, "443"):
             self.assertRaises(ValueError, HTTPSRedirectResource, port)
+
+
+class GroupSplitTests(SynchronousTestCase):
+    """Weighted splits between groups that keep a client in its group (issue 16 section 6)."""
+
+    def setUp(self):
+        from twisted_slb.backends import Backend, BackendGroup
+        from twisted_slb.web.routing import GroupSplit, SplitChoice
+
+        self.stable = BackendGroup("stable", [Backend("a", "10.0.0.1", 80), Backend("b", "10.0.0.2", 80)])
+        self.canary = BackendGroup("canary", [Backend("c", "10.0.0.3", 80)])
+        self.split = GroupSplit([SplitChoice(self.stable, 90, Named(b"stable")),
+                                 SplitChoice(self.canary, 10, Named(b"canary"))])
+
+    def render(self, pinned_key=None) -> bytes:
+        from twisted.web.test.requesthelper import DummyRequest
+
+        from twisted_slb.persistence.interfaces import Session
+
+        request = DummyRequest([b""])
+        request.slb_session = Session("192.0.2.1", request=request, pinned_key=pinned_key)
+        return self.split.render(request)
+
+    def test_newClientsByWeight(self):
+        """Of 100 new clients, exactly 90 go to stable and 10 to canary, the canary ones spread out."""
+        seen = [self.render() for _ in range(100)]
+        self.assertEqual((seen.count(b"stable"), seen.count(b"canary")), (90, 10))
+        self.assertEqual(seen[:10].count(b"canary"), 1)
+        self.assertEqual(self.split.stats.clients, {"stable": 90, "canary": 10})
+
+    def test_pinnedClientKeepsItsGroup(self):
+        """A pin to a canary backend (by id or name) always reaches canary, and is not counted as a new client."""
+        c = self.canary.get("c")
+        for _ in range(20):
+            self.assertEqual(self.render(c.id), b"canary")
+        self.assertEqual(self.split.stats.clients, {})
+        self.assertEqual(self.split.stats.requests, {"canary": 20})
+
+    def test_changedWeightsMoveOnlyNewClients(self):
+        """With canary's weight now 0 its pinned clients stay there, and every new client goes to stable."""
+        self.split.choices[1].weight = 0
+        self.assertEqual(self.render(self.canary.get("c").id), b"canary")
+        self.assertEqual({self.render() for _ in range(10)}, {b"stable"})
+
+    def test_unknownPinIsANewClient(self):
+        """A pin naming no backend of the split (removed by a reload) is given a group by weight."""
+        self.assertEqual(self.render("0123456789abcdef"), b"stable")
+        self.assertEqual(self.split.stats.clients, {"stable": 1})
+
+    def test_weightsChecked(self):
+        """A split with no positive weight or a negative one is refused."""
+        from twisted_slb.web.routing import GroupSplit, SplitChoice
+
+        self.assertRaises(ValueError, GroupSplit, [SplitChoice(self.stable, 0, Named(b"s"))])
+        self.assertRaises(ValueError, GroupSplit, [SplitChoice(self.stable, 1, Named(b"s")),
+                                                   SplitChoice(self.canary, -1, Named(b"c"))])

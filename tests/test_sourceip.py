@@ -56,7 +56,7 @@ class StickTableTests(SynchronousTestCase):
         self.table.set("b", "k")
         self.clock.advance(50)
         self.assertEqual(self.table.expire(), 1)
-        self.assertEqual([c for c, _, _ in self.table.items()], ["b"])
+        self.assertEqual([c for c, _, _ in self.table.items()], [b"b"])
 
     def test_timeoutChangeOnALiveTable(self):
         self.table.set("a", "k")

@@ -122,7 +122,7 @@ class StickTableDumpTests(SynchronousTestCase):
         new_clock.advance(500)
         new = self.table(new_clock)
         self.assertEqual(upgrade.load_tables(doc, {"web/g": new}, now=1005.0), 2)
-        self.assertEqual([(c, b, round(i)) for c, b, i in new.items()], [("10.0.0.1", "a", 25), ("10.0.0.2", "b", 5)])
+        self.assertEqual([(c, b, round(i)) for c, b, i in new.items()], [(b"10.0.0.1", "a", 25), (b"10.0.0.2", "b", 5)])
         new_clock.advance(36)  # 10.0.0.1 was idle 61 s: expired, as it would have been in the old process
         self.assertEqual((new.get("10.0.0.1"), new.get("10.0.0.2")), (None, "b"))
 
@@ -132,7 +132,18 @@ class StickTableDumpTests(SynchronousTestCase):
                "tables": {"web/g": [["c1", "a", 50.0], ["c2", "a", 1.0]], "gone/g": [["c3", "a", 1.0]]}}
         new = self.table(Clock())
         self.assertEqual(upgrade.load_tables(doc, {"web/g": new}, now=115.0), 1)
-        self.assertEqual([c for c, _, _ in new.items()], ["c2"])
+        self.assertEqual([c for c, _, _ in new.items()], [b"c2"])
+
+    def test_keysAreAnyBytes(self) -> None:
+        """A table's keys are bytes (header and cookie values, digests of long keys): every byte crosses over."""
+        clock = Clock()
+        old, new = self.table(clock), self.table(clock)
+        keys = [bytes(range(256)), b"\xff\x00tenant", "caf\u00e9".encode("utf-8")]
+        for key in keys:
+            old.set(key, "a")
+        doc = json.loads(json.dumps(upgrade.dump_tables({"web/g": old}, now=1000.0)))
+        self.assertEqual(upgrade.load_tables(doc, {"web/g": new}, now=1000.0), 3)
+        self.assertEqual(sorted(c for c, _, _ in new.items()), sorted(c for c, _, _ in old.items()))
 
     def test_loadRefusesAnotherVersion(self) -> None:
         """A dump of another format version is refused, not misread."""

@@ -542,9 +542,21 @@ def page_tag(snapshot: dict, token_required: bool = False) -> Tag:
         header = tags.tr(*[tags.th(h) for h in (
             "backend", "id", "address", "state", "operator", "health", "weight", "active", "total", "failures", "bytes in",
             "bytes out", "last check", "actions")])
-        body.append(tags.h2(f"Group {g['name']} ", tags.small(f"({g['scheduler']})")))
+        scheduler = g["scheduler"]
+        if scheduler == "hash":
+            scheduler += f", key {g.get('hash_key', 'source_ip')}"
+            if g.get("hash_balance_factor"):
+                scheduler += f", bound {g['hash_balance_factor']}%"
+        body.append(tags.h2(f"Group {g['name']} ", tags.small(f"({scheduler})")))
         body.append(tags.table(header, *[_backend_row(g["name"], b) for b in g["backends"]], class_="group",
                                **{"data-group": g["name"]}))
+    if snapshot.get("splits"):
+        rows = [tags.tr(*[tags.th(h) for h in ("split", "group", "new clients", "requests")])]
+        for split in snapshot["splits"]:
+            for group in split["groups"]:
+                rows.append(tags.tr(tags.td(split["route"]), tags.td(group), _num(split["clients"].get(group, 0)),
+                                    _num(split["requests"].get(group, 0))))
+        body += [tags.h2("Splits"), tags.table(*rows, id="splits")]
     body.append(tags.p(tags.a("stats (JSON)", href="/stats"), " · ", tags.a("metrics (Prometheus)", href="/metrics")))
     body.append(tags.script(src="/admin.js"))
     return tags.html(

@@ -194,7 +194,13 @@ class BackendGroup:
     @ivar connect_timeout: seconds allowed for a connection to a backend.
     @ivar retries: how many other backends are tried when a connect fails.
     @ivar tls: a L{twisted_slb.config.BackendTLSConfig} or L{None}.
+    @ivar hash_key: what a hash scheduler hashes: C{"source_ip"} (the
+        client's address) or a request property (see
+        L{twisted_slb.scheduling.hash_key_of}); a visit without it is given
+        a backend by weighted round robin.
     """
+
+    hash_key = "source_ip"
 
     def __init__(
         self,
@@ -214,6 +220,7 @@ class BackendGroup:
         self.connect_timeout = connect_timeout
         self.retries = retries
         self.tls = tls
+        self._wrr: Optional[IScheduler] = None
         self.backends: List[Backend] = []
         self._by_key: Dict[str, Backend] = {}
         self._set_backends(list(backends))
@@ -222,7 +229,7 @@ class BackendGroup:
     def from_config(cls, config: GroupConfig) -> BackendGroup:
         from twisted_slb.scheduling import scheduler_for
 
-        return cls(
+        group = cls(
             config.name,
             [Backend.from_config(s) for s in config.servers],
             scheduler=scheduler_for(config.scheduler),
@@ -230,6 +237,13 @@ class BackendGroup:
             retries=config.retries,
             tls=config.tls,
         )
+        group._configure_hash(config)
+        return group
+
+    def _configure_hash(self, config: GroupConfig) -> None:
+        self.hash_key = config.hash_key
+        if hasattr(self.scheduler, "balance_factor"):
+            self.scheduler.balance_factor = config.hash_balance_factor
 
     def _set_backends(self, backends: List[Backend]) -> None:
         self.backends = backends
@@ -264,6 +278,7 @@ class BackendGroup:
         self.connect_timeout = config.connect_timeout
         self.retries = config.retries
         self.tls = config.tls
+        self._configure_hash(config)
 
     def get(self, key: str) -> Optional[Backend]:
         """The backend whose id or name is C{key}, or L{None}."""
@@ -337,9 +352,26 @@ class BackendGroup:
             outcome = NONE
         # A policy may say how its new clients are chosen (source-IP
         # persistence uses consistent hashing when several workers run).
-        b = self.choose(session.client_ip, exclude, getattr(session.policy, "scheduler", None))
+        scheduler = getattr(session.policy, "scheduler", None)
+        client_key: Optional[str] = session.client_ip
+        if scheduler is None and self.hash_key != "source_ip":
+            from twisted_slb.scheduling import hash_key_of
+
+            client_key = hash_key_of(self.hash_key, session.request)
+            if client_key is None:
+                scheduler = self._fallback()
+        b = self.choose(client_key or "", exclude, scheduler)
         session.outcome = outcome
         return b
+
+    def _fallback(self) -> IScheduler:
+        """The weighted round robin of visits that lack the group's hash key."""
+        fallback = self._wrr
+        if fallback is None:
+            from twisted_slb.scheduling import SmoothWeightedRoundRobin
+
+            fallback = self._wrr = SmoothWeightedRoundRobin()
+        return fallback
 
 
 #: errno values of a connect that failed for lack of local resources.

@@ -3,12 +3,15 @@ C{slb-check}: the FAQ's persistence test, with a verdict::
 
     slb-check URL [-n 30] [--interval 0] [--cookie NAME] [--match REGEX]
               [--no-jar] [--json] [--source ADDR] [--timeout 10]
+              [--header NAME:VALUE]...
     slb-check --tcp HOST:PORT [-n 30] [--source ADDR] [--match REGEX] [--json]
 
 The first request saves the cookies in a jar; the next N send them (unless
 C{--no-jar}).  Each response is attributed to a backend, in this order:
 C{--match}, a C{backend=NAME} in the body (the demo backends' page), the
 persistence cookie's value (the backend's opaque id).
+With C{--header NAME:VALUE} (repeatable) every request carries that header:
+the check of header persistence, where no cookie is set.
 Exit status: 0 when every request reached one backend, 1 when not, 2 on
 usage or connection errors.
 """
@@ -57,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON document")
     p.add_argument("--source", help="local address to connect from (e.g. 127.0.0.5)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
+    p.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
+                   help="send this header with every request (header persistence: --header X-Session-Id:abc)")
     return p
 
 
@@ -72,6 +77,14 @@ def _parse(argv: List[str]) -> argparse.Namespace:
         error("give a URL, or --tcp HOST:PORT")
     if args.n < 1:
         error("-n must be at least 1")
+    args.headers = []
+    for header in args.header:
+        name, colon, value = header.partition(":")
+        if not colon or not re.match(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", name.strip()):
+            error(f"--header wants NAME:VALUE with NAME a header name, not {header!r}")
+        if args.tcp:
+            error("--header is for HTTP checks, not --tcp")
+        args.headers.append((name.strip().encode("latin-1"), value.strip().encode("latin-1")))
     if args.match:
         try:
             args.match_re = re.compile(args.match.encode("utf-8"))
@@ -128,6 +141,8 @@ def _check_http(args, reactor, out: TextIO):
     url = args.url.encode("utf-8")
     for i in range(args.n + 1):
         headers = Headers({b"user-agent": [b"slb-check"]})
+        for name, value in args.headers:
+            headers.addRawHeader(name, value)
         if jar and not args.no_jar:
             headers.addRawHeader(b"cookie", "; ".join(f"{k}={v}" for k, v in jar.items()).encode("latin-1"))
         d = agent.request(b"GET", url, headers)
@@ -183,19 +198,22 @@ def _check_tcp(args, reactor, out: TextIO):
     return visits, None
 
 
-def _verdict(visits: List[Visit], cookie: Optional[str], tcp: bool) -> (bool, str):
+def _verdict(visits: List[Visit], cookie: Optional[str], tcp: bool, headers=()) -> (bool, str):
     first = visits[0]
     unknown = [v for v in visits if v.backend is None]
     if unknown:
         return False, (f"request {unknown[0].n}: could not tell which backend answered "
                        "(use --match REGEX, or --cookie NAME)")
-    if not tcp and cookie is None and len({v.backend for v in visits}) > 1:
+    if not tcp and not headers and cookie is None and len({v.backend for v in visits}) > 1:
         return False, "no persistence cookie was set by the first response: is persistence enabled on this listener?"
     for prev, v in zip(visits, visits[1:]):
         if v.backend != prev.backend:
             why = ""
             if cookie and cookie in v.set_cookies:
                 why = f": the response (status {v.status}) set a new {cookie}"
+            elif headers:
+                sent = ", ".join(f"{n.decode('latin-1')}: {v.decode('latin-1')}" for n, v in headers)
+                why = f" with the same {sent}: is header persistence enabled on this listener?"
             elif not tcp:
                 why = " without any Set-Cookie of the persistence cookie"
             return False, f"request {v.n}: backend changed {prev.backend} -> {v.backend}{why}"
@@ -213,7 +231,7 @@ def run(argv: List[str], reactor, out: TextIO = sys.stdout, err: TextIO = sys.st
 
     def report(result):
         visits, cookie = result
-        ok, verdict = _verdict(visits, cookie, bool(args.tcp))
+        ok, verdict = _verdict(visits, cookie, bool(args.tcp), args.headers)
         if args.json:
             json.dump({
                 "target": args.url or args.tcp,

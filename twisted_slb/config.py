@@ -92,6 +92,8 @@ class GroupConfig:
     name: str
     servers: Tuple[ServerConfig, ...]
     scheduler: str = "wrr"  # "rr" | "wrr" | "wlc" | "hash"
+    hash_key: str = "source_ip"  # scheduler "hash": "source_ip" | "header:NAME" | "cookie:NAME" | "query:NAME" | "path" | "host"
+    hash_balance_factor: int = 0  # scheduler "hash": percent of the average load a backend may take; 0: no bound
     connect_timeout: float = 5.0
     retries: int = 2
     tls: Optional[BackendTLSConfig] = None
@@ -107,9 +109,12 @@ class PersistenceConfig:
 
     C{type} is C{"source_ip"} (C{timeout} 1..3600), C{"insert_cookie"}
     (C{timeout} 1..86400, plus the cookie attributes and the lifetimes
-    C{max_idle} and C{max_life}) or C{"rewrite_cookie"} (C{cookie} required;
-    expiry is the backend's).  C{on_failure} is C{"repin"} or C{"strict"}
-    for every type.
+    C{max_idle} and C{max_life}), C{"rewrite_cookie"} (C{cookie} required;
+    expiry is the backend's), C{"header"} (C{header} required; a stick table
+    keyed by its value, C{timeout} 1..86400) or C{"learn_cookie"} (C{cookie}
+    required; a stick table keyed by the cookie's value, learned from the
+    backend, C{timeout} 1..86400).  C{on_failure} is C{"repin"} or
+    C{"strict"} for every type.
     """
 
     type: str
@@ -121,10 +126,19 @@ class PersistenceConfig:
     domain: str = ""
     path: str = "/"
     refresh: bool = True  # sliding expiry
-    max_entries: int = 1_000_000  # source_ip: stick table size bound (LRU)
+    max_entries: int = 1_000_000  # source_ip, header, learn_cookie: stick table size bound (LRU)
+    header: str = ""  # header: the request header whose value is the table key
     on_failure: str = "repin"  # "repin" | "strict": what a pin to a down or refusing backend does
     max_idle: int = 0  # insert_cookie: seconds since the cookie was last written; 0: the timeout
     max_life: int = 0  # insert_cookie: seconds since the cookie was first issued; 0: no limit
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class SplitConfig:
+    """One entry of a weighted split: C{{ group = "canary", weight = 10 }}."""
+
+    group: str
+    weight: int = 1
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -133,8 +147,9 @@ class RuleConfig:
 
     domain: str = ""  # "" matches any host; exact or "*.example.com"; lowercased
     path: str = "/"  # path prefix
-    backends: str = ""  # group name; "" means the listener's group
+    backends: str = ""  # group name (the first of a split); "" means the listener's group
     persistence: Optional[PersistenceConfig] = None
+    split: Tuple[SplitConfig, ...] = ()  # backends = [ { group, weight }, ... ]; () for one group
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -153,7 +168,7 @@ class ListenerConfig:
     name: str
     protocol: str  # "tcp" | "http" | "https" | "udp"
     bind: str  # a Twisted server endpoint description; for udp "udp:PORT[:interface=ADDR]"
-    backends: Optional[str] = None  # group name; None only for a redirect listener
+    backends: Optional[str] = None  # group name (the first of a split); None only for a redirect listener
     persistence: Optional[PersistenceConfig] = None
     max_connections: int = 0  # 0: unlimited
     over_limit: str = "wait"  # "wait" | "close": connections over max_connections
@@ -172,6 +187,7 @@ class ListenerConfig:
     max_connections_per_ip: int = 0  # 0: unlimited
     rules: Tuple[RuleConfig, ...] = ()
     https_redirect_port: Optional[int] = None
+    split: Tuple[SplitConfig, ...] = ()  # backends = [ { group, weight }, ... ]; () for one group
     # https
     certificates: Tuple[CertificateConfig, ...] = ()
     min_tls: str = "1.2"  # "1.2" | "1.3"
@@ -224,7 +240,10 @@ _HOST_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?$")
 
 PROTOCOLS = ("tcp", "http", "https", "udp")
 SCHEDULER_NAMES = ("rr", "wrr", "wlc", "hash")
-PERSISTENCE_TYPES = ("source_ip", "insert_cookie", "rewrite_cookie")
+PERSISTENCE_TYPES = ("source_ip", "insert_cookie", "rewrite_cookie", "header", "learn_cookie")
+#: hash_key values without a name; "header:", "cookie:" and "query:" take one.
+HASH_KEYS = ("source_ip", "path", "host")
+HASH_KEY_KINDS = ("header", "cookie", "query")
 
 # Keys each listener protocol accepts (beyond the common ones).
 _COMMON_LISTENER_KEYS = (
@@ -248,6 +267,8 @@ _PERSISTENCE_KEYS = {
     "insert_cookie": ("type", "timeout", "cookie", "secure", "httponly", "samesite", "domain", "path", "refresh",
                       "on_failure", "max_idle", "max_life"),
     "rewrite_cookie": ("type", "cookie", "on_failure"),
+    "header": ("type", "header", "timeout", "max_entries", "on_failure"),
+    "learn_cookie": ("type", "cookie", "timeout", "max_entries", "on_failure"),
 }
 ON_FAILURE = ("repin", "strict")
 #: The longest max_life: a year.
@@ -255,8 +276,9 @@ MAX_LIFE = 365 * 86400
 #: A server's fixed cookie value: no '.' (it separates the time stamps) and
 #: no '~' (it ends the rewrite_cookie prefix).
 _SERVER_COOKIE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_TIMEOUT_RANGE = {"source_ip": (1, 3600), "insert_cookie": (1, 86400)}
-_DEFAULT_TIMEOUT = {"source_ip": 1000, "insert_cookie": 3600}
+_TIMEOUT_RANGE = {"source_ip": (1, 3600), "insert_cookie": (1, 86400), "header": (1, 86400),
+                  "learn_cookie": (1, 86400)}
+_DEFAULT_TIMEOUT = {"source_ip": 1000, "insert_cookie": 3600, "header": 3600, "learn_cookie": 3600}
 
 
 def _type_name(value: Any) -> str:
@@ -517,7 +539,8 @@ def _read_server(t: _Table, index: int, data: Any) -> ServerConfig:
 
 def _read_group(file: str, base: str, name: str, data: Any) -> GroupConfig:
     t = _Table(file, f"backends.{name}", data,
-               ("scheduler", "connect_timeout", "retries", "servers", "tls", "health_check", "slow_start"))
+               ("scheduler", "hash_key", "hash_balance_factor", "connect_timeout", "retries", "servers", "tls",
+                "health_check", "slow_start"))
     if not _NAME.match(name):
         raise t.error_at(t.path, "not a valid group name", name, "letters, digits, '_', '.', '-'")
     servers_data = t.array("servers", allowed="a non-empty array of { name, address, weight } tables")
@@ -584,10 +607,21 @@ def _read_group(file: str, base: str, name: str, data: Any) -> GroupConfig:
                 healthy_threshold=ht.integer("healthy_threshold", 3, 1, 100),
                 unhealthy_threshold=ht.integer("unhealthy_threshold", 3, 1, 100),
             )
+    scheduler = t.string("scheduler", "wrr", choices=SCHEDULER_NAMES)
+    for key in ("hash_key", "hash_balance_factor"):
+        if t.has(key) and scheduler != "hash":
+            raise t.error(key, f'a setting of scheduler = "hash" only (this group\'s scheduler is {scheduler!r})',
+                          t.get(key), 'leave it out, or set scheduler = "hash"')
+    factor = t.integer("hash_balance_factor", 0, 0, 10_000, "percent (0: off)")
+    if 0 < factor < 100:
+        raise t.error("hash_balance_factor", "below 100: no backend could take its share", factor,
+                      "0 (off), or an integer from 100 to 10000 percent of the average load")
     return GroupConfig(
         name=name,
         servers=servers,
-        scheduler=t.string("scheduler", "wrr", choices=SCHEDULER_NAMES),
+        scheduler=scheduler,
+        hash_key=_read_hash_key(t),
+        hash_balance_factor=factor,
         connect_timeout=t.number("connect_timeout", 5.0, 0, 3600, above=True),
         retries=t.integer("retries", 2, 0, 100),
         tls=tls,
@@ -595,6 +629,28 @@ def _read_group(file: str, base: str, name: str, data: Any) -> GroupConfig:
         slow_start=t.number("slow_start", 0.0, 0, 3600),
         passive=passive,
     )
+
+
+_HASH_KEY_ALLOWED = '"source_ip" | "path" | "host" | "header:NAME" | "cookie:NAME" | "query:NAME"'
+
+
+def _read_hash_key(t: _Table) -> str:
+    """C{hash_key}: what the hash scheduler hashes."""
+    value = t.string("hash_key", "source_ip", allowed=_HASH_KEY_ALLOWED)
+    if value in HASH_KEYS:
+        return value
+    kind, colon, name = value.partition(":")
+    if not colon or kind not in HASH_KEY_KINDS:
+        raise t.error("hash_key", "not a hash key", value, _HASH_KEY_ALLOWED)
+    if kind == "query":
+        ok = bool(name) and not re.search(r"[&=#?\s]", name)
+    else:
+        ok = bool(_TOKEN.match(name))
+    if not ok:
+        raise t.error("hash_key", f"not a valid {kind} name after '{kind}:'", value,
+                      f'"{kind}:NAME" with NAME a ' + ("query parameter name (no & = # ? or spaces)" if kind == "query"
+                                                        else f"{kind} name token such as X-Tenant"))
+    return value
 
 
 _PASSIVE_KEYS = ("consecutive_failures", "failure_rate", "min_requests", "interval", "base_ejection_time",
@@ -628,7 +684,8 @@ def _read_persistence(t: _Table, key: str, protocol: str) -> Optional[Persistenc
     raw = t.get(key)
     field = t.field(key)
     if not isinstance(raw, dict):
-        raise t.error(key, "must be a table", raw, '{ type = "source_ip" | "insert_cookie" | "rewrite_cookie", ... }')
+        raise t.error(key, "must be a table", raw, "{ type = " + " | ".join(f'"{k}"' for k in PERSISTENCE_TYPES)
+                      + ", ... }")
     types = ("source_ip",) if protocol in ("tcp", "udp") else PERSISTENCE_TYPES
     kind = raw.get("type", _MISSING)
     if kind is _MISSING:
@@ -657,8 +714,21 @@ def _read_persistence(t: _Table, key: str, protocol: str) -> Optional[Persistenc
         return PersistenceConfig(type=kind, cookie=cookie, on_failure=on_failure)
     low, high = _TIMEOUT_RANGE[kind]
     timeout = p.integer("timeout", _DEFAULT_TIMEOUT[kind], low, high, f"seconds for {kind} persistence")
-    if kind == "source_ip":
-        return PersistenceConfig(type=kind, timeout=timeout,
+    if kind in ("source_ip", "header", "learn_cookie"):
+        header = cookie = ""
+        if kind == "header":
+            header = p.string("header")
+            if not _TOKEN.match(header):
+                raise p.error("header", "not a valid header name", header, "a header name token such as X-Session-Id")
+            if header.lower() in ("cookie", "host", "connection", "content-length", "transfer-encoding"):
+                raise p.error("header", "not a header to stick on", header,
+                              'a request header carrying a session or tenant id, such as "X-Session-Id" '
+                              '(for cookies use type = "learn_cookie"; for Host, scheduler hash_key = "host")')
+        elif kind == "learn_cookie":
+            cookie = p.string("cookie")
+            if not _TOKEN.match(cookie):
+                raise p.error("cookie", "not a valid cookie name", cookie, "a cookie name token such as JSESSIONID")
+        return PersistenceConfig(type=kind, timeout=timeout, header=header, cookie=cookie,
                                  max_entries=p.integer("max_entries", 1_000_000, 1, 100_000_000),
                                  on_failure=on_failure)
     # max_idle beyond timeout would never apply: the browser drops the
@@ -710,11 +780,68 @@ def _read_rule(t: _Table, index: int, data: Any, protocol: str, groups: Mapping[
     path = r.string("path", "/")
     if not path.startswith("/"):
         raise r.error("path", "must start with '/'", path, 'a path prefix such as "/api"')
-    backends = r.string("backends", default_group or "")
-    if backends == "":
+    if not r.has("backends") and not default_group:
         raise ConfigError(f"{t.file}: {r.field('backends')}: required (the listener has no backends to default to)")
-    _check_group(r, "backends", backends, groups)
-    return RuleConfig(domain, path, backends, _read_persistence(r, "persistence", protocol))
+    backends, split = (default_group or "", ()) if not r.has("backends") else _read_backends(r, groups, protocol)
+    persistence = _read_persistence(r, "persistence", protocol)
+    _check_split(r, split, groups, persistence)
+    return RuleConfig(domain, path, backends, persistence, split)
+
+
+_SPLIT_ALLOWED = ('a group name such as "web", or weighted groups such as '
+                  '[ { group = "stable", weight = 90 }, { group = "canary", weight = 10 } ]')
+
+
+def _read_backends(t: _Table, groups: Mapping[str, GroupConfig], protocol: str) -> Tuple[str, Tuple[SplitConfig, ...]]:
+    """C{backends}: one group's name, or a weighted split between groups (http and https)."""
+    value = t.get("backends")
+    if not isinstance(value, list):
+        if not isinstance(value, str):
+            raise t.error("backends", f"must be a group name or an array of {{ group, weight }}, not "
+                          f"{_type_name(value)}", value, _SPLIT_ALLOWED)
+        return _check_group(t, "backends", value, groups), ()
+    if protocol == "tcp":
+        raise t.error("backends", "a tcp listener balances over one group", value,
+                      'one group name such as "web" (weighted splits are for http and https)')
+    if not value:
+        raise t.error("backends", "an empty split", value, _SPLIT_ALLOWED)
+    split: List[SplitConfig] = []
+    for i, data in enumerate(value):
+        e = _Table(t.file, f"{t.field('backends')}[{i}]", data, ("group", "weight"))
+        group = _check_group(e, "group", e.get("group"), groups)
+        if any(s.group == group for s in split):
+            raise e.error("group", "named twice in this split", group, "each group once")
+        split.append(SplitConfig(group, e.integer("weight", 1, 0, 1000, "(0: no new clients)")))
+    if not any(s.weight for s in split):
+        raise t.error("backends", "every weight is 0: no group would take new clients", value,
+                      "at least one group with a weight from 1 to 1000")
+    return split[0].group, tuple(split)
+
+
+def _check_split(t: _Table, split: Sequence[SplitConfig], groups: Mapping[str, GroupConfig],
+                 persistence: Optional[PersistenceConfig]) -> None:
+    """
+    A pin names a backend and, through it, its group: backend names (and
+    their fixed cookie values, for cookie persistence) must be unique across
+    the groups of a split.
+    """
+    names: Dict[str, str] = {}
+    cookies: Dict[str, str] = {}
+    for i, entry in enumerate(split):
+        for server in groups[entry.group].servers:
+            other = names.setdefault(server.name, entry.group)
+            if other != entry.group:
+                raise t.error_at(f"{t.field('backends')}[{i}].group",
+                                 f"backend {server.name!r} is in groups {other!r} and {entry.group!r}", entry.group,
+                                 "groups whose backend names are unique across the split (a pin names a backend, "
+                                 "and through it its group)")
+            if server.cookie and persistence is not None and persistence.type in ("insert_cookie", "rewrite_cookie"):
+                other = cookies.setdefault(server.cookie, entry.group)
+                if other != entry.group:
+                    raise t.error_at(f"{t.field('backends')}[{i}].group",
+                                     f"cookie value {server.cookie!r} is used in groups {other!r} and "
+                                     f"{entry.group!r}", entry.group,
+                                     "groups whose servers' cookie values are unique across the split")
 
 
 def _check_group(t: _Table, key: str, name: Any, groups: Mapping[str, GroupConfig]) -> str:
@@ -753,12 +880,19 @@ def _read_listener(file: str, base: str, name: str, data: Any,
                 raise t.error(key, "a redirect listener sends every request to https and has no backends",
                               t.get(key), "leave it out, or remove https_redirect_port")
     backends = None
+    split: Tuple[SplitConfig, ...] = ()
     if redirect is None:
         if t.has("backends") or protocol == "tcp" or not t.has("rules"):
-            backends = _check_group(t, "backends", t.get("backends"), groups)
+            backends, split = _read_backends(t, groups, protocol)
+    persistence = _read_persistence(t, "persistence", protocol)
+    _check_split(t, split, groups, persistence)
+    if protocol == "tcp" and groups[backends].scheduler == "hash" and groups[backends].hash_key != "source_ip":
+        raise t.error("backends", f"group {backends!r} hashes on {groups[backends].hash_key!r}, which a tcp "
+                      "listener cannot read", backends,
+                      'a group whose hash_key is "source_ip" (the default): a tcp connection has no header, cookie, '
+                      "query, path or host")
     kwargs: Dict[str, Any] = dict(
-        name=name, protocol=protocol, bind=bind, backends=backends,
-        persistence=_read_persistence(t, "persistence", protocol),
+        name=name, protocol=protocol, bind=bind, backends=backends, persistence=persistence,
         max_connections=t.integer("max_connections", 0, 0, 10_000_000),
         over_limit=t.string("over_limit", "wait", choices=("wait", "close")),
         **_read_access_log(t, base),
@@ -780,6 +914,7 @@ def _read_listener(file: str, base: str, name: str, data: Any,
             max_connections_per_ip=t.integer("max_connections_per_ip", 0, 0, 1_000_000),
             rules=tuple(_read_rule(t, i, d, protocol, groups, backends) for i, d in enumerate(rules_data)),
             https_redirect_port=redirect,
+            split=split,
         )
     if protocol == "https":
         certs_data = t.array("certificates", allowed="a non-empty array of { cert, key, chain } tables")
@@ -911,6 +1046,13 @@ def _describe_pin(p: PersistenceConfig, protocol: str) -> str:
         return (f"source_ip: a client IP stays on its backend for {p.timeout} s after its last "
                 f"{ {'tcp': 'connection', 'udp': 'datagram'}.get(protocol, 'request')} "
                 f"(table of at most {p.max_entries} clients)")
+    if p.type == "header":
+        return (f"header {p.header}: a request carrying it stays on the backend its value is pinned to for "
+                f"{p.timeout} s after its last request (table of at most {p.max_entries} values); without it, "
+                "balanced as usual and nothing stored")
+    if p.type == "learn_cookie":
+        return (f"learn_cookie {p.cookie}: the value the backend sets is learned (never modified) and pinned to "
+                f"it for {p.timeout} s after its last request (table of at most {p.max_entries} values)")
     if p.type == "rewrite_cookie":
         return (f"rewrite_cookie {p.cookie}: the backend's cookie is prefixed with the backend's cookie value "
                 "or id; expiry is the backend's")
@@ -929,6 +1071,25 @@ def _describe_pin(p: PersistenceConfig, protocol: str) -> str:
     return f"insert_cookie {p.cookie}: " + ", ".join(attrs)
 
 
+def _describe_split(split: Sequence[SplitConfig]) -> str:
+    total = sum(e.weight for e in split)
+    parts = [f"{e.group} weight {e.weight} ({100 * e.weight / total:.0f}% of new clients)" for e in split]
+    return ", ".join(parts) + "; a pinned client keeps its backend and so its group"
+
+
+def _describe_group(g: GroupConfig, protocol: str) -> List[str]:
+    servers = ", ".join(f"{s.name}={s.host}:{s.port} (weight {s.weight}"
+                        + (f", cookie {s.cookie})" if s.cookie else ")") for s in g.servers)
+    lines = [f"  backends: {g.name} [{g.scheduler}] {servers}"]
+    if g.scheduler == "hash":
+        bound = (f"no backend above {g.hash_balance_factor}% of the average load" if g.hash_balance_factor
+                 else "no load bound")
+        lines.append(f"  hash_key {g.hash_key} (requests without it: weighted round robin), {bound}")
+    if protocol != "udp":  # a udp session connects nothing and retries on refusal
+        lines.append(f"  connect_timeout {g.connect_timeout} s, retries {g.retries}")
+    return lines
+
+
 def describe(config: Config) -> str:
     """
     The effective settings of every listener, for C{twistd slb --check}.
@@ -942,13 +1103,11 @@ def describe(config: Config) -> str:
         if l.https_redirect_port is not None:
             lines.append(f"  redirects every request to https (port {l.https_redirect_port})")
             continue
-        if l.backends is not None:
-            g = config.backends[l.backends]
-            servers = ", ".join(f"{s.name}={s.host}:{s.port} (weight {s.weight}"
-                                + (f", cookie {s.cookie})" if s.cookie else ")") for s in g.servers)
-            lines.append(f"  backends: {g.name} [{g.scheduler}] {servers}")
-            if l.protocol != "udp":  # a udp session connects nothing and retries on refusal
-                lines.append(f"  connect_timeout {g.connect_timeout} s, retries {g.retries}")
+        described = [e.group for e in l.split] or ([l.backends] if l.backends is not None else [])
+        if l.split:
+            lines.append(f"  split: {_describe_split(l.split)}")
+        for name in described:
+            lines.extend(_describe_group(config.backends[name], l.protocol))
         lines.append(f"  persistence: {_describe_persistence(l.persistence, l.protocol)}")
         if l.protocol == "udp":
             lines.extend(_describe_udp(l))
@@ -961,8 +1120,13 @@ def describe(config: Config) -> str:
                          (f", max_body_bytes {l.max_body_bytes}" if l.max_body_bytes else ""))
             for i, r in enumerate(l.rules):
                 where = f"host {r.domain or '*'} path {r.path}"
-                lines.append(f"  rule {i}: {where} -> {r.backends}; persistence: "
+                target = f"split {_describe_split(r.split)}" if r.split else r.backends
+                lines.append(f"  rule {i}: {where} -> {target}; persistence: "
                              f"{_describe_persistence(r.persistence, l.protocol)}")
+                for name in [e.group for e in r.split] or [r.backends]:
+                    if name not in described:
+                        described.append(name)
+                        lines.extend("  " + line for line in _describe_group(config.backends[name], l.protocol))
         if l.protocol == "https":
             lines.append(f"  TLS >= {l.min_tls}, ALPN {', '.join(l.alpn)}")
             for c in l.certificates:

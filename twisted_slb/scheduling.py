@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
+from urllib.parse import parse_qsl, urlsplit
 
 from zope.interface import Attribute, Interface, implementer
 
@@ -123,22 +124,105 @@ def _hash_score(client_key: str, backend: Backend) -> float:
 @implementer(IScheduler)
 class ConsistentHash:
     """
-    Consistent hashing of the client IP (weighted rendezvous hashing).
+    Consistent hashing of a client key (weighted rendezvous hashing): the
+    client IP, or what the group's C{hash_key} names (see L{hash_key_of}).
 
-    Every balancer process with the same backends sends a client to the same
+    Every balancer process with the same backends sends a key to the same
     backend without sharing state; adding or removing one of N backends
-    moves about 1/N of the clients.
+    moves about 1/N of the keys.
+
+    With C{balance_factor} (percent, at least 100), it is consistent hashing
+    with bounded loads (Mirrokni, Thorup and Zadimoghaddam; HAProxy's
+    C{hash-balance-factor}): a backend already carrying C{balance_factor}%
+    of its weighted share of the active load (counting the new one) is
+    skipped for the key's next backend in hash order, so no backend takes
+    more than that while the others have room.
+
+    @ivar balance_factor: the bound in percent; 0 for none.
     """
 
     name = "hash"
 
+    def __init__(self, balance_factor: int = 0) -> None:
+        self.balance_factor = balance_factor
+
     def pick(self, candidates: Sequence[Backend], client_key: str) -> Optional[Backend]:
-        return max(candidates, key=lambda b: _hash_score(client_key, b))
+        if not self.balance_factor or len(candidates) == 1:
+            return max(candidates, key=lambda b: _hash_score(client_key, b))
+        ranked = sorted(candidates, key=lambda b: _hash_score(client_key, b), reverse=True)
+        total_share = sum(b.share for b in candidates) or 1.0
+        load = (sum(b.active for b in candidates) + 1) * self.balance_factor / 100.0
+        for b in ranked:
+            if b.active < math.ceil(load * b.share / total_share):
+                return b
+        return ranked[0]
 
 
 SCHEDULERS = {
     s.name: s for s in (RoundRobin, SmoothWeightedRoundRobin, WeightedLeastConnections, ConsistentHash)
 }
+
+
+def _target(request) -> Tuple[bytes, bytes, Optional[bytes]]:
+    """C{(path, query, authority or None)} of a request's target, origin or absolute form."""
+    uri = request.uri
+    if not uri.startswith(b"/") and b"://" in uri:
+        split = urlsplit(uri)
+        return split.path or b"/", split.query, split.netloc or None
+    path, _, query = uri.partition(b"?")
+    return path, query.partition(b"#")[0], None
+
+
+def _cookie(request, name: bytes) -> Optional[bytes]:
+    for line in request.requestHeaders.getRawHeaders(b"cookie", ()):
+        for part in line.split(b";"):
+            n, eq, v = part.partition(b"=")
+            if eq and n.strip() == name:
+                return v.strip()
+    return None
+
+
+def hash_key_of(spec: str, request) -> Optional[str]:
+    """
+    The key a group with C{hash_key = spec} hashes for an HTTP request, or
+    L{None} when the request has none (no such header, cookie or query
+    parameter, or an empty one): the group then uses weighted round robin.
+
+    @param spec: C{"path"}, C{"host"}, C{"header:NAME"}, C{"cookie:NAME"}
+        or C{"query:NAME"} (C{"source_ip"} is the client's address, which
+        the caller has).
+    @param request: the L{twisted.web.iweb.IRequest}, or L{None} (TCP).
+    """
+    if request is None:
+        return None
+    kind, _, name = spec.partition(":")
+    value: Optional[bytes]
+    if kind == "header":
+        values = request.requestHeaders.getRawHeaders(name.encode("ascii"))
+        value = values[0].strip() if values else None
+    elif kind == "cookie":
+        value = _cookie(request, name.encode("ascii"))
+    elif kind == "query":
+        query = _target(request)[1]
+        wanted = name.encode("utf-8")
+        value = next((v for k, v in parse_qsl(query, keep_blank_values=True) if k == wanted), None)
+    elif kind == "path":
+        value = _target(request)[0]
+    elif kind == "host":
+        authority = _target(request)[2] or request.getHeader(b"host")
+        value = None
+        if authority:
+            # Without the port or a final dot, lower-cased: one site, one key.
+            authority = authority.strip().lower()
+            if authority.startswith(b"["):
+                value = authority.partition(b"]")[0] + b"]"
+            else:
+                value = authority.partition(b":")[0].rstrip(b".")
+    else:
+        raise ValueError(f"unknown hash_key {spec!r}")
+    if not value:
+        return None
+    return value.decode("latin-1")
 
 
 def scheduler_for(name: str) -> IScheduler:

@@ -309,8 +309,9 @@ class BalancerService(MultiService):
 
     @ivar config: the L{Config} in force.
     @ivar groups: backend groups by name.
-    @ivar stick_tables: source-IP stick tables by key (listener / group), kept
-        across reloads.
+    @ivar stick_tables: stick tables (source IP, header, learned cookie) by key
+        (C{listener/group}, and C{/header:NAME} or C{/learn_cookie:NAME}),
+        kept across reloads while a listener or rule uses them.
     """
 
     def __init__(
@@ -337,6 +338,8 @@ class BalancerService(MultiService):
         self.config = config
         self.groups: Dict[str, BackendGroup] = {}
         self.stick_tables: Dict[str, object] = {}
+        # The tables the listeners built since the last reload use.
+        self._tables_in_use: set = set()
         self.pool = None
         # Connection counts outlive a reload (open connections still count).
         self.global_limit = ConnectionLimit(config.max_connections, "[all listeners]")
@@ -353,6 +356,7 @@ class BalancerService(MultiService):
             service = self._listener_service(listener, factory, adopt=self.adopted.get(listener.name))
             service.grace_period = config.grace_period
             service.setServiceParent(self)
+        self.stats.retain_splits()
 
     def listening_sockets(self) -> Dict[str, Tuple[str, int, int]]:
         """
@@ -479,9 +483,22 @@ class BalancerService(MultiService):
         return admin_site(self.stats, admin.token, hosts=admin.hosts, bind=admin.bind, reactor=self.reactor,
                           limit=limit, state=self.admin_state, listener_name=ADMIN)
 
-    def _source_ip_policy(self, key: str, persistence):
-        from twisted_slb.persistence.sourceip import SourceIPPersistence, StickTable
+    def _table_policy(self, where: str, persistence):
+        """
+        The stick-table policy (source_ip, header, learn_cookie) of a
+        listener or rule, with its table kept across reloads.
 
+        @param where: C{"listener/group"} (groups of a split joined by C{+}).
+        """
+        from twisted_slb.persistence.sourceip import SourceIPPersistence
+        from twisted_slb.persistence.tables import HeaderPersistence, LearnCookiePersistence, StickTable
+
+        key = where
+        if persistence.type == "header":
+            key = f"{where}/header:{persistence.header.lower()}"
+        elif persistence.type == "learn_cookie":
+            key = f"{where}/learn_cookie:{persistence.cookie}"
+        self._tables_in_use.add(key)
         table = self.stick_tables.get(key)
         if table is None:
             table = StickTable(persistence.timeout, persistence.max_entries, clock=self.reactor)
@@ -489,6 +506,10 @@ class BalancerService(MultiService):
         else:
             table.timeout = persistence.timeout
             table.max_entries = persistence.max_entries
+        if persistence.type == "header":
+            return HeaderPersistence(table, persistence.header, on_failure=persistence.on_failure)
+        if persistence.type == "learn_cookie":
+            return LearnCookiePersistence(table, persistence.cookie, on_failure=persistence.on_failure)
         if self.worker:
             from twisted_slb.scheduling import ConsistentHash
 
@@ -512,7 +533,7 @@ class BalancerService(MultiService):
 
         policy = None
         if listener.persistence is not None:
-            policy = self._source_ip_policy(f"{listener.name}/{listener.backends}", listener.persistence)
+            policy = self._table_policy(f"{listener.name}/{listener.backends}", listener.persistence)
         stats = self.stats.for_listener(listener.name, "tcp")
         factory = TCPBalancerFactory(
             self.groups[listener.backends],
@@ -550,7 +571,7 @@ class BalancerService(MultiService):
 
         policy = None
         if listener.persistence is not None:
-            policy = self._source_ip_policy(f"{listener.name}/{listener.backends}", listener.persistence)
+            policy = self._table_policy(f"{listener.name}/{listener.backends}", listener.persistence)
         return UDPBalancer(
             self.groups[listener.backends],
             policy=policy,
@@ -563,12 +584,46 @@ class BalancerService(MultiService):
             access_file=self._access_file(listener),
         )
 
-    def _build_route(self, listener: ListenerConfig, group_name: str, persistence):
+    def _build_route(self, listener: ListenerConfig, group_name: str, persistence, split=(), where: str = ""):
+        """
+        The resource of a listener's default route or of a rule: a proxy to
+        one group, or a L{twisted_slb.web.routing.GroupSplit} between the
+        groups of C{split}, behind the persistence wrapper.
+
+        @param where: names the route in the split's stats (C{"web"},
+            C{"web rule 0"}).
+        """
         from twisted_slb.persistence.cookies import InsertCookie, RewriteCookie
         from twisted_slb.persistence.resource import PersistenceResource
+
+        if split:
+            from twisted_slb.web.routing import GroupSplit, SplitChoice
+
+            names = [entry.group for entry in split]
+            stats = self.stats.for_split(where or listener.name, names)
+            resource = GroupSplit(
+                [SplitChoice(self.groups[e.group], e.weight, self._proxy(listener, e.group)) for e in split],
+                stats,
+            )
+            group_key = "+".join(names)
+            servers = tuple(s for name in names for s in self.config.backends[name].servers)
+        else:
+            resource = self._proxy(listener, group_name)
+            group_key = group_name
+            servers = self.config.backends[group_name].servers
+        if persistence is None:
+            return resource
+        if persistence.type == "insert_cookie":
+            return InsertCookie.from_config(resource, persistence, reactor=self.reactor, servers=servers)
+        if persistence.type == "rewrite_cookie":
+            return RewriteCookie.from_config(resource, persistence, servers=servers)
+        policy = self._table_policy(f"{listener.name}/{group_key}", persistence)
+        return PersistenceResource(resource, policy)
+
+    def _proxy(self, listener: ListenerConfig, group_name: str):
         from twisted_slb.web.proxy import BalancedProxyResource
 
-        proxy = BalancedProxyResource(
+        return BalancedProxyResource(
             self.groups[group_name],
             reactor=self.reactor,
             pool=self._upstream_pool(),
@@ -579,15 +634,6 @@ class BalancerService(MultiService):
             access_log=listener.access_log,
             access_file=self._access_file(listener),
         )
-        if persistence is None:
-            return proxy
-        servers = self.config.backends[group_name].servers
-        if persistence.type == "insert_cookie":
-            return InsertCookie.from_config(proxy, persistence, reactor=self.reactor, servers=servers)
-        if persistence.type == "rewrite_cookie":
-            return RewriteCookie.from_config(proxy, persistence, servers=servers)
-        policy = self._source_ip_policy(f"{listener.name}/{group_name}", persistence)
-        return PersistenceResource(proxy, policy)
 
     def _upstream_pool(self):
         if self.pool is None:
@@ -603,16 +649,17 @@ class BalancerService(MultiService):
             return HTTPSRedirectResource(listener.https_redirect_port)
         default = None
         if listener.backends is not None:
-            default = self._build_route(listener, listener.backends, listener.persistence)
+            default = self._build_route(listener, listener.backends, listener.persistence, listener.split)
         if not listener.rules:
             return default
         routes = [
             Route(
                 rule.domain,
                 rule.path,
-                self._build_route(listener, rule.backends or listener.backends, rule.persistence),
+                self._build_route(listener, rule.backends or listener.backends, rule.persistence,
+                                  rule.split, f"{listener.name} rule {i}"),
             )
-            for rule in listener.rules
+            for i, rule in enumerate(listener.rules)
         ]
         return RuleRouter(routes, default)
 
@@ -684,6 +731,7 @@ class BalancerService(MultiService):
                     # Its open connections still count until they close.
                     self.limits.pop(name, None)
         self.stats.retain(config.listeners)
+        self._tables_in_use = set()
         for listener in self._listener_configs(config):
             factory = self._build_factory(listener, certificates)
             service = self.namedServices.get(listener.name)
@@ -693,5 +741,10 @@ class BalancerService(MultiService):
             else:
                 service.reconfigure(listener, factory)
             service.grace_period = config.grace_period
+        # Tables no listener or rule uses any more (persistence removed or
+        # changed type) are dropped; the others keep every pin.
+        for key in [k for k in self.stick_tables if k not in self._tables_in_use]:
+            del self.stick_tables[key]
+        self.stats.retain_splits()
         log.info("configuration reloaded from {path}", path=config.path)
         return True

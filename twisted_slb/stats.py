@@ -127,6 +127,32 @@ class StatsRegistry:
         # changes both.
         self.pid = os.getpid()
         self.started = time.time()
+        # Weighted splits' counts by route ("web", "web rule 0"), with the
+        # groups each split has now.
+        self.splits: Dict[str, object] = {}
+        self._split_groups: Dict[str, tuple] = {}
+        self._splits_in_use: set = set()
+
+    def for_split(self, where: str, groups) -> object:
+        """
+        The L{twisted_slb.web.routing.SplitStats} of the split of route
+        C{where}, kept across reloads while the route has a split.
+        """
+        from twisted_slb.web.routing import SplitStats
+
+        stats = self.splits.get(where)
+        if stats is None:
+            stats = self.splits[where] = SplitStats()
+        self._split_groups[where] = tuple(groups)
+        self._splits_in_use.add(where)
+        return stats
+
+    def retain_splits(self) -> None:
+        """After a reload: forget the splits no route has any more."""
+        for where in [w for w in self.splits if w not in self._splits_in_use]:
+            del self.splits[where]
+            self._split_groups.pop(where, None)
+        self._splits_in_use = set()
 
     def for_listener(self, name: str, protocol: str) -> ListenerStats:
         stats = self.listeners.get(name)
@@ -169,9 +195,17 @@ class StatsRegistry:
                     },
                     "passive": None if b.monitor is None else b.monitor.passive_snapshot(b),
                 })
-            groups.append({"name": group.name, "scheduler": group.scheduler.name, "backends": backends})
+            groups.append({
+                "name": group.name, "scheduler": group.scheduler.name, "backends": backends,
+                "hash_key": getattr(group, "hash_key", "source_ip"),
+                "hash_balance_factor": getattr(group.scheduler, "balance_factor", 0),
+            })
         return {
             "process": {"pid": self.pid, "started": self.started},
             "listeners": [s.snapshot() for s in self.listeners.values()],
             "groups": groups,
+            "splits": [
+                dict(route=where, groups=list(self._split_groups.get(where, ())), **stats.snapshot())
+                for where, stats in self.splits.items()
+            ],
         }

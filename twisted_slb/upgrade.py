@@ -122,7 +122,8 @@ def dump_tables(tables: Mapping[str, object], now: float) -> dict:
          "tables": {"web/app": [["10.0.0.7", "a", 12.5], ...]}}
 
     Each table (keyed C{listener/group}) lists C{[client, backend, seconds
-    idle]}, oldest first.
+    idle]}, oldest first; C{client} is the table's key (bytes: an address, a
+    header's or a cookie's value) as Latin-1 text.
 
     @param now: the wall clock (C{time.time()}).
     """
@@ -130,7 +131,10 @@ def dump_tables(tables: Mapping[str, object], now: float) -> dict:
         "format": TABLES_FORMAT,
         "version": TABLES_VERSION,
         "written": now,
-        "tables": {key: [[c, b, round(idle, 3)] for c, b, idle in table.items()] for key, table in tables.items()},
+        # A table's keys are bytes (an address, a header's or a cookie's
+        # value, a digest); Latin-1 maps each byte to one character and back.
+        "tables": {key: [[c.decode("latin-1"), b, round(idle, 3)] for c, b, idle in table.items()]
+                   for key, table in tables.items()},
     }
 
 
@@ -155,7 +159,7 @@ def load_tables(doc: dict, tables: Mapping[str, object], now: float) -> int:
             continue
         for client, backend, idle in entries:
             before = len(table)
-            table.restore(client, backend, idle + age)
+            table.restore(client.encode("latin-1"), backend, idle + age)
             restored += len(table) > before
     return restored
 

@@ -92,6 +92,9 @@ class IPersistencePolicy(Interface):
 
     Implementations are small: subclass one of the policies shipped with
     twisted_slb (L{twisted_slb.persistence.sourceip.SourceIPPersistence},
+    L{twisted_slb.persistence.tables.HeaderPersistence},
+    L{twisted_slb.persistence.tables.LearnCookiePersistence}, their base
+    L{twisted_slb.persistence.tables.TablePersistence},
     L{twisted_slb.persistence.cookies.InsertCookie},
     L{twisted_slb.persistence.cookies.RewriteCookie}) or write a new one with
     these two methods.

@@ -117,7 +117,8 @@ def wrap_with_persistence(
         means no persistence and C{resource} is returned unchanged.
     @param reactor: the L{IReactorTime} cookie expiry and stick tables use;
         the global reactor if L{None}.
-    @param stick_tables: for C{source_ip}: the caller's stick tables by key,
+    @param stick_tables: for the table types (C{source_ip}, C{header},
+        C{learn_cookie}): the caller's stick tables by key,
         so that a table (and every pin in it) survives a config reload that
         rebuilds the resources.  A missing table is created and stored in it;
         an existing one takes the new timeout and size bound.  L{None}: a new
@@ -140,8 +141,9 @@ def wrap_with_persistence(
         from twisted_slb.persistence.cookies import RewriteCookie
 
         return RewriteCookie.from_config(resource, persistence_config, servers=servers)
-    if kind == "source_ip":
-        from twisted_slb.persistence.sourceip import SourceIPPersistence, StickTable
+    if kind in ("source_ip", "header", "learn_cookie"):
+        from twisted_slb.persistence.sourceip import SourceIPPersistence
+        from twisted_slb.persistence.tables import HeaderPersistence, LearnCookiePersistence, StickTable
 
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -155,7 +157,15 @@ def wrap_with_persistence(
         else:
             table.timeout = persistence_config.timeout
             table.max_entries = persistence_config.max_entries
-        return PersistenceResource(resource, SourceIPPersistence(table, on_failure=persistence_config.on_failure))
+        on_failure = persistence_config.on_failure
+        if kind == "header":
+            policy = HeaderPersistence(table, persistence_config.header, on_failure=on_failure)
+        elif kind == "learn_cookie":
+            policy = LearnCookiePersistence(table, persistence_config.cookie, on_failure=on_failure)
+        else:
+            policy = SourceIPPersistence(table, on_failure=on_failure)
+        return PersistenceResource(resource, policy)
     raise ValueError(
-        f"unknown persistence type {kind!r}: expected 'insert_cookie', 'rewrite_cookie' or 'source_ip'"
+        f"unknown persistence type {kind!r}: expected 'insert_cookie', 'rewrite_cookie', 'source_ip', 'header' "
+        "or 'learn_cookie'"
     )

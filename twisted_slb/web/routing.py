@@ -214,3 +214,107 @@ class HTTPSRedirectResource(Resource):
         request.setResponseCode(301)
         request.setHeader(b"location", location)
         return b"Moved to " + location + b"\n"
+
+
+@attr.s(auto_attribs=True)
+class SplitStats:
+    """
+    What a L{GroupSplit} counts, per group name (kept across reloads by the
+    service, so that the counts of a split whose weights change go on).
+
+    @ivar clients: new clients given to each group by weight (a client
+        without a usable pin, one per visit for a split without
+        persistence).
+    @ivar requests: requests each group served, pinned or not.
+    """
+
+    clients: dict = attr.ib(factory=dict)
+    requests: dict = attr.ib(factory=dict)
+
+    def snapshot(self) -> dict:
+        return {"clients": dict(self.clients), "requests": dict(self.requests)}
+
+
+@attr.s(auto_attribs=True)
+class SplitChoice:
+    """
+    One group of a L{GroupSplit}: the group (a
+    L{twisted_slb.backends.BackendGroup}, for its C{name} and C{get}), its
+    weight, and the resource that proxies to it.
+    """
+
+    group: object
+    weight: int
+    resource: IResource
+
+
+class GroupSplit(Resource):
+    """
+    A weighted split between backend groups that keeps each client in its
+    group: a canary release (90 % stable, 10 % canary) with sticky sessions.
+
+    Put a persistence wrapper in front of it.  A request whose pin (the
+    L{Session}'s C{pinned_key}, a backend id) names a backend of one of the
+    groups is rendered by that group's resource, whatever the weights are now,
+    so that changing them moves only new clients; that group then keeps the
+    client on its backend, or re-pins it within the group when the backend
+    is down.  Any other request is given a group by smooth weighted round
+    robin over the weights (a group of weight 0 takes no new clients), and
+    its resource chooses a backend.  Backend ids must be unique across the
+    groups (the configuration checks that backend names are).
+
+    @ivar choices: the L{SplitChoice}s.
+    @ivar stats: the L{SplitStats}.
+    """
+
+    isLeaf = True
+
+    def __init__(self, choices: Sequence[SplitChoice], stats: Optional[SplitStats] = None) -> None:
+        Resource.__init__(self)
+        if not choices or not any(c.weight > 0 for c in choices):
+            raise ValueError("a split needs at least one group with a weight above 0")
+        if any(c.weight < 0 for c in choices):
+            raise ValueError("split weights must be 0 or more")
+        self.choices: Tuple[SplitChoice, ...] = tuple(choices)
+        self.stats = stats if stats is not None else SplitStats()
+        self._current = [0] * len(self.choices)
+
+    def pinned_choice(self, key: Optional[str]) -> Optional[SplitChoice]:
+        """The group whose backend C{key} names, or L{None}."""
+        if key is None:
+            return None
+        for choice in self.choices:
+            if choice.group.get(key) is not None:
+                return choice
+        return None
+
+    def pick(self) -> SplitChoice:
+        """The group of a new client: smooth weighted round robin over the weights."""
+        current = self._current
+        total = 0
+        best = 0
+        for i, choice in enumerate(self.choices):
+            current[i] += choice.weight
+            total += choice.weight
+            if current[i] > current[best]:
+                best = i
+        current[best] -= total
+        return self.choices[best]
+
+    def render(self, request: IRequest) -> object:
+        from twisted_slb.persistence.interfaces import session_for
+
+        session = session_for(request)
+        choice = self.pinned_choice(session.pinned_key)
+        stats = self.stats
+        if choice is None:
+            choice = self.pick()
+            name = choice.group.name
+            stats.clients[name] = stats.clients.get(name, 0) + 1
+        name = choice.group.name
+        stats.requests[name] = stats.requests.get(name, 0) + 1
+        return getChildForRequest(choice.resource, request).render(request)
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{c.group.name}={c.weight}" for c in self.choices)
+        return f"<GroupSplit {parts}>"
