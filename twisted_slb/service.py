@@ -134,9 +134,7 @@ class ListenerService(Service):
 
     def _limit(self):
         """The listener's L{twisted_slb.limits.ConnectionLimit}, if it has one."""
-        factory = self.factory
-        factory = getattr(factory, "wrappedFactory", factory)  # under TLS
-        return getattr(factory, "limit", None)
+        return getattr(innermost(self.factory), "limit", None)
 
     def _choose_transport(self) -> None:
         """
@@ -216,7 +214,7 @@ class ListenerService(Service):
         def drain_all(_):
             drains = []
             for factory in factories:
-                factory = getattr(factory, "wrappedFactory", factory)  # under TLS
+                factory = innermost(factory)
                 drain = getattr(factory, "drain", None)
                 if drain is not None:
                     drains.append(drain(self.grace_period))
@@ -225,9 +223,16 @@ class ListenerService(Service):
         return d.addCallback(drain_all)
 
 
+def innermost(factory):
+    """The listener's own factory under its wrappers (TLS, PROXY protocol)."""
+    while hasattr(factory, "wrappedFactory"):
+        factory = factory.wrappedFactory
+    return factory
+
+
 def _open_connections(factory) -> int:
     """How many connections a listener factory (maybe under TLS) still has open."""
-    factory = getattr(factory, "wrappedFactory", factory)
+    factory = innermost(factory)
     for name in ("channels", "connections"):
         open_now = getattr(factory, name, None)
         if open_now is not None:
@@ -368,11 +373,25 @@ class BalancerService(MultiService):
         if listener.protocol == "admin":
             return self._build_admin(listener)
         if listener.protocol == "tcp":
-            return self._build_tcp(listener)
-        site = self._build_site(listener)
-        if listener.protocol == "https":
-            return self._wrap_tls(listener, site, certificates[listener.name])
-        return site
+            factory = self._build_tcp(listener)
+        else:
+            factory = self._build_site(listener)
+            if listener.protocol == "https":
+                factory = self._wrap_tls(listener, factory, certificates[listener.name])
+        if listener.client_ip.source == "proxy_protocol":
+            from twisted_slb.clientip import ProxyProtocolFactory
+
+            # Outermost: the header comes before anything, the TLS handshake included.
+            factory = ProxyProtocolFactory(factory, self._client_ip_policy(listener), reactor=self.reactor)
+        return factory
+
+    def _client_ip_policy(self, listener: ListenerConfig):
+        """The listener's L{twisted_slb.clientip.ClientIPPolicy}, counting into its stats."""
+        from twisted_slb.clientip import ClientIPPolicy
+
+        stats = self.stats.for_listener(listener.name, listener.protocol)
+        return ClientIPPolicy(listener.client_ip.source, listener.client_ip.trusted, listener.name,
+                              counts=stats.client_ip)
 
     def _build_admin(self, listener: ListenerConfig):
         from twisted_slb.admin import AdminState, admin_site, exposed_without_token
@@ -517,6 +536,8 @@ class BalancerService(MultiService):
             secure=listener.protocol == "https",
             limit=self._limit_for(listener),
         )
+        if listener.client_ip.source in ("x-forwarded-for", "forwarded"):
+            site.client_ip_policy = self._client_ip_policy(listener)
         stats = site.stats = self.stats.for_listener(listener.name, listener.protocol)
         stats.active_source = lambda: len(site.channels)
         return site

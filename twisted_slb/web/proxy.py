@@ -194,7 +194,9 @@ class _Exchange:
                 continue
             for value in values:
                 lines += [name, b": ", value, b"\r\n"]
-        client = self.session.client_ip.encode("ascii")
+        # The connection's peer: with a client address read from a
+        # forwarding header, that header already names the client.
+        client = (self.session.peer_ip or self.session.client_ip).encode("ascii")
         lines += [b"X-Forwarded-For: ", (forwarded_for + b", " + client) if forwarded_for else client, b"\r\n"]
         proto = b"https" if (request.isSecure() or self.resource.forwarded_proto == "https") else b"http"
         lines += [b"X-Forwarded-Proto: ", proto, b"\r\n"]
