@@ -439,11 +439,13 @@ def parse_proxy_header(data: bytes):
             raise InvalidProxyHeader(f"PROXY v1: {len(fields)} fields, not 6")
         if len(fields) == 6 and not (fields[4].isdigit() and fields[5].isdigit()):
             raise InvalidProxyHeader("PROXY v1: ports must be decimal numbers")
+        length = end + 2
+        if fields[1:2] == [b"UNKNOWN"]:
+            return None, None, length  # V1Parser wants more fields after UNKNOWN; the spec does not
         try:
             info = V1Parser.parse(line)
         except (TwistedInvalid, ValueError) as e:
             raise InvalidProxyHeader(f"PROXY v1: {e.__class__.__name__}") from None
-        length = end + 2
         if info.source is not None:
             want = 4 if fields[1] == b"TCP4" else 6
             for address in (info.source, info.destination):
