@@ -485,6 +485,11 @@ class _ProxyHeaderProtocol(ProtocolWrapper):
         self.factory = factory
         self.buffer = b""
 
+    def logPrefix(self) -> str:
+        # ProtocolWrapper's names the wrapped protocol, which the port asks
+        # for before there is one.
+        return "PROXY protocol"
+
     def makeConnection(self, transport) -> None:
         # Not ProtocolWrapper's: the wrapped protocol does not exist yet.
         directlyProvides(self, providedBy(transport))
