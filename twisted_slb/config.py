@@ -162,6 +162,23 @@ class CertificateConfig:
 
 
 @attr.s(frozen=True, auto_attribs=True)
+class ClientIPConfig:
+    """
+    C{client_ip = { source = "...", trusted = [...] }}: where a listener's
+    client address comes from (see L{twisted_slb.clientip}).
+
+    C{source} is C{"peer"} (the connection's other end), C{"x-forwarded-for"}
+    or C{"forwarded"} (HTTP and HTTPS listeners: the header, when the peer
+    is trusted), or C{"proxy_protocol"} (a PROXY v1/v2 header from a
+    trusted peer starts every connection).  C{trusted} holds CIDR blocks,
+    canonical (C{"10.0.0.0/8"}); required by every source but C{"peer"}.
+    """
+
+    source: str = "peer"
+    trusted: Tuple[str, ...] = ()
+
+
+@attr.s(frozen=True, auto_attribs=True)
 class ListenerConfig:
     """C{[listeners.NAME]}."""
 
@@ -174,6 +191,7 @@ class ListenerConfig:
     over_limit: str = "wait"  # "wait" | "close": connections over max_connections
     access_log: bool = True  # one line per connection (tcp) or request (http)
     access_log_path: Optional[str] = None  # None: the lines go to twistd's log
+    client_ip: ClientIPConfig = attr.Factory(ClientIPConfig)
     # tcp
     idle_timeout: float = 900.0
     proxy_protocol: Optional[str] = None  # None | "v1" | "v2"
@@ -247,7 +265,7 @@ HASH_KEY_KINDS = ("header", "cookie", "query")
 
 # Keys each listener protocol accepts (beyond the common ones).
 _COMMON_LISTENER_KEYS = (
-    "protocol", "bind", "backends", "persistence", "max_connections", "over_limit", "access_log",
+    "protocol", "bind", "backends", "persistence", "max_connections", "over_limit", "access_log", "client_ip",
 )
 _TCP_KEYS = ("idle_timeout", "proxy_protocol")
 _HTTP_KEYS = (
@@ -393,6 +411,58 @@ class _Table:
         if key in self.data and not isinstance(value, list):
             raise self.error(key, f"must be an array, not {_type_name(value)}", value, allowed)
         return value
+
+
+CLIENT_IP_SOURCES = ("peer", "x-forwarded-for", "forwarded", "proxy_protocol")
+
+
+def parse_cidr(text: str):
+    """
+    A trusted entry: a CIDR block (C{"10.0.0.0/8"}, C{"::1/128"}) or a single
+    address (C{"127.0.0.1"}, taken as C{/32} or C{/128}).
+
+    @return: an L{ipaddress.IPv4Network} or L{ipaddress.IPv6Network}.
+    @raise ValueError: not an address or a block, or a block with host bits
+        set (C{"10.0.0.1/8"}: did you mean C{"10.0.0.0/8"}?).
+    """
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError as e:
+        if "host bits set" in str(e):
+            loose = ipaddress.ip_network(text, strict=False)
+            raise ValueError(f"host bits set (did you mean {str(loose)!r}?)") from None
+        raise ValueError("not an IP address or CIDR block") from None
+
+
+def _read_client_ip(t: "_Table", protocol: str) -> ClientIPConfig:
+    """C{client_ip}: the source of the client address, and the proxies trusted to tell it."""
+    c = t.table("client_ip", ("source", "trusted"))
+    if c is None:
+        return ClientIPConfig()
+    sources = ("peer", "proxy_protocol") if protocol == "tcp" else CLIENT_IP_SOURCES
+    source = c.get("source", "peer")
+    if source not in sources:
+        why = (" (tcp listeners read no HTTP headers)" if protocol == "tcp" and source in CLIENT_IP_SOURCES else "")
+        raise c.error("source", f"not a client address source for {protocol} listeners{why}", source,
+                      " | ".join(repr(s) for s in sources))
+    allowed = 'an array of CIDR blocks or addresses, such as ["10.0.0.0/8", "127.0.0.1/32", "::1/128"]'
+    entries = c.array("trusted", [], allowed=allowed)
+    trusted = []
+    for i, entry in enumerate(entries):
+        field = f"{c.field('trusted')}[{i}]"
+        if not isinstance(entry, str):
+            raise c.error_at(field, f"must be a string, not {_type_name(entry)}", entry, allowed)
+        try:
+            trusted.append(str(parse_cidr(entry.strip())))
+        except ValueError as e:
+            raise c.error_at(field, f"not a CIDR block: {e}", entry, allowed) from None
+    if source == "peer" and c.has("trusted"):
+        raise c.error("trusted", 'source = "peer" trusts no proxy', entries,
+                      'leave it out, or choose source = "x-forwarded-for", "forwarded" or "proxy_protocol"')
+    if source != "peer" and not trusted:
+        raise c.error("trusted", f"source = {source!r} needs the addresses of the proxies in front",
+                      entries, allowed)
+    return ClientIPConfig(source, tuple(trusted))
 
 
 def _range_text(low, high, unit: str, kind: str, above: bool = False) -> str:
@@ -895,6 +965,7 @@ def _read_listener(file: str, base: str, name: str, data: Any,
         name=name, protocol=protocol, bind=bind, backends=backends, persistence=persistence,
         max_connections=t.integer("max_connections", 0, 0, 10_000_000),
         over_limit=t.string("over_limit", "wait", choices=("wait", "close")),
+        client_ip=_read_client_ip(t, protocol),
         **_read_access_log(t, base),
     )
     if protocol == "tcp":
@@ -1090,6 +1161,15 @@ def _describe_group(g: GroupConfig, protocol: str) -> List[str]:
     return lines
 
 
+def _describe_client_ip(c: ClientIPConfig) -> str:
+    if c.source == "peer":
+        return "the connection's peer"
+    trusted = ", ".join(c.trusted)
+    if c.source == "proxy_protocol":
+        return f"a PROXY protocol header (v1 or v2) from {trusted}; other connections are closed"
+    return f"the rightmost untrusted address of {c.source} when the peer is one of {trusted}"
+
+
 def describe(config: Config) -> str:
     """
     The effective settings of every listener, for C{twistd slb --check}.
@@ -1109,6 +1189,8 @@ def describe(config: Config) -> str:
         for name in described:
             lines.extend(_describe_group(config.backends[name], l.protocol))
         lines.append(f"  persistence: {_describe_persistence(l.persistence, l.protocol)}")
+        if l.protocol != "udp":
+            lines.append(f"  client address: {_describe_client_ip(l.client_ip)}")
         if l.protocol == "udp":
             lines.extend(_describe_udp(l))
         elif l.protocol == "tcp":

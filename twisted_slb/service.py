@@ -137,9 +137,7 @@ class ListenerService(Service):
 
     def _limit(self):
         """The listener's L{twisted_slb.limits.ConnectionLimit}, if it has one."""
-        factory = self.factory
-        factory = getattr(factory, "wrappedFactory", factory)  # under TLS
-        return getattr(factory, "limit", None)
+        return getattr(innermost(self.factory), "limit", None)
 
     def _choose_transport(self) -> None:
         """
@@ -221,7 +219,7 @@ class ListenerService(Service):
         def drain_all(_):
             drains = []
             for factory in factories:
-                factory = getattr(factory, "wrappedFactory", factory)  # under TLS
+                factory = innermost(factory)
                 drain = getattr(factory, "drain", None)
                 if drain is not None:
                     drains.append(drain(self.grace_period))
@@ -293,9 +291,16 @@ def _systemd_without_names(reactor, bind: str):
     return AdoptedStreamServerEndpoint(reactor, fd, family)
 
 
+def innermost(factory):
+    """The listener's own factory under its wrappers (TLS, PROXY protocol)."""
+    while hasattr(factory, "wrappedFactory"):
+        factory = factory.wrappedFactory
+    return factory
+
+
 def _open_connections(factory) -> int:
     """How many connections a listener factory (maybe under TLS) still has open."""
-    factory = getattr(factory, "wrappedFactory", factory)
+    factory = innermost(factory)
     for name in ("channels", "connections"):
         open_now = getattr(factory, name, None)
         if open_now is not None:
@@ -453,13 +458,27 @@ class BalancerService(MultiService):
         if listener.protocol == "admin":
             return self._build_admin(listener)
         if listener.protocol == "tcp":
-            return self._build_tcp(listener)
-        if listener.protocol == "udp":
+            factory = self._build_tcp(listener)
+        elif listener.protocol == "udp":
             return self._build_udp(listener)
-        site = self._build_site(listener)
-        if listener.protocol == "https":
-            return self._wrap_tls(listener, site, certificates[listener.name])
-        return site
+        else:
+            factory = self._build_site(listener)
+            if listener.protocol == "https":
+                factory = self._wrap_tls(listener, factory, certificates[listener.name])
+        if listener.client_ip.source == "proxy_protocol":
+            from twisted_slb.clientip import ProxyProtocolFactory
+
+            # Outermost: the header comes before anything, the TLS handshake included.
+            factory = ProxyProtocolFactory(factory, self._client_ip_policy(listener), reactor=self.reactor)
+        return factory
+
+    def _client_ip_policy(self, listener: ListenerConfig):
+        """The listener's L{twisted_slb.clientip.ClientIPPolicy}, counting into its stats."""
+        from twisted_slb.clientip import ClientIPPolicy
+
+        stats = self.stats.for_listener(listener.name, listener.protocol)
+        return ClientIPPolicy(listener.client_ip.source, listener.client_ip.trusted, listener.name,
+                              counts=stats.client_ip)
 
     def _build_admin(self, listener: ListenerConfig):
         from twisted_slb.admin import AdminState, admin_site, exposed_without_token
@@ -680,6 +699,8 @@ class BalancerService(MultiService):
             secure=listener.protocol == "https",
             limit=self._limit_for(listener),
         )
+        if listener.client_ip.source in ("x-forwarded-for", "forwarded"):
+            site.client_ip_policy = self._client_ip_policy(listener)
         stats = site.stats = self.stats.for_listener(listener.name, listener.protocol)
         stats.active_source = lambda: len(site.channels)
         return site

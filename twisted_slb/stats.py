@@ -35,6 +35,8 @@ class ListenerStats:
         self.bytes_in = 0
         self.bytes_out = 0
         self.active_source = None  # a callable giving open connections now
+        #: the counts of the listener's L{twisted_slb.clientip.ClientIPPolicy}
+        self.client_ip: Dict[str, int] = {"forwarded": 0, "malformed": 0, "untrusted": 0, "refused": 0}
 
     @property
     def active(self) -> int:
@@ -72,6 +74,7 @@ class ListenerStats:
             "persistence": dict(self.persistence),
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
+            "client_ip": dict(self.client_ip),
         }
 
 

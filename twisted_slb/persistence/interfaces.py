@@ -74,6 +74,9 @@ class Session:
     @ivar note: whatever the policy's C{find} wants its C{remember} to know
         about this visit (L{InsertCookie} keeps the cookie it read); it
         lives and dies with the visit.
+    @ivar peer_ip: the connection's peer when C{client_ip} came from a
+        forwarding header (L{twisted_slb.clientip}), else C{""}: the proxy
+        appends it to the C{X-Forwarded-For} it sends on.
     """
 
     client_ip: str
@@ -84,6 +87,7 @@ class Session:
     backend: Optional["Backend"] = None
     outcome: str = NONE
     note: object = None
+    peer_ip: str = ""
 
 
 class IPersistencePolicy(Interface):
@@ -189,8 +193,14 @@ def session_for(request) -> Session:
     """
     session = getattr(request, "slb_session", None)
     if session is None:
-        addr = request.getClientAddress()
-        host = getattr(addr, "host", None) or "0.0.0.0"
-        session = Session(normalise_ip(host), request=request, secure=request.isSecure())
+        if getattr(request, "client_ip_policy", None) is None:
+            addr = request.getClientAddress()
+            client = peer = normalise_ip(getattr(addr, "host", None) or "0.0.0.0")
+        else:
+            from twisted_slb.clientip import request_client_ip
+
+            client, peer = request_client_ip(request)
+        session = Session(client, request=request, secure=request.isSecure(),
+                          peer_ip=peer if peer != client else "")
         request.slb_session = session
     return session

@@ -60,6 +60,7 @@ from twisted.web.resource import getChildForRequest
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
+from twisted_slb.persistence.interfaces import normalise_ip
 from twisted_slb.limits import ClientAddressLimit, ConnectionLimit, TooManyConnections
 from twisted_slb.shutdown import IdleTracker
 from twisted_slb.sockets import close, set_nodelay, write_now
@@ -162,6 +163,9 @@ class FrontRequest:
     #: the proxy may answer an Upgrade with L{switch_protocols}
     can_switch_protocols = True
     _lost_callback = None
+    #: the listener's L{twisted_slb.clientip.ClientIPPolicy} when the client
+    #: address comes from a forwarding header, read by C{session_for}
+    client_ip_policy = None
 
     def __init__(self, channel: HTTPFrontChannel, method: bytes, uri: bytes, clientproto: bytes,
                  headers: Headers, persistent: bool) -> None:
@@ -180,6 +184,8 @@ class FrontRequest:
         self.channel_secure = channel.secure
         self.client_address = channel.peer
         self.host_address = channel.host
+        if channel.factory.client_ip_policy is not None:
+            self.client_ip_policy = channel.factory.client_ip_policy
 
     def __repr__(self) -> str:
         return f"<FrontRequest {self.method!r} {self.uri!r} {self.clientproto!r}>"
@@ -924,6 +930,9 @@ class HTTPFrontFactory(Factory):
     whole_request_deadline = False
     #: see L{CLIENT_WRITE_BUFFER}
     write_buffer = CLIENT_WRITE_BUFFER
+    #: a L{twisted_slb.clientip.ClientIPPolicy} reading X-Forwarded-For or
+    #: Forwarded, or L{None}: the client is the connection's peer
+    client_ip_policy = None
 
     def __init__(
         self,
@@ -959,6 +968,9 @@ class HTTPFrontFactory(Factory):
 
     def buildProtocol(self, addr):
         ip = getattr(addr, "host", None)
+        policy = self.client_ip_policy
+        if ip is not None and policy is not None and normalise_ip(ip) in policy.trusted:
+            ip = None  # a trusted proxy's connections carry many clients: not limited per IP
         if not self.per_ip.allows(ip):
             return TooManyConnections()
         if not self.limit.admit():

@@ -262,7 +262,9 @@ class _Exchange:
             # the backend builds from it (redirects) lead back through the
             # balancer, never to a backend's own address.
             lines += [b"Host: ", _listener_authority(request), b"\r\n"]
-        client = self.session.client_ip.encode("ascii")
+        # The connection's peer: with a client address read from a
+        # forwarding header, that header already names the client.
+        client = (self.session.peer_ip or self.session.client_ip).encode("ascii")
         lines += [b"X-Forwarded-For: ", (forwarded_for + b", " + client) if forwarded_for else client, b"\r\n"]
         proto = b"https" if (request.isSecure() or self.resource.forwarded_proto == "https") else b"http"
         lines += [b"X-Forwarded-Proto: ", proto, b"\r\n"]
