@@ -327,8 +327,12 @@ class ProxyTests(TestCase):
         port = yield self.listen(site)
         return f"http://127.0.0.1:{port.getHost().port}", group
 
-    def agent(self):
-        pool = HTTPConnectionPool(reactor, persistent=False)
+    def agent(self, persistent: bool = False):
+        """An HTTP client: a connection per request, or one kept-alive connection."""
+        pool = HTTPConnectionPool(reactor, persistent=persistent)
+        if persistent:
+            pool.maxPersistentPerHost = 1
+            self.addCleanup(pool.closeCachedConnections)
         return Agent(reactor, pool=pool)
 
     @defer.inlineCallbacks
@@ -380,6 +384,7 @@ class ProxyTests(TestCase):
 
     @defer.inlineCallbacks
     def test_keepAliveReusesBackendConnections(self):
+        """The later requests of a kept-alive client connection reuse its backend connection."""
         recorder = Recorder()
         site = Site(recorder)
         built = []
@@ -387,11 +392,31 @@ class ProxyTests(TestCase):
         site.buildProtocol = lambda addr: built.append(addr) or original(addr)
         port = yield self.listen(site)
         url, _ = yield self.proxy(port.getHost().port)
-        agent = self.agent()
+        agent = self.agent(persistent=True)
         for _ in range(5):
             yield readBody((yield agent.request(b"GET", (url + "/").encode())))
         self.assertEqual(len(recorder.requests), 5)
         self.assertEqual(len(built), 1)
+
+    @defer.inlineCallbacks
+    def test_firstRequestOfAClientGetsAFreshConnection(self):
+        """
+        The first request of each client connection goes on a new backend
+        connection, never on one another client used (HAProxy's
+        "http-reuse safe").
+        """
+        recorder = Recorder()
+        site = Site(recorder)
+        built = []
+        original = site.buildProtocol
+        site.buildProtocol = lambda addr: built.append(addr) or original(addr)
+        port = yield self.listen(site)
+        url, _ = yield self.proxy(port.getHost().port)
+        agent = self.agent()  # a connection per request
+        for _ in range(3):
+            yield readBody((yield agent.request(b"GET", (url + "/").encode())))
+        self.assertEqual(len(recorder.requests), 3)
+        self.assertEqual(len(built), 3)
 
     @defer.inlineCallbacks
     def test_unsafeRequestsGetAFreshConnection(self):
@@ -407,7 +432,7 @@ class ProxyTests(TestCase):
         site.buildProtocol = lambda addr: built.append(addr) or original(addr)
         port = yield self.listen(site)
         url, _ = yield self.proxy(port.getHost().port)
-        agent = self.agent()
+        agent = self.agent(persistent=True)
         yield readBody((yield agent.request(b"GET", (url + "/").encode())))
         body = FileBodyProducer(__import__("io").BytesIO(b"x"))
         yield readBody((yield agent.request(b"POST", (url + "/upload").encode(), None, body)))
