@@ -57,6 +57,7 @@ persistence = { type = "insert_cookie" }
 """)
         web = config.listeners["web"]
         self.assertEqual((web.request_timeout, web.client_idle_timeout, web.max_header_bytes), (60.0, 60.0, 65536))
+        self.assertEqual(web.response_idle_timeout, 60.0)
         p = web.persistence
         self.assertEqual((p.cookie, p.timeout, p.secure, p.httponly, p.samesite, p.path, p.refresh),
                          ("SERVERID", 3600, "auto", True, "lax", "/", True))
@@ -151,6 +152,22 @@ persistence = { type = "insert_cookie", timeout = 86401 }
     def test_keyOfAnotherProtocol(self):
         message = self.error(BASE.replace("idle_timeout = 900", "request_timeout = 9"))
         self.assertIn("listeners.tcp.request_timeout: not a setting of tcp listeners", message)
+
+    def test_responseIdleTimeout(self):
+        """response_idle_timeout is read on http listeners, must be > 0, and is not a tcp setting."""
+        http = BASE + """
+[listeners.web]
+protocol = "http"
+bind = "tcp:8080"
+backends = "web"
+response_idle_timeout = TIMEOUT
+"""
+        config = parse_config(http.replace("TIMEOUT", "5"))
+        self.assertEqual(config.listeners["web"].response_idle_timeout, 5.0)
+        message = self.error(http.replace("TIMEOUT", "0"))
+        self.assertIn("listeners.web.response_idle_timeout: out of range; got 0", message)
+        message = self.error(BASE.replace("idle_timeout = 900", "response_idle_timeout = 9"))
+        self.assertIn("listeners.tcp.response_idle_timeout: not a setting of tcp listeners", message)
 
     def test_badBind(self):
         message = self.error(BASE.replace('"tcp:8081:interface=0.0.0.0"', '"tpc:8081"'))

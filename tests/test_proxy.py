@@ -120,6 +120,39 @@ class UpstreamParserTests(SynchronousTestCase):
         proto.connectionLost(Failure(ConnectionDone()))
         self.assertTrue(h.ended)
 
+    def test_bytesAfterTheResponseNotReusable(self):
+        """
+        Bytes after a complete response (here a second response) make the
+        connection unusable before the handler hears of the end, and are not
+        taken as the answer to anything.
+        """
+        attack = b"HTTP/1.1 200 OK\r\nSet-Cookie: session=ATTACKER\r\nContent-Length: 0\r\n\r\n"
+        for response in (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                         b"HTTP/1.1 304 Not Modified\r\n\r\n",
+                         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"):
+            proto = UpstreamProtocol()
+            proto.makeConnection(StringTransport())
+            seen = []
+
+            class Reuser(Handler):
+                def response_end(self):
+                    Handler.response_end(self)
+                    seen.append(proto.reusable)
+
+            handler = Reuser()
+            proto.send(b"GET / HTTP/1.1\r\n\r\n", handler)
+            proto.dataReceived(response + attack)
+            self.assertEqual(seen, [False], response)
+            self.assertTrue(proto.transport.disconnecting)
+
+    def test_bytesOnAnIdleConnectionCloseIt(self):
+        """An idle connection on which the backend sends anything is closed, never reused."""
+        proto, h = self.exchange(b"HTTP/1.1 304 Not Modified\r\n\r\n")
+        self.assertTrue(proto.reusable)
+        proto.dataReceived(b"late body")
+        self.assertFalse(proto.reusable)
+        self.assertTrue(proto.transport.disconnecting)
+
     def test_connectionCloseNotReusable(self):
         proto, h = self.exchange(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
         self.assertFalse(proto.reusable)
@@ -159,6 +192,30 @@ class UpstreamParserTests(SynchronousTestCase):
             self.assertIsNone(h.head, line)
 
 
+
+
+class PoolKeyTests(SynchronousTestCase):
+    """The pool shares a connection only between requests of the same shape."""
+
+    def test_shapeSeparatesConnections(self):
+        """An idle connection made with one shape is not given to a request with another."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        reactor_ = MemoryReactorClock()
+        pool = UpstreamPool(reactor_)
+        backend = Backend("a", "127.0.0.1", 8443)
+        got = []
+        tls = object()
+        pool.get(backend, 5, lambda p, reused: got.append((p, reused)), None, tls, shape=("A",))
+        factory = reactor_.sslClients[0][2]
+        proto = factory.buildProtocol(None)
+        proto.makeConnection(StringTransport())
+        proto.release()
+        pool.get(backend, 5, lambda p, reused: got.append((p, reused)), None, tls, shape=("B",))
+        self.assertEqual(got, [(proto, False)])
+        self.assertEqual(len(reactor_.sslClients), 2)
+        pool.get(backend, 5, lambda p, reused: got.append((p, reused)), None, tls, shape=("A",))
+        self.assertEqual(got, [(proto, False), (proto, True)])
 
 
 class Recorder(Resource):
@@ -327,8 +384,12 @@ class ProxyTests(TestCase):
         port = yield self.listen(site)
         return f"http://127.0.0.1:{port.getHost().port}", group
 
-    def agent(self):
-        pool = HTTPConnectionPool(reactor, persistent=False)
+    def agent(self, persistent: bool = False):
+        """An HTTP client: a connection per request, or one kept-alive connection."""
+        pool = HTTPConnectionPool(reactor, persistent=persistent)
+        if persistent:
+            pool.maxPersistentPerHost = 1
+            self.addCleanup(pool.closeCachedConnections)
         return Agent(reactor, pool=pool)
 
     @defer.inlineCallbacks
@@ -380,6 +441,7 @@ class ProxyTests(TestCase):
 
     @defer.inlineCallbacks
     def test_keepAliveReusesBackendConnections(self):
+        """The later requests of a kept-alive client connection reuse its backend connection."""
         recorder = Recorder()
         site = Site(recorder)
         built = []
@@ -387,11 +449,31 @@ class ProxyTests(TestCase):
         site.buildProtocol = lambda addr: built.append(addr) or original(addr)
         port = yield self.listen(site)
         url, _ = yield self.proxy(port.getHost().port)
-        agent = self.agent()
+        agent = self.agent(persistent=True)
         for _ in range(5):
             yield readBody((yield agent.request(b"GET", (url + "/").encode())))
         self.assertEqual(len(recorder.requests), 5)
         self.assertEqual(len(built), 1)
+
+    @defer.inlineCallbacks
+    def test_firstRequestOfAClientGetsAFreshConnection(self):
+        """
+        The first request of each client connection goes on a new backend
+        connection, never on one another client used (HAProxy's
+        "http-reuse safe").
+        """
+        recorder = Recorder()
+        site = Site(recorder)
+        built = []
+        original = site.buildProtocol
+        site.buildProtocol = lambda addr: built.append(addr) or original(addr)
+        port = yield self.listen(site)
+        url, _ = yield self.proxy(port.getHost().port)
+        agent = self.agent()  # a connection per request
+        for _ in range(3):
+            yield readBody((yield agent.request(b"GET", (url + "/").encode())))
+        self.assertEqual(len(recorder.requests), 3)
+        self.assertEqual(len(built), 3)
 
     @defer.inlineCallbacks
     def test_unsafeRequestsGetAFreshConnection(self):
@@ -407,7 +489,7 @@ class ProxyTests(TestCase):
         site.buildProtocol = lambda addr: built.append(addr) or original(addr)
         port = yield self.listen(site)
         url, _ = yield self.proxy(port.getHost().port)
-        agent = self.agent()
+        agent = self.agent(persistent=True)
         yield readBody((yield agent.request(b"GET", (url + "/").encode())))
         body = FileBodyProducer(__import__("io").BytesIO(b"x"))
         yield readBody((yield agent.request(b"POST", (url + "/upload").encode(), None, body)))

@@ -166,15 +166,16 @@ class SmugglingTests(TestCase):
         """
         Issue 22, case 1, pipelined: /u is answered, then the bad request gets
         400 at once (not a 408 a minute later), and the backend connection is
-        kept for the next client.
+        kept (the client's bad bytes never reached its code): it stays open,
+        idle in the pool.
         """
         response = yield self.send(
             b"GET /u HTTP/1.1\r\nHost: a\r\n\r\nGET /v HTTP/1\xab1\r\nHost: a\r\n\r\n")
         self.assertTrue(response.startswith(b"HTTP/1.1 200 OK\r\n"), response)
         self.assertIn(b"HTTP/1.1 400 ", response)
         self.assertNotIn(b"/v", b"".join(self.backend.received))
-        yield self.send(b"GET /w HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-        self.assertEqual(len(self.backend.connections), 1)
+        [connection] = self.backend.connections
+        self.assertTrue(connection.transport.connected)
 
     @defer.inlineCallbacks
     def test_http10WithoutHostGetsTheListenersAddress(self):
@@ -254,3 +255,391 @@ class FrontSmugglingTests(SmugglingTests):
 
     def test_connect(self):
         return self.assertRefused(b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n", b"501")
+
+
+class DesyncBackend(protocol.Protocol):
+    """
+    A raw HTTP/1.1 backend that logs the exact bytes of each connection
+    (C{self.log}) and reads what comes as requests one after the other, as a
+    real server would.  It answers each with its path as the body, except:
+
+      - C{POST /early}: a 401 at once, then it drains the announced body (and
+        reads whatever follows as the next request);
+      - C{POST /ignore}: a 200 without reading the body (which it then reads
+        as requests);
+      - C{/hidden}: answered with C{Set-Cookie: session=ATTACKER}, only when
+        the next request arrives on the connection (a late answer);
+      - C{/extra}: the answer, then at once an answer nobody asked for;
+      - C{/304}: a 304; the test may send a late body with L{late};
+      - C{/stall}: the head and 10 of 100 body bytes, then nothing.
+    """
+
+    ATTACKER = b"HTTP/1.1 200 OK\r\nSet-Cookie: session=ATTACKER\r\nContent-Length: 6\r\n\r\nhidden"
+
+    def connectionMade(self):
+        self.log = b""
+        self.buffer = b""
+        self.draining = 0
+        self.pending = False
+        self.closed: defer.Deferred = defer.Deferred()
+        self.factory.connections.append(self)
+
+    def dataReceived(self, data):
+        self.log += data
+        self.buffer += data
+        while True:
+            if self.draining:
+                n = min(self.draining, len(self.buffer))
+                self.draining -= n
+                self.buffer = self.buffer[n:]
+                if self.draining:
+                    return
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head, self.buffer = self.buffer[:end], self.buffer[end + 4:]
+            method, path = head.split(b" ", 2)[:2]
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            self.answer(method, path, length)
+
+    def answer(self, method, path, length):
+        write = self.transport.write
+        if self.pending:
+            self.pending = False
+            write(self.ATTACKER)
+        if path == b"/early":
+            write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 4\r\n\r\nnope")
+            self.draining = length
+        elif path == b"/hidden":
+            self.pending = True
+        elif path == b"/extra":
+            write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n/extra" + self.ATTACKER)
+        elif path == b"/304":
+            write(b"HTTP/1.1 304 Not Modified\r\n\r\n")
+        elif path == b"/stall":
+            write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+        else:  # /ignore too: the body is left to be read as requests
+            write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path))
+
+    def late(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def connectionLost(self, reason):
+        self.closed.callback(None)
+
+
+class Client(protocol.Protocol):
+    """A client connection that keeps what it receives and can wait for some of it."""
+
+    def __init__(self):
+        self.received = b""
+        self.waiting = []
+        self.done: defer.Deferred = defer.Deferred()
+
+    def dataReceived(self, data):
+        self.received += data
+        for item in list(self.waiting):
+            if self.received.count(item[0]) >= item[1]:
+                self.waiting.remove(item)
+                item[2].callback(self.received)
+
+    def until(self, marker: bytes, count: int = 1) -> defer.Deferred:
+        """Fires once C{marker} was received C{count} times."""
+        d: defer.Deferred = defer.Deferred()
+        if self.received.count(marker) >= count:
+            d.callback(self.received)
+        else:
+            self.waiting.append((marker, count, d))
+        return d
+
+    def connectionLost(self, reason):
+        self.done.callback(self.received)
+
+
+def _get(path: bytes, extra: bytes = b"") -> bytes:
+    return b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n" + extra + b"\r\n"
+
+
+class BackendDesyncTests(TestCase):
+    """
+    Desyncs on the backend side (issue 27): a backend connection whose last
+    exchange did not end cleanly is never reused, and a client's first
+    request never goes on a connection another client used, so that no
+    request rides inside another's body and no client gets another's
+    answer.  Through L{BalancerSite}.
+    """
+
+    timeout = 60
+    site_class = BalancerSite
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        from twisted.internet.task import Clock
+
+        self.backend = protocol.ServerFactory.forProtocol(DesyncBackend)
+        self.backend.connections = []
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(self.backend)
+        self.addCleanup(port.stopListening)
+        self.pool = UpstreamPool(reactor)
+        self.addCleanup(self.pool.close)
+        self.group = BackendGroup("g", [Backend("a", "127.0.0.1", port.getHost().port)])
+        # The proxy's timers run on a clock the tests move; sockets are real.
+        self.clock = Clock()
+        self.resource = BalancedProxyResource(self.group, reactor=self.clock, pool=self.pool,
+                                              response_idle_timeout=5, access_log=False)
+        site = self.site_class(self.resource, reactor=reactor, client_idle_timeout=30)
+        listening = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+        self.addCleanup(listening.stopListening)
+        self.port = listening.getHost().port
+
+    @defer.inlineCallbacks
+    def connect(self) -> Client:
+        client = Client()
+        yield protocol.ClientCreator(reactor, lambda: client).connectTCP("127.0.0.1", self.port)
+        self.addCleanup(lambda: client.transport.abortConnection() if client.transport.connected else None)
+        return client
+
+    def logs(self):
+        return [c.log for c in self.backend.connections]
+
+    def assertNoRequestAfter(self, path: bytes, body_length: int = 0) -> None:
+        """
+        No byte follows the request for C{path} (and its body) on the backend
+        connection that carried it.
+        """
+        for log in self.logs():
+            start = log.find(b" " + path + b" HTTP/1.1\r\n")
+            if start < 0:
+                continue
+            end = log.index(b"\r\n\r\n", start) + 4
+            self.assertLessEqual(len(log), end + body_length, log[end + body_length:][:200])
+
+    @defer.inlineCallbacks
+    def test_earlyAnswerConnectionNotReused(self):
+        """
+        A backend answers a large POST before reading its body: the client
+        gets the answer, and the same client's next request (with a secret)
+        goes on a new connection, not into the tail of the POST's body.  The
+        backend is not counted as failing, and nothing is logged as an error.
+        """
+        size = 8_000_000
+        client = yield self.connect()
+        client.transport.write(b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+        client.transport.write(b"B" * size)
+        client.transport.write(_get(b"/victim", b"Authorization: Bearer VICTIM-SECRET\r\n"))
+        received = yield client.until(b"/victim")
+        self.assertTrue(received.startswith(b"HTTP/1.1 401"), received[:100])
+        yield self.backend.connections[0].closed
+        self.assertNoRequestAfter(b"/early", size)
+        carried = [log for log in self.logs() if b"VICTIM-SECRET" in log]
+        self.assertEqual(len(carried), 1)
+        self.assertTrue(carried[0].startswith(b"GET /victim "), carried[0][:100])
+        self.assertEqual(self.group.backends[0].failures, 0)
+        self.assertEqual(self.group.backends[0].active, 0)
+
+    @defer.inlineCallbacks
+    def test_threeEarlyAnswersAtOnce(self):
+        """
+        Three clients POST to a backend that answers early, at once: each gets
+        its answer and then its own next request's, never the other's bytes;
+        the backend is not marked failing.
+        """
+        size = 3_000_000
+        clients = []
+        for i in range(3):
+            client = yield self.connect()
+            clients.append(client)
+            client.transport.write(b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+            client.transport.write(b"B" * size + _get(b"/after%d" % i))
+        for i, client in enumerate(clients):
+            received = yield client.until(b"/after%d" % i)
+            self.assertTrue(received.startswith(b"HTTP/1.1 401"), received[:100])
+        self.assertNoRequestAfter(b"/early", size)
+        self.assertEqual(self.group.backends[0].failures, 0)
+
+    @defer.inlineCallbacks
+    def test_requestHiddenInABodyNeverAnswersAnotherClient(self):
+        """
+        A backend ignores a POST body that holds a request, and answers that
+        request late: the next client's first request goes on a new backend
+        connection, so it gets its own answer, never the attacker's cookie.
+        """
+        attacker = yield self.connect()
+        hidden = _get(b"/hidden")
+        attacker.transport.write(b"POST /ignore HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                                 % (len(hidden), hidden))
+        yield attacker.until(b"/ignore")
+        victim = yield self.connect()
+        victim.transport.write(_get(b"/victim", b"Connection: close\r\n"))
+        received = yield victim.done
+        self.assertNotIn(b"ATTACKER", received)
+        self.assertTrue(received.startswith(b"HTTP/1.1 200"), received)
+        self.assertTrue(received.endswith(b"/victim"), received)
+        self.assertEqual(len(self.backend.connections), 2)
+        self.assertNotIn(b"/victim", self.backend.connections[0].log)
+
+    @defer.inlineCallbacks
+    def test_bytesAfterAResponseNeverAnswerTheNextRequest(self):
+        """
+        A backend sends an answer and then a second one nobody asked for: the
+        connection is closed, and the client's next (pipelined) request gets
+        its own answer on a new connection.
+        """
+        client = yield self.connect()
+        client.transport.write(_get(b"/extra") + _get(b"/next", b"Connection: close\r\n"))
+        received = yield client.done
+        self.assertNotIn(b"ATTACKER", received)
+        self.assertEqual(received.count(b"HTTP/1.1 200"), 2, received)
+        self.assertTrue(received.endswith(b"/next"), received)
+        self.assertNoRequestAfter(b"/extra")
+
+    @defer.inlineCallbacks
+    def test_lateBodyAfter304ClosesTheIdleConnection(self):
+        """
+        Bytes that a backend sends on an idle pooled connection (a body after
+        a 304) close it: the client's next request goes on a new connection
+        and gets its own answer.
+        """
+        client = yield self.connect()
+        client.transport.write(_get(b"/304"))
+        yield client.until(b"304 Not Modified")
+        first = self.backend.connections[0]
+        first.late(self.ATTACKER_BODY)
+        yield first.closed
+        client.transport.write(_get(b"/next", b"Connection: close\r\n"))
+        received = yield client.done
+        self.assertNotIn(b"ATTACKER", received)
+        self.assertTrue(received.endswith(b"/next"), received)
+        self.assertNoRequestAfter(b"/304")
+
+    ATTACKER_BODY = DesyncBackend.ATTACKER
+
+    @defer.inlineCallbacks
+    def test_laterRequestsOfAClientReuseAConnection(self):
+        """A clean exchange leaves the connection to the same client's next request."""
+        client = yield self.connect()
+        client.transport.write(_get(b"/one"))
+        yield client.until(b"/one")
+        client.transport.write(_get(b"/two", b"Connection: close\r\n"))
+        received = yield client.done
+        self.assertTrue(received.endswith(b"/two"), received)
+        self.assertEqual(len(self.backend.connections), 1)
+
+    @defer.inlineCallbacks
+    def test_stalledResponseCutAtTheTimeout(self):
+        """
+        A backend sends the head and part of the body, then nothing: after
+        C{response_idle_timeout} both connections are closed, and the
+        backend's C{active} count is back to 0.
+        """
+        client = yield self.connect()
+        client.transport.write(_get(b"/stall"))
+        yield client.until(b"0123456789")
+        backend = self.group.backends[0]
+        self.assertEqual(backend.active, 1)
+        self.clock.advance(4.9)
+        self.assertEqual(backend.active, 1)
+        self.clock.advance(0.2)
+        received = yield client.done
+        self.assertTrue(received.endswith(b"0123456789"), received)
+        yield self.backend.connections[0].closed
+        self.assertEqual(backend.active, 0)
+        self.assertEqual(self.pool.all, set())
+
+    @defer.inlineCallbacks
+    def test_stalledResponseAfterTheClientHalfCloses(self):
+        """
+        The client sends its request and half-closes, and the backend stalls
+        mid-response: the timeout still closes both connections (no
+        connection left in CLOSE-WAIT) and releases the counters.
+        """
+        client = yield self.connect()
+        client.transport.write(_get(b"/stall"))
+        yield client.until(b"0123456789")
+        client.transport.loseWriteConnection()
+        self.clock.advance(5.1)
+        yield client.done
+        yield self.backend.connections[0].closed
+        self.assertEqual(self.group.backends[0].active, 0)
+
+
+class FrontBackendDesyncTests(BackendDesyncTests):
+    """The same through the listeners' own HTTP/1.1 server."""
+
+    site_class = HTTPFrontFactory
+
+
+class BackendTLSTests(TestCase):
+    """
+    Two groups with different TLS settings on one backend address (issue
+    27): the pool never hands one group's connection to the other.
+    """
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        import os
+
+        from twisted.internet import ssl
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        from tests.certs import CertificateAuthority, cert_pem, key_pem
+        from twisted_slb.config import BackendTLSConfig
+        from twisted_slb.tls import ClientTLSCache
+
+        directory = os.path.abspath(self.mktemp())
+        ca = CertificateAuthority()
+        ca_path = ca.write(directory)
+        issued = ca.issue(["backend.internal"])
+        options = ssl.PrivateCertificate.loadPEM(key_pem(issued.key) + cert_pem(issued.certificate)).options()
+        self.backend = protocol.ServerFactory.forProtocol(DesyncBackend)
+        self.backend.connections = []
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            TLSMemoryBIOFactory(options, False, self.backend))
+        self.addCleanup(port.stopListening)
+        address = port.getHost().port
+        pool = UpstreamPool(reactor)
+        self.addCleanup(pool.close)
+        cache = ClientTLSCache()
+        self.ports = {}
+        for name, tls in (("tlsA", BackendTLSConfig(verify=False, server_name="a.test")),
+                          ("tlsB", BackendTLSConfig(verify=True, ca=ca_path, server_name="b.test"))):
+            group = BackendGroup(name, [Backend("s", "127.0.0.1", address)], tls=tls)
+            resource = BalancedProxyResource(group, pool=pool, tls=cache, access_log=False)
+            listening = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+                HTTPFrontFactory(resource, reactor=reactor))
+            self.addCleanup(listening.stopListening)
+            self.ports[name] = listening.getHost().port
+
+    @defer.inlineCallbacks
+    def connect(self, name: str) -> Client:
+        client = Client()
+        yield protocol.ClientCreator(reactor, lambda: client).connectTCP("127.0.0.1", self.ports[name])
+        self.addCleanup(lambda: client.transport.abortConnection() if client.transport.connected else None)
+        return client
+
+    @defer.inlineCallbacks
+    def test_verifyingGroupNeverGetsAnUnverifiedConnection(self):
+        """
+        After a request through C{tlsA} (unverified, SNI a.test) leaves an
+        idle connection, requests through C{tlsB} (verified, SNI b.test,
+        which the backend's certificate does not name) still get 502: even
+        a later request of a kept-alive client, which may reuse an idle
+        connection, never gets C{tlsA}'s.
+        """
+        a = yield self.connect("tlsA")
+        a.transport.write(_get(b"/a"))
+        yield a.until(b"/a")
+        b = yield self.connect("tlsB")
+        b.transport.write(_get(b"/b1"))
+        yield b.until(b"HTTP/1.1 502")
+        b.transport.write(_get(b"/b2", b"Connection: close\r\n"))
+        received = yield b.done
+        self.assertEqual(received.count(b"HTTP/1.1 502"), 2, received)
+        self.assertNotIn(b"/b", b"".join(c.log for c in self.backend.connections))
+        self.flushLoggedErrors()

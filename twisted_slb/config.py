@@ -197,6 +197,7 @@ class ListenerConfig:
     proxy_protocol: Optional[str] = None  # None | "v1" | "v2"
     # http and https
     request_timeout: float = 60.0
+    response_idle_timeout: float = 60.0  # seconds a backend may go quiet within a response
     client_idle_timeout: float = 60.0
     max_header_bytes: int = 65536
     max_headers: int = 100
@@ -269,7 +270,7 @@ _COMMON_LISTENER_KEYS = (
 )
 _TCP_KEYS = ("idle_timeout", "proxy_protocol")
 _HTTP_KEYS = (
-    "request_timeout", "client_idle_timeout", "max_header_bytes", "max_headers", "max_body_bytes", "tunnel_timeout",
+    "request_timeout", "response_idle_timeout", "client_idle_timeout", "max_header_bytes", "max_headers", "max_body_bytes", "tunnel_timeout",
     "max_connections_per_ip", "rules", "https_redirect_port",
 )
 _HTTPS_KEYS = ("certificates", "min_tls", "alpn")
@@ -977,6 +978,7 @@ def _read_listener(file: str, base: str, name: str, data: Any,
         rules_data = t.array("rules", [], allowed="an array of [[listeners.NAME.rules]] tables")
         kwargs.update(
             request_timeout=t.number("request_timeout", 60.0, 0, 86400, above=True),
+            response_idle_timeout=t.number("response_idle_timeout", 60.0, 0, 86400, above=True),
             client_idle_timeout=t.number("client_idle_timeout", 60.0, 0, 86400, above=True),
             max_header_bytes=t.integer("max_header_bytes", 65536, 1024, 1048576, "bytes"),
             max_headers=t.integer("max_headers", 100, 1, 1000),
@@ -1197,7 +1199,8 @@ def describe(config: Config) -> str:
             lines.append(f"  idle_timeout {l.idle_timeout} s" +
                          (f", PROXY protocol {l.proxy_protocol}" if l.proxy_protocol else ""))
         else:
-            lines.append(f"  request_timeout {l.request_timeout} s, client_idle_timeout {l.client_idle_timeout} s, "
+            lines.append(f"  request_timeout {l.request_timeout} s, response_idle_timeout {l.response_idle_timeout} s, "
+                         f"client_idle_timeout {l.client_idle_timeout} s, "
                          f"max_header_bytes {l.max_header_bytes}, max_headers {l.max_headers}" +
                          (f", max_body_bytes {l.max_body_bytes}" if l.max_body_bytes else ""))
             for i, r in enumerate(l.rules):

@@ -647,6 +647,7 @@ class BalancerService(MultiService):
             reactor=self.reactor,
             pool=self._upstream_pool(),
             request_timeout=listener.request_timeout,
+            response_idle_timeout=listener.response_idle_timeout,
             listener_name=listener.name,
             tls=self.client_tls,
             stats=self.stats.for_listener(listener.name, listener.protocol),

@@ -11,7 +11,16 @@ back with back-pressure (the upstream connection is the client's producer).
 A backend that fails before answering is retried on another backend when the
 request is safe to retry (an idempotent method with no body); otherwise the
 client gets 502 (backend error), 503 (no usable backend) or 504 (no answer in
-C{request_timeout}).
+C{request_timeout}).  A response whose body stops arriving for
+C{response_idle_timeout} is cut.
+
+Backend connections are reused safely (as HAProxy's C{http-reuse safe}): the
+first request of a client connection, a request with a body and any
+non-idempotent request get a new backend connection; only the later
+idempotent requests of a client connection go on an idle one.  A connection
+goes back to the pool only after an exchange that ended cleanly: the whole
+request sent, the whole response read, nothing after it, no timeout.  An
+idle connection on which the backend sends anything is closed.
 """
 
 from __future__ import annotations
@@ -182,6 +191,23 @@ def _request_problem(request) -> Optional[str]:
     return None
 
 
+def _first_on_connection(request) -> bool:
+    """
+    Whether C{request} is the first one of its client connection to go to a
+    backend (which marks the connection, for the next ones).
+    """
+    channel = getattr(request, "channel", None)
+    if channel is None:
+        return True
+    if getattr(channel, "slb_proxied", False):
+        return False
+    try:
+        channel.slb_proxied = True
+    except AttributeError:
+        pass  # a channel that takes no attribute: every request is a first
+    return True
+
+
 @implementer(IPushProducer)
 class _Exchange:
     """
@@ -201,6 +227,11 @@ class _Exchange:
     status = 0
     bytes_sent = 0
     finished = False
+    # Whether the whole request (head and body) was handed to the backend
+    # connection, and whether the response head came before that.
+    request_sent = False
+    early = False
+    last_data = 0.0  # when the last body bytes came from the backend
 
     def __init__(self, resource: BalancedProxyResource, request: Request, upgrade: Optional[bytes] = None) -> None:
         self.resource = resource
@@ -222,6 +253,10 @@ class _Exchange:
         self.body_length = length
         # Safe to send again if a backend fails before answering.
         self.retryable = request.method in IDEMPOTENT and not length
+        # A client's first request never goes on a connection another
+        # client used (what that client sent may not have been what the
+        # backend read: a request hidden in a body it ignored, say).
+        self.first = _first_on_connection(request)
         self.head = self._build_head()
         request.slb_exchange = self  # for introspection (tests, debugging)
         on_lost = getattr(request, "on_connection_lost", None)
@@ -300,7 +335,8 @@ class _Exchange:
         self.connector = resource.pool.get(
             backend, group.connect_timeout, self._connected, self._connect_failed, tls,
             # A tunnel takes its connection for good: never an idle one.
-            reuse=self.retryable and self.upgrade is None,
+            reuse=self.retryable and self.upgrade is None and not self.first,
+            shape=resource.connection_shape(),
         )
 
     def _connect_failed(self, reason) -> None:
@@ -328,13 +364,17 @@ class _Exchange:
         backend.active += 1
         backend.total += 1
         request = self.request
+        self.request_sent = self.early = False
         upstream.send(self.head if self.body_length > _SMALL_BODY else self.head + self._small_body(),
                       self, head_request=request.method == b"HEAD", upgrade=self.upgrade is not None)
         backend.bytes_out += len(self.head) + self.body_length
         if self.body_length > _SMALL_BODY:
             request.content.seek(0, 0)
             self.sender = FileSender()
-            self.sender.beginFileTransfer(request.content, upstream.transport).addErrback(lambda f: None)
+            self.sender.beginFileTransfer(request.content, upstream.transport).addCallbacks(
+                self._body_sent, lambda f: None)
+        else:
+            self.request_sent = True
         resource = self.resource
         resource.response_deadlines.add(self, resource.request_timeout)
 
@@ -345,30 +385,47 @@ class _Exchange:
         content.seek(0, 0)
         return content.read()
 
+    def _body_sent(self, _) -> None:
+        self.sender = None
+        self.request_sent = True
+
     def _end_upstream(self, reusable: bool) -> None:
         upstream, self.upstream = self.upstream, None
         if upstream is None:
             return
         self.backend.active -= 1
-        if self.sender is not None:
-            if self.sender.deferred is not None and not self.sender.deferred.called:
-                self.sender.stopProducing()  # the upload is abandoned with the connection
-            self.sender = None
-        if reusable:
+        owed = not self.request_sent
+        sender, self.sender = self.sender, None
+        if sender is not None and owed:
+            # The upload is abandoned with the connection: the file sender
+            # stops, and no longer is the transport's producer (which would
+            # ask it for more, from a spool file closed by then).
+            upstream.transport.unregisterProducer()
+            sender.file = None
+            sender.stopProducing()
+        if reusable and not owed and not self.early:
             transport = upstream.transport
             if getattr(transport, "bufferSize", None) == _STALLED_READ:
                 del transport.bufferSize  # the class's own again: the next client may read fast
             upstream.release()
         else:
-            upstream.reusable = False
-            upstream.handler = None
-            upstream.transport.loseConnection()
+            # The backend still expects request bytes (it answered early),
+            # or the exchange did not end cleanly: the next request on this
+            # connection could be read as part of this one.  Never reuse;
+            # what the backend is still owed is dropped with a reset.
+            upstream.discard(abort=owed)
 
     def _cancel_timeout(self) -> None:
         self.resource.response_deadlines.discard(self)
 
     def _timed_out(self) -> None:
-        """No response head came in C{request_timeout} (L{Deadlines} calls this)."""
+        """
+        No response head came in C{request_timeout}, or no body bytes in
+        C{response_idle_timeout} (L{Deadlines} calls this).
+        """
+        if self.responding:
+            self._response_idle()
+            return
         backend = self.backend
         backend.record_failure("response timed out")
         log.warn(
@@ -381,9 +438,52 @@ class _Exchange:
 
     # -- the response (called by UpstreamProtocol) ----------------------------
 
+    def _response_idle(self) -> None:
+        upstream = self.upstream
+        if upstream is None or self.finished:
+            return
+        resource = self.resource
+        timeout = resource.response_idle_timeout
+        quiet = resource.reactor.seconds() - self.last_data
+        if upstream.paused or quiet < timeout:
+            # Bytes came since, or the client is the one not reading (its
+            # own timeout covers that): look again later.
+            resource.response_deadlines.add(self, timeout if upstream.paused else timeout - quiet)
+            return
+        backend = self.backend
+        why = f"response stalled: no data for {timeout} s"
+        backend.record_failure(why)
+        log.warn(
+            "listener {listener}: backend {backend} ({address}) sent nothing more of its response in "
+            "{timeout} s: both connections closed",
+            listener=resource.listener_name, backend=backend.name, address=backend.address, timeout=timeout,
+        )
+        self._end_upstream(False)
+        self._cut_client()
+
+    def _cut_client(self) -> None:
+        """
+        Part of the response reached the client and the rest never will: cut
+        its connection, so that the client sees the response incomplete.
+        """
+        request = self.request
+        if request.producer is not None:
+            request.unregisterProducer()
+        if request.channel is not None:
+            # What was sent is flushed, then the connection closes: the
+            # client sees a response shorter than announced (or a chunked
+            # body without its last chunk), never one that looks complete.
+            request.channel.transport.loseConnection()
+        self.finished = True  # the client's loss that follows is not logged again
+        self._over()
+
     def response_head(self, code: int, reason: bytes, headers) -> None:
         self._cancel_timeout()
         self.backend.record_success()
+        if not self.request_sent:
+            # An answer before the whole request went out (a 401 or 413 to
+            # an upload, say): the connection is not reused after it.
+            self.early = True
         if self.client_gone:
             return
         self.responding = True
@@ -407,8 +507,15 @@ class _Exchange:
         session = self.session
         if session.policy is not None:
             session.policy.remember(session, self.backend)
-        if self.upstream is not None and self.upstream.body_follows:
+        upstream = self.upstream
+        if upstream is not None and upstream.body_follows:
+            # The exchange, not the backend connection, is the client
+            # connection's producer: a cut on the client's side reaches it
+            # first (see pauseProducing, stopProducing).
             request.registerProducer(self, True)
+            resource = self.resource
+            self.last_data = resource.reactor.seconds()
+            resource.response_deadlines.add(self, resource.response_idle_timeout)
 
     # -- IPushProducer, for the client's connection ------------------------------
 
@@ -421,12 +528,12 @@ class _Exchange:
         """
         upstream = self.upstream
         if upstream is not None:
-            upstream.transport.pauseProducing()
+            upstream.pauseProducing()  # also tells the response idle timeout that the client is the one waiting
             upstream.transport.bufferSize = _STALLED_READ
 
     def resumeProducing(self) -> None:
         if self.upstream is not None:
-            self.upstream.transport.resumeProducing()
+            self.upstream.resumeProducing()
 
     def stopProducing(self) -> None:
         """The client's connection is closing, whoever closed it: never the backend's doing."""
@@ -475,10 +582,12 @@ class _Exchange:
     def response_data(self, data: bytes) -> None:
         if self.client_gone:
             return
+        self.last_data = self.resource.reactor.seconds()
         self.bytes_sent += len(data)
         self.request.write(data)
 
     def response_end(self) -> None:
+        self._cancel_timeout()
         if self.client_gone:
             self._end_upstream(False)
             return
@@ -506,11 +615,8 @@ class _Exchange:
 
     def response_failed(self, reason, received: bool) -> None:
         self._cancel_timeout()
-        upstream, self.upstream = self.upstream, None
         backend = self.backend
-        if upstream is not None:
-            backend.active -= 1
-            upstream.transport.loseConnection()
+        self._end_upstream(False)
         why = reason.getErrorMessage() if hasattr(reason, "getErrorMessage") else str(reason)
         if self._ended_by_us(reason):
             log.info(
@@ -541,16 +647,7 @@ class _Exchange:
                 "listener {listener}: backend {backend} ({address}) failed mid-response: {why}",
                 listener=self.resource.listener_name, backend=backend.name, address=backend.address, why=why,
             )
-            request = self.request
-            if request.producer is not None:
-                request.unregisterProducer()
-            if request.channel is not None:
-                # What was sent is flushed, then the connection closes: the
-                # client sees a response shorter than announced (or a chunked
-                # body without its last chunk), never one that looks complete.
-                request.channel.transport.loseConnection()
-            self.finished = True  # the client's loss that follows is not logged again
-            self._over()
+            self._cut_client()
             return
         log.warn(
             "listener {listener}: backend {backend} ({address}) failed before answering: {why}",
@@ -681,6 +778,9 @@ class BalancedProxyResource(Resource):
     @ivar group: the backends.
     @ivar pool: the L{UpstreamPool} of keep-alive backend connections.
     @ivar request_timeout: seconds a backend has to start answering.
+    @ivar response_idle_timeout: seconds a backend may send nothing while a
+        response body is due (the client not reading does not count): the
+        backend connection is then closed, and the client's cut.
     @ivar tls: a L{twisted_slb.tls.ClientTLSCache}-like object with
         C{options_for(group, tls, host)}, for groups with TLS to backends.
     @ivar stats: an object with C{request_done(backend, status, outcome,
@@ -704,6 +804,7 @@ class BalancedProxyResource(Resource):
         stats=None,
         access_log: bool = True,
         access_file=None,
+        response_idle_timeout: float = 60.0,
     ) -> None:
         Resource.__init__(self)
         if reactor is None:
@@ -712,6 +813,7 @@ class BalancedProxyResource(Resource):
         self.reactor = reactor
         self.pool = pool if pool is not None else UpstreamPool(reactor)
         self.request_timeout = request_timeout
+        self.response_idle_timeout = response_idle_timeout
         self.listener_name = listener_name
         self.forwarded_proto = forwarded_proto
         self.tls = tls
@@ -720,6 +822,16 @@ class BalancedProxyResource(Resource):
         self.access_file = access_file
         # Each request's response timeout; one timer for them all.
         self.response_deadlines = Deadlines(reactor, _Exchange._timed_out)
+
+    def connection_shape(self):
+        """
+        What, beyond the address, shapes this group's backend connections:
+        the pool shares a connection only between requests with equal
+        shapes.  The group's whole C{tls} setting (verification, CA file,
+        server name, and whatever it grows, such as a client certificate),
+        and the PROXY protocol header sent first (the HTTP proxy sends none).
+        """
+        return (self.group.tls, None)
 
     def tls_options_for(self, backend: Backend):
         group = self.group

@@ -80,14 +80,23 @@ class UpstreamProtocol(Protocol):
     """
     One keep-alive HTTP/1.1 connection to a backend.
 
+    It is also the push producer of the response body it reads (see
+    L{pauseProducing}): the proxy registers it with the client's request, so
+    that it knows whether the client is holding the backend back.
+
     @ivar handler: the handler of the request in flight, or L{None} when idle.
-    @ivar reusable: whether the connection may carry another request.
+    @ivar reusable: whether the connection may carry another request.  Any
+    irregularity clears it for good (bytes after a response, an answer that
+    came before the request was sent whole, a timeout, a response cut short):
+    the connection is then closed instead of going back to the pool.
+    @ivar paused: whether the client's back-pressure paused reading.
     """
 
     handler = None
     pool = None
     key = None
     idle_since = 0.0
+    paused = False
 
     def __init__(self) -> None:
         self.buffer = b""
@@ -162,7 +171,7 @@ class UpstreamProtocol(Protocol):
                 self.remaining = 0
                 if chunk:
                     self.handler.response_data(chunk)
-                self._done()
+                self._done(data)
             elif state == _UNTIL_CLOSE:
                 self.handler.response_data(data)
                 return
@@ -174,7 +183,7 @@ class UpstreamProtocol(Protocol):
                     self.buffer = data
                     return
                 head, data = data[:end], data[end + 4:]
-                self._head(head)
+                self._head(head, data)
             elif state == _CHUNK_SIZE:
                 end = data.find(b"\r\n")
                 if end < 0:
@@ -225,7 +234,7 @@ class UpstreamProtocol(Protocol):
                     return
                 line, data = data[:end], data[end + 2:]
                 if not line:
-                    self._done()
+                    self._done(data)
             else:  # _IDLE with bytes left over: the backend sent too much
                 raise UpstreamError("data after the end of the response")
         if data and self.handler is None and self.state == _IDLE:
@@ -233,7 +242,7 @@ class UpstreamProtocol(Protocol):
             self.reusable = False
             self.transport.loseConnection()
 
-    def _head(self, head: bytes) -> None:
+    def _head(self, head: bytes, rest: bytes) -> None:
         status_end = head.find(b"\r\n")
         if status_end < 0:
             status_end = len(head)
@@ -295,7 +304,7 @@ class UpstreamProtocol(Protocol):
         handler = self.handler
         if self.head_request or code in (204, 304):
             handler.response_head(code, reason, headers)
-            self._done()
+            self._done(rest)
         elif chunked:
             if length is not None:
                 # RFC 9112 6.3: Transfer-Encoding overrides Content-Length,
@@ -309,14 +318,24 @@ class UpstreamProtocol(Protocol):
             self.state = _LENGTH
             handler.response_head(code, reason, headers)
             if length == 0:
-                self._done()
+                self._done(rest)
         else:
             self.state = _UNTIL_CLOSE
             self.reusable = False
             handler.response_head(code, reason, headers)
 
-    def _done(self) -> None:
+    def _done(self, rest: bytes) -> None:
+        """
+        The response is complete; C{rest} is what the backend sent after it.
+        Anything there is a desync (a second response nobody asked for, or a
+        body after a bodiless response): the connection must not be reused,
+        and it must be known before the handler hears of the end, since the
+        handler may at once give the connection back and take it again for
+        the client's next request.
+        """
         self.state = _IDLE
+        if rest:
+            self.reusable = False
         handler, self.handler = self.handler, None
         if handler is not None:
             handler.response_end()
@@ -324,9 +343,41 @@ class UpstreamProtocol(Protocol):
     def release(self) -> None:
         """The response was consumed: give the connection back to the pool."""
         if self.pool is not None and self.reusable and self.connected and self.handler is None:
+            if self.paused:
+                # An idle connection keeps reading: any byte that arrives
+                # on it closes it (see dataReceived).
+                self.paused = False
+                self.transport.resumeProducing()
             self.pool.put(self)
         else:
+            self.reusable = False
             self.transport.loseConnection()
+
+    def discard(self, abort: bool = False) -> None:
+        """
+        Never reuse this connection: close it, at once (dropping what is
+        buffered, the peer gets a reset) when C{abort}.
+        """
+        self.reusable = False
+        self.handler = None
+        if abort:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
+    # -- IPushProducer, for the client's back-pressure on the response body --
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.reusable = False
+        self.transport.stopProducing()
 
     def connectionLost(self, reason) -> None:
         self.connected = False
@@ -392,9 +443,18 @@ class UpstreamPool:
         # cancelled on every request).
         self._sweeper = None
 
-    def get(self, backend, connect_timeout: float, ready, failed, tls_options=None, reuse: bool = True):
+    def get(self, backend, connect_timeout: float, ready, failed, tls_options=None, reuse: bool = True,
+            shape=None):
         """
         An idle connection to C{backend}, or a new one.
+
+        Connections are pooled by everything that shapes them: the backend's
+        address, whether it is TLS, and C{shape}, which the caller sets to
+        the settings behind C{tls_options} (verification, trusted CAs, the
+        server name, a client certificate) and whether a PROXY protocol
+        header is sent.  A request never goes on a connection made with
+        other settings than its own (one group's unverified connection for
+        another group that verifies, say).
 
         C{ready(protocol, reused)} is called with the connection (at once for
         a reused one); C{failed(reason)} if connecting fails.
@@ -402,10 +462,13 @@ class UpstreamPool:
         @param reuse: whether an idle connection may be used.  A request that
             cannot be sent again must not go on one: the backend may close an
             idle connection just as the request is written, and then nobody
-            knows whether it was processed.
+            knows whether it was processed.  Nor may the first request of a
+            client connection (see L{twisted_slb.web.proxy}).
+        @param shape: a hashable value: connections are only shared between
+            requests with equal ones.
         @return: the connector of a new connection (to cancel it), or L{None}.
         """
-        key = (backend.host, backend.port, tls_options is not None)
+        key = (backend.host, backend.port, tls_options is not None, shape)
         idle = self.idle.get(key) if reuse else None
         while idle:
             proto = idle.pop()
