@@ -476,6 +476,43 @@ class ProxyTests(TestCase):
         self.assertEqual(len(built), 3)
 
     @defer.inlineCallbacks
+    def test_idleConnectionClosedAsItIsReusedIsSentAgainToTheSameBackend(self):
+        """
+        A backend that closes an idle kept-alive connection just as a request
+        goes out on it (its keep-alive timeout) has not failed: the request
+        goes to the same backend again, on a new connection, and nothing is
+        counted against it (so a pinned client stays, even with strict).
+        """
+        from twisted.internet import protocol as _protocol
+
+        class ClosesSecondRequest(_protocol.Protocol):
+            def connectionMade(self):
+                self.factory.connections += 1
+                self.served = 0
+                self.buffer = b""
+
+            def dataReceived(self, data):
+                self.buffer += data
+                while b"\r\n\r\n" in self.buffer:
+                    _, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+                    if self.served:
+                        self.transport.loseConnection()  # the keep-alive race
+                        return
+                    self.served += 1
+                    self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+        factory = _protocol.ServerFactory.forProtocol(ClosesSecondRequest)
+        factory.connections = 0
+        port = yield self.listen(factory)
+        url, group = yield self.proxy(port.getHost().port, retries=0)
+        agent = self.agent(persistent=True)
+        for _ in range(2):
+            response = yield agent.request(b"GET", (url + "/").encode())
+            self.assertEqual((response.code, (yield readBody(response))), (200, b"ok"))
+        self.assertEqual(factory.connections, 2)
+        self.assertEqual(group.get("b0").failures, 0)
+
+    @defer.inlineCallbacks
     def test_unsafeRequestsGetAFreshConnection(self):
         """
         A POST never goes on an idle pooled connection (the backend might

@@ -232,6 +232,7 @@ class _Exchange:
     request_sent = False
     early = False
     last_data = 0.0  # when the last body bytes came from the backend
+    reused = False  # whether the current backend connection was an idle pooled one
 
     def __init__(self, resource: BalancedProxyResource, request: Request, upgrade: Optional[bytes] = None) -> None:
         self.resource = resource
@@ -328,6 +329,12 @@ class _Exchange:
             else:
                 self.fail(503, "Service Unavailable", "no backend is available")
             return
+        self.start_on(backend)
+
+    def start_on(self, backend) -> None:
+        """Connect to C{backend} (or take an idle connection to it) and send the request."""
+        resource = self.resource
+        group = resource.group
         self.backend = backend
         self.session.backend = backend
         self.tried.append(backend)
@@ -360,6 +367,7 @@ class _Exchange:
             upstream.release()
             return
         self.upstream = upstream
+        self.reused = reused
         backend = self.backend
         backend.active += 1
         backend.total += 1
@@ -638,6 +646,21 @@ class _Exchange:
                     self._over()
                 else:
                     self.fail(503, "Service Unavailable", "the balancer closed its backend connections")
+            return
+        if self.reused and not received and self.retryable:
+            # An idle kept-alive connection the backend closed (its keep-alive
+            # timeout) just as this request went out: a race, not a failure of
+            # the backend.  The same backend again, on a new connection
+            # (HAProxy and browsers do the same), so that a pinned client stays
+            # where it is, even with on_failure = "strict".
+            log.info(
+                "listener {listener}: idle connection to backend {backend} ({address}) closed as it was "
+                "reused ({why}); sending again on a new connection",
+                listener=self.resource.listener_name, backend=backend.name, address=backend.address, why=why,
+            )
+            self.tried.remove(backend)
+            self.first = True  # a new connection, never another idle one
+            self.start_on(backend)
             return
         backend.record_failure(why)
         if self.responding:
