@@ -126,7 +126,12 @@ def makeService(options: Options):
 
         balancer = WorkerPoolService(config, reactor)
     else:
-        balancer = BalancerService(config, reactor)
+        try:
+            balancer = BalancerService(config, reactor)
+        except ConfigError as e:
+            # A TLS file that changed since it was checked, or that OpenSSL
+            # refuses: one line, as for any other error in the file.
+            raise SystemExit(f"{config.path}: {e}") from None
     balancer.setServiceParent(top)
     _SIGHUPReload(balancer, reactor).setServiceParent(top)
     _FreezeHeap().setServiceParent(top)  # last: after the listeners started
