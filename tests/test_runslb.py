@@ -22,7 +22,9 @@ PYTHON = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
 class RunSlbTests(SynchronousTestCase):
     def run_slb(self, venv: str, *args: str) -> subprocess.CompletedProcess:
         env = dict(os.environ, PYTHON=PYTHON, SLB_VENV=venv)
-        env.pop("VIRTUAL_ENV", None)
+        # trial --jobs gives its workers this suite's sys.path as PYTHONPATH.
+        for name in ("VIRTUAL_ENV", "PYTHONPATH"):
+            env.pop(name, None)
         return subprocess.run(
             [os.path.join(ROOT, "run-slb"), *args],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
