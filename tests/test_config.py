@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from twisted_slb import config as config_module
 from twisted_slb.config import ConfigError, describe, load_config, parse_config
 
 BASE = """
@@ -234,6 +235,101 @@ backends = "web"
 certificates = [ { cert = "/nonexistent/a.pem", key = "/nonexistent/a.key" } ]
 """)
         self.assertIn("listeners.secure.certificates[0].cert: file not found or not readable; got '/nonexistent/a.pem'", message)
+
+
+    def test_caNotPem(self):
+        """A backend group's C{tls.ca} that is not PEM fails the load (and so C{--check}), naming the field."""
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write("just text\n")
+        message = self.error(BASE.replace('retries = 2', f'retries = 2\ntls = {{ ca = "{path}" }}'))
+        self.assertEqual(message, f"slb.toml: backends.web.tls.ca: {path} is not a PEM certificate file "
+                                  "(no -----BEGIN CERTIFICATE----- block)")
+
+
+class CookiePrefixTests(SynchronousTestCase):
+    """C{__Host-} and C{__Secure-} insert cookies follow the rules browsers enforce, or fail the load."""
+
+    def load(self, persistence: str, protocol: str = "http"):
+        return parse_config(BASE + f"""
+[listeners.web]
+protocol = "{protocol}"
+bind = "tcp:8080"
+backends = "web"
+persistence = {{ type = "insert_cookie", {persistence} }}
+""", "slb.toml")
+
+    def error(self, persistence: str) -> str:
+        with self.assertRaises(ConfigError) as cm:
+            self.load(persistence)
+        return str(cm.exception)
+
+    def test_hostPrefixValid(self):
+        """A Secure C{__Host-} cookie with no domain and path / loads."""
+        p = self.load('cookie = "__Host-sid", secure = "always"').listeners["web"].persistence
+        self.assertEqual((p.cookie, p.secure, p.domain, p.path), ("__Host-sid", "always", "", "/"))
+
+    def test_hostPrefixWithDomain(self):
+        """A __Host- cookie with a domain is refused, naming the rule."""
+        message = self.error('cookie = "__Host-sid", secure = "always", domain = "example.com"')
+        self.assertIn("listeners.web.persistence.domain: a __Host- cookie must be Secure, have no domain and "
+                      "have path \"/\" (browsers drop it otherwise); got 'example.com'", message)
+
+    def test_hostPrefixWithOtherPath(self):
+        """A __Host- cookie with a path other than / is refused, naming the rule."""
+        message = self.error('cookie = "__Host-sid", secure = "always", path = "/app"')
+        self.assertIn("listeners.web.persistence.path: a __Host- cookie must be Secure", message)
+        self.assertIn("got '/app'; allowed: \"/\"", message)
+
+    def test_hostPrefixNeverSecure(self):
+        """A __Host- cookie that is never Secure is refused, naming the rule."""
+        message = self.error('cookie = "__Host-sid", secure = "never"')
+        self.assertIn("listeners.web.persistence.secure: a __Host- cookie must be Secure", message)
+        self.assertIn("got 'never'", message)
+
+    def test_hostPrefixAutoOnHttp(self):
+        """C{secure = "auto"} never sets Secure on an http listener, so a __Host- cookie there needs "always"."""
+        message = self.error('cookie = "__Host-sid"')
+        self.assertIn('"auto" never sets Secure on an http listener; got \'auto\'', message)
+
+    def test_securePrefixNeverSecure(self):
+        """C{__Secure-} needs Secure (browsers match the prefix whatever its case); domain and path are free."""
+        message = self.error('cookie = "__secure-sid", secure = false')
+        self.assertIn("listeners.web.persistence.secure: a __Secure- cookie must be Secure (browsers drop it "
+                      "otherwise); got 'never'", message)
+        p = self.load('cookie = "__Secure-sid", secure = true, domain = "example.com", path = "/app"')
+        self.assertEqual(p.listeners["web"].persistence.secure, "always")
+
+
+class ConfigFileTests(SynchronousTestCase):
+    """What C{load_config} agrees to read."""
+
+    def error(self, path: str) -> str:
+        with self.assertRaises(ConfigError) as cm:
+            load_config(path)
+        return str(cm.exception)
+
+    def test_characterDeviceRefused(self):
+        """C{--config /dev/zero} is one clear error, not a read until memory runs out."""
+        self.assertEqual(self.error("/dev/zero"), "/dev/zero: not a regular file (a character device); "
+                                                  "allowed: a regular TOML file of at most 10 MB")
+
+    def test_directoryRefused(self):
+        """A directory given as the configuration file is one clear error."""
+        path = os.path.abspath(self.mktemp())
+        os.mkdir(path)
+        self.assertIn(f"{path}: not a regular file (a directory)", self.error(path))
+
+    def test_tooLargeRefused(self):
+        """A file over the limit (10 MB) is refused, naming its size."""
+        self.assertEqual(config_module.MAX_CONFIG_BYTES, 10 * 1024 * 1024)
+        self.patch(config_module, "MAX_CONFIG_BYTES", len(BASE) - 1)
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(BASE)
+        self.assertIn(f"{path}: the configuration file is too large ({len(BASE)} bytes)", self.error(path))
+        self.patch(config_module, "MAX_CONFIG_BYTES", len(BASE))
+        self.assertEqual(load_config(path).path, path)
 
 
 # Documents built from plausible keys and values of every kind.

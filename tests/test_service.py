@@ -407,6 +407,67 @@ class ReloadTests(ServiceTestCase):
         code, _, _ = yield self.get(self.agent(), self.url + "/")
         self.assertEqual(code, 200)
 
+    def capture_log(self) -> List[dict]:
+        from twisted.logger import globalLogPublisher
+
+        events: List[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        return events
+
+    def bad_ca(self) -> str:
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write("not a PEM file\n")
+        return path
+
+    @defer.inlineCallbacks
+    def test_reloadWithBrokenCAChangesNothing(self):
+        """
+        One file that sets a weight to 0 and names a non-PEM C{tls.ca}: the
+        reload fails as a whole, with one "reload failed" error naming the
+        field and no critical traceback; the weight stays and the listener
+        serves as before.
+        """
+        from twisted.logger import LogLevel
+
+        events = self.capture_log()
+        broken = self.text.replace('{ name = "a", address', '{ name = "a", weight = 0, address').replace(
+            'scheduler = "rr"', f'scheduler = "rr"\ntls = {{ ca = "{self.bad_ca()}" }}')
+        self.rewrite(broken)
+        self.assertFalse(self.service.reload())
+        self.assertEqual(self.service.groups["web"].get("a").weight, 100)
+        self.assertIsNone(self.service.config.backends["web"].tls)
+        errors = [e for e in events if e.get("log_level") in (LogLevel.error, LogLevel.critical)]
+        self.assertEqual(len(errors), 1, errors)
+        self.assertEqual(errors[0]["log_level"], LogLevel.error)
+        self.assertIn("backends.web.tls.ca: ", errors[0]["error"])
+        self.assertIn("reload failed, keeping the running configuration", errors[0]["log_format"])
+        self.assertIn("is not a PEM certificate file", errors[0]["error"])
+        code, _, _ = yield self.get(self.agent(), self.url + "/")
+        self.assertEqual(code, 200)
+
+    def test_reloadFailingPastTheFileChangesNothing(self):
+        """
+        A configuration whose CA file breaks after it was checked (given to
+        C{reload} as a value, so the file's checks are skipped) still fails
+        before anything changes: the weight change in it is not applied.
+        """
+        import attr
+
+        events = self.capture_log()
+        config = load_config(self.path)
+        group = config.backends["web"]
+        from twisted_slb.config import BackendTLSConfig
+
+        servers = (attr.evolve(group.servers[0], weight=0),) + group.servers[1:]
+        group = attr.evolve(group, servers=servers, tls=BackendTLSConfig(ca=self.bad_ca()))
+        old = self.service.config
+        self.assertFalse(self.service.reload(attr.evolve(config, backends={"web": group})))
+        self.assertIs(self.service.config, old)
+        self.assertEqual(self.service.groups["web"].get("a").weight, 100)
+        self.assertEqual([e["error"].split(":", 1)[0] for e in events if "error" in e], ["backends.web.tls.ca"])
+
     @defer.inlineCallbacks
     def test_reloadKeepsPinsAndPort(self):
         """

@@ -201,3 +201,26 @@ class CommandLineTests(SynchronousTestCase):
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("listeners.tcp.persistence.timeout", result.stderr)
         self.assertNotIn("Traceback", result.stderr + result.stdout)
+
+    def test_checkNonPemCAIsOneLine(self) -> None:
+        """
+        C{--check} loads a backend group's C{tls.ca}: a non-PEM one is one
+        line naming the field, exit 1; C{twistd -n slb} with it exits with
+        that line, not a traceback.
+        """
+        ca = os.path.abspath(self.mktemp())
+        with open(ca, "w") as f:
+            f.write("not PEM\n")
+        path = self.write(GOOD.replace("[listeners.tcp]", f'tls = {{ ca = "{ca}" }}\n\n[listeners.tcp]'))
+        for args in (("slb", "--config", path, "--check"), ("-n", "slb", "--config", path)):
+            result = _twistd(*args, cwd=os.path.dirname(path))
+            self.assertNotEqual(result.returncode, 0)
+            self.assertIn(f"backends.web.tls.ca: {ca} is not a PEM certificate file", result.stderr)
+            self.assertNotIn("Traceback", result.stderr + result.stdout)
+
+    def test_notARegularFileIsOneLine(self) -> None:
+        """C{twistd -n slb --config /dev/zero} exits with one line, not a MemoryError."""
+        result = _twistd("-n", "slb", "--config", "/dev/zero", cwd=os.getcwd())
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("/dev/zero: not a regular file (a character device)", result.stderr)
+        self.assertNotIn("Traceback", result.stderr + result.stdout)

@@ -921,3 +921,30 @@ class BackendTLSTests(SynchronousTestCase):
         first = cache.options_for("web", BackendTLSConfig(ca=self.ca_path), "backend.internal")
         changed = BackendTLSConfig(ca=self.ca_path, server_name="backend.internal")
         self.assertIsNot(cache.options_for("web", changed, "backend.internal"), first)
+
+    def test_stageChangesNothingUntilInstalled(self) -> None:
+        """
+        C{stage} loads a changed group's CA without touching the options in
+        use (a reload that fails later changes nothing); C{install} switches.
+        """
+        cache = tls.ClientTLSCache()
+        config = BackendTLSConfig(ca=self.ca_path)
+        first = cache.options_for("web", config, "backend.internal")
+        changed = BackendTLSConfig(ca=self.ca_path, server_name="backend.internal")
+        staged = cache.stage({"web": changed})
+        self.assertEqual(list(staged.groups), ["web"])
+        self.assertIs(cache.options_for("web", config, "backend.internal"), first)
+        cache.install(staged)
+        self.assertIsNot(cache.options_for("web", changed, "backend.internal"), first)
+
+    def test_stageWithBadCARaisesAndKeepsTheOld(self) -> None:
+        """A non-PEM CA fails C{stage}, naming the field; the group keeps its trust root."""
+        cache = tls.ClientTLSCache()
+        config = BackendTLSConfig(ca=self.ca_path)
+        first = cache.options_for("web", config, "backend.internal")
+        bad = os.path.join(self.directory, "bad.pem")
+        with open(bad, "w") as f:
+            f.write("not PEM\n")
+        e = self.assertRaises(ConfigError, cache.stage, {"web": BackendTLSConfig(ca=bad)})
+        self.assertTrue(str(e).startswith(f"backends.web.tls.ca: {bad} is not a PEM certificate file"), str(e))
+        self.assertIs(cache.options_for("web", config, "backend.internal"), first)

@@ -125,3 +125,49 @@ class TwistdTests(TestCase):
         self.assertIn("Server Shut Down.", proc.output)
         # twistd slb runs twisted_slb's reactor when none was chosen.
         self.assertIn("reactor class: twisted_slb.reactor.SLBEPollReactor.", proc.output)
+
+    @defer.inlineCallbacks
+    def test_sighupWithBrokenCAChangesNothing(self):
+        """
+        SIGHUP with a file that sets the weight to 0 and names a non-PEM
+        C{tls.ca}: twistd logs one "reload failed" line naming the field, no
+        traceback, and the weight stays what it was.
+        """
+        backend = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(NamePage("a")))
+        self.addCleanup(backend.stopListening)
+        path = os.path.abspath(self.mktemp() + ".toml")
+        ca = path + ".ca.pem"
+        with open(ca, "w") as f:
+            f.write("not PEM\n")
+        with open(path, "w") as f:
+            f.write(CONFIG.format(port=backend.getHost().port, weight=100))
+        proc = Twistd()
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        transport = reactor.spawnProcess(
+            proc, twistd, [twistd, "--pidfile=", "-n", "slb", "--config", path], env=os.environ.copy()
+        )
+        self.addCleanup(lambda: proc.ended.called or transport.signalProcess("KILL"))
+        admin = yield proc.wait_for(r"listener \[admin\] \(admin\) listening on 127\.0\.0\.1:(\d+)", True)
+        yield proc.wait_for(r"listener web \(http\) listening on", True)
+        stats = f"http://127.0.0.1:{admin.group(1)}/stats".encode()
+
+        @defer.inlineCallbacks
+        def weight():
+            response = yield Agent(reactor).request(b"GET", stats)
+            doc = json.loads((yield readBody(response)))
+            return doc["groups"][0]["backends"][0]["weight"]
+
+        # An answer also means the services started, the SIGHUP handler too.
+        self.assertEqual((yield weight()), 100)
+        with open(path, "w") as f:
+            f.write(CONFIG.format(port=backend.getHost().port, weight=0).replace(
+                "\n[listeners.web]", f'tls = {{ ca = "{ca}" }}\n\n[listeners.web]'))
+        failed = proc.wait_for(r"reload failed, keeping the running configuration: .*backends\.web\.tls\.ca: .*"
+                               r"is not a PEM certificate file")
+        transport.signalProcess("HUP")
+        yield failed
+        self.assertEqual((yield weight()), 100)
+        self.assertNotIn("Traceback", proc.output)
+        self.assertEqual(proc.output.count("reload failed"), 1)
+        transport.signalProcess("TERM")
+        yield proc.ended

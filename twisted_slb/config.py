@@ -13,6 +13,7 @@ import difflib
 import ipaddress
 import os
 import re
+import stat
 import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -826,11 +827,41 @@ def _read_persistence(t: _Table, key: str, protocol: str) -> Optional[Persistenc
     domain = p.string("domain", "")
     if ";" in domain or " " in domain:
         raise p.error("domain", "not a cookie domain", domain, 'a domain such as "example.com", or ""')
+    _check_cookie_prefix(p, protocol, cookie, secure, domain, path)
     return PersistenceConfig(
         type=kind, timeout=timeout, cookie=cookie, secure=secure,
         httponly=p.boolean("httponly", True), samesite=samesite, domain=domain, path=path,
         refresh=p.boolean("refresh", True), on_failure=on_failure, max_idle=max_idle, max_life=max_life,
     )
+
+
+def _check_cookie_prefix(p: _Table, protocol: str, cookie: str, secure: str, domain: str, path: str) -> None:
+    """
+    The rules browsers enforce on cookie name prefixes (RFC 6265bis 4.1.3):
+    a C{__Secure-} cookie must be Secure; a C{__Host-} cookie must be
+    Secure, have no Domain and have Path=/.  A cookie breaking them is
+    dropped by the browser, so persistence would silently never work.
+    Browsers match the prefixes case-insensitively.
+    """
+    name = cookie.lower()
+    if name.startswith("__host-"):
+        prefix = "__Host-"
+    elif name.startswith("__secure-"):
+        prefix = "__Secure-"
+    else:
+        return
+    rule = (f"a {prefix} cookie must be Secure" +
+            (", have no domain and have path \"/\"" if prefix == "__Host-" else "") +
+            " (browsers drop it otherwise)")
+    if secure == "never":
+        raise p.error("secure", rule, secure, f'"always", or "auto" on an https listener, for {cookie}')
+    if secure == "auto" and protocol == "http":
+        raise p.error("secure", rule + '; "auto" never sets Secure on an http listener', secure,
+                      f'"always" (when TLS is terminated in front of the balancer) for {cookie}')
+    if prefix == "__Host-" and domain:
+        raise p.error("domain", rule, domain, f'"" (leave domain out) for {cookie}')
+    if prefix == "__Host-" and path != "/":
+        raise p.error("path", rule, path, f'"/" for {cookie}')
 
 
 def _check_domain(t: _Table, key: str, value: str) -> str:
@@ -1063,36 +1094,78 @@ def parse_config(document: Any, path: str = "<string>") -> Config:
         grace_period=top.number("grace_period", 10.0, 0, 3600),
         max_connections=top.integer("max_connections", 0, 0, 100_000_000),
     )
-    _check_certificates(config)
+    _check_tls_files(config)
     _check_udp(config)
     return config
 
 
-def _check_certificates(config: Config) -> None:
-    """Load every https listener's certificates now, so a bad file fails the load."""
-    https = [l for l in config.listeners.values() if l.protocol == "https"]
-    if not https:
-        return
-    from twisted_slb.tls import load_certificate_set
+def _check_tls_files(config: Config) -> None:
+    """
+    Load every TLS file now (each https listener's certificates and keys,
+    each backend group's C{tls.ca}), so that a bad file fails the load, and
+    so C{--check}, the start and a reload, rather than the first connection.
+    """
+    from twisted_slb.tls import load_certificate_set, load_trust_root
 
-    for listener in https:
-        try:
-            load_certificate_set(listener.certificates, f"listeners.{listener.name}.certificates")
-        except ConfigError as e:
-            raise ConfigError(f"{config.path}: {e}") from None
+    try:
+        for listener in config.listeners.values():
+            if listener.protocol == "https":
+                load_certificate_set(listener.certificates, f"listeners.{listener.name}.certificates")
+        for group in config.backends.values():
+            if group.tls is not None and group.tls.ca is not None:
+                load_trust_root(group.tls.ca, f"backends.{group.name}.tls.ca")
+    except ConfigError as e:
+        raise ConfigError(f"{config.path}: {e}") from None
+
+
+#: The largest configuration file read (a configuration is a few KB; this
+#: refuses a mistaken path such as a log or a device before it fills memory).
+MAX_CONFIG_BYTES = 10 * 1024 * 1024
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _read_config_file(path: str) -> bytes:
+    """
+    The bytes of the configuration file at C{path}, refusing what is not a
+    regular file (C{/dev/zero}, a pipe, a directory) and files over
+    L{MAX_CONFIG_BYTES}.
+    """
+    allowed = f"a regular TOML file of at most {MAX_CONFIG_BYTES // (1024 * 1024)} MB"
+    try:
+        # Checked before opening: opening a named pipe would block.
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"{path}: not a regular file ({_file_kind(mode)}); allowed: {allowed}")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):  # replaced since the check
+                raise ConfigError(f"{path}: not a regular file ({_file_kind(info.st_mode)}); allowed: {allowed}")
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the configuration file: {e.strerror or e}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        size = max(info.st_size, len(data))
+        raise ConfigError(f"{path}: the configuration file is too large ({size} bytes); allowed: {allowed}")
+    return data
 
 
 def load_config(path: str) -> Config:
     """
     Read, parse and validate the TOML file at C{path}.
 
-    @raise ConfigError: the file cannot be read, is not TOML, or is invalid.
+    @raise ConfigError: the file cannot be read, is not a regular file, is
+        larger than L{MAX_CONFIG_BYTES}, is not TOML, or is invalid.
     """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the configuration file: {e.strerror or e}") from None
+    data = _read_config_file(path)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Dict, Mapping, Optional, Tuple
 
+import attr
 from twisted.application.service import MultiService, Service
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
@@ -308,6 +309,16 @@ def _open_connections(factory) -> int:
     return 0
 
 
+@attr.s(frozen=True, auto_attribs=True)
+class _Prepared:
+    """What L{BalancerService._prepare} built for a configuration, not yet in use."""
+
+    #: https listener name -> its L{twisted_slb.tls.SNIServerOptions}
+    server_tls: Dict[str, object]
+    #: the backend groups' trust roots (L{twisted_slb.tls.StagedClientTLS})
+    client_tls: object
+
+
 class BalancerService(MultiService):
     """
     Every listener of a configuration, and the state they share.
@@ -354,10 +365,10 @@ class BalancerService(MultiService):
         self.stats = StatsRegistry(self.groups)
         self.admin_state = None
         self._warned_admin: Optional[str] = None
-        certificates = self._load_certificates(config)
-        self._update_groups(config)
+        prepared = self._prepare(config)
+        self._update_groups(config, prepared)
         for listener in self._listener_configs(config):
-            factory = self._build_factory(listener, certificates)
+            factory = self._build_factory(listener, prepared)
             service = self._listener_service(listener, factory, adopt=self.adopted.get(listener.name))
             service.grace_period = config.grace_period
             service.setServiceParent(self)
@@ -404,7 +415,35 @@ class BalancerService(MultiService):
 
     # -- building ----------------------------------------------------------
 
-    def _update_groups(self, config: Config) -> None:
+    def _prepare(self, config: Config) -> "_Prepared":
+        """
+        Everything of C{config} that can fail, done before anything running
+        changes (so that a reload is all or nothing): the https listeners'
+        certificates read and their OpenSSL contexts built, the backend
+        groups' CA files loaded.  What is left to apply (groups, factories,
+        listeners) cannot fail on a configuration that loaded.
+
+        @raise ConfigError: a TLS file is missing, not PEM, or refused by
+            OpenSSL.
+        """
+        from twisted_slb.tls import SNIServerOptions
+
+        certificates = self._load_certificates(config)
+        server_tls = {}
+        for listener in config.listeners.values():
+            if listener.protocol == "https":
+                try:
+                    server_tls[listener.name] = SNIServerOptions(
+                        certificates[listener.name], min_tls=listener.min_tls, alpn=listener.alpn
+                    )
+                except ValueError as e:  # min_tls or alpn: checked by the config already
+                    raise ConfigError(f"listeners.{listener.name}: {e}") from None
+        client_tls = self.client_tls.stage(
+            {name: group.tls for name, group in config.backends.items() if group.tls is not None}
+        )
+        return _Prepared(server_tls, client_tls)
+
+    def _update_groups(self, config: Config, prepared: "_Prepared") -> None:
         from twisted_slb.health import HealthMonitor
 
         for name, group_config in config.backends.items():
@@ -423,10 +462,8 @@ class BalancerService(MultiService):
         for name in [n for n in self.groups if n not in config.backends]:
             del self.groups[name]
             self.removeService(self.getServiceNamed(f"health:{name}"))
-        for name, group_config in config.backends.items():
-            if group_config.tls is not None:
-                # Loads the CA file and warns (once) about verify = false.
-                self.client_tls.prepare(name, group_config.tls)
+        # The CA files loaded by _prepare; warns (once) about verify = false.
+        self.client_tls.install(prepared.client_tls)
 
     def _load_certificates(self, config: Config) -> Dict[str, object]:
         """
@@ -454,7 +491,7 @@ class BalancerService(MultiService):
                                             max_connections=config.admin.max_connections, over_limit="close"))
         return listeners
 
-    def _build_factory(self, listener: ListenerConfig, certificates: Dict[str, object]):
+    def _build_factory(self, listener: ListenerConfig, prepared: "_Prepared"):
         if listener.protocol == "admin":
             return self._build_admin(listener)
         if listener.protocol == "tcp":
@@ -464,7 +501,7 @@ class BalancerService(MultiService):
         else:
             factory = self._build_site(listener)
             if listener.protocol == "https":
-                factory = self._wrap_tls(listener, factory, certificates[listener.name])
+                factory = self._wrap_tls(factory, prepared.server_tls[listener.name])
         if listener.client_ip.source == "proxy_protocol":
             from twisted_slb.clientip import ProxyProtocolFactory
 
@@ -706,10 +743,9 @@ class BalancerService(MultiService):
         stats.active_source = lambda: len(site.channels)
         return site
 
-    def _wrap_tls(self, listener: ListenerConfig, site, certificates):
-        from twisted_slb.tls import SNIServerOptions, server_tls_factory
+    def _wrap_tls(self, site, options):
+        from twisted_slb.tls import server_tls_factory
 
-        options = SNIServerOptions(certificates, min_tls=listener.min_tls, alpn=listener.alpn)
         return server_tls_factory(options, site, reactor=self.reactor)
 
     # -- reloading ---------------------------------------------------------
@@ -720,19 +756,27 @@ class BalancerService(MultiService):
         is given) and apply it without dropping open connections: listeners
         added, removed or changed; backends added, removed or re-weighted
         (a backend that keeps its name keeps its state and its pins);
-        certificates re-read.  A configuration that fails to load is logged
-        and the one in force keeps running.
+        certificates and CA files re-read.
+
+        A reload is all or nothing: everything that can fail (reading and
+        checking the file, every TLS file, OpenSSL's contexts) is done
+        first, and a failure is one error line ("reload failed, keeping the
+        running configuration: ...") with nothing changed.
 
         @return: whether the new configuration is in force.
         """
         try:
             if config is None:
                 config = load_config(self.config.path)
-            certificates = self._load_certificates(config)
+            prepared = self._prepare(config)
         except ConfigError as e:
             log.error("reload failed, keeping the running configuration: {error}", error=str(e))
             return False
-        self._update_groups(config)
+        except Exception:
+            # A bug, not the file: its traceback is worth having.
+            log.failure("reload failed, keeping the running configuration")
+            return False
+        self._update_groups(config, prepared)
         self.config = config
         self.global_limit.configure(config.max_connections, False)
         # Access log files are reopened by name (log rotation: rename, then
@@ -755,7 +799,7 @@ class BalancerService(MultiService):
         self.stats.retain(config.listeners)
         self._tables_in_use = set()
         for listener in self._listener_configs(config):
-            factory = self._build_factory(listener, certificates)
+            factory = self._build_factory(listener, prepared)
             service = self.namedServices.get(listener.name)
             if service is None:
                 service = self._listener_service(listener, factory)

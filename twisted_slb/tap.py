@@ -145,7 +145,12 @@ def makeService(options: Options):
 
         balancer = WorkerPoolService(config, reactor, adopted=adopted)
     else:
-        balancer = BalancerService(config, reactor, adopted=adopted)
+        try:
+            balancer = BalancerService(config, reactor, adopted=adopted)
+        except ConfigError as e:
+            # A TLS file that changed since it was checked, or that OpenSSL
+            # refuses: one line, as for any other error in the file.
+            raise SystemExit(f"{config.path}: {e}") from None
         inheritance.load_tables(balancer.stick_tables)
     balancer.setServiceParent(top)
     _SIGHUPReload(balancer, reactor).setServiceParent(top)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import datetime
 import re
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import attr
 from cryptography import x509
@@ -858,6 +858,13 @@ def client_tls_options(
     return optionsForClientTLS(name, trustRoot=trust_root)
 
 
+@attr.s(frozen=True, auto_attribs=True)
+class StagedClientTLS:
+    """Trust roots loaded by L{ClientTLSCache.stage}, not yet in use."""
+
+    groups: Mapping[str, Tuple[BackendTLSConfig, Optional[IOpenSSLTrustRoot]]]
+
+
 class ClientTLSCache:
     """
     The client TLS options of every backend, built once per (group, host)
@@ -875,21 +882,46 @@ class ClientTLSCache:
     def prepare(self, group_name: str, group_tls: BackendTLSConfig) -> None:
         """
         Load what C{group_name}'s TLS needs (its C{ca} file) and warn when it
-        is unverified; call it at start and at every reload.  Nothing is done
-        when the settings did not change.
+        is unverified.  Nothing is done when the settings did not change.
 
         @raise ConfigError: the C{ca} file cannot be read.
         """
-        known = self._groups.get(group_name)
-        if known is not None and known[0] == group_tls:
-            return
-        trust_root = None
-        if group_tls.verify and group_tls.ca is not None:
-            trust_root = load_trust_root(group_tls.ca, f"backends.{group_name}.tls.ca")
-        if not group_tls.verify:
-            warn_unverified(group_name)
-        self._groups[group_name] = (group_tls, trust_root)
-        self._options = {k: v for k, v in self._options.items() if k[0] != group_name}
+        self.install(self.stage({group_name: group_tls}))
+
+    def stage(self, groups: Mapping[str, BackendTLSConfig]) -> "StagedClientTLS":
+        """
+        Load the trust roots of every group in C{groups} whose TLS settings
+        changed, without changing what connections use: the first half of a
+        start or reload, which must fail as a whole before anything changes.
+        Give the result to L{install}.
+
+        @param groups: group name -> its C{tls} settings (groups without TLS
+            left out).
+        @raise ConfigError: a C{ca} file cannot be read or holds no PEM
+            certificate (named by its field, C{backends.NAME.tls.ca}).
+        """
+        staged: Dict[str, Tuple[BackendTLSConfig, Optional[IOpenSSLTrustRoot]]] = {}
+        for group_name, group_tls in groups.items():
+            known = self._groups.get(group_name)
+            if known is not None and known[0] == group_tls:
+                continue
+            trust_root = None
+            if group_tls.verify and group_tls.ca is not None:
+                trust_root = load_trust_root(group_tls.ca, f"backends.{group_name}.tls.ca")
+            staged[group_name] = (group_tls, trust_root)
+        return StagedClientTLS(staged)
+
+    def install(self, staged: "StagedClientTLS") -> None:
+        """
+        Use the trust roots of L{stage} from now on (it cannot fail), and warn
+        about each group that newly has C{verify = false}.
+        """
+        for group_name, (group_tls, trust_root) in staged.groups.items():
+            if not group_tls.verify:
+                warn_unverified(group_name)
+            self._groups[group_name] = (group_tls, trust_root)
+        if staged.groups:
+            self._options = {k: v for k, v in self._options.items() if k[0] not in staged.groups}
 
     def options_for(
         self, group_name: str, group_tls: BackendTLSConfig, host: str
