@@ -322,7 +322,8 @@ class BalancerService(MultiService):
             if group is None:
                 group = self.groups[name] = BackendGroup.from_config(group_config)
                 monitor = HealthMonitor(group, group_config.health_check, reactor=self.reactor,
-                                        slow_start=group_config.slow_start, passive=group_config.passive)
+                                        slow_start=group_config.slow_start, passive=group_config.passive,
+                                        tls=self.client_tls)
                 monitor.setName(f"health:{name}")
                 monitor.setServiceParent(self)
             else:
