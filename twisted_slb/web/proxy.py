@@ -508,7 +508,8 @@ class _Exchange:
             self._log_line(backend, client_gone)
         stats = resource.stats
         if stats is not None:
-            stats.request_done(backend, 0 if client_gone else self.status, self.session.outcome, self.bytes_sent)
+            stats.request_done(backend, 0 if client_gone else self.status, self.session.outcome, self.bytes_sent,
+                               self.body_length)
 
     def _log_line(self, backend, client_gone: bool) -> None:
         request = self.request
@@ -553,7 +554,8 @@ class BalancedProxyResource(Resource):
     @ivar tls: a L{twisted_slb.tls.ClientTLSCache}-like object with
         C{options_for(group, tls, host)}, for groups with TLS to backends.
     @ivar stats: an object with C{request_done(backend, status, outcome,
-        bytes)}, or L{None}.
+        bytes_sent, bytes_received)} (a L{twisted_slb.stats.ListenerStats}),
+        or L{None}.
     @ivar access_log: whether to log one line per request.
     @ivar access_file: a L{twisted_slb.accesslog.AccessLogFile} the lines go
         to, or L{None} for log events in the C{twisted_slb.access} namespace.
