@@ -498,6 +498,7 @@ class BalancerService(MultiService):
             stats=self.stats.for_listener(listener.name, listener.protocol),
             access_log=listener.access_log,
             access_file=self._access_file(listener),
+            backend_header=listener.backend_header.encode("ascii") or None,
         )
         if persistence is None:
             return proxy

@@ -331,6 +331,9 @@ class _Exchange:
             for name, value in headers:
                 if name.lower() not in drop:
                     out.addRawHeader(name, value)
+        backend_header = self.resource.backend_header
+        if backend_header is not None:
+            out.setRawHeaders(backend_header, [self.backend.name.encode("utf-8")])
         session = self.session
         if session.policy is not None:
             session.policy.remember(session, self.backend)
@@ -556,6 +559,8 @@ class BalancedProxyResource(Resource):
     @ivar stats: an object with C{request_done(backend, status, outcome,
         bytes_sent, bytes_received)} (a L{twisted_slb.stats.ListenerStats}),
         or L{None}.
+    @ivar backend_header: the name of a response header that names the
+        backend which answered (C{b"X-Backend"}), or L{None}.
     @ivar access_log: whether to log one line per request.
     @ivar access_file: a L{twisted_slb.accesslog.AccessLogFile} the lines go
         to, or L{None} for log events in the C{twisted_slb.access} namespace.
@@ -575,6 +580,7 @@ class BalancedProxyResource(Resource):
         stats=None,
         access_log: bool = True,
         access_file=None,
+        backend_header: Optional[bytes] = None,
     ) -> None:
         Resource.__init__(self)
         if reactor is None:
@@ -589,6 +595,7 @@ class BalancedProxyResource(Resource):
         self.stats = stats
         self.access_log = access_log
         self.access_file = access_file
+        self.backend_header = backend_header or None
         # Each request's response timeout; one timer for them all.
         self.response_deadlines = Deadlines(reactor, _Exchange._timed_out)
 
