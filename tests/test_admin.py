@@ -90,6 +90,24 @@ class AdminTests(AdminCase):
         self.assertEqual(states, {"a": "up", "b": "up"})
 
     @defer.inlineCallbacks
+    def test_statsCountRequestBodyBytesIn(self):
+        """
+        On an HTTP listener C{bytes_in} counts request bodies (a 100 KB POST
+        adds 102400) and C{bytes_out} response bodies, headers excluded.
+        """
+        from io import BytesIO
+
+        from twisted.web.client import FileBodyProducer
+
+        body = b"x" * 102400
+        response = yield self.agent.request(b"POST", (self.web + "/").encode(), Headers({}),
+                                            FileBodyProducer(BytesIO(body)))
+        answer = yield readBody(response)
+        _, stats = yield self.fetch(self.admin + "/stats")
+        web = [l for l in json.loads(stats)["listeners"] if l["name"] == "web"][0]
+        self.assertEqual((web["bytes_in"], web["bytes_out"]), (102400, len(answer)))
+
+    @defer.inlineCallbacks
     def test_statsShowOperatorAndHealthState(self):
         """/stats gives each backend's operator state, health state and passive (ejection) view apart."""
         yield self.fetch(self.admin + "/backends/web/a/down", b"POST")

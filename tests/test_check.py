@@ -169,3 +169,98 @@ class CheckTests(TestCase):
             code, _, err = yield self.check("http://127.0.0.1:1/", "--header", bad)
             self.assertEqual(code, 2)
             self.assertIn("--header wants NAME:VALUE", err)
+
+class Anonymous(Resource):
+    """A backend whose page does not say who it is."""
+
+    isLeaf = True
+
+    def render(self, request):
+        return b"hello\n"
+
+
+NAMED = """
+[admin]
+bind = "tcp:0:interface=127.0.0.1"
+
+[backends.web]
+servers = [ {{ name = "alpha", address = "127.0.0.1:{a}" }}, {{ name = "beta", address = "127.0.0.1:{b}" }} ]
+
+[listeners.plain]
+protocol = "http"
+bind = "tcp:0:interface=127.0.0.1"
+backends = "web"
+persistence = {{ type = "insert_cookie" }}
+
+[listeners.named]
+protocol = "http"
+bind = "tcp:0:interface=127.0.0.1"
+backends = "web"
+persistence = {{ type = "insert_cookie" }}
+backend_header = "X-Backend"
+"""
+
+
+class BackendNameTests(TestCase):
+    """slb-check names backends through the admin listener or the listener's backend_header."""
+
+    timeout = 30
+    check = CheckTests.check
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        import os
+
+        from twisted_slb.config import load_config
+        from twisted_slb.service import ADMIN, BalancerService
+
+        ports = {}
+        for name in "ab":
+            port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(Anonymous()))
+            self.addCleanup(port.stopListening)
+            ports[name] = port.getHost().port
+        path = os.path.abspath(self.mktemp() + ".toml")
+        with open(path, "w") as f:
+            f.write(NAMED.format(**ports))
+        service = BalancerService(load_config(path), reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.ids = {b.name: b.id for b in service.groups["web"].backends}
+
+        def url(name):
+            return f"http://127.0.0.1:{service.getServiceNamed(name).port.getHost().port}/"
+
+        self.plain, self.named, self.admin = url("plain"), url("named"), url(ADMIN)
+
+    def served_by(self, out: str) -> str:
+        return out.rsplit("on backend ", 1)[1].strip()
+
+    @defer.inlineCallbacks
+    def test_withoutHelpTheBackendIsAnId(self):
+        """Without --admin or a backend_header, the cookie's opaque id is all slb-check can show."""
+        code, out, _ = yield self.check(self.plain, "-n", "3")
+        self.assertEqual(code, 0)
+        self.assertIn(self.served_by(out), set(self.ids.values()))
+
+    @defer.inlineCallbacks
+    def test_adminNamesTheBackend(self):
+        """--admin reads the id-to-name map from /stats: the report names the backend."""
+        code, out, _ = yield self.check(self.plain, "-n", "3", "--admin", self.admin)
+        self.assertEqual(code, 0)
+        self.assertIn(self.served_by(out), {"alpha", "beta"})
+        self.assertNotIn(self.ids["alpha"], out)
+        self.assertNotIn(self.ids["beta"], out)
+
+    @defer.inlineCallbacks
+    def test_backendHeaderNamesTheBackend(self):
+        """A listener with backend_header names the backend in each response; slb-check reads it."""
+        code, out, err = yield self.check(self.named, "-n", "3")
+        self.assertEqual(code, 0, err)
+        self.assertIn(self.served_by(out), {"alpha", "beta"})
+
+    @defer.inlineCallbacks
+    def test_adminThatIsNotOneExitsTwo(self):
+        """--admin pointing at something that is not an admin listener is a clear error, exit 2."""
+        code, _, err = yield self.check(self.plain, "--admin", self.plain)
+        self.assertEqual(code, 2)
+        self.assertIn("--admin", err)

@@ -96,6 +96,39 @@ backends = "web"
         self.assertIn("persistence: none (each request is balanced on its own)", text)
 
 
+class BackendHeaderTests(SynchronousTestCase):
+    LISTENER = BASE + """
+[listeners.web]
+protocol = "http"
+bind = "tcp:8080"
+backends = "web"
+"""
+
+    def test_offByDefault(self):
+        """Without backend_header, responses do not name their backend."""
+        self.assertEqual(parse_config(self.LISTENER).listeners["web"].backend_header, "")
+
+    def test_readAndDescribed(self):
+        """A header name is kept as written, and --check says what it does."""
+        config = parse_config(self.LISTENER + 'backend_header = "X-Backend"\n')
+        self.assertEqual(config.listeners["web"].backend_header, "X-Backend")
+        self.assertIn("each response names its backend in X-Backend", describe(config))
+
+    def test_badNamesAreRefused(self):
+        """A header the protocol needs, or not a header name at all, is an error naming the field and value."""
+        for value in ("Set-Cookie", "X Backend", "content-length"):
+            with self.assertRaises(ConfigError) as cm:
+                parse_config(self.LISTENER + f'backend_header = "{value}"\n', "slb.toml")
+            self.assertIn(f"slb.toml: listeners.web.backend_header: not a header name the balancer may set; "
+                          f"got {value!r}; allowed: an HTTP header name", str(cm.exception))
+
+    def test_notOnTcpListeners(self):
+        """backend_header is an http(s) setting: a tcp listener refuses it."""
+        with self.assertRaises(ConfigError) as cm:
+            parse_config(BASE.replace("idle_timeout = 900", 'idle_timeout = 900\nbackend_header = "X-Backend"'))
+        self.assertIn("listeners.tcp.backend_header: not a setting of tcp listeners", str(cm.exception))
+
+
 class ErrorTests(SynchronousTestCase):
     def error(self, text: str) -> str:
         with self.assertRaises(ConfigError) as cm:

@@ -67,6 +67,15 @@ class EchoTests(SynchronousTestCase):
         proto.dataReceived(b"hello\n")
         self.assertEqual(transport.value(), b"backend=b\nhello\n")
 
+    def test_quitCloses(self):
+        """A line C{quit} ends the connection, so a one-shot curl telnet:// check ends without a timeout."""
+        proto = EchoNameFactory("b").buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(b"quit\r\n")
+        self.assertEqual(transport.value(), b"backend=b\n")
+        self.assertTrue(transport.disconnecting)
+
 
 class LayoutTests(SynchronousTestCase):
     def test_configLoads(self):
@@ -92,6 +101,20 @@ class LayoutTests(SynchronousTestCase):
             check_ports_free([port])
         self.assertIn(str(port), str(cm.exception))
         self.assertIn("--port-base", str(cm.exception))
+
+    def test_adminListenerAndItsURL(self):
+        """The demo runs the admin listener, and the banner gives its URL."""
+        config = parse_config(demo_config_text(9000), path="<demo>")
+        self.assertEqual(config.admin.bind, "tcp:9003:interface=127.0.0.1")
+        self.assertIn("http://127.0.0.1:9003/", demo_banner(9000))
+
+    def test_listenBaseMovesOnlyTheListeners(self):
+        """--listen-base gives a copy that runs beside the demo: its listeners move, its backends stay the demo's."""
+        demo = parse_config(demo_config_text(9000), path="<demo>")
+        beside = parse_config(demo_config_text(9000, listen_base=10000), path="<copy>")
+        self.assertEqual(beside.listeners["insert"].bind, "tcp:10000:interface=127.0.0.1")
+        self.assertEqual(beside.admin.bind, "tcp:10003:interface=127.0.0.1")
+        self.assertEqual(beside.backends, demo.backends)
 
     def test_portsDoNotOverlap(self):
         ports = demo_layout(8080).ports

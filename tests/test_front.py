@@ -542,3 +542,18 @@ class TunnelTests(FrontTestCase):
         self.assertFalse(transport.disconnecting)
         self.reactor.advance(1)
         self.assertTrue(transport.disconnecting)
+
+    def test_tunnelBytesFromTheClientCountIn(self):
+        """A tunnel's bytes from the client (those sent early too) count in the listener's C{bytes_in}."""
+        from twisted_slb.stats import ListenerStats
+
+        resource = Recorder(hold=True)
+        proto, transport = self.connect(resource)
+        self.factory.stats = stats = ListenerStats("web", "http")
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: y\r\n\r\nearly")
+        request = resource.requests[0]
+        request.setResponseCode(101)
+        request.setHeader(b"connection", b"Upgrade")
+        request.switch_protocols(StringTransport())
+        proto.dataReceived(b"more")
+        self.assertEqual(stats.bytes_in, len(b"earlymore"))

@@ -5,6 +5,8 @@ and reactor, passive checks, and a real backend going down and up.
 
 from __future__ import annotations
 
+import os
+
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ConnectionRefusedError
@@ -69,8 +71,11 @@ class StateMachineTests(SynchronousTestCase):
         self.assertEqual(delays, [0.5, 1.5])
 
     def test_requestSent(self):
+        """An http check is a GET of its path, naming the backend's address as Host."""
         transport = self.run_check(0)
-        self.assertTrue(transport.value().startswith(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1:900"))
+        head = transport.value()
+        self.assertTrue(head.startswith(b"GET /health HTTP/1.1\r\n"))
+        self.assertIn(b"\r\nHost: 127.0.0.1:9000\r\n", head)
 
     def test_downAfterUnhealthyThreshold(self):
         a = self.group.get("a")
@@ -352,7 +357,12 @@ class IssueCasesTests(SynchronousTestCase):
 class HealthPage(Resource):
     isLeaf = True
 
+    def __init__(self, requests=None) -> None:
+        Resource.__init__(self)
+        self.requests = requests if requests is not None else []
+
     def render(self, request):
+        self.requests.append(request.path)
         return b"ok"
 
 
@@ -376,6 +386,84 @@ class EndToEndTests(TestCase):
         self.addCleanup(port.stopListening)
         yield monitor.when(a, up=True)
         self.assertTrue(a.up)
+
+
+TLS_CHECKED = """
+[backends.secure]
+tls = {{ verify = true, ca = "{ca}", server_name = "{name}" }}
+health_check = {{ type = "http", path = "/health", interval = 0.05, timeout = 2, healthy_threshold = 1, unhealthy_threshold = 1 }}
+servers = [ {{ name = "a", address = "127.0.0.1:{port}" }} ]
+
+[listeners.web]
+protocol = "http"
+bind = "tcp:0:interface=127.0.0.1"
+backends = "secure"
+"""
+
+
+class TLSCheckTests(TestCase):
+    """http checks of a group with C{tls} speak TLS to the backend, as the proxy does."""
+
+    timeout = 20
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        from twisted.internet import ssl
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        from tests.certs import CertificateAuthority, cert_pem, key_pem
+
+        self.dir = os.path.abspath(self.mktemp())
+        ca = CertificateAuthority()
+        self.ca_path = ca.write(self.dir)
+        issued = ca.issue(["backend.internal"])
+        options = ssl.PrivateCertificate.loadPEM(key_pem(issued.key) + cert_pem(issued.certificate)).options()
+        self.server_names = []
+        options.getContext().set_tlsext_servername_callback(
+            lambda connection: self.server_names.append(connection.get_servername()))
+        self.requests = []
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            TLSMemoryBIOFactory(options, False, Site(HealthPage(self.requests))))
+        self.addCleanup(port.stopListening)
+        self.backend_port = port.getHost().port
+
+    def start(self, name: str):
+        from twisted_slb.config import load_config
+        from twisted_slb.service import BalancerService
+
+        path = os.path.join(self.dir, "slb.toml")
+        with open(path, "w") as f:
+            f.write(TLS_CHECKED.format(ca=self.ca_path, name=name, port=self.backend_port))
+        service = BalancerService(load_config(path), reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        backend = service.groups["secure"].get("a")
+        return service.getServiceNamed("health:secure"), backend
+
+    @defer.inlineCallbacks
+    def test_checkSpeaksTLSWithTheGroupsServerName(self):
+        """
+        The check's TLS handshake sends the group's C{server_name} (SNI) and
+        verifies the certificate against the group's C{ca}; the GET inside
+        passes, and the backend stays up.
+        """
+        monitor, backend = self.start("backend.internal")
+        monitor._mark(backend, False, "marked down by the test: only a passing check brings it up")
+        yield monitor.when(backend, up=True)
+        state = backend.extra["health"]
+        self.assertEqual((state.last_status, state.last_reason), ("ok", "status 200"))
+        self.assertTrue(backend.up)
+        self.assertIn(b"backend.internal", self.server_names)
+        self.assertIn(b"/health", self.requests)
+
+    @defer.inlineCallbacks
+    def test_checkVerifiesTheCertificate(self):
+        """A certificate that does not name C{server_name} fails the check: the backend goes down."""
+        monitor, backend = self.start("other.internal")
+        yield monitor.when(backend, up=False)
+        self.assertEqual(self.requests, [])
+        self.assertIn("no response", backend.extra["health"].last_reason)
+        self.flushLoggedErrors()
 
 
 class SlowStartTests(SynchronousTestCase):

@@ -354,7 +354,7 @@ class StatsRecorder:
     def __init__(self, done):
         self.done = done
 
-    def request_done(self, backend, status, outcome, sent):
+    def request_done(self, backend, status, outcome, sent, received=0):
         self.done.append((backend.name if backend else None, status))
 
 

@@ -3,13 +3,15 @@ C{slb-check}: the FAQ's persistence test, with a verdict::
 
     slb-check URL [-n 30] [--interval 0] [--cookie NAME] [--match REGEX]
               [--no-jar] [--json] [--source ADDR] [--timeout 10]
-              [--header NAME:VALUE]...
+              [--header NAME:VALUE]... [--admin ADMIN_URL] [--backend-header NAME]
     slb-check --tcp HOST:PORT [-n 30] [--source ADDR] [--match REGEX] [--json]
 
 The first request saves the cookies in a jar; the next N send them (unless
 C{--no-jar}).  Each response is attributed to a backend, in this order:
-C{--match}, a C{backend=NAME} in the body (the demo backends' page), the
-persistence cookie's value (the backend's opaque id).
+C{--match}, the listener's C{backend_header} (C{--backend-header}, default
+C{X-Backend}), a C{backend=NAME} in the body (the demo backends' page), the
+persistence cookie's value (the backend's opaque id).  With C{--admin}, the
+admin listener's C{/stats} turns ids into backend names.
 With C{--header NAME:VALUE} (repeatable) every request carries that header:
 the check of header persistence, where no cookie is set.
 Exit status: 0 when every request reached one backend, 1 when not, 2 on
@@ -62,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
     p.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
                    help="send this header with every request (header persistence: --header X-Session-Id:abc)")
+    p.add_argument("--admin", metavar="ADMIN_URL",
+                   help="the balancer's admin listener (http://127.0.0.1:8083/): its /stats names the backends "
+                        "behind the cookies' opaque ids")
+    p.add_argument("--backend-header", default="X-Backend",
+                   help="the response header naming the backend (the listener's backend_header; default X-Backend)")
     return p
 
 
@@ -95,12 +102,14 @@ def _parse(argv: List[str]) -> argparse.Namespace:
     return args
 
 
-def _identify(args, body: bytes, cookie_value: Optional[str]) -> Optional[str]:
+def _identify(args, body: bytes, cookie_value: Optional[str], header: Optional[bytes] = None) -> Optional[str]:
     if args.match_re is not None:
         m = args.match_re.search(body)
         if m is None:
             return None
         return (m.group(1) if m.groups() else m.group(0)).decode("utf-8", "replace")
+    if header:
+        return header.decode("utf-8", "replace")
     m = _DEMO.search(body)
     if m:
         return m.group(1).decode("utf-8", "replace")
@@ -131,8 +140,39 @@ def _persistence_cookie(args, jar: Dict[str, str]) -> Optional[str]:
     return None
 
 
+def backend_names(stats: dict) -> Dict[str, str]:
+    """The id-to-name map of every backend in an admin listener's C{/stats} document."""
+    names = {}
+    for group in stats.get("groups", []):
+        for backend in group.get("backends", []):
+            if backend.get("id") and backend.get("name"):
+                names[backend["id"]] = backend["name"]
+    return names
+
+
+@defer.inlineCallbacks
+def _admin_names(args, reactor):
+    """Read the id-to-name map from C{args.admin}'s C{/stats}."""
+    url = args.admin.rstrip("/") + "/stats"
+    agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False), connectTimeout=args.timeout)
+    try:
+        d = agent.request(b"GET", url.encode("utf-8"), Headers({b"user-agent": [b"slb-check"]}))
+        d.addTimeout(args.timeout, reactor)
+        response = yield d
+        body = yield readBody(response)
+    except Exception as e:
+        raise UsageFailure(f"slb-check: --admin {args.admin}: {e}") from None
+    if response.code != 200:
+        raise UsageFailure(f"slb-check: --admin {args.admin}: {url} answered {response.code}")
+    try:
+        return backend_names(json.loads(body))
+    except (ValueError, AttributeError):
+        raise UsageFailure(f"slb-check: --admin {args.admin}: {url} is not an admin listener's /stats") from None
+
+
 @defer.inlineCallbacks
 def _check_http(args, reactor, out: TextIO):
+    names = (yield _admin_names(args, reactor)) if args.admin else {}
     pool = HTTPConnectionPool(reactor, persistent=False)
     agent = Agent(reactor, pool=pool, connectTimeout=args.timeout,
                   bindAddress=(args.source, 0) if args.source else None)
@@ -156,7 +196,9 @@ def _check_http(args, reactor, out: TextIO):
             else:
                 jar[name] = value
         name = _persistence_cookie(args, jar)
-        visits.append(Visit(i, response.code, _identify(args, body, jar.get(name) if name else None), set_cookies))
+        header = (response.headers.getRawHeaders(args.backend_header.encode("latin-1")) or [None])[-1]
+        backend = _identify(args, body, jar.get(name) if name else None, header)
+        visits.append(Visit(i, response.code, names.get(backend, backend), set_cookies))
         if args.interval and i < args.n:
             yield task.deferLater(reactor, args.interval, lambda: None)
     return visits, _persistence_cookie(args, jar)

@@ -204,6 +204,7 @@ class ListenerConfig:
     max_headers: int = 100
     max_body_bytes: int = 0  # 0: unlimited
     tunnel_timeout: float = 3600.0  # idle seconds of an upgraded (WebSocket) connection
+    backend_header: str = ""  # http(s): a response header naming the backend that answered; "": none
     max_connections_per_ip: int = 0  # 0: unlimited
     rules: Tuple[RuleConfig, ...] = ()
     https_redirect_port: Optional[int] = None
@@ -272,7 +273,7 @@ _COMMON_LISTENER_KEYS = (
 _TCP_KEYS = ("idle_timeout", "proxy_protocol")
 _HTTP_KEYS = (
     "request_timeout", "response_idle_timeout", "client_idle_timeout", "max_header_bytes", "max_headers", "max_body_bytes", "tunnel_timeout",
-    "max_connections_per_ip", "rules", "https_redirect_port",
+    "max_connections_per_ip", "rules", "https_redirect_port", "backend_header",
 )
 _HTTPS_KEYS = ("certificates", "min_tls", "alpn")
 _UDP_KEYS = ("protocol", "bind", "backends", "persistence", "access_log", "idle_timeout", "max_sessions")
@@ -573,6 +574,20 @@ def _check_file(t: _Table, key: str, value: Any, base: str) -> str:
     if not os.path.isfile(path) or not os.access(path, os.R_OK):
         raise t.error(key, "file not found or not readable", value, f"a readable file ({path})")
     return path
+
+
+#: response headers a backend_header may not replace
+_RESERVED_RESPONSE_HEADERS = ("connection", "content-length", "content-type", "keep-alive", "location",
+                              "set-cookie", "transfer-encoding", "upgrade")
+
+
+def _read_backend_header(t: _Table) -> str:
+    """C{backend_header}: the name of a response header naming the backend, or ""."""
+    allowed = "an HTTP header name such as 'X-Backend', not one the protocol needs; '' (the default): none"
+    value = t.string("backend_header", "", allowed=allowed)
+    if value and (not _TOKEN.match(value) or value.lower() in _RESERVED_RESPONSE_HEADERS):
+        raise t.error("backend_header", "not a header name the balancer may set", value, allowed)
+    return value
 
 
 def _read_access_log(t: _Table, base: str) -> Dict[str, Any]:
@@ -1019,6 +1034,7 @@ def _read_listener(file: str, base: str, name: str, data: Any,
             rules=tuple(_read_rule(t, i, d, protocol, groups, backends) for i, d in enumerate(rules_data)),
             https_redirect_port=redirect,
             split=split,
+            backend_header=_read_backend_header(t),
         )
     if protocol == "https":
         certs_data = t.array("certificates", allowed="a non-empty array of { cert, key, chain } tables")
@@ -1295,6 +1311,8 @@ def describe(config: Config) -> str:
             lines.append(f"  access log to {l.access_log_path} (buffered, flushed every second)")
         if not l.access_log:
             lines.append("  access log off")
+        if l.backend_header:
+            lines.append(f"  each response names its backend in {l.backend_header}")
     if config.admin is not None:
         lines.append("")
         lines.append(f"admin: {config.admin.bind}")

@@ -79,7 +79,11 @@ class CheckPage(Resource):
 
 
 class EchoName(LineOnlyReceiver):
-    """TCP demo backend: says C{backend=NAME}, then echoes lines."""
+    """
+    TCP demo backend: says C{backend=NAME}, then echoes lines; a line
+    C{quit} closes the connection (curl's C{telnet://} never half-closes,
+    so C{echo quit | curl telnet://...} is how a one-shot check ends).
+    """
 
     delimiter = b"\n"
 
@@ -87,6 +91,9 @@ class EchoName(LineOnlyReceiver):
         self.sendLine(b"backend=" + self.factory.name.encode("utf-8"))
 
     def lineReceived(self, line: bytes) -> None:
+        if line.strip() == b"quit":
+            self.transport.loseConnection()
+            return
         self.sendLine(line)
 
 
@@ -145,7 +152,9 @@ class DemoLayout:
 
     @property
     def listener_ports(self) -> dict:
-        return {"insert": self.port_base, "rewrite": self.port_base + 1, "tcp": self.port_base + 2}
+        """The balancer's ports: the three listeners, then the admin listener."""
+        return {"insert": self.port_base, "rewrite": self.port_base + 1, "tcp": self.port_base + 2,
+                "admin": self.port_base + 3}
 
     @property
     def ports(self) -> List[int]:
@@ -156,14 +165,28 @@ def demo_layout(port_base: int = DEMO_PORT_BASE) -> DemoLayout:
     return DemoLayout(port_base)
 
 
-def demo_config_text(port_base: int = DEMO_PORT_BASE) -> str:
-    """The TOML of the demo's balancer, ready to copy into a file of your own."""
+def demo_config_text(port_base: int = DEMO_PORT_BASE, listen_base: Optional[int] = None) -> str:
+    """
+    The TOML of the demo's balancer, ready to copy into a file of your own.
+
+    @param listen_base: where the listeners (and the admin listener) go;
+        L{None}: where the demo's own are.  Another base gives a
+        configuration that runs beside the demo, in front of its backends.
+    """
     layout = demo_layout(port_base)
     i = layout.interface
     web = ",\n".join(f'  {{ name = "{n}", address = "{i}:{h}" }}' for n, h, _ in layout.backends)
     echo = ",\n".join(f'  {{ name = "{n}", address = "{i}:{t}" }}' for n, _, t in layout.backends)
-    p = layout.listener_ports
-    return f"""# The twisted_slb demo configuration.
+    p = layout.listener_ports if listen_base is None else demo_layout(listen_base).listener_ports
+    if listen_base is None:
+        head = "# The twisted_slb demo configuration."
+    else:
+        head = (f"# The twisted_slb demo configuration, its listeners moved to {i}:{p['insert']}-{p['admin']}\n"
+                f"# so that it runs beside the demo, in front of the demo's backends (they run while the demo does).")
+    return f"""{head}
+[admin]
+bind = "tcp:{p['admin']}:interface={i}"
+
 [backends.web]
 scheduler = "wrr"
 servers = [
@@ -205,12 +228,24 @@ def _slb_check() -> str:
     return beside if os.path.exists(beside) else "slb-check"
 
 
+def _twistd_slb() -> str:
+    """How to call C{twistd slb} from here: by name when it is on PATH."""
+    import shutil
+
+    if shutil.which("twistd"):
+        return "twistd slb"
+    beside = os.path.join(os.path.dirname(sys.executable), "twistd")
+    return (beside if os.path.exists(beside) else "twistd") + " slb"
+
+
 def demo_banner(port_base: int = DEMO_PORT_BASE) -> str:
     """The lines printed when the demo starts."""
     check = _slb_check()
+    twistd = _twistd_slb()
     layout = demo_layout(port_base)
     i = layout.interface
     p = layout.listener_ports
+    port_flag = "" if port_base == DEMO_PORT_BASE else f" --port-base {port_base}"
     backends = ", ".join(f"{n} on {i}:{h}" for n, h, _ in layout.backends)
     return f"""
 twisted_slb demo is running (Ctrl-C to stop). Demo backends: {backends}.
@@ -225,10 +260,14 @@ twisted_slb demo is running (Ctrl-C to stop). Demo backends: {backends}.
     {check} http://{i}:{p['rewrite']}/ -n 30 --cookie JSESSIONID
 
   Source-IP persistence (TCP), {i}:{p['tcp']}
-    for a in 1 2 3; do curl -s --max-time 1 telnet://{i}:{p['tcp']} --interface 127.0.0.5 </dev/null; done
+    for a in 1 2 3; do echo quit | curl -s telnet://{i}:{p['tcp']} --interface 127.0.0.5; done
     {check} --tcp {i}:{p['tcp']} --source 127.0.0.5 -n 10
 
-  The demo's configuration: twistd slb --port-base {port_base} --print-config
+  The admin page (listeners, backends with names and ids, drain/enable/down/up): http://{i}:{p['admin']}/
+    {check} http://{i}:{p['insert']}/ -n 30 --admin http://{i}:{p['admin']}/   # names backends, not ids
+
+  The demo's configuration: {twistd} --print-config{port_flag}
+  A copy that runs beside the demo: {twistd} --print-config{port_flag} --listen-base {port_base + 1000} > slb.toml
 """
 
 

@@ -34,12 +34,17 @@ from typing import Callable, Dict, List, Optional, Tuple
 import attr
 from twisted.application.service import Service
 from twisted.internet import error
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.protocol import ClientFactory, DatagramProtocol, Protocol
 from twisted.logger import Logger
+from twisted.web.client import Agent
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 
 from twisted_slb.backends import Backend, BackendGroup
-from twisted_slb.config import HealthCheckConfig, PassiveHealthConfig
+from twisted_slb.config import ConfigError, HealthCheckConfig, PassiveHealthConfig
 
 log = Logger(namespace="twisted_slb.health")
 
@@ -74,49 +79,24 @@ class HealthState:
     refused_at: Optional[float] = None  # last ejection refused by max_ejection_percent
 
 
-class _Check(Protocol):
-    """One active check: a connect, or an HTTP request's status line."""
+class _Connected(Protocol):
+    """A tcp check: the connect is the whole check."""
 
     def __init__(self, probe: "_Probe") -> None:
         self.probe = probe
-        self.buffer = b""
 
     def connectionMade(self) -> None:
-        probe = self.probe
-        probe.connected(self)
-        if probe.config.type == "tcp":
-            probe.finish(True, "connected")
-            self.transport.loseConnection()
-            return
-        host = probe.config.host or probe.backend.address
-        self.transport.write(
-            b"GET " + probe.config.path.encode("utf-8") + b" HTTP/1.1\r\nHost: " + host.encode("utf-8")
-            + b"\r\nConnection: close\r\nUser-Agent: twisted_slb-health\r\n\r\n"
-        )
-
-    def dataReceived(self, data: bytes) -> None:
-        self.buffer += data
-        if b"\r\n" not in self.buffer:
-            if len(self.buffer) > 4096:
-                self.probe.finish(False, "invalid response")
-                self.transport.loseConnection()
-            return
-        line = self.buffer.split(b"\r\n", 1)[0]
-        parts = line.split(b" ", 2)
-        lo, hi = self.probe.config.expect
-        if len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1].isdigit():
-            code = int(parts[1])
-            ok = lo <= code <= hi
-            self.probe.finish(ok, f"status {code}" + ("" if ok else f" (expected {lo}..{hi})"))
-        else:
-            self.probe.finish(False, "invalid status line")
+        self.probe.protocol_ = self
+        self.probe.finish(True, "connected")
         self.transport.loseConnection()
-
-    def connectionLost(self, reason) -> None:
-        self.probe.finish(False, "connection closed before a status line")
 
 
 class _Probe(ClientFactory):
+    """
+    One active check of one backend, finished (by L{finish}) once: a tcp
+    check is a connect; the udp and http checks are subclasses.
+    """
+
     noisy = False
 
     def __init__(self, monitor: "HealthMonitor", backend: Backend, config: HealthCheckConfig) -> None:
@@ -128,11 +108,14 @@ class _Probe(ClientFactory):
         self.connector = None
         self.timer = monitor.reactor.callLater(config.timeout, self._timed_out)
 
-    def buildProtocol(self, addr):
-        return _Check(self)
+    def start(self) -> None:
+        """Connect (a tcp check)."""
+        backend = self.backend
+        self.connector = self.monitor.reactor.connectTCP(backend.host, backend.port, self,
+                                                          timeout=self.config.timeout)
 
-    def connected(self, proto) -> None:
-        self.protocol_ = proto
+    def buildProtocol(self, addr):
+        return _Connected(self)
 
     def clientConnectionFailed(self, connector, reason) -> None:
         why = "timed out" if reason.check(error.TimeoutError) else reason.getErrorMessage()
@@ -157,6 +140,89 @@ class _Probe(ClientFactory):
             self.timer.cancel()
         self.timer = None
         self.monitor._checked(self.backend, ok, reason)
+
+
+@implementer(IAgentEndpointFactory)
+class _BackendEndpoint:
+    """
+    Agent's endpoint for a check: always the backend's own address, over
+    TLS when its group has C{tls}, with the options the proxy uses (the
+    same server name for SNI and verification, the same trust roots).
+    """
+
+    def __init__(self, reactor, backend: Backend, timeout: float, tls_options) -> None:
+        self.reactor = reactor
+        self.backend = backend
+        self.timeout = timeout
+        self.tls_options = tls_options
+
+    def endpointForURI(self, uri):
+        backend = self.backend
+        endpoint = TCP4ClientEndpoint(self.reactor, backend.host, backend.port, timeout=self.timeout)
+        if ":" in backend.host:
+            endpoint = TCP6ClientEndpoint(self.reactor, backend.host, backend.port, timeout=self.timeout)
+        if self.tls_options is not None:
+            endpoint = wrapClientTLS(self.tls_options, endpoint)
+        return endpoint
+
+
+class _Discard(Protocol):
+    """Takes a check's response body, which no one reads: the status said it all."""
+
+
+class _HTTPProbe(_Probe):
+    """
+    An http check: C{GET path} through L{twisted.web.client.Agent} (over
+    TLS when the group has C{tls}); a status within C{expect} passes.
+    """
+
+    def start(self) -> None:
+        monitor = self.monitor
+        backend = self.backend
+        config = self.config
+        try:
+            tls_options = monitor.tls_options_for(backend)
+        except ConfigError as e:  # the group's ca file cannot be read
+            self.finish(False, f"TLS options: {e}")
+            return
+        agent = Agent.usingEndpointFactory(
+            monitor.reactor, _BackendEndpoint(monitor.reactor, backend, config.timeout, tls_options)
+        )
+        host = config.host or backend.address
+        scheme = b"https" if tls_options is not None else b"http"
+        url = scheme + b"://" + backend.address.encode("utf-8") + config.path.encode("utf-8")
+        headers = Headers({b"host": [host.encode("utf-8")], b"user-agent": [b"twisted_slb-health"]})
+        self.request = agent.request(b"GET", url, headers)
+        self.request.addCallbacks(self._response, self._failed)
+
+    def _response(self, response) -> None:
+        lo, hi = self.config.expect
+        code = response.code
+        ok = lo <= code <= hi
+        self.finish(ok, f"status {code}" + ("" if ok else f" (expected {lo}..{hi})"))
+        body = _Discard()
+        response.deliverBody(body)
+        if body.transport is not None:
+            body.transport.loseConnection()  # no need to wait for the body
+
+    def _failed(self, reason) -> None:
+        if self.done or reason.check(CancelledError):
+            return  # timed out or stopped: said already
+        if reason.check(error.TimeoutError):
+            self.finish(False, "connect timed out")
+            return
+        if reason.check(error.ConnectError):
+            self.finish(False, f"connect {reason.getErrorMessage()}")
+            return
+        inner = getattr(reason.value, "reasons", None)
+        if inner:
+            reason = inner[0]
+        self.finish(False, f"no response: {reason.getErrorMessage() or reason.type.__name__}")
+
+    def cancel(self) -> None:
+        request = getattr(self, "request", None)
+        if request is not None and not request.called:
+            request.cancel()
 
 
 class _UDPCheck(DatagramProtocol):
@@ -222,6 +288,9 @@ class HealthMonitor(Service):
     @ivar slow_start: seconds over which a backend that comes back up after
         active checks goes from a tenth of its weight to all of it (0: at
         once); a return from an ejection ramps over C{passive.slow_start}.
+    @ivar tls: a L{twisted_slb.tls.ClientTLSCache}-like object with
+        C{options_for(group, tls, host)}: http checks of a group with C{tls}
+        use it, so that they connect exactly as the proxy does.
     """
 
     #: slow-start steps (the share grows this many times)
@@ -237,6 +306,7 @@ class HealthMonitor(Service):
         random: Callable[[], float] = _random.random,
         slow_start: float = 0.0,
         passive: Optional[PassiveHealthConfig] = None,
+        tls=None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -254,6 +324,7 @@ class HealthMonitor(Service):
         self.reactor = reactor
         self.random = random
         self.slow_start = slow_start
+        self.tls = tls
         self._ramps: Dict[str, object] = {}  # backend name -> next slow-start step
         self._timers: Dict[str, object] = {}  # backend name -> next active check
         self._returns: Dict[str, object] = {}  # backend name -> end of its ejection
@@ -338,6 +409,17 @@ class HealthMonitor(Service):
 
     # -- active checks ---------------------------------------------------------
 
+    def tls_options_for(self, backend: Backend):
+        """The client TLS options of C{backend} (as the proxy's), or L{None} without C{tls}."""
+        group = self.group
+        if group.tls is None:
+            return None
+        if self.tls is None:
+            from twisted_slb.tls import ClientTLSCache
+
+            self.tls = ClientTLSCache()
+        return self.tls.options_for(group.name, group.tls, backend.host)
+
     def _schedule(self, backend: Backend, delay: float) -> None:
         self._timers[backend.name] = self.reactor.callLater(delay, self._check, backend)
 
@@ -349,9 +431,9 @@ class HealthMonitor(Service):
         if config.type == "udp":
             self._probes[backend.name] = _UDPProbe(self, backend, config)
             return
-        probe = _Probe(self, backend, config)
+        probe = (_HTTPProbe if config.type == "http" else _Probe)(self, backend, config)
         self._probes[backend.name] = probe
-        probe.connector = self.reactor.connectTCP(backend.host, backend.port, probe, timeout=config.timeout)
+        probe.start()
 
     def _checked(self, backend: Backend, ok: bool, reason: str) -> None:
         self._probes.pop(backend.name, None)

@@ -451,7 +451,8 @@ class BalancerService(MultiService):
             if group is None:
                 group = self.groups[name] = BackendGroup.from_config(group_config)
                 monitor = HealthMonitor(group, group_config.health_check, reactor=self.reactor,
-                                        slow_start=group_config.slow_start, passive=group_config.passive)
+                                        slow_start=group_config.slow_start, passive=group_config.passive,
+                                        tls=self.client_tls)
                 monitor.setName(f"health:{name}")
                 monitor.setServiceParent(self)
             else:
@@ -690,6 +691,7 @@ class BalancerService(MultiService):
             stats=self.stats.for_listener(listener.name, listener.protocol),
             access_log=listener.access_log,
             access_file=self._access_file(listener),
+            backend_header=listener.backend_header.encode("ascii") or None,
         )
 
     def _upstream_pool(self):

@@ -24,6 +24,12 @@ class ListenerStats:
     @ivar requests: (backend name, status code) -> count; status 0 is a
         request whose client left before the response.
     @ivar persistence: outcome -> count.
+    @ivar bytes_in: bytes from clients: on TCP listeners every byte; on
+        HTTP listeners request bodies (headers excluded) and the client's
+        side of tunnels (WebSocket).
+    @ivar bytes_out: bytes to clients: on TCP listeners every byte; on HTTP
+        listeners response bodies (headers excluded) and the backend's side
+        of tunnels.
     """
 
     def __init__(self, name: str, protocol: str) -> None:
@@ -42,12 +48,22 @@ class ListenerStats:
     def active(self) -> int:
         return self.active_source() if self.active_source is not None else 0
 
-    def request_done(self, backend, status: int, outcome: str, bytes_sent: int) -> None:
+    def request_done(self, backend, status: int, outcome: str, bytes_sent: int, bytes_received: int = 0) -> None:
+        """
+        One HTTP request is over.
+
+        @param bytes_sent: the response body's bytes sent to the client
+            (status line and headers excluded).
+        @param bytes_received: the request body's bytes received from the
+            client (request line and headers excluded; a chunked body
+            counts its data, not its chunk framing).
+        """
         key = (backend.name if backend is not None else "-", status)
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
         self.persistence[outcome] = self.persistence.get(outcome, 0) + 1
         self.bytes_out += bytes_sent
+        self.bytes_in += bytes_received
 
     def connection_done(self, backend, outcome: str, bytes_in: int, bytes_out: int) -> None:
         self.connections_total += 1

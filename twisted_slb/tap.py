@@ -18,7 +18,8 @@ from twisted_slb.config import ConfigError, describe, load_config
 
 
 class Options(usage.Options):
-    synopsis = "[--config slb.toml] [--check] [--port-base N] | --upgrade --pidfile F"
+    synopsis = ("[--config slb.toml] [--check] | [--port-base N] [--print-config [--listen-base N]] "
+                "| --upgrade --pidfile F")
     longdesc = (
         "Run the twisted_slb load balancer.  With --config, run the listeners of "
         "that TOML file; with --check, only validate it and print each listener's "
@@ -33,6 +34,8 @@ class Options(usage.Options):
         ["config", "c", None, "The TOML configuration file."],
         ["port-base", None, None, "Demo only: first port of the demo listeners (default 8080).", int],
         ["pidfile", None, None, "With --upgrade: the pid file of the running balancer."],
+        ["listen-base", None, None, "With --print-config: put the printed listeners on this port and the next "
+         "three, so that the copy runs beside the demo (its backends stay the demo's).", int],
     ]
 
     def postOptions(self) -> None:
@@ -52,12 +55,14 @@ class Options(usage.Options):
                 from twisted_slb.demo import DEMO_PORT_BASE, demo_config_text
 
                 base = self["port-base"]
-                print(demo_config_text(DEMO_PORT_BASE if base is None else base), end="")
+                print(demo_config_text(DEMO_PORT_BASE if base is None else base, self["listen-base"]), end="")
                 raise SystemExit(0)
+            if self["listen-base"] is not None:
+                raise usage.UsageError("--listen-base goes with --print-config")
             self["loaded"] = None
             return
-        if self["port-base"] is not None or self["print-config"]:
-            raise usage.UsageError("--port-base and --print-config apply to the demo only (no --config)")
+        if self["port-base"] is not None or self["print-config"] or self["listen-base"] is not None:
+            raise usage.UsageError("--port-base, --print-config and --listen-base apply to the demo only (no --config)")
         try:
             config = load_config(path)
         except ConfigError as e:

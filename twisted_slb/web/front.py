@@ -501,6 +501,7 @@ class HTTPFrontChannel(Protocol):
         state = self.state
         if state == _TUNNEL:
             self.last = self.clock.seconds()
+            self._count_in(data)
             self.tunnel.write(data)
             return
         if state == _CLOSED:
@@ -792,6 +793,12 @@ class HTTPFrontChannel(Protocol):
         request.write(b"500 Internal Server Error\n")
         request.finish()
 
+    def _count_in(self, data: bytes) -> None:
+        """A tunnel's bytes from the client count in the listener's C{bytes_in}."""
+        stats = self.factory.stats
+        if stats is not None:
+            stats.bytes_in += len(data)
+
     def start_tunnel(self, peer_transport) -> None:
         """Relay bytes between the client and C{peer_transport} from now on."""
         self.state = _TUNNEL
@@ -808,6 +815,7 @@ class HTTPFrontChannel(Protocol):
             transport.resumeProducing()
         early, self.buffer = self.buffer, b""
         if early:
+            self._count_in(early)
             peer_transport.write(early)  # sent before the 101 arrived
 
     def request_done(self, request: FrontRequest) -> None:

@@ -512,6 +512,9 @@ class _Exchange:
             for name, value in headers:
                 if name.lower() not in drop:
                     out.addRawHeader(name, value)
+        backend_header = self.resource.backend_header
+        if backend_header is not None:
+            out.setRawHeaders(backend_header, [self.backend.name.encode("utf-8")])
         session = self.session
         if session.policy is not None:
             session.policy.remember(session, self.backend)
@@ -759,7 +762,8 @@ class _Exchange:
             self._log_line(backend, client_gone)
         stats = resource.stats
         if stats is not None:
-            stats.request_done(backend, 0 if client_gone else self.status, self.session.outcome, self.bytes_sent)
+            stats.request_done(backend, 0 if client_gone else self.status, self.session.outcome, self.bytes_sent,
+                               self.body_length)
 
     def _log_line(self, backend, client_gone: bool) -> None:
         request = self.request
@@ -807,7 +811,10 @@ class BalancedProxyResource(Resource):
     @ivar tls: a L{twisted_slb.tls.ClientTLSCache}-like object with
         C{options_for(group, tls, host)}, for groups with TLS to backends.
     @ivar stats: an object with C{request_done(backend, status, outcome,
-        bytes)}, or L{None}.
+        bytes_sent, bytes_received)} (a L{twisted_slb.stats.ListenerStats}),
+        or L{None}.
+    @ivar backend_header: the name of a response header that names the
+        backend which answered (C{b"X-Backend"}), or L{None}.
     @ivar access_log: whether to log one line per request.
     @ivar access_file: a L{twisted_slb.accesslog.AccessLogFile} the lines go
         to, or L{None} for log events in the C{twisted_slb.access} namespace.
@@ -828,6 +835,7 @@ class BalancedProxyResource(Resource):
         access_log: bool = True,
         access_file=None,
         response_idle_timeout: float = 60.0,
+        backend_header: Optional[bytes] = None,
     ) -> None:
         Resource.__init__(self)
         if reactor is None:
@@ -843,6 +851,7 @@ class BalancedProxyResource(Resource):
         self.stats = stats
         self.access_log = access_log
         self.access_file = access_file
+        self.backend_header = backend_header or None
         # Each request's response timeout; one timer for them all.
         self.response_deadlines = Deadlines(reactor, _Exchange._timed_out)
 
