@@ -530,7 +530,7 @@ class BalancerService(MultiService):
     def _wrap_tls(self, listener: ListenerConfig, site, certificates):
         from twisted_slb.tls import SNIServerOptions, server_tls_factory
 
-        options = SNIServerOptions(certificates, min_tls=listener.min_tls, alpn=listener.alpn)
+        options = SNIServerOptions(certificates, min_tls=listener.min_tls, alpn=listener.alpn, clock=self.reactor)
         return server_tls_factory(options, site, reactor=self.reactor)
 
     # -- reloading ---------------------------------------------------------
