@@ -1056,6 +1056,23 @@ class CloseWithoutWaitingTests(SynchronousTestCase):
         client.conn.bio_write(client.transport.value())
         self.assertRaises(SSL.ZeroReturnError, client.conn.recv, 100)  # close_notify came first
 
+    def test_closedWithAStreamingProducerRegistered(self) -> None:
+        """As a TCP transport does, loseConnection closes once everything is
+        sent even while a streaming producer (the HTTPS listener's
+        connection, for its whole life) is registered."""
+        client = RawClient(self.factory, client_context())
+        client.pump()
+        app = self.app.protocols[0]
+        app.transport.registerProducer(app, True)
+        app.pauseProducing = app.resumeProducing = app.stopProducing = lambda: None
+        app.transport.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        app.transport.loseConnection()
+        self.assertTrue(client.transport.disconnecting)
+        client.conn.bio_write(client.transport.value())
+        self.assertEqual(client.conn.recv(100), b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        self.assertRaises(SSL.ZeroReturnError, client.conn.recv, 100)
+        app.transport.unregisterProducer()  # later, as the listener does: no error
+
     def test_abortStillAborts(self) -> None:
         """abortConnection aborts the TCP connection, as before."""
         client = RawClient(self.factory, client_context())

@@ -276,7 +276,7 @@ class BalancerService(MultiService):
         self.access_files: Dict[str, object] = {}
         from twisted_slb.accesslog import TwistdLog
 
-        # access_log = true: lines to twistd's log, written once per reactor turn.
+        # access_log = true: lines to twistd's log, written in batches.
         self.twistd_log = TwistdLog(reactor)
         self.client_tls = ClientTLSCache()
         self.stats = StatsRegistry(self.groups)
@@ -558,7 +558,7 @@ class BalancerService(MultiService):
         self.global_limit.configure(config.max_connections, False)
         # Access log files are reopened by name (log rotation: rename, then
         # SIGHUP); files no listener names any more are closed.
-        # Lines waiting for twistd's log are written first, and its observer
+        # Lines waiting for twistd's log are written now, and its observer
         # is looked for again.
         self.twistd_log.resolve()
         wanted = {l.access_log_path for l in self._listener_configs(config)}

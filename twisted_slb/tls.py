@@ -665,10 +665,35 @@ class _CountingTLSProtocol(BufferingTLSTransport):
         # caller of this private method closes the whole connection
         # (loseConnection, abortConnection, a received close_notify);
         # tests/test_tls.py fails if Twisted stops calling it there.
+        if self._tlsConnection is None:
+            return  # the connection is gone already (an unregisterProducer after it)
         BufferingTLSTransport._shutdownTLS(self)
         transport = self.transport
         if transport is not None and not self._aborted:
             transport.loseConnection()
+
+    _streaming_producer = False
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        self._streaming_producer = bool(streaming)
+        BufferingTLSTransport.registerProducer(self, producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self._streaming_producer = False
+        BufferingTLSTransport.unregisterProducer(self)
+
+    def loseConnection(self) -> None:
+        # Twisted's TLS transport does not close while a producer is
+        # registered; a TCP transport closes once its buffer is sent even
+        # with a streaming producer registered, and the HTTPS listener's
+        # connection (twisted_slb.web.front), written for those, stays
+        # registered as the producer of its client's socket for its whole
+        # life.  Without this, a connection closed by the balancer
+        # (Connection: close, HTTP/1.0, an error answer) sent nothing and
+        # lingered until the idle timeout.
+        BufferingTLSTransport.loseConnection(self)
+        if self._streaming_producer and not self._appSendBuffer and self._tlsConnection is not None:
+            self._shutdownTLS()
 
 
 @implementer(IHandshakeListener)
