@@ -1,14 +1,20 @@
 """
-twisted_slb against HAProxy, side by side, in one run.
+twisted_slb against HAProxy and Caddy, side by side, in one run.
 
     python -m bench [--duration 5] [--runs 3] [--only http_keepalive,...]
                     [--slb-python PATH] [--workers N] [--json out.json] [--quick]
 
 Starts nginx backends (a small body, and a large file for throughput), then
 runs each workload against the backend directly, HAProxy (same persistence:
-C{cookie SERVERID insert indirect nocache}, C{stick on src}) and twisted_slb,
-and prints a table of absolute figures and ratios to HAProxy.  Loopback only,
-bounded in time: a warm-up, C{--runs} runs, the median.  See bench/README.md.
+C{cookie SERVERID insert indirect nocache}, C{stick on src}), Caddy
+(C{reverse_proxy} with C{lb_policy cookie SERVERID}, and C{lb_policy
+ip_hash} for the source-IP rows: Debian's Caddy has no TCP proxy, so its
+"TCP" rows are HTTP proxying) and twisted_slb, and prints a table of
+absolute figures and ratios to HAProxy and to Caddy.  HAProxy and Caddy
+write no access log; twisted_slb's HTTP rows run twice, without its access
+log and with it as a user gets it by default (twistd's log file).  Loopback
+only, bounded in time: a warm-up, C{--runs} runs, the median.  See
+bench/README.md.
 """
 
 from __future__ import annotations
@@ -32,11 +38,15 @@ from bench import udp
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-TOOLS = {"wrk": "wrk", "haproxy": "haproxy", "nginx": "nginx-light", "curl": "curl"}
+TOOLS = {"wrk": "wrk", "haproxy": "haproxy", "nginx": "nginx-light", "curl": "curl", "caddy": "caddy",
+         "openssl": "openssl"}
 
 
 def ensure_tools(only=frozenset()) -> None:
-    """Install wrk, HAProxy and nginx (with its stream module for the udp row) from Debian's packages if missing."""
+    """
+    Install wrk, HAProxy, nginx (with its stream module for the udp row) and
+    Caddy from Debian's packages if missing.
+    """
     tools = {"nginx": TOOLS["nginx"]} if set(only) == {"udp"} else TOOLS
     missing = [pkg for tool, pkg in tools.items() if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}")]
     if (not only or "udp" in only) and not os.path.exists(udp.STREAM_MODULE):
@@ -148,7 +158,8 @@ class Setup:
         self.procs: List[Proc] = []
         self.backend_ports = [free_port(), free_port()]
         self.ha = {k: free_port() for k in ("http", "tcp", "https")}
-        self.slb = {k: free_port() for k in ("http", "tcp", "https")}
+        self.slb = {k: free_port() for k in ("http", "tcp", "https", "http_log")}
+        self.caddy = {k: free_port() for k in ("http", "tcp", "https")}
         # the udp row: echo backends, nginx's stream module, our udp listener
         self.udp_backends = [udp.free_udp_port(), udp.free_udp_port()]
         self.nginx_udp = udp.free_udp_port()
@@ -157,6 +168,7 @@ class Setup:
         self.cert, self.key, self.both = make_cert(tmp)
         self.slb_pid = 0
         self.ha_pid = 0
+        self.caddy_pid = 0
 
     def start_nginx(self) -> None:
         big = os.path.join(self.tmp, "big")
@@ -228,6 +240,47 @@ backend tcpweb
         for port in self.ha.values():
             wait_port(port)
 
+    def start_caddy(self) -> None:
+        """Caddy, one process on one core (C{GOMAXPROCS=1}), no admin API, no automatic HTTPS, no log."""
+        a, b = self.backend_ports
+        upstreams = f"127.0.0.1:{a} 127.0.0.1:{b}"
+        conf = os.path.join(self.tmp, "Caddyfile")
+        with open(conf, "w") as f:
+            f.write(
+                f"""{{
+\tadmin off
+\tauto_https off
+\tstorage file_system {self.tmp}/caddy
+}}
+http://127.0.0.1:{self.caddy['http']} {{
+\tbind 127.0.0.1
+\treverse_proxy {upstreams} {{
+\t\tlb_policy cookie SERVERID
+\t}}
+}}
+https://127.0.0.1:{self.caddy['https']} {{
+\tbind 127.0.0.1
+\ttls {self.cert} {self.key}
+\treverse_proxy {upstreams} {{
+\t\tlb_policy cookie SERVERID
+\t}}
+}}
+http://127.0.0.1:{self.caddy['tcp']} {{
+\tbind 127.0.0.1
+\treverse_proxy {upstreams} {{
+\t\tlb_policy ip_hash
+\t}}
+}}
+"""
+            )
+        env = dict(os.environ, GOMAXPROCS="1", HOME=self.tmp, XDG_DATA_HOME=self.tmp, XDG_CONFIG_HOME=self.tmp)
+        p = Proc([tool("caddy"), "run", "--config", conf, "--adapter", "caddyfile"],
+                 os.path.join(self.tmp, "caddy.log"), env=env)
+        self.procs.append(p)
+        self.caddy_pid = p.p.pid
+        for port in self.caddy.values():
+            wait_port(port)
+
     def start_slb(self) -> None:
         a, b = self.backend_ports
         conf = os.path.join(self.tmp, "slb.toml")
@@ -254,6 +307,14 @@ backends = "web"
 persistence = {{ type = "insert_cookie", timeout = 3600 }}
 certificates = [ {{ cert = "{self.cert}", key = "{self.key}" }} ]
 
+# The same listeners with the access log as users get it by default
+# (twistd's log file).
+[listeners.http_log]
+protocol = "http"
+bind = "tcp:{self.slb['http_log']}:interface=127.0.0.1:backlog=4096"
+backends = "web"
+persistence = {{ type = "insert_cookie", timeout = 3600 }}
+
 [listeners.tcp]
 protocol = "tcp"
 access_log = false
@@ -265,7 +326,8 @@ persistence = {{ type = "source_ip", timeout = 1000 }}
             if self.args.workers == 1:  # udp listeners run in one process
                 f.write(self.slb_udp_config())
         python = self.args.slb_python
-        argv = [python, "-c", "from twisted.scripts.twistd import run; run()", "--pidfile=", "-n", "--logfile=/dev/null", "slb", "--config", conf]
+        argv = [python, "-c", "from twisted.scripts.twistd import run; run()", "--pidfile=", "-n",
+                f"--logfile={self.tmp}/twistd.log", "slb", "--config", conf]
         if self.args.profile:
             # twistd ends itself with the signal that stopped it, so the
             # figures are written at the reactor's shutdown, not at exit.
@@ -356,6 +418,34 @@ def bulk(url: str, timeout: float) -> Dict[str, float]:
         capture_output=True, text=True, timeout=timeout,
     ).stdout.split()
     return {"mb_s": float(out[0]) / 1e6, "bytes": float(out[1])}
+
+
+def resumed(port: int, duration: float) -> Dict[str, float]:
+    """
+    New TLS connections per second that resume the first one's session
+    (C{openssl s_time -reuse}: one client, one connection at a time, each
+    with C{GET /} over HTTP/1.0), and the share of them that were resumed
+    (s_time prints C{r} for a resumed session, C{*} for a full handshake).
+    """
+    argv = [tool("openssl"), "s_time", "-connect", f"127.0.0.1:{port}", "-reuse", "-www", "/",
+            "-time", str(max(1, int(duration)))]
+    started = time.monotonic()
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30,
+                             stdin=subprocess.DEVNULL).stdout
+    except subprocess.TimeoutExpired:
+        # A server that does not close after its answer to HTTP/1.0 holds
+        # s_time forever: say so in the row rather than lose the run.
+        print(f"bench: openssl s_time against port {port} did not finish", file=sys.stderr)
+        return {"rps": 0.0, "requests": 0.0, "resumed_share": 0.0}
+    elapsed = time.monotonic() - started  # s_time's own "real seconds" are whole seconds
+    m = re.search(r"(\d+) connections in ([\d.]+)s;", out)
+    if not m:
+        raise RuntimeError(f"openssl s_time gave no figure for port {port}:\n{out}")
+    connections = float(m.group(1))
+    marks = "".join(re.findall(r"^[r*]+$", out, re.M))
+    return {"rps": connections / elapsed, "requests": connections,
+            "resumed_share": marks.count("r") / len(marks) if marks else 0.0}
 
 
 def idle_connections(port: int, pid: int, count: int) -> Dict[str, float]:
@@ -467,14 +557,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         if only != {"udp"}:
             setup.start_nginx()
             setup.start_haproxy()
+            setup.start_caddy()
         setup.start_slb()
         direct = f"http://127.0.0.1:{setup.backend_ports[0]}"
         d, n = args.duration, args.connections
         workloads = [
             ("http_keepalive", "HTTP keep-alive + insert cookie (req/s)", "rps",
              lambda base: wrk(base["http"] + "/", d, n), True),
+            ("http_keepalive_log", "  same, slb access log on (default) (req/s)", "rps",
+             lambda base: wrk(base["http_log"] + "/", d, n), False),
             ("http_close", "HTTP new connection per request (req/s)", "rps",
              lambda base: wrk(base["http"] + "/", d, n, close=True), True),
+            ("http_close_log", "  same, slb access log on (default) (req/s)", "rps",
+             lambda base: wrk(base["http_log"] + "/", d, n, close=True), False),
             ("tcp_keepalive", "TCP keep-alive + source IP (req/s)", "rps",
              lambda base: wrk(base["tcp"] + "/", d, n), True),
             ("tcp_close", "TCP new connection per request (conn/s)", "rps",
@@ -485,30 +580,48 @@ def main(argv: Optional[List[str]] = None) -> int:
              lambda base: wrk(base["https"] + "/", d, n), False),
             ("https_handshakes", "HTTPS new TLS handshake per request (req/s)", "rps",
              lambda base: wrk(base["https"] + "/", d, n, close=True), False),
+            ("https_resume", "HTTPS resumed session per request, 1 client (conn/s)", "rps",
+             lambda base: resumed(base["https_port"], d), False),
         ]
+
+        def urls(ports: Dict[str, int]) -> Dict[str, object]:
+            base = {k: f"{'https' if k == 'https' else 'http'}://127.0.0.1:{p}" for k, p in ports.items()}
+            base.setdefault("http_log", base["http"])  # HAProxy and Caddy log nothing
+            base["https_port"] = ports["https"]
+            return base
+
         bases = {
             "direct": {"http": direct, "tcp": direct, "https": None},
-            "haproxy": {k: f"{'https' if k == 'https' else 'http'}://127.0.0.1:{p}" for k, p in setup.ha.items()},
-            "twisted_slb": {k: f"{'https' if k == 'https' else 'http'}://127.0.0.1:{p}" for k, p in setup.slb.items()},
+            "haproxy": urls(setup.ha),
+            "caddy": urls(setup.caddy),
+            "twisted_slb": urls(setup.slb),
         }
+        pids = {"haproxy": setup.ha_pid, "caddy": setup.caddy_pid, "twisted_slb": setup.slb_pid}
         for key, title, unit, fn, has_direct in workloads:
             if only and key not in only:
                 continue
             row = {"workload": key, "title": title, "unit": unit}
+            same = next((r for r in rows if key.endswith("_log") and r["workload"] == key[:-4]), None)
             for system, base in bases.items():
                 if system == "direct" and not has_direct:
                     continue
-                pid = {"haproxy": setup.ha_pid, "twisted_slb": setup.slb_pid}.get(system)
+                if same is not None and system in ("haproxy", "caddy"):
+                    row[system] = same[system]  # they log nothing: the row without our log measured them
+                    continue
+                pid = pids.get(system)
                 run = (lambda: fn(base)) if pid is None else with_cpu(pid, lambda: fn(base))
                 row[system] = median_of(args.runs, run)
-            row["ratio"] = row["twisted_slb"][unit] / row["haproxy"][unit] if row["haproxy"][unit] else 0.0
+            slb = row["twisted_slb"][unit]
+            row["ratio"] = slb / row["haproxy"][unit] if row["haproxy"][unit] else 0.0
+            row["ratio_caddy"] = slb / row["caddy"][unit] if row["caddy"][unit] else 0.0
             rows.append(row)
             cpu = "".join(
-                f"  {who} {row[system]['cpu_us']:.1f} us CPU/req ({row[system]['cpu_sys_share']:.0%} in the kernel)"
-                for who, system in (("slb", "twisted_slb"), ("haproxy", "haproxy")) if "cpu_us" in row[system]
+                f"  {who} {row[system]['cpu_us']:.1f} us CPU/req"
+                for who, system in (("slb", "twisted_slb"), ("haproxy", "haproxy"), ("caddy", "caddy"))
+                if "cpu_us" in row[system]
             )
-            print(f"{title:48} slb {row['twisted_slb'][unit]:10.1f}  haproxy {row['haproxy'][unit]:10.1f}  "
-                  f"ratio {row['ratio']:.2f}{cpu}", flush=True)
+            print(f"{title:48} slb {slb:9.1f}  haproxy {row['haproxy'][unit]:9.1f}  caddy {row['caddy'][unit]:9.1f}  "
+                  f"x{row['ratio']:.2f} HAProxy  x{row['ratio_caddy']:.2f} Caddy{cpu}", flush=True)
         if (not only or "udp" in only) and args.workers == 1:
             setup.start_udp()
             clients = args.udp_clients
@@ -540,7 +653,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             })
             print(f"{rows[-1]['title']:48} slb {rows[-1]['twisted_slb']['rss_mb']:10.1f}", flush=True)
     except Exception:
-        for name in ("haproxy.log", "nginx.log", "slb.log", "nginx-udp.err", "udpecho.log"):
+        for name in ("haproxy.log", "nginx.log", "caddy.log", "slb.log", "nginx-udp.err", "udpecho.log"):
             path = os.path.join(tmp, name)
             if os.path.exists(path):
                 with open(path, errors="replace") as f:
@@ -571,19 +684,27 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def print_table(rows: List[dict]) -> None:
+    """Markdown: each balancer's figure and CPU per request, and twisted_slb's ratios to HAProxy and Caddy."""
+
+    def cell(row: dict, system: str) -> str:
+        figures = row.get(system)
+        if not figures:
+            return ""
+        text = f"{figures[row['unit']]:.1f}"
+        if "cpu_us" in figures:
+            text += f" ({figures['cpu_us']:.0f} us)"
+        return text
+
+    def ratio(row: dict, key: str) -> str:
+        return "" if row.get(key) is None else f"{row[key]:.2f}x"
+
     print()
-    print(f"| {'workload':46} | {'direct':>10} | {'HAProxy':>10} | {'twisted_slb':>11} | {'slb/HAProxy':>11} |")
-    print(f"|{'-' * 48}|{'-' * 12}|{'-' * 12}|{'-' * 13}|{'-' * 13}|")
+    print("| workload | direct | HAProxy (CPU/req) | Caddy (CPU/req) | twisted_slb (CPU/req) | slb/HAProxy | slb/Caddy |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        unit = row["unit"]
-        direct = row.get("direct", {}).get(unit)
-        haproxy = row.get("haproxy", row.get("nginx", {})).get(unit)  # the udp row compares with nginx
-        ratio = row.get("ratio")
-        print(
-            f"| {row['title']:46} | {'' if direct is None else f'{direct:10.1f}':>10} | "
-            f"{'' if haproxy is None else f'{haproxy:10.1f}':>10} | {row['twisted_slb'][unit]:11.1f} | "
-            f"{'' if ratio is None else f'{ratio:10.2f}x':>11} |"
-        )
+        # The udp row compares with nginx's stream module: its figure goes in the HAProxy column.
+        print(f"| {row['title'].strip()} | {cell(row, 'direct')} | {cell(row, 'haproxy') or cell(row, 'nginx')} | "
+              f"{cell(row, 'caddy')} | {cell(row, 'twisted_slb')} | {ratio(row, 'ratio')} | {ratio(row, 'ratio_caddy')} |")
 
 
 if __name__ == "__main__":

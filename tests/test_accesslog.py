@@ -3,18 +3,28 @@ The buffered access log file (C{access_log = "/path"}): lines are buffered
 and written once a second or when 64 KB wait, the file is reopened by name
 on reload (rotation), a failing file is reported once, and a listener's
 requests and connections end up in it.
+
+The default access log (L{TwistdLog}): the same text as twistd's observer
+writes, written in batches at most 0.1 s late, at reload, at stop and at
+shutdown; events again whenever twistd's file observer is not the only one.
 """
 
 from __future__ import annotations
 
+import io
 import os
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
+from twisted.logger import (
+    FileLogObserver, Logger, LoggingFile, LogPublisher, globalLogPublisher, textFileLogObserver,
+)
+from twisted.python.logfile import LogFile
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import readBody
 
-from twisted_slb.accesslog import AccessLogFile
+from twisted_slb import accesslog
+from twisted_slb.accesslog import AccessLogFile, TwistdLog, twistd_file_observer
 from twisted_slb.config import ConfigError, load_config
 from tests.test_service import ServiceTestCase
 
@@ -149,3 +159,272 @@ class AccessLogServiceTests(ServiceTestCase):
         self.assertIn('web 127.0.0.1 127.0.0.1:', text)
         self.assertIn('"GET /x?y" 200 -> a persistence=none', text)
         self.assertIn("tcp 127.0.0.1 -> a (127.0.0.1:", text)
+
+
+class ShutdownClock(Clock):
+    """A clock that also records system event triggers, as a reactor does."""
+
+    def __init__(self):
+        Clock.__init__(self)
+        self.triggers = {}
+
+    def addSystemEventTrigger(self, phase, event, f, *args):
+        handle = (phase, event, len(self.triggers))
+        self.triggers[handle] = f
+        return handle
+
+    def removeSystemEventTrigger(self, handle):
+        del self.triggers[handle]
+
+    def shutdown(self):
+        for (phase, event, _), f in list(self.triggers.items()):
+            if (phase, event) == ("after", "shutdown"):
+                f()
+
+
+def twistd_like(out=None):
+    """A publisher with only a twistd-style file observer, and the file."""
+    out = io.StringIO() if out is None else out
+    return LogPublisher(textFileLogObserver(out)), out
+
+
+class TwistdTextTests(SynchronousTestCase):
+    """L{TwistdLog} writes what twistd's observer writes for an access event."""
+
+    def setUp(self):
+        self.clock = ShutdownClock()
+        self.clock.advance(1_700_000_000.25)
+
+    def both(self, line: str, out_factory=io.StringIO):
+        """The text of one line through an event, and through L{TwistdLog}, at the same time."""
+        publisher, via_event = twistd_like(out_factory())
+        Logger(namespace="twisted_slb.access", observer=publisher).info("{line}", line=line, listener="web")
+        publisher, via_sink = twistd_like(out_factory())
+        sink = TwistdLog(self.clock, publisher)
+        self.assertTrue(sink.write_line(line))
+        sink.flush()
+        return via_event.getvalue(), via_sink.getvalue()
+
+    def test_sameTextAsTheEvent(self):
+        """An access line is byte for byte what twistd's observer writes for the
+        event the proxy would have emitted (time, system, text, newline)."""
+        self.clock.seconds = lambda: 1_700_000_000.25
+        event, sink = self.both('web 127.0.0.1 h "GET /\u00e9" 200 -> a persistence=hit bytes=3 0.001s')
+        # Events are timed by the wall clock: put the event's stamp in.
+        stamp = event.split(" ", 1)[0]
+        self.assertRegex(stamp, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}$")
+        self.assertEqual(event.split(" ", 1)[1], sink.split(" ", 1)[1])
+        self.assertIn(" [twisted_slb.access#info] web 127.0.0.1", sink)
+
+    def test_sameStampAsTwistd(self):
+        """The time in front of the line is twistd's formatting of the same instant."""
+        import time as _time
+
+        now = _time.time()
+        self.clock.seconds = lambda: now
+        publisher, out = twistd_like()
+        sink = TwistdLog(self.clock, publisher)
+        sink.write_line("x")
+        sink.flush()
+        expected = textFileLogObserver(io.StringIO()).formatEvent(
+            {"log_time": now, "log_format": "x", "log_namespace": "twisted_slb.access",
+             "log_level": accesslog.LogLevel.info})
+        self.assertEqual(out.getvalue(), expected)
+
+    def test_newlinesIndentedAsTwistdDoes(self):
+        """A line holding a newline continues with a tab, as twistd's text does."""
+        publisher, out = twistd_like()
+        Logger(namespace="twisted_slb.access", observer=publisher).info("{line}", line="a\nb")
+        publisher, out2 = twistd_like()
+        sink = TwistdLog(self.clock, publisher)
+        sink.write_line("a\nb")
+        sink.flush()
+        self.assertEqual(out2.getvalue().split(" ", 1)[1], out.getvalue().split(" ", 1)[1])
+        self.assertTrue(out2.getvalue().endswith("a\n\tb\n"))
+
+    def test_bytesFileGetsUTF8(self):
+        """twistd's L{LogFile} takes bytes: the text is encoded as twistd's observer does."""
+        path = self.mktemp()
+        log_file = LogFile.fromFullPath(path)
+        self.addCleanup(log_file.close)
+        sink = TwistdLog(self.clock, LogPublisher(textFileLogObserver(log_file)))
+        self.assertTrue(sink.write_line("caf\u00e9"))
+        sink.flush()
+        with open(path, "rb") as f:
+            self.assertTrue(f.read().endswith(" [twisted_slb.access#info] caf\u00e9\n".encode("utf-8")))
+
+
+class TwistdLogWritingTests(SynchronousTestCase):
+    """When L{TwistdLog} writes, and that nothing waits past a stop, a reload or a shutdown."""
+
+    def setUp(self):
+        self.clock = ShutdownClock()
+        self.publisher, self.out = twistd_like()
+        self.sink = TwistdLog(self.clock, self.publisher)
+
+    def lines(self):
+        return [l.split("] ", 1)[1] for l in self.out.getvalue().splitlines()]
+
+    def test_writtenWithinATenthOfASecond(self):
+        """Lines wait at most flush_delay (0.1 s), then go out together."""
+        self.sink.write_line("one")
+        self.clock.advance(0.05)
+        self.sink.write_line("two")
+        self.assertEqual(self.out.getvalue(), "")
+        self.clock.advance(0.05)
+        self.assertEqual(self.lines(), ["one", "two"])
+
+    def test_oneFlushPerBatch(self):
+        """The file is written and flushed once for the lines of one batch."""
+        calls = []
+
+        class Counting(io.StringIO):
+            def flush(self):
+                calls.append(1)
+
+        publisher, out = twistd_like(Counting())
+        sink = TwistdLog(self.clock, publisher)
+        for i in range(10):
+            sink.write_line(f"line {i}")
+        self.clock.advance(0.1)
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(out.getvalue().count("\n"), 10)
+
+    def test_batchesStayWithinPIPE_BUF(self):
+        """A batch is written before it would pass PIPE_BUF bytes, so that
+        workers sharing a pipe never cut each other's lines."""
+        writes = []
+
+        class Recording(io.StringIO):
+            def write(self, text):
+                writes.append(len(text.encode()))
+                return io.StringIO.write(self, text)
+
+        publisher, out = twistd_like(Recording())
+        sink = TwistdLog(self.clock, publisher)
+        for i in range(200):
+            sink.write_line("x" * 100)
+        self.clock.advance(0.1)
+        self.assertEqual(out.getvalue().count("\n"), 200)
+        self.assertGreater(len(writes), 1)
+        self.assertLessEqual(max(writes), accesslog._BATCH_BYTES)
+
+    def test_flushedAtShutdown(self):
+        """Lines written while shutting down (connections closed by the
+        reactor after the services stopped) are written by a shutdown
+        trigger, although the timed write would never come."""
+        self.sink.write_line("closed at shutdown")
+        self.clock.shutdown()
+        self.assertEqual(self.lines(), ["closed at shutdown"])
+
+    def test_closeDropsTheTrigger(self):
+        """close writes what waits and removes the shutdown trigger."""
+        self.sink.write_line("last")
+        self.assertEqual(len(self.clock.triggers), 1)
+        self.sink.close()
+        self.assertEqual(self.lines(), ["last"])
+        self.assertEqual(self.clock.triggers, {})
+
+    def test_eventsWhenAnotherObserverListens(self):
+        """With any observer beside twistd's file observer, lines stay events
+        (write_line says no) so that observer sees them."""
+        self.publisher.addObserver(lambda event: None)
+        self.assertFalse(TwistdLog(self.clock, self.publisher).write_line("x"))
+
+    def test_eventsWithoutAFileObserver(self):
+        """With no twistd file observer at all (trial, syslog, an embedding
+        application), lines stay events."""
+        self.assertFalse(TwistdLog(self.clock, LogPublisher(lambda event: None)).write_line("x"))
+        self.assertFalse(TwistdLog(self.clock, LogPublisher()).write_line("x"))
+
+    def test_eventsWhenStdoutIsTheLog(self):
+        """A file observer writing to a redirected standard output (which
+        is itself the log) is not a file to write to."""
+        logging_file = LoggingFile(Logger(observer=lambda e: None))
+        publisher = LogPublisher(FileLogObserver(logging_file, lambda e: "x\n"))
+        self.assertFalse(TwistdLog(self.clock, publisher).write_line("x"))
+
+    def test_eventsWhenTheFormatHasNoRoomForALine(self):
+        """An observer whose format does not end with the line's text (a
+        custom formatEvent) gets events."""
+        publisher = LogPublisher(FileLogObserver(io.StringIO(), lambda e: "always the same\n"))
+        self.assertFalse(TwistdLog(self.clock, publisher).write_line("x"))
+
+    def test_reloadLooksAgain(self):
+        """resolve writes what waits, then finds the observer again."""
+        self.sink.write_line("before")
+        self.publisher.addObserver(lambda event: None)
+        self.assertFalse(self.sink.resolve())
+        self.assertEqual(self.lines(), ["before"])
+        self.assertFalse(self.sink.write_line("after"))
+
+
+class TwistedPrivateAttributesTests(SynchronousTestCase):
+    """
+    L{twistd_file_observer} reads C{LogPublisher._observers} and
+    C{FileLogObserver._outFile} / C{_encoding}, which Twisted does not make
+    public.  If Twisted renames them, these fail, loudly, instead of the
+    access log silently falling back to (slow) events.
+    """
+
+    def test_publisherObservers(self):
+        """A LogPublisher keeps its observers in a list named _observers."""
+        observer = textFileLogObserver(io.StringIO())
+        publisher = LogPublisher(observer)
+        self.assertEqual(publisher._observers, [observer])
+        self.assertIsInstance(globalLogPublisher._observers, list)
+
+    def test_fileObserverFile(self):
+        """A FileLogObserver keeps its file in _outFile, and _encoding is None for a text file."""
+        out = io.StringIO()
+        observer = textFileLogObserver(out)
+        self.assertIs(observer._outFile, out)
+        self.assertIsNone(observer._encoding)
+        self.assertEqual(textFileLogObserver(io.BytesIO())._encoding, "utf-8")
+
+    def test_found(self):
+        """A publisher with only twistd's kind of observer is found usable."""
+        publisher, out = twistd_like()
+        self.assertIsNotNone(twistd_file_observer(publisher))
+        self.assertTrue(TwistdLog(ShutdownClock(), publisher).write_line("x"))
+
+
+class TwistdLogServiceTests(ServiceTestCase):
+    """The balancer writes what waits for twistd's log at reload and at stop."""
+
+    def sink_of(self, text):
+        service = self.start_balancer(text)
+        publisher, out = twistd_like()
+        service.twistd_log.publisher = publisher
+        self.addCleanup(service.twistd_log.close)  # its shutdown trigger on the real reactor
+        return service, out
+
+    @defer.inlineCallbacks
+    def test_defaultListenersUseTwistdLog(self):
+        """access_log = true gives listeners the TwistdLog; a request's line
+        lands in twistd's file with the same text as before."""
+        port, _ = yield self.start_http_backend("a")
+        service, out = self.sink_of(CONFIG.format(a=port.getHost().port, log="x").replace('access_log = "x"', ""))
+        response = yield self.agent().request(
+            b"GET", f"http://127.0.0.1:{self.port_of(service, 'web')}/x?y".encode()
+        )
+        yield readBody(response)
+        service.twistd_log.flush()
+        self.assertRegex(out.getvalue(), r'\[twisted_slb.access#info\] web 127\.0\.0\.1 127\.0\.0\.1:\d+ '
+                                         r'"GET /x\?y" 200 -> a persistence=none bytes=\d+ \d+\.\d{3}s\n')
+
+    def test_reloadWritesWhatWaits(self):
+        """SIGHUP's reload writes the lines waiting."""
+        service, out = self.sink_of(CONFIG.format(a=1, log="x").replace('access_log = "x"', ""))
+        self.assertTrue(service.twistd_log.write_line("waiting"))
+        service.reload()
+        self.assertIn("] waiting\n", out.getvalue())
+
+    @defer.inlineCallbacks
+    def test_stopWritesWhatWaits(self):
+        """Stopping the balancer writes the lines waiting."""
+        service, out = self.sink_of(CONFIG.format(a=1, log="x").replace('access_log = "x"', ""))
+        self.assertTrue(service.twistd_log.write_line("waiting"))
+        service.twistd_log._flush_call.cancel()  # only the stop may write it
+        yield service.stopService()
+        self.assertIn("] waiting\n", out.getvalue())

@@ -948,3 +948,178 @@ class BackendTLSTests(SynchronousTestCase):
         e = self.assertRaises(ConfigError, cache.stage, {"web": BackendTLSConfig(ca=bad)})
         self.assertTrue(str(e).startswith(f"backends.web.tls.ca: {bad} is not a PEM certificate file"), str(e))
         self.assertIs(cache.options_for("web", config, "backend.internal"), first)
+
+
+# --- session tickets, their rotation, and closing without waiting ------------
+
+
+class RawClient:
+    """
+    A pyOpenSSL client on memory BIOs talking to the server protocol of
+    L{server_tls_factory} over a L{StringTransport}: it answers nothing it
+    is not asked to (no close_notify of its own), as many real clients.
+    """
+
+    def __init__(self, factory, context: SSL.Context, session=None) -> None:
+        from twisted.internet.testing import StringTransport
+
+        self.conn = SSL.Connection(context, None)
+        self.conn.set_connect_state()
+        if session is not None:
+            self.conn.set_session(session)
+        self.server = factory.buildProtocol(CLIENT_ADDRESS)
+        self.transport = StringTransport()
+        self.server.makeConnection(self.transport)
+
+    def pump(self) -> None:
+        for _ in range(10):
+            try:
+                self.conn.do_handshake()
+            except SSL.WantReadError:
+                pass
+            out = b""
+            while True:
+                try:
+                    out += self.conn.bio_read(65536)
+                except SSL.WantReadError:
+                    break
+            if out:
+                self.server.dataReceived(out)
+            back = self.transport.value()
+            self.transport.clear()
+            if back:
+                self.conn.bio_write(back)
+            if not out and not back:
+                return
+        # Read (and so process) what the server sent after the handshake:
+        # TLS 1.3 tickets, close_notify.
+
+    def read(self) -> None:
+        try:
+            self.conn.recv(65536)
+        except (SSL.WantReadError, SSL.ZeroReturnError):
+            pass
+
+
+def client_context(max_version=SSL.TLS1_2_VERSION) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_max_proto_version(max_version)
+    return ctx
+
+
+class SessionTicketTests(SynchronousTestCase):
+    """Sessions resume by ticket; the ticket key is replaced after its lifetime."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.options = tls.SNIServerOptions(certificate_set(self, DEFAULT), clock=self.clock)
+        self.factory = tls.server_tls_factory(self.options, RecordingFactory(), reactor=self.clock)
+
+    def first_session(self, version):
+        ctx = client_context(version)
+        client = RawClient(self.factory, ctx)
+        client.pump()
+        client.read()
+        client.pump()
+        # Kept open: OpenSSL marks the session of a connection freed without
+        # a shutdown as not resumable.
+        self.addCleanup(lambda: client)
+        return ctx, client.conn.get_session()
+
+    def resumes(self, ctx, session) -> bool:
+        from OpenSSL._util import lib  # pyOpenSSL 26 has no Connection.session_reused
+
+        again = RawClient(self.factory, ctx, session)
+        again.pump()
+        return bool(lib.SSL_session_reused(again.conn._ssl))
+
+    def test_ticketResumesWithoutTheCache(self) -> None:
+        """A TLS 1.2 session resumes by its ticket even with the server's
+        session cache off: tickets are on."""
+        for context in self.options._current.contexts:
+            context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+        ctx, session = self.first_session(SSL.TLS1_2_VERSION)
+        self.assertTrue(self.resumes(ctx, session))
+
+    def test_tls13Resumes(self) -> None:
+        """A TLS 1.3 session resumes too."""
+        ctx, session = self.first_session(SSL.TLS1_3_VERSION)
+        self.assertTrue(self.resumes(ctx, session))
+
+    def test_ticketKeyRotated(self) -> None:
+        """Once the ticket key is ticket_key_lifetime old, new connections get
+        a new key: a ticket from before no longer resumes."""
+        ctx, session = self.first_session(SSL.TLS1_2_VERSION)
+        self.clock.advance(self.options.ticket_key_lifetime - 1)
+        self.assertTrue(self.resumes(ctx, session))
+        self.clock.advance(1)
+        self.assertFalse(self.resumes(ctx, session))
+
+    def test_noRotationWithoutLifetime(self) -> None:
+        """ticket_key_lifetime None: the key lives until a reload."""
+        self.options.ticket_key_lifetime = None
+        ctx, session = self.first_session(SSL.TLS1_2_VERSION)
+        self.clock.advance(10 * 86400)
+        self.assertTrue(self.resumes(ctx, session))
+
+
+class CloseWithoutWaitingTests(SynchronousTestCase):
+    """Closing an HTTPS connection sends close_notify and closes at once."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.options = tls.SNIServerOptions(certificate_set(self, DEFAULT), clock=self.clock)
+        self.app = RecordingFactory()
+        self.factory = tls.server_tls_factory(self.options, self.app, reactor=self.clock)
+
+    def test_closedWithoutThePeersCloseNotify(self) -> None:
+        """The server's loseConnection closes the TCP connection once its
+        close_notify is written, without waiting for the client's (which
+        openssl s_time and many scripts never send)."""
+        client = RawClient(self.factory, client_context())
+        client.pump()
+        self.app.protocols[0].transport.loseConnection()
+        self.assertTrue(client.transport.disconnecting)
+        client.conn.bio_write(client.transport.value())
+        self.assertRaises(SSL.ZeroReturnError, client.conn.recv, 100)  # close_notify came first
+
+    def test_closedWithAStreamingProducerRegistered(self) -> None:
+        """As a TCP transport does, loseConnection closes once everything is
+        sent even while a streaming producer (the HTTPS listener's
+        connection, for its whole life) is registered."""
+        client = RawClient(self.factory, client_context())
+        client.pump()
+        app = self.app.protocols[0]
+        app.transport.registerProducer(app, True)
+        app.pauseProducing = app.resumeProducing = app.stopProducing = lambda: None
+        app.transport.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        app.transport.loseConnection()
+        self.assertTrue(client.transport.disconnecting)
+        client.conn.bio_write(client.transport.value())
+        self.assertEqual(client.conn.recv(100), b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        self.assertRaises(SSL.ZeroReturnError, client.conn.recv, 100)
+        app.transport.unregisterProducer()  # later, as the listener does: no error
+
+    def test_abortStillAborts(self) -> None:
+        """abortConnection aborts the TCP connection, as before."""
+        client = RawClient(self.factory, client_context())
+        client.pump()
+        self.app.protocols[0].transport.abortConnection()
+        self.assertTrue(client.transport.disconnected)
+
+    def test_twistedStillCallsShutdownTLS(self) -> None:
+        """
+        The override relies on Twisted's private _shutdownTLS being what
+        loseConnection calls: if Twisted renames it, this fails loudly.
+        """
+        from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+        self.assertTrue(callable(getattr(TLSMemoryBIOProtocol, "_shutdownTLS", None)))
+        client = RawClient(self.factory, client_context())
+        client.pump()
+        calls = []
+        server = client.server
+        original = server._shutdownTLS
+        server._shutdownTLS = lambda: (calls.append(1), original())
+        self.app.protocols[0].transport.loseConnection()
+        self.assertEqual(calls, [1])

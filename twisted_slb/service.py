@@ -361,6 +361,10 @@ class BalancerService(MultiService):
         self.global_limit = ConnectionLimit(config.max_connections, "[all listeners]")
         self.limits: Dict[str, ConnectionLimit] = {}
         self.access_files: Dict[str, object] = {}
+        from twisted_slb.accesslog import TwistdLog
+
+        # access_log = true: lines to twistd's log, written in batches.
+        self.twistd_log = TwistdLog(reactor)
         self.client_tls = ClientTLSCache()
         self.stats = StatsRegistry(self.groups)
         self.admin_state = None
@@ -395,6 +399,9 @@ class BalancerService(MultiService):
         def close_pool(result):
             for access_file in self.access_files.values():
                 access_file.close()
+            # Connections closed later in the shutdown log too: a shutdown
+            # trigger of the TwistdLog writes those.
+            self.twistd_log.flush()
             if self.pool is not None:
                 return self.pool.close().addCallback(lambda _: result)
             return result
@@ -402,10 +409,10 @@ class BalancerService(MultiService):
         return d.addBoth(close_pool)
 
     def _access_file(self, listener: ListenerConfig):
-        """The buffered access log file of a listener, shared by path; L{None} for twistd's log."""
+        """The buffered access log of a listener: its file (shared by path), or twistd's log."""
         path = listener.access_log_path
         if path is None:
-            return None
+            return self.twistd_log if listener.access_log else None
         access_file = self.access_files.get(path)
         if access_file is None:
             from twisted_slb.accesslog import AccessLogFile
@@ -434,7 +441,8 @@ class BalancerService(MultiService):
             if listener.protocol == "https":
                 try:
                     server_tls[listener.name] = SNIServerOptions(
-                        certificates[listener.name], min_tls=listener.min_tls, alpn=listener.alpn
+                        certificates[listener.name], min_tls=listener.min_tls, alpn=listener.alpn,
+                        clock=self.reactor,
                     )
                 except ValueError as e:  # min_tls or alpn: checked by the config already
                     raise ConfigError(f"listeners.{listener.name}: {e}") from None
@@ -783,6 +791,9 @@ class BalancerService(MultiService):
         self.global_limit.configure(config.max_connections, False)
         # Access log files are reopened by name (log rotation: rename, then
         # SIGHUP); files no listener names any more are closed.
+        # Lines waiting for twistd's log are written now, and its observer
+        # is looked for again.
+        self.twistd_log.resolve()
         wanted = {l.access_log_path for l in self._listener_configs(config)}
         for path in list(self.access_files):
             if path in wanted:

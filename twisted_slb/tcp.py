@@ -535,9 +535,8 @@ class TCPBalancerProtocol(Protocol):
             line = (f"{listener} {client} -> {name} ({address}) persistence={outcome} "
                     f"from_client={self.bytes_from_client} to_client={self.bytes_to_client} "
                     f"{duration:.3f}s {self.ended}")
-            if factory.access_file is not None:
-                factory.access_file.write_line(line)
-            else:
+            access_file = factory.access_file
+            if access_file is None or not access_file.write_line(line):
                 access.info("{line}", line=line, listener=listener, client=client, backend=name,
                             backend_address=address, outcome=outcome, bytes_from_client=self.bytes_from_client,
                             bytes_to_client=self.bytes_to_client, duration=duration, ended=self.ended)
@@ -608,8 +607,10 @@ class TCPBalancerFactory(ServerFactory):
         @param max_connections: the most client connections open at once;
             0 for no limit.
         @param access_log: whether to log one line per connection.
-        @param access_file: a L{twisted_slb.accesslog.AccessLogFile} for the
-            lines, or L{None} for log events (namespace C{twisted_slb.access}).
+        @param access_file: a L{twisted_slb.accesslog.AccessLogFile} or
+            L{twisted_slb.accesslog.TwistdLog} for the lines (when its
+            C{write_line} returns C{False}, or with L{None}: log events in
+            the namespace C{twisted_slb.access}).
         @param lean: whether to use L{twisted_slb.lean}'s transports where
             they can be (a POSIX reactor, backends given by IP address).
         @param limit: a L{ConnectionLimit} to count connections against

@@ -436,7 +436,8 @@ class _ContextsSnapshot:
     a connection sees either the old set or the new one, never a mixture.
     """
 
-    def __init__(self, certificate_set: CertificateSet, contexts: List[SSL.Context]) -> None:
+    def __init__(self, certificate_set: CertificateSet, contexts: List[SSL.Context], built_at: float) -> None:
+        self.built_at = built_at
         self.certificate_set = certificate_set
         self.contexts = contexts
         self.default = contexts[0]
@@ -455,15 +456,24 @@ class SNIServerOptions:
 
     Each context: TLS 1.2 or 1.3 minimum; no compression (CRIME); no
     client-initiated renegotiation; server cipher preference with
-    L{MODERN_CIPHERS}; ALPN chosen in C{alpn}'s order; and stateful session
-    resumption with an in-memory session cache, B{without} session tickets.
-    Ticket keys are never rotated by OpenSSL inside one context, and a
-    stolen ticket key decrypts every TLS 1.2 session made while it was in
-    use; the cache resumes sessions as cheaply for a single process, and
-    it is dropped with the contexts at every reload.
+    L{MODERN_CIPHERS}; ALPN chosen in C{alpn}'s order; and session
+    resumption both by an in-memory session cache and by session tickets.
+    OpenSSL never rotates a context's ticket key by itself, and a stolen
+    ticket key decrypts every TLS 1.2 session made while it was in use: so
+    the contexts (with a new random ticket key, and an empty cache) are
+    built again once C{ticket_key_lifetime} seconds have passed, at the
+    next new connection, as they are at every reload.  A ticket made with
+    the previous key then gets a full handshake.
+
+    pyOpenSSL (26) and the OpenSSL bindings of cryptography (50) expose no
+    way to set a ticket key (C{SSL_CTX_set_tlsext_ticket_keys}, or the key
+    callback), so each process has keys of its own: with C{workers}, a
+    client resumes its session when it reaches the same worker again.
 
     @ivar min_tls: C{"1.2"} or C{"1.3"}.
     @ivar alpn: protocols offered over ALPN, best first.
+    @ivar ticket_key_lifetime: seconds a ticket key is used for, or
+        L{None} for no rotation but by reloads.
     """
 
     def __init__(
@@ -471,8 +481,12 @@ class SNIServerOptions:
         certificate_set: CertificateSet,
         min_tls: str = "1.2",
         alpn: Sequence[str] = ("http/1.1",),
+        ticket_key_lifetime: Optional[float] = 3600.0,
+        clock: Optional[IReactorTime] = None,
     ) -> None:
         """
+        @param clock: tells the age of the ticket key; default: the global
+            reactor.
         @raise ValueError: C{min_tls} or an C{alpn} name is invalid.
         @raise ConfigError: OpenSSL refuses a certificate or key (the message
             names its field and file).
@@ -487,6 +501,10 @@ class SNIServerOptions:
             protocols.append(encoded)
         self.min_tls = min_tls
         self.alpn: Tuple[bytes, ...] = tuple(protocols)
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._clock = clock
+        self.ticket_key_lifetime = ticket_key_lifetime
         self._reported_names: Dict[bytes, None] = {}
         self._current = self._build(certificate_set)
 
@@ -507,7 +525,7 @@ class SNIServerOptions:
 
     def _build(self, certificate_set: CertificateSet) -> _ContextsSnapshot:
         contexts = [self._context_for(entry) for entry in certificate_set.entries]
-        snapshot = _ContextsSnapshot(certificate_set, contexts)
+        snapshot = _ContextsSnapshot(certificate_set, contexts, self._clock.seconds())
         snapshot.default.set_tlsext_servername_callback(self._servername_callback(snapshot))
         return snapshot
 
@@ -519,7 +537,6 @@ class SNIServerOptions:
         ctx.set_options(
             SSL.OP_NO_COMPRESSION
             | SSL.OP_CIPHER_SERVER_PREFERENCE
-            | SSL.OP_NO_TICKET
             | getattr(SSL, "OP_NO_RENEGOTIATION", 0)
         )
         # Idle keep-alive connections give their buffers back.
@@ -584,9 +601,17 @@ class SNIServerOptions:
     def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         """
         A new server connection starting on the default certificate's context
-        (L{IOpenSSLServerConnectionCreator}).
+        (L{IOpenSSLServerConnectionCreator}), with a new ticket key once the
+        current one is C{ticket_key_lifetime} old.
         """
-        return SSL.Connection(self._current.default, None)
+        current = self._current
+        lifetime = self.ticket_key_lifetime
+        if lifetime is not None and self._clock.seconds() - current.built_at >= lifetime:
+            try:
+                current = self._current = self._build(current.certificate_set)
+            except ConfigError as e:  # the files were read and checked at load: unlikely
+                log.error("TLS ticket key rotation failed, keeping the current key: {error}", error=str(e))
+        return SSL.Connection(current.default, None)
 
 
 # --- the server factory: handshake timeout and failures ---------------------
@@ -629,6 +654,46 @@ class _CountingTLSProtocol(BufferingTLSTransport):
     def dataReceived(self, data: bytes) -> None:
         self.received_bytes += len(data)
         BufferingTLSTransport.dataReceived(self, data)
+
+    def _shutdownTLS(self) -> None:
+        # Twisted sends close_notify and then keeps the TCP connection open
+        # until the client answers with its own close_notify, which many
+        # clients never send (openssl s_time, scripts that read to the end),
+        # so a closed HTTPS connection could linger until the idle timeout.
+        # As nginx and HAProxy do, and as TLS allows (RFC 8446 6.1, RFC
+        # 5246 7.2.1), close once our close_notify is written.  Every
+        # caller of this private method closes the whole connection
+        # (loseConnection, abortConnection, a received close_notify);
+        # tests/test_tls.py fails if Twisted stops calling it there.
+        if self._tlsConnection is None:
+            return  # the connection is gone already (an unregisterProducer after it)
+        BufferingTLSTransport._shutdownTLS(self)
+        transport = self.transport
+        if transport is not None and not self._aborted:
+            transport.loseConnection()
+
+    _streaming_producer = False
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        self._streaming_producer = bool(streaming)
+        BufferingTLSTransport.registerProducer(self, producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self._streaming_producer = False
+        BufferingTLSTransport.unregisterProducer(self)
+
+    def loseConnection(self) -> None:
+        # Twisted's TLS transport does not close while a producer is
+        # registered; a TCP transport closes once its buffer is sent even
+        # with a streaming producer registered, and the HTTPS listener's
+        # connection (twisted_slb.web.front), written for those, stays
+        # registered as the producer of its client's socket for its whole
+        # life.  Without this, a connection closed by the balancer
+        # (Connection: close, HTTP/1.0, an error answer) sent nothing and
+        # lingered until the idle timeout.
+        BufferingTLSTransport.loseConnection(self)
+        if self._streaming_producer and not self._appSendBuffer and self._tlsConnection is not None:
+            self._shutdownTLS()
 
 
 @implementer(IHandshakeListener)

@@ -783,9 +783,8 @@ class _Exchange:
         # One f-string; a log event also keeps every field for observers.
         line = (f'{listener} {client} {host} "{method} {path}" {status} -> {name} persistence={outcome} '
                 f"bytes={sent} {duration:.3f}s{gone}")
-        if resource.access_file is not None:
-            resource.access_file.write_line(line)
-        else:
+        access_file = resource.access_file
+        if access_file is None or not access_file.write_line(line):
             access.info("{line}", line=line, listener=listener, client=client, host=host, method=method,
                         path=path, status=status, backend=name, outcome=outcome, bytes=sent,
                         duration=duration, gone=gone)
@@ -816,8 +815,9 @@ class BalancedProxyResource(Resource):
     @ivar backend_header: the name of a response header that names the
         backend which answered (C{b"X-Backend"}), or L{None}.
     @ivar access_log: whether to log one line per request.
-    @ivar access_file: a L{twisted_slb.accesslog.AccessLogFile} the lines go
-        to, or L{None} for log events in the C{twisted_slb.access} namespace.
+    @ivar access_file: a L{twisted_slb.accesslog.AccessLogFile} or
+        L{twisted_slb.accesslog.TwistdLog} the lines go to (when its C{write_line}
+        returns C{False}, or with L{None}: log events in the C{twisted_slb.access} namespace).
     """
 
     isLeaf = True
