@@ -549,3 +549,105 @@ class SlowReaderHoldsLittleTests(SynchronousTestCase):
         self.assertTrue(transport.value().endswith(b"1234567890"))
         self.assertFalse(upstream_transport.lost)
         self.assertNotIn("bufferSize", vars(upstream_transport))  # back to the class's own
+
+
+class BufferingTransport(ClosingTransport):
+    """
+    A client's transport whose socket takes nothing: everything written
+    stays buffered in this process (what L{held} counts) until the test
+    calls L{drain}, and a registered streaming producer is paused past
+    C{bufferSize}, as Twisted's and L{twisted_slb.lean}'s transports do.
+    """
+
+    producer_paused = False
+
+    def held(self) -> int:
+        return len(self.value())
+
+    def write(self, data: bytes) -> None:
+        ClosingTransport.write(self, data)
+        if self.producer is not None and self.streaming and not self.producer_paused \
+                and self.held() > self.bufferSize:
+            self.producer_paused = True
+            self.producer.pauseProducing()
+
+    def drain(self) -> bytes:
+        """The client read everything: the producer is resumed, as on a write event."""
+        data = self.value()
+        self.clear()
+        if self.producer_paused and self.producer is not None:
+            self.producer_paused = False
+            self.producer.resumeProducing()
+        return data
+
+
+def pump(upstream, transport, data: bytes) -> bytes:
+    """
+    Deliver C{data} from a backend as a reactor would: one read of the
+    transport's C{bufferSize} (64 KB, as L{twisted_slb.lean}'s, unless set)
+    at a time, while the transport is reading.  What is left is returned.
+    """
+    from twisted_slb.lean import LeanConnection
+
+    while data and transport.producerState == "producing" and not transport.lost:
+        size = getattr(transport, "bufferSize", LeanConnection.bufferSize)
+        upstream.dataReceived(data[:size])
+        data = data[size:]
+    return data
+
+
+class SlowReaderPeakTests(SynchronousTestCase):
+    """The most one client that does not read makes the balancer hold, and what it leaves behind."""
+
+    def connect(self, stack: Stack, request: bytes):
+        proto = stack.factory.buildProtocol(CLIENT)
+        transport = BufferingTransport(proto, peerAddress=CLIENT)
+        proto.makeConnection(transport)
+        proto.dataReceived(request)
+        return proto, transport
+
+    def test_pausedBackendConnectionReadsAgainInThePool(self):
+        """
+        A response whose last bytes fill the client's buffer pauses its
+        backend connection; given back to the pool, the connection reads
+        again, so the next request on it is answered (not a 504 after
+        request_timeout, counted against the backend).
+        """
+        stack = Stack("none")
+        stack.group.get("c").up = False  # both requests go to a
+        proto, transport = self.connect(stack, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        upstream, upstream_transport = stack.backend_connection()
+        body = b"x" * (transport.bufferSize + 1)
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        self.assertTrue(transport.producer_paused)  # the last write paused the backend
+        self.assertEqual(len(stack.pool.idle[("10.0.0.1", 81, False)]), 1)
+        self.assertEqual(upstream_transport.producerState, "producing")
+        transport.drain()
+
+        proto.dataReceived(b"GET /2 HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(len(stack.reactor.tcpClients), 1)  # the pooled connection, reused
+        self.assertEqual(upstream_transport.producerState, "producing")
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(transport.value().endswith(b"\r\n\r\nok"))
+
+    def test_pooledConnectionHoldsNothingOfItsFirstClient(self):
+        """
+        A backend connection given back to the pool keeps nothing of the
+        exchange that opened it: the client's connection, its request and
+        what its transport still held are freed when the client goes, not
+        when the pooled connection closes.
+        """
+        import gc
+        import weakref
+
+        stack = Stack("none")
+        proto, transport = self.connect(stack, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        upstream, upstream_transport = stack.backend_connection()
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(len(stack.pool.idle[("10.0.0.1", 81, False)]), 1)
+        channel, client_transport = weakref.ref(proto), weakref.ref(transport)
+        transport.loseConnection()
+        del proto, transport
+        gc.collect()
+        self.assertIsNone(channel())
+        self.assertIsNone(client_transport())

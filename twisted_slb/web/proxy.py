@@ -356,6 +356,10 @@ class _Exchange:
             transport = upstream.transport
             if getattr(transport, "bufferSize", None) == _STALLED_READ:
                 del transport.bufferSize  # the class's own again: the next client may read fast
+                # The response's last write may have paused it: an idle
+                # connection must read (the next response, or the backend's
+                # close), or the next request on it waits for a 504.
+                transport.resumeProducing()
             upstream.release()
         else:
             upstream.reusable = False
