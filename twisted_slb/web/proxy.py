@@ -51,8 +51,15 @@ HOP_BY_HOP = frozenset(
 IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
 # Headers we set ourselves on the way to the backend.
 _FORWARDED = frozenset([b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"content-length"])
-# Bytes read at a time from a backend whose client stopped reading once.
+# Bytes read at a time from a backend until its client shows it reads: at
+# the start of each response and after each stall of the client.  A client
+# that never reads then makes this process hold its transport's buffer
+# (CLIENT_WRITE_BUFFER) plus one such read, not plus 64 KB.
 _STALLED_READ = 16 * 1024
+# Bytes a client takes without stalling before its backend is read in the
+# transport's own (64 KB) reads again: large reads cost a third less CPU per
+# byte on a bulk download (docs/reliability.md).
+_GROW_AFTER = 256 * 1024
 # Bodies up to this size are written with the head in one go.
 _SMALL_BODY = 65536
 
@@ -201,6 +208,10 @@ class _Exchange:
     status = 0
     bytes_sent = 0
     finished = False
+    #: the backend is read _STALLED_READ bytes at a time
+    small_reads = False
+    #: bytes written to the client since the response began or it last stalled
+    unstalled = 0
 
     def __init__(self, resource: BalancedProxyResource, request: Request, upgrade: Optional[bytes] = None) -> None:
         self.resource = resource
@@ -322,6 +333,8 @@ class _Exchange:
             upstream.release()
             return
         self.upstream = upstream
+        if self.upgrade is None:
+            self._read_small(upstream.transport)
         backend = self.backend
         backend.active += 1
         backend.total += 1
@@ -335,6 +348,13 @@ class _Exchange:
             self.sender.beginFileTransfer(request.content, upstream.transport).addErrback(lambda f: None)
         resource = self.resource
         resource.response_deadlines.add(self, resource.request_timeout)
+
+    def _read_small(self, transport) -> None:
+        # bufferSize is the read size of twisted_slb.lean's transports and
+        # Twisted's own (a public attribute of FileDescriptor).
+        transport.bufferSize = _STALLED_READ
+        self.small_reads = True
+        self.unstalled = 0
 
     def _small_body(self) -> bytes:
         if not self.body_length:
@@ -354,12 +374,12 @@ class _Exchange:
             self.sender = None
         if reusable:
             transport = upstream.transport
-            if getattr(transport, "bufferSize", None) == _STALLED_READ:
-                del transport.bufferSize  # the class's own again: the next client may read fast
-                # The response's last write may have paused it: an idle
-                # connection must read (the next response, or the backend's
-                # close), or the next request on it waits for a 504.
-                transport.resumeProducing()
+            if "bufferSize" in vars(transport):
+                del transport.bufferSize  # the class's own again
+            # The response's last write may have paused it: an idle
+            # connection must read (the next response, or the backend's
+            # close), or the next request on it waits for a 504.
+            transport.resumeProducing()
             upstream.release()
         else:
             upstream.reusable = False
@@ -417,14 +437,15 @@ class _Exchange:
     def pauseProducing(self) -> None:
         """
         The client is not reading: stop reading from the backend.  Reads from
-        this backend connection are made small from now on, so that what a
-        client that reads slowly makes this process hold stays small (each
-        read lands in the client's buffer whole).
+        this backend connection are small again (until the client has taken
+        C{_GROW_AFTER} bytes without stalling), so that what a client that
+        reads slowly makes this process hold stays small (each read lands in
+        the client's buffer whole).
         """
         upstream = self.upstream
         if upstream is not None:
             upstream.transport.pauseProducing()
-            upstream.transport.bufferSize = _STALLED_READ
+            self._read_small(upstream.transport)
 
     def resumeProducing(self) -> None:
         if self.upstream is not None:
@@ -478,7 +499,11 @@ class _Exchange:
         if self.client_gone:
             return
         self.bytes_sent += len(data)
-        self.request.write(data)
+        self.unstalled += len(data)
+        self.request.write(data)  # may stall: unstalled is 0 again
+        if self.small_reads and self.unstalled >= _GROW_AFTER and self.upstream is not None:
+            self.small_reads = False
+            del self.upstream.transport.bufferSize  # the client reads: large reads again
 
     def response_end(self) -> None:
         if self.client_gone:
