@@ -187,11 +187,15 @@ class FreedMemoryTrimmerTests(SynchronousTestCase):
         self.assertEqual(trimmer.trims, len(trims))
         return trims
 
-    def test_trimsOnceAfterEachBurst(self) -> None:
-        """A fall of 32 MB from the peak since the last trim trims once; the next burst trims again."""
+    def test_trimsAfterEachBurst(self) -> None:
+        """
+        A fall of 32 MB from the peak trims; so does each further fall of
+        4 MB while the burst unwinds, and nothing after; growing by 32 MB
+        again is a new burst, trimmed when it falls as much.
+        """
         mb = self.MB
-        in_use = [10 * mb, 100 * mb, 80 * mb, 60 * mb, 60 * mb, 50 * mb, 61 * mb, 90 * mb, 20 * mb, 20 * mb]
-        self.assertEqual(self.run_trimmer(in_use), [3, 8])
+        in_use = [10, 100, 80, 60, 40, 38, 30, 29, 28, 50, 30, 70, 80, 40, 40]
+        self.assertEqual(self.run_trimmer([n * mb for n in in_use]), [3, 4, 6, 13])
 
     def test_aSteadyProcessIsNeverTrimmed(self) -> None:
         """Ups and downs of less than 32 MB (a process under steady load) never trim."""

@@ -29,9 +29,10 @@ which keeps it: freed chunks in the middle of its heap are not returned to
 the system, only a free top of the heap is.  Measured after such a burst
 (docs/reliability.md), glibc held 68 to 83 MB free, 10.5 MB in use, the
 process's resident size stayed at 135 to 150 MB, and C{malloc_trim(0)}
-brought it to 68 MB in 8 to 25 ms.  L{FreedMemoryTrimmer} calls it once a
-burst is over: when, at one of its looks (every 10 s), the bytes glibc has
-in use fell by 32 MB from their peak since the last trim.  It asks nothing
+brought it to 68 MB in 8 to 25 ms.  L{FreedMemoryTrimmer} calls it as a
+burst ends: when, at one of its looks (every 10 s), the bytes glibc has in
+use fell by 32 MB from their peak, and at the next looks while they keep
+falling.  It asks nothing
 of a steady process (one C{mallinfo2} call per look, tens of
 microseconds) and does nothing where glibc's functions are missing.
 
@@ -109,11 +110,16 @@ def glibc_allocator():
 
 class FreedMemoryTrimmer:
     """
-    Gives the memory freed after a burst back to the system: called every
+    Gives the memory freed after a burst back to the system.  Called every
     L{TRIM_INTERVAL} seconds, it trims when the bytes in use fell by
-    C{threshold} from their peak since the last trim.
+    C{threshold} from their peak, and again at each look while they keep
+    falling (by an eighth of C{threshold} since the last trim: a burst
+    unwinds over several looks).  Growing by C{threshold} again starts a
+    new burst.
 
-    @ivar peak: the most bytes in use seen since the last trim.
+    @ivar peak: the most bytes in use seen in this burst.
+    @ivar trimmed: the bytes in use at the last trim of this burst, or
+        L{None}.
     @ivar trims: how many times it trimmed.
     """
 
@@ -123,13 +129,17 @@ class FreedMemoryTrimmer:
         self.trim = trim
         self.threshold = threshold
         self.peak = in_use()
+        self.trimmed: Optional[int] = None
         self.trims = 0
 
     def __call__(self) -> None:
         now = self.in_use()
+        if self.trimmed is not None and now - self.trimmed >= self.threshold:
+            self.peak, self.trimmed = now, None  # a new burst
         if now > self.peak:
             self.peak = now
-        elif self.peak - now >= self.threshold:
+        elif self.peak - now >= self.threshold and (
+                self.trimmed is None or self.trimmed - now >= self.threshold // 8):
             started = time.perf_counter()
             self.trim()
             self.trims += 1
@@ -137,7 +147,7 @@ class FreedMemoryTrimmer:
                 "{freed} MB freed since the peak of {peak} MB in use: given back to the system ({ms:.0f} ms)",
                 freed=(self.peak - now) >> 20, peak=self.peak >> 20, ms=(time.perf_counter() - started) * 1000,
             )
-            self.peak = now
+            self.trimmed = now
 
 
 def trimming_service(clock=None) -> Optional[TimerService]:
