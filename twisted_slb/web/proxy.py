@@ -208,10 +208,13 @@ class _Exchange:
     status = 0
     bytes_sent = 0
     finished = False
-    #: the backend is read _STALLED_READ bytes at a time
+    #: the backend connection is read _STALLED_READ bytes at a time (its
+    #: transport's bufferSize is set)
     small_reads = False
     #: bytes written to the client since the response began or it last stalled
     unstalled = 0
+    #: the backend connection is paused for the client
+    upstream_paused = False
 
     def __init__(self, resource: BalancedProxyResource, request: Request, upgrade: Optional[bytes] = None) -> None:
         self.resource = resource
@@ -334,7 +337,10 @@ class _Exchange:
             return
         self.upstream = upstream
         if self.upgrade is None:
-            self._read_small(upstream.transport)
+            # bufferSize is the read size of twisted_slb.lean's transports
+            # and Twisted's own (a public attribute of FileDescriptor).
+            upstream.transport.bufferSize = _STALLED_READ
+            self.small_reads = True
         backend = self.backend
         backend.active += 1
         backend.total += 1
@@ -348,13 +354,6 @@ class _Exchange:
             self.sender.beginFileTransfer(request.content, upstream.transport).addErrback(lambda f: None)
         resource = self.resource
         resource.response_deadlines.add(self, resource.request_timeout)
-
-    def _read_small(self, transport) -> None:
-        # bufferSize is the read size of twisted_slb.lean's transports and
-        # Twisted's own (a public attribute of FileDescriptor).
-        transport.bufferSize = _STALLED_READ
-        self.small_reads = True
-        self.unstalled = 0
 
     def _small_body(self) -> bytes:
         if not self.body_length:
@@ -374,12 +373,15 @@ class _Exchange:
             self.sender = None
         if reusable:
             transport = upstream.transport
-            if "bufferSize" in vars(transport):
+            if self.small_reads:
+                self.small_reads = False
                 del transport.bufferSize  # the class's own again
-            # The response's last write may have paused it: an idle
-            # connection must read (the next response, or the backend's
-            # close), or the next request on it waits for a 504.
-            transport.resumeProducing()
+            if self.upstream_paused:
+                # By the response's last write: an idle connection must
+                # read (the next response, or the backend's close), or the
+                # next request on it waits for a 504.
+                self.upstream_paused = False
+                transport.resumeProducing()
             upstream.release()
         else:
             upstream.reusable = False
@@ -444,11 +446,16 @@ class _Exchange:
         """
         upstream = self.upstream
         if upstream is not None:
-            upstream.transport.pauseProducing()
-            self._read_small(upstream.transport)
+            transport = upstream.transport
+            transport.pauseProducing()
+            self.upstream_paused = True
+            transport.bufferSize = _STALLED_READ
+            self.small_reads = True
+            self.unstalled = 0
 
     def resumeProducing(self) -> None:
         if self.upstream is not None:
+            self.upstream_paused = False
             self.upstream.transport.resumeProducing()
 
     def stopProducing(self) -> None:
