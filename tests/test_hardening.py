@@ -17,7 +17,7 @@ level error or above), not only on exceptions: see L{collect_errors}.
 from __future__ import annotations
 
 import re
-from typing import List
+from typing import List, Optional
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -34,6 +34,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from twisted_slb.backends import Backend, BackendGroup
+from twisted_slb.lean import LeanConnection
 from twisted_slb.persistence.cookies import InsertCookie, RewriteCookie
 from twisted_slb.scheduling import RoundRobin
 from twisted_slb.web.front import HTTPFrontFactory
@@ -71,6 +72,13 @@ def collect_messages(case, text: str) -> list:
     case.addCleanup(globalLogPublisher.removeObserver, observer)
     return found
 
+
+
+
+def _idle_to(pool, host: str, port: int) -> list:
+    """The idle plain connections of C{pool} to C{host:port}, whatever the rest of their pool key."""
+    [idle] = [conns for key, conns in pool.idle.items() if key[:3] == (host, port, False)]
+    return idle
 
 class ClosingTransport(StringTransport):
     """
@@ -284,8 +292,7 @@ class FrontFuzzTests(SynchronousTestCase):
         self.assertTrue(transport.lost)
         self.assertFalse(upstream_transport.lost)
         self.assertNotIn(b"/v", upstream_transport.value())
-        [idle] = [conns for key, conns in stack.pool.idle.items() if key[:3] == ("10.0.0.1", 81, False)]
-        self.assertEqual(len(idle), 1)
+        self.assertEqual(len(_idle_to(stack.pool, "10.0.0.1", 81)), 1)
         self.assertEqual(self.errors, [])
 
     @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -550,3 +557,173 @@ class SlowReaderHoldsLittleTests(SynchronousTestCase):
         self.assertTrue(transport.value().endswith(b"1234567890"))
         self.assertFalse(upstream_transport.lost)
         self.assertNotIn("bufferSize", vars(upstream_transport))  # back to the class's own
+
+
+class BufferingTransport(ClosingTransport):
+    """
+    A client's transport in front of a socket with C{room} bytes of space
+    in the kernel: what a write does not fit there stays buffered in this
+    process (what L{held} counts), and a registered streaming producer is
+    paused past C{bufferSize} held bytes and resumed once they are all sent,
+    as Twisted's and L{twisted_slb.lean}'s transports do.  The client reads
+    only when the test calls L{read_all}.
+    """
+
+    producer_paused = False
+
+    def __init__(self, proto, room: int = 0, **kwargs) -> None:
+        ClosingTransport.__init__(self, proto, **kwargs)
+        self.socket_size = self.room = room
+        self.held_bytes = bytearray()
+        self.peak = 0
+
+    def held(self) -> int:
+        return len(self.held_bytes)
+
+    def write(self, data: bytes) -> None:
+        taken = 0 if self.held_bytes else min(self.room, len(data))
+        self.room -= taken
+        ClosingTransport.write(self, data[:taken])
+        self.held_bytes += data[taken:]
+        self.peak = max(self.peak, self.held())
+        if self.producer is not None and self.streaming and not self.producer_paused \
+                and self.held() > self.bufferSize:
+            self.producer_paused = True
+            self.producer.pauseProducing()
+
+    def read_all(self) -> None:
+        """The client reads everything the kernel has: held bytes are sent, the producer resumed once none is left."""
+        self.room = self.socket_size
+        sent = min(self.room, self.held())
+        self.room -= sent
+        ClosingTransport.write(self, bytes(self.held_bytes[:sent]))
+        del self.held_bytes[:sent]
+        if self.producer_paused and not self.held_bytes and self.producer is not None:
+            self.producer_paused = False
+            self.producer.resumeProducing()
+
+
+def pump(upstream, transport, data: bytes, reads: int = 10 ** 6, sizes: Optional[list] = None) -> bytes:
+    """
+    Deliver C{data} from a backend as a reactor would: one read of the
+    transport's C{bufferSize} (64 KB, as L{twisted_slb.lean}'s, unless set)
+    at a time, while the transport is reading, at most C{reads} reads (their
+    sizes appended to C{sizes}).  What is left is returned.
+    """
+    while data and reads and transport.producerState == "producing" and not transport.lost:
+        size = getattr(transport, "bufferSize", LeanConnection.bufferSize)
+        if sizes is not None:
+            sizes.append(size)
+        upstream.dataReceived(data[:size])
+        data = data[size:]
+        reads -= 1
+    return data
+
+
+class SlowReaderPeakTests(SynchronousTestCase):
+    """The most one client that does not read makes the balancer hold, and what it leaves behind."""
+
+    def connect(self, stack: Stack, request: bytes, room: int = 0):
+        proto = stack.factory.buildProtocol(CLIENT)
+        transport = BufferingTransport(proto, room, peerAddress=CLIENT)
+        proto.makeConnection(transport)
+        proto.dataReceived(request)
+        return proto, transport
+
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (1 << 20)
+    body = b"x" * (1 << 20)
+
+    def test_clientThatNeverReadsHoldsItsBufferAndOneSmallRead(self):
+        """
+        A client that does not read makes the balancer hold at most its
+        transport's buffer (CLIENT_WRITE_BUFFER, 16 KB) plus one 16 KB read
+        from the backend, whatever room its socket had: the backend is read
+        in small pieces from the start of a response, then not at all.
+        """
+        for room in (0, 100, 1000, 16500, 40000, 100000):
+            stack = Stack("none")
+            proto, transport = self.connect(stack, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", room)
+            upstream, upstream_transport = stack.backend_connection()
+            left = pump(upstream, upstream_transport, self.head + self.body)
+            self.assertEqual(upstream_transport.producerState, "paused")
+            self.assertEqual(pump(upstream, upstream_transport, left), left)  # nothing more is read
+            # Figures, not the constants: this fails if either grows.
+            self.assertLessEqual(transport.peak, 32 * 1024, f"room {room}")
+            self.assertLessEqual(len(self.head + self.body) - len(left), room + 32 * 1024)
+
+    def test_clientThatStopsReadingHoldsItsBufferAndOneRead(self):
+        """
+        A client that reads fast gets 64 KB reads once it has taken 256 KB
+        without stalling (what a bulk download needs), and when it then
+        stops reading, the balancer holds at most its buffer plus one 64 KB
+        read; reads are small again after the stall.
+        """
+        from twisted_slb.web.front import CLIENT_WRITE_BUFFER
+
+        stack = Stack("none")
+        proto, transport = self.connect(stack, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", room=128 * 1024)
+        upstream, upstream_transport = stack.backend_connection()
+        data, sizes = self.head + self.body, []
+        while len(data) > (1 << 19):  # the client reads the first half as it comes
+            data = pump(upstream, upstream_transport, data, reads=1, sizes=sizes)
+            transport.read_all()
+        self.assertEqual(sizes[:16], [16 * 1024] * 16)
+        self.assertEqual(sizes[-1], LeanConnection.bufferSize)
+        self.assertEqual(transport.peak, 0)
+        data = pump(upstream, upstream_transport, data, sizes=sizes)  # then stops reading
+        self.assertEqual(upstream_transport.producerState, "paused")
+        self.assertGreater(transport.peak, CLIENT_WRITE_BUFFER)
+        self.assertLessEqual(transport.peak, (16 + 64) * 1024)
+        self.assertEqual(upstream_transport.bufferSize, 16 * 1024)
+        transport.read_all()
+        transport.read_all()  # what was held is sent: the backend is read again, in small pieces
+        self.assertEqual(upstream_transport.producerState, "producing")
+        pump(upstream, upstream_transport, data, reads=1, sizes=sizes)
+        self.assertEqual(sizes[-1], 16 * 1024)
+
+    def test_pausedBackendConnectionReadsAgainInThePool(self):
+        """
+        A response whose last bytes fill the client's buffer pauses its
+        backend connection; given back to the pool, the connection reads
+        again, so the next request on it is answered (not a 504 after
+        request_timeout, counted against the backend).
+        """
+        stack = Stack("none")
+        stack.group.get("c").up = False  # both requests go to a
+        proto, transport = self.connect(stack, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        upstream, upstream_transport = stack.backend_connection()
+        body = b"x" * (transport.bufferSize + 1)
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        self.assertTrue(transport.producer_paused)  # the last write paused the backend
+        self.assertEqual(len(_idle_to(stack.pool, "10.0.0.1", 81)), 1)
+        self.assertEqual(upstream_transport.producerState, "producing")
+        transport.socket_size = 1 << 20  # the client reads from now on
+        transport.read_all()
+
+        proto.dataReceived(b"GET /2 HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(len(stack.reactor.tcpClients), 1)  # the pooled connection, reused
+        self.assertEqual(upstream_transport.producerState, "producing")
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(transport.value().endswith(b"\r\n\r\nok"))
+
+    def test_pooledConnectionHoldsNothingOfItsFirstClient(self):
+        """
+        A backend connection given back to the pool keeps nothing of the
+        exchange that opened it: the client's connection, its request and
+        what its transport still held are freed when the client goes, not
+        when the pooled connection closes.
+        """
+        import gc
+        import weakref
+
+        stack = Stack("none")
+        proto, transport = self.connect(stack, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        upstream, upstream_transport = stack.backend_connection()
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(len(_idle_to(stack.pool, "10.0.0.1", 81)), 1)
+        channel, client_transport = weakref.ref(proto), weakref.ref(transport)
+        transport.loseConnection()
+        del proto, transport
+        gc.collect()
+        self.assertIsNone(channel())
+        self.assertIsNone(client_transport())

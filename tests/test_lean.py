@@ -277,6 +277,17 @@ class LeanConnectionTests(TestCase):
                 pass
         yield defer.succeed(None)
 
+    def test_closeDropsWhatIsBuffered(self):
+        """
+        A connection closed with bytes still buffered (aborted, or lost)
+        holds none of them after: a closed transport something still refers
+        to costs no more than its object.
+        """
+        self.transport.write(b"w" * 4000000)
+        self.assertTrue(self.transport._buffer)
+        self.transport.abortConnection()
+        self.assertEqual(len(self.transport._buffer), 0)
+
     @defer.inlineCallbacks
     def test_peerResetIsConnectionLost(self):
         self.peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, lean._LINGER_RESET)

@@ -6,11 +6,14 @@ type (C{twistd slb --config F}, C{--check}) and what it prints.
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 import types
 
+from twisted.application.internet import TimerService
 from twisted.application.service import IServiceMaker
+from twisted.internet import task
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -161,6 +164,77 @@ class HeapTests(SynchronousTestCase):
         with open(path, "w") as f:
             f.write(text)
         return path
+
+
+class FreedMemoryTrimmerTests(SynchronousTestCase):
+    """Memory freed after a burst goes back to the system, once (L{twisted_slb.heap.FreedMemoryTrimmer})."""
+
+    MB = 1 << 20
+
+    def run_trimmer(self, in_use: list) -> list:
+        """The looks (one per interval) at which a trimmer seeing C{in_use} bytes in use trims."""
+        trims: list = []
+        values = iter(in_use)
+        current = [next(values)]
+        trimmer = heap.FreedMemoryTrimmer(lambda: current[0], lambda: trims.append(look[0]))
+        service = TimerService(heap.TRIM_INTERVAL, trimmer)
+        service.clock = clock = task.Clock()
+        look = [0]
+        service.startService()
+        self.addCleanup(service.stopService)
+        for look[0], current[0] in enumerate(values, 1):
+            clock.advance(heap.TRIM_INTERVAL)
+        self.assertEqual(trimmer.trims, len(trims))
+        return trims
+
+    def test_trimsAfterEachBurst(self) -> None:
+        """
+        A fall of 32 MB from the peak trims; so does each further fall of
+        4 MB while the burst unwinds, and nothing after; growing by 32 MB
+        again is a new burst, trimmed when it falls as much.
+        """
+        mb = self.MB
+        in_use = [10, 100, 80, 60, 40, 38, 30, 29, 28, 50, 30, 70, 80, 40, 40]
+        self.assertEqual(self.run_trimmer([n * mb for n in in_use]), [3, 4, 6, 13])
+
+    def test_aSteadyProcessIsNeverTrimmed(self) -> None:
+        """Ups and downs of less than 32 MB (a process under steady load) never trim."""
+        mb = self.MB
+        self.assertEqual(self.run_trimmer([(40 + (i * 7) % 31) * mb for i in range(100)]), [])
+
+    def test_withoutGlibcNoService(self) -> None:
+        """Where the C library has no mallinfo2 and malloc_trim, nothing runs."""
+        self.patch(heap.ctypes, "CDLL", lambda name: object())
+        self.assertIsNone(heap.glibc_allocator())
+        self.assertIsNone(heap.trimming_service())
+
+    def test_glibcFunctions(self) -> None:
+        """On glibc (this project's Linux), the bytes in use are read and malloc_trim(0) runs."""
+        allocator = heap.glibc_allocator()
+        if platform.libc_ver()[0] != "glibc":
+            self.assertIsNone(allocator)
+            return
+        in_use, trim = allocator
+        before = in_use()
+        blocks = [bytearray(4096) for _ in range(2048)]  # from malloc's heap (large ones are mmap'd)
+        self.assertGreaterEqual(in_use() - before, 8 * self.MB)
+        del blocks
+        self.assertIn(trim(), (0, 1))
+
+    def test_twistdRunsIt(self) -> None:
+        """twistd slb's service tree runs the trimmer every TRIM_INTERVAL seconds (glibc only)."""
+        options = tap.Options()
+        path = os.path.abspath(self.mktemp() + ".toml")
+        with open(path, "w") as f:
+            f.write(GOOD)
+        options.parseOptions(["--config", path])
+        timers = [s for s in tap.makeService(options) if isinstance(s, TimerService)]
+        if heap.glibc_allocator() is None:
+            self.assertEqual(timers, [])
+            return
+        self.assertEqual(len(timers), 1)
+        self.assertEqual(timers[0].step, heap.TRIM_INTERVAL)
+        self.assertIsInstance(timers[0].call[0], heap.FreedMemoryTrimmer)
 
 
 class CommandLineTests(SynchronousTestCase):

@@ -376,6 +376,9 @@ class LeanConnection:
         self.stopReading()
         self._stop_writing()
         self.socket.close()
+        # What was not sent never will be: not kept while anything still
+        # refers to this transport.
+        self._buffer = bytearray()
         protocol = self.protocol
         producer, self.producer = self.producer, None
         # Without the transport <-> protocol cycle, reference counting

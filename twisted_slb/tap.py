@@ -162,5 +162,8 @@ def makeService(options: Options):
     # twistd's options (parent of ours): their pid file moves aside during an upgrade.
     UpgradeService(balancer, reactor, twistd_options=getattr(options, "parent", None)).setServiceParent(top)
     ReadyService(inheritance).setServiceParent(top)  # after the listeners started: says "serving"
+    trimmer = heap.trimming_service(reactor)  # gives memory freed after a burst back (glibc)
+    if trimmer is not None:
+        trimmer.setServiceParent(top)
     _FreezeHeap().setServiceParent(top)  # last: after the listeners started
     return top

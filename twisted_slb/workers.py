@@ -306,6 +306,9 @@ def worker_main(argv: Optional[List[str]] = None) -> None:
         # adoptStreamPort duplicated the descriptor: ours is no longer needed.
         os.close(fd)
     heap.freeze_startup()
+    trimmer = heap.trimming_service(reactor)  # gives memory freed after a burst back (glibc)
+    if trimmer is not None:
+        trimmer.startService()
 
     def reload() -> None:
         heap.thaw()  # the configuration replaced may then be collected

@@ -60,8 +60,15 @@ HOP_BY_HOP = frozenset(
 IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
 # Headers we set ourselves on the way to the backend.
 _FORWARDED = frozenset([b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"content-length"])
-# Bytes read at a time from a backend whose client stopped reading once.
+# Bytes read at a time from a backend until its client shows it reads: at
+# the start of each response and after each stall of the client.  A client
+# that never reads then makes this process hold its transport's buffer
+# (CLIENT_WRITE_BUFFER) plus one such read, not plus 64 KB.
 _STALLED_READ = 16 * 1024
+# Bytes a client takes without stalling before its backend is read in the
+# transport's own (64 KB) reads again: large reads cost a third less CPU per
+# byte on a bulk download (docs/reliability.md).
+_GROW_AFTER = 256 * 1024
 # Bodies up to this size are written with the head in one go.
 _SMALL_BODY = 65536
 
@@ -233,6 +240,11 @@ class _Exchange:
     early = False
     last_data = 0.0  # when the last body bytes came from the backend
     reused = False  # whether the current backend connection was an idle pooled one
+    #: the backend connection is read _STALLED_READ bytes at a time (its
+    #: transport's bufferSize is set)
+    small_reads = False
+    #: bytes written to the client since the response began or it last stalled
+    unstalled = 0
 
     def __init__(self, resource: BalancedProxyResource, request: Request, upgrade: Optional[bytes] = None) -> None:
         self.resource = resource
@@ -368,6 +380,11 @@ class _Exchange:
             return
         self.upstream = upstream
         self.reused = reused
+        if self.upgrade is None:
+            # bufferSize is the read size of twisted_slb.lean's transports
+            # and Twisted's own (a public attribute of FileDescriptor).
+            upstream.transport.bufferSize = _STALLED_READ
+            self.small_reads = True
         backend = self.backend
         backend.active += 1
         backend.total += 1
@@ -413,8 +430,12 @@ class _Exchange:
             sender.stopProducing()
         if reusable and not owed and not self.early:
             transport = upstream.transport
-            if getattr(transport, "bufferSize", None) == _STALLED_READ:
-                del transport.bufferSize  # the class's own again: the next client may read fast
+            if self.small_reads:
+                self.small_reads = False
+                del transport.bufferSize  # the class's own again
+            # Paused by the response's last write? release() resumes it: an
+            # idle connection must read (the next response, or the backend's
+            # close), or the next request on it waits for a 504.
             upstream.release()
         else:
             # The backend still expects request bytes (it answered early),
@@ -533,14 +554,20 @@ class _Exchange:
     def pauseProducing(self) -> None:
         """
         The client is not reading: stop reading from the backend.  Reads from
-        this backend connection are made small from now on, so that what a
-        client that reads slowly makes this process hold stays small (each
-        read lands in the client's buffer whole).
+        this backend connection are small again (until the client has taken
+        C{_GROW_AFTER} bytes without stalling), so that what a client that
+        reads slowly makes this process hold stays small (each read lands in
+        the client's buffer whole).
         """
         upstream = self.upstream
         if upstream is not None:
-            upstream.pauseProducing()  # also tells the response idle timeout that the client is the one waiting
+            # Through the backend connection's own pauseProducing: the
+            # response idle timeout then knows the client is the one
+            # waiting, and the pool resumes it when it goes back idle.
+            upstream.pauseProducing()
             upstream.transport.bufferSize = _STALLED_READ
+            self.small_reads = True
+            self.unstalled = 0
 
     def resumeProducing(self) -> None:
         if self.upstream is not None:
@@ -595,7 +622,11 @@ class _Exchange:
             return
         self.last_data = self.resource.reactor.seconds()
         self.bytes_sent += len(data)
-        self.request.write(data)
+        self.unstalled += len(data)
+        self.request.write(data)  # may stall: unstalled is 0 again
+        if self.small_reads and self.unstalled >= _GROW_AFTER and self.upstream is not None:
+            self.small_reads = False
+            del self.upstream.transport.bufferSize  # the client reads: large reads again
 
     def response_end(self) -> None:
         self._cancel_timeout()

@@ -545,5 +545,9 @@ class _ReadyProtocol(UpstreamProtocol):
     def connectionMade(self) -> None:
         UpstreamProtocol.connectionMade(self)
         ready, self.on_ready = self.on_ready, None
+        # The connector's callbacks are the requesting exchange's: a pooled
+        # connection outlives it, and must not keep it (its request, its
+        # client's connection and what that still buffers) alive.
+        self.factory.ready = self.factory.failed = None
         if ready is not None:
             ready(self, False)
