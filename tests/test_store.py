@@ -346,6 +346,14 @@ class ConfigTests(SynchronousTestCase):
                       self.error('type = "redis"\nurl = "redis://h"\ntimeout = 0'))
         self.assertIn("store.url: unknown key", self.error('url = "redis://h"'))
 
+    def test_checkShowsTheStoreNotThePassword(self):
+        """C{--check} names the store's server, prefix and timeout, never the URL's password."""
+        from twisted_slb.config import describe
+
+        text = describe(parse_config(self.BASE + 'type = "redis"\nurl = "redis://:hunter2@10.0.0.5/2"\n'))
+        self.assertIn("store: redis redis://10.0.0.5:6379/2, prefix 'slb:', lookup timeout 0.05 s", text)
+        self.assertNotIn("hunter2", text)
+
 
 # -- balancers sharing a store -------------------------------------------------
 
@@ -419,6 +427,26 @@ class ServicesTests(ServiceTestCase):
         self.assertEqual(first, second)
         self.assertEqual(two.store.counts["lookup_hits"], len(sources))
         self.assertEqual(two.stats.snapshot()["store"]["lookup_hits"], len(sources))
+
+    @defer.inlineCallbacks
+    def test_stuckRedisDelaysANewClientByTheTimeoutAtMost(self):
+        """
+        With Redis not answering (SIGSTOP), a new HTTP client is served by
+        the scheduler once the lookup gives up (C{timeout} 0.5 s), and a
+        client it pinned then is served from the local table at once.
+        """
+        one = self.balancer("abcd")
+        yield wait_until(lambda: one.store.connected)
+        os.kill(self.redis.process.pid, signal.SIGSTOP)
+        self.addCleanup(lambda: self.redis.process and os.kill(self.redis.process.pid, signal.SIGCONT))
+        started = reactor.seconds()
+        name = yield self.get(one, "127.0.3.50")
+        self.assertLess(reactor.seconds() - started, 1.5)
+        self.assertRegex(name, r"^backend=[abcd] ")
+        self.assertEqual((yield self.get(one, "127.0.3.50")), name)
+        self.assertEqual(one.store.counts["lookup_timeouts"], 1)
+        self.assertEqual(one.stats.listeners["web"].persistence["hit"], 1)
+        os.kill(self.redis.process.pid, signal.SIGCONT)
 
     def test_workersUseTheSharedTableNotHashing(self):
         """With a shared store, worker processes pick new clients with the group's scheduler."""
