@@ -576,3 +576,23 @@ class TwistdInstancesTests(TestCase):
         for instance in (a, b):
             instance["transport"].signalProcess("TERM")
             yield instance["proc"].ended
+
+
+class StopTests(StoreCase):
+    @defer.inlineCallbacks
+    def test_stoppingIsNotAnEpisode(self):
+        """
+        Stopping the store sends the queued refreshes and disconnects; the
+        replies the disconnection cuts off are neither logged nor counted.
+        """
+        store = RedisStore(self.redis.url, timeout=0.5, flush_interval=3600)
+        store.startService()
+        yield self.connected(store)
+        table = self.table(store)
+        for i in range(50):
+            table.set(b"k%d" % i, "v")
+            table.set(b"k%d" % i, "v")
+        yield store.stopService()
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual((store.counts["errors"], store.counts["episodes"]), (0, 0))
+        self.assertEqual(self.warnings("serving from the local tables"), [])

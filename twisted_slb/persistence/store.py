@@ -162,6 +162,8 @@ class RedisStore(Service):
             log.info("store {where}: answering again; shared tables in use", where=self.where())
 
     def _failed(self, failure) -> None:
+        if not self.running:
+            return  # the replies a shutdown cut off are not an episode
         self.counts["errors"] += 1
         self._down(f"command failed: {failure.getErrorMessage()}")
 
