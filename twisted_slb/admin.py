@@ -305,7 +305,24 @@ class _Collector:
                 byte_count.add_metric(labels + ["in"], b.bytes_in)
                 byte_count.add_metric(labels + ["out"], b.bytes_out)
         return [requests, connections, active, persistence, up, weight, busy, failures, byte_count,
-                admin, healthy, ejected, ejections, *_udp_metrics(self.registry)]
+                admin, healthy, ejected, ejections, *_udp_metrics(self.registry), *_store_metrics(self.registry)]
+
+
+def _store_metrics(registry: StatsRegistry) -> list:
+    """The shared store's state and counts (nothing with the memory store)."""
+    store = registry.store
+    if store is None:
+        return []
+    s = store.snapshot()
+    up = GaugeMetricFamily("slb_store_up", "1 while the shared store (Redis) is connected and answering")
+    up.add_metric([], 1 if s["connected"] and s["healthy"] else 0)
+    episodes = CounterMetricFamily("slb_store_episodes", "Times the shared store became unreachable or slow")
+    episodes.add_metric([], s["episodes"])
+    ops = CounterMetricFamily("slb_store_operations", "Shared store operations by kind (lookups, lookup_hits, "
+                              "lookup_timeouts, writes, refreshes, deletes, errors, skipped)", labels=["kind"])
+    for kind in ("lookups", "lookup_hits", "lookup_timeouts", "writes", "refreshes", "deletes", "errors", "skipped"):
+        ops.add_metric([kind], s[kind])
+    return [up, episodes, ops]
 
 
 def _udp_metrics(registry: StatsRegistry) -> list:

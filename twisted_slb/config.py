@@ -229,6 +229,22 @@ class AdminConfig:
 
 
 @attr.s(frozen=True, auto_attribs=True)
+class StoreConfig:
+    """
+    C{[store]}: where the stick tables (source_ip, header, learn_cookie) live.
+
+    C{type} is C{"memory"} (each process its own tables) or C{"redis"}
+    (shared by every process and instance that names the same server, with
+    the in-process table as a cache in front).
+    """
+
+    type: str = "memory"
+    url: str = ""  # redis:// or rediss:// (TLS), password and database in the URL
+    prefix: str = "slb:"  # keys are PREFIX + table name + ":" + client key
+    timeout: float = 0.05  # seconds a new client's first request may wait for a lookup
+
+
+@attr.s(frozen=True, auto_attribs=True)
 class Config:
     """A whole configuration file."""
 
@@ -239,6 +255,7 @@ class Config:
     workers: int = 1
     grace_period: float = 10.0  # seconds open requests may finish on SIGTERM
     max_connections: int = 0  # over all listeners (not the admin one); 0: unlimited
+    store: StoreConfig = attr.Factory(StoreConfig)
 
 
 class ConfigError(Exception):
@@ -1077,7 +1094,8 @@ def parse_config(document: Any, path: str = "<string>") -> Config:
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
     base = os.path.dirname(os.path.abspath(path)) if not path.startswith("<") else os.getcwd()
-    top = _Table(path, "", document, ("backends", "listeners", "admin", "workers", "grace_period", "max_connections"))
+    top = _Table(path, "", document,
+                 ("backends", "listeners", "admin", "workers", "grace_period", "max_connections", "store"))
     groups_data = top.get("backends", {})
     if not isinstance(groups_data, dict):
         raise top.error("backends", "must be a table of groups", groups_data, "[backends.NAME] tables")
@@ -1109,10 +1127,79 @@ def parse_config(document: Any, path: str = "<string>") -> Config:
         workers=top.integer("workers", 1, 1, 64),
         grace_period=top.number("grace_period", 10.0, 0, 3600),
         max_connections=top.integer("max_connections", 0, 0, 100_000_000),
+        store=_read_store(top),
     )
     _check_tls_files(config)
     _check_udp(config)
     return config
+
+
+STORE_TYPES = ("memory", "redis")
+_STORE_KEYS = {"memory": ("type",), "redis": ("type", "url", "prefix", "timeout")}
+_REDIS_SCHEMES = ("redis", "rediss")
+
+
+def _read_store(top: _Table) -> StoreConfig:
+    """C{[store]}: C{type = "memory"} (the default) or C{"redis"} with its C{url}."""
+    data = top.get("store", {})
+    if not isinstance(data, dict):
+        raise top.error("store", f"must be a table, not {_type_name(data)}", data, "a [store] table")
+    kind = data.get("type", "memory")
+    if kind not in STORE_TYPES:
+        raise top.error_at("store.type", "not one of the choices", kind, " | ".join(repr(c) for c in STORE_TYPES))
+    t = _Table(top.file, "store", data, _STORE_KEYS[kind])
+    if kind == "memory":
+        return StoreConfig()
+    url = t.string("url", allowed="a redis://[user:password@]host[:port][/db] or rediss:// URL")
+    _check_redis_url(t, url)
+    prefix = t.string("prefix", "slb:")
+    if len(prefix) > 64 or any(c.isspace() for c in prefix):
+        raise t.error("prefix", "too long or has white space", prefix, "at most 64 characters, no white space")
+    timeout = t.number("timeout", 0.05, 0, 5, above=True)
+    return StoreConfig(type=kind, url=url, prefix=prefix, timeout=timeout)
+
+
+def _check_redis_url(t: _Table, url: str) -> None:
+    from urllib.parse import urlsplit
+
+    allowed = "redis://[user:password@]host[:port][/db] or rediss://... (TLS), db 0..15"
+    # An error message names the URL, never its password.
+    shown = re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise t.error("url", "not a valid URL", shown, allowed) from None
+    if parts.scheme not in _REDIS_SCHEMES:
+        raise t.error("url", "the scheme must be redis or rediss", shown, allowed)
+    if not parts.hostname:
+        raise t.error("url", "no host", shown, allowed)
+    if port == 0:
+        raise t.error("url", "port 0", shown, allowed)
+    db = parts.path.strip("/")
+    if db and (not db.isdigit() or int(db) > 15):
+        raise t.error("url", f"database {db!r} is not 0..15", shown, allowed)
+    if parts.query or parts.fragment:
+        raise t.error("url", "a query or fragment", shown, allowed)
+
+
+def redis_address(url: str) -> Dict[str, Any]:
+    """
+    The parts of a checked C{[store] url}: C{host}, C{port}, C{db},
+    C{username}, C{password} (L{None} when absent) and C{tls}.
+    """
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    db = parts.path.strip("/")
+    return {
+        "host": parts.hostname,
+        "port": parts.port or 6379,
+        "db": int(db) if db else 0,
+        "username": unquote(parts.username) if parts.username else None,
+        "password": unquote(parts.password) if parts.password is not None else None,
+        "tls": parts.scheme == "rediss",
+    }
 
 
 def _check_tls_files(config: Config) -> None:
@@ -1268,6 +1355,12 @@ def describe(config: Config) -> str:
     lines: List[str] = [f"config: {config.path}", f"workers: {config.workers}"]
     if config.max_connections:
         lines.append(f"max_connections {config.max_connections} over all listeners")
+    if config.store.type == "redis":
+        from urllib.parse import urlsplit
+
+        shown = urlsplit(config.store.url)
+        where = f"{shown.scheme}://{shown.hostname}:{shown.port or 6379}{shown.path}"  # never the password
+        lines.append(f"store: redis {where}, prefix {config.store.prefix!r}, lookup timeout {config.store.timeout} s")
     for l in config.listeners.values():
         lines.append("")
         lines.append(f"listener {l.name}: {l.protocol} on {l.bind}")

@@ -369,6 +369,14 @@ class BalancerService(MultiService):
         self.stats = StatsRegistry(self.groups)
         self.admin_state = None
         self._warned_admin: Optional[str] = None
+        self.store = None
+        if config.store.type == "redis":
+            from twisted_slb.persistence.store import RedisStore
+
+            # First child: started before the listeners, stopped after them.
+            self.store = RedisStore(config.store.url, config.store.prefix, config.store.timeout, clock=self.reactor)
+            self.store.setServiceParent(self)
+            self.stats.store = self.store
         prepared = self._prepare(config)
         self._update_groups(config, prepared)
         for listener in self._listener_configs(config):
@@ -567,6 +575,10 @@ class BalancerService(MultiService):
         table = self.stick_tables.get(key)
         if table is None:
             table = StickTable(persistence.timeout, persistence.max_entries, clock=self.reactor)
+            if self.store is not None:
+                from twisted_slb.persistence.store import SharedStickTable
+
+                table = SharedStickTable(key, table, self.store)
             self.stick_tables[key] = table
         else:
             table.timeout = persistence.timeout
@@ -575,7 +587,8 @@ class BalancerService(MultiService):
             return HeaderPersistence(table, persistence.header, on_failure=persistence.on_failure)
         if persistence.type == "learn_cookie":
             return LearnCookiePersistence(table, persistence.cookie, on_failure=persistence.on_failure)
-        if self.worker:
+        if self.worker and self.store is None:
+            # Without a shared table, workers agree by hashing the client.
             from twisted_slb.scheduling import ConsistentHash
 
             return SourceIPPersistence(table, scheduler=ConsistentHash(), on_failure=persistence.on_failure)
@@ -787,6 +800,8 @@ class BalancerService(MultiService):
             log.failure("reload failed, keeping the running configuration")
             return False
         self._update_groups(config, prepared)
+        if config.store != self.config.store:
+            log.warn("reload: [store] changed; the store in use is kept until the balancer restarts")
         self.config = config
         self.global_limit.configure(config.max_connections, False)
         # Access log files are reopened by name (log rotation: rename, then

@@ -151,6 +151,8 @@ class StatsRegistry:
         self.splits: Dict[str, object] = {}
         self._split_groups: Dict[str, tuple] = {}
         self._splits_in_use: set = set()
+        #: the shared store (L{twisted_slb.persistence.store.RedisStore}), if any
+        self.store = None
 
     def for_split(self, where: str, groups) -> object:
         """
@@ -221,6 +223,7 @@ class StatsRegistry:
             })
         return {
             "process": {"pid": self.pid, "started": self.started},
+            "store": {"type": "memory"} if self.store is None else self.store.snapshot(),
             "listeners": [s.snapshot() for s in self.listeners.values()],
             "groups": groups,
             "splits": [

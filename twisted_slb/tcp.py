@@ -239,11 +239,24 @@ class TCPBalancerProtocol(Protocol):
         if policy is not None:
             session.policy = policy
             try:
-                session.pinned_key = policy.find(session)
+                found = policy.find(session)
             except Exception:
                 # A broken policy costs its pin, not the client's connection.
+                found = None
                 log.failure("listener {listener}: persistence policy {policy!r} failed to find a pin",
                             listener=factory.listener_name, policy=policy)
+            if isinstance(found, Deferred):
+                # A shared table asks its store (bounded by the store's
+                # timeout); what the client sends meanwhile is kept in early.
+                found.addCallback(self._pin_found)
+                return
+            session.pinned_key = found
+        self.connect_next()
+
+    def _pin_found(self, key: Optional[str]) -> None:
+        if self.closed:
+            return  # the client left while its pin was looked up
+        self.session.pinned_key = key
         self.connect_next()
 
     def connect_next(self) -> None:

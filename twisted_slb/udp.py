@@ -44,7 +44,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from twisted_slb.backends import Backend, BackendGroup
-from twisted_slb.persistence.interfaces import Session, normalise_ip
+from twisted_slb.persistence.interfaces import Session, normalise_ip, pinned_now
 
 log = Logger(namespace="twisted_slb.udp")
 access = Logger(namespace="twisted_slb.access")
@@ -278,7 +278,9 @@ class UDPBalancer(DatagramProtocol):
         visit = Session(normalise_ip(addr[0]), policy=self.policy)
         policy = self.policy
         if policy is not None:
-            visit.pinned_key = policy.find(visit)
+            # A datagram is not held for a shared table's lookup: it
+            # answers at once from the cache, or is balanced as new.
+            visit.pinned_key = pinned_now(policy.find(visit))
         session = UDPSession(addr, visit, now)
         if len(self.sessions) >= self.max_sessions:
             self.evict()

@@ -35,6 +35,7 @@ import ipaddress
 from typing import TYPE_CHECKING, Optional
 
 import attr
+from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -77,6 +78,9 @@ class Session:
     @ivar peer_ip: the connection's peer when C{client_ip} came from a
         forwarding header (L{twisted_slb.clientip}), else C{""}: the proxy
         appends it to the C{X-Forwarded-For} it sends on.
+    @ivar lookup: HTTP: the L{Deferred} a policy's C{find} returned (a
+        shared table asking its store), which the proxy waits for before
+        it chooses a backend; it fires with the pinned key or L{None}.
     """
 
     client_ip: str
@@ -88,6 +92,7 @@ class Session:
     outcome: str = NONE
     note: object = None
     peer_ip: str = ""
+    lookup: Optional[Deferred] = None
 
 
 class IPersistencePolicy(Interface):
@@ -122,7 +127,12 @@ class IPersistencePolicy(Interface):
         @param session: the client visit; C{session.request} is set for HTTP.
         @return: a backend key (L{twisted_slb.backends.Backend.id}) or L{None}
             when the client is not pinned.  A key that names no usable
-            backend is not an error: the client is re-pinned.
+            backend is not an error: the client is re-pinned.  A policy
+            whose pins live elsewhere (a shared store) may return a
+            L{twisted.internet.defer.Deferred} of the same, which must fire
+            (never fail) within a bound it keeps: the TCP and HTTP listeners
+            hold the client until it fires (see L{pending_pin}); the UDP
+            relay does not wait, and balances such a first datagram unpinned.
         """
 
     def remember(session: Session, backend: "Backend") -> None:
@@ -136,6 +146,20 @@ class IPersistencePolicy(Interface):
         @param session: the client visit.
         @param backend: the backend that serves it.
         """
+
+
+def pinned_now(found) -> Optional[str]:
+    """
+    What C{find} answered, for a caller that cannot wait: the key, the
+    result of a L{Deferred} that has already fired, else L{None}.
+    """
+    if not isinstance(found, Deferred):
+        return found
+    result = []
+    found.addBoth(result.append)
+    if result and isinstance(result[0], str):
+        return result[0]
+    return None
 
 
 def is_strict(policy: object) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable, MutableMapping, Optional
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource, getChildForRequest
@@ -85,7 +86,13 @@ class PersistenceResource(Resource):
         session = session_for(request)
         session.policy = self.policy
         try:
-            session.pinned_key = self.policy.find(session)
+            found = self.policy.find(session)
+            if isinstance(found, Deferred):
+                # A shared table's lookup: the proxy waits for it (bounded
+                # by the store's timeout) before it chooses a backend.
+                session.lookup = found
+                found = None
+            session.pinned_key = found
         except Exception:
             log.failure(
                 "persistence policy {policy!r} failed to read the request; balancing it unpinned",

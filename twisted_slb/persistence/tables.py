@@ -245,11 +245,22 @@ class TablePersistence:
         """
         raise NotImplementedError(f"{type(self).__name__} must define client_key")
 
-    def find(self, session: Session) -> Optional[str]:
+    def find(self, session: Session):
+        """
+        The client's pin in the table.  When the table is shared (it has a
+        C{lookup}, see L{twisted_slb.persistence.store.SharedStickTable})
+        and its cache does not hold the key, a L{Deferred} that fires,
+        within the store's timeout, with the shared pin or L{None}.
+        """
         key = self.client_key(session)
         if key is None:
             return None
-        return self.table.get(key)
+        found = self.table.get(key)
+        if found is None:
+            lookup = getattr(self.table, "lookup", None)
+            if lookup is not None:
+                return lookup(key)
+        return found
 
     def remember(self, session: Session, backend) -> None:
         key = self.client_key(session)

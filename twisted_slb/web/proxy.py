@@ -328,6 +328,13 @@ class _Exchange:
     # -- choosing and connecting --------------------------------------------
 
     def start(self) -> None:
+        lookup = self.session.lookup
+        if lookup is not None:
+            # The persistence wrapper's shared table is asking its store
+            # (within the store's timeout): choose once it answers.
+            self.session.lookup = None
+            lookup.addCallback(self._pin_found)
+            return
         resource = self.resource
         group = resource.group
         backend = None
@@ -342,6 +349,12 @@ class _Exchange:
                 self.fail(503, "Service Unavailable", "no backend is available")
             return
         self.start_on(backend)
+
+    def _pin_found(self, key: Optional[str]) -> None:
+        if self.client_gone or self.finished:
+            return
+        self.session.pinned_key = key
+        self.start()
 
     def start_on(self, backend) -> None:
         """Connect to C{backend} (or take an idle connection to it) and send the request."""
