@@ -248,3 +248,21 @@ class ProgramExampleTests(ExampleCase):
             )
             seen.add((yield readBody(response)).split()[0])
         self.assertEqual(len(seen), 1)
+
+
+class PolicyTestExampleTests(TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_stickyHeaderPolicyTestsPass(self):
+        """examples/test_sticky_header_policy.py, run with trial from examples/ as its docstring says, passes all its tests."""
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(EXAMPLES))
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable,
+            ["-m", "twisted.trial", "--temp-directory", os.path.abspath(self.mktemp()), "test_sticky_header_policy"],
+            env=env, path=EXAMPLES,
+        )
+        self.assertEqual(code, 0, out + err)
+        self.assertRegex(out, rb"PASSED \(successes=[1-9]")
