@@ -27,8 +27,7 @@ C{docs/embedding.md} shows, with the rig's reactor passed to each.
 from __future__ import annotations
 
 import ipaddress
-from http.cookies import SimpleCookie
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import attr
 from twisted.internet import defer
