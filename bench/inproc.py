@@ -3,6 +3,7 @@ The CPU cost of one proxied HTTP request in twisted_slb's own code, without
 sockets, kernel or load generator:
 
     python -m bench.inproc [--requests 20000] [--repeat 5] [--profile]
+                           [--response FILE]
 
 An HTTP listener's server (L{twisted_slb.web.front}) with insert-cookie
 persistence in front of the proxy, two backends, keep-alive on both sides,
@@ -10,6 +11,9 @@ in memory (Twisted's L{MemoryReactorClock} and L{StringTransport}): each
 round feeds one request (what C{wrk} sends) to the client connection and
 one response (what nginx answers) to the backend connection that got it.
 It prints the best of C{--repeat} runs in microseconds per request.
+C{--response FILE} makes the backends answer with the bytes of FILE instead
+(one whole HTTP/1.1 response); an answer the client does not get as a 200
+stops the run with an error: a benchmark of errors is worthless.
 
 It measures what the load benchmark cannot isolate on a shared machine:
 the effect of a change to the request path, to within a few percent.  The
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import sys
 import time
 
 from twisted.internet.address import IPv4Address
@@ -43,7 +48,8 @@ RESPONSE = (
 class Rig:
     """A client connection to an HTTP listener, and its backend connections."""
 
-    def __init__(self) -> None:
+    def __init__(self, response: bytes = RESPONSE) -> None:
+        self.response = response
         self.reactor = MemoryReactorClock()
         group = BackendGroup("web", [Backend("a", "127.0.0.1", 8001), Backend("b", "127.0.0.1", 8002)])
         proxy = BalancedProxyResource(group, reactor=self.reactor, pool=UpstreamPool(self.reactor), access_log=False)
@@ -68,7 +74,7 @@ class Rig:
         for proto, transport in self.upstreams:
             if transport.value():
                 transport.clear()
-                proto.dataReceived(RESPONSE)
+                proto.dataReceived(self.response)
                 break
         else:
             raise RuntimeError("no backend connection got the request")
@@ -78,9 +84,9 @@ class Rig:
         self.client.clear()
 
 
-def measure(requests: int, repeat: int, warmup: int = 1000) -> float:
+def measure(requests: int, repeat: int, warmup: int = 1000, response: bytes = RESPONSE) -> float:
     """The best of C{repeat} runs, in microseconds of CPU per request."""
-    rig = Rig()
+    rig = Rig(response)
     for _ in range(warmup):  # warm-up (and, on PyPy, the JIT)
         rig.one()
     # What the start-up left on the heap (imports, the rig) is not the
@@ -103,12 +109,25 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1000, help="requests before measuring (default 1000)")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of one run instead")
+    parser.add_argument("--response", metavar="FILE", help="the backends' answer: a whole HTTP/1.1 response")
     args = parser.parse_args(argv)
+    response = RESPONSE
+    if args.response:
+        with open(args.response, "rb") as f:
+            response = f.read()
+    try:
+        return run(args, response)
+    except RuntimeError as e:
+        print(f"bench.inproc: {e}", file=sys.stderr)
+        return 1
+
+
+def run(args, response: bytes) -> int:
     if args.profile:
         import cProfile
         import pstats
 
-        rig = Rig()
+        rig = Rig(response)
         rig.one()
         profiler = cProfile.Profile()
         profiler.enable()
@@ -117,7 +136,7 @@ def main(argv=None) -> int:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
         return 0
-    print(f"{measure(args.requests, args.repeat, args.warmup):.1f} us of CPU per proxied request (best of {args.repeat})")
+    print(f"{measure(args.requests, args.repeat, args.warmup, response):.1f} us of CPU per proxied request (best of {args.repeat})")
     return 0
 
 

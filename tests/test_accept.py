@@ -107,6 +107,10 @@ class AcceptGuardTests(SynchronousTestCase):
         self.assertFalse([e for e in self.events if e.get("log_namespace") == "twisted.internet.tcp.Port"])
 
     def test_pauseEndsAfterTheBackoff(self):
+        """
+        Out of descriptors, the port stops accepting for the backoff (0.5 s) and then reads again; pausing
+        again later does not warn twice.
+        """
         self.run_accept_loop(FakeListener(EMFILE), FakeReservation(available=False))
         self.clock.advance(0.4)
         self.assertFalse(self.port.reading)
@@ -135,10 +139,12 @@ class AcceptGuardTests(SynchronousTestCase):
         self.assertFalse(self.guard.episode)
 
     def test_otherPortEventsPassThrough(self):
+        """Log events of the port other than the EMFILE one reach observers unchanged."""
         self.port._logger.info("something else {x}", x=1)
         self.assertEqual([e["x"] for e in self.events if e.get("log_format") == "something else {x}"], [1])
 
     def test_stopCancelsTheResume(self):
+        """Stopping the guard cancels the pending resume of a paused port: no timer is left behind."""
         self.run_accept_loop(FakeListener(EMFILE), FakeReservation(available=False))
         self.guard.stop()
         self.assertEqual(self.clock.getDelayedCalls(), [])
@@ -146,6 +152,7 @@ class AcceptGuardTests(SynchronousTestCase):
 
 class PausePortTests(SynchronousTestCase):
     def test_portAcceptsWhenNoReasonHoldsIt(self):
+        """A port paused for two reasons accepts again only once both are resumed."""
         port = FakePort()
         pause_port(port, "limit")
         pause_port(port, "emfile")
@@ -155,6 +162,7 @@ class PausePortTests(SynchronousTestCase):
         self.assertTrue(port.reading)
 
     def test_resumingAnUnknownReasonDoesNothing(self):
+        """Resuming a reason the port was not paused for leaves it paused for its real reason."""
         port = FakePort()
         pause_port(port, "limit")
         resume_port(port, "emfile")

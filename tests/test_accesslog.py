@@ -42,6 +42,7 @@ class AccessLogFileTests(SynchronousTestCase):
             return f.read()
 
     def test_flushedAfterAtMostASecond(self):
+        """Lines are buffered and written, each with its ISO timestamp, within a second by the flush timer."""
         self.file.write_line("one")
         self.file.write_line("two")
         self.assertEqual(self.content(), "")
@@ -51,12 +52,14 @@ class AccessLogFileTests(SynchronousTestCase):
         self.assertRegex(lines[0], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} one$")
 
     def test_flushedWhenTheBufferIsFull(self):
+        """A full buffer is written at once, without waiting for the timer; one timer stays for the rest."""
         for _ in range(40):
             self.file.write_line("x" * 30)
         self.assertGreaterEqual(len(self.content()), 1000)
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # the rest waits for the timer
 
     def test_reopenAfterRotation(self):
+        """After the file is renamed (log rotation), reopen writes new lines to a new file at the configured path."""
         self.file.write_line("before")
         os.rename(self.path, self.path + ".1")
         self.file.reopen()  # what a reload does
@@ -68,6 +71,10 @@ class AccessLogFileTests(SynchronousTestCase):
         self.assertNotIn("before", self.content())
 
     def test_failingWriteIsLoggedOnceAndRecovers(self):
+        """
+        A file that cannot be opened is logged once, not once per line, and writing resumes when the path
+        works again.
+        """
         from twisted.logger import globalLogPublisher
 
         events = []
@@ -115,22 +122,26 @@ class AccessLogConfigTests(SynchronousTestCase):
         return load_config(path)
 
     def test_relativePathIsBesideTheConfig(self):
+        """A relative access_log path is resolved beside the configuration file."""
         config = self.load('"access.log"')
         listener = config.listeners["web"]
         self.assertTrue(listener.access_log)
         self.assertEqual(listener.access_log_path, os.path.join(os.path.dirname(config.path), "access.log"))
 
     def test_booleanStillWorks(self):
+        """access_log = true logs through twisted.logger (no path); false turns the log off."""
         self.assertIsNone(self.load("true").listeners["web"].access_log_path)
         self.assertFalse(self.load("false").listeners["web"].access_log)
 
     def test_missingDirectoryNamesFieldAndValue(self):
+        """An access_log path in a missing directory is a config error naming the field, the value and the directory."""
         e = self.assertRaises(ConfigError, self.load, '"/nonexistent/dir/access.log"')
         self.assertIn("listeners.web.access_log", str(e))
         self.assertIn("/nonexistent/dir/access.log", str(e))
         self.assertIn("directory", str(e))
 
     def test_wrongType(self):
+        """An access_log that is neither a boolean nor a string is refused, saying what is allowed."""
         e = self.assertRaises(ConfigError, self.load, "3")
         self.assertIn("true, false or a file path", str(e))
 
@@ -138,6 +149,10 @@ class AccessLogConfigTests(SynchronousTestCase):
 class AccessLogServiceTests(ServiceTestCase):
     @defer.inlineCallbacks
     def test_requestsAndConnectionsAreWritten(self):
+        """
+        A running balancer writes an HTTP request (listener, client, request line, status, backend,
+        persistence) and a TCP connection to its access log file.
+        """
         port, _ = yield self.start_http_backend("a")
         log_path = os.path.abspath(self.mktemp() + ".log")
         service = self.start_balancer(CONFIG.format(a=port.getHost().port, log=log_path))

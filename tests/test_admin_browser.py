@@ -73,6 +73,10 @@ class BrowserTests(TestCase):
 
     @defer.inlineCallbacks
     def test_pageRendersTablesWithStateColours(self):
+        """
+        Headless Chromium renders the admin page with its listener and group tables, every backend, and the
+        green, amber and red state badges.
+        """
         self.assertTrue(os.path.exists(CHROMIUM), "chromium is missing: run-tests installs Debian's chromium")
         group = BackendGroup("web", [
             Backend("alpha", "127.0.0.1", 9001), Backend("beta", "127.0.0.1", 9002, weight=0),

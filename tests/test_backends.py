@@ -13,6 +13,10 @@ from twisted_slb.persistence.interfaces import EXPIRED, HIT, NEW, REPIN, STRICT,
 
 class BackendTests(SynchronousTestCase):
     def test_idIsStableOpaqueAndIndependentOfAddress(self):
+        """
+        A backend's id derives from its name only: stable across address changes, 16 hex digits, revealing no
+        address.
+        """
         a1 = Backend("a", "10.0.0.1", 80)
         a2 = Backend("a", "192.0.2.9", 8080)
         self.assertEqual(a1.id, a2.id)
@@ -22,6 +26,7 @@ class BackendTests(SynchronousTestCase):
         self.assertNotEqual(a1.id, Backend("b", "10.0.0.1", 80).id)
 
     def test_states(self):
+        """Weight 0 drains a backend (no new clients, pinned ones kept); down takes no clients at all."""
         b = Backend("a", "10.0.0.1", 80)
         self.assertEqual(b.state, "up")
         b.weight = 0
@@ -30,6 +35,7 @@ class BackendTests(SynchronousTestCase):
         self.assertEqual((b.state, b.takes_pinned_clients), ("down", False))
 
     def test_ipv6Address(self):
+        """An IPv6 backend's address is written in brackets with its port."""
         self.assertEqual(Backend("a", "2001:db8::1", 80).address, "[2001:db8::1]:80")
 
 
@@ -42,28 +48,33 @@ class RouteTests(SynchronousTestCase):
         return Session("10.9.9.9", policy=policy, pinned_key=key)
 
     def test_getByIdOrName(self):
+        """A group finds a backend by its id or its name, and answers None for neither."""
         self.assertIs(self.group.get(self.a.id), self.a)
         self.assertIs(self.group.get("a"), self.a)
         self.assertIsNone(self.group.get("zz"))
 
     def test_hit(self):
+        """A session pinned to an up backend is routed to it, with the outcome "hit"."""
         s = self.session(self.a.id)
         self.assertIs(self.group.route(s), self.a)
         self.assertEqual(s.outcome, "hit")
 
     def test_drainedBackendKeepsPins(self):
+        """A draining backend (weight 0) still takes its pinned clients: a hit."""
         self.a.weight = 0
         s = self.session(self.a.id)
         self.assertIs(self.group.route(s), self.a)
         self.assertEqual(s.outcome, "hit")
 
     def test_downBackendRepins(self):
+        """A session pinned to a down backend gets another one, with the outcome "repin"."""
         self.a.up = False
         s = self.session(self.a.id)
         self.assertEqual(self.group.route(s).name, "b")
         self.assertEqual(s.outcome, "repin")
 
     def test_unknownKeyRepins(self):
+        """A pin naming no backend of the group is re-pinned."""
         s = self.session("0123456789abcdef")
         self.group.route(s)
         self.assertEqual(s.outcome, "repin")
@@ -75,6 +86,7 @@ class RouteTests(SynchronousTestCase):
         self.assertEqual(s.outcome, "repin")
 
     def test_newAndNone(self):
+        """A session without a pin is "new"; without a policy at all, "none"."""
         s = self.session()
         self.group.route(s)
         self.assertEqual(s.outcome, "new")
@@ -83,6 +95,10 @@ class RouteTests(SynchronousTestCase):
         self.assertEqual(s.outcome, "none")
 
     def test_updateKeepsObjectsOfKeptNames(self):
+        """
+        update() keeps the Backend objects of names that stay (with their new address and weight), drops
+        removed names, adds new ones, and applies scheduler and retries.
+        """
         config = GroupConfig("g", (ServerConfig("a", "10.0.0.9", 81, 5), ServerConfig("c", "10.0.0.3", 80)),
                              scheduler="hash", retries=4)
         self.group.update(config)

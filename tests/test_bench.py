@@ -1,73 +1,58 @@
 """
-Smoke tests of the benchmark tools that need nothing installed: the
-in-memory request-path benchmark runs and checks its answers, and the load
-harness's CPU accounting reads /proc correctly.  The load harness itself
-(wrk, HAProxy, nginx) is not run here: no timed test in the suite.
+Smoke tests of the benchmark tools through their command lines (the suite
+does not import C{bench}, which is not installed): the in-memory
+request-path benchmark runs and checks its answers, and the harness's own
+tests (CPU accounting read from /proc, the udp row's configurations) pass.
+The load harness itself (wrk, HAProxy, nginx) is not run here: no timed test
+in the suite.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import defer
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import TestCase
 
-from bench import __main__ as harness
-from bench import inproc
-
-
-class InprocTests(SynchronousTestCase):
-    def test_requestsGoThroughAndAreMeasured(self) -> None:
-        """Each round is one proxied request, answered with a cookie; the figure is positive."""
-        rig = inproc.Rig()
-        rig.front.dataReceived(inproc.REQUEST)
-        host, port, factory, _, _ = rig.reactor.tcpClients[0]
-        self.assertEqual((host, port), ("127.0.0.1", 8001))
-        rig.reactor.tcpClients.clear()
-        self.assertGreater(inproc.measure(requests=20, repeat=1, warmup=5), 0)
-
-    def test_aBrokenAnswerIsAnError(self) -> None:
-        """The rig refuses to measure a path that no longer answers 200: a benchmark of errors is worthless."""
-        rig = inproc.Rig()
-        self.patch(inproc, "RESPONSE", b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n")
-        self.assertRaises(RuntimeError, rig.one)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class CPUAccountingTests(SynchronousTestCase):
-    def test_cpuSecondsGrows(self) -> None:
-        """CPU time of this process, read from /proc, grows as it works."""
-        before = harness.cpu_seconds(os.getpid())
-        deadline = before + 0.05
-        while harness.cpu_seconds(os.getpid()) < deadline:
-            sum(range(10000))
-        self.assertGreaterEqual(harness.cpu_seconds(os.getpid()), deadline)
-        self.assertLessEqual(harness.cpu_seconds(os.getpid(), (12,)), harness.cpu_seconds(os.getpid()))
+class BenchCommandTests(TestCase):
+    timeout = 60
 
-    def test_withCpuDividesByRequests(self) -> None:
-        """with_cpu adds microseconds of CPU per request when the run reports its request count."""
-        spent = iter([1.0, 0.25, 1.5, 0.5])  # total, kernel before; total, kernel after
-        self.patch(harness, "cpu_seconds", lambda pid, kinds=(11, 12): next(spent))
-        result = harness.with_cpu(1, lambda: {"rps": 10.0, "requests": 1000.0})()
-        self.assertAlmostEqual(result["cpu_us"], 500.0)
-        self.assertAlmostEqual(result["cpu_sys_share"], 0.5)
-        spent = iter([1.0, 0.25, 1.5, 0.5])
-        self.assertEqual(harness.with_cpu(1, lambda: {"mb_s": 1.0})(), {"mb_s": 1.0})
+    def run_bench(self, *args: str):
+        """C{python args...} from the checkout's root, the checkout first on the path: (out, err, exit code)."""
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+        return getProcessOutputAndValue(sys.executable, args, env=env, path=ROOT)
 
+    @defer.inlineCallbacks
+    def test_inprocMeasuresProxiedRequests(self) -> None:
+        """python -m bench.inproc proxies its requests (each answered 200, or it stops) and prints a positive figure."""
+        out, err, code = yield self.run_bench("-m", "bench.inproc", "--requests", "20", "--repeat", "1",
+                                              "--warmup", "5")
+        self.assertEqual(code, 0, err)
+        figure = float(out.split()[0])
+        self.assertGreater(figure, 0)
+        self.assertIn(b"us of CPU per proxied request", out)
 
-class UDPRowTests(SynchronousTestCase):
-    def test_bothBalancersAreConfiguredAlike(self):
-        """The udp row gives nginx a udp listener hashing on the client address, and twisted_slb a valid udp listener with source-IP persistence over the same echo backends."""
-        from types import SimpleNamespace
+    @defer.inlineCallbacks
+    def test_inprocRefusesABrokenAnswer(self) -> None:
+        """The benchmark refuses to measure a path that no longer answers 200: a benchmark of errors is worthless."""
+        broken = self.mktemp()
+        with open(broken, "wb") as f:
+            f.write(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n")
+        out, err, code = yield self.run_bench("-m", "bench.inproc", "--requests", "5", "--repeat", "1",
+                                              "--warmup", "1", "--response", os.path.abspath(broken))
+        self.assertEqual(code, 1)
+        self.assertIn(b"bench.inproc: unexpected answer: b'HTTP/1.1 502", err)
+        self.assertEqual(out, b"")
 
-        from bench import udp
-        from twisted_slb.config import parse_config
-
-        conf = udp.nginx_stream_conf("/tmp/x", 5000, [5001, 5002], 30)
-        self.assertIn("listen 127.0.0.1:5000 udp;", conf)
-        self.assertIn("hash $remote_addr consistent; server 127.0.0.1:5001; server 127.0.0.1:5002;", conf)
-        self.assertIn(f"load_module {udp.STREAM_MODULE};", conf)
-        setup = SimpleNamespace(udp_backends=[5001, 5002], slb_udp=5000)
-        config = parse_config(harness.Setup.slb_udp_config(setup))
-        listener = config.listeners["udp"]
-        self.assertEqual((listener.protocol, listener.bind, listener.persistence.type),
-                         ("udp", "udp:5000:interface=127.0.0.1", "source_ip"))
-        self.assertEqual([s.port for s in config.backends["udpecho"].servers], [5001, 5002])
+    @defer.inlineCallbacks
+    def test_harnessOwnTestsPass(self) -> None:
+        """The harness's own tests (bench/test_harness.py: CPU accounting, the udp row's configurations) pass."""
+        out, err, code = yield self.run_bench("-m", "twisted.trial", "--temp-directory",
+                                              os.path.abspath(self.mktemp()), "bench.test_harness")
+        self.assertEqual(code, 0, out + err)
+        self.assertRegex(out, rb"PASSED \(successes=3\)")

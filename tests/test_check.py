@@ -89,6 +89,7 @@ class CheckTests(TestCase):
 
     @defer.inlineCallbacks
     def test_persistentExitsZero(self):
+        """slb-check exits 0 and reports every request on one backend when the cookie keeps the client there."""
         url = yield self.serve(Sticky())
         code, out, _ = yield self.check(url, "-n", "5")
         self.assertEqual(code, 0)
@@ -96,6 +97,7 @@ class CheckTests(TestCase):
 
     @defer.inlineCallbacks
     def test_brokenPersistenceExitsOne(self):
+        """slb-check exits 1 and says why when the balancer sets no persistence cookie."""
         url = yield self.serve(Alternating())
         code, out, _ = yield self.check(url, "-n", "4")
         self.assertEqual(code, 1)
@@ -111,6 +113,7 @@ class CheckTests(TestCase):
 
     @defer.inlineCallbacks
     def test_matchNamesTheBackend(self):
+        """--match takes the backend's name from the response body with a regular expression."""
         url = yield self.serve(Sticky())
         code, out, _ = yield self.check(url, "-n", "2", "--match", r"backend=(\w)")
         self.assertEqual(code, 0)
@@ -118,6 +121,7 @@ class CheckTests(TestCase):
 
     @defer.inlineCallbacks
     def test_json(self):
+        """--json prints a document with the verdict and every request (the first one and the -n that follow)."""
         url = yield self.serve(Sticky())
         code, out, _ = yield self.check(url, "-n", "3", "--json")
         doc = json.loads(out)
@@ -125,6 +129,7 @@ class CheckTests(TestCase):
 
     @defer.inlineCallbacks
     def test_connectionRefusedExitsTwo(self):
+        """A refused connection exits 2, saying it was refused."""
         port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(Sticky()))
         number = port.getHost().port
         yield port.stopListening()
@@ -134,12 +139,17 @@ class CheckTests(TestCase):
 
     @defer.inlineCallbacks
     def test_usageErrorExitsTwo(self):
+        """Without a URL, slb-check exits 2 with a usage message."""
         code, _, err = yield self.check("-n", "3")
         self.assertEqual(code, 2)
         self.assertIn("give a URL", err)
 
     @defer.inlineCallbacks
     def test_tcpFromSourceAddress(self):
+        """
+        --tcp with --source connects from one address each time and reports persistence on the backend named
+        by the first line.
+        """
         port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(EchoNameFactory("c"))
         self.addCleanup(port.stopListening)
         code, out, _ = yield self.check("--tcp", f"127.0.0.1:{port.getHost().port}", "--source", "127.0.0.5", "-n", "3")

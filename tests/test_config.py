@@ -49,6 +49,7 @@ class LoadTests(SynchronousTestCase):
             listener.bind = "x"  # frozen
 
     def test_httpDefaults(self):
+        """An http listener's timeouts, header limit and insert_cookie settings default to the documented values."""
         config = parse_config(BASE + """
 [listeners.web]
 protocol = "http"
@@ -64,6 +65,7 @@ persistence = { type = "insert_cookie" }
                          ("SERVERID", 3600, "auto", True, "lax", "/", True))
 
     def test_rulesAndRewrite(self):
+        """A rule's domain is lowercased and kept with its path, group and rewrite_cookie persistence."""
         config = parse_config(BASE + """
 [listeners.web]
 protocol = "http"
@@ -80,12 +82,14 @@ persistence = { type = "rewrite_cookie", cookie = "JSESSIONID" }
         self.assertEqual(rule.persistence.cookie, "JSESSIONID")
 
     def test_loadConfigReadsFile(self):
+        """load_config reads the file and remembers its path."""
         path = self.mktemp() + ".toml"
         with open(path, "w") as f:
             f.write(BASE)
         self.assertEqual(load_config(path).path, path)
 
     def test_describeSaysThePolicy(self):
+        """describe() names each listener's persistence, and says when there is none."""
         text = describe(parse_config(BASE + """
 [listeners.plain]
 protocol = "http"
@@ -136,6 +140,7 @@ class ErrorTests(SynchronousTestCase):
         return str(cm.exception)
 
     def test_timeoutOutOfRange(self):
+        """A source_ip timeout over 3600 is refused with the field, the value and the allowed range."""
         message = self.error(BASE.replace("timeout = 1000", "timeout = 5000"))
         self.assertEqual(
             message,
@@ -144,6 +149,7 @@ class ErrorTests(SynchronousTestCase):
         )
 
     def test_insertCookieTimeoutRange(self):
+        """An insert_cookie timeout over 86400 is refused with the field, the value and the allowed range."""
         message = self.error(BASE + """
 [listeners.web]
 protocol = "http"
@@ -154,36 +160,44 @@ persistence = { type = "insert_cookie", timeout = 86401 }
         self.assertIn("listeners.web.persistence.timeout: out of range; got 86401; allowed: an integer from 1 to 86400", message)
 
     def test_unknownKeyDidYouMean(self):
+        """A misspelt key is refused with a suggestion of the key it resembles."""
         message = self.error(BASE.replace("weight = 100", "wieght = 100"))
         self.assertIn("backends.web.servers[0].wieght: unknown key (did you mean 'weight'?)", message)
 
     def test_boolIsNotAnInteger(self):
+        """A boolean where an integer is expected is refused (TOML true is not 1)."""
         message = self.error(BASE.replace("weight = 100", "weight = true"))
         self.assertIn("backends.web.servers[0].weight: must be an integer, not a boolean; got True", message)
 
     def test_missingGroupNamesTheKnownOnes(self):
+        """A listener naming a missing backend group is refused, listing the groups that exist."""
         message = self.error(BASE.replace('backends = "web"', 'backends = "wbe"'))
         self.assertIn("listeners.tcp.backends: no such backend group; got 'wbe'", message)
         self.assertIn("'web'", message)
 
     def test_duplicateServerNames(self):
+        """Two servers of a group with one name are refused."""
         message = self.error(BASE.replace('name = "b"', 'name = "a"'))
         self.assertIn("backends.web.servers[1].name: duplicate server name", message)
 
     def test_badAddresses(self):
+        """Server addresses without a port, with port 0 or over 65535, with broken brackets or a space are refused."""
         for address in ("10.0.0.1", "10.0.0.1:0", "10.0.0.1:70000", "[::1:80", "a b:80"):
             message = self.error(BASE.replace('"10.0.0.1:8080"', f'"{address}"'))
             self.assertIn("backends.web.servers[0].address", message)
 
     def test_badScheduler(self):
+        """An unknown scheduler is refused, listing the choices."""
         message = self.error(BASE.replace('"wrr"', '"fastest"'))
         self.assertIn("backends.web.scheduler: not one of the choices; got 'fastest'; allowed: 'rr' | 'wrr' | 'wlc' | 'hash'", message)
 
     def test_cookiePersistenceOnTcp(self):
+        """Cookie persistence on a tcp listener is refused: tcp persists by source IP only."""
         message = self.error(BASE.replace('type = "source_ip", timeout = 1000', 'type = "insert_cookie"'))
         self.assertIn("tcp listeners persist by source IP only", message)
 
     def test_keyOfAnotherProtocol(self):
+        """A setting of http listeners given to a tcp listener is refused as not one of its settings."""
         message = self.error(BASE.replace("idle_timeout = 900", "request_timeout = 9"))
         self.assertIn("listeners.tcp.request_timeout: not a setting of tcp listeners", message)
 
@@ -204,6 +218,7 @@ response_idle_timeout = TIMEOUT
         self.assertIn("listeners.tcp.response_idle_timeout: not a setting of tcp listeners", message)
 
     def test_badBind(self):
+        """A bind that is not a Twisted endpoint description is refused."""
         message = self.error(BASE.replace('"tcp:8081:interface=0.0.0.0"', '"tpc:8081"'))
         self.assertIn("listeners.tcp.bind: not a valid endpoint", message)
 
@@ -229,6 +244,7 @@ response_idle_timeout = TIMEOUT
             self.assertIn('"systemd:domain=INET:index=0"', message)
 
     def test_rewriteHasNoTimeout(self):
+        """rewrite_cookie persistence refuses a timeout (the backend's cookie sets its own life)."""
         message = self.error(BASE + """
 [listeners.web]
 protocol = "http"
@@ -239,6 +255,7 @@ persistence = { type = "rewrite_cookie", cookie = "JSESSIONID", timeout = 5 }
         self.assertIn("rewrite_cookie has no timeout", message)
 
     def test_sameBindTwice(self):
+        """Two listeners on the same address are refused, naming the other one."""
         message = self.error(BASE + """
 [listeners.again]
 protocol = "tcp"
@@ -248,18 +265,22 @@ backends = "web"
         self.assertIn("listeners.again.bind: the same address as listeners.tcp", message)
 
     def test_noListeners(self):
+        """A configuration without listeners is refused."""
         self.assertIn("no listener is configured", self.error(BASE.split("[listeners.tcp]")[0]))
 
     def test_tomlSyntaxError(self):
+        """A file that is not valid TOML is refused, naming the file."""
         self.assertIn("slb.toml: not valid TOML", self.error("[backends\n"))
 
     def test_missingFile(self):
+        """A missing configuration file is a ConfigError naming the path, not a traceback."""
         path = os.path.join(self.mktemp(), "nope.toml")
         with self.assertRaises(ConfigError) as cm:
             load_config(path)
         self.assertIn(f"{path}: cannot read the configuration file", str(cm.exception))
 
     def test_missingCertificateFile(self):
+        """A certificate file that does not exist is refused at load, naming the field and the path."""
         message = self.error(BASE + """
 [listeners.secure]
 protocol = "https"

@@ -274,6 +274,7 @@ class PersistenceResourceTests(SynchronousTestCase):
 
 class WrapWithPersistenceTests(SynchronousTestCase):
     def test_noneReturnsResource(self) -> None:
+        """No persistence configured: the resource is returned unwrapped."""
         proxy = Resource()
         self.assertIs(wrap_with_persistence(proxy, None), proxy)
 
@@ -292,11 +293,13 @@ class WrapWithPersistenceTests(SynchronousTestCase):
         )
 
     def test_rewriteCookie(self) -> None:
+        """A rewrite_cookie configuration builds a RewriteCookie on the configured cookie name."""
         wrapper = wrap_with_persistence(Resource(), PersistenceConfig(type="rewrite_cookie", cookie="PHPSESSID"))
         self.assertIsInstance(wrapper, RewriteCookie)
         self.assertEqual(wrapper.cookie_name, b"PHPSESSID")
 
     def test_unknownTypeIsValueError(self) -> None:
+        """An unknown persistence type is a ValueError."""
         self.assertRaises(ValueError, wrap_with_persistence, Resource(), PersistenceConfig(type="bogus"))
 
 
@@ -305,6 +308,7 @@ class WrapWithPersistenceTests(SynchronousTestCase):
 
 class InsertCookieInterfaceTests(SynchronousTestCase):
     def test_providesPolicy(self) -> None:
+        """InsertCookie provides IPersistencePolicy."""
         verifyObject(IPersistencePolicy, InsertCookie(Resource(), reactor=Clock()))
 
     def test_fromConfig(self) -> None:
@@ -332,9 +336,11 @@ class InsertCookieInterfaceTests(SynchronousTestCase):
         )
 
     def test_strNameAccepted(self) -> None:
+        """A cookie name given as str is stored as bytes."""
         self.assertEqual(InsertCookie(Resource(), name="LB", reactor=Clock()).cookie_name, b"LB")
 
     def test_timeoutOutOfRange(self) -> None:
+        """Timeouts of 0, over 86400, fractional or boolean are a ValueError."""
         for timeout in (0, 86401, 1.5, True):
             self.assertRaises(ValueError, InsertCookie, Resource(), timeout=timeout, reactor=Clock())
 
@@ -361,6 +367,7 @@ class InsertCookieTests(SynchronousTestCase):
         self.assertEqual(f.proxy.seen[0].outcome, NEW)
 
     def test_cookieNeverRevealsAddress(self) -> None:
+        """The inserted cookie's value carries no part of the backend's address or port."""
         f = Fixture()
         value = set_cookie_named(f.request(), b"SERVERID")[0]
         self.assertNotIn(b"10.0.0", value)
@@ -385,6 +392,7 @@ class InsertCookieTests(SynchronousTestCase):
         self.assertEqual(len(bodies), 3)
 
     def test_freshCookieGetsNoSetCookie(self) -> None:
+        """A client with a fresh, valid cookie is a hit and gets no new Set-Cookie."""
         f = Fixture()
         response = f.request(cookies=[f.cookie_for("b")])
         self.assertEqual(response.all(b"set-cookie"), [])
@@ -401,9 +409,11 @@ class InsertCookieTests(SynchronousTestCase):
         self.assertEqual(len(set_cookie_named(self._new_client_with_status(404), b"SERVERID")), 1)
 
     def test_cookieInsertedInto500(self) -> None:
+        """A new client gets its cookie even on a 500 answer."""
         self.assertEqual(len(set_cookie_named(self._new_client_with_status(500), b"SERVERID")), 1)
 
     def test_cookieInsertedInto302(self) -> None:
+        """A new client gets its cookie on a 302 redirect."""
         self.assertEqual(len(set_cookie_named(self._new_client_with_status(302), b"SERVERID")), 1)
 
     def test_redirectNeverRepinsClientWithValidCookie(self) -> None:
@@ -414,6 +424,7 @@ class InsertCookieTests(SynchronousTestCase):
         self.assertEqual({s.backend.name for s in f.proxy.seen}, {"c"})
 
     def test_errorStatusNeverRepinsClientWithValidCookie(self) -> None:
+        """An error answer from the pinned backend leaves the client's pin alone: same backend, no Set-Cookie."""
         f = Fixture(status=503)
         response = f.request(cookies=[f.cookie_for("b")])
         self.assertEqual((response.all(b"set-cookie"), f.proxy.seen[0].backend.name), ([], "b"))
@@ -438,6 +449,7 @@ class InsertCookieTests(SynchronousTestCase):
         self.assertEqual((f.proxy.seen[0].backend.name, f.proxy.seen[0].outcome), ("c", HIT))
 
     def test_unknownBackendIdIsRepinned(self) -> None:
+        """A cookie naming an unknown backend id is re-pinned: the request is served and a new cookie set."""
         f = Fixture()
         response = f.request(cookies=[b"SERVERID=0123456789abcdef." + _base36(NOW).encode()])
         self.assertEqual(f.proxy.seen[0].outcome, REPIN)
@@ -454,6 +466,7 @@ class InsertCookieTests(SynchronousTestCase):
         self.assertIsNone(f.proxy.seen[0].cookies)
 
     def test_garbageValueIgnored(self) -> None:
+        """A cookie value with markup in it is ignored: the client is balanced as new."""
         self._ignored(b"SERVERID=<script>alert(1)</script>")
 
     def test_backendNameInsteadOfIdIgnored(self) -> None:
@@ -461,19 +474,24 @@ class InsertCookieTests(SynchronousTestCase):
         self._ignored(b"SERVERID=a")
 
     def test_hugeValueIgnored(self) -> None:
+        """A 10,000-byte cookie value is ignored: the client is balanced as new."""
         self._ignored(b"SERVERID=" + b"f" * 10000)
 
     def test_nonAsciiValueIgnored(self) -> None:
+        """A cookie value with non-ASCII bytes is ignored: the client is balanced as new."""
         self._ignored("SERVERID=caf\u00e9\u2603".encode("utf-8"))
 
     def test_emptyValueIgnored(self) -> None:
+        """An empty cookie value is ignored: the client is balanced as new."""
         self._ignored(b"SERVERID=")
 
     def test_badStampIgnored(self) -> None:
+        """A cookie whose time stamp is not base 36 is ignored: the client is balanced as new."""
         f = Fixture()
         self._ignored(f.cookie_for("a", stamp=None) + b".NOT-BASE36")
 
     def test_quotedValueAccepted(self) -> None:
+        """A cookie value in double quotes is read as the same pin (a hit)."""
         f = Fixture()
         pair = f.cookie_for("b")
         name, value = pair.split(b"=", 1)
@@ -487,11 +505,13 @@ class InsertCookieTests(SynchronousTestCase):
         self.assertEqual(f.proxy.seen[0].cookies, [b"lang=en; theme=dark"])
 
     def test_cookieStrippedFromReceivedCookies(self) -> None:
+        """The balancer's cookie is removed from the cookies the backend receives; the others stay."""
         f = Fixture()
         f.request(cookies=[b"lang=en; " + f.cookie_for("b")])
         self.assertEqual(f.proxy.seen[0].received_cookies, {b"lang": b"en"})
 
     def test_headerWithOnlyOurCookieRemoved(self) -> None:
+        """A Cookie header holding only the balancer's cookie is dropped; other Cookie headers are forwarded."""
         f = Fixture()
         f.request(cookies=[f.cookie_for("b"), b"lang=en"])
         self.assertEqual(f.proxy.seen[0].cookies, [b"lang=en"])
@@ -540,37 +560,45 @@ class InsertCookieTests(SynchronousTestCase):
         )
 
     def test_maxAgeIsTimeout(self) -> None:
+        """The cookie's Max-Age is the timeout, and Expires the same moment as a date."""
         f = Fixture(timeout=86400)
         value = set_cookie_named(f.request(), b"SERVERID")[0]
         self.assertIn(b"Max-Age=86400", attributes(value))
         self.assertIn(b"Expires=" + datetimeToString(NOW + 86400), attributes(value))
 
     def test_secureAutoOnHttps(self) -> None:
+        """secure = "auto" marks the cookie Secure on HTTPS."""
         f = Fixture()
         self.assertIn(b"Secure", attributes(set_cookie_named(f.request(secure=True), b"SERVERID")[0]))
 
     def test_secureAutoNotOnHttp(self) -> None:
+        """secure = "auto" leaves Secure out on plain HTTP."""
         f = Fixture()
         self.assertNotIn(b"Secure", attributes(set_cookie_named(f.request(), b"SERVERID")[0]))
 
     def test_secureAlways(self) -> None:
+        """secure = "always" marks the cookie Secure even on plain HTTP."""
         f = Fixture(secure="always")
         self.assertIn(b"Secure", attributes(set_cookie_named(f.request(), b"SERVERID")[0]))
 
     def test_secureNever(self) -> None:
+        """secure = "never" leaves Secure out even on HTTPS."""
         f = Fixture(secure="never")
         self.assertNotIn(b"Secure", attributes(set_cookie_named(f.request(secure=True), b"SERVERID")[0]))
 
     def test_sameSiteStrict(self) -> None:
+        """samesite = "strict" sets SameSite=Strict."""
         f = Fixture(samesite="strict")
         self.assertIn(b"SameSite=Strict", attributes(set_cookie_named(f.request(), b"SERVERID")[0]))
 
     def test_sameSiteEmptyOmitted(self) -> None:
+        """An empty samesite leaves the SameSite attribute out."""
         f = Fixture(samesite="")
         value = set_cookie_named(f.request(), b"SERVERID")[0]
         self.assertFalse([a for a in attributes(value) if a.startswith(b"SameSite")])
 
     def test_sameSiteNoneWithSecure(self) -> None:
+        """samesite = "none" sets SameSite=None (on a Secure cookie)."""
         f = Fixture(samesite="none")
         self.assertIn(b"SameSite=None", attributes(set_cookie_named(f.request(secure=True), b"SERVERID")[0]))
 
@@ -581,16 +609,19 @@ class InsertCookieTests(SynchronousTestCase):
         self.assertFalse([a for a in attributes(value) if a.startswith(b"SameSite")])
 
     def test_httpOnlyOff(self) -> None:
+        """httponly = false leaves HttpOnly out."""
         f = Fixture(httponly=False)
         self.assertNotIn(b"HttpOnly", attributes(set_cookie_named(f.request(), b"SERVERID")[0]))
 
     def test_domainAndPath(self) -> None:
+        """The configured domain and path become the cookie's Domain and Path."""
         f = Fixture(domain="example.com", path="/shop")
         value = attributes(set_cookie_named(f.request(), b"SERVERID")[0])
         self.assertIn(b"Domain=example.com", value)
         self.assertIn(b"Path=/shop", value)
 
     def test_otherName(self) -> None:
+        """A cookie of another name pins by that name, is stripped before the backend, and is the one set."""
         f = Fixture(name=b"LBID")
         response = f.request(cookies=[b"LBID=" + f.group.get("c").id.encode()])
         self.assertEqual(f.proxy.seen[0].backend.name, "c")
@@ -604,14 +635,17 @@ class InsertCookieCacheControlTests(SynchronousTestCase):
         self.assertEqual(Fixture().request().all(b"cache-control"), [b'no-cache="Set-Cookie"'])
 
     def test_nocacheMergedWithExisting(self) -> None:
+        """With a cookie set, no-cache="Set-Cookie" joins the backend's Cache-Control values in one header."""
         f = Fixture(headers=[(b"Cache-Control", b"public"), (b"Cache-Control", b"max-age=60")])
         self.assertEqual(f.request().all(b"cache-control"), [b'public, max-age=60, no-cache="Set-Cookie"'])
 
     def test_privateLeftAlone(self) -> None:
+        """A response already marked private keeps its Cache-Control unchanged when a cookie is inserted."""
         f = Fixture(headers=[(b"Cache-Control", b"private, max-age=60")])
         self.assertEqual(f.request().all(b"cache-control"), [b"private, max-age=60"])
 
     def test_noStoreLeftAlone(self) -> None:
+        """A response marked no-store keeps its Cache-Control unchanged when a cookie is inserted."""
         f = Fixture(headers=[(b"Cache-Control", b"no-store")])
         self.assertEqual(f.request().all(b"cache-control"), [b"no-store"])
 
@@ -623,6 +657,7 @@ class InsertCookieCacheControlTests(SynchronousTestCase):
 
 class InsertCookieRefreshTests(SynchronousTestCase):
     def test_youngCookieNotRefreshed(self) -> None:
+        """A cookie younger than half its timeout is not set again."""
         f = Fixture(timeout=3600)
         cookie = f.cookie_for("b")
         f.clock.advance(1800)
@@ -641,6 +676,7 @@ class InsertCookieRefreshTests(SynchronousTestCase):
         self.assertEqual(response.all(b"cache-control"), [b'no-cache="Set-Cookie"'])
 
     def test_noRefreshWhenOff(self) -> None:
+        """With refresh off, even an old cookie is not set again."""
         f = Fixture(timeout=3600, refresh=False)
         cookie = f.cookie_for("b", stamp=None)
         f.clock.advance(3000)
@@ -707,12 +743,15 @@ class RewriteFixture:
 
 class RewriteCookieTests(SynchronousTestCase):
     def test_providesPolicy(self) -> None:
+        """RewriteCookie provides IPersistencePolicy."""
         verifyObject(IPersistencePolicy, RewriteCookie(Resource()))
 
     def test_fromConfigNeedsCookieName(self) -> None:
+        """A rewrite_cookie configuration without a cookie name is a ValueError."""
         self.assertRaises(ValueError, RewriteCookie.from_config, Resource(), PersistenceConfig(type="rewrite_cookie"))
 
     def test_badNameRefused(self) -> None:
+        """A cookie name that is not a token (a space in it) is a ValueError."""
         self.assertRaises(ValueError, RewriteCookie, Resource(), name=b"J SESSION")
 
     def test_backendCookiePrefixedAttributesKept(self) -> None:
@@ -729,12 +768,17 @@ class RewriteCookieTests(SynchronousTestCase):
         self.assertEqual(attributes(value), [b"Max-Age=120", b"Expires=Wed, 21 Oct 2026 07:28:00 GMT", b"Secure"])
 
     def test_otherSetCookieUntouched(self) -> None:
+        """
+        Only the backend's session cookie is prefixed with the backend id; its other Set-Cookie headers pass
+        unchanged.
+        """
         f = RewriteFixture(headers=[(b"Set-Cookie", b"lang=en; Path=/"), (b"Set-Cookie", b"JSESSIONID=abc")])
         self.assertEqual(
             f.request().all(b"set-cookie"), [b"lang=en; Path=/", b"JSESSIONID=" + f.prefix("a") + b"abc"]
         )
 
     def test_quotedValuePrefixedInsideQuotes(self) -> None:
+        """A quoted session cookie value gets its prefix inside the quotes."""
         f = RewriteFixture(headers=[(b"Set-Cookie", b'JSESSIONID="abc"; Path=/')])
         self.assertEqual(f.request().all(b"set-cookie"), [b'JSESSIONID="' + f.prefix("a") + b'abc"; Path=/'])
 
@@ -768,6 +812,7 @@ class RewriteCookieTests(SynchronousTestCase):
         self.assertEqual({tuple(s.cookies) for s in f.proxy.seen[1:]}, {(b"JSESSIONID=s3cr3t",)})
 
     def test_quotedIncomingRestoredWithQuotes(self) -> None:
+        """A quoted, prefixed cookie from the client pins its backend, which receives its own value, quotes kept."""
         f = RewriteFixture()
         f.request(cookies=[b'JSESSIONID="' + f.prefix("b") + b'abc"'])
         self.assertEqual((f.proxy.seen[0].backend.name, f.proxy.seen[0].cookies), ("b", [b'JSESSIONID="abc"']))
@@ -792,6 +837,7 @@ class RewriteCookieTests(SynchronousTestCase):
         self.assertEqual(f.proxy.seen[0].cookies, [b"JSESSIONID=x", b"JSESSIONID=y"])
 
     def test_hugeAndNonAsciiValuesNeverFail(self) -> None:
+        """Huge, non-ASCII and bare-quote cookie values are served (200), never an error."""
         f = RewriteFixture()
         for value in (b"J" * 10000, f.prefix("b") + "\u00e9\u2603".encode("utf-8"), b'"', b'""'):
             self.assertEqual(f.request(cookies=[b"JSESSIONID=" + value]).status, 200)
@@ -865,16 +911,20 @@ class StickyHeaderExampleTests(SynchronousTestCase):
         return self.proxy.seen[-1].backend.name
 
     def test_sameHeaderSameBackend(self) -> None:
+        """The example policy sends every request with one header value to one backend."""
         self.assertEqual({self.served(b"alice") for _ in range(10)}, {self.served(b"alice")})
 
     def test_usersSpreadOverBackends(self) -> None:
+        """The example policy spreads different header values over more than one backend."""
         self.assertGreater(len({self.served(b"user%d" % i) for i in range(30)}), 1)
 
     def test_noHeaderBalanced(self) -> None:
+        """A request without the header is balanced by the scheduler (outcome "new")."""
         self.served(None)
         self.assertEqual(self.proxy.seen[-1].outcome, NEW)
 
     def test_downBackendMovesOnlyItsUsers(self) -> None:
+        """When a backend goes down, exactly the users it served move; every other user keeps its backend."""
         users = [b"user%d" % i for i in range(30)]
         before = {u: self.served(u) for u in users}
         self.group.get("a").up = False

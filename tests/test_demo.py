@@ -41,11 +41,13 @@ class CheckPageTests(SynchronousTestCase):
         self.assertTrue(body.startswith(b"backend=a address=127.0.0.1:9001 "))
 
     def test_htmlForBrowsers(self):
+        """A browser (Accept: text/html) gets an HTML page with the backend's name in bold."""
         request, body = self.render(accept=b"text/html")
         self.assertIn(b"<b>a</b>", body)
         self.assertIn(b"text/html", request.responseHeaders.getRawHeaders(b"content-type")[0])
 
     def test_healthIsOk(self):
+        """The demo backend's /health answers "ok"."""
         _, body = self.render(b"/health")
         self.assertEqual(body, b"ok\n")
 
@@ -61,6 +63,7 @@ class CheckPageTests(SynchronousTestCase):
 
 class EchoTests(SynchronousTestCase):
     def test_saysItsNameThenEchoes(self):
+        """The TCP demo backend first writes its name, then echoes what it receives."""
         proto = EchoNameFactory("b").buildProtocol(None)
         transport = StringTransport()
         proto.makeConnection(transport)
@@ -86,12 +89,14 @@ class LayoutTests(SynchronousTestCase):
         self.assertEqual(config.listeners["insert"].bind, "tcp:9000:interface=127.0.0.1")
 
     def test_bannerShowsTheCurlWalkThrough(self):
+        """The demo's banner prints the curl cookie-jar walk-through and the slb-check command for its port."""
         banner = demo_banner(9000)
         self.assertIn("curl -c jar http://127.0.0.1:9000/", banner)
         self.assertIn("curl -b jar http://127.0.0.1:9000/", banner)
         self.assertIn("slb-check http://127.0.0.1:9000/ -n 30", banner)
 
     def test_takenPortIsNamed(self):
+        """A port already in use is reported by number, with the --port-base option that avoids it."""
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
         s.listen(1)
@@ -117,5 +122,6 @@ class LayoutTests(SynchronousTestCase):
         self.assertEqual(beside.backends, demo.backends)
 
     def test_portsDoNotOverlap(self):
+        """The demo's ports are all different."""
         ports = demo_layout(8080).ports
         self.assertEqual(len(ports), len(set(ports)))

@@ -68,6 +68,7 @@ class ConfigExampleTests(ExampleCase):
         return service.getServiceNamed(listener).port.getHost().port
 
     def test_everyConfigExampleIsTested(self):
+        """Every .toml file in examples/ has a test here: a new example without one fails."""
         tested = {"tcp-source-ip.toml", "http-insert-cookie.toml", "http-rewrite-cookie.toml", "domains.toml",
                   "https.toml", "health-admin.toml", "udp-dns.toml"}
         present = {os.path.basename(p) for p in glob.glob(os.path.join(EXAMPLES, "*.toml"))}
@@ -75,6 +76,7 @@ class ConfigExampleTests(ExampleCase):
 
     @defer.inlineCallbacks
     def test_tcpSourceIp(self):
+        """tcp-source-ip.toml relays a TCP client to a backend, which greets it with its name."""
         service = yield self.run_config("tcp-source-ip.toml")
         done = defer.Deferred()
 
@@ -89,6 +91,7 @@ class ConfigExampleTests(ExampleCase):
 
     @defer.inlineCallbacks
     def test_httpInsertCookie(self):
+        """http-insert-cookie.toml proxies a request and sets the SERVERID cookie."""
         service = yield self.run_config("http-insert-cookie.toml")
         response = yield Agent(reactor).request(b"GET", f"http://127.0.0.1:{self.port(service, 'web')}/".encode())
         yield readBody(response)
@@ -96,6 +99,7 @@ class ConfigExampleTests(ExampleCase):
 
     @defer.inlineCallbacks
     def test_httpRewriteCookie(self):
+        """http-rewrite-cookie.toml prefixes the backend's JSESSIONID with the backend id."""
         service = yield self.run_config("http-rewrite-cookie.toml")
         response = yield Agent(reactor).request(b"GET", f"http://127.0.0.1:{self.port(service, 'app')}/".encode())
         yield readBody(response)
@@ -104,6 +108,7 @@ class ConfigExampleTests(ExampleCase):
 
     @defer.inlineCallbacks
     def test_domains(self):
+        """domains.toml sends app.example.com/api to its API group and gives shop.example.com its own SHOPID cookie."""
         service = yield self.run_config("domains.toml")
         url = f"http://127.0.0.1:{self.port(service, 'web')}"
         code, body = yield self.get(url + "/api/x", host="app.example.com")
@@ -143,6 +148,7 @@ class ConfigExampleTests(ExampleCase):
 
     @defer.inlineCallbacks
     def test_healthAdmin(self):
+        """health-admin.toml serves /stats on its admin listener, with the backends checked up."""
         service = yield self.run_config("health-admin.toml")
         code, body = yield self.get(f"http://127.0.0.1:{self.port(service, '[admin]')}/stats")
         self.assertEqual(code, 200)
@@ -215,6 +221,7 @@ class ProgramExampleTests(ExampleCase):
 
     @defer.inlineCallbacks
     def test_embedWeb(self):
+        """embed_web.py serves the application's own page at / and proxies /app/ to the backends."""
         ports = yield self.backends()
         port = yield self.start("embed_web.py", f"127.0.0.1:{ports[9001]}", f"127.0.0.1:{ports[9002]}")
         code, body = yield self.get(f"http://127.0.0.1:{port}/")
@@ -225,6 +232,7 @@ class ProgramExampleTests(ExampleCase):
 
     @defer.inlineCallbacks
     def test_embedTcp(self):
+        """embed_tcp.py relays a TCP client to a backend."""
         ports = yield self.backends()
         port = yield self.start("embed_tcp.py", f"127.0.0.1:{ports[9101]}", f"127.0.0.1:{ports[9102]}")
         done = defer.Deferred()
@@ -239,6 +247,7 @@ class ProgramExampleTests(ExampleCase):
 
     @defer.inlineCallbacks
     def test_stickyHeaderPolicy(self):
+        """sticky_header_policy.py sends every request with one X-User-Id to one backend."""
         ports = yield self.backends()
         port = yield self.start("sticky_header_policy.py", f"127.0.0.1:{ports[9001]}", f"127.0.0.1:{ports[9002]}")
         seen = set()
@@ -248,3 +257,21 @@ class ProgramExampleTests(ExampleCase):
             )
             seen.add((yield readBody(response)).split()[0])
         self.assertEqual(len(seen), 1)
+
+
+class PolicyTestExampleTests(TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_stickyHeaderPolicyTestsPass(self):
+        """examples/test_sticky_header_policy.py, run with trial from examples/ as its docstring says, passes all its tests."""
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(EXAMPLES))
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable,
+            ["-m", "twisted.trial", "--temp-directory", os.path.abspath(self.mktemp()), "test_sticky_header_policy"],
+            env=env, path=EXAMPLES,
+        )
+        self.assertEqual(code, 0, out + err)
+        self.assertRegex(out, rb"PASSED \(successes=[1-9]")

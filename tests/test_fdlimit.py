@@ -80,6 +80,10 @@ class FileDescriptorLimitTests(TestCase):
 
     @defer.inlineCallbacks
     def test_outOfDescriptorsIsLoggedOnceAndRecovers(self):
+        """
+        A twistd slb out of file descriptors warns once per episode (not once per client), answers or closes
+        the waiting clients, serves new ones once descriptors free up, and stops cleanly.
+        """
         backend_factory = protocol.ServerFactory.forProtocol(Greeter)
         backend_factory.open = []
         backend = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(backend_factory)

@@ -71,6 +71,10 @@ class FrontTestCase(SynchronousTestCase):
 
 class ResponseTests(FrontTestCase):
     def test_simpleGet(self):
+        """
+        A GET is rendered with method, URI, path, Host and client address, and answered 200 with a length and
+        a date, no Server header, keep-alive.
+        """
         proto, transport = self.connect()
         proto.dataReceived(b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\n\r\n")
         out = transport.value()
@@ -87,6 +91,7 @@ class ResponseTests(FrontTestCase):
         self.assertFalse(request.isSecure())
 
     def test_secureFactory(self):
+        """A factory made with secure=True renders requests that say they are secure."""
         proto, transport = self.connect(secure=True)
         proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertTrue(self.resource.requests[0].isSecure())
@@ -110,18 +115,21 @@ class ResponseTests(FrontTestCase):
         self.assertFalse(transport.disconnecting)
 
     def test_http10(self):
+        """An HTTP/1.0 request without keep-alive is answered with Connection: close, and the connection closed."""
         proto, transport = self.connect()
         proto.dataReceived(b"GET / HTTP/1.0\r\n\r\n")
         self.assertIn(b"\r\nConnection: close\r\n", transport.value())
         self.assertTrue(transport.disconnecting)
 
     def test_http10KeepAlive(self):
+        """An HTTP/1.0 request asking for keep-alive gets it, and the connection stays open."""
         proto, transport = self.connect()
         proto.dataReceived(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
         self.assertIn(b"\r\nConnection: keep-alive\r\n", transport.value())
         self.assertFalse(transport.disconnecting)
 
     def test_http10StreamedBodyEndsWithTheConnection(self):
+        """A body of unknown length to an HTTP/1.0 client is not chunked: it ends when the connection closes."""
         resource = Recorder(hold=True)
         proto, transport = self.connect(resource)
         proto.dataReceived(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
@@ -134,12 +142,14 @@ class ResponseTests(FrontTestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_connectionClose(self):
+        """An HTTP/1.1 request with Connection: close is answered so and the connection closed."""
         proto, transport = self.connect()
         proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         self.assertIn(b"\r\nConnection: close\r\n", transport.value())
         self.assertTrue(transport.disconnecting)
 
     def test_head(self):
+        """A HEAD answer carries the length of the GET body but no body."""
         proto, transport = self.connect()
         proto.dataReceived(b"HEAD /x HTTP/1.1\r\nHost: x\r\n\r\n")
         out = transport.value()
@@ -147,6 +157,7 @@ class ResponseTests(FrontTestCase):
         self.assertTrue(out.endswith(b"\r\n\r\n"))
 
     def test_noContentHasNoLength(self):
+        """A 204 answer has neither Content-Length nor chunked encoding."""
         resource = Recorder(hold=True)
         proto, transport = self.connect(resource)
         proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -158,6 +169,7 @@ class ResponseTests(FrontTestCase):
         self.assertNotIn(b"chunked", out)
 
     def test_renderErrorIs500(self):
+        """A resource that raises gets the client a 500, the connection closed, and the error logged once."""
         class Broken(Resource):
             isLeaf = True
 
@@ -171,6 +183,7 @@ class ResponseTests(FrontTestCase):
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
     def test_clientGoneFailsNotifyFinish(self):
+        """A client that leaves fails notifyFinish; writing to its request afterwards is harmless."""
         resource = Recorder(hold=True)
         proto, transport = self.connect(resource)
         proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -186,57 +199,74 @@ class RefusalTests(FrontTestCase):
     """Requests the listener refuses never reach the resource."""
 
     def test_bareLF(self):
+        """A request whose lines end in a bare LF is refused with 400."""
         self.assertRefused(b"GET / HTTP/1.1\nHost: x\n\n", b"400")
 
     def test_bareLFInsideTheHead(self):
+        """A bare LF between header lines is refused with 400."""
         self.assertRefused(b"GET / HTTP/1.1\r\nHost: x\nX: y\r\n\r\n", b"400")
 
     def test_bareCR(self):
+        """A bare CR inside the head is refused with 400."""
         self.assertRefused(b"GET / HTTP/1.1\r\nHost: x\rX: y\r\n\r\n", b"400")
 
     def test_obsFold(self):
+        """A folded header line (obs-fold) is refused with 400, saying so."""
         out = self.assertRefused(b"GET / HTTP/1.1\r\nHost: x\r\nX: a\r\n b\r\n\r\n", b"400")
         self.assertIn(b"obs-fold", out)
 
     def test_controlCharacter(self):
+        """A control character in a header value is refused with 400."""
         self.assertRefused(b"GET / HTTP/1.1\r\nHost: x\r\nX: a\x01b\r\n\r\n", b"400")
 
     def test_spaceBeforeColon(self):
+        """Whitespace between a header name and its colon is refused with 400."""
         self.assertRefused(b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", b"400")
 
     def test_invalidTarget(self):
+        """A request target that is neither a path nor a URL is refused with 400."""
         self.assertRefused(b"GET foo HTTP/1.1\r\nHost: x\r\n\r\n", b"400")
 
     def test_nonASCIITarget(self):
+        """A request target with non-ASCII bytes is refused with 400."""
         self.assertRefused(b"GET /\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n", b"400")
 
     def test_connect(self):
+        """CONNECT is refused with 501: the balancer is no forward proxy."""
         self.assertRefused(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com\r\n\r\n", b"501")
 
     def test_http2(self):
+        """A request line claiming HTTP/2.0 is refused with 505."""
         self.assertRefused(b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", b"505")
 
     def test_unknownExpectation(self):
+        """An Expect other than 100-continue is refused with 417."""
         self.assertRefused(b"GET / HTTP/1.1\r\nHost: x\r\nExpect: magic\r\n\r\n", b"417")
 
     def test_requestLineTooLong(self):
+        """A request line over max_header_bytes is refused with 414."""
         self.assertRefused(b"GET /" + b"a" * 200, b"414", max_header_bytes=100)
 
     def test_headTooLarge(self):
+        """Headers over max_header_bytes are refused with 431."""
         self.assertRefused(b"GET / HTTP/1.1\r\nX: " + b"a" * 200, b"431", max_header_bytes=100)
 
     def test_tooManyHeaders(self):
+        """More header lines than max_headers are refused with 431."""
         self.assertRefused(b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 5 + b"\r\n", b"431", max_headers=4)
 
     def test_badChunkEnd(self):
+        """A chunk longer than its announced size is refused with 400."""
         self.assertRefused(
             b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n0\r\n\r\n", b"400"
         )
 
     def test_hexPrefixInChunkSize(self):
+        """A chunk size written with 0x is refused with 400."""
         self.assertRefused(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0x3\r\nabc\r\n", b"400")
 
     def test_chunkedHTTP10(self):
+        """Chunked transfer encoding on an HTTP/1.0 request is refused with 400."""
         self.assertRefused(b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"400")
 
     def test_invalidByteInTheVersion(self):
@@ -290,6 +320,7 @@ class RefusalTests(FrontTestCase):
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
 
     def test_refusalIsLogged(self):
+        """After refusing a bad request on one connection, the listener serves the next connection normally."""
         self.assertRefused(b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", b"400")
         # (the log line is checked end to end in test_service; here: the
         # listener keeps serving other connections)
@@ -300,6 +331,10 @@ class RefusalTests(FrontTestCase):
 
 class BodyTests(FrontTestCase):
     def test_contentLength(self):
+        """
+        A body is read to its Content-Length, even across reads, before rendering; the bytes after it are the
+        next request.
+        """
         proto, transport = self.connect()
         proto.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nab")
         self.assertEqual(self.resource.requests, [])
@@ -308,12 +343,17 @@ class BodyTests(FrontTestCase):
         self.assertEqual(self.resource.requests[1].path, b"/next")
 
     def test_identicalContentLengthsAreOne(self):
+        """Repeated identical Content-Length headers are accepted as one."""
         proto, transport = self.connect()
         proto.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nab")
         self.assertEqual(self.resource.bodies, [b"ab"])
         self.assertEqual(self.resource.requests[0].requestHeaders.getRawHeaders(b"content-length"), [b"2"])
 
     def test_chunkedIsDecodedAndTrailersDropped(self):
+        """
+        A chunked body split anywhere is decoded, chunk extensions and trailers dropped, and Transfer-Encoding
+        removed.
+        """
         proto, transport = self.connect()
         for piece in (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nab",
                       b"c\r\n", b"2\r\nde\r", b"\n0\r\nX-Trailer: 1\r\n", b"\r\n"):
@@ -324,6 +364,7 @@ class BodyTests(FrontTestCase):
         self.assertFalse(headers.hasHeader(b"x-trailer"))
 
     def test_largeBodyIsSpooledToAFile(self):
+        """A body over the spool size is kept in a temporary file, not in memory."""
         resource = Recorder(hold=True)
         proto, transport = self.connect(resource)
         size = SPOOL_BYTES + 10
@@ -334,6 +375,10 @@ class BodyTests(FrontTestCase):
         self.assertTrue(resource.requests[0].content._rolled)
 
     def test_expectContinue(self):
+        """
+        Expect: 100-continue gets an interim 100 Continue, then the body is read; the Expect header is not
+        passed on.
+        """
         proto, transport = self.connect()
         proto.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
         self.assertEqual(transport.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -344,6 +389,7 @@ class BodyTests(FrontTestCase):
 
 class TimeoutTests(FrontTestCase):
     def test_idleKeepAliveIsClosed(self):
+        """A keep-alive connection idle for client_idle_timeout is closed, not before."""
         proto, transport = self.connect(client_idle_timeout=10)
         proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         self.reactor.advance(9)
@@ -352,6 +398,10 @@ class TimeoutTests(FrontTestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_stalledBodyGets408(self):
+        """
+        A body that stops arriving for client_idle_timeout gets a 408 and the connection closed; a trickle
+        keeps it alive.
+        """
         proto, transport = self.connect(client_idle_timeout=10)
         proto.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab")
         for _ in range(3):
@@ -371,6 +421,7 @@ class TimeoutTests(FrontTestCase):
         self.assertFalse(transport.disconnecting)
 
     def test_clientThatNeverReadsIsCutOffAfterClosing(self):
+        """A closing connection whose client never reads is aborted after client_idle_timeout."""
         proto, transport = self.connect(client_idle_timeout=10)
         proto.dataReceived(b"GET / HTTP/1.0\r\n\r\n")
         self.assertTrue(transport.disconnecting)
@@ -383,6 +434,7 @@ class TimeoutTests(FrontTestCase):
 
 class FlowTests(FrontTestCase):
     def test_pauseReachesTheProducer(self):
+        """Pausing, resuming and losing the client connection reach the producer registered on the request."""
         resource = Recorder(hold=True)
         proto, transport = self.connect(resource)
         proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -409,6 +461,7 @@ class FlowTests(FrontTestCase):
         self.assertEqual(producer.state, "stopped")
 
     def test_pipelinedFloodStopsReading(self):
+        """A flood of pipelined requests stops reading from the client until the current answer is finished."""
         resource = Recorder(hold=True)
         proto, transport = self.connect(resource, max_header_bytes=1000)
         proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -419,6 +472,7 @@ class FlowTests(FrontTestCase):
         self.assertEqual(len(resource.requests), 2)
 
     def test_halfCloseAnswersThenCloses(self):
+        """A client that half-closes after its request still gets the answer, then the connection closes."""
         resource = Recorder(hold=True)
         proto, transport = self.connect(resource)
         proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -491,6 +545,7 @@ class FlowTests(FrontTestCase):
 
 class BodyLimitTests(FrontTestCase):
     def test_announcedBodyOverTheLimitIs413BeforeReading(self):
+        """A Content-Length over max_body_bytes is refused with 413 at once, with no 100 Continue."""
         out = self.assertRefused(
             b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 101\r\nExpect: 100-continue\r\n\r\n", b"413",
             max_body_bytes=100,
@@ -498,6 +553,7 @@ class BodyLimitTests(FrontTestCase):
         self.assertNotIn(b"100 Continue", out)
 
     def test_chunkedBodyOverTheLimitIs413(self):
+        """A chunked body is refused with 413 as soon as it passes max_body_bytes, and never rendered."""
         proto, transport = self.connect(max_body_bytes=100)
         proto.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
         for _ in range(2):
@@ -509,6 +565,7 @@ class BodyLimitTests(FrontTestCase):
         self.assertEqual(self.resource.requests, [])
 
     def test_bodyAtTheLimitIsForwarded(self):
+        """A body of exactly max_body_bytes is forwarded."""
         proto, transport = self.connect(max_body_bytes=3)
         proto.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
         self.assertEqual(self.resource.bodies, [b"abc"])
@@ -516,6 +573,10 @@ class BodyLimitTests(FrontTestCase):
 
 class TunnelTests(FrontTestCase):
     def test_tunnelRelaysAndTimesOut(self):
+        """
+        After a 101 the connection becomes a tunnel: bytes flow both ways (early ones included) with back-
+        pressure, and only tunnel_timeout of silence closes it.
+        """
         resource = Recorder(hold=True)
         proto, transport = self.connect(resource, client_idle_timeout=10, tunnel_timeout=100)
         proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: y\r\n\r\nearly")

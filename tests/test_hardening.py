@@ -366,14 +366,23 @@ class CookieFuzzTests(SynchronousTestCase):
     @settings(max_examples=300, deadline=None)
     @given(cookie=_cookie_headers())
     def test_insertCookie(self, cookie):
+        """
+        Any Cookie header (generated) under insert-cookie persistence reaches exactly one backend, or is
+        refused with 400 or 431 before routing: never a 5xx, never a logged error.
+        """
         self.check("insert", cookie)
 
     @settings(max_examples=300, deadline=None)
     @given(cookie=_cookie_headers())
     def test_rewriteCookie(self, cookie):
+        """
+        Any Cookie header (generated) under rewrite-cookie persistence reaches exactly one backend, or is
+        refused with 400 or 431 before routing: never a 5xx, never a logged error.
+        """
         self.check("rewrite", cookie)
 
     def test_pinToADownBackendIsRepinned(self):
+        """A cookie naming a down backend sends the request to a backend that is up."""
         stack = Stack("insert")
         down = stack.group.get("b").id
         stack.send(b"GET / HTTP/1.1\r\nHost: x\r\nCookie: SERVERID=" + down.encode() + b"\r\n\r\n")
@@ -421,12 +430,17 @@ class BackendResetTests(TestCase):
 
     @defer.inlineCallbacks
     def test_resetGetIsRetriedElsewhere(self):
+        """A GET whose backend resets the connection is retried on another backend and answered 200."""
         response = yield self.agent.request(b"GET", self.url)
         self.assertEqual((response.code, (yield readBody(response))), (200, b"hello"))
         self.assertEqual(self.resetting.resets, 1)  # round robin tried "bad" first
 
     @defer.inlineCallbacks
     def test_resetPostIs502(self):
+        """
+        A POST whose backend resets the connection is not retried (it may have been acted on): the client gets
+        502.
+        """
         from twisted.web.client import FileBodyProducer
         from io import BytesIO
 

@@ -78,6 +78,7 @@ class StateMachineTests(SynchronousTestCase):
         self.assertIn(b"\r\nHost: 127.0.0.1:9000\r\n", head)
 
     def test_downAfterUnhealthyThreshold(self):
+        """A backend goes down after unhealthy_threshold failed checks in a row, not before, with one warning."""
         a = self.group.get("a")
         for i in range(2):
             self.run_check(0, refuse=True)
@@ -88,6 +89,7 @@ class StateMachineTests(SynchronousTestCase):
         self.assertEqual(len(downs), 1)
 
     def test_statusOutsideExpectIsFailure(self):
+        """A check answered with a status outside the expected ones fails, and the reason names the status."""
         a = self.group.get("a")
         for _ in range(3):
             self.run_check(0, b"500 Oops")
@@ -95,6 +97,7 @@ class StateMachineTests(SynchronousTestCase):
         self.assertIn("status 500", a.extra["health"].last_reason)
 
     def test_upAfterHealthyThreshold(self):
+        """A down backend comes up after healthy_threshold passing checks (any 2xx), not before."""
         a = self.group.get("a")
         a.up = False
         self.run_check(0, b"200 OK")
@@ -103,11 +106,13 @@ class StateMachineTests(SynchronousTestCase):
         self.assertTrue(a.up)
 
     def test_timeoutIsFailure(self):
+        """A check with no answer within its timeout fails, saying so."""
         self.run_check(0)  # connected, never answers
         self.reactor.advance(1.0)
         self.assertEqual(self.group.get("a").extra["health"].last_reason, "no answer in 1 s")
 
     def test_stopCancelsEverything(self):
+        """Stopping the monitor cancels its timers and detaches it from the backends."""
         self.run_check(0)
         self.monitor.stopService()
         self.assertEqual(self.reactor.getDelayedCalls(), [])
@@ -371,6 +376,7 @@ class EndToEndTests(TestCase):
 
     @defer.inlineCallbacks
     def test_backendGoesDownAndComesBack(self):
+        """Over real sockets, a backend whose port closes is marked down, and up again when it listens again."""
         port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(HealthPage()))
         number = port.getHost().port
         group = BackendGroup("web", [Backend("a", "127.0.0.1", number)])
@@ -487,6 +493,7 @@ class SlowStartTests(SynchronousTestCase):
         self.assertEqual(a.weight, 100)  # the configured weight is never touched
 
     def test_schedulerHonoursTheShare(self):
+        """A backend ramping up at 10% gets a tenth of the share of a full one."""
         group = group_of("a", "b")
         group.get("a").ramp = 0.1
         from collections import Counter

@@ -144,6 +144,7 @@ class HTTPSTests(TestCase):
 
     @defer.inlineCallbacks
     def test_redirectNamesANonDefaultPort(self):
+        """The HTTP-to-HTTPS redirect names the HTTPS port when it is not 443."""
         self.write_config(8443, **self.ports)
         self.assertTrue(self.service.reload())
         response, _ = yield self.get(Agent(reactor), f"http://127.0.0.1:{self.http_port}/p", host=b"example.com")
@@ -233,6 +234,7 @@ class BackendTLSTests(TestCase):
 
     @defer.inlineCallbacks
     def test_rightNameAccepted(self):
+        """A TLS backend whose certificate names the configured server name is accepted and proxied to."""
         code, body = yield self.run_with("backend.internal")
         self.assertEqual(code, 200)
         self.assertIn(b"backend=tls", body)

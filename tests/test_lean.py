@@ -134,6 +134,10 @@ class LeanConnectionTests(TestCase):
             yield deferLater(reactor, 0, lambda: None)
 
     def test_interfaces(self):
+        """
+        A lean connection answers getPeer, getHost, TCP options, getHandle and logPrefix as Twisted's
+        transports do.
+        """
         self.assertEqual(self.transport.getPeer(), IPv4Address("TCP", *self.peer.getsockname()))
         self.assertEqual(self.transport.getHost(), IPv4Address("TCP", *self.peer.getpeername()))
         self.transport.setTcpNoDelay(True)
@@ -153,6 +157,7 @@ class LeanConnectionTests(TestCase):
 
     @defer.inlineCallbacks
     def test_reads(self):
+        """Bytes sent by the peer reach the protocol."""
         self.peer.sendall(b"from the peer")
         yield self.until(lambda: self.protocol.data == b"from the peer")
 
@@ -178,6 +183,7 @@ class LeanConnectionTests(TestCase):
 
     @defer.inlineCallbacks
     def test_pullProducerIsAskedForMore(self):
+        """A pull producer is asked for more on registration and again once the write buffer has drained."""
         producer = Producer()
         self.transport.registerProducer(producer, False)
         self.assertEqual(producer.calls, ["resume"])
@@ -200,6 +206,10 @@ class LeanConnectionTests(TestCase):
         self.assertEqual(self.read_peer(), b"small")
 
     def test_registerTwice(self):
+        """
+        Registering a second producer without unregistering the first is a RuntimeError; after unregistering
+        it works.
+        """
         self.transport.registerProducer(Producer(), True)
         self.assertRaises(RuntimeError, self.transport.registerProducer, Producer(), True)
         self.transport.unregisterProducer()
@@ -217,6 +227,7 @@ class LeanConnectionTests(TestCase):
 
     @defer.inlineCallbacks
     def test_endOfFileClosesAProtocolThatCannotHalfClose(self):
+        """End of file from the peer closes a protocol that does not take half-closes, with ConnectionDone."""
         protocol = Recorder()
         self.transport.protocol = protocol
         self.transport._half = None
@@ -227,6 +238,10 @@ class LeanConnectionTests(TestCase):
 
     @defer.inlineCallbacks
     def test_loseWriteConnection(self):
+        """
+        loseWriteConnection sends what was written and then EOF, tells the protocol, keeps reading, and drops
+        later writes.
+        """
         self.transport.write(b"last words")
         self.transport.loseWriteConnection()
         self.assertEqual(self.protocol.events, ["writeConnectionLost"])
@@ -238,6 +253,7 @@ class LeanConnectionTests(TestCase):
 
     @defer.inlineCallbacks
     def test_loseWriteConnectionWaitsForTheBuffer(self):
+        """loseWriteConnection with a full buffer sends EOF only after the buffer is written."""
         self.transport.write(b"y" * 4000000)
         self.transport.loseWriteConnection()
         self.assertEqual(self.protocol.events, [])
@@ -245,6 +261,7 @@ class LeanConnectionTests(TestCase):
         self.assertEqual(self.protocol.events, ["writeConnectionLost"])
 
     def test_loseConnectionAtOnceWhenFlushed(self):
+        """With nothing buffered, loseConnection closes at once, tells the protocol once, then stops the producer."""
         producer = Producer()
         self.transport.registerProducer(producer, True)
         self.transport.loseConnection()
@@ -258,6 +275,7 @@ class LeanConnectionTests(TestCase):
 
     @defer.inlineCallbacks
     def test_loseConnectionDeliversWhatIsBuffered(self):
+        """loseConnection delivers everything buffered before closing."""
         self.transport.write(b"z" * 4000000)
         self.transport.loseConnection()
         self.assertEqual(self.protocol.events, [])
@@ -268,6 +286,7 @@ class LeanConnectionTests(TestCase):
 
     @defer.inlineCallbacks
     def test_abortConnectionResets(self):
+        """abortConnection drops the buffer and resets the connection: the peer sees a reset."""
         self.transport.write(b"w" * 4000000)
         self.transport.abortConnection()
         self.assertTrue(self.protocol.reason.check(error.ConnectionAborted))
@@ -290,6 +309,7 @@ class LeanConnectionTests(TestCase):
 
     @defer.inlineCallbacks
     def test_peerResetIsConnectionLost(self):
+        """A reset by the peer is ConnectionLost, saying reset."""
         self.peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, lean._LINGER_RESET)
         self.peer.close()
         yield self.protocol.lost
@@ -311,6 +331,7 @@ class LeanConnectionTests(TestCase):
 
     @defer.inlineCallbacks
     def test_pauseStopsReading(self):
+        """pauseProducing stops reading from the socket until resumeProducing."""
         self.transport.pauseProducing()
         self.peer.sendall(b"later")
         for _ in range(20):
@@ -340,6 +361,10 @@ class ConnectTests(TestCase):
 
     @defer.inlineCallbacks
     def test_connects(self):
+        """
+        lean.connect gives the protocol a lean transport to the address, whose socket it owns; disconnect
+        after connecting does nothing.
+        """
         server = listening_socket()
         self.addCleanup(server.close)
         factory = Connecting()
@@ -380,6 +405,7 @@ class ConnectTests(TestCase):
 
     @defer.inlineCallbacks
     def test_refused(self):
+        """A refused lean connect calls clientConnectionFailed with ConnectionRefusedError, and builds no protocol."""
         server = listening_socket()
         port = server.getsockname()[1]
         server.close()
@@ -392,6 +418,7 @@ class ConnectTests(TestCase):
 
     @defer.inlineCallbacks
     def test_ipv6(self):
+        """lean.connect connects to an IPv6 address."""
         try:
             server = socket.socket(socket.AF_INET6)
             server.bind(("::1", 0))
@@ -407,6 +434,7 @@ class ConnectTests(TestCase):
         factory.proto.transport.loseConnection()
 
     def test_hostNameGoesThroughConnectTCP(self):
+        """A host name, or a reactor lean cannot drive, goes through the reactor's connectTCP."""
         clock = MemoryReactorClock()
         factory = Connecting()
         lean.connect(clock, "backend.example", 80, factory, 5)  # not a POSIX reactor either
@@ -456,6 +484,7 @@ class ConnectTimeoutTests(SynchronousTestCase):
         self.assertEqual(again.getDestination(), IPv4Address("TCP", "127.0.0.1", self.server.getsockname()[1]))
 
     def test_timesOut(self):
+        """A connect not done within its timeout fails with TimeoutError and stops watching the socket."""
         self.assertIn(self.connector, self.reactor.writers)
         self.reactor.advance(4.9)
         self.assertEqual(self.factory.failures, [])
@@ -466,6 +495,7 @@ class ConnectTimeoutTests(SynchronousTestCase):
         self.assertEqual(self.connector.fileno(), -1)
 
     def test_disconnect(self):
+        """disconnect() while connecting fails the attempt once with UserError and cancels its timer."""
         self.connector.disconnect()
         [reason] = self.factory.failures
         self.assertTrue(reason.check(error.UserError))
@@ -511,6 +541,7 @@ class RecvTests(SynchronousTestCase):
         self.addCleanup(self.b.close)
 
     def test_readsWhatArrived(self):
+        """lean.recv returns new bytes objects: a later read does not change an earlier one."""
         self.a.sendall(b"first")
         first = lean.recv(self.b, 65536)
         self.a.sendall(b"2nd")
@@ -520,15 +551,18 @@ class RecvTests(SynchronousTestCase):
         self.assertIs(type(first), bytes)
 
     def test_sizeIsTheMost(self):
+        """lean.recv returns at most the size asked, and sizes over its buffer work."""
         self.a.sendall(b"abcdef")
         self.assertEqual(lean.recv(self.b, 4), b"abcd")
         self.assertEqual(lean.recv(self.b, 1 << 20), b"ef")  # larger than the buffer
 
     def test_endOfFile(self):
+        """lean.recv returns b"" at end of file."""
         self.a.shutdown(socket.SHUT_WR)
         self.assertEqual(lean.recv(self.b, 65536), b"")
 
     def test_wouldBlock(self):
+        """lean.recv on a non-blocking socket with nothing to read raises BlockingIOError."""
         self.b.setblocking(False)
         self.assertRaises(BlockingIOError, lean.recv, self.b, 65536)
 
@@ -593,6 +627,7 @@ class SharedConnectTimeoutTests(ConnectTimeoutTests):
         )
 
     def test_oneTimer(self):
+        """Connects sharing a Deadlines share one timer; a disconnected one is not timed out with the others."""
         other = Connecting()
         second = lean.LeanConnector(self.reactor, socket.AF_INET, "127.0.0.1", self.server.getsockname()[1],
                                     other, 5, self.deadlines)
@@ -611,6 +646,7 @@ class ServePortTests(TestCase):
 
     @defer.inlineCallbacks
     def test_acceptedConnectionsAreLean(self):
+        """After serve_port, accepted connections get lean transports with the right addresses."""
         protocols = []
 
         class Collect(Factory):
@@ -637,6 +673,7 @@ class ServePortTests(TestCase):
         transport.loseConnection()
 
     def test_onlyPlainPortsOfTheFactory(self):
+        """serve_port refuses a port serving another factory (such as a TLS wrapper) and an object that is no port."""
         factory, other = Factory(), Factory()
         port = reactor.listenTCP(0, other, interface="127.0.0.1")
         self.addCleanup(port.stopListening)

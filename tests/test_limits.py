@@ -23,6 +23,7 @@ def addr(host: str, port: int = 5000) -> IPv4Address:
 
 class TCPLimitTests(SynchronousTestCase):
     def test_overTheLimitIsRefused(self):
+        """A TCP listener at max_connections builds no protocol for a new client until a connection closes."""
         reactor = MemoryReactorClock()
         factory = TCPBalancerFactory(
             BackendGroup("g", [Backend("a", "127.0.0.1", 1)]), reactor=reactor, max_connections=2
@@ -52,6 +53,7 @@ class HTTPLimitTests(SynchronousTestCase):
         return proto, transport
 
     def test_maxConnections(self):
+        """An HTTP listener at max_connections refuses new connections until one closes."""
         site = self.site(max_connections=2)
         first, _ = self.connect(site, "127.0.0.2")
         self.connect(site, "127.0.0.3")
@@ -60,6 +62,10 @@ class HTTPLimitTests(SynchronousTestCase):
         self.assertIsNotNone(self.connect(site, "127.0.0.4")[0])
 
     def test_perClientAddressGets429(self):
+        """
+        A client address over max_connections_per_ip gets 429 and a close; other addresses are not affected
+        and a freed slot is usable.
+        """
         site = self.site(max_connections_per_ip=2)
         first, _ = self.connect(site, "127.0.0.2")
         self.connect(site, "127.0.0.2")
@@ -87,6 +93,7 @@ class SlowClientTests(SynchronousTestCase):
         self.proto.makeConnection(self.transport)
 
     def test_tricklingHeadersGet408(self):
+        """Headers trickling in, each piece within the idle timeout but the whole head slower, get 408."""
         self.proto.dataReceived(b"GET / HTTP/1.1\r\n")
         for i in range(3):
             self.reactor.advance(4)  # each byte comes before the idle timeout...
@@ -96,6 +103,7 @@ class SlowClientTests(SynchronousTestCase):
         self.assertTrue(self.transport.disconnecting)
 
     def test_completeHeadCancelsTheDeadline(self):
+        """A complete head cancels the header deadline."""
         self.proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertIsNone(self.proto.header_deadline)
 
@@ -167,6 +175,10 @@ class FakePort:
 
 class ConnectionLimitTests(SynchronousTestCase):
     def test_waitPausesAcceptingAtTheLimit(self):
+        """
+        With wait, a limit reached stops accepting (new clients wait in the backlog) until a connection is
+        released.
+        """
         limit = ConnectionLimit(2, "l", wait=True)
         port = FakePort()
         limit.add_port(port)
@@ -180,6 +192,7 @@ class ConnectionLimitTests(SynchronousTestCase):
         self.assertEqual(limit.open, 1)
 
     def test_closeKeepsAccepting(self):
+        """Without wait, a limit reached keeps accepting and closes what is over."""
         limit = ConnectionLimit(1, "l", wait=False)
         port = FakePort()
         limit.add_port(port)
@@ -188,6 +201,7 @@ class ConnectionLimitTests(SynchronousTestCase):
         self.assertTrue(port.reading)
 
     def test_globalLimitCoversEveryListener(self):
+        """A global limit counts every listener's connections; each listener waits or closes by its own setting."""
         everything = ConnectionLimit(2, "[all]")
         a = ConnectionLimit(0, "a", wait=True, parent=everything)
         b = ConnectionLimit(0, "b", wait=False, parent=everything)
@@ -206,6 +220,7 @@ class ConnectionLimitTests(SynchronousTestCase):
         self.assertTrue(a.admit())
 
     def test_raisingTheGlobalLimitResumes(self):
+        """Lifting the global limit on reload resumes a listener paused by it."""
         everything = ConnectionLimit(1, "[all]")
         a = ConnectionLimit(0, "a", wait=True, parent=everything)
         port = FakePort()
@@ -233,6 +248,7 @@ class ConnectionLimitTests(SynchronousTestCase):
         self.assertIn("new connections wait", [e for e in events if "action" in e][0]["action"])
 
     def test_loggedOncePerEpisode(self):
+        """Reaching the limit is logged once per episode, and so is accepting again."""
         from twisted.logger import globalLogPublisher
 
         events = []

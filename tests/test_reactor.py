@@ -98,6 +98,7 @@ class _Unlucky:
 
 class DispatchTests(SynchronousTestCase):
     def test_escapingErrorIsLoggedAndTheLoopGoesOn(self) -> None:
+        """An exception escaping a reader is logged, the reader removed, and the reactor loop goes on."""
         if slb_reactor.SLBEPollReactor is None:
             raise self.skipTest("no epoll here")  # pragma: no cover (CI runs on Linux)
         reactor = slb_reactor.SLBEPollReactor()

@@ -38,16 +38,23 @@ def request(target: bytes = b"/", host: Optional[bytes] = b"www.example.com") ->
 
 class RouteTests(SynchronousTestCase):
     def test_domainLowercased(self) -> None:
+        """A route's domain is lowercased and its trailing dot dropped."""
         self.assertEqual(Route("App.Example.COM.", "/", Resource()).domain, "app.example.com")
 
     def test_badDomainRefused(self) -> None:
+        """
+        Domains with a wildcard not first, a bare wildcard, a double wildcard, a space or a slash are a
+        ValueError.
+        """
         for domain in ("a.*.com", "*", "**.a.com", "a com", "a/b"):
             self.assertRaises(ValueError, Route, domain, "/", Resource())
 
     def test_pathMustBeAbsolute(self) -> None:
+        """A route path not starting with / is a ValueError."""
         self.assertRaises(ValueError, Route, "", "api", Resource())
 
     def test_wildcardMatchesExactlyOneLabel(self) -> None:
+        """*.example.com matches one label before example.com: not the bare domain, two labels, or a longer name."""
         route = Route("*.example.com", "/", Resource())
         self.assertEqual(
             [route.matches_host(h) for h in ("a.example.com", "example.com", "a.b.example.com", "aexample.com")],
@@ -55,10 +62,12 @@ class RouteTests(SynchronousTestCase):
         )
 
     def test_emptyDomainMatchesAnyHostAndNone(self) -> None:
+        """A route without a domain matches every host, and requests without one."""
         route = Route("", "/", Resource())
         self.assertEqual([route.matches_host(h) for h in ("x.org", None)], [True, True])
 
     def test_pathPrefixIsSegmentAware(self) -> None:
+        """A path prefix matches whole segments only, case-sensitively: /api matches /api/x, not /apix."""
         route = Route("", "/api", Resource())
         self.assertEqual(
             [route.matches_path(p) for p in (b"/api", b"/api/", b"/api/x", b"/apix", b"/", b"/API")],
@@ -66,6 +75,7 @@ class RouteTests(SynchronousTestCase):
         )
 
     def test_trailingSlashInPrefixIgnored(self) -> None:
+        """A prefix written /api/ matches as /api does."""
         route = Route("", "/api/", Resource())
         self.assertEqual([route.matches_path(p) for p in (b"/api", b"/api/x", b"/apix")], [True, True, False])
 
@@ -89,12 +99,15 @@ class RuleRouterTests(SynchronousTestCase):
         return serve(self.router, request(target, host)).body
 
     def test_exactHost(self) -> None:
+        """A request for an exact host goes to that host's route."""
         self.assertEqual(self.body(b"/", b"app.example.com"), b"app")
 
     def test_hostCaseAndPortIgnored(self) -> None:
+        """The Host header's case and port do not change the route."""
         self.assertEqual(self.body(b"/", b"APP.Example.com:8080"), b"app")
 
     def test_hostTrailingDotIgnored(self) -> None:
+        """A Host with a trailing dot finds the same route."""
         self.assertEqual(self.body(b"/", b"app.example.com."), b"app")
 
     def test_firstMatchWins(self) -> None:
@@ -102,21 +115,27 @@ class RuleRouterTests(SynchronousTestCase):
         self.assertEqual(self.body(b"/api/v1?x=1"), b"api")
 
     def test_pathPrefixNotSegmentFallsThrough(self) -> None:
+        """/apix does not match the /api rule: it falls through to the host's other route."""
         self.assertEqual(self.body(b"/apix"), b"app")
 
     def test_queryNotPartOfPath(self) -> None:
+        """A path in the query string does not affect routing."""
         self.assertEqual(self.body(b"/api?next=/x"), b"api")
 
     def test_wildcardHost(self) -> None:
+        """A host under a wildcard domain (with a port) goes to the wildcard route."""
         self.assertEqual(self.body(b"/", b"shop.example.org:80"), b"wild")
 
     def test_wildcardNotBareDomain(self) -> None:
+        """The bare domain of a wildcard rule goes to the default."""
         self.assertEqual(self.body(b"/", b"example.org"), b"default")
 
     def test_unknownHostGoesToDefault(self) -> None:
+        """A host no rule names goes to the default."""
         self.assertEqual(self.body(b"/", b"other.net"), b"default")
 
     def test_missingHostGoesToDefault(self) -> None:
+        """A request without Host goes to the default."""
         self.assertEqual(self.body(b"/", None), b"default")
 
     def test_absoluteUriAuthorityUsed(self) -> None:
@@ -124,16 +143,19 @@ class RuleRouterTests(SynchronousTestCase):
         self.assertEqual(self.body(b"http://app.example.com/api/x", b"other.net"), b"api")
 
     def test_routeSeesWholePath(self) -> None:
+        """The chosen resource sees the whole path and query, prefix included."""
         self.body(b"/api/v1/users?id=3")
         self.assertEqual(self.api.paths, [b"/api/v1/users?id=3"])
 
     def test_noMatchNoDefaultIs404(self) -> None:
+        """No matching route and no default: a 404 saying there is no route."""
         router = RuleRouter([Route("app.example.com", "/", self.app)], None)
         response = serve(router, request(b"/", b"nope.example.com"))
         self.assertEqual(response.status, 404)
         self.assertIn(b"no route", response.body)
 
     def test_ipv6HostLiteral(self) -> None:
+        """A bracketed IPv6 Host with a port matches a route for that literal."""
         router = RuleRouter([Route("[::1]", "/", self.app)], None)
         self.assertEqual(serve(router, request(b"/", b"[::1]:8080")).body, b"app")
 
@@ -149,23 +171,29 @@ class HTTPSRedirectTests(SynchronousTestCase):
         return response.status, response.one(b"location")
 
     def test_redirectKeepsHostPathAndQuery(self) -> None:
+        """The HTTPS redirect is a 301 to the same host, path and query."""
         self.assertEqual(
             self.location(b"/a/b?c=1&d=2", b"www.example.com"), (301, b"https://www.example.com/a/b?c=1&d=2")
         )
 
     def test_portOfHostDropped443Omitted(self) -> None:
+        """The HTTP port of the Host is dropped, and port 443 not written."""
         self.assertEqual(self.location(b"/", b"www.example.com:8080"), (301, b"https://www.example.com/"))
 
     def test_otherPortKept(self) -> None:
+        """An HTTPS port other than 443 is written in the Location."""
         self.assertEqual(self.location(b"/x", b"www.example.com:8080", 8443), (301, b"https://www.example.com:8443/x"))
 
     def test_ipv6Host(self) -> None:
+        """An IPv6 Host keeps its brackets in the Location."""
         self.assertEqual(self.location(b"/", b"[::1]:80"), (301, b"https://[::1]/"))
 
     def test_absoluteUri(self) -> None:
+        """A request in absolute form redirects to its own host, path and query."""
         self.assertEqual(self.location(b"http://www.example.com:80/p?q", b"x"), (301, b"https://www.example.com/p?q"))
 
     def test_missingHostIs400(self) -> None:
+        """A request without Host cannot be redirected: 400."""
         self.assertEqual(self.location(b"/", None), (400, None))
 
     def test_invalidHostIs400(self) -> None:
@@ -173,6 +201,7 @@ class HTTPSRedirectTests(SynchronousTestCase):
         self.assertEqual(self.location(b"/", b"evil.com/x@a"), (400, None))
 
     def test_badPortRefused(self) -> None:
+        """Ports 0, over 65535, or not an integer are a ValueError."""
         for port in (0, 70000, "443"):
             self.assertRaises(ValueError, HTTPSRedirectResource, port)
 

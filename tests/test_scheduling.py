@@ -30,6 +30,7 @@ KEYS = [f"10.{i >> 8 & 255}.{i & 255}.7" for i in range(10000)]
 
 class InterfaceTests(SynchronousTestCase):
     def test_allProvideIScheduler(self):
+        """Every scheduler named in the configuration provides IScheduler and carries its name."""
         for name in ("rr", "wrr", "wlc", "hash"):
             scheduler = scheduler_for(name)
             verifyObject(IScheduler, scheduler)
@@ -38,6 +39,7 @@ class InterfaceTests(SynchronousTestCase):
 
 class RoundRobinTests(SynchronousTestCase):
     def test_inTurnIgnoringWeights(self):
+        """Round robin takes the backends in turn, whatever their weights."""
         bs = backends(5, 1, 1)
         rr = RoundRobin()
         self.assertEqual([rr.pick(bs, "").name for _ in range(6)], list("abcabc"))
@@ -51,32 +53,38 @@ class SmoothWeightedRoundRobinTests(SynchronousTestCase):
         self.assertEqual("".join(wrr.pick(bs, "").name for _ in range(7)), "aabacaa")
 
     def test_weightsExactOverACycle(self):
+        """Over whole cycles, smooth weighted round robin picks each backend exactly in proportion to its weight."""
         bs = backends(3, 2, 7, 1)
         wrr = SmoothWeightedRoundRobin()
         counts = Counter(wrr.pick(bs, "").name for _ in range(13 * 10))
         self.assertEqual(counts, {"a": 30, "b": 20, "c": 70, "d": 10})
 
     def test_drainedNeverPickedThroughGroup(self):
+        """A draining backend (weight 0) is never chosen for new clients."""
         group = BackendGroup("g", backends(100, 0, 100))
         self.assertNotIn("b", {group.choose("").name for _ in range(20)})
 
     def test_downNeverPicked(self):
+        """A down backend is never chosen."""
         group = BackendGroup("g", backends(100, 100))
         group.get("a").up = False
         self.assertEqual({group.choose("").name for _ in range(10)}, {"b"})
 
     def test_noneLeft(self):
+        """With no backend able to take a client, choose answers None."""
         group = BackendGroup("g", backends(0, 0))
         self.assertIsNone(group.choose(""))
 
 
 class WeightedLeastConnectionsTests(SynchronousTestCase):
     def test_leastActivePerWeight(self):
+        """Weighted least connections picks the backend with the fewest active connections per unit of weight."""
         bs = backends(100, 200)
         bs[0].active, bs[1].active = 3, 4  # 0.03 vs 0.02 per unit of weight
         self.assertEqual(WeightedLeastConnections().pick(bs, "").name, "b")
 
     def test_tiesAreSpread(self):
+        """Ties in weighted least connections are spread over the tied backends."""
         bs = backends(100, 100, 100)
         wlc = WeightedLeastConnections()
         self.assertEqual({wlc.pick(bs, "").name for _ in range(3)}, {"a", "b", "c"})
@@ -88,9 +96,11 @@ class ConsistentHashTests(SynchronousTestCase):
         return {k: h.pick(bs, k).name for k in KEYS}
 
     def test_sameKeySameBackendAcrossInstances(self):
+        """Two schedulers over equal backends map every key alike (several balancers agree)."""
         self.assertEqual(self.assign(backends(100, 100, 100)), self.assign(backends(100, 100, 100)))
 
     def test_proportionalToWeights(self):
+        """Keys are shared in proportion to the weights (within 3%)."""
         counts = Counter(self.assign(backends(100, 300)).values())
         self.assertLess(abs(counts["b"] / len(KEYS) - 0.75), 0.03)
 
@@ -103,6 +113,7 @@ class ConsistentHashTests(SynchronousTestCase):
         self.assertEqual({after[k] for k in moved}, {"e"})
 
     def test_removingABackendMovesOnlyItsClients(self):
+        """Removing a backend moves only the keys it had."""
         before = self.assign(backends(100, 100, 100, 100))
         remaining = [b for b in backends(100, 100, 100, 100) if b.name != "c"]
         after = self.assign(remaining)

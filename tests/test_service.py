@@ -599,6 +599,7 @@ class AccessLogTests(ServiceTestCase):
 
     @defer.inlineCallbacks
     def test_accessLogOff(self):
+        """access_log = false: a proxied request writes no access log event."""
         events = yield self.run_one("false")
         self.assertEqual(events, [])
 
@@ -623,6 +624,10 @@ class MaxConnectionsTests(ServiceTestCase):
 
     @defer.inlineCallbacks
     def test_overTheGlobalLimitWaitsForASlot(self):
+        """
+        Over the global max_connections, a client of another listener waits in the backlog and is served once
+        a slot frees.
+        """
         backend = yield self.start_tcp_backend("a")
         other = yield self.start_tcp_backend("b")
         service = self.start_balancer(

@@ -86,40 +86,54 @@ class SmugglingTests(TestCase):
         self.assertEqual(self.backend.received, [])
 
     def test_contentLengthAndTransferEncoding(self):
+        """A request with both Content-Length and Transfer-Encoding is refused and nothing reaches the backend."""
         return self.assertRefused(
             b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
         )
 
     def test_twoContentLengths(self):
+        """Two different Content-Length headers are refused and nothing reaches the backend."""
         return self.assertRefused(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde")
 
     def test_transferEncodingOtherThanChunked(self):
+        """A Transfer-Encoding other than chunked is refused and nothing reaches the backend."""
         return self.assertRefused(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabc")
 
     def test_malformedChunkSize(self):
+        """A chunk size that is not hexadecimal is refused and nothing reaches the backend."""
         return self.assertRefused(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n")
 
     def test_spaceBeforeColon(self):
+        """Whitespace before a header's colon is refused and nothing reaches the backend."""
         return self.assertRefused(b"GET / HTTP/1.1\r\nHost : x\r\n\r\n")
 
     def test_nulInHeader(self):
+        """A NUL byte in a header value is refused and nothing reaches the backend."""
         return self.assertRefused(b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n")
 
     def test_invalidMethod(self):
+        """A method that is not a token is refused and nothing reaches the backend."""
         return self.assertRefused(b"G(T / HTTP/1.1\r\nHost: x\r\n\r\n")
 
     def test_http09(self):
+        """An HTTP/0.9 request (no version) is refused and nothing reaches the backend."""
         return self.assertRefused(b"GET /\r\n\r\n")
 
     def test_missingHost(self):
+        """An HTTP/1.1 request without Host is refused and nothing reaches the backend."""
         return self.assertRefused(b"GET / HTTP/1.1\r\n\r\n")
 
     def test_twoHosts(self):
+        """Two Host headers are refused and nothing reaches the backend."""
         return self.assertRefused(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
 
     @defer.inlineCallbacks
     def test_absoluteFormBecomesOriginFormWithItsHost(self):
+        """
+        A request in absolute form reaches the backend in origin form, with the URL's host replacing the Host
+        header.
+        """
         response = yield self.send(b"GET http://app.example/p?q=1 HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n")
         self.assertTrue(response.startswith(b"HTTP/1.1 200"))
         sent = b"".join(self.backend.received)
@@ -224,21 +238,27 @@ class FrontSmugglingTests(SmugglingTests):
     site_class = HTTPFrontFactory
 
     def test_bareLF(self):
+        """A request with bare LF line ends is refused and nothing reaches the backend."""
         return self.assertRefused(b"GET / HTTP/1.1\nHost: x\n\n")
 
     def test_bareCR(self):
+        """A bare CR inside the head is refused and nothing reaches the backend."""
         return self.assertRefused(b"GET / HTTP/1.1\r\nHost: x\rX-Y: z\r\n\r\n")
 
     def test_obsFold(self):
+        """A folded header line is refused and nothing reaches the backend."""
         return self.assertRefused(b"GET / HTTP/1.1\r\nHost: x\r\nX-Y: a\r\n  b\r\n\r\n")
 
     def test_requestLineOverTheLimit(self):
+        """A 70 KB request line is refused with 414 and nothing reaches the backend."""
         return self.assertRefused(b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", b"414")
 
     def test_headersOverTheLimit(self):
+        """A 70 KB header is refused with 431 and nothing reaches the backend."""
         return self.assertRefused(b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 70000 + b"\r\n\r\n", b"431")
 
     def test_tooManyHeaders(self):
+        """101 header lines are refused with 431 and nothing reaches the backend."""
         return self.assertRefused(b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X: y\r\n" * 101 + b"\r\n", b"431")
 
     @defer.inlineCallbacks
@@ -254,6 +274,7 @@ class FrontSmugglingTests(SmugglingTests):
         self.assertEqual(sent.count(b"\r\nupgrade: websocket\r\n"), 1)
 
     def test_connect(self):
+        """CONNECT is refused with 501 and nothing reaches the backend."""
         return self.assertRefused(b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n", b"501")
 
 

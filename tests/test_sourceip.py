@@ -20,6 +20,7 @@ class StickTableTests(SynchronousTestCase):
         self.table = StickTable(100, max_entries=3, clock=self.clock)
 
     def test_idleExpiry(self):
+        """A table entry lives exactly its timeout after being set, then is gone (and no longer counted)."""
         self.table.set("10.0.0.1", "k1")
         self.clock.advance(100)
         self.assertEqual(self.table.get("10.0.0.1"), "k1")
@@ -28,6 +29,7 @@ class StickTableTests(SynchronousTestCase):
         self.assertEqual(len(self.table), 0)
 
     def test_setRefreshes(self):
+        """Setting an entry again restarts its timeout."""
         self.table.set("10.0.0.1", "k1")
         self.clock.advance(80)
         self.table.set("10.0.0.1", "k1")
@@ -35,6 +37,7 @@ class StickTableTests(SynchronousTestCase):
         self.assertEqual(self.table.get("10.0.0.1"), "k1")
 
     def test_getDoesNotRefresh(self):
+        """Reading an entry does not restart its timeout."""
         self.table.set("10.0.0.1", "k1")
         self.clock.advance(80)
         self.table.get("10.0.0.1")
@@ -42,6 +45,7 @@ class StickTableTests(SynchronousTestCase):
         self.assertIsNone(self.table.get("10.0.0.1"))
 
     def test_lruBound(self):
+        """At max_entries, a new entry evicts the least recently set one."""
         for i in range(3):
             self.table.set(f"10.0.0.{i}", "k")
         self.table.set("10.0.0.0", "k")  # most recent now
@@ -51,6 +55,7 @@ class StickTableTests(SynchronousTestCase):
         self.assertEqual(self.table.get("10.0.0.0"), "k")
 
     def test_expireDropsOnlyExpired(self):
+        """expire() removes exactly the expired entries and says how many."""
         self.table.set("a", "k")
         self.clock.advance(60)
         self.table.set("b", "k")
@@ -59,12 +64,14 @@ class StickTableTests(SynchronousTestCase):
         self.assertEqual([c for c, _, _ in self.table.items()], [b"b"])
 
     def test_timeoutChangeOnALiveTable(self):
+        """Shortening the timeout of a live table applies to entries already in it."""
         self.table.set("a", "k")
         self.clock.advance(50)
         self.table.timeout = 10
         self.assertIsNone(self.table.get("a"))
 
     def test_manyBackendKeysAreInterned(self):
+        """Equal backend keys are stored as one object, however many entries name them."""
         table = StickTable(100, clock=self.clock)
         table.set("a", "x" * 16)
         table.set("b", "x" * 16)
@@ -73,9 +80,11 @@ class StickTableTests(SynchronousTestCase):
 
 class NormaliseTests(SynchronousTestCase):
     def test_ipv4MappedIsIpv4(self):
+        """An IPv4-mapped IPv6 address is normalised to the IPv4 address."""
         self.assertEqual(normalise_ip("::ffff:10.0.0.1"), "10.0.0.1")
 
     def test_ipv6Compressed(self):
+        """IPv6 addresses are normalised to their compressed lowercase form."""
         self.assertEqual(normalise_ip("2001:DB8:0:0::1"), "2001:db8::1")
 
 
@@ -93,23 +102,28 @@ class PolicyTests(SynchronousTestCase):
         return backend, session.outcome
 
     def test_interface(self):
+        """SourceIPPersistence provides IPersistencePolicy."""
         verifyObject(IPersistencePolicy, self.policy)
 
     def test_newThenHit(self):
+        """A client's first visit is "new"; the next ones go to the same backend as hits."""
         first, outcome = self.visit("192.0.2.1")
         self.assertEqual(outcome, "new")
         for _ in range(5):
             self.assertEqual(self.visit("192.0.2.1"), (first, "hit"))
 
     def test_ipv4MappedClientIsTheSameClient(self):
+        """A client coming as an IPv4-mapped IPv6 address is the same client as its IPv4 address."""
         first, _ = self.visit("192.0.2.1")
         self.assertEqual(self.visit("::ffff:192.0.2.1"), (first, "hit"))
 
     def test_ipv6Clients(self):
+        """Two spellings of one IPv6 address are the same client."""
         first, _ = self.visit("2001:db8::5")
         self.assertEqual(self.visit("2001:db8:0::5"), (first, "hit"))
 
     def test_downBackendRepinsAndTheNewPinSticks(self):
+        """A client of a down backend is re-pinned, and stays on its new backend when the old one comes back."""
         first, _ = self.visit("192.0.2.1")
         first.up = False
         second, outcome = self.visit("192.0.2.1")
@@ -119,6 +133,7 @@ class PolicyTests(SynchronousTestCase):
         self.assertEqual(self.visit("192.0.2.1"), (second, "hit"))
 
     def test_removedBackendRepins(self):
+        """A client pinned to a backend removed by a reload is re-pinned."""
         first, _ = self.visit("192.0.2.1")
         from twisted_slb.config import GroupConfig, ServerConfig
 
@@ -128,6 +143,7 @@ class PolicyTests(SynchronousTestCase):
         self.assertEqual((backend.name, outcome), (other, "repin"))
 
     def test_subclassKey(self):
+        """A subclass's client_key groups clients (here by /24): they share one backend."""
         class PerNetwork(SourceIPPersistence):
             def client_key(self, session):
                 return session.client_ip.rsplit(".", 1)[0]

@@ -97,6 +97,10 @@ class StallTests(TestCase):
 
     @defer.inlineCallbacks
     def test_thousandSlowlorisDoNotStarveOthers(self):
+        """
+        1,000 clients trickling their heads do not delay a normal client; each gets 408 after
+        client_idle_timeout and is freed.
+        """
         backend = yield self.listen(Site(Hello()))
         # Long enough that all 1,000 are still open when the normal client
         # comes, even where connecting them is slow (PyPy before its JIT has
@@ -120,6 +124,10 @@ class StallTests(TestCase):
 
     @defer.inlineCallbacks
     def test_uploadToABackendThatDoesNotReadIsHeldBack(self):
+        """
+        An upload to a backend that never reads is held back by back-pressure: the rest stays spooled on disk,
+        not sent into memory.
+        """
         backend_factory = protocol.ServerFactory.forProtocol(NeverReads)
         backend_factory.connections = []
         backend = yield self.listen(backend_factory)

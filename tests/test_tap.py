@@ -102,6 +102,7 @@ class OptionsTests(SynchronousTestCase):
             options.parseOptions(["--config", self.write(GOOD), "--port-base", "9000"])
 
     def test_checkWithoutConfigIsUsageError(self) -> None:
+        """--check without --config is a usage error."""
         options = tap.Options()
         with self.assertRaises(usage.UsageError):
             options.parseOptions(["--check"])
@@ -129,6 +130,7 @@ class HeapTests(SynchronousTestCase):
         self.patch(heap, "gc", collector)
 
     def test_frozenOnceTheListenersStarted(self) -> None:
+        """makeService collects and freezes the heap (and sets the GC thresholds) after the balancer has started."""
         options = tap.Options()
         options.parseOptions(["--config", self.write(GOOD)])
         top = tap.makeService(options)
@@ -139,6 +141,7 @@ class HeapTests(SynchronousTestCase):
         self.assertEqual(self.calls, ["collect", "freeze", (10_000, 10, 10)])
 
     def test_reloadThawsFirst(self) -> None:
+        """A SIGHUP reload unfreezes the heap before reloading."""
         class Balancer:
             def reload(balancer):
                 self.calls.append("reload")

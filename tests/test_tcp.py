@@ -147,6 +147,7 @@ class ConnectTests(RelayCase):
         self.assertEqual(backend.value(), b"x" * EARLY_BYTES + b"y")
 
     def test_connectsToChosenBackendWithGroupTimeout(self):
+        """A TCP client makes a connection to the chosen backend with the group's connect timeout."""
         self.client()
         host, port, _, timeout, _ = self.reactor.tcpClients[0]
         self.assertEqual((host, port, timeout), ("10.0.0.1", 81, 2.5))
@@ -163,6 +164,7 @@ class ConnectTests(RelayCase):
         self.assertEqual(client.value(), b"")
 
     def test_connectFailureIsCountedOnTheBackend(self):
+        """A failed connect is counted on that backend and reported to its health monitor with the reason."""
         reasons = []
 
         class Monitor:
@@ -190,6 +192,10 @@ class ConnectTests(RelayCase):
         self.assertEqual(self.reactor.tcpClients[1][:2], ("10.0.0.2", 82))  # still tries the next
 
     def test_noBackendLeftClosesTheClient(self):
+        """
+        Once every backend was tried (once each, however many retries), the client is closed and the access
+        log says why.
+        """
         self.group.retries = 5
         proto, client = self.client()
         self.fail_connect()
@@ -212,12 +218,17 @@ class ConnectTests(RelayCase):
         self.assertTrue(client.disconnecting)
 
     def test_emptyGroupClosesTheClient(self):
+        """A group without backends closes the client without connecting anywhere."""
         self.group = BackendGroup("g", [])
         proto, client = self.client(factory=self.make_factory())
         self.assertEqual(self.reactor.tcpClients, [])
         self.assertTrue(client.disconnecting)
 
     def test_clientLeavingWhileConnectingIsNotABackendFailure(self):
+        """
+        A client leaving while its backend connection is being made stops the attempt, which is not counted
+        against the backend.
+        """
         proto, client = self.client()
         proto.connectionLost(Failure(ConnectionDone()))
         self.assertTrue(self.reactor.connectors[0]._disconnected)
@@ -231,11 +242,13 @@ class ConnectTests(RelayCase):
 
 class PersistenceTests(RelayCase):
     def test_newClientIsRemembered(self):
+        """A new client's backend is remembered by the policy, with the outcome "new"."""
         self.client()
         self.backend_connects()
         self.assertEqual(self.policy.remembered, [("192.0.2.7", "a", "new")])
 
     def test_pinHitIsRemembered(self):
+        """A pinned client is connected to its backend and remembered as a hit."""
         self.policy.pins["192.0.2.7"] = self.group.get("b").id
         self.client()
         self.assertEqual(self.reactor.tcpClients[0][:2], ("10.0.0.2", 82))
@@ -243,6 +256,7 @@ class PersistenceTests(RelayCase):
         self.assertEqual(self.policy.remembered, [("192.0.2.7", "b", "hit")])
 
     def test_pinnedBackendFailingRepins(self):
+        """A pinned backend failing to connect re-pins the client on the next one."""
         self.policy.pins["192.0.2.7"] = self.group.get("a").id
         self.client()
         self.fail_connect(reason=TimeoutError())
@@ -250,6 +264,7 @@ class PersistenceTests(RelayCase):
         self.assertEqual(self.policy.remembered, [("192.0.2.7", "b", "repin")])
 
     def test_noPolicyOutcomeIsNone(self):
+        """Without a policy, the access log's outcome is "none"."""
         proto, _ = self.client(factory=self.make_factory(policy=None))
         self.backend_connects()
         proto.connectionLost(Failure(ConnectionDone()))
@@ -287,6 +302,7 @@ class PersistenceTests(RelayCase):
 
 class RelayTests(RelayCase):
     def test_bytesFlowBothWays(self):
+        """Bytes from the client reach the backend and bytes from the backend reach the client."""
         proto, client = self.client()
         backend_proto, backend = self.backend_connects()
         proto.dataReceived(b"hello")
@@ -341,6 +357,7 @@ class RelayTests(RelayCase):
         self.assertEqual(backend.value(), b"more")
 
     def test_bothHalfClosesEndTheConnection(self):
+        """Once both sides have half-closed, both connections are closed."""
         proto, client = self.client()
         backend_proto, backend = self.backend_connects()
         proto.readConnectionLost()
@@ -388,6 +405,7 @@ class RelayTests(RelayCase):
         self.assertTrue(client.disconnecting and backend.disconnecting)
 
     def test_halfCloseBeforeConnectIsPassedOn(self):
+        """Data and a half-close from the client before the backend connects are passed on once it does."""
         proto, client = self.client()
         proto.dataReceived(b"request")
         proto.readConnectionLost()
@@ -396,6 +414,7 @@ class RelayTests(RelayCase):
         self.assertTrue(backend.write_closed)
 
     def test_backendLostClosesTheClient(self):
+        """The backend connection lost closes the client, and the access log says so."""
         proto, client = self.client()
         backend_proto, backend = self.backend_connects()
         backend_proto.connectionLost(Failure(ConnectionLost("reset")))
@@ -404,6 +423,7 @@ class RelayTests(RelayCase):
         self.assertIn("backend connection lost", self.access[0]["ended"])
 
     def test_clientLostClosesTheBackend(self):
+        """The client connection lost closes the backend connection, and the access log says so."""
         proto, client = self.client()
         backend_proto, backend = self.backend_connects()
         proto.connectionLost(Failure(ConnectionLost("reset")))
@@ -411,6 +431,10 @@ class RelayTests(RelayCase):
         self.assertIn("client connection lost", self.access[0]["ended"])
 
     def test_countersOnBackendAndFactory(self):
+        """
+        Active and total connections and bytes each way are counted on the backend and the factory, and active
+        drops at the end.
+        """
         proto, client = self.client()
         backend_proto, backend = self.backend_connects()
         a = self.group.get("a")
@@ -434,6 +458,7 @@ class RelayTests(RelayCase):
 
 class IdleTimeoutTests(RelayCase):
     def test_idleConnectionClosesBothSides(self):
+        """A relay idle for idle_timeout closes both sides, and the access log says "idle timeout"."""
         proto, client = self.client()
         backend_proto, backend = self.backend_connects()
         self.reactor.advance(29)
@@ -444,6 +469,7 @@ class IdleTimeoutTests(RelayCase):
         self.assertEqual(self.access[0]["ended"], "idle timeout")
 
     def test_clientDataResetsTheIdleTimeout(self):
+        """Bytes from the client restart the idle timeout."""
         proto, client = self.client()
         backend_proto, backend = self.backend_connects()
         self.reactor.advance(20)
@@ -454,6 +480,7 @@ class IdleTimeoutTests(RelayCase):
         self.assertTrue(client.disconnecting)
 
     def test_backendDataResetsTheIdleTimeout(self):
+        """Bytes from the backend restart the idle timeout."""
         proto, client = self.client()
         backend_proto, backend = self.backend_connects()
         self.reactor.advance(20)
@@ -464,12 +491,14 @@ class IdleTimeoutTests(RelayCase):
         self.assertTrue(client.disconnecting)
 
     def test_zeroMeansNoIdleTimeout(self):
+        """idle_timeout = 0 sets no timer."""
         factory = TCPBalancerFactory(self.group, reactor=self.reactor, idle_timeout=0)
         proto, client = self.client(factory=factory)
         self.backend_connects()
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     def test_timerCancelledWhenTheConnectionEnds(self):
+        """A connection's end cancels its idle timer."""
         proto, client = self.client()
         self.backend_connects()
         proto.connectionLost(Failure(ConnectionDone()))
@@ -478,6 +507,10 @@ class IdleTimeoutTests(RelayCase):
 
 class AccessLogTests(RelayCase):
     def test_oneLinePerConnection(self):
+        """
+        A TCP connection writes one access log event, with listener, client, backend, outcome, bytes each way,
+        duration and why it ended.
+        """
         proto, client = self.client()
         backend_proto, backend = self.backend_connects()
         proto.dataReceived(b"12345")
@@ -503,6 +536,7 @@ class AccessLogTests(RelayCase):
         )
 
     def test_accessLogOff(self):
+        """access_log off: a TCP connection writes no access log event."""
         proto, _ = self.client(factory=self.make_factory(access_log=False))
         self.backend_connects()
         proto.connectionLost(Failure(ConnectionDone()))
@@ -513,14 +547,17 @@ class ProxyHeaderTests(SynchronousTestCase):
     V2 = b"\r\n\r\n\x00\r\nQUIT\n"
 
     def test_v1IPv4(self):
+        """A PROXY v1 header for IPv4 names the client and local addresses and ports."""
         header = proxy_header("v1", IPv4Address("TCP", "192.0.2.7", 5555), IPv4Address("TCP", "10.0.0.9", 8081))
         self.assertEqual(header, b"PROXY TCP4 192.0.2.7 10.0.0.9 5555 8081\r\n")
 
     def test_v1IPv6(self):
+        """A PROXY v1 header for IPv6 says TCP6 with both addresses and ports."""
         header = proxy_header("v1", IPv6Address("TCP", "2001:db8::7", 5555), IPv6Address("TCP", "2001:db8::1", 443))
         self.assertEqual(header, b"PROXY TCP6 2001:db8::7 2001:db8::1 5555 443\r\n")
 
     def test_v2IPv4(self):
+        """A PROXY v2 header for IPv4 has the binary layout of the specification."""
         header = proxy_header("v2", IPv4Address("TCP", "192.0.2.7", 5555), IPv4Address("TCP", "10.0.0.9", 8081))
         self.assertEqual(
             header,
@@ -528,6 +565,7 @@ class ProxyHeaderTests(SynchronousTestCase):
         )
 
     def test_v2IPv6(self):
+        """A PROXY v2 header for IPv6 has the binary layout of the specification."""
         header = proxy_header("v2", IPv6Address("TCP", "2001:db8::7", 5555), IPv6Address("TCP", "2001:db8::1", 443))
         self.assertEqual(
             header,
@@ -544,19 +582,23 @@ class ProxyHeaderTests(SynchronousTestCase):
         self.assertEqual(header, b"PROXY TCP4 192.0.2.7 10.0.0.9 5555 8081\r\n")
 
     def test_mixedFamiliesAreSentAsIPv6(self):
+        """An IPv4 client on an IPv6 listener is sent as an IPv4-mapped IPv6 address."""
         header = proxy_header("v1", IPv4Address("TCP", "192.0.2.7", 5555), IPv6Address("TCP", "2001:db8::1", 443))
         self.assertEqual(header, b"PROXY TCP6 ::ffff:c000:207 2001:db8::1 5555 443\r\n")
 
     def test_nonIPAddressesAreUnknown(self):
+        """Addresses that are not IP (UNIX sockets) are sent as UNKNOWN (v1) or LOCAL (v2)."""
         client, local = UNIXAddress(None), UNIXAddress(b"/run/slb.sock")
         self.assertEqual(proxy_header("v1", client, local), b"PROXY UNKNOWN\r\n")
         self.assertEqual(proxy_header("v2", client, local), self.V2 + b"\x20\x00\x00\x00")
 
     def test_invalidVersionIsRefused(self):
+        """A proxy_protocol other than v1 or v2 is a ValueError."""
         group = BackendGroup("g", [])
         self.assertRaises(ValueError, TCPBalancerFactory, group, reactor=MemoryReactorClock(), proxy_protocol="v3")
 
     def test_headerIsSentFirst(self):
+        """The PROXY header reaches the backend before any client byte, early ones included."""
         reactor = MemoryReactorClock()
         factory = TCPBalancerFactory(BackendGroup("g", [Backend("a", "10.0.0.1", 81)]), reactor=reactor,
                                      proxy_protocol="v2", access_log=False)
@@ -707,6 +749,7 @@ class LoopbackTests(TestCase):
 
     @defer.inlineCallbacks
     def test_clientsStayOnTheirBackends(self):
+        """Over loopback, each client address stays on one backend while new clients are spread over all."""
         sources = ["127.0.0.%d" % n for n in range(2, 6)]
         seen: Dict[str, Set[str]] = {s: set() for s in sources}
         for _ in range(3):
@@ -718,6 +761,7 @@ class LoopbackTests(TestCase):
 
     @defer.inlineCallbacks
     def test_clientsOfAStoppedBackendMoveAndStay(self):
+        """Clients of a stopped backend move once and stay on their new backend; the others do not move."""
         sources = ["127.0.0.%d" % n for n in range(2, 5)]
         first = {}
         for source in sources:
@@ -750,6 +794,10 @@ class LeanLoopbackTests(LoopbackTests):
 
     @defer.inlineCallbacks
     def test_transports(self):
+        """
+        With lean transports, a relay carries bytes and a half-close, and the port's accepted connections are
+        lean.
+        """
         data = yield self.visit("127.0.0.9", b"x" * 10, half_close=True)
         self.assertTrue(data.endswith(b"got 10\n"))
         self.assertIs(self.port.transport, lean.LeanServer)
@@ -761,6 +809,7 @@ class TwistedTransportLoopbackTests(LoopbackTests):
     lean_backends = False
 
     def test_connectTCP(self):
+        """With lean off, the backend connection goes through Twisted's connectTCP, not a lean connector."""
         proto = self.factory.buildProtocol(None)
         proto.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 1)))
         self.assertNotIsInstance(proto.connector, lean.LeanConnector)
@@ -777,6 +826,7 @@ class PinLifetimeTests(RelayCase):
         self.factory = self.make_factory(policy=SourceIPPersistence(self.table))
 
     def test_longConnectionKeepsItsPin(self):
+        """A connection open for several table timeouts keeps its client's pin alive."""
         proto, client = self.client()
         self.backend_connects()
         for _ in range(25):  # 500 s, five table timeouts, with traffic
@@ -786,6 +836,7 @@ class PinLifetimeTests(RelayCase):
         self.assertEqual(self.table.get("192.0.2.7"), self.group.get("a").id)
 
     def test_timeoutCountsFromTheEndOfTheConnection(self):
+        """A pin's timeout counts from the end of the connection, not from its start."""
         proto, client = self.client()
         self.backend_connects()
         for _ in range(6):
@@ -798,6 +849,7 @@ class PinLifetimeTests(RelayCase):
         self.assertIsNone(self.table.get("192.0.2.7"))
 
     def test_aNewerPinIsNotOverwritten(self):
+        """An open connection does not overwrite a newer pin set by another connection."""
         proto, client = self.client()
         self.backend_connects()
         self.table.set("192.0.2.7", self.group.get("b").id)  # another connection re-pinned it
@@ -805,6 +857,7 @@ class PinLifetimeTests(RelayCase):
         self.assertEqual(self.table.get("192.0.2.7"), self.group.get("b").id)
 
     def test_idleTimeoutStillCloses(self):
+        """Keeping a pin alive does not keep an idle connection open."""
         proto, client = self.client()
         self.backend_connects()
         self.reactor.advance(30)

@@ -17,6 +17,7 @@ class DeadlinesTests(SynchronousTestCase):
         self.deadlines = Deadlines(self.clock, self.expired.append)
 
     def test_expiresAfterItsTimeout(self) -> None:
+        """An item expires exactly at its timeout, and leaves nothing pending."""
         self.deadlines.add("a", 10)
         self.clock.advance(9.9)
         self.assertEqual(self.expired, [])
@@ -26,6 +27,7 @@ class DeadlinesTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_discardedNeverExpires(self) -> None:
+        """A discarded item never expires; the others still do."""
         self.deadlines.add("a", 10)
         self.deadlines.add("b", 10)
         self.deadlines.discard("a")
@@ -33,6 +35,7 @@ class DeadlinesTests(SynchronousTestCase):
         self.assertEqual(self.expired, ["b"])
 
     def test_discardingAnUnknownItemIsHarmless(self) -> None:
+        """Discarding an item never added does nothing and sets no timer."""
         self.deadlines.discard("nothing")
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
@@ -57,6 +60,7 @@ class DeadlinesTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_anEarlierDeadlineRearms(self) -> None:
+        """An item due earlier than the others moves the one timer earlier; the later one still expires on time."""
         self.deadlines.add("slow", 60)
         self.deadlines.add("fast", 5)
         [call] = self.clock.getDelayedCalls()
@@ -79,6 +83,7 @@ class DeadlinesTests(SynchronousTestCase):
         self.assertEqual(self.expired, ["c"])
 
     def test_addingAgainMovesTheDeadline(self) -> None:
+        """Adding an item again moves its deadline."""
         self.deadlines.add("a", 10)
         self.clock.advance(5)
         self.deadlines.add("a", 10)  # now due at 15

@@ -421,6 +421,7 @@ class CertificateLookupTests(SynchronousTestCase):
         self.set = certificate_set(self, DEFAULT, EXACT, WILDCARD)
 
     def test_exactName(self) -> None:
+        """A certificate is found by an exact server name."""
         self.assertEqual(self.set.index_for(b"a.example.com"), 1)
 
     def test_exactBeforeWildcard(self) -> None:
@@ -436,11 +437,13 @@ class CertificateLookupTests(SynchronousTestCase):
         )
 
     def test_caseInsensitive(self) -> None:
+        """Certificate lookup ignores the case of the name."""
         self.assertEqual(
             [self.set.index_for(n) for n in (b"A.Example.COM", b"B.EXAMPLE.com")], [1, 2]
         )
 
     def test_trailingDotIgnored(self) -> None:
+        """Certificate lookup ignores a trailing dot, and takes a str name."""
         self.assertEqual(self.set.index_for("a.example.com."), 1)
 
     def test_unknownOrMissingName(self) -> None:
@@ -460,6 +463,7 @@ class SNISelectionTests(SynchronousTestCase):
         self.server = SNIServer(certificate_set(self, DEFAULT, EXACT, WILDCARD))
 
     def test_interface(self) -> None:
+        """The server and client TLS options provide Twisted's connection creator interfaces."""
         verifyObject(IOpenSSLServerConnectionCreator, self.server.options)
         verifyObject(
             IOpenSSLClientConnectionCreator,
@@ -467,12 +471,15 @@ class SNISelectionTests(SynchronousTestCase):
         )
 
     def test_exactName(self) -> None:
+        """SNI for an exact name selects that name's certificate."""
         self.assertEqual(self.server.names_for("a.example.com"), ["a.example.com"])
 
     def test_wildcardName(self) -> None:
+        """SNI for a name under a wildcard selects the wildcard certificate."""
         self.assertEqual(self.server.names_for("shop.example.com"), ["*.example.com"])
 
     def test_noSNIGetsDefault(self) -> None:
+        """A client without SNI gets the default certificate."""
         self.assertEqual(
             self.server.names_for(None), ["default.example", "www.default.example"]
         )
@@ -488,6 +495,7 @@ class SNISelectionTests(SynchronousTestCase):
         )
 
     def test_caseInsensitiveName(self) -> None:
+        """SNI selection ignores the case of the name."""
         self.assertEqual(self.server.names_for("A.EXAMPLE.com"), ["a.example.com"])
 
     def test_contextsBuiltOnce(self) -> None:
@@ -532,22 +540,26 @@ class ProtocolTests(SynchronousTestCase):
         self.assertTrue(self.logs.mentioning("unsupported protocol"))
 
     def test_tls12Accepted(self) -> None:
+        """By default a TLS 1.2 client is accepted."""
         server = SNIServer(self.set)
         c = server.connect(TestClientTLS(max_version=SSL.TLS1_2_VERSION))
         self.assertEqual(c.client.getHandle().get_protocol_version_name(), "TLSv1.2")
 
     def test_minTLS13RefusesTLS12(self) -> None:
+        """min_tls = "1.3" refuses a TLS 1.2 client, and the failure is logged."""
         server = SNIServer(self.set, min_tls="1.3")
         c = server.connect(TestClientTLS(max_version=SSL.TLS1_2_VERSION))
         self.assertFalse(c.client_app.handshake_done)
         self.assertTrue(self.logs.mentioning("unsupported protocol"))
 
     def test_minTLS13AcceptsTLS13(self) -> None:
+        """min_tls = "1.3" accepts a TLS 1.3 client."""
         server = SNIServer(self.set, min_tls="1.3")
         c = server.connect(TestClientTLS())
         self.assertEqual(c.client.getHandle().get_protocol_version_name(), "TLSv1.3")
 
     def test_invalidMinTLS(self) -> None:
+        """An unsupported min_tls is a ValueError naming the value."""
         e = self.assertRaises(ValueError, tls.SNIServerOptions, self.set, min_tls="1.1")
         self.assertIn("'1.1'", str(e))
 
@@ -573,11 +585,13 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(c.client.getHandle().get_cipher_name(), "ECDHE-ECDSA-AES128-GCM-SHA256")
 
     def test_alpnNegotiated(self) -> None:
+        """By default ALPN negotiates http/1.1 with a client offering h2 and http/1.1."""
         server = SNIServer(self.set)
         c = server.connect(TestClientTLS(alpn=[b"h2", b"http/1.1"]))
         self.assertEqual(c.client.negotiatedProtocol, b"http/1.1")
 
     def test_alpnServerOrderWins(self) -> None:
+        """ALPN picks the server's preferred protocol, whatever the client's order."""
         server = SNIServer(self.set, alpn=("h2", "http/1.1"))
         c = server.connect(TestClientTLS(alpn=[b"http/1.1", b"h2"]))
         self.assertEqual(c.client.negotiatedProtocol, b"h2")
@@ -715,6 +729,7 @@ class HandshakeFailureTests(SynchronousTestCase):
         self.assertIn("timed out after 10.0s", _format(line))
 
     def test_handshakeTimeoutConfigurable(self) -> None:
+        """A handshake not done within handshake_timeout closes the connection."""
         factory = tls.server_tls_factory(
             self.server.options, self.server.app, reactor=self.server.clock, handshake_timeout=3
         )
@@ -852,10 +867,12 @@ class BackendTLSTests(SynchronousTestCase):
         return self.backend.connect(tls.client_tls_options(group_tls, host))
 
     def test_rightNameAccepted(self) -> None:
+        """A backend certificate for the expected name, signed by the configured CA, is accepted."""
         c = self.connect(BackendTLSConfig(ca=self.ca_path), "backend.internal")
         self.assertTrue(c.client_app.handshake_done)
 
     def test_wrongNameRefused(self) -> None:
+        """A backend certificate for another name is refused with a VerificationError."""
         c = self.connect(BackendTLSConfig(ca=self.ca_path), "other.internal")
         self.assertFalse(c.client_app.handshake_done)
         self.assertTrue(c.client_app.lost.check(VerificationError))
@@ -902,6 +919,7 @@ class BackendTLSTests(SynchronousTestCase):
         self.assertEqual(c.client_app.peer_names(), ["a.example.com"])
 
     def test_missingCAFileNamesField(self) -> None:
+        """A CA file that cannot be read is a ConfigError naming the field and the path."""
         missing = os.path.join(self.directory, "nope.pem")
         e = self.assertRaises(
             ConfigError, tls.ClientTLSCache().prepare, "web", BackendTLSConfig(ca=missing)
@@ -909,6 +927,7 @@ class BackendTLSTests(SynchronousTestCase):
         self.assertTrue(str(e).startswith(f"backends.web.tls.ca: cannot read {missing}"), str(e))
 
     def test_optionsBuiltOncePerGroupAndHost(self) -> None:
+        """Client TLS options are built once per group and host, then reused."""
         cache = tls.ClientTLSCache()
         config = BackendTLSConfig(ca=self.ca_path)
         first = cache.options_for("web", config, "backend.internal")

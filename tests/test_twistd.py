@@ -76,6 +76,10 @@ class TwistdTests(TestCase):
 
     @defer.inlineCallbacks
     def test_reloadAndStop(self):
+        """
+        twistd slb serves, applies a valid configuration on SIGHUP, keeps running on an invalid one, stops
+        cleanly on SIGTERM, and runs twisted_slb's reactor.
+        """
         backend = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(NamePage("a")))
         self.addCleanup(backend.stopListening)
         path = os.path.abspath(self.mktemp() + ".toml")

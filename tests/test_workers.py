@@ -51,6 +51,10 @@ class WorkersTests(TestCase):
 
     @defer.inlineCallbacks
     def test_twoWorkersServeWithPersistence(self):
+        """
+        With two worker processes, a client's cookie keeps it on one backend whichever worker accepts, and
+        SIGTERM stops them cleanly.
+        """
         ports = {}
         for name in "ab":
             port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(NamePage(name)))
