@@ -265,6 +265,7 @@ class _Exchange:
     body_sent_at = 0.0
     spool = None
     body_registered = False  # the body is the backend transport's producer
+    corked = None  # body bytes gathered to go out with the request head
     waiting_for_body = False  # start() called while the body is being spooled
 
     def __init__(self, resource: BalancedProxyResource, request: Request, upgrade: Optional[bytes] = None) -> None:
@@ -432,15 +433,19 @@ class _Exchange:
             # Streamed: the head now, the body as it comes (the body is the
             # backend transport's producer: a backend that does not read
             # pauses it, and so the client).
-            upstream.send(self.head, self, head_request=request.method == b"HEAD",
-                          upgrade=self.upgrade is not None)
-            backend.bytes_out += len(self.head)
+            # What of the body is here already goes in the head's write (a
+            # small POST: one write, as a spooled one).
             resource.response_deadlines.add(self, resource.request_timeout)
             self.body_sent_at = resource.reactor.seconds()
             self.body_registered = True
             upstream.transport.registerProducer(body, True)
+            corked = self.corked = [self.head]
             if self.upstream is upstream:
                 body.resumeProducing()
+            self.corked = None
+            backend.bytes_out += len(self.head)
+            upstream.send(b"".join(corked), self, head_request=request.method == b"HEAD",
+                          upgrade=self.upgrade is not None)
             return
         upstream.send(self.head if self.body_length > _SMALL_BODY else self.head + self._small_body(),
                       self, head_request=request.method == b"HEAD", upgrade=self.upgrade is not None)
@@ -464,11 +469,13 @@ class _Exchange:
         upstream = self.upstream
         if upstream is None:
             return
-        transport = upstream.transport
-        if self.chunked:
-            transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+        corked = self.corked
+        if corked is not None:
+            corked += (b"%x\r\n" % len(data), data, b"\r\n") if self.chunked else (data,)
+        elif self.chunked:
+            upstream.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
         else:
-            transport.write(data)
+            upstream.transport.write(data)
         self.backend.bytes_out += len(data)
         self.body_sent_at = self.resource.reactor.seconds()
 
@@ -493,7 +500,10 @@ class _Exchange:
         if upstream is None:
             return
         if self.chunked:
-            upstream.transport.write(b"0\r\n\r\n")
+            if self.corked is not None:
+                self.corked.append(b"0\r\n\r\n")
+            else:
+                upstream.transport.write(b"0\r\n\r\n")
             self.backend.bytes_out += 5
         self.body_registered = False
         upstream.transport.unregisterProducer()
