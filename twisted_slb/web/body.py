@@ -84,13 +84,11 @@ class IBodyReader(Interface):
         """Nobody wants the rest of the body: read it, and drop it."""
 
 
-class IRequestBody(IPushProducer):
+class IRequestBody(Interface):
     """
-    A request body that arrives while the request is being forwarded.
-
-    As an L{IPushProducer}: C{pauseProducing} holds back delivery (and, past
-    L{HIGH_WATER} bytes, the client); C{resumeProducing} delivers what waits
-    and reads again; C{stopProducing} drops the rest of the body.
+    A request body that arrives while the request is being forwarded; also
+    an L{IPushProducer} (the methods below), to register with whatever the
+    consumer writes to.
     """
 
     length = Attribute("The announced size in bytes, or None when only the end of the body says it.")
@@ -104,8 +102,17 @@ class IRequestBody(IPushProducer):
         paused), the rest as it comes, then C{body_end} or C{body_failed}.
         """
 
+    def pauseProducing() -> None:
+        """Deliver nothing for now (past L{HIGH_WATER} waiting bytes, the client is paused too)."""
 
-@implementer(IRequestBody)
+    def resumeProducing() -> None:
+        """Deliver what waits, and read from the client again."""
+
+    def stopProducing() -> None:
+        """Deliver nothing more: the rest of the body is read and dropped."""
+
+
+@implementer(IRequestBody, IPushProducer)
 class StreamedBody:
     """
     The L{IRequestBody} every listener protocol can use: it holds what the
