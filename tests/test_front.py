@@ -52,6 +52,9 @@ class FrontTestCase(SynchronousTestCase):
         self.resource = Recorder()
 
     def connect(self, resource=None, **kwargs):
+        # The Recorder reads request.content: bodies are read whole first
+        # (streamed bodies: tests.test_body).
+        kwargs.setdefault("request_buffering", True)
         factory = HTTPFrontFactory(resource or self.resource, reactor=self.reactor, **kwargs)
         self.factory = factory
         proto = factory.buildProtocol(CLIENT)

@@ -237,6 +237,24 @@ class FrontSmugglingTests(SmugglingTests):
 
     site_class = HTTPFrontFactory
 
+    @defer.inlineCallbacks
+    def test_chunkedBodyIsReframed(self):
+        """
+        A chunked upload is streamed, so it reaches the backend chunked, in
+        chunks the balancer framed itself: no chunk extension, no trailer,
+        no Content-Length.
+        """
+        response = yield self.send(
+            b"POST /u HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            b"3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: t\r\n\r\n"
+        )
+        self.assertTrue(response.startswith(b"HTTP/1.1 200"))
+        sent = b"".join(self.backend.received)
+        head, _, body = sent.partition(b"\r\n\r\n")
+        self.assertIn(b"\r\nTransfer-Encoding: chunked", head)
+        self.assertNotIn(b"content-length", head.lower())
+        self.assertEqual(body, b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+
     def test_bareLF(self):
         """A request with bare LF line ends is refused and nothing reaches the backend."""
         return self.assertRefused(b"GET / HTTP/1.1\nHost: x\n\n")

@@ -1,8 +1,9 @@
 """
 Stalling clients and slow backends, end to end on 127.0.0.1: a thousand
 slowloris connections do not starve a normal client and are all timed out
-and freed; an upload to a backend that does not read is held back (the proxy
-stops reading the spooled body) instead of piling up in memory.
+and freed; an upload to a backend that does not read is held back instead of
+piling up in memory: a streamed body stops the client's upload, a spooled
+one (request_buffering) stops reading the spool file.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from twisted_slb.backends import Backend, BackendGroup
+from twisted_slb.web.body import HIGH_WATER
 from twisted_slb.web.front import HTTPFrontFactory
 from twisted_slb.web.proxy import BalancedProxyResource
 from twisted_slb.web.upstream import UpstreamPool
@@ -83,11 +85,12 @@ class StallTests(TestCase):
         return port
 
     @defer.inlineCallbacks
-    def balancer(self, backend_port: int, client_idle_timeout: float = 60.0):
+    def balancer(self, backend_port: int, client_idle_timeout: float = 60.0, request_buffering: bool = False):
         pool = UpstreamPool(reactor)
         self.addCleanup(pool.close)
         group = BackendGroup("g", [Backend("a", "127.0.0.1", backend_port)])
-        self.resource = BalancedProxyResource(group, pool=pool, access_log=False)
+        self.resource = BalancedProxyResource(group, pool=pool, access_log=False,
+                                              request_buffering=request_buffering)
         self.factory = HTTPFrontFactory(self.resource, client_idle_timeout=client_idle_timeout)
         port = yield self.listen(self.factory)
         return port.getHost().port
@@ -123,10 +126,40 @@ class StallTests(TestCase):
         self.assertEqual(self.factory.limit.open, 0)
 
     @defer.inlineCallbacks
-    def test_uploadToABackendThatDoesNotReadIsHeldBack(self):
+    def test_streamedUploadToABackendThatDoesNotReadIsHeldBack(self):
         """
-        An upload to a backend that never reads is held back by back-pressure: the rest stays spooled on disk,
-        not sent into memory.
+        A streamed upload to a backend that reads nothing: once the socket
+        buffers are full, the balancer stops reading the client's body, and
+        what it holds in memory (the body's waiting bytes, the backend
+        transport's write buffer) stays under a bound.
+        """
+        backend_factory = protocol.ServerFactory.forProtocol(NeverReads)
+        backend_factory.connections = []
+        backend = yield self.listen(backend_factory)
+        shrink(backend.socket)
+        port = yield self.balancer(backend.getHost().port)
+        size = 32 * 1024 * 1024
+        client = yield self.connect(port, OneRequest(b""))
+        client.transport.write(b"PUT /big HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+        chunk = b"x" * 65536
+        for _ in range(size // len(chunk)):
+            client.transport.write(chunk)
+        exchange = yield self.until(lambda: self.streaming_exchange(backend_factory))
+        body = exchange.body
+        received = yield self.until(lambda: self.stable(lambda: body.received))
+        self.assertLess(received, size // 2)
+        self.assertTrue(body.paused)
+        self.assertLessEqual(body.waiting_bytes, HIGH_WATER + 65536)
+        self.assertLessEqual(buffered(exchange.upstream.transport), 2 * 65536 + 65536)
+        client.transport.abortConnection()
+        yield client.closed
+
+    @defer.inlineCallbacks
+    def test_spooledUploadToABackendThatDoesNotReadIsHeldBack(self):
+        """
+        With request_buffering, the body is spooled, then sent from the
+        spool file: to a backend that reads nothing, the file is read no
+        further once the socket buffers are full.
         """
         backend_factory = protocol.ServerFactory.forProtocol(NeverReads)
         backend_factory.connections = []
@@ -135,7 +168,7 @@ class StallTests(TestCase):
         # inherit it from the listener): on loopback an auto-tuned one can
         # grow to 32 MB and take the whole upload (see tests.buffers).
         shrink(backend.socket)
-        port = yield self.balancer(backend.getHost().port)
+        port = yield self.balancer(backend.getHost().port, request_buffering=True)
         size = 32 * 1024 * 1024
         client = yield self.connect(port, OneRequest(b""))
         client.transport.write(b"PUT /big HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
@@ -147,7 +180,7 @@ class StallTests(TestCase):
         # The backend reads nothing: once the socket buffers are full, the
         # upload's producer is no longer asked for more, and the rest of the
         # body stays in the spool file (on disk), not in memory.
-        position = yield self.until(lambda: self.stable(sender))
+        position = yield self.until(lambda: self.stable(lambda: sender.file.tell()))
         self.assertLess(position, size // 2)
         client.transport.abortConnection()
         yield client.closed
@@ -176,9 +209,18 @@ class StallTests(TestCase):
                 return exchange.sender
         return None
 
-    def stable(self, sender):
-        """The spool file position once it stayed the same for 20 turns."""
-        position = sender.file.tell()
+    def streaming_exchange(self, backend_factory):
+        if not backend_factory.connections:
+            return None
+        for channel in self.factory.channels:
+            exchange = getattr(channel.request, "slb_exchange", None)
+            if exchange is not None and exchange.body is not None and exchange.upstream is not None:
+                return exchange
+        return None
+
+    def stable(self, measure):
+        """C{measure()} once it stayed the same for 20 turns."""
+        position = measure()
         if position == getattr(self, "_last_position", None):
             self._same += 1
             if self._same >= 20:
@@ -186,3 +228,13 @@ class StallTests(TestCase):
         else:
             self._last_position, self._same = position, 0
         return None
+
+
+def buffered(transport) -> int:
+    """
+    The bytes waiting in a transport's write buffer: a L{twisted_slb.lean}
+    transport's, or a Twisted TCP transport's (no public API says it).
+    """
+    if hasattr(transport, "_buffer"):
+        return len(transport._buffer)
+    return len(transport.dataBuffer) + transport._tempDataLen

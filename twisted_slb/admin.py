@@ -754,6 +754,7 @@ def admin_site(registry: StatsRegistry, token: str = "", hosts: Iterable[str] = 
         max_header_bytes=MAX_HEADER_BYTES,
         max_headers=MAX_HEADERS,
         max_body_bytes=MAX_BODY_BYTES,
+        request_buffering=True,  # an action runs once its whole request is in
         listener_name=listener_name,
         limit=limit,
     )

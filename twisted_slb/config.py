@@ -151,6 +151,7 @@ class RuleConfig:
     backends: str = ""  # group name (the first of a split); "" means the listener's group
     persistence: Optional[PersistenceConfig] = None
     split: Tuple[SplitConfig, ...] = ()  # backends = [ { group, weight }, ... ]; () for one group
+    request_buffering: Optional[bool] = None  # None: the listener's
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -203,6 +204,7 @@ class ListenerConfig:
     max_header_bytes: int = 65536
     max_headers: int = 100
     max_body_bytes: int = 0  # 0: unlimited
+    request_buffering: bool = False  # read bodies whole before forwarding them (else they stream)
     tunnel_timeout: float = 3600.0  # idle seconds of an upgraded (WebSocket) connection
     backend_header: str = ""  # http(s): a response header naming the backend that answered; "": none
     max_connections_per_ip: int = 0  # 0: unlimited
@@ -290,7 +292,7 @@ _COMMON_LISTENER_KEYS = (
 _TCP_KEYS = ("idle_timeout", "proxy_protocol")
 _HTTP_KEYS = (
     "request_timeout", "response_idle_timeout", "client_idle_timeout", "max_header_bytes", "max_headers", "max_body_bytes", "tunnel_timeout",
-    "max_connections_per_ip", "rules", "https_redirect_port", "backend_header",
+    "max_connections_per_ip", "request_buffering", "rules", "https_redirect_port", "backend_header",
 )
 _HTTPS_KEYS = ("certificates", "min_tls", "alpn")
 _UDP_KEYS = ("protocol", "bind", "backends", "persistence", "access_log", "idle_timeout", "max_sessions")
@@ -909,7 +911,8 @@ def _check_domain(t: _Table, key: str, value: str) -> str:
 
 def _read_rule(t: _Table, index: int, data: Any, protocol: str, groups: Mapping[str, GroupConfig],
                default_group: Optional[str]) -> RuleConfig:
-    r = _Table(t.file, f"{t.path}.rules[{index}]", data, ("domain", "path", "backends", "persistence"))
+    r = _Table(t.file, f"{t.path}.rules[{index}]", data,
+               ("domain", "path", "backends", "persistence", "request_buffering"))
     domain = _check_domain(r, "domain", r.string("domain", ""))
     path = r.string("path", "/")
     if not path.startswith("/"):
@@ -919,7 +922,8 @@ def _read_rule(t: _Table, index: int, data: Any, protocol: str, groups: Mapping[
     backends, split = (default_group or "", ()) if not r.has("backends") else _read_backends(r, groups, protocol)
     persistence = _read_persistence(r, "persistence", protocol)
     _check_split(r, split, groups, persistence)
-    return RuleConfig(domain, path, backends, persistence, split)
+    request_buffering = r.boolean("request_buffering", None)
+    return RuleConfig(domain, path, backends, persistence, split, request_buffering)
 
 
 _SPLIT_ALLOWED = ('a group name such as "web", or weighted groups such as '
@@ -1046,6 +1050,7 @@ def _read_listener(file: str, base: str, name: str, data: Any,
             max_header_bytes=t.integer("max_header_bytes", 65536, 1024, 1048576, "bytes"),
             max_headers=t.integer("max_headers", 100, 1, 1000),
             max_body_bytes=t.integer("max_body_bytes", 0, 0, 2 ** 50, "bytes"),
+            request_buffering=t.boolean("request_buffering", False),
             tunnel_timeout=t.number("tunnel_timeout", 3600.0, 0, 86400 * 7),
             max_connections_per_ip=t.integer("max_connections_per_ip", 0, 0, 1_000_000),
             rules=tuple(_read_rule(t, i, d, protocol, groups, backends) for i, d in enumerate(rules_data)),
@@ -1384,12 +1389,14 @@ def describe(config: Config) -> str:
             lines.append(f"  request_timeout {l.request_timeout} s, response_idle_timeout {l.response_idle_timeout} s, "
                          f"client_idle_timeout {l.client_idle_timeout} s, "
                          f"max_header_bytes {l.max_header_bytes}, max_headers {l.max_headers}" +
-                         (f", max_body_bytes {l.max_body_bytes}" if l.max_body_bytes else ""))
+                         (f", max_body_bytes {l.max_body_bytes}" if l.max_body_bytes else "") +
+                         (", request_buffering" if l.request_buffering else ""))
             for i, r in enumerate(l.rules):
                 where = f"host {r.domain or '*'} path {r.path}"
                 target = f"split {_describe_split(r.split)}" if r.split else r.backends
                 lines.append(f"  rule {i}: {where} -> {target}; persistence: "
-                             f"{_describe_persistence(r.persistence, l.protocol)}")
+                             f"{_describe_persistence(r.persistence, l.protocol)}" +
+                             ("" if r.request_buffering is None else f"; request_buffering {str(r.request_buffering).lower()}"))
                 for name in [e.group for e in r.split] or [r.backends]:
                     if name not in described:
                         described.append(name)

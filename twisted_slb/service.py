@@ -662,7 +662,8 @@ class BalancerService(MultiService):
             access_file=self._access_file(listener),
         )
 
-    def _build_route(self, listener: ListenerConfig, group_name: str, persistence, split=(), where: str = ""):
+    def _build_route(self, listener: ListenerConfig, group_name: str, persistence, split=(), where: str = "",
+                     request_buffering: Optional[bool] = None):
         """
         The resource of a listener's default route or of a rule: a proxy to
         one group, or a L{twisted_slb.web.routing.GroupSplit} between the
@@ -670,6 +671,8 @@ class BalancerService(MultiService):
 
         @param where: names the route in the split's stats (C{"web"},
             C{"web rule 0"}).
+        @param request_buffering: the rule's setting, or L{None} for the
+            listener's.
         """
         from twisted_slb.persistence.cookies import InsertCookie, RewriteCookie
         from twisted_slb.persistence.resource import PersistenceResource
@@ -680,13 +683,14 @@ class BalancerService(MultiService):
             names = [entry.group for entry in split]
             stats = self.stats.for_split(where or listener.name, names)
             resource = GroupSplit(
-                [SplitChoice(self.groups[e.group], e.weight, self._proxy(listener, e.group)) for e in split],
+                [SplitChoice(self.groups[e.group], e.weight, self._proxy(listener, e.group, request_buffering))
+                 for e in split],
                 stats,
             )
             group_key = "+".join(names)
             servers = tuple(s for name in names for s in self.config.backends[name].servers)
         else:
-            resource = self._proxy(listener, group_name)
+            resource = self._proxy(listener, group_name, request_buffering)
             group_key = group_name
             servers = self.config.backends[group_name].servers
         if persistence is None:
@@ -698,7 +702,7 @@ class BalancerService(MultiService):
         policy = self._table_policy(f"{listener.name}/{group_key}", persistence)
         return PersistenceResource(resource, policy)
 
-    def _proxy(self, listener: ListenerConfig, group_name: str):
+    def _proxy(self, listener: ListenerConfig, group_name: str, request_buffering: Optional[bool] = None):
         from twisted_slb.web.proxy import BalancedProxyResource
 
         return BalancedProxyResource(
@@ -713,6 +717,7 @@ class BalancerService(MultiService):
             access_log=listener.access_log,
             access_file=self._access_file(listener),
             backend_header=listener.backend_header.encode("ascii") or None,
+            request_buffering=listener.request_buffering if request_buffering is None else request_buffering,
         )
 
     def _upstream_pool(self):
@@ -737,7 +742,7 @@ class BalancerService(MultiService):
                 rule.domain,
                 rule.path,
                 self._build_route(listener, rule.backends or listener.backends, rule.persistence,
-                                  rule.split, f"{listener.name} rule {i}"),
+                                  rule.split, f"{listener.name} rule {i}", rule.request_buffering),
             )
             for i, rule in enumerate(listener.rules)
         ]

@@ -35,8 +35,19 @@ What it does, and what it refuses:
    byte (slowloris); a body must keep arriving (one timeout between reads);
    a client that stops reading its response is closed after one timeout.
    There is one timer per connection, moved lazily, not one per read.
- - Bodies are read before the request is forwarded: up to 100 KB in memory,
-   spooled to a temporary file above that, so that memory stays flat.
+ - Bodies are streamed: the request is handed to the resource tree as soon
+   as its head is read, with C{request.body}, a
+   L{twisted_slb.web.body.StreamedBody} the channel feeds as body bytes
+   arrive (framing removed: chunks are decoded, trailers dropped).  When its
+   consumer (the backend connection) does not keep up, the body pauses the
+   channel, which stops reading the client's socket.  A response that ends
+   before the body does leaves the rest of the body to be read and dropped,
+   so that the connection stays in step; a body that fails (a bad chunk,
+   over C{max_body_bytes}, idle for C{client_idle_timeout}, the client
+   half-closing) is answered with its error when no response has started,
+   and the connection is closed.  With C{request_buffering} the body is
+   read whole before the request is handed over (C{request.content}: up to
+   100 KB in memory, spooled to a temporary file above that).
  - An HTTP/1.1 C{Upgrade} (WebSocket) is forwarded; when the backend answers
    101 the proxy calls L{FrontRequest.switch_protocols} and the connection
    becomes a tunnel, relayed both ways until either side closes or it is
@@ -64,6 +75,7 @@ from twisted_slb.persistence.interfaces import normalise_ip
 from twisted_slb.limits import ClientAddressLimit, ConnectionLimit, TooManyConnections
 from twisted_slb.shutdown import IdleTracker
 from twisted_slb.sockets import close, set_nodelay, write_now
+from twisted_slb.web.body import BodyError, IBodyReader, StreamedBody
 from twisted_slb.web.headers import FastHeaders
 
 log = Logger(namespace="twisted_slb.front")
@@ -137,7 +149,7 @@ class FrontRequest:
     One request on an L{HTTPFrontChannel}, with the part of
     L{twisted.web.iweb.IRequest} that twisted_slb's resources and persistence
     policies use: C{method}, C{uri}, C{path}, C{clientproto},
-    C{requestHeaders}, C{responseHeaders}, C{content}, C{getHeader},
+    C{requestHeaders}, C{responseHeaders}, C{content} (or C{body}), C{getHeader},
     C{setHeader}, C{setResponseCode}, C{write}, C{finish}, C{notifyFinish},
     C{registerProducer}, C{unregisterProducer}, C{isSecure},
     C{getClientAddress}, C{getHost}.
@@ -158,6 +170,9 @@ class FrontRequest:
     streaming = True
     defaultContentType = None
     slb_session = None
+    #: the L{twisted_slb.web.body.IRequestBody} of a streamed body (then
+    #: C{content} is L{None}), or L{None}
+    body = None
     #: unlike twisted.web's Request, no Server, Date or Content-Type is preset
     adds_default_headers = False
     #: the proxy may answer an Upgrade with L{switch_protocols}
@@ -373,17 +388,25 @@ class FrontRequest:
                 d.errback(reason)
 
 
-@implementer(IPushProducer, IHalfCloseableProtocol)
+@implementer(IPushProducer, IHalfCloseableProtocol, IBodyReader)
 class HTTPFrontChannel(Protocol):
     """
     One client connection of an L{HTTPFrontFactory}.
 
     It is its transport's push producer for the whole connection: when the
     client stops reading, the response's producer (the backend connection)
-    is paused.
+    is paused.  It is also the L{IBodyReader} of the streamed body being
+    read, if any: the body pauses it (it stops reading the client's socket)
+    while its consumer does not keep up.
     """
 
     request: Optional[FrontRequest] = None
+    #: the streamed body being read (its request may be answered already:
+    #: then the rest is read and dropped)
+    body: Optional[StreamedBody] = None
+    body_paused = False
+    #: whether the connection closes once the body being dropped has ended
+    close_after_body = False
     client_ip: Optional[str] = None
     timer = None
     paused = False
@@ -438,6 +461,9 @@ class HTTPFrontChannel(Protocol):
         request, self.request = self.request, None
         if request is not None and not request.finished:
             request._lost(reason)
+        body, self.body = self.body, None
+        if body is not None:
+            body.fail(BodyError("the client's connection was lost"))
         self.factory.channel_closed(self)
 
     def readConnectionLost(self) -> None:
@@ -445,6 +471,13 @@ class HTTPFrontChannel(Protocol):
         # HAProxy does without "option abortonclose").  A tunnel ends.
         self.read_closed = True
         if self.state != _BUSY:
+            self._sender_done()
+
+    def _sender_done(self) -> None:
+        """The client will send nothing more: close, unless a response is due."""
+        if self.body is not None and self.state != _CLOSED:
+            self._refuse(400, "the client ended its side of the connection before the end of the body")
+        else:
             self._close()
 
     def writeConnectionLost(self) -> None:
@@ -494,6 +527,23 @@ class HTTPFrontChannel(Protocol):
     def pull_producer_done(self) -> None:
         self.transport.unregisterProducer()
         self.transport.registerProducer(self, True)
+
+    # -- IBodyReader: the consumer of the body does not keep up, or does --
+
+    def pause_body(self) -> None:
+        if not self.body_paused and self.state != _CLOSED:
+            self.body_paused = True
+            if not self.reading_paused:
+                self.transport.pauseProducing()
+
+    def resume_body(self) -> None:
+        if self.body_paused:
+            self.body_paused = False
+            if not self.reading_paused and self.state != _CLOSED:
+                self.transport.resumeProducing()
+
+    def discard_body(self) -> None:
+        self.resume_body()  # the rest is read, and dropped by the body
 
     # -- reading ------------------------------------------------------------
 
@@ -546,7 +596,7 @@ class HTTPFrontChannel(Protocol):
         finally:
             self.parsing = False
         if self.read_closed and self.state < _BUSY:
-            self._close()  # the client will send nothing more
+            self._sender_done()
 
     def _step(self) -> bool:
         """Parse one piece of the buffer; C{False} when more bytes are needed."""
@@ -577,15 +627,24 @@ class HTTPFrontChannel(Protocol):
             return True
         if state == _BODY:
             n = self.remaining
-            content = self.pending.content
+            body = self.body
             if len(buffer) < n:
-                content.write(buffer)
                 self.remaining = n - len(buffer)
                 self.buffer = b""
+                if body is not None:
+                    body.feed(buffer)
+                else:
+                    self.pending.content.write(buffer)
                 return False
-            content.write(buffer[:n])
             self.buffer = buffer[n:]
-            self._dispatch()
+            if body is not None:
+                self.remaining = 0
+                body.feed(buffer[:n])
+                if self.body is body:
+                    self._body_done()
+            else:
+                self.pending.content.write(buffer[:n])
+                self._dispatch()
             return True
         if state == _CHUNK_SIZE_LINE:
             end = buffer.find(b"\r\n")
@@ -612,16 +671,17 @@ class HTTPFrontChannel(Protocol):
                 self.body_read += min(n, len(buffer))
                 if self.body_read > limit:
                     raise BadRequest(f"a chunked body over max_body_bytes ({limit})", 413)
+            write = self.body.feed if self.body is not None else self.pending.content.write
             if len(buffer) <= n:
-                self.pending.content.write(buffer)
                 self.buffer = b""
                 self.remaining = n - len(buffer)
                 if not self.remaining:
                     self.state = _CHUNK_END
+                write(buffer)
                 return False
-            self.pending.content.write(buffer[:n])
             self.buffer = buffer[n:]
             self.state = _CHUNK_END
+            write(buffer[:n])
             return True
         if state == _CHUNK_END:
             if len(buffer) < 2:
@@ -632,7 +692,7 @@ class HTTPFrontChannel(Protocol):
             self.state = _CHUNK_SIZE_LINE
             return True
         # _TRAILERS: fields after the last chunk are read and dropped (the
-        # body is forwarded with a Content-Length).
+        # body is forwarded with new framing, without trailers).
         end = buffer.find(b"\r\n")
         if end < 0:
             if len(buffer) > self.factory.max_header_bytes:
@@ -641,7 +701,10 @@ class HTTPFrontChannel(Protocol):
         line = buffer[:end]
         self.buffer = buffer[end + 2:]
         if not line:
-            self._dispatch()
+            if self.body is not None:
+                self._body_done()
+            else:
+                self._dispatch()
         elif b":" not in line or b"\n" in line or b"\r" in line or _BAD_HEAD.search(line):
             raise BadRequest("an invalid trailer field")
         return True
@@ -742,19 +805,38 @@ class HTTPFrontChannel(Protocol):
             self.pending = request
             self._dispatch()
             return
-        request.content = SpooledTemporaryFile(max_size=SPOOL_BYTES)
         self.pending = request
         if n > 0:
             self.remaining = n
             self.state = _BODY
         else:
             self.state = _CHUNK_SIZE_LINE
+        if self.factory.request_buffering:
+            request.content = SpooledTemporaryFile(max_size=SPOOL_BYTES)
+        else:
+            # Streamed: the request goes on now, its body follows.
+            self.body = request.body = StreamedBody(self, n if n > 0 else None)
+            self._dispatch()
+
+    def _body_done(self) -> None:
+        """The last byte of a streamed body was read."""
+        body, self.body = self.body, None
+        self.resume_body()
+        if self.request is not None and self.request.body is body:
+            self.state = _BUSY  # what follows waits for the response
+            body.finish()
+        else:
+            # The response came first; the rest of the body was dropped.
+            self.state = _IDLE
+            close, self.close_after_body = self.close_after_body, False
+            self._next_request(not close)
 
     # -- answering ----------------------------------------------------------
 
     def _dispatch(self) -> None:
         request, self.pending = self.pending, None
-        self.state = _BUSY
+        if self.body is None:
+            self.state = _BUSY
         self.request = request
         if request.content is not None:
             request.content.seek(0, 0)
@@ -824,7 +906,18 @@ class HTTPFrontChannel(Protocol):
         self.served = True
         if request.content is not None:
             request.content.close()
-        if not request.persistent or self.draining or self.state == _CLOSED:
+        body = self.body
+        if body is not None and body is request.body and self.state != _CLOSED:
+            # Answered before its body ended (an early answer): the rest of
+            # the body is read and dropped, then the next request is read.
+            self.close_after_body = not request.persistent
+            body.stopProducing()
+            return
+        self._next_request(request.persistent)
+
+    def _next_request(self, persistent: bool) -> None:
+        """A request is over, body and response: read the next one, or close."""
+        if not persistent or self.draining or self.state == _CLOSED:
             self._close()
             return
         self.state = _IDLE
@@ -837,6 +930,9 @@ class HTTPFrontChannel(Protocol):
 
     def _refuse(self, code: int, why: str) -> None:
         """Answer a request the listener will not forward, and close."""
+        if self.body is not None:
+            self._body_error(code, why)
+            return
         factory = self.factory
         log.info("listener {listener}: {code} for {client}: {why}", listener=factory.listener_name, code=code,
                  client=self.client_ip or getattr(self.peer, "host", self.peer), why=why)
@@ -854,6 +950,41 @@ class HTTPFrontChannel(Protocol):
             b"Connection: close\r\n\r\n%s" % (code, reason, len(body), body)
         )
         self.transport.loseConnection()
+
+    def _body_error(self, code: int, why: str) -> None:
+        """
+        A streamed body will never be whole: its consumer is told (the proxy
+        drops its backend connection), and the client gets the error if no
+        response has started (the connection is cut if one has); the
+        connection closes.
+        """
+        factory = self.factory
+        log.info("listener {listener}: {code} for {client}: {why}", listener=factory.listener_name, code=code,
+                 client=self.client_ip or getattr(self.peer, "host", self.peer), why=why)
+        body, self.body = self.body, None
+        request = self.request
+        self.buffer = b""
+        self.state = _BUSY  # nothing more is read as a request
+        told = body.consumer is not None  # the proxy counts the request in the stats itself
+        body.fail(BodyError(why, code))
+        if request is None or request.finished:
+            self._close()  # answered already: the rest of the body was being dropped
+            return
+        request.persistent = False
+        if request.started:
+            # Part of a response went out: it cannot be followed by an error.
+            self.state = _CLOSED
+            self.transport.abortConnection()
+            return
+        if not told and factory.stats is not None:
+            factory.stats.request_done(None, code, "none", 0)
+        text = b"%d %s: %s\n" % (code, _REASONS[code], why.encode("ascii", "replace"))
+        request.code = code
+        request.code_message = _REASONS[code]
+        request.responseHeaders = FastHeaders({b"Content-Type": [b"text/plain; charset=utf-8"],
+                                               b"Content-Length": [b"%d" % len(text)]})
+        request.write(text)
+        request.finish()
 
     # -- timeouts -----------------------------------------------------------
 
@@ -887,6 +1018,11 @@ class HTTPFrontChannel(Protocol):
             deadline = self.paused_at + timeout if self.paused else now + timeout
         elif state == _HEAD or (state != _IDLE and self.factory.whole_request_deadline):
             deadline = self.head_started + timeout
+        elif self.body_paused:
+            # The body's consumer (a backend that does not read) holds the
+            # client back: not the client's doing (the proxy's
+            # request_timeout covers the backend).
+            deadline = now + timeout
         else:
             deadline = self.last + timeout
         if now < deadline:
@@ -925,6 +1061,9 @@ class HTTPFrontFactory(Factory):
         L{None}.
     @ivar lean: whether a listener serving this factory directly (plain
         HTTP) gives its connections L{twisted_slb.lean} transports.
+    @ivar request_buffering: whether a request body is read whole (into
+        C{request.content}) before the request is handed to the resource;
+        otherwise (the default) it is streamed (C{request.body}).
     """
 
     noisy = False
@@ -956,6 +1095,7 @@ class HTTPFrontFactory(Factory):
         limit: Optional[ConnectionLimit] = None,
         max_body_bytes: int = 0,
         tunnel_timeout: float = 3600.0,
+        request_buffering: bool = False,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -966,6 +1106,7 @@ class HTTPFrontFactory(Factory):
         self.max_headers = max_headers
         self.max_body_bytes = max_body_bytes
         self.tunnel_timeout = tunnel_timeout
+        self.request_buffering = request_buffering
         self.limit = limit if limit is not None else ConnectionLimit(max_connections, listener_name)
         self.per_ip = ClientAddressLimit(max_connections_per_ip, listener_name)
         self.listener_name = listener_name

@@ -14,6 +14,22 @@ client gets 502 (backend error), 503 (no usable backend) or 504 (no answer in
 C{request_timeout}).  A response whose body stops arriving for
 C{response_idle_timeout} is cut.
 
+Request bodies stream (see L{twisted_slb.web.body}): a request with a
+C{body} goes to the backend as soon as a connection is ready, and its body
+follows as it arrives, the body being the backend transport's producer (a
+backend that does not read pauses the client's upload).  A body of known
+length goes with its C{Content-Length}; one whose length only its end says
+(a chunked upload) goes chunked.  A request whose body has started to go
+out is never sent again (a failed connect, before any byte, still moves to
+another backend).  A backend that answers before the body ended gets the
+rest of the body while its response is relayed (full duplex, as HAProxy);
+if the response ends first, the upload stops, the backend connection is
+reset and never reused, and the client's remaining body is read and dropped
+by its listener.  With C{request_buffering} (or a request whose body was
+read whole, C{request.content}, as twisted.web's L{Request} has) the whole
+body is read first (spooled to a temporary file above 100 KB), and sent with
+a C{Content-Length}.
+
 Backend connections are reused safely (as HAProxy's C{http-reuse safe}): the
 first request of a client connection, a request with a body and any
 non-idempotent request get a new backend connection; only the later
@@ -25,6 +41,7 @@ idle connection on which the backend sends anything is closed.
 
 from __future__ import annotations
 
+from tempfile import SpooledTemporaryFile
 from typing import Dict, List, Optional
 
 from twisted.internet import error
@@ -43,6 +60,7 @@ from twisted_slb.limits import ClientAddressLimit, ConnectionLimit, TooManyConne
 from twisted_slb.shutdown import IdleTracker
 from twisted_slb.sockets import set_nodelay
 from twisted_slb.timers import Deadlines
+from twisted_slb.web.body import BodyError, IBodyConsumer
 from twisted_slb.web.headers import FastHeaders
 from twisted_slb.web.upstream import UpstreamPool
 
@@ -71,6 +89,8 @@ _STALLED_READ = 16 * 1024
 _GROW_AFTER = 256 * 1024
 # Bodies up to this size are written with the head in one go.
 _SMALL_BODY = 65536
+# A body spooled for request_buffering stays in memory up to this size.
+_SPOOL_BYTES = 100 * 1024
 
 
 _NO_TOKENS: frozenset = frozenset()
@@ -215,7 +235,7 @@ def _first_on_connection(request) -> bool:
     return True
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IBodyConsumer)
 class _Exchange:
     """
     One client request's trip through the proxy (and its retries).
@@ -226,6 +246,10 @@ class _Exchange:
     limit, the grace period of a shutdown) reaches the exchange through
     L{stopProducing} before the backend connection is closed: see
     L{_ended_by_us}.
+
+    It is also the L{IBodyConsumer} of a streamed request body: it writes
+    it to the backend connection (or, with C{request_buffering}, to a
+    spool file first).
     """
 
     upstream = None
@@ -245,6 +269,16 @@ class _Exchange:
     small_reads = False
     #: bytes written to the client since the response began or it last stalled
     unstalled = 0
+    # A streamed request body (IRequestBody) still to send, whether it goes
+    # chunked, when its last bytes went to the backend, and the spool file
+    # it goes to first with request_buffering.
+    body = None
+    chunked = False
+    body_sent_at = 0.0
+    spool = None
+    body_registered = False  # the body is the backend transport's producer
+    corked = None  # body bytes gathered to go out with the request head
+    waiting_for_body = False  # start() called while the body is being spooled
 
     def __init__(self, resource: BalancedProxyResource, request: Request, upgrade: Optional[bytes] = None) -> None:
         self.resource = resource
@@ -257,15 +291,20 @@ class _Exchange:
         self.backend: Optional[Backend] = None
         self.client_gone = False
         self.responding = False
+        body = getattr(request, "body", None)
         content = request.content
-        length = 0
-        if content is not None:
+        length: Optional[int] = 0
+        if body is not None:
+            self.body = body
+            length = body.length
+            self.chunked = length is None
+        elif content is not None:
             content.seek(0, 2)
             length = content.tell()
             content.seek(0, 0)
         self.body_length = length
         # Safe to send again if a backend fails before answering.
-        self.retryable = request.method in IDEMPOTENT and not length
+        self.retryable = request.method in IDEMPOTENT and not length and self.body is None
         # A client's first request never goes on a connection another
         # client used (what that client sent may not have been what the
         # backend read: a request hidden in a body it ignored, say).
@@ -277,6 +316,14 @@ class _Exchange:
             on_lost(self._client_lost)  # the listeners' server: no Deferred per request
         else:
             request.notifyFinish().addErrback(self._client_lost)
+        if body is not None:
+            # Held until a backend connection is ready (the body keeps at
+            # most HIGH_WATER bytes, then pauses the client), or spooled.
+            if resource.request_buffering:
+                self.spool = SpooledTemporaryFile(max_size=_SPOOL_BYTES)
+            else:
+                body.pauseProducing()
+            body.deliver_to(self)
 
     def _build_head(self) -> bytes:
         request = self.request
@@ -318,7 +365,9 @@ class _Exchange:
         lines += [b"X-Forwarded-Proto: ", proto, b"\r\n"]
         if host is not None:
             lines += [b"X-Forwarded-Host: ", host, b"\r\n"]
-        if self.body_length or request.method in (b"POST", b"PUT", b"PATCH"):
+        if self.chunked:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        elif self.body_length or request.method in (b"POST", b"PUT", b"PATCH"):
             lines += [b"Content-Length: ", b"%d" % self.body_length, b"\r\n"]
         if self.upgrade is not None:
             lines += [b"Connection: Upgrade\r\nUpgrade: ", self.upgrade, b"\r\n"]
@@ -328,6 +377,9 @@ class _Exchange:
     # -- choosing and connecting --------------------------------------------
 
     def start(self) -> None:
+        if self.spool is not None:
+            self.waiting_for_body = True  # see body_end
+            return
         lookup = self.session.lookup
         if lookup is not None:
             # The persistence wrapper's shared table is asking its store
@@ -373,6 +425,8 @@ class _Exchange:
 
     def _connect_failed(self, reason) -> None:
         self.connector = None
+        if self.finished:
+            return  # this side gave up on the connect (the client gone, its body failed)
         backend = self.backend
         why = "timed out" if reason.check(error.TimeoutError) else reason.getErrorMessage()
         if local_failure(reason):
@@ -403,6 +457,26 @@ class _Exchange:
         backend.total += 1
         request = self.request
         self.request_sent = self.early = False
+        resource = self.resource
+        body = self.body
+        if body is not None:
+            # Streamed: the head now, the body as it comes (the body is the
+            # backend transport's producer: a backend that does not read
+            # pauses it, and so the client).
+            # What of the body is here already goes in the head's write (a
+            # small POST: one write, as a spooled one).
+            resource.response_deadlines.add(self, resource.request_timeout)
+            self.body_sent_at = resource.reactor.seconds()
+            self.body_registered = True
+            upstream.transport.registerProducer(body, True)
+            corked = self.corked = [self.head]
+            if self.upstream is upstream:
+                body.resumeProducing()
+            self.corked = None
+            backend.bytes_out += len(self.head)
+            upstream.send(b"".join(corked), self, head_request=request.method == b"HEAD",
+                          upgrade=self.upgrade is not None)
+            return
         upstream.send(self.head if self.body_length > _SMALL_BODY else self.head + self._small_body(),
                       self, head_request=request.method == b"HEAD", upgrade=self.upgrade is not None)
         backend.bytes_out += len(self.head) + self.body_length
@@ -413,8 +487,88 @@ class _Exchange:
                 self._body_sent, lambda f: None)
         else:
             self.request_sent = True
-        resource = self.resource
         resource.response_deadlines.add(self, resource.request_timeout)
+
+    # -- IBodyConsumer: a streamed request body ------------------------------
+
+    def body_data(self, data: bytes) -> None:
+        spool = self.spool
+        if spool is not None:
+            spool.write(data)
+            return
+        upstream = self.upstream
+        if upstream is None:
+            return
+        corked = self.corked
+        if corked is not None:
+            corked += (b"%x\r\n" % len(data), data, b"\r\n") if self.chunked else (data,)
+        elif self.chunked:
+            upstream.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            upstream.transport.write(data)
+        self.backend.bytes_out += len(data)
+        self.body_sent_at = self.resource.reactor.seconds()
+
+    def body_end(self) -> None:
+        spool = self.spool
+        if spool is not None:
+            # request_buffering: the whole body is here; on as a spooled one.
+            self.spool = None
+            self.body = None
+            self.chunked = False
+            spool.seek(0, 2)
+            self.body_length = spool.tell()
+            spool.seek(0, 0)
+            self.request.content = spool  # closed by the listener with the request
+            self.retryable = self.request.method in IDEMPOTENT and not self.body_length
+            self.head = self._build_head()
+            if self.waiting_for_body and not self.finished:
+                self.waiting_for_body = False
+                self.start()
+            return
+        upstream = self.upstream
+        if upstream is None:
+            return
+        if self.chunked:
+            if self.corked is not None:
+                self.corked.append(b"0\r\n\r\n")
+            else:
+                upstream.transport.write(b"0\r\n\r\n")
+            self.backend.bytes_out += 5
+        self.body_registered = False
+        upstream.transport.unregisterProducer()
+        self.request_sent = True
+        if not self.responding and not self.finished:
+            # The backend has request_timeout from the end of the request.
+            resource = self.resource
+            resource.response_deadlines.add(self, resource.request_timeout)
+
+    def body_failed(self, reason: BodyError) -> None:
+        """
+        The client's body will never be whole (a bad chunk, over
+        max_body_bytes, the client idle or gone): the backend connection is
+        reset (not the backend's doing), and the listener answers the
+        client (or cuts it, if the response has started).
+        """
+        spool, self.spool = self.spool, None
+        if spool is not None:
+            spool.close()
+        if self.finished or self.client_gone:
+            return
+        self._cancel_timeout()
+        self.finished = True
+        if self.connector is not None:
+            self.connector.disconnect()
+            self.connector = None
+        if self.upstream is not None:
+            self._end_upstream(False)
+        if self.responding:
+            request = self.request
+            if request.producer is not None:
+                request.unregisterProducer()
+        else:
+            self.status = reason.code
+        self._over()
 
     def _small_body(self) -> bytes:
         if not self.body_length:
@@ -433,6 +587,14 @@ class _Exchange:
             return
         self.backend.active -= 1
         owed = not self.request_sent
+        body = self.body
+        if body is not None and owed:
+            # The upload stops with the connection (an early answer, a
+            # failure): the client's listener reads and drops the rest.
+            if self.body_registered:
+                self.body_registered = False
+                upstream.transport.unregisterProducer()
+            body.stopProducing()
         sender, self.sender = self.sender, None
         if sender is not None and owed:
             # The upload is abandoned with the connection: the file sender
@@ -468,6 +630,17 @@ class _Exchange:
         if self.responding:
             self._response_idle()
             return
+        body = self.body
+        if body is not None and not self.request_sent and self.upstream is not None:
+            # The body is still going out: the backend is late only if it
+            # stopped reading it (a client that sends slowly has its own
+            # client_idle_timeout).
+            resource = self.resource
+            timeout = resource.request_timeout
+            quiet = resource.reactor.seconds() - self.body_sent_at
+            if not body.paused or quiet < timeout:
+                resource.response_deadlines.add(self, timeout if not body.paused else timeout - quiet)
+                return
         backend = self.backend
         backend.record_failure("response timed out")
         log.warn(
@@ -806,8 +979,9 @@ class _Exchange:
             self._log_line(backend, client_gone)
         stats = resource.stats
         if stats is not None:
+            body = getattr(self.request, "body", None)
             stats.request_done(backend, 0 if client_gone else self.status, self.session.outcome, self.bytes_sent,
-                               self.body_length)
+                               body.received if body is not None else self.body_length)
 
     def _log_line(self, backend, client_gone: bool) -> None:
         request = self.request
@@ -862,6 +1036,10 @@ class BalancedProxyResource(Resource):
     @ivar access_file: a L{twisted_slb.accesslog.AccessLogFile} or
         L{twisted_slb.accesslog.TwistdLog} the lines go to (when its C{write_line}
         returns C{False}, or with L{None}: log events in the C{twisted_slb.access} namespace).
+    @ivar request_buffering: whether a streamed request body is read whole
+        (spooled) before the request goes to a backend, for backends that
+        need whole bodies (nginx's C{proxy_request_buffering}); otherwise it
+        streams.
     """
 
     isLeaf = True
@@ -880,6 +1058,7 @@ class BalancedProxyResource(Resource):
         access_file=None,
         response_idle_timeout: float = 60.0,
         backend_header: Optional[bytes] = None,
+        request_buffering: bool = False,
     ) -> None:
         Resource.__init__(self)
         if reactor is None:
@@ -896,6 +1075,7 @@ class BalancedProxyResource(Resource):
         self.access_log = access_log
         self.access_file = access_file
         self.backend_header = backend_header or None
+        self.request_buffering = request_buffering
         # Each request's response timeout; one timer for them all.
         self.response_deadlines = Deadlines(reactor, _Exchange._timed_out)
 
