@@ -147,5 +147,5 @@ class AccessLogServiceTests(ServiceTestCase):
         with open(log_path) as f:
             text = f.read()
         self.assertIn('web 127.0.0.1 127.0.0.1:', text)
-        self.assertIn('"GET /x?y" 200 -> a persistence=none', text)
+        self.assertIn('"GET /x?y HTTP/1.1" 200 -> a persistence=none', text)
         self.assertIn("tcp 127.0.0.1 -> a (127.0.0.1:", text)

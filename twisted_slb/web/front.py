@@ -440,6 +440,35 @@ class HTTPFrontChannel(Protocol):
             request._lost(reason)
         self.factory.channel_closed(self)
 
+    def protocol_for_alpn(self, protocol: Optional[bytes]):
+        """
+        The protocol to serve this connection with once TLS negotiated
+        C{protocol} over ALPN (L{twisted_slb.tls} asks when the handshake
+        ends): an L{twisted_slb.web.h2.H2FrontChannel} taking over for
+        C{h2} when the factory serves HTTP/2 (its C{h2} settings), else
+        this channel.
+        """
+        if protocol != b"h2" or self.factory.h2 is None or self.lost or self.state != _IDLE or self.buffer:
+            return self
+        from twisted_slb.web.h2 import H2FrontChannel
+
+        return H2FrontChannel.take_over(self)
+
+    def hand_over(self) -> None:
+        """
+        Another protocol serves this connection from now on (HTTP/2): this
+        channel lets go of the transport and the factory's connection set,
+        and keeps nothing running; its place in the connection limits goes
+        with the connection.
+        """
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        self.state = _CLOSED
+        self.lost = True
+        self.transport.unregisterProducer()
+        self.factory.channels.discard(self)
+
     def readConnectionLost(self) -> None:
         # The client sent FIN: answer what it asked for, then close (as
         # HAProxy does without "option abortonclose").  A tunnel ends.
@@ -941,6 +970,9 @@ class HTTPFrontFactory(Factory):
     #: a L{twisted_slb.clientip.ClientIPPolicy} reading X-Forwarded-For or
     #: Forwarded, or L{None}: the client is the connection's peer
     client_ip_policy = None
+    #: the L{twisted_slb.web.h2.H2Settings} of the HTTP/2 connections of an
+    #: https listener that offers C{h2} over ALPN, or L{None}: HTTP/1.1 only
+    h2 = None
 
     def __init__(
         self,
@@ -1005,6 +1037,10 @@ class HTTPFrontFactory(Factory):
         @return: a L{Deferred} that fires when no connection is left.
         """
         for channel in list(self.channels):
+            goaway = getattr(channel, "goaway", None)
+            if goaway is not None:
+                goaway()  # HTTP/2: GOAWAY; in-flight streams finish
+                continue
             channel.draining = True
             # An idle keep-alive connection is closed now (a client retries a
             # request that crossed the close on a reused connection); a
@@ -1018,3 +1054,23 @@ class HTTPFrontFactory(Factory):
                 channel.transport.abortConnection()
 
         return self.tracker.wait(not self.channels, grace, force, self.reactor)
+
+    def retire(self, grace: float) -> None:
+        """
+        A reload replaced this factory: its HTTP/2 connections send GOAWAY, so
+        that their clients open new ones (served by the new configuration)
+        once the streams in flight are answered; those still open after
+        C{grace} seconds are closed.  HTTP/1.1 connections carry on.
+        """
+        retiring = [c for c in self.channels if getattr(c, "goaway", None) is not None]
+        for channel in retiring:
+            channel.goaway()
+
+        def force() -> None:
+            for channel in retiring:
+                if channel in self.channels:
+                    channel.abort_streams()
+                    channel.transport.abortConnection()
+
+        if retiring:
+            self.reactor.callLater(grace, force)
