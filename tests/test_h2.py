@@ -20,7 +20,7 @@ from h2.events import (
 )
 from h2.settings import SettingCodes
 from h2.frame_buffer import FrameBuffer
-from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, PingFrame, RstStreamFrame, SettingsFrame
+from hyperframe.frame import ContinuationFrame, DataFrame, GoAwayFrame, HeadersFrame, PingFrame, RstStreamFrame, SettingsFrame
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -55,7 +55,6 @@ class Recorder(Resource):
         if self.hold:
             return NOT_DONE_YET
         request.setHeader(b"content-type", b"text/plain")
-        request.addCookie = None
         return b"hello " + request.path
 
 
@@ -77,6 +76,14 @@ class Producer:
 
     def stopProducing(self) -> None:
         self.calls.append("stop")
+
+
+def frames(data: bytes) -> list:
+    """The HTTP/2 frames a server wrote (as a client would parse them)."""
+    buffer = FrameBuffer()
+    buffer.max_frame_size = 16384
+    buffer.add_data(data)
+    return list(buffer)
 
 
 class Client:
@@ -218,8 +225,8 @@ class RequestTests(H2TestCase):
         two.write(b"two")
         two.finish()
         client.pump()
-        self.assertEqual(client.response(second)[:3], ({**client.response(second)[0]}, b"two", True))
-        self.assertEqual(client.response(second)[0][b":status"], b"201")
+        headers, body, ended, _ = client.response(second)
+        self.assertEqual((headers[b":status"], body, ended), (b"201", b"two", True))
         self.assertIsNone(client.response(first)[0])
         one.write(b"one")
         one.finish()
@@ -236,6 +243,27 @@ class RequestTests(H2TestCase):
         ok = client.request()
         self.assertEqual(client.response(ok)[0][b":status"], b"200")
         self.assertEqual(len(self.resource.requests), 1)
+
+    def test_headResponseEndsWithItsHead(self):
+        """
+        A HEAD response ends its stream with the head, but the request is
+        done (notifyFinish fires, the stream is forgotten) only at finish().
+        """
+        self.resource.hold = True
+        client = self.connect()
+        sid = client.request([(b":method", b"HEAD")] + GET[1:])
+        request = self.resource.requests[0]
+        finished = []
+        request.notifyFinish().addCallback(finished.append)
+        request.setHeader(b"content-length", b"100")
+        request.write(b"")
+        client.pump()
+        self.assertTrue(client.response(sid)[2])
+        self.assertEqual(finished, [])
+        request.write(b"ignored")
+        request.finish()
+        self.assertEqual(finished, [None])
+        self.assertEqual(self.proto.streams, {})
 
     def test_tooManyHeaders(self):
         """More than max_headers fields: 431 on that stream."""
@@ -274,6 +302,8 @@ class RequestTests(H2TestCase):
         one.channel.transport.loseConnection()
         client.pump()
         self.assertEqual(client.response(first)[3], ErrorCodes.INTERNAL_ERROR)
+        self.assertEqual(lost, [])  # as with a connection closing: told later, not from inside the call
+        self.reactor.advance(0)
         self.assertEqual(len(lost), 1)
         two.finish()
         client.pump()
@@ -595,10 +625,7 @@ class LifetimeTests(H2TestCase):
         later.flags.add("END_HEADERS")
         later.flags.add("END_STREAM")
         self.proto.dataReceived(later.serialize())
-        frames = FrameBuffer()
-        frames.max_frame_size = 16384
-        frames.add_data(self.transport.value())
-        resets = [f for f in frames if isinstance(f, RstStreamFrame)]
+        resets = [f for f in frames(self.transport.value()) if isinstance(f, RstStreamFrame)]
         self.assertEqual([(f.stream_id, f.error_code) for f in resets], [(sid + 2, ErrorCodes.REFUSED_STREAM)])
         self.assertEqual(len(self.resource.requests), 1)
         request = self.resource.requests[0]
@@ -619,6 +646,29 @@ class LifetimeTests(H2TestCase):
         self.proto.connectionLost(None)
         self.assertTrue(done.called)
 
+    def test_drainDuringHandshake(self):
+        """
+        A connection still in its TLS handshake when draining began (an
+        HTTP/1.1 channel then): once h2 takes over, its first stream is
+        answered and GOAWAY names it.
+        """
+        factory = HTTPFrontFactory(self.resource, reactor=self.reactor, secure=True)
+        factory.h2 = H2Settings()
+        channel = factory.buildProtocol(CLIENT)
+        transport = StringTransport(peerAddress=CLIENT)
+        channel.makeConnection(transport)
+        factory.drain(10)
+        proto = channel.protocol_for_alpn(b"h2")
+        client = Client(proto, transport)
+        sid = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(sid, GET, end_stream=True)
+        proto.dataReceived(client.conn.data_to_send())
+        sent = frames(transport.value())
+        self.assertEqual([f.last_stream_id for f in sent if isinstance(f, GoAwayFrame)], [sid])
+        self.assertEqual([type(f) for f in sent if f.stream_id == sid], [HeadersFrame, DataFrame])
+        self.assertIn("END_STREAM", sent[-1].flags)
+        self.assertTrue(transport.disconnecting)
+
     def test_retireOnReload(self):
         """A reload retiring the factory: GOAWAY, in-flight streams finish, then the connection closes."""
         self.resource.hold = True
@@ -629,6 +679,20 @@ class LifetimeTests(H2TestCase):
         self.assertEqual(client.goaway()[0].error_code, ErrorCodes.NO_ERROR)
         self.resource.requests[0].finish()
         self.assertTrue(self.transport.disconnecting)
+        self.proto.connectionLost(None)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])  # the grace's cut is cancelled
+
+    def test_retireCutsAfterGrace(self):
+        """A stream still open when the reload's grace period ends is cut with its connection."""
+        self.resource.hold = True
+        client = self.connect()
+        client.request()
+        lost = []
+        self.resource.requests[0].notifyFinish().addErrback(lost.append)
+        self.factory.retire(10)
+        self.reactor.advance(10)
+        self.assertEqual(len(lost), 1)
+        self.assertTrue(self.transport.disconnected or self.transport.disconnecting)
 
     def test_clientGoawayClosesAfterStreams(self):
         """A client's GOAWAY: its streams are answered, then the connection closes."""

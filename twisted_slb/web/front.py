@@ -1021,8 +1021,13 @@ class HTTPFrontFactory(Factory):
             self.stats.connections_total += 1
         return channel
 
+    _retiring = None  # HTTP/2 connections a reload sent GOAWAY, and the call cutting them after the grace
+
     def channel_closed(self, channel: HTTPFrontChannel) -> None:
         self.channels.discard(channel)
+        if self._retiring is not None and not (self._retiring[0] & self.channels):
+            self._retiring[1].cancel()  # all gone before the grace ended
+            self._retiring = None
         self.limit.release()
         self.per_ip.release(channel.client_ip)
         if not self.channels:
@@ -1062,15 +1067,15 @@ class HTTPFrontFactory(Factory):
         once the streams in flight are answered; those still open after
         C{grace} seconds are closed.  HTTP/1.1 connections carry on.
         """
-        retiring = [c for c in self.channels if getattr(c, "goaway", None) is not None]
+        retiring = {c for c in self.channels if getattr(c, "goaway", None) is not None}
         for channel in retiring:
             channel.goaway()
 
         def force() -> None:
-            for channel in retiring:
-                if channel in self.channels:
-                    channel.abort_streams()
-                    channel.transport.abortConnection()
+            self._retiring = None
+            for channel in retiring & self.channels:
+                channel.abort_streams()
+                channel.transport.abortConnection()
 
-        if retiring:
-            self.reactor.callLater(grace, force)
+        if retiring & self.channels:
+            self._retiring = (retiring, self.reactor.callLater(grace, force))

@@ -179,6 +179,8 @@ class H2Request(FrontRequest):
     ending = False
     blocked_at = 0.0
     producer_paused = False
+    #: response body bytes still due by its Content-Length, or None
+    length_left: Optional[int] = None
     body_read = 0
     last_in = 0.0
 
@@ -220,8 +222,12 @@ class H2Request(FrontRequest):
     # -- as the proxy's "channel" and "transport" ------------------------------
 
     def loseConnection(self) -> None:
-        """Cut this response short: the stream is reset, the others go on."""
-        self.connection.reset(self, ErrorCodes.INTERNAL_ERROR)
+        """
+        Cut this response short: the stream is reset, the others go on.  As
+        with a connection closing, the request hears of it later, not from
+        inside this call.
+        """
+        self.connection.reset(self, ErrorCodes.INTERNAL_ERROR, notify=False)
 
     abortConnection = loseConnection
 
@@ -264,13 +270,14 @@ class H2Request(FrontRequest):
             raise RuntimeError("finish() called twice")
         self.finished = True
         self._lost_callback = None
-        if self.channel is None:
-            return
-        connection = self.connection
-        if not self.started:
-            connection.send_head(self, True)
-        elif not self.closed:
-            connection.end_body(self)
+        if self.channel is not None:
+            connection = self.connection
+            if not self.started:
+                connection.send_head(self, True)
+            elif not self.closed:
+                connection.end_body(self)
+            elif not self.pending:
+                connection.done(self)  # its END_STREAM went already
         ds, self._finished_ds = self._finished_ds, None
         if ds:
             for d in ds:
@@ -295,6 +302,9 @@ class H2Request(FrontRequest):
                 fields.append((lower, value))
         if not date:
             fields.append((b"date", _http_date(self.connection.clock.seconds())))
+        length = headers.getRawHeaders(b"content-length")
+        if length and len(length) == 1 and length[0].isdigit():
+            self.length_left = int(length[0])
         return fields
 
 
@@ -316,6 +326,7 @@ class H2FrontChannel(Protocol):
     closing = False
     closed_at = 0.0
     draining = False  # GOAWAY sent: no new stream is accepted
+    drain_after_first = False
     goaway_id = 0
     client_goaway = False
     slb_proxied = False
@@ -349,6 +360,7 @@ class H2FrontChannel(Protocol):
         channel.hand_over()
         new = cls(channel.factory)
         new.client_ip = channel.client_ip
+        new.drain_after_first = channel.draining
         new.makeConnection(transport)
         return new
 
@@ -534,9 +546,9 @@ class H2FrontChannel(Protocol):
                     self._forget(stream, Failure(ConnectionLost("the client reset the stream")))
             elif kind is TrailersReceived:
                 # Request trailers are read and dropped (the body goes to the
-                # backend with a Content-Length), as over HTTP/1.1.
-                if event.stream_ended is not None:
-                    continue
+                # backend with a Content-Length), as over HTTP/1.1; the
+                # StreamEnded that follows ends the request.
+                pass
             elif kind is ConnectionTerminated:
                 self.client_goaway = True
                 if not self.streams:
@@ -647,6 +659,11 @@ class H2FrontChannel(Protocol):
             method = None
         stream = H2Request(self, stream_id, method or b"GET", path or b"/", headers)
         self.streams[stream_id] = stream
+        if self.drain_after_first:
+            # The listener began draining during this connection's
+            # handshake: its first stream is answered, no other.
+            self.drain_after_first = False
+            self.goaway()
         factory = self.factory
         try:
             if method is None or not _TOKEN.match(method):
@@ -691,8 +708,6 @@ class H2FrontChannel(Protocol):
             return
         stream.request_ended = True
         if stream.dispatched or stream.started:
-            if stream.closed:
-                self._done(stream)
             return
         stream.body_ended()
         self._dispatch(stream)
@@ -750,6 +765,9 @@ class H2FrontChannel(Protocol):
         stream.write(body)
         stream.finish()
 
+    # A stream is over when both its END_STREAM was sent (closed) and the
+    # resource called finish(): whichever comes last calls _done.
+
     def send_head(self, stream: H2Request, end: bool) -> None:
         fields = stream.response_fields()
         end = end or stream.no_body
@@ -762,18 +780,28 @@ class H2FrontChannel(Protocol):
             return
         if end:
             stream.closed = True
-            self._done(stream)
+            if stream.finished:
+                self._done(stream)
         self._flush()
 
     def send_body(self, stream: H2Request, data: bytes) -> None:
+        # The write that completes an announced Content-Length carries
+        # END_STREAM: no empty DATA frame after it.
+        left = stream.length_left
+        last = False
+        if left is not None:
+            left = stream.length_left = left - len(data)
+            last = left == 0
         if stream.pending:
             stream.pending.append(data)
             stream.pending_bytes += len(data)
+            stream.ending = stream.ending or last
             return
-        rest = self._send_fitting(stream, data)
+        rest = self._send_fitting(stream, data, last)
         if rest:
             stream.pending.append(rest)
             stream.pending_bytes = len(rest)
+            stream.ending = last
             stream.blocked_at = self.clock.seconds()
             self._pause(stream)  # at most one more read of the backend lands here
         self._flush()
@@ -782,32 +810,37 @@ class H2FrontChannel(Protocol):
         if stream.pending:
             stream.ending = True  # after the rest, once the client makes room
             return
-        self._end(stream)
+        self._send_fitting(stream, b"", True)
+        if stream.finished:
+            self._done(stream)
         self._flush()
 
-    def _end(self, stream: H2Request) -> None:
-        stream.closed = True
-        try:
-            self.conn.end_stream(stream.stream_id)
-        except H2Error:
-            pass  # the client reset it meanwhile
-        self._done(stream)
-
-    def _send_fitting(self, stream: H2Request, data: bytes) -> bytes:
-        """Send what the windows allow of C{data}; the rest is returned."""
+    def _send_fitting(self, stream: H2Request, data: bytes, end: bool = False) -> bytes:
+        """
+        Send what the windows allow of C{data}, with END_STREAM on the last
+        frame if C{end} and all of it fits; the rest is returned.
+        """
         conn = self.conn
         sid = stream.stream_id
         try:
             room = conn.local_flow_control_window(sid)
         except H2Error:
+            stream.closed = True
             return b""  # the stream is closed: nothing to send any more
         size = conn.max_outbound_frame_size
-        n = min(room, len(data))
+        length = len(data)
+        n = min(room, length)
+        end = end and n == length
+        if end and not length:
+            conn.end_stream(sid)
         pos = 0
         while pos < n:
             chunk = min(size, n - pos)
-            conn.send_data(sid, data[pos:pos + chunk] if chunk != len(data) else data)
+            conn.send_data(sid, data if chunk == length else data[pos:pos + chunk],
+                           end_stream=end and pos + chunk == n)
             pos += chunk
+        if end:
+            stream.closed = True
         return data[n:]
 
     def _window_opened(self) -> None:
@@ -817,19 +850,23 @@ class H2FrontChannel(Protocol):
                 continue
             pending, stream.pending = stream.pending, []
             data = b"".join(pending)
-            rest = self._send_fitting(stream, data)
+            rest = self._send_fitting(stream, data, stream.ending)
             if rest:
                 stream.pending = [rest]
                 stream.pending_bytes = len(rest)
                 continue
             stream.pending_bytes = 0
-            if stream.ending:
-                self._end(stream)
+            if stream.closed:
+                if stream.finished:
+                    self._done(stream)
             elif not self.paused:
                 self._resume(stream)
 
-    def reset(self, stream: H2Request, code: int) -> None:
-        """End one stream with RST_STREAM; the request is told its client is gone."""
+    def reset(self, stream: H2Request, code: int, notify: bool = True) -> None:
+        """
+        End one stream with RST_STREAM; the request is told its client is
+        gone (now, or with C{notify=False} in a moment).
+        """
         if self.streams.pop(stream.stream_id, None) is None:
             return
         stream.closed = True
@@ -838,7 +875,11 @@ class H2FrontChannel(Protocol):
         except H2Error:
             pass
         self._flush()
-        self._forget(stream, Failure(ConnectionLost("the stream was reset")))
+        reason = Failure(ConnectionLost("the stream was reset"))
+        if notify:
+            self._forget(stream, reason)
+        else:
+            self.clock.callLater(0, self._forget, stream, reason)
         self._maybe_close()
 
     def _forget(self, stream: H2Request, reason: Failure) -> None:
@@ -849,6 +890,10 @@ class H2FrontChannel(Protocol):
         if not stream.finished and stream.channel is not None:
             stream._lost(reason)
         stream.channel = None
+
+    def done(self, stream: H2Request) -> None:
+        """A response whose head ended its stream is finished."""
+        self._done(stream)
 
     def _done(self, stream: H2Request) -> None:
         """The response's END_STREAM is sent."""
