@@ -756,3 +756,42 @@ class SwitchTests(SynchronousTestCase):
         factory, channel, transport, reactor = self.channel(h2=False)
         self.assertIs(channel.protocol_for_alpn(b"h2"), channel)
         self.assertIsInstance(channel, HTTPFrontChannel)
+
+
+class SmugglingTests(H2TestCase):
+    """What an HTTP/2 request could smuggle into the HTTP/1.1 request to the backend never reaches a resource."""
+
+    def send(self, headers, body=None):
+        client = self.connect()
+        frame = HeadersFrame(1)
+        frame.data = client.conn.encoder.encode(headers)
+        frame.flags.add("END_HEADERS")
+        if body is None:
+            frame.flags.add("END_STREAM")
+        client.raw(frame.serialize())
+        if body is not None:
+            data = DataFrame(1)
+            data.data = body
+            data.flags.add("END_STREAM")
+            client.raw(data.serialize())
+        return client
+
+    def test_refusedFields(self):
+        """
+        CR/LF or NUL in a value, surrounding spaces, an uppercase or invalid
+        name, Transfer-Encoding, Connection: each is a protocol error (h2
+        checks inbound fields), the connection closes and no request is
+        rendered.
+        """
+        for extra in [(b"x-a", b"a\r\nX-Injected: 1"), (b"x-a", b"a\x00b"), (b"x-a", b" v"), (b"X-Upper", b"v"),
+                      (b"bad name", b"v"), (b"transfer-encoding", b"chunked"), (b"connection", b"close")]:
+            client = self.send(GET + [extra])
+            self.assertTrue(self.transport.disconnecting, extra)
+            self.assertEqual(client.goaway()[0].error_code, ErrorCodes.PROTOCOL_ERROR, extra)
+        self.assertEqual(self.resource.requests, [])
+
+    def test_bodyLongerThanContentLength(self):
+        """A body longer than its content-length is a protocol error, never a second request."""
+        self.send([(b":method", b"POST")] + GET[1:] + [(b"content-length", b"3")], b"hello")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.resource.requests, [])
