@@ -694,16 +694,21 @@ class LifetimeTests(H2TestCase):
         self.assertEqual(len(lost), 1)
         self.assertTrue(self.transport.disconnected or self.transport.disconnecting)
 
-    def test_clientGoawayClosesAfterStreams(self):
-        """A client's GOAWAY: its streams are answered, then the connection closes."""
+    def test_clientGoawayEndsConnection(self):
+        """
+        A client's GOAWAY (h2 sends nothing after one): the streams still
+        open end as if the client had closed, and the connection closes.
+        """
         self.resource.hold = True
         client = self.connect()
-        sid = client.request()
+        client.request()
+        lost = []
+        self.resource.requests[0].notifyFinish().addErrback(lost.append)
         client.conn.close_connection()
         client.pump()
-        self.assertFalse(self.transport.disconnecting)
-        self.resource.requests[0].finish()
+        self.assertEqual(len(lost), 1)
         self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.proto.streams, {})
 
     def test_connectionLostTellsStreams(self):
         """The connection lost: every open stream's request is told, and the factory forgets it."""
@@ -795,3 +800,32 @@ class SmugglingTests(H2TestCase):
         self.send([(b":method", b"POST")] + GET[1:] + [(b"content-length", b"3")], b"hello")
         self.assertTrue(self.transport.disconnecting)
         self.assertEqual(self.resource.requests, [])
+
+
+class ReloadTests(SynchronousTestCase):
+    def test_reconfigureRetiresTheOldFactory(self):
+        """
+        A reload that gives a listener a new factory retires the old one
+        (under its TLS wrapper) with the listener's grace period: its HTTP/2
+        connections get GOAWAY and move to the new configuration.
+        """
+        from twisted_slb.config import ListenerConfig
+        from twisted_slb.service import ListenerService
+
+        class Old:
+            retired = None
+            channels: set = set()
+
+            def retire(self, grace):
+                self.retired = grace
+
+        class Wrapper:
+            def __init__(self, inner):
+                self.wrappedFactory = inner
+
+        old = Old()
+        config = ListenerConfig(name="secure", protocol="https", bind="tcp:0")
+        service = ListenerService(config, Wrapper(old), MemoryReactorClock())
+        service.grace_period = 7.0
+        service.reconfigure(config, Wrapper(Old()))
+        self.assertEqual(old.retired, 7.0)

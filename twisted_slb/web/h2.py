@@ -557,9 +557,14 @@ class H2FrontChannel(Protocol):
                 # StreamEnded that follows ends the request.
                 pass
             elif kind is ConnectionTerminated:
+                # The client's GOAWAY: h2 sends nothing more after one (its
+                # connection state is closed), so the streams still open
+                # end as if the client had closed (clients send GOAWAY when
+                # they are done, or give up).
                 self.client_goaway = True
-                if not self.streams:
-                    self._close()
+                self.abort_streams()
+                self._close()
+                return
         self._flush()
 
     def _scan(self, data: bytes, now: float) -> Optional[str]:
