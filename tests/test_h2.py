@@ -265,6 +265,33 @@ class RequestTests(H2TestCase):
         self.assertEqual(finished, [None])
         self.assertEqual(self.proto.streams, {})
 
+    def test_renderErrorIs500(self):
+        """A resource that raises: 500 on that stream, logged; the connection goes on."""
+        class Broken(Resource):
+            isLeaf = True
+
+            def render(self, request):
+                raise ZeroDivisionError()
+
+        client = self.connect(resource=Broken())
+        sid = client.request()
+        self.assertEqual(client.response(sid)[0][b":status"], b"500")
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_bugEndsOnlyTheConnection(self):
+        """An error of the listener's own while handling frames is logged and ends that connection, nothing more."""
+        client = self.connect()
+
+        def check_head(request):
+            raise KeyError("a bug")
+
+        self.factory.check_head = check_head
+        client.request()
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+        self.assertTrue(self.transport.disconnected or self.transport.disconnecting)
+        self.assertEqual(self.proto.streams, {})
+
     def test_tooManyHeaders(self):
         """More than max_headers fields: 431 on that stream."""
         client = self.connect(max_headers=3)

@@ -535,6 +535,18 @@ class H2FrontChannel(Protocol):
             self.abort_streams()
             self._close()  # h2 has queued its GOAWAY
             return
+        try:
+            self._handle(events)
+        except Exception:
+            # A bug of ours, never the client's doing: logged, and the
+            # connection (not the listener) ends.
+            log.failure("listener {listener}: error handling HTTP/2 frames from {client}",
+                        listener=self.factory.listener_name, client=self._client())
+            self.abort_streams()
+            if not self.lost:
+                self.transport.abortConnection()
+
+    def _handle(self, events: list) -> None:
         for event in events:
             if self.lost or self.closing:
                 return
