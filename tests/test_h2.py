@@ -89,10 +89,12 @@ def frames(data: bytes) -> list:
 class Client:
     """An h2 client connection, pumped by hand to and from the channel."""
 
-    def __init__(self, proto, transport, settings: Dict[int, int] = None) -> None:
+    def __init__(self, proto, transport, settings: Dict[int, int] = None, validate: bool = True) -> None:
         self.proto = proto
         self.transport = transport
-        self.conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        # validate=False: a client that sends what its h2 would refuse to.
+        self.conn = H2Connection(H2Configuration(client_side=True, header_encoding=None,
+                                                 validate_outbound_headers=validate))
         self.conn.initiate_connection()
         if settings:
             self.conn.update_settings(settings)
@@ -154,7 +156,7 @@ class H2TestCase(SynchronousTestCase):
         self.reactor = MemoryReactorClock()
         self.resource = Recorder()
 
-    def connect(self, resource=None, settings: Dict[int, int] = None, h2=None, **kwargs):
+    def connect(self, resource=None, settings: Dict[int, int] = None, h2=None, validate: bool = True, **kwargs):
         factory = HTTPFrontFactory(resource or self.resource, reactor=self.reactor, secure=True, **kwargs)
         factory.h2 = h2 or H2Settings()
         self.factory = factory
@@ -162,7 +164,7 @@ class H2TestCase(SynchronousTestCase):
         transport = StringTransport(peerAddress=CLIENT)
         proto.makeConnection(transport)
         self.proto, self.transport = proto, transport
-        return Client(proto, transport, settings)
+        return Client(proto, transport, settings, validate)
 
 
 class RequestTests(H2TestCase):
@@ -233,11 +235,24 @@ class RequestTests(H2TestCase):
         client.pump()
         self.assertEqual(client.response(first)[1:3], (b"one", True))
 
-    def test_badRequestsRefusedPerStream(self):
-        """CONNECT gets 501 and a bad :path 400, on their stream; the connection goes on."""
-        client = self.connect()
+    def test_connectRefused(self):
+        """
+        CONNECT never reaches a resource: 501 on its stream (or, with an h2
+        older than 4.4, which refuses a CONNECT without :scheme and :path
+        itself, a protocol error).
+        """
+        client = self.connect(validate=False)
         connect = client.request([(b":method", b"CONNECT"), (b":authority", b"example.com:443")])
-        self.assertEqual(client.response(connect)[0][b":status"], b"501")
+        headers, _, _, reset = client.response(connect)
+        if headers is not None:
+            self.assertEqual(headers[b":status"], b"501")
+        else:
+            self.assertTrue(reset == ErrorCodes.PROTOCOL_ERROR or client.goaway(), client.events)
+        self.assertEqual(self.resource.requests, [])
+
+    def test_badPathRefusedPerStream(self):
+        """A bad :path gets 400 on its stream; the connection goes on."""
+        client = self.connect()
         bad = client.request(GET[:3] + [(b":path", b"/a b")])
         self.assertEqual(client.response(bad)[0][b":status"], b"400")
         ok = client.request()
