@@ -41,6 +41,10 @@ What it does, and what it refuses:
    101 the proxy calls L{FrontRequest.switch_protocols} and the connection
    becomes a tunnel, relayed both ways until either side closes or it is
    idle for C{tunnel_timeout}.
+ - Over TLS, a connection whose handshake chose C{h2} (ALPN) is handed to
+   L{twisted_slb.web.h2.H2FrontChannel} (see
+   L{HTTPFrontChannel.protocol_for_alpn}) when the factory has C{h2}
+   settings: HTTP/2 streams are L{FrontRequest}s too.
 """
 
 from __future__ import annotations
@@ -1036,8 +1040,9 @@ class HTTPFrontFactory(Factory):
     def drain(self, grace: float) -> Deferred:
         """
         Graceful shutdown (after the port stopped listening): idle
-        connections are closed now, busy ones after their response; those
-        still open after C{grace} seconds are closed.
+        connections are closed now, busy ones after their response (HTTP/2
+        ones send GOAWAY and close after their last stream); those still
+        open after C{grace} seconds are closed.
 
         @return: a L{Deferred} that fires when no connection is left.
         """
