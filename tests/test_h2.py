@@ -255,6 +255,7 @@ class RequestTests(H2TestCase):
         client = self.connect()
         bad = client.request(GET[:3] + [(b":path", b"/a b")])
         self.assertEqual(client.response(bad)[0][b":status"], b"400")
+        self.assertIsNone(client.response(bad)[3])  # the request was whole: no reset after the answer
         ok = client.request()
         self.assertEqual(client.response(ok)[0][b":status"], b"200")
         self.assertEqual(len(self.resource.requests), 1)

@@ -682,6 +682,9 @@ class H2FrontChannel(Protocol):
         except ValueError:
             method = None
         stream = H2Request(self, stream_id, method or b"GET", path or b"/", headers)
+        # The request may be whole already (END_STREAM on its HEADERS): a
+        # refusal then needs no RST_STREAM after it.
+        stream.request_ended = event.stream_ended is not None
         self.streams[stream_id] = stream
         if self.drain_after_first:
             # The listener began draining during this connection's
