@@ -39,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 TOOLS = {"wrk": "wrk", "haproxy": "haproxy", "nginx": "nginx-light", "curl": "curl", "caddy": "caddy",
-         "openssl": "openssl"}
+         "openssl": "openssl", "h2load": "nghttp2-client"}
 
 
 def ensure_tools(only=frozenset()) -> None:
@@ -212,7 +212,7 @@ frontend http
     default_backend web
 frontend https
     mode http
-    bind 127.0.0.1:{self.ha['https']} ssl crt {self.both}
+    bind 127.0.0.1:{self.ha['https']} ssl crt {self.both} alpn h2,http/1.1
     default_backend web
 backend web
     mode http
@@ -412,6 +412,26 @@ def wrk(url: str, duration: float, connections: int = 50, close: bool = False) -
     return result
 
 
+def h2load(url: str, duration: float, connections: int = 50, streams: int = 10) -> Dict[str, float]:
+    """HTTP/2 load: C{h2load -t1 -cN -mM} for C{duration} seconds (each connection keeps M streams open)."""
+    argv = [tool("h2load"), "-t1", f"-c{connections}", f"-m{streams}", f"-D{max(1, int(duration))}", url]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60).stdout
+    m = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", out)
+    if not m:
+        raise RuntimeError(f"h2load gave no figure for {url}:\n{out}")
+    if "Application protocol: h2" not in out:
+        raise RuntimeError(f"h2load did not speak HTTP/2 to {url}:\n{out}")
+    result = {"rps": float(m.group(1))}
+    done = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed", out)
+    if done:
+        result["requests"] = float(done.group(3))
+        result["failed"] = float(done.group(4))
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    if codes:
+        result["non2xx"] = float(int(codes.group(3)) + int(codes.group(4)))  # as wrk counts: neither 2xx nor 3xx
+    return result
+
+
 def bulk(url: str, timeout: float) -> Dict[str, float]:
     out = subprocess.run(
         [tool("curl"), "-s", "-o", "/dev/null", "-w", "%{speed_download} %{size_download}", url],
@@ -582,6 +602,8 @@ def main(argv: Optional[List[str]] = None) -> int:
              lambda base: wrk(base["https"] + "/", d, n, close=True), False),
             ("https_resume", "HTTPS resumed session per request, 1 client (conn/s)", "rps",
              lambda base: resumed(base["https_port"], d), False),
+            ("https_h2", "HTTPS HTTP/2, h2load -c50 -m10 (req/s)", "rps",
+             lambda base: h2load(base["https"] + "/", d, n, 10), False),
         ]
 
         def urls(ports: Dict[str, int]) -> Dict[str, object]:

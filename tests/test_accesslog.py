@@ -172,7 +172,7 @@ class AccessLogServiceTests(ServiceTestCase):
         with open(log_path) as f:
             text = f.read()
         self.assertIn('web 127.0.0.1 127.0.0.1:', text)
-        self.assertIn('"GET /x?y" 200 -> a persistence=none', text)
+        self.assertIn('"GET /x?y HTTP/1.1" 200 -> a persistence=none', text)
         self.assertIn("tcp 127.0.0.1 -> a (127.0.0.1:", text)
 
 
@@ -426,7 +426,7 @@ class TwistdLogServiceTests(ServiceTestCase):
         yield readBody(response)
         service.twistd_log.flush()
         self.assertRegex(out.getvalue(), r'\[twisted_slb.access#info\] web 127\.0\.0\.1 127\.0\.0\.1:\d+ '
-                                         r'"GET /x\?y" 200 -> a persistence=none bytes=\d+ \d+\.\d{3}s\n')
+                                         r'"GET /x\?y HTTP/1\.1" 200 -> a persistence=none bytes=\d+ \d+\.\d{3}s\n')
 
     def test_reloadWritesWhatWaits(self):
         """SIGHUP's reload writes the lines waiting."""

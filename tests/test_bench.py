@@ -55,4 +55,4 @@ class BenchCommandTests(TestCase):
         out, err, code = yield self.run_bench("-m", "twisted.trial", "--temp-directory",
                                               os.path.abspath(self.mktemp()), "bench.test_harness")
         self.assertEqual(code, 0, out + err)
-        self.assertRegex(out, rb"PASSED \(successes=3\)")
+        self.assertRegex(out, rb"PASSED \(successes=5\)")

@@ -15,6 +15,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from tests.ports import refusing_port
 from twisted_slb.check import run
 from twisted_slb.demo import EchoNameFactory
 
@@ -130,9 +131,7 @@ class CheckTests(TestCase):
     @defer.inlineCallbacks
     def test_connectionRefusedExitsTwo(self):
         """A refused connection exits 2, saying it was refused."""
-        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(Sticky()))
-        number = port.getHost().port
-        yield port.stopListening()
+        number = refusing_port(self)
         code, _, err = yield self.check(f"http://127.0.0.1:{number}/", "-n", "1")
         self.assertEqual(code, 2)
         self.assertIn("refused", err)

@@ -647,3 +647,79 @@ class TableAndSplitConfigTests(SynchronousTestCase):
                       "no backend above 125% of the average load", text)
         text = describe(self.parse(self.http('{ type = "learn_cookie", cookie = "JSESSIONID" }')))
         self.assertIn("learn_cookie JSESSIONID: the value the backend sets is learned (never modified)", text)
+
+
+class HTTP2ConfigTests(SynchronousTestCase):
+    """The HTTP/2 settings of https listeners: defaults, and each bad value one error naming it."""
+
+    def listener(self, extra: str = ""):
+        from tests.certs import CertificateAuthority
+
+        directory = os.path.abspath(self.mktemp())
+        cert, key = CertificateAuthority().issue(["localhost"]).write(directory, "site")
+        return BASE + f"""
+[listeners.secure]
+protocol = "https"
+bind = "tcp:443"
+backends = "web"
+certificates = [ {{ cert = "{cert}", key = "{key}" }} ]
+{extra}
+"""
+
+    def error(self, extra: str) -> str:
+        with self.assertRaises(ConfigError) as cm:
+            parse_config(self.listener(extra), "slb.toml")
+        return str(cm.exception)
+
+    def test_defaults(self):
+        """An https listener offers h2 then http/1.1, 100 streams, 64 KB header lists, a 4 KB HPACK table."""
+        secure = parse_config(self.listener(), "slb.toml").listeners["secure"]
+        self.assertEqual(secure.alpn, ("h2", "http/1.1"))
+        self.assertEqual((secure.max_concurrent_streams, secure.max_header_list_size, secure.hpack_table_size),
+                         (100, 65536, 4096))
+
+    def test_valuesRead(self):
+        """Given values are kept; alpn = ["http/1.1"] turns HTTP/2 off."""
+        secure = parse_config(self.listener('alpn = ["http/1.1"]\nmax_concurrent_streams = 16\n'
+                                            'max_header_list_size = 8192\nhpack_table_size = 0'),
+                              "slb.toml").listeners["secure"]
+        self.assertEqual((secure.alpn, secure.max_concurrent_streams, secure.max_header_list_size,
+                          secure.hpack_table_size), (("http/1.1",), 16, 8192, 0))
+
+    def test_unknownProtocol(self):
+        """An ALPN name the listener cannot speak is refused, naming it and what is allowed."""
+        message = self.error('alpn = ["h3"]')
+        self.assertIn("listeners.secure.alpn: 'h3' is not a protocol this listener speaks; got ['h3']; "
+                      'allowed: a non-empty array of "h2" and "http/1.1"', message)
+
+    def test_protocolTwice(self):
+        """An ALPN list naming a protocol twice is refused, saying so."""
+        self.assertIn("listeners.secure.alpn: a protocol is named twice", self.error('alpn = ["h2", "h2"]'))
+
+    def test_streamsOutOfRange(self):
+        """max_concurrent_streams outside 1..10000 is refused, naming the field, the value and the range."""
+        self.assertIn("listeners.secure.max_concurrent_streams: out of range; got 0; allowed: an integer from 1 "
+                      "to 10000", self.error("max_concurrent_streams = 0"))
+
+    def test_headerListSizeOutOfRange(self):
+        """max_header_list_size outside 1024..1048576 bytes is refused, naming the field, the value and the range."""
+        self.assertIn("listeners.secure.max_header_list_size: out of range; got 100; allowed: an integer from "
+                      "1024 to 1048576 bytes", self.error("max_header_list_size = 100"))
+
+    def test_hpackTableSizeOutOfRange(self):
+        """hpack_table_size outside 0..65536 bytes is refused, naming the field, the value and the range."""
+        self.assertIn("listeners.secure.hpack_table_size: out of range; got 70000; allowed: an integer from 0 "
+                      "to 65536 bytes", self.error("hpack_table_size = 70000"))
+
+    def test_notOnHttpListeners(self):
+        """The HTTP/2 keys belong to https listeners."""
+        with self.assertRaises(ConfigError) as cm:
+            parse_config(BASE + '[listeners.web]\nprotocol = "http"\nbind = "tcp:80"\nbackends = "web"\n'
+                         "max_concurrent_streams = 10\n", "slb.toml")
+        self.assertIn("listeners.web.max_concurrent_streams: not a setting of http listeners", str(cm.exception))
+
+    def test_describeNamesHTTP2(self):
+        """--check's description of an https listener names its HTTP/2 limits."""
+        text = describe(parse_config(self.listener(), "slb.toml"))
+        self.assertIn("ALPN h2, http/1.1; HTTP/2: max_concurrent_streams 100, max_header_list_size 65536, "
+                      "hpack_table_size 4096", text)

@@ -23,6 +23,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from tests.ports import refusing_port
 from twisted_slb import lean
 from twisted_slb.backends import Backend, BackendGroup
 from twisted_slb.persistence.cookies import InsertCookie
@@ -603,9 +604,7 @@ class ProxyTests(TestCase):
     @defer.inlineCallbacks
     def test_refusedBackendRetriedForGet(self):
         """A GET to a backend that refuses the connection is retried on another, and the failure counted."""
-        dead = yield self.listen(Site(Recorder()))
-        dead_port = dead.getHost().port
-        yield dead.stopListening()
+        dead_port = refusing_port(self)
         live = yield self.listen(Site(Recorder()))
         url, group = yield self.proxy(dead_port, live.getHost().port)
         response = yield self.agent().request(b"GET", (url + "/").encode())
@@ -651,9 +650,7 @@ class ProxyTests(TestCase):
     @defer.inlineCallbacks
     def test_allRefusedIs502(self):
         """With every backend refusing connections, the proxy answers 502."""
-        dead = yield self.listen(Site(Recorder()))
-        dead_port = dead.getHost().port
-        yield dead.stopListening()
+        dead_port = refusing_port(self)
         url, _ = yield self.proxy(dead_port)
         response = yield self.agent().request(b"GET", (url + "/").encode())
         yield readBody(response)

@@ -196,7 +196,7 @@ backends = "echo"
 """
 
 ACCESS_LINE = (r"^\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{{4}} \[twisted_slb\.access#info\] "
-               r'web 127\.0\.0\.1 127\.0\.0\.1:{port} "GET /{i}" 200 -> a persistence=none bytes=\d+ \d+\.\d{{3}}s$')
+               r'web 127\.0\.0\.1 127\.0\.0\.1:{port} "GET /{i} HTTP/1\.1" 200 -> a persistence=none bytes=\d+ \d+\.\d{{3}}s$')
 
 
 class TwistdAccessLogTests(TestCase):

@@ -214,7 +214,10 @@ class ListenerConfig:
     # https
     certificates: Tuple[CertificateConfig, ...] = ()
     min_tls: str = "1.2"  # "1.2" | "1.3"
-    alpn: Tuple[str, ...] = ("http/1.1",)
+    alpn: Tuple[str, ...] = ("h2", "http/1.1")  # "h2" in it: HTTP/2 (twisted_slb.web.h2)
+    max_concurrent_streams: int = 100  # HTTP/2 streams open at once per connection
+    max_header_list_size: int = 65536  # HTTP/2: the longest header list (and header block), bytes
+    hpack_table_size: int = 4096  # HTTP/2: the HPACK dynamic table a client may make us keep, bytes
     # udp (idle_timeout above is shared with tcp; a udp listener's default is 30)
     max_sessions: int = 100_000
 
@@ -294,7 +297,9 @@ _HTTP_KEYS = (
     "request_timeout", "response_idle_timeout", "client_idle_timeout", "max_header_bytes", "max_headers", "max_body_bytes", "tunnel_timeout",
     "max_connections_per_ip", "request_buffering", "rules", "https_redirect_port", "backend_header",
 )
-_HTTPS_KEYS = ("certificates", "min_tls", "alpn")
+_HTTPS_KEYS = ("certificates", "min_tls", "alpn", "max_concurrent_streams", "max_header_list_size", "hpack_table_size")
+#: The ALPN protocols a listener can speak.
+ALPN_PROTOCOLS = ("h2", "http/1.1")
 _UDP_KEYS = ("protocol", "bind", "backends", "persistence", "access_log", "idle_timeout", "max_sessions")
 _LISTENER_KEYS = {
     "tcp": _COMMON_LISTENER_KEYS + _TCP_KEYS,
@@ -1072,13 +1077,22 @@ def _read_listener(file: str, base: str, name: str, data: Any,
                 _check_file(c, "key", c.get("key"), base),
                 _check_file(c, "chain", chain, base) if chain is not None else None,
             ))
-        alpn = t.array("alpn", ["http/1.1"], allowed='an array of protocol names such as ["http/1.1"]')
+        allowed = 'a non-empty array of "h2" and "http/1.1", best first, such as ["h2", "http/1.1"]'
+        alpn = t.array("alpn", ["h2", "http/1.1"], allowed=allowed)
         if not alpn or not all(isinstance(a, str) and a and len(a) < 256 for a in alpn):
-            raise t.error("alpn", "not a list of protocol names", alpn, 'a non-empty array such as ["http/1.1"]')
+            raise t.error("alpn", "not a list of protocol names", alpn, allowed)
+        for name in alpn:
+            if name not in ALPN_PROTOCOLS:
+                raise t.error("alpn", f"{name!r} is not a protocol this listener speaks", alpn, allowed)
+        if len(set(alpn)) != len(alpn):
+            raise t.error("alpn", "a protocol is named twice", alpn, allowed)
         kwargs.update(
             certificates=tuple(certs),
             min_tls=t.string("min_tls", "1.2", choices=("1.2", "1.3")),
             alpn=tuple(alpn),
+            max_concurrent_streams=t.integer("max_concurrent_streams", 100, 1, 10_000),
+            max_header_list_size=t.integer("max_header_list_size", 65536, 1024, 1048576, "bytes"),
+            hpack_table_size=t.integer("hpack_table_size", 4096, 0, 65536, "bytes"),
         )
     return ListenerConfig(**kwargs)
 
@@ -1402,7 +1416,10 @@ def describe(config: Config) -> str:
                         described.append(name)
                         lines.extend("  " + line for line in _describe_group(config.backends[name], l.protocol))
         if l.protocol == "https":
-            lines.append(f"  TLS >= {l.min_tls}, ALPN {', '.join(l.alpn)}")
+            lines.append(f"  TLS >= {l.min_tls}, ALPN {', '.join(l.alpn)}" +
+                         (f"; HTTP/2: max_concurrent_streams {l.max_concurrent_streams}, max_header_list_size "
+                          f"{l.max_header_list_size}, hpack_table_size {l.hpack_table_size}" if "h2" in l.alpn
+                          else ""))
             for c in l.certificates:
                 lines.append(f"  certificate {c.cert}")
         if l.max_connections:

@@ -167,6 +167,9 @@ class ListenerService(Service):
             self._switch.switch(factory)
             self._choose_transport()
         if old is not factory:
+            retire = getattr(innermost(old), "retire", None)
+            if retire is not None:
+                retire(self.grace_period)  # HTTP/2 connections: GOAWAY, then a new connection, new config
             self._replaced = [f for f in self._replaced + [old] if _open_connections(f)]
 
     def privilegedStartService(self) -> None:
@@ -767,6 +770,11 @@ class BalancerService(MultiService):
         )
         if listener.client_ip.source in ("x-forwarded-for", "forwarded"):
             site.client_ip_policy = self._client_ip_policy(listener)
+        if listener.protocol == "https" and "h2" in listener.alpn:
+            from twisted_slb.web.h2 import H2Settings
+
+            site.h2 = H2Settings(listener.max_concurrent_streams, listener.max_header_list_size,
+                                 listener.hpack_table_size)
         stats = site.stats = self.stats.for_listener(listener.name, listener.protocol)
         stats.active_source = lambda: len(site.channels)
         return site

@@ -744,6 +744,11 @@ class _HandshakeGuard(Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        # The protocol ALPN chose decides who serves the connection: an
+        # HTTP listener's channel hands it to HTTP/2 for "h2".
+        choose = getattr(self.wrapped, "protocol_for_alpn", None)
+        if choose is not None:
+            self.wrapped = choose(getattr(self.transport, "negotiatedProtocol", None))
         if IHandshakeListener.providedBy(self.wrapped):
             self.wrapped.handshakeCompleted()
 

@@ -52,6 +52,10 @@ What it does, and what it refuses:
    101 the proxy calls L{FrontRequest.switch_protocols} and the connection
    becomes a tunnel, relayed both ways until either side closes or it is
    idle for C{tunnel_timeout}.
+ - Over TLS, a connection whose handshake chose C{h2} (ALPN) is handed to
+   L{twisted_slb.web.h2.H2FrontChannel} (see
+   L{HTTPFrontChannel.protocol_for_alpn}) when the factory has C{h2}
+   settings: HTTP/2 streams are L{FrontRequest}s too.
 """
 
 from __future__ import annotations
@@ -465,6 +469,35 @@ class HTTPFrontChannel(Protocol):
         if body is not None:
             body.fail(BodyError("the client's connection was lost"))
         self.factory.channel_closed(self)
+
+    def protocol_for_alpn(self, protocol: Optional[bytes]):
+        """
+        The protocol to serve this connection with once TLS negotiated
+        C{protocol} over ALPN (L{twisted_slb.tls} asks when the handshake
+        ends): an L{twisted_slb.web.h2.H2FrontChannel} taking over for
+        C{h2} when the factory serves HTTP/2 (its C{h2} settings), else
+        this channel.
+        """
+        if protocol != b"h2" or self.factory.h2 is None or self.lost or self.state != _IDLE or self.buffer:
+            return self
+        from twisted_slb.web.h2 import H2FrontChannel
+
+        return H2FrontChannel.take_over(self)
+
+    def hand_over(self) -> None:
+        """
+        Another protocol serves this connection from now on (HTTP/2): this
+        channel lets go of the transport and the factory's connection set,
+        and keeps nothing running; its place in the connection limits goes
+        with the connection.
+        """
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        self.state = _CLOSED
+        self.lost = True
+        self.transport.unregisterProducer()
+        self.factory.channels.discard(self)
 
     def readConnectionLost(self) -> None:
         # The client sent FIN: answer what it asked for, then close (as
@@ -1080,6 +1113,9 @@ class HTTPFrontFactory(Factory):
     #: a L{twisted_slb.clientip.ClientIPPolicy} reading X-Forwarded-For or
     #: Forwarded, or L{None}: the client is the connection's peer
     client_ip_policy = None
+    #: the L{twisted_slb.web.h2.H2Settings} of the HTTP/2 connections of an
+    #: https listener that offers C{h2} over ALPN, or L{None}: HTTP/1.1 only
+    h2 = None
 
     def __init__(
         self,
@@ -1130,8 +1166,13 @@ class HTTPFrontFactory(Factory):
             self.stats.connections_total += 1
         return channel
 
+    _retiring = None  # HTTP/2 connections a reload sent GOAWAY, and the call cutting them after the grace
+
     def channel_closed(self, channel: HTTPFrontChannel) -> None:
         self.channels.discard(channel)
+        if self._retiring is not None and not (self._retiring[0] & self.channels):
+            self._retiring[1].cancel()  # all gone before the grace ended
+            self._retiring = None
         self.limit.release()
         self.per_ip.release(channel.client_ip)
         if not self.channels:
@@ -1140,12 +1181,17 @@ class HTTPFrontFactory(Factory):
     def drain(self, grace: float) -> Deferred:
         """
         Graceful shutdown (after the port stopped listening): idle
-        connections are closed now, busy ones after their response; those
-        still open after C{grace} seconds are closed.
+        connections are closed now, busy ones after their response (HTTP/2
+        ones send GOAWAY and close after their last stream); those still
+        open after C{grace} seconds are closed.
 
         @return: a L{Deferred} that fires when no connection is left.
         """
         for channel in list(self.channels):
+            goaway = getattr(channel, "goaway", None)
+            if goaway is not None:
+                goaway()  # HTTP/2: GOAWAY; in-flight streams finish
+                continue
             channel.draining = True
             # An idle keep-alive connection is closed now (a client retries a
             # request that crossed the close on a reused connection); a
@@ -1159,3 +1205,23 @@ class HTTPFrontFactory(Factory):
                 channel.transport.abortConnection()
 
         return self.tracker.wait(not self.channels, grace, force, self.reactor)
+
+    def retire(self, grace: float) -> None:
+        """
+        A reload replaced this factory: its HTTP/2 connections send GOAWAY, so
+        that their clients open new ones (served by the new configuration)
+        once the streams in flight are answered; those still open after
+        C{grace} seconds are closed.  HTTP/1.1 connections carry on.
+        """
+        retiring = {c for c in self.channels if getattr(c, "goaway", None) is not None}
+        for channel in retiring:
+            channel.goaway()
+
+        def force() -> None:
+            self._retiring = None
+            for channel in retiring & self.channels:
+                channel.abort_streams()
+                channel.transport.abortConnection()
+
+        if retiring & self.channels:
+            self._retiring = (retiring, self.reactor.callLater(grace, force))

@@ -992,6 +992,7 @@ class _Exchange:
         host = (request.getHeader(b"host") or b"-").decode("latin-1")
         method = request.method.decode("latin-1")
         path = request.uri.decode("latin-1")
+        proto = request.clientproto.decode("latin-1")
         status = self.status
         name = backend.name if backend else "-"
         outcome = session.outcome
@@ -999,12 +1000,12 @@ class _Exchange:
         duration = resource.reactor.seconds() - self.started
         gone = " (client closed)" if client_gone else ""
         # One f-string; a log event also keeps every field for observers.
-        line = (f'{listener} {client} {host} "{method} {path}" {status} -> {name} persistence={outcome} '
+        line = (f'{listener} {client} {host} "{method} {path} {proto}" {status} -> {name} persistence={outcome} '
                 f"bytes={sent} {duration:.3f}s{gone}")
         access_file = resource.access_file
         if access_file is None or not access_file.write_line(line):
             access.info("{line}", line=line, listener=listener, client=client, host=host, method=method,
-                        path=path, status=status, backend=name, outcome=outcome, bytes=sent,
+                        path=path, protocol=proto, status=status, backend=name, outcome=outcome, bytes=sent,
                         duration=duration, gone=gone)
 
 

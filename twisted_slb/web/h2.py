@@ -1,0 +1,1013 @@
+# -*- test-case-name: tests.test_h2 -*-
+"""
+HTTP/2 on the HTTPS listeners, built on the C{h2} library (python-hyper, the
+library Twisted's own HTTP/2 server uses).
+
+An https listener offers C{h2} over ALPN (its C{alpn}, by default
+C{["h2", "http/1.1"]}).  The connection starts as an ordinary
+L{twisted_slb.web.front.HTTPFrontChannel}; when the TLS handshake ends with
+C{h2} negotiated, L{twisted_slb.tls} asks that channel for the protocol to
+use (L{twisted_slb.web.front.HTTPFrontChannel.protocol_for_alpn}) and an
+L{H2FrontChannel} takes the connection over, with the same factory, limits,
+counters and client address.
+
+Each stream is an L{H2Request}: a L{twisted_slb.web.front.FrontRequest} (the
+same request interface, and most of the same code) whose response goes out
+as HTTP/2 frames.  So every stream takes the same path as an HTTP/1.1
+request: rules, persistence (cookies read and set the same way; the
+C{Cookie} fields HTTP/2 splits are joined with C{"; "} first), the
+X-Forwarded-* fields, limits, retries, the access log (with the protocol,
+C{HTTP/2}) and the stats.  Backends are still spoken to over HTTP/1.1 from
+the shared pool.
+
+Flow control and back-pressure: a response is sent within the stream's and
+the connection's windows; what does not fit is kept (at most one read of the
+backend per stream, as the stream's producer, the proxy's exchange, is
+paused at once) until the client opens its window again.  When the client's
+socket is full, every stream's producer is paused.  So a slow client, or
+one that never opens its window, never makes the balancer buffer more than a
+bounded amount.
+
+What it refuses (each is a known attack on HTTP/2 servers):
+
+ - rapid reset (CVE-2023-44487): streams the client resets, or that are
+   refused because C{max_concurrent_streams} are already open, draw from a
+   budget (L{RESET_BURST}, refilled at L{RESET_RATE} a second); past it,
+   GOAWAY with C{ENHANCE_YOUR_CALM} and the connection closes;
+ - CONTINUATION flood (2024): a header block (HEADERS and its CONTINUATION
+   frames) longer than C{max_header_list_size} closes the connection, before
+   the block is decoded; so does one that does not end within the idle
+   timeout;
+ - SETTINGS, PING, PRIORITY, empty DATA and unknown frame floods
+   (CVE-2019-9512, -9515, -9518): frames that carry no request work draw
+   from a budget (L{CONTROL_BURST}, L{CONTROL_RATE}); past it, GOAWAY with
+   C{ENHANCE_YOUR_CALM};
+ - a stream that never sends its (whole) body: 408 after
+   C{client_idle_timeout} without a body byte;
+ - a window that stays at 0: a stream with a response waiting for window for
+   C{client_idle_timeout} is reset; if it is the connection's window, the
+   connection is closed.  A client that stops reading its socket is closed
+   after the same time, as over HTTP/1.1.
+
+Graceful: on shutdown (L{H2FrontChannel.goaway}) and on a reload that
+replaces the listener's factory, the connection sends GOAWAY naming the last
+stream it accepted; streams in flight finish (within the grace period), later
+ones are refused (C{REFUSED_STREAM}, which clients retry on a new
+connection), and the connection closes once the last stream is answered.
+"""
+
+from __future__ import annotations
+
+import struct
+from tempfile import SpooledTemporaryFile
+from typing import Dict, List, Optional, Tuple
+
+import attr
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated, DataReceived, RemoteSettingsChanged, RequestReceived, StreamEnded, StreamReset,
+    TrailersReceived, WindowUpdated,
+)
+from h2.exceptions import H2Error, ProtocolError
+from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
+from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import getChildForRequest
+from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
+
+from twisted_slb.web.front import (
+    _BAD_TARGET, _REASONS, _TOKEN, SPOOL_BYTES, BadRequest, FrontRequest, _http_date,
+)
+from twisted_slb.web.headers import FastHeaders
+
+log = Logger(namespace="twisted_slb.front")
+
+#: The protocol name requests carry (C{clientproto}, and the access log).
+PROTOCOL = b"HTTP/2"
+#: The connection's receive window (the streams' stay at 65,535, the
+#: default): how much request body all streams together may have in flight.
+CONNECTION_WINDOW = 1 << 20
+#: Streams reset by the client or refused, at most this many at once...
+RESET_BURST = 200
+#: ...and this many a second after that (rapid reset, CVE-2023-44487).
+RESET_RATE = 20.0
+#: Frames that carry no request work (SETTINGS, PING, PRIORITY, empty DATA,
+#: empty CONTINUATION, unknown types), at most this many at once...
+CONTROL_BURST = 1000
+#: ...and this many a second after that.
+CONTROL_RATE = 100.0
+#: Response fields HTTP/2 forbids (RFC 9113 8.2.2); the proxy has dropped the
+#: backend's already, these are the ones the balancer itself may set.
+_CONNECTION_FIELDS = frozenset(
+    [b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"])
+_PREFACE_LENGTH = 24
+_FRAME_HEAD = struct.Struct(">HBBBL")  # length (24 bits as 16 + 8), type, flags, stream id
+# Frame types and flags (RFC 9113 6).
+_DATA, _HEADERS, _PRIORITY, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _PING, _GOAWAY, _WINDOW_UPDATE, \
+    _CONTINUATION = range(10)
+_END_STREAM = 0x1
+_END_HEADERS = 0x4
+_ACK = 0x1
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class H2Settings:
+    """
+    What an HTTP listener's HTTP/2 connections advertise and enforce.
+
+    @ivar max_concurrent_streams: streams a client may have open at once
+        (C{SETTINGS_MAX_CONCURRENT_STREAMS}); one more is refused.
+    @ivar max_header_list_size: the longest header list, decoded, in bytes
+        (C{SETTINGS_MAX_HEADER_LIST_SIZE}); also the longest header block
+        (HEADERS and CONTINUATION frames) accepted, encoded.
+    @ivar header_table_size: the HPACK dynamic table the client may make this
+        side keep (C{SETTINGS_HEADER_TABLE_SIZE}).
+    """
+
+    max_concurrent_streams: int = 100
+    max_header_list_size: int = 65536
+    header_table_size: int = 4096
+
+
+class _Budget:
+    """A token bucket: C{burst} at once, refilled at C{rate} a second."""
+
+    __slots__ = ("burst", "rate", "tokens", "at")
+
+    def __init__(self, burst: int, rate: float, now: float) -> None:
+        self.burst = burst
+        self.rate = rate
+        self.tokens = float(burst)
+        self.at = now
+
+    def take(self, n: int, now: float) -> bool:
+        """Spend C{n}; C{False} once the budget is overdrawn."""
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate) - n
+        self.at = now
+        return self.tokens >= 0
+
+
+class H2Request(FrontRequest):
+    """
+    One stream of an L{H2FrontChannel}: a L{FrontRequest} (same interface,
+    same header store) whose response goes out as HTTP/2 frames.
+
+    The proxy reaches a request's connection through C{request.channel}
+    (C{channel.transport.loseConnection()} to cut a response short, and the
+    C{slb_proxied} mark of a client connection that already sent a request
+    to a backend).  Over HTTP/2 cutting the connection would cut every other
+    stream too, so a stream is its own C{channel} and C{transport}: closing
+    it resets the stream, and C{slb_proxied} is the connection's.
+    """
+
+    clientproto = PROTOCOL
+    can_switch_protocols = False
+    dispatched = False
+    #: the client sent END_STREAM: the request is whole
+    request_ended = False
+    #: the response's END_STREAM (or a reset) was sent
+    closed = False
+    #: response bytes waiting for window, and whether END_STREAM follows them
+    pending_bytes = 0
+    ending = False
+    blocked_at = 0.0
+    producer_paused = False
+    #: response body bytes still due by its Content-Length, or None
+    length_left: Optional[int] = None
+    body_read = 0
+    last_in = 0.0
+
+    def __init__(self, connection: H2FrontChannel, stream_id: int, method: bytes, uri: bytes,
+                 headers: FastHeaders) -> None:
+        FrontRequest.__init__(self, connection, method, uri, PROTOCOL, headers, True)
+        self.connection = connection
+        self.stream_id = stream_id
+        self.channel = self
+        self.transport = self
+        self.pending: List[bytes] = []
+        self.last_in = connection.clock.seconds()
+
+    def __repr__(self) -> str:
+        return f"<H2Request {self.stream_id} {self.method!r} {self.uri!r}>"
+
+    @property
+    def slb_proxied(self) -> bool:
+        return self.connection.slb_proxied
+
+    @slb_proxied.setter
+    def slb_proxied(self, value: bool) -> None:
+        self.connection.slb_proxied = value
+
+    # -- the request body (kept small: request bodies are read whole, as
+    # over HTTP/1.1, and spooled; see body_received and body_ended) ----------
+
+    def body_received(self, data: bytes) -> None:
+        """Request body bytes (flow control is acknowledged by the caller)."""
+        if self.content is None:
+            self.content = SpooledTemporaryFile(max_size=SPOOL_BYTES)
+        self.content.write(data)
+
+    def body_ended(self) -> None:
+        """The whole request is here: answer it."""
+        if self.content is not None:
+            self.content.seek(0, 0)
+
+    # -- as the proxy's "channel" and "transport" ------------------------------
+
+    def loseConnection(self) -> None:
+        """
+        Cut this response short: the stream is reset, the others go on.  As
+        with a connection closing, the request hears of it later, not from
+        inside this call.
+        """
+        self.connection.reset(self, ErrorCodes.INTERNAL_ERROR, notify=False)
+
+    abortConnection = loseConnection
+
+    # -- the response -----------------------------------------------------------
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        if self.producer is not None:
+            raise RuntimeError(f"a producer is already registered: {self.producer!r}")
+        self.producer = producer
+        self.streaming = streaming
+        self.producer_paused = False
+        if self.channel is None:
+            producer.stopProducing()
+            return
+        connection = self.connection
+        if streaming:
+            if connection.paused or self.pending:
+                self.producer_paused = True
+                producer.pauseProducing()
+        else:
+            connection.pull(self)
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+        self.producer_paused = False
+
+    def write(self, data: bytes) -> None:
+        if self.finished:
+            raise RuntimeError("write() after finish()")
+        if self.channel is None:
+            return  # the stream is gone
+        connection = self.connection
+        if not self.started:
+            connection.send_head(self, False)
+        if data and not self.no_body and not self.closed:
+            connection.send_body(self, data)
+
+    def finish(self) -> None:
+        if self.finished:
+            raise RuntimeError("finish() called twice")
+        self.finished = True
+        self._lost_callback = None
+        if self.channel is not None:
+            connection = self.connection
+            if not self.started:
+                connection.send_head(self, True)
+            elif not self.closed:
+                connection.end_body(self)
+            elif not self.pending:
+                connection.done(self)  # its END_STREAM went already
+        ds, self._finished_ds = self._finished_ds, None
+        if ds:
+            for d in ds:
+                d.callback(None)
+
+    def response_fields(self) -> List[Tuple[bytes, bytes]]:
+        """The response head as HTTP/2 fields: C{:status}, then lowercase names."""
+        self.started = True
+        code = self.code
+        self.no_body = self.method == b"HEAD" or code in (204, 304) or code < 200
+        headers = self.responseHeaders
+        items = headers.by_name.items() if type(headers) is FastHeaders else headers.getAllRawHeaders()
+        fields = [(b":status", b"%d" % code)]
+        date = False
+        for name, values in items:
+            lower = name.lower()
+            if lower in _CONNECTION_FIELDS:
+                continue
+            if lower == b"date":
+                date = True
+            for value in values:
+                if 0 in value:
+                    continue  # NUL: never valid in HTTP/2 (RFC 9113 8.2.1); CR and LF are folded already
+                fields.append((lower, value))
+        if not date:
+            fields.append((b"date", _http_date(self.connection.clock.seconds())))
+        length = headers.getRawHeaders(b"content-length")
+        if length and len(length) == 1 and length[0].isdigit():
+            self.length_left = int(length[0])
+        return fields
+
+
+@implementer(IPushProducer)
+class H2FrontChannel(Protocol):
+    """
+    One HTTP/2 client connection of an L{twisted_slb.web.front.HTTPFrontFactory}.
+
+    It is its transport's push producer: when the client's socket is full,
+    every stream's producer is paused.
+
+    @ivar streams: stream id -> the L{H2Request} being received or answered.
+    """
+
+    timer = None
+    paused = False
+    paused_at = 0.0
+    lost = False
+    closing = False
+    closed_at = 0.0
+    draining = False  # GOAWAY sent: no new stream is accepted
+    drain_after_first = False
+    goaway_id = 0
+    client_goaway = False
+    slb_proxied = False
+    served = False
+    client_ip: Optional[str] = None
+    # The frame scanner (see _scan): preface bytes still to skip, payload
+    # bytes of the current frame still to skip, a partial frame header.
+    _preface_left = _PREFACE_LENGTH
+    _skip = 0
+    _partial = b""
+    # The header block being received: its bytes so far, and its start.
+    _block: Optional[int] = None
+    _block_started = 0.0
+
+    def __init__(self, factory, settings: Optional[H2Settings] = None) -> None:
+        self.factory = factory
+        self.settings = settings or getattr(factory, "h2", None) or H2Settings()
+        self.clock = factory.reactor
+        self.streams: Dict[int, H2Request] = {}
+        self.secure = True
+
+    @classmethod
+    def take_over(cls, channel) -> H2FrontChannel:
+        """
+        Serve the connection of C{channel}, an HTTP/1.1 channel that has
+        read nothing yet (the TLS handshake just chose C{h2}): it leaves the
+        factory's connections without giving back its place in the limits,
+        which the new channel keeps.
+        """
+        transport = channel.transport
+        channel.hand_over()
+        new = cls(channel.factory)
+        new.client_ip = channel.client_ip
+        new.drain_after_first = channel.draining
+        new.makeConnection(transport)
+        return new
+
+    # -- connection ---------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        factory = self.factory
+        settings = self.settings
+        transport.bufferSize = factory.write_buffer
+        transport.registerProducer(self, True)
+        self.peer = transport.getPeer()
+        self.host = transport.getHost()
+        now = self.last = self.clock.seconds()
+        self.resets = _Budget(RESET_BURST, RESET_RATE, now)
+        self.controls = _Budget(CONTROL_BURST, CONTROL_RATE, now)
+        conn = self.conn = H2Connection(H2Configuration(
+            client_side=False, header_encoding=None, normalize_outbound_headers=False,
+            # The response fields are the backend's, already checked by the
+            # upstream parser (tokens), lowercased and without NUL here,
+            # less the connection-specific ones: checking them again per
+            # response costs a fifth of the HTTP/2 path.
+            validate_outbound_headers=False))
+        advertised = {
+            SettingCodes.MAX_CONCURRENT_STREAMS: settings.max_concurrent_streams,
+            SettingCodes.MAX_HEADER_LIST_SIZE: settings.max_header_list_size,
+            SettingCodes.HEADER_TABLE_SIZE: settings.header_table_size,
+            SettingCodes.ENABLE_PUSH: 0,
+        }
+        conn.local_settings = Settings(client=False, initial_values=advertised)
+        conn.initiate_connection()  # sends the advertised values
+        # In force from the first frame (h2 would apply them only once the
+        # client acknowledges them).  The stream limit is enforced here, as
+        # a stream error (REFUSED_STREAM, RFC 9113 5.1.2), not by h2, which
+        # would end the whole connection.
+        conn.decoder.max_header_list_size = settings.max_header_list_size
+        conn.decoder.max_allowed_table_size = settings.header_table_size
+        conn.local_settings = Settings(client=False, initial_values={
+            **advertised, SettingCodes.MAX_CONCURRENT_STREAMS: 2 ** 31 - 1})
+        conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        factory.channels.add(self)
+        self._flush()
+        if factory.timeout:
+            self.timer = self.clock.callLater(factory.timeout, self._check_timeout)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.lost = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            self._forget(stream, reason or Failure(ConnectionLost()))
+        self.factory.channel_closed(self)
+
+    def _flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and not self.lost:
+            self.transport.write(data)
+
+    def _close(self) -> None:
+        """Close once what is written is sent (a client that never reads is cut later)."""
+        if self.closing or self.lost:
+            return
+        self.closing = True
+        self.closed_at = self.clock.seconds()
+        self._flush()
+        self.transport.loseConnection()
+
+    def _calm_down(self, why: str) -> None:
+        """An abusive client: GOAWAY with ENHANCE_YOUR_CALM, then close."""
+        log.info("listener {listener}: HTTP/2 client {client}: {why}: GOAWAY (ENHANCE_YOUR_CALM)",
+                 listener=self.factory.listener_name, client=self._client(), why=why)
+        self._goaway_frame(ErrorCodes.ENHANCE_YOUR_CALM)
+        self.abort_streams()
+        self._close()
+
+    def _client(self):
+        return self.client_ip or getattr(self.peer, "host", self.peer)
+
+    def _goaway_frame(self, code: int) -> None:
+        # A GOAWAY of our own rather than H2Connection.close_connection,
+        # which ends the connection's state machine: the streams in flight
+        # must still be answered after a graceful GOAWAY.
+        self._flush()
+        frame = GoAwayFrame(0, last_stream_id=self.goaway_id or self.conn.highest_inbound_stream_id,
+                            error_code=code)
+        if not self.lost:
+            self.transport.write(frame.serialize())
+
+    def goaway(self) -> None:
+        """
+        Graceful end (shutdown, reload): GOAWAY naming the last stream
+        accepted; those finish, later ones are refused; the connection
+        closes after the last response.
+        """
+        if self.draining or self.closing or self.lost:
+            return
+        self.draining = True
+        self.goaway_id = self.conn.highest_inbound_stream_id
+        self._goaway_frame(ErrorCodes.NO_ERROR)
+        if not self.streams:
+            self._close()
+
+    def abort_streams(self) -> None:
+        """Every stream ends now, as its client went away."""
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            self._forget(stream, Failure(ConnectionLost("the HTTP/2 connection is closing")))
+
+    # -- IPushProducer: the client's socket is full, or has room again ------
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.paused_at = self.clock.seconds()
+        for stream in list(self.streams.values()):
+            self._pause(stream)
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        for stream in list(self.streams.values()):
+            if not stream.pending:
+                self._resume(stream)
+
+    def stopProducing(self) -> None:
+        pass  # connectionLost follows
+
+    def _pause(self, stream: H2Request) -> None:
+        producer = stream.producer
+        if producer is not None and stream.streaming and not stream.producer_paused:
+            stream.producer_paused = True
+            producer.pauseProducing()
+
+    def _resume(self, stream: H2Request) -> None:
+        producer = stream.producer
+        if producer is None:
+            return
+        if not stream.streaming:
+            self.pull(stream)
+        elif stream.producer_paused:
+            stream.producer_paused = False
+            producer.resumeProducing()
+
+    def pull(self, stream: H2Request) -> None:
+        """Ask a pull producer for more, soon, if the stream has room."""
+        def more() -> None:
+            producer = stream.producer
+            if producer is not None and not stream.streaming and not stream.pending and not self.paused \
+                    and stream.channel is not None:
+                producer.resumeProducing()
+                if stream.producer is producer:
+                    self.pull(stream)
+        self.clock.callLater(0, more)
+
+    # -- reading ------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing or self.lost:
+            return
+        now = self.last = self.clock.seconds()
+        why = self._scan(data, now)
+        if why is not None:
+            self._calm_down(why)
+            return
+        try:
+            events = self.conn.receive_data(data)
+        except ProtocolError as e:
+            log.info("listener {listener}: HTTP/2 protocol error from {client}: {error}",
+                     listener=self.factory.listener_name, client=self._client(), error=str(e) or type(e).__name__)
+            self.abort_streams()
+            self._close()  # h2 has queued its GOAWAY
+            return
+        try:
+            self._handle(events)
+        except Exception:
+            # A bug of ours, never the client's doing: logged, and the
+            # connection (not the listener) ends.
+            log.failure("listener {listener}: error handling HTTP/2 frames from {client}",
+                        listener=self.factory.listener_name, client=self._client())
+            self.abort_streams()
+            if not self.lost:
+                self.transport.abortConnection()
+
+    def _handle(self, events: list) -> None:
+        for event in events:
+            if self.lost or self.closing:
+                return
+            kind = type(event)
+            if kind is RequestReceived:
+                self._request(event)
+            elif kind is DataReceived:
+                self._data(event)
+            elif kind is StreamEnded:
+                self._request_ended(event.stream_id)
+            elif kind is WindowUpdated or kind is RemoteSettingsChanged:
+                self._window_opened()
+            elif kind is StreamReset:
+                stream = self.streams.pop(event.stream_id, None)
+                if stream is not None:
+                    self._forget(stream, Failure(ConnectionLost("the client reset the stream")))
+            elif kind is TrailersReceived:
+                # Request trailers are read and dropped (the body goes to the
+                # backend with a Content-Length), as over HTTP/1.1; the
+                # StreamEnded that follows ends the request.
+                pass
+            elif kind is ConnectionTerminated:
+                # The client's GOAWAY: h2 sends nothing more after one (its
+                # connection state is closed), so the streams still open
+                # end as if the client had closed (clients send GOAWAY when
+                # they are done, or give up).
+                self.client_goaway = True
+                self.abort_streams()
+                self._close()
+                return
+        self._flush()
+
+    def _scan(self, data: bytes, now: float) -> Optional[str]:
+        """
+        Walk the frame headers in C{data} (payloads are skipped, not
+        copied) before h2 parses them, counting what the budgets count and
+        the length of a header block still open.  A reason to close the
+        connection, or L{None}.
+        """
+        view = memoryview(data)
+        pos = 0
+        end = len(view)
+        if self._preface_left:
+            pos = min(self._preface_left, end)
+            self._preface_left -= pos
+        while pos < end:
+            if self._skip:
+                step = min(self._skip, end - pos)
+                self._skip -= step
+                pos += step
+                continue
+            partial = self._partial
+            if partial or end - pos < 9:
+                need = 9 - len(partial)
+                partial += bytes(view[pos:pos + need])
+                pos += min(need, end - pos)
+                if len(partial) < 9:
+                    self._partial = partial
+                    return None
+                self._partial = b""
+                high, low, kind, flags, _ = _FRAME_HEAD.unpack(partial)
+            else:
+                high, low, kind, flags, _ = _FRAME_HEAD.unpack_from(view, pos)
+                pos += 9
+            length = (high << 8) | low
+            self._skip = length
+            if kind == _DATA:
+                if not length and not flags & _END_STREAM and not self.controls.take(1, now):
+                    return "too many empty DATA frames"
+            elif kind == _HEADERS:
+                if not flags & _END_HEADERS:
+                    self._block = length
+                    self._block_started = now
+            elif kind == _CONTINUATION:
+                if self._block is not None:
+                    self._block += length
+                    if flags & _END_HEADERS:
+                        self._block = None
+                if not length and not self.controls.take(1, now):
+                    return "too many empty CONTINUATION frames"
+            elif kind == _RST_STREAM:
+                if not self.resets.take(1, now):
+                    return "too many streams reset (rapid reset)"
+            elif kind in (_SETTINGS, _PING, _PRIORITY) or kind > _CONTINUATION:
+                if not (kind == _SETTINGS and flags & _ACK) and not self.controls.take(1, now):
+                    return "too many SETTINGS, PING, PRIORITY or unknown frames"
+            if self._block is not None and self._block > self.settings.max_header_list_size:
+                return (f"a header block over max_header_list_size ({self.settings.max_header_list_size} bytes, "
+                        "CONTINUATION flood)")
+        return None
+
+    def _request(self, event: RequestReceived) -> None:
+        stream_id = event.stream_id
+        if self.draining and stream_id > self.goaway_id:
+            self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            return
+        if len(self.streams) >= self.settings.max_concurrent_streams:
+            # Over the limit (which h2 only enforces once the client has
+            # acknowledged it): refused, and it counts as a reset.
+            self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            if not self.resets.take(1, self.last):
+                self._calm_down("too many streams refused over max_concurrent_streams")
+            return
+        method = path = authority = scheme = None
+        headers = FastHeaders()
+        cookies = []
+        count = 0
+        try:
+            for name, value in event.headers:
+                if name[:1] == b":":
+                    if name == b":method":
+                        method = value
+                    elif name == b":path":
+                        path = value
+                    elif name == b":authority":
+                        authority = value
+                    elif name == b":scheme":
+                        scheme = value
+                    continue
+                count += 1
+                if name == b"cookie":
+                    cookies.append(value)
+                elif name == b"host" and authority is not None:
+                    continue  # :authority wins (h2 checked that they agree)
+                else:
+                    headers.addRawHeader(name, value)
+            if authority is not None:
+                headers.setRawHeaders(b"host", [authority])
+            if cookies:
+                # RFC 9113 8.2.3: split cookie fields are joined with "; "
+                # (what an HTTP/1.1 request carries, and the policies read).
+                headers.setRawHeaders(b"cookie", [b"; ".join(cookies)])
+        except ValueError:
+            method = None
+        stream = H2Request(self, stream_id, method or b"GET", path or b"/", headers)
+        # The request may be whole already (END_STREAM on its HEADERS): a
+        # refusal then needs no RST_STREAM after it.
+        stream.request_ended = event.stream_ended is not None
+        self.streams[stream_id] = stream
+        if self.drain_after_first:
+            # The listener began draining during this connection's
+            # handshake: its first stream is answered, no other.
+            self.drain_after_first = False
+            self.goaway()
+        factory = self.factory
+        try:
+            if method is None or not _TOKEN.match(method):
+                raise BadRequest("an invalid method or header name")
+            if method == b"CONNECT":
+                raise BadRequest("CONNECT is not supported by this balancer", 501)
+            if not path or _BAD_TARGET.search(path) or (path[:1] != b"/" and path != b"*"):
+                raise BadRequest("an invalid :path")
+            if scheme not in (b"https", b"http"):
+                raise BadRequest("an invalid :scheme")
+            if count > factory.max_headers:
+                raise BadRequest(f"more than {factory.max_headers} header fields", 431)
+            length = headers.getRawHeaders(b"content-length")
+            limit = factory.max_body_bytes
+            if limit and length and length[0].isdigit() and int(length[0]) > limit:
+                raise BadRequest(f"a body of {int(length[0])} bytes, over max_body_bytes ({limit})", 413)
+            if factory.check_head is not None:
+                factory.check_head(stream)
+        except BadRequest as e:
+            self._refuse(stream, e.code, str(e))
+
+    def _data(self, event: DataReceived) -> None:
+        stream_id = event.stream_id
+        # Flow control is acknowledged as the bytes are taken (spooled).
+        if event.flow_controlled_length:
+            self.conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.dispatched or stream.started:
+            return  # refused or answered already: dropped
+        stream.last_in = self.last
+        data = event.data
+        limit = self.factory.max_body_bytes
+        stream.body_read += len(data)
+        if limit and stream.body_read > limit:
+            self._refuse(stream, 413, f"a body over max_body_bytes ({limit})")
+            return
+        stream.body_received(data)
+
+    def _request_ended(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return
+        stream.request_ended = True
+        if stream.dispatched or stream.started:
+            return
+        stream.body_ended()
+        self._dispatch(stream)
+
+    # -- answering ----------------------------------------------------------
+
+    def _dispatch(self, stream: H2Request) -> None:
+        stream.dispatched = True
+        factory = self.factory
+        try:
+            body = getChildForRequest(factory.resource, stream).render(stream)
+        except Exception:
+            log.failure("listener {listener}: error rendering {request!r}", listener=factory.listener_name,
+                        request=stream)
+            self._internal_error(stream)
+            return
+        if body is NOT_DONE_YET:
+            return
+        if not isinstance(body, bytes):
+            log.error("listener {listener}: {resource!r} rendered {type} instead of bytes",
+                      listener=factory.listener_name, resource=factory.resource, type=type(body).__name__)
+            self._internal_error(stream)
+            return
+        if stream.finished:
+            return
+        if stream.code not in (204, 304):
+            stream.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        stream.write(body)
+        stream.finish()
+
+    def _internal_error(self, stream: H2Request) -> None:
+        if stream.finished or stream.channel is None:
+            return
+        if stream.started:
+            self.reset(stream, ErrorCodes.INTERNAL_ERROR)
+            return
+        stream.code = 500
+        stream.responseHeaders = FastHeaders({b"content-type": [b"text/plain; charset=utf-8"]})
+        stream.write(b"500 Internal Server Error\n")
+        stream.finish()
+
+    def _refuse(self, stream: H2Request, code: int, why: str) -> None:
+        """Answer a stream the listener will not forward (the others go on)."""
+        factory = self.factory
+        log.info("listener {listener}: {code} for {client}: {why}", listener=factory.listener_name, code=code,
+                 client=self._client(), why=why)
+        if factory.stats is not None:
+            factory.stats.request_done(None, code, "none", 0)
+        stream.dispatched = True
+        stream._lost_callback = None
+        body = b"%d %s: %s\n" % (code, _REASONS[code], why.encode("ascii", "replace"))
+        stream.code = code
+        stream.responseHeaders = FastHeaders({b"content-type": [b"text/plain; charset=utf-8"],
+                                              b"content-length": [b"%d" % len(body)]})
+        stream.write(body)
+        stream.finish()
+
+    # A stream is over when both its END_STREAM was sent (closed) and the
+    # resource called finish(): whichever comes last calls _done.
+
+    def send_head(self, stream: H2Request, end: bool) -> None:
+        fields = stream.response_fields()
+        end = end or stream.no_body
+        try:
+            self.conn.send_headers(stream.stream_id, fields, end_stream=end)
+        except H2Error as e:
+            log.error("listener {listener}: response head of {request!r} not sendable over HTTP/2: {error}",
+                      listener=self.factory.listener_name, request=stream, error=str(e))
+            self.reset(stream, ErrorCodes.INTERNAL_ERROR)
+            return
+        if end:
+            stream.closed = True
+            if stream.finished:
+                self._done(stream)
+        self._flush()
+
+    def send_body(self, stream: H2Request, data: bytes) -> None:
+        # The write that completes an announced Content-Length carries
+        # END_STREAM: no empty DATA frame after it.
+        left = stream.length_left
+        last = False
+        if left is not None:
+            left = stream.length_left = left - len(data)
+            last = left == 0
+        if stream.pending:
+            stream.pending.append(data)
+            stream.pending_bytes += len(data)
+            stream.ending = stream.ending or last
+            return
+        rest = self._send_fitting(stream, data, last)
+        if rest:
+            stream.pending.append(rest)
+            stream.pending_bytes = len(rest)
+            stream.ending = last
+            stream.blocked_at = self.clock.seconds()
+            self._pause(stream)  # at most one more read of the backend lands here
+        self._flush()
+
+    def end_body(self, stream: H2Request) -> None:
+        if stream.pending:
+            stream.ending = True  # after the rest, once the client makes room
+            return
+        self._send_fitting(stream, b"", True)
+        if stream.finished:
+            self._done(stream)
+        self._flush()
+
+    def _send_fitting(self, stream: H2Request, data: bytes, end: bool = False) -> bytes:
+        """
+        Send what the windows allow of C{data}, with END_STREAM on the last
+        frame if C{end} and all of it fits; the rest is returned.
+        """
+        conn = self.conn
+        sid = stream.stream_id
+        try:
+            room = conn.local_flow_control_window(sid)
+        except H2Error:
+            stream.closed = True
+            return b""  # the stream is closed: nothing to send any more
+        size = conn.max_outbound_frame_size
+        length = len(data)
+        n = min(room, length)
+        end = end and n == length
+        if end and not length:
+            conn.end_stream(sid)
+        pos = 0
+        while pos < n:
+            chunk = min(size, n - pos)
+            conn.send_data(sid, data if chunk == length else data[pos:pos + chunk],
+                           end_stream=end and pos + chunk == n)
+            pos += chunk
+        if end:
+            stream.closed = True
+        return data[n:]
+
+    def _window_opened(self) -> None:
+        """The client made room: send what waits, then let producers go on."""
+        for stream in sorted(self.streams.values(), key=lambda s: s.stream_id):
+            if not stream.pending:
+                continue
+            pending, stream.pending = stream.pending, []
+            data = b"".join(pending)
+            rest = self._send_fitting(stream, data, stream.ending)
+            if rest:
+                stream.pending = [rest]
+                stream.pending_bytes = len(rest)
+                continue
+            stream.pending_bytes = 0
+            if stream.closed:
+                if stream.finished:
+                    self._done(stream)
+            elif not self.paused:
+                self._resume(stream)
+
+    def reset(self, stream: H2Request, code: int, notify: bool = True) -> None:
+        """
+        End one stream with RST_STREAM; the request is told its client is
+        gone (now, or with C{notify=False} in a moment).
+        """
+        if self.streams.pop(stream.stream_id, None) is None:
+            return
+        stream.closed = True
+        try:
+            self.conn.reset_stream(stream.stream_id, code)
+        except H2Error:
+            pass
+        self._flush()
+        reason = Failure(ConnectionLost("the stream was reset"))
+        if notify:
+            self._forget(stream, reason)
+        else:
+            self.clock.callLater(0, self._forget, stream, reason)
+        self._maybe_close()
+
+    def _forget(self, stream: H2Request, reason: Failure) -> None:
+        stream.closed = True
+        stream.pending = []
+        if stream.content is not None:
+            stream.content.close()
+        if not stream.finished and stream.channel is not None:
+            stream._lost(reason)
+        stream.channel = None
+
+    def done(self, stream: H2Request) -> None:
+        """A response whose head ended its stream is finished."""
+        self._done(stream)
+
+    def _done(self, stream: H2Request) -> None:
+        """The response's END_STREAM is sent."""
+        if self.streams.get(stream.stream_id) is not stream:
+            return
+        if not stream.request_ended:
+            # Answered before the whole request came (a refusal, an early
+            # answer): RFC 9113 8.1, the rest is not wanted.
+            try:
+                self.conn.reset_stream(stream.stream_id, ErrorCodes.NO_ERROR)
+            except H2Error:
+                pass
+        del self.streams[stream.stream_id]
+        self.served = True
+        if stream.content is not None:
+            stream.content.close()
+        stream.channel = None
+        self.last = self.clock.seconds()
+        self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if not self.streams and (self.draining or self.client_goaway):
+            self._close()
+
+    # -- timeouts -----------------------------------------------------------
+
+    def _check_timeout(self) -> None:
+        """
+        The connection's one timer: it finds the earliest deadline that
+        applies (idle connection, a header block or request body not
+        arriving, a response waiting for window, a client not reading),
+        acts on those past, and waits for the next.
+        """
+        self.timer = None
+        if self.lost:
+            return
+        timeout = self.factory.timeout
+        now = self.clock.seconds()
+        client = self._client()
+        listener = self.factory.listener_name
+        if self.closing:
+            if now >= self.closed_at + timeout:
+                self.transport.abortConnection()
+                return
+            self.timer = self.clock.callLater(self.closed_at + timeout - now, self._check_timeout)
+            return
+        if self.paused and now >= self.paused_at + timeout:
+            log.info("listener {listener}: HTTP/2 client {client} read nothing for {timeout} s: closing its "
+                     "connection", listener=listener, client=client, timeout=timeout)
+            self.abort_streams()
+            self.transport.abortConnection()
+            return
+        if self._block is not None and now >= self._block_started + timeout:
+            self._calm_down(f"a header block not ended in {timeout:g} s")
+            return
+        if not self.streams and now >= self.last + timeout:
+            self.goaway()  # idle: closes at once, no stream being open
+            self._close()
+            return
+        deadlines = [self.last + timeout] if not self.streams else []
+        if self.paused:
+            deadlines.append(self.paused_at + timeout)
+        if self._block is not None:
+            deadlines.append(self._block_started + timeout)
+        for stream in list(self.streams.values()):
+            if not stream.dispatched and not stream.started:
+                deadline = stream.last_in + timeout
+                if now >= deadline:
+                    self._refuse(stream, 408, f"no request body bytes for {timeout:g} s")
+                    continue
+                deadlines.append(deadline)
+            elif stream.pending:
+                deadline = stream.blocked_at + timeout
+                if now < deadline:
+                    deadlines.append(deadline)
+                    continue
+                if self.conn.outbound_flow_control_window <= 0:
+                    self._calm_down(f"the connection's window stayed at 0 for {timeout:g} s")
+                    return
+                log.info("listener {listener}: HTTP/2 client {client} left stream {stream}'s window at 0 for "
+                         "{timeout} s: stream reset", listener=listener, client=client,
+                         stream=stream.stream_id, timeout=timeout)
+                self.reset(stream, ErrorCodes.CANCEL)
+        self._flush()
+        if self.lost or self.closing:
+            if self.closing and self.timer is None and not self.lost:
+                self.timer = self.clock.callLater(timeout, self._check_timeout)
+            return
+        next_at = min(deadlines) if deadlines else now + timeout
+        self.timer = self.clock.callLater(max(next_at - now, 0.001), self._check_timeout)
