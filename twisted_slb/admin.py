@@ -4,14 +4,20 @@ The admin listener: C{/} (an HTML page), C{/stats} (JSON), C{/metrics}
 
     [admin]
     bind = "tcp:8404:interface=127.0.0.1"
-    token = ""        # when set, POST actions need "Authorization: Bearer <token>"
+    token = ""        # when set, actions (POST, DELETE) need "Authorization: Bearer <token>"
     hosts = []        # more names a request's Host may carry (besides the bind address and localhost)
 
 POST actions (C{/backends/<group>/<backend>/drain}, C{.../enable},
 C{.../down}, C{.../up}) set the operator's state of a backend (C{drain}:
 no new clients; C{down}: maintenance, no clients; C{enable} or C{up}: ready),
 which holds until the operator changes it, whatever the health checks say.
-They change the balancer, so L{AdminAccess} refuses
+
+C{/tables} shows the stick tables, and C{DELETE /tables/NAME/KEY} and
+C{DELETE /tables/NAME} unpin one client or clear a table (L{TablesPage});
+each backend's pinned and cookie clients are in C{/stats}, C{/metrics} and
+the page (L{twisted_slb.persistence.census}).
+
+Actions (POST and DELETE) change the balancer, so L{AdminAccess} refuses
 them when they could come from a web page the operator's browser shows:
 
  - every request's C{Host} must be one of the listener's names (421
@@ -19,7 +25,7 @@ them when they could come from a web page the operator's browser shows:
  - a request a browser sent from another origin (C{Origin}, or
    C{Sec-Fetch-Site} other than C{same-origin}) is refused (403), and a
    cross-site read (a C{fetch} or C{<script>} of C{/stats}) too;
- - a POST that shows any sign of a browser (C{Origin}, C{Sec-Fetch-*},
+ - an action that shows any sign of a browser (C{Origin}, C{Sec-Fetch-*},
    C{Referer}, C{Cookie}, a form's content type) needs the header
    C{X-SLB-Admin: 1} or the token, which neither a cross-site form nor a
    C{no-cors} fetch can send; C{curl -X POST} sends none of those signs
@@ -777,7 +783,7 @@ class TablesPage(_AdminPage):
 
     def _json(self, request, doc) -> bytes:
         request.setHeader(b"content-type", b"application/json")
-        return json.dumps(doc, indent=2).encode("utf-8")
+        return json.dumps(doc, indent=2).encode("utf-8") + b"\n"
 
     def _backend(self, name: str, backend_key: str) -> Tuple[Optional[str], str]:
         backend = self.census.backend_for(name, backend_key)
