@@ -54,6 +54,7 @@ from twisted.web.resource import Resource
 from twisted.web.template import Tag, flattenString, tags
 
 from twisted_slb.limits import ConnectionLimit
+from twisted_slb.persistence.census import table_counts
 from twisted_slb.backends import ADMIN_STATES, DRAIN, MAINT, READY
 from twisted_slb.stats import StatsRegistry
 from twisted_slb.web.front import BadRequest, HTTPFrontFactory
@@ -820,22 +821,28 @@ class TablesPage(_AdminPage):
         limit = int(limit_text)
         wanted = (query.get("backend") or [None])[-1]
         (doc,) = self.census.describe([name])
-        names: Dict[str, Optional[str]] = {}
+        # The counts come from the table's own per-backend counts (a walk
+        # only for a table without them), so the walk below stops at limit.
         counts: Dict[str, int] = {}
-        shown = []
         matched = 0
+        for backend_key, count in table_counts(table).items():
+            backend = self._backend(name, backend_key)[0]
+            label = backend if backend is not None else backend_key
+            counts[label] = counts.get(label, 0) + count
+            if wanted is None or wanted in (backend, backend_key):
+                matched += count
+        names: Dict[str, Optional[str]] = {}
+        shown = []
         for entry_key, backend_key, idle in table.items():
+            if len(shown) >= limit:
+                break
             backend = names.get(backend_key, "")
             if backend == "":
                 backend = names[backend_key] = self._backend(name, backend_key)[0]
-            label = backend if backend is not None else backend_key
-            counts[label] = counts.get(label, 0) + 1
             if wanted is not None and wanted not in (backend, backend_key):
                 continue
-            matched += 1
-            if len(shown) < limit:
-                shown.append({"key": key_text(entry_key), "backend": backend, "backend_id": backend_key,
-                              "idle": round(idle, 3), "url": table_url(name, entry_key)})
+            shown.append({"key": key_text(entry_key), "backend": backend, "backend_id": backend_key,
+                          "idle": round(idle, 3), "url": table_url(name, entry_key)})
         doc.update(backends=counts, matched=matched, shown=len(shown), truncated=matched > len(shown),
                    items=shown)
         return self._json(request, doc)
