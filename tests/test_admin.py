@@ -14,11 +14,13 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.server import Site
+from zope.interface import implementer
 
 from tests.test_service import NamePage
 from twisted_slb.admin import (
@@ -27,6 +29,7 @@ from twisted_slb.admin import (
 )
 from twisted_slb.backends import Backend, BackendGroup
 from twisted_slb.config import ConfigError, load_config, parse_config
+from twisted_slb.persistence.tables import StickTable
 from twisted_slb.service import ADMIN, BalancerService
 from twisted_slb.stats import StatsRegistry
 
@@ -49,6 +52,8 @@ persistence = {{ type = "insert_cookie" }}
 class AdminCase(TestCase):
     timeout = 30
     token = ""
+    #: the balancer's configuration ({a} and {b}: the backends' ports)
+    config = CONFIG
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -59,7 +64,7 @@ class AdminCase(TestCase):
             ports[name] = port.getHost().port
         path = os.path.abspath(self.mktemp() + ".toml")
         with open(path, "w") as f:
-            f.write(CONFIG.format(token=self.token, **ports))
+            f.write(self.config.format(token=self.token, **ports))
         self.service = BalancerService(load_config(path), reactor)
         self.service.startService()
         self.addCleanup(self.service.stopService)
@@ -88,6 +93,24 @@ class AdminTests(AdminCase):
         self.assertEqual(web["persistence"]["new"], 3)
         states = {b["name"]: b["state"] for b in doc["groups"][0]["backends"]}
         self.assertEqual(states, {"a": "up", "b": "up"})
+
+    @defer.inlineCallbacks
+    def test_cookieClientsPerBackend(self):
+        """/stats and /metrics count the distinct insert-cookie clients each backend served: a client's
+        later requests (with its cookie) add nothing, another client adds one."""
+        response, body = yield self.fetch(self.web + "/", headers={b"user-agent": [b"one"]})
+        served = body.split()[0].split(b"=")[1].decode()
+        cookie = response.headers.getRawHeaders(b"set-cookie")[0].split(b";")[0]
+        for _ in range(2):
+            yield self.fetch(self.web + "/", headers={b"user-agent": [b"one"], b"cookie": [cookie]})
+        yield self.fetch(self.web + "/", headers={b"user-agent": [b"two"]})
+        _, body = yield self.fetch(self.admin + "/stats")
+        counts = {b["name"]: b["cookie_clients"] for b in json.loads(body)["groups"][0]["backends"]}
+        self.assertEqual(sum(counts.values()), 2)
+        self.assertGreaterEqual(counts[served], 1)
+        _, metrics = yield self.fetch(self.admin + "/metrics")
+        self.assertIn(f'slb_backend_cookie_clients{{backend="{served}",group="web"}} {counts[served]}.0'.encode(),
+                      metrics)
 
     @defer.inlineCallbacks
     def test_statsCountRequestBodyBytesIn(self):
@@ -226,8 +249,13 @@ class MemoryAdmin:
     def __init__(self, token="", hosts=(), peer="127.0.0.1", bind="tcp:8404:interface=127.0.0.1") -> None:
         self.clock = Clock()
         self.group = BackendGroup("web", [Backend("a", "10.0.0.1", 80), Backend("b", "10.0.0.2", 80)])
-        self.factory = admin_site(StatsRegistry({"web": self.group}), token, hosts=hosts, bind=bind,
-                                  reactor=self.clock)
+        self.registry = StatsRegistry({"web": self.group})
+        # A source-IP table with three clients: two on a, one on b.
+        self.table = StickTable(600, max_entries=1000, clock=self.clock)
+        for client, backend in ((b"192.0.2.1", "a"), (b"192.0.2.2", "a"), (b"192.0.2.3", "b")):
+            self.table.set(client, self.group.get(backend).id)
+        self.registry.census.tables = {"web/web": self.table}
+        self.factory = admin_site(self.registry, token, hosts=hosts, bind=bind, reactor=self.clock)
         client = IPv4Address("TCP", peer, 5555)
         self.protocol = self.factory.buildProtocol(client)
         self.transport = StringTransport(hostAddress=ADMIN_ADDRESS, peerAddress=client)
@@ -575,3 +603,272 @@ class OperatorStateTests(SynchronousTestCase):
         page = render_page(StatsRegistry({"web": self.group}).snapshot())
         self.assertIn(b"<td>maint</td><td>up</td>", page)
         self.assertIn(b"<td>ready</td><td>down</td>", page)
+
+
+def body_of(out: bytes) -> bytes:
+    """The body of the one response in C{out} (its framing left aside: these are short)."""
+    head, _, body = out.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in head.lower():
+        size, _, rest = body.partition(b"\r\n")
+        return rest[:int(size, 16)]
+    return body
+
+
+class TablesMemoryTests(SynchronousTestCase):
+    """C{/tables} in memory: listing, entries, unpin and clear, and who may do them."""
+
+    def get(self, admin, path: bytes):
+        out = admin.send(head(b"GET", path))
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 "), out)
+        return json.loads(body_of(out))
+
+    def test_listTables(self):
+        """GET /tables names each table with its type, entries, bound, timeout and URL."""
+        admin = MemoryAdmin()
+        admin.registry.census.table_routes["web/web"] = ["web"]
+        (table,) = self.get(admin, b"/tables")["tables"]
+        self.assertEqual(table, {"name": "web/web", "type": "source_ip", "routes": ["web"], "entries": 3,
+                                 "max_entries": 1000, "timeout": 600, "url": "/tables/web%2Fweb"})
+
+    def test_entriesWithBackendNamesAndIdleTime(self):
+        """GET /tables/NAME lists key, backend name and id, idle seconds and the entry's URL."""
+        admin = MemoryAdmin()
+        admin.clock.advance(2.5)
+        admin.table.set(b"192.0.2.3", admin.group.get("b").id)
+        doc = self.get(admin, b"/tables/web%2Fweb")
+        self.assertEqual(doc["backends"], {"a": 2, "b": 1})
+        self.assertEqual([(e["key"], e["backend"], e["idle"]) for e in doc["items"]],
+                         [("192.0.2.1", "a", 2.5), ("192.0.2.2", "a", 2.5), ("192.0.2.3", "b", 0.0)])
+        self.assertEqual(doc["items"][0]["backend_id"], admin.group.get("a").id)
+        self.assertEqual(doc["items"][0]["url"], "/tables/web%2Fweb/192.0.2.1")
+
+    def test_filterByBackendAndLimit(self):
+        """backend=B keeps B's entries (by name or id); limit caps the list and says it was truncated."""
+        admin = MemoryAdmin()
+        doc = self.get(admin, b"/tables/web%2Fweb?backend=a&limit=1")
+        self.assertEqual((doc["matched"], doc["shown"], doc["truncated"]), (2, 1, True))
+        self.assertEqual([e["key"] for e in doc["items"]], ["192.0.2.1"])
+        doc = self.get(MemoryAdmin(), b"/tables/web%2Fweb?backend=" + admin.group.get("b").id.encode())
+        self.assertEqual([e["key"] for e in doc["items"]], ["192.0.2.3"])
+        out = MemoryAdmin().send(head(b"GET", b"/tables/web%2Fweb?limit=lots"))
+        self.assertTrue(out.startswith(b"HTTP/1.1 400 "), out)
+        self.assertIn(b"limit 'lots' is not an integer from 0 to 100000", out)
+
+    def test_binaryKeysAreEscapedAndAddressable(self):
+        """A key that is not printable is shown escaped, and its URL (percent-encoded bytes) finds it."""
+        admin = MemoryAdmin()
+        admin.table.set(b"tok\x00\xff\\/x", admin.group.get("b").id)
+        entry = [e for e in self.get(admin, b"/tables/web%2Fweb")["items"] if e["backend"] == "b"][-1]
+        self.assertEqual(entry["key"], "tok\\x00\\xff\\\\/x")
+        self.assertEqual(entry["url"], "/tables/web%2Fweb/tok%00%FF%5C%2Fx")
+        doc = self.get(MemoryAdmin(), b"/tables/web%2Fweb/192.0.2.2")
+        self.assertEqual((doc["key"], doc["backend"]), ("192.0.2.2", "a"))
+        admin2 = MemoryAdmin()
+        admin2.table.set(b"tok\x00\xff\\/x", admin.group.get("b").id)
+        out = admin2.send(head(b"DELETE", entry["url"].encode()))
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 "), out)
+        self.assertIsNone(admin2.table.get(b"tok\x00\xff\\/x"))
+
+    def test_unencodedNameIsFound(self):
+        """The table name may also be written with its slash as it is, when that is unambiguous."""
+        doc = self.get(MemoryAdmin(), b"/tables/web/web/192.0.2.3")
+        self.assertEqual(doc["backend"], "b")
+
+    def test_unknownTableOrKeyIs404(self):
+        """An unknown table, or a key not in the table, is 404 for GET and DELETE."""
+        for method, path in ((b"GET", b"/tables/nope"), (b"GET", b"/tables/web%2Fweb/10.9.9.9"),
+                             (b"DELETE", b"/tables/web%2Fweb/10.9.9.9"), (b"DELETE", b"/tables/nope")):
+            admin = MemoryAdmin()
+            out = admin.send(head(method, path))
+            self.assertTrue(out.startswith(b"HTTP/1.1 404 "), (method, path, out))
+            self.assertEqual(len(admin.table), 3)
+
+    def test_unpinOneClient(self):
+        """DELETE /tables/NAME/KEY (as curl sends it) forgets that client only, and logs who did it."""
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        admin = MemoryAdmin()
+        out = admin.send(head(b"DELETE", b"/tables/web%2Fweb/192.0.2.1", User_Agent=b"curl/7.88.1"))
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 "), out)
+        self.assertIn(b"web/web: 192.0.2.1 unpinned from backend a", out)
+        self.assertEqual(sorted(k for k, _, _ in admin.table.items()), [b"192.0.2.2", b"192.0.2.3"])
+        self.assertTrue(any("unpinned" in e.get("log_format", "") and e.get("client") == "127.0.0.1"
+                            for e in events))
+
+    def test_clearTable(self):
+        """DELETE /tables/NAME removes every entry and says how many."""
+        admin = MemoryAdmin()
+        out = admin.send(head(b"DELETE", b"/tables/web%2Fweb"))
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 "), out)
+        self.assertIn(b"3 entries removed", out)
+        self.assertEqual(len(admin.table), 0)
+        out = MemoryAdmin().send(head(b"DELETE", b"/tables"))
+        self.assertTrue(out.startswith(b"HTTP/1.1 405 "), out)
+
+    def assertDeleteRefused(self, admin, raw):
+        out = admin.send(raw)
+        self.assertTrue(out.startswith(b"HTTP/1.1 403 "), out)
+        self.assertEqual(len(admin.table), 3)
+        return out
+
+    def test_crossSiteDeleteIsRefused(self):
+        """A DELETE from another origin or site, or a browser's without X-SLB-Admin, changes nothing."""
+        path = b"/tables/web%2Fweb/192.0.2.1"
+        self.assertDeleteRefused(MemoryAdmin(), head(b"DELETE", path, Origin=b"http://attacker.example",
+                                                     X_SLB_Admin=b"1"))
+        self.assertDeleteRefused(MemoryAdmin(), head(b"DELETE", b"/tables/web%2Fweb", Sec_Fetch_Site=b"cross-site",
+                                                     X_SLB_Admin=b"1"))
+        self.assertDeleteRefused(MemoryAdmin(), head(b"DELETE", path, Origin=b"http://127.0.0.1:8404",
+                                                     Sec_Fetch_Site=b"same-origin"))
+        admin = MemoryAdmin()
+        out = admin.send(head(b"DELETE", path, Origin=b"http://127.0.0.1:8404", Sec_Fetch_Site=b"same-origin",
+                              X_SLB_Admin=b"1"))
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 "), out)
+
+    def test_crossSiteReadOfTablesIsRefused(self):
+        """A cross-site fetch of a table's entries is refused, as one of /stats is."""
+        out = MemoryAdmin().send(head(b"GET", b"/tables/web%2Fweb", Sec_Fetch_Site=b"cross-site",
+                                      Sec_Fetch_Mode=b"cors"))
+        self.assertTrue(out.startswith(b"HTTP/1.1 403 "), out)
+        self.assertNotIn(b"192.0.2.1", out)
+
+    def test_deleteNeedsLoopbackOrToken(self):
+        """Without a token a DELETE from another host is refused; with one, only with the token."""
+        self.assertDeleteRefused(MemoryAdmin(peer="192.0.2.7"), head(b"DELETE", b"/tables/web%2Fweb"))
+        self.assertDeleteRefused(MemoryAdmin(token="s3cret"), head(b"DELETE", b"/tables/web%2Fweb"))
+        admin = MemoryAdmin(token="s3cret", peer="192.0.2.7")
+        out = admin.send(head(b"DELETE", b"/tables/web%2Fweb", Authorization=b"Bearer s3cret"))
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 "), out)
+        self.assertEqual(len(admin.table), 0)
+
+    def test_pinnedCountsInStatsMetricsAndPage(self):
+        """Each backend's pinned clients are in /stats, in /metrics and on the page."""
+        stats = self.get(MemoryAdmin(), b"/stats")
+        self.assertEqual({b["name"]: b["pinned_clients"] for b in stats["groups"][0]["backends"]}, {"a": 2, "b": 1})
+        self.assertEqual(stats["tables"][0]["entries"], 3)
+        out = body_of(MemoryAdmin().send(head(b"GET", b"/metrics")))
+        samples = {(s.name, s.labels.get("backend")): s.value
+                   for family in text_string_to_metric_families(out.decode())
+                   for s in family.samples}
+        self.assertEqual(samples[("slb_backend_pinned_clients", "a")], 2)
+        self.assertEqual(samples[("slb_backend_pinned_clients", "b")], 1)
+        self.assertEqual(samples[("slb_backend_cookie_clients", "a")], 0)
+        page = body_of(MemoryAdmin().send(head(b"GET", b"/")))
+        self.assertIn(b"<th>pinned</th><th>cookie clients</th>", page)
+        self.assertIn(b'<td class="num">2</td><td class="num">0</td>', page)
+        self.assertIn(b'<a href="/tables/web%2Fweb"><code>web/web</code></a>', page)
+
+
+SOURCE_IP_CONFIG = """
+[admin]
+bind = "tcp:0:interface=127.0.0.1"
+token = "{token}"
+
+[backends.web]
+scheduler = "rr"
+servers = [ {{ name = "a", address = "127.0.0.1:{a}" }}, {{ name = "b", address = "127.0.0.1:{b}" }} ]
+
+[listeners.web]
+protocol = "http"
+bind = "tcp:0:interface=127.0.0.1"
+backends = "web"
+persistence = {{ type = "source_ip", timeout = 600 }}
+"""
+
+
+@implementer(IAgentEndpointFactory)
+class FromSource:
+    """Connections from one loopback address (127.0.0.N): a client of its own for source-IP persistence."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def endpointForURI(self, uri):
+        return TCP4ClientEndpoint(reactor, uri.host.decode("ascii"), uri.port, bindAddress=(self.source, 0))
+
+
+class TablesEndToEndTests(AdminCase):
+    """The runtime tables API over real sockets: clients from 127.0.0.2-4 through a source_ip listener."""
+
+    config = SOURCE_IP_CONFIG
+    clients = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield AdminCase.setUp(self)
+        self.table = self.admin + "/tables/web%2Fweb"
+
+    @defer.inlineCallbacks
+    def visit(self, source):
+        """One request from C{source}; the name of the backend that answered."""
+        agent = Agent.usingEndpointFactory(reactor, FromSource(source))
+        response = yield agent.request(b"GET", self.web.encode())
+        body = yield readBody(response)
+        return body.split()[0].split(b"=")[1].decode()
+
+    @defer.inlineCallbacks
+    def json(self, url):
+        response, body = yield self.fetch(url)
+        self.assertEqual(response.code, 200, body)
+        return json.loads(body)
+
+    @defer.inlineCallbacks
+    def pinned(self):
+        """backend name -> pinned clients, from /stats."""
+        stats = yield self.json(self.admin + "/stats")
+        return {b["name"]: b["pinned_clients"] for b in stats["groups"][0]["backends"]}
+
+    @defer.inlineCallbacks
+    def pin_three(self):
+        pins = {}
+        for source in self.clients:
+            pins[source] = yield self.visit(source)
+        return pins
+
+    @defer.inlineCallbacks
+    def test_listAndUnpin(self):
+        """Three clients are listed with their backends; an unpinned one is balanced anew, the others stay."""
+        pins = yield self.pin_three()
+        self.assertEqual(set(pins.values()), {"a", "b"})
+        (table,) = (yield self.json(self.admin + "/tables"))["tables"]
+        self.assertEqual((table["name"], table["type"], table["routes"], table["entries"]),
+                         ("web/web", "source_ip", ["web"], 3))
+        doc = yield self.json(self.table)
+        self.assertEqual({e["key"]: e["backend"] for e in doc["items"]}, pins)
+        entry = yield self.json(self.table + "/127.0.0.2")
+        self.assertEqual(entry["backend"], pins["127.0.0.2"])
+
+        response, body = yield self.fetch(self.table + "/127.0.0.2", b"DELETE")
+        self.assertEqual(response.code, 200, body)
+        response, _ = yield self.fetch(self.table + "/127.0.0.2")
+        self.assertEqual(response.code, 404)
+        before = (yield self.json(self.admin + "/stats"))["listeners"][0]["persistence"]
+        yield self.visit("127.0.0.2")
+        self.assertEqual((yield self.visit("127.0.0.3")), pins["127.0.0.3"])
+        after = (yield self.json(self.admin + "/stats"))["listeners"][0]["persistence"]
+        self.assertEqual((after["new"] - before["new"], after["hit"] - before["hit"]), (1, 1))
+        self.assertEqual((yield self.json(self.table))["entries"], 3)
+
+    @defer.inlineCallbacks
+    def test_countsFallAfterDrainAndClear(self):
+        """After drain the drained backend's count falls as its clients are unpinned; clear empties the table."""
+        pins = yield self.pin_three()
+        counts = yield self.pinned()
+        self.assertEqual(counts, {name: list(pins.values()).count(name) for name in "ab"})
+        drained = pins["127.0.0.2"]
+        response, _ = yield self.fetch(self.admin + f"/backends/web/{drained}/drain", b"POST")
+        self.assertEqual(response.code, 200)
+        mine = [e for e in (yield self.json(self.table + f"?backend={drained}"))["items"]]
+        self.assertEqual(len(mine), counts[drained])
+        for n, entry in enumerate(mine, 1):
+            response, _ = yield self.fetch(self.admin + entry["url"], b"DELETE")
+            self.assertEqual(response.code, 200)
+            self.assertEqual((yield self.pinned())[drained], counts[drained] - n)
+        metrics = (yield self.fetch(self.admin + "/metrics"))[1].decode()
+        self.assertIn(f'slb_backend_pinned_clients{{backend="{drained}",group="web"}} 0.0', metrics)
+        self.assertNotEqual((yield self.visit("127.0.0.2")), drained)  # balanced anew, not to the drained one
+        response, body = yield self.fetch(self.table, b"DELETE")
+        self.assertEqual(response.code, 200, body)
+        self.assertEqual((yield self.pinned()), {"a": 0, "b": 0})
+        self.assertEqual((yield self.json(self.table))["items"], [])

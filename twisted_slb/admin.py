@@ -4,14 +4,20 @@ The admin listener: C{/} (an HTML page), C{/stats} (JSON), C{/metrics}
 
     [admin]
     bind = "tcp:8404:interface=127.0.0.1"
-    token = ""        # when set, POST actions need "Authorization: Bearer <token>"
+    token = ""        # when set, actions (POST, DELETE) need "Authorization: Bearer <token>"
     hosts = []        # more names a request's Host may carry (besides the bind address and localhost)
 
 POST actions (C{/backends/<group>/<backend>/drain}, C{.../enable},
 C{.../down}, C{.../up}) set the operator's state of a backend (C{drain}:
 no new clients; C{down}: maintenance, no clients; C{enable} or C{up}: ready),
 which holds until the operator changes it, whatever the health checks say.
-They change the balancer, so L{AdminAccess} refuses
+
+C{/tables} shows the stick tables, and C{DELETE /tables/NAME/KEY} and
+C{DELETE /tables/NAME} unpin one client or clear a table (L{TablesPage});
+each backend's pinned and cookie clients are in C{/stats}, C{/metrics} and
+the page (L{twisted_slb.persistence.census}).
+
+Actions (POST and DELETE) change the balancer, so L{AdminAccess} refuses
 them when they could come from a web page the operator's browser shows:
 
  - every request's C{Host} must be one of the listener's names (421
@@ -19,7 +25,7 @@ them when they could come from a web page the operator's browser shows:
  - a request a browser sent from another origin (C{Origin}, or
    C{Sec-Fetch-Site} other than C{same-origin}) is refused (403), and a
    cross-site read (a C{fetch} or C{<script>} of C{/stats}) too;
- - a POST that shows any sign of a browser (C{Origin}, C{Sec-Fetch-*},
+ - an action that shows any sign of a browser (C{Origin}, C{Sec-Fetch-*},
    C{Referer}, C{Cookie}, a form's content type) needs the header
    C{X-SLB-Admin: 1} or the token, which neither a cross-site form nor a
    C{no-cors} fetch can send; C{curl -X POST} sends none of those signs
@@ -38,7 +44,8 @@ import hmac
 import ipaddress
 import json
 import time
-from typing import Callable, Iterable, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from urllib.parse import parse_qs, quote, unquote_to_bytes
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -47,6 +54,7 @@ from twisted.web.resource import Resource
 from twisted.web.template import Tag, flattenString, tags
 
 from twisted_slb.limits import ConnectionLimit
+from twisted_slb.persistence.census import table_counts
 from twisted_slb.backends import ADMIN_STATES, DRAIN, MAINT, READY
 from twisted_slb.stats import StatsRegistry
 from twisted_slb.web.front import BadRequest, HTTPFrontFactory
@@ -289,9 +297,18 @@ class _Collector:
                                     labels=["group", "backend"])
         ejections = CounterMetricFamily("slb_backend_ejections", "Ejections by passive checks",
                                         labels=["group", "backend"])
+        pinned = GaugeMetricFamily("slb_backend_pinned_clients", "Stick table entries (clients) pinned to the "
+                                   "backend, over every table", labels=["group", "backend"])
+        cookie_clients = GaugeMetricFamily("slb_backend_cookie_clients", "Distinct clients the backend served "
+                                           "with an insert or rewrite cookie in the last max_idle seconds "
+                                           "(HyperLogLog estimate)", labels=["group", "backend"])
+        pinned_counts = self.registry.census.pinned()
+        cookie_counts = self.registry.census.cookies()
         for group in self.registry.groups.values():
             for b in group.backends:
                 labels = [group.name, b.name]
+                pinned.add_metric(labels, pinned_counts.get((group.name, b.name), 0))
+                cookie_clients.add_metric(labels, cookie_counts.get((group.name, b.name), 0))
                 up.add_metric(labels, 1 if b.up else 0)
                 for state in ADMIN_STATES:
                     admin.add_metric(labels + [state], 1 if b.admin_state == state else 0)
@@ -304,8 +321,12 @@ class _Collector:
                 failures.add_metric(labels, b.failures)
                 byte_count.add_metric(labels + ["in"], b.bytes_in)
                 byte_count.add_metric(labels + ["out"], b.bytes_out)
+        entries = GaugeMetricFamily("slb_table_entries", "Live entries of a stick table", labels=["table", "type"])
+        for table in self.registry.census.describe():
+            entries.add_metric([table["name"], table["type"]], table["entries"])
         return [requests, connections, active, persistence, up, weight, busy, failures, byte_count,
-                admin, healthy, ejected, ejections, *_udp_metrics(self.registry), *_store_metrics(self.registry)]
+                admin, healthy, ejected, ejections, pinned, cookie_clients, entries, *_udp_metrics(self.registry),
+                *_store_metrics(self.registry)]
 
 
 def _store_metrics(registry: StatsRegistry) -> list:
@@ -509,7 +530,8 @@ def _backend_row(group: str, b: dict) -> Tag:
         tags.td(b["name"]), tags.td(tags.code(str(b.get("id", "")))), tags.td(str(b["address"])),
         tags.td(tags.span(b["state"], class_=f"state {b['state']}")),
         tags.td(str(b.get("admin_state", "-"))), tags.td(_health(b)),
-        _num(b["weight"]), _num(b["active"]), _num(b["total"]), _num(b["failures"]),
+        _num(b["weight"]), _num(b["active"]), _num(b.get("pinned_clients", 0)), _num(b.get("cookie_clients", 0)),
+        _num(b["total"]), _num(b["failures"]),
         _num(b["bytes_in"]), _num(b["bytes_out"]), tags.td(check), tags.td(*buttons, class_="actions"),
     )
 
@@ -532,6 +554,22 @@ def _udp_rows(snapshot: dict) -> List[Tag]:
             _num(u["evictions"]), _num(u["refused"]),
         ))
     return [tags.h2("UDP listeners"), tags.table(*rows, id="udp")]
+
+
+def _table_rows(snapshot: dict) -> List[Tag]:
+    """The stick tables (nothing without any), each linked to its entries (JSON)."""
+    tables = snapshot.get("tables") or []
+    if not tables:
+        return []
+    rows = [tags.tr(*[tags.th(h) for h in ("table", "type", "used by", "entries", "max entries", "timeout")])]
+    for t in tables:
+        rows.append(tags.tr(
+            tags.td(tags.a(tags.code(t["name"]), href=table_url(t["name"]))), tags.td(t["type"]),
+            tags.td(", ".join(t.get("routes") or ()) or "-"), _num(t["entries"]),
+            _num(t["max_entries"] if t["max_entries"] is not None else "-"),
+            tags.td(f"{t['timeout']} s" if t["timeout"] is not None else "-", class_="num"),
+        ))
+    return [tags.h2("Stick tables"), tags.table(*rows, id="tables")]
 
 
 def _process_text(process: Optional[dict]) -> str:
@@ -557,8 +595,8 @@ def page_tag(snapshot: dict, token_required: bool = False) -> Tag:
     body += _udp_rows(snapshot)
     for g in snapshot["groups"]:
         header = tags.tr(*[tags.th(h) for h in (
-            "backend", "id", "address", "state", "operator", "health", "weight", "active", "total", "failures", "bytes in",
-            "bytes out", "last check", "actions")])
+            "backend", "id", "address", "state", "operator", "health", "weight", "active", "pinned",
+            "cookie clients", "total", "failures", "bytes in", "bytes out", "last check", "actions")])
         scheduler = g["scheduler"]
         if scheduler == "hash":
             scheduler += f", key {g.get('hash_key', 'source_ip')}"
@@ -567,6 +605,7 @@ def page_tag(snapshot: dict, token_required: bool = False) -> Tag:
         body.append(tags.h2(f"Group {g['name']} ", tags.small(f"({scheduler})")))
         body.append(tags.table(header, *[_backend_row(g["name"], b) for b in g["backends"]], class_="group",
                                **{"data-group": g["name"]}))
+    body += _table_rows(snapshot)
     if snapshot.get("splits"):
         rows = [tags.tr(*[tags.th(h) for h in ("split", "group", "new clients", "requests")])]
         for split in snapshot["splits"]:
@@ -680,6 +719,181 @@ class BackendAction(_AdminPage):
                 f"health {backend.health_state}), weight {backend.weight}\n").encode("utf-8")
 
 
+def key_text(key: bytes) -> str:
+    """
+    A stick table key as text: itself when it is printable ASCII, else with
+    C{\\xNN} escapes for the other bytes (and C{\\\\} for a backslash, so
+    that the text always reads back to one key).
+    """
+    if all(0x20 <= c < 0x7F and c != 0x5C for c in key):
+        return key.decode("ascii")
+    return "".join(
+        "\\\\" if c == 0x5C else chr(c) if 0x20 <= c < 0x7F else f"\\x{c:02x}" for c in key
+    )
+
+
+def table_url(name: str, key: Optional[bytes] = None) -> str:
+    """The admin path of a table (its name percent-encoded, C{/} included), or of one of its keys."""
+    url = "/tables/" + quote(name, safe="")
+    return url if key is None else url + "/" + quote(key, safe="")
+
+
+#: The most entries C{GET /tables/NAME} lists at once.
+MAX_LIMIT = 100_000
+
+
+class TablesPage(_AdminPage):
+    """
+    The stick tables at runtime:
+
+     - C{GET /tables}: every table (name, type, the listeners and rules that
+       use it, entries, C{max_entries}, C{timeout});
+     - C{GET /tables/NAME?limit=100&backend=B}: its entries (key, backend,
+       seconds idle), least recently used first, at most C{limit}, only
+       those pinned to backend C{B} (a name or an id) if given;
+     - C{GET /tables/NAME/KEY}: one entry; C{DELETE /tables/NAME/KEY}:
+       unpin that client (its next visit is balanced anew);
+     - C{DELETE /tables/NAME}: clear the table.
+
+    C{NAME} is the table's name with its C{/} percent-encoded
+    (C{web%2Fapp}); C{KEY} is the key's bytes, percent-encoded.  Only the
+    L{twisted_slb.persistence.tables.IStickTable} methods C{items}, C{get}
+    and C{delete} are used, so a table kept in a shared store is served the
+    same way.  DELETE changes the balancer: L{AdminAccess} checks it as it
+    does the POST actions.
+    """
+
+    def __init__(self, access: AdminAccess, registry: StatsRegistry) -> None:
+        _AdminPage.__init__(self, access)
+        self.census = registry.census
+
+    def _locate(self, request) -> Tuple[Optional[str], Optional[bytes]]:
+        """
+        The table name and key the path names: C{(None, None)} for the list,
+        C{(name, None)} for a table, C{(name, key)} for an entry.
+
+        @raise KeyError: no such table.
+        """
+        raw = request.path.split(b"/")[1 + len(request.prepath):]
+        if raw and raw[-1] == b"":
+            raw = raw[:-1]
+        if not raw:
+            return None, None
+        parts = [unquote_to_bytes(p) for p in raw]
+        tables = self.census.tables
+        first = parts[0].decode("utf-8", "replace")
+        if first in tables:
+            found = 1
+        else:
+            # A name written with its slashes as they are (web/app): the
+            # longest run of segments that names a table.
+            found = next((i for i in range(len(parts), 1, -1)
+                          if b"/".join(parts[:i]).decode("utf-8", "replace") in tables), 0)
+            if not found:
+                raise KeyError(b"/".join(parts).decode("utf-8", "replace"))
+            first = b"/".join(parts[:found]).decode("utf-8", "replace")
+        rest = parts[found:]
+        return first, (b"/".join(rest) if rest else None)
+
+    def _not_found(self, request, what: str) -> bytes:
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return f"404 Not Found: {what}\n".encode("utf-8")
+
+    def _json(self, request, doc) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(doc, indent=2).encode("utf-8") + b"\n"
+
+    def _backend(self, name: str, backend_key: str) -> Tuple[Optional[str], str]:
+        backend = self.census.backend_for(name, backend_key)
+        return (backend.name if backend is not None else None), backend_key
+
+    def render_GET(self, request):
+        try:
+            name, key = self._locate(request)
+        except KeyError as e:
+            return self._not_found(request, f"no stick table {e.args[0]!r} (GET /tables lists them)")
+        if name is None:
+            tables = self.census.describe()
+            for t in tables:
+                t["url"] = table_url(t["name"])
+            return self._json(request, {"tables": tables})
+        table = self.census.tables[name]
+        if key is not None:
+            backend_key = table.get(key)
+            if backend_key is None:
+                return self._not_found(request, f"no entry {key_text(key)!r} in stick table {name!r}")
+            backend, backend_id = self._backend(name, backend_key)
+            return self._json(request, {"table": name, "key": key_text(key), "backend": backend,
+                                        "backend_id": backend_id, "url": table_url(name, key)})
+        return self._list(request, name, table)
+
+    def _list(self, request, name: str, table):
+        query = parse_qs(request.uri.partition(b"?")[2].decode("latin-1"), keep_blank_values=True)
+        limit_text = (query.get("limit") or ["100"])[-1]
+        if not limit_text.isdigit() or not 0 <= int(limit_text) <= MAX_LIMIT:
+            request.setResponseCode(400)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return (f"400 Bad Request: limit {limit_text[:40]!r} is not an integer from 0 to {MAX_LIMIT}\n"
+                    .encode("utf-8"))
+        limit = int(limit_text)
+        wanted = (query.get("backend") or [None])[-1]
+        (doc,) = self.census.describe([name])
+        # The counts come from the table's own per-backend counts (a walk
+        # only for a table without them), so the walk below stops at limit.
+        counts: Dict[str, int] = {}
+        matched = 0
+        for backend_key, count in table_counts(table).items():
+            backend = self._backend(name, backend_key)[0]
+            label = backend if backend is not None else backend_key
+            counts[label] = counts.get(label, 0) + count
+            if wanted is None or wanted in (backend, backend_key):
+                matched += count
+        names: Dict[str, Optional[str]] = {}
+        shown = []
+        for entry_key, backend_key, idle in table.items():
+            if len(shown) >= limit:
+                break
+            backend = names.get(backend_key, "")
+            if backend == "":
+                backend = names[backend_key] = self._backend(name, backend_key)[0]
+            if wanted is not None and wanted not in (backend, backend_key):
+                continue
+            shown.append({"key": key_text(entry_key), "backend": backend, "backend_id": backend_key,
+                          "idle": round(idle, 3), "url": table_url(name, entry_key)})
+        doc.update(backends=counts, matched=matched, shown=len(shown), truncated=matched > len(shown),
+                   items=shown)
+        return self._json(request, doc)
+
+    def render_DELETE(self, request):
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        try:
+            name, key = self._locate(request)
+        except KeyError as e:
+            return self._not_found(request, f"no stick table {e.args[0]!r} (GET /tables lists them)")
+        client = getattr(request.getClientAddress(), "host", "?")
+        if name is None:
+            request.setResponseCode(405)
+            request.setHeader(b"allow", b"GET")
+            return b"405 Method Not Allowed: DELETE /tables/NAME clears one table, DELETE /tables/NAME/KEY one entry\n"
+        table = self.census.tables[name]
+        if key is None:
+            keys = [k for k, _, _ in table.items()]
+            for k in keys:
+                table.delete(k)
+            log.info("admin: stick table {table} cleared ({count} entries) by {client}",
+                     table=name, count=len(keys), client=client)
+            return f"{name}: cleared, {len(keys)} entries removed\n".encode("utf-8")
+        backend_key = table.get(key)
+        if backend_key is None:
+            return self._not_found(request, f"no entry {key_text(key)!r} in stick table {name!r}")
+        table.delete(key)
+        backend = self._backend(name, backend_key)[0] or backend_key
+        log.info("admin: stick table {table}: {key} unpinned from backend {backend} by {client}",
+                 table=name, key=key_text(key), backend=backend, client=client)
+        return f"{name}: {key_text(key)} unpinned from backend {backend}\n".encode("utf-8")
+
+
 class AdminPage(_AdminPage):
     """C{/}: the HTML page."""
 
@@ -693,7 +907,10 @@ class AdminPage(_AdminPage):
 
 
 class AdminResource(Resource):
-    """The admin tree: C{/}, C{/stats}, C{/metrics}, C{/backends/...}, C{/admin.js}, C{/admin.css}."""
+    """
+    The admin tree: C{/}, C{/stats}, C{/metrics}, C{/backends/...},
+    C{/tables/...}, C{/admin.js}, C{/admin.css}.
+    """
 
     def __init__(self, registry: StatsRegistry, token: str = "", access: Optional[AdminAccess] = None,
                  state: Optional[AdminState] = None) -> None:
@@ -705,6 +922,7 @@ class AdminResource(Resource):
         self.putChild(b"stats", StatsPage(access, state))
         self.putChild(b"metrics", MetricsPage(access, registry))
         self.putChild(b"backends", BackendAction(access, registry))
+        self.putChild(b"tables", TablesPage(access, registry))
         self.putChild(b"admin.js", StaticFile(access, SCRIPT, b"text/javascript; charset=utf-8"))
         self.putChild(b"admin.css", StaticFile(access, STYLE, b"text/css; charset=utf-8"))
 

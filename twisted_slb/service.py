@@ -370,6 +370,11 @@ class BalancerService(MultiService):
         self.twistd_log = TwistdLog(reactor)
         self.client_tls = ClientTLSCache()
         self.stats = StatsRegistry(self.groups)
+        # The admin listener's /tables and pinned counts read the tables
+        # through the census (the same dict: a reload edits it in place).
+        self.stats.census.tables = self.stick_tables
+        # Cookie-client counters by name, kept across reloads like the tables.
+        self._counters_in_use: set = set()
         self.admin_state = None
         self._warned_admin: Optional[str] = None
         self.store = None
@@ -559,12 +564,16 @@ class BalancerService(MultiService):
         return admin_site(self.stats, admin.token, hosts=admin.hosts, bind=admin.bind, reactor=self.reactor,
                           limit=limit, state=self.admin_state, listener_name=ADMIN)
 
-    def _table_policy(self, where: str, persistence):
+    def _table_policy(self, where: str, persistence, route: str = "", kind: str = ""):
         """
         The stick-table policy (source_ip, header, learn_cookie) of a
         listener or rule, with its table kept across reloads.
 
         @param where: C{"listener/group"} (groups of a split joined by C{+}).
+        @param route: the listener or rule using it (C{"web"}, C{"web rule
+            0"}), for the admin listener's C{/tables}.
+        @param kind: the table's type as C{/tables} shows it, when it is not
+            C{persistence.type} (C{"udp"}).
         """
         from twisted_slb.persistence.sourceip import SourceIPPersistence
         from twisted_slb.persistence.tables import HeaderPersistence, LearnCookiePersistence, StickTable
@@ -575,6 +584,11 @@ class BalancerService(MultiService):
         elif persistence.type == "learn_cookie":
             key = f"{where}/learn_cookie:{persistence.cookie}"
         self._tables_in_use.add(key)
+        census = self.stats.census
+        census.table_types[key] = kind or persistence.type
+        routes = census.table_routes.setdefault(key, [])
+        if route and route not in routes:
+            routes.append(route)
         table = self.stick_tables.get(key)
         if table is None:
             table = StickTable(persistence.timeout, persistence.max_entries, clock=self.reactor)
@@ -614,7 +628,8 @@ class BalancerService(MultiService):
 
         policy = None
         if listener.persistence is not None:
-            policy = self._table_policy(f"{listener.name}/{listener.backends}", listener.persistence)
+            policy = self._table_policy(f"{listener.name}/{listener.backends}", listener.persistence,
+                                        route=listener.name)
         stats = self.stats.for_listener(listener.name, "tcp")
         factory = TCPBalancerFactory(
             self.groups[listener.backends],
@@ -652,7 +667,8 @@ class BalancerService(MultiService):
 
         policy = None
         if listener.persistence is not None:
-            policy = self._table_policy(f"{listener.name}/{listener.backends}", listener.persistence)
+            policy = self._table_policy(f"{listener.name}/{listener.backends}", listener.persistence,
+                                        route=listener.name, kind="udp")
         return UDPBalancer(
             self.groups[listener.backends],
             policy=policy,
@@ -677,6 +693,7 @@ class BalancerService(MultiService):
         @param request_buffering: the rule's setting, or L{None} for the
             listener's.
         """
+        from twisted_slb.persistence.census import REWRITE_WINDOW
         from twisted_slb.persistence.cookies import InsertCookie, RewriteCookie
         from twisted_slb.persistence.resource import PersistenceResource
 
@@ -699,11 +716,32 @@ class BalancerService(MultiService):
         if persistence is None:
             return resource
         if persistence.type == "insert_cookie":
-            return InsertCookie.from_config(resource, persistence, reactor=self.reactor, servers=servers)
+            policy = InsertCookie.from_config(resource, persistence, reactor=self.reactor, servers=servers)
+            policy.clients = self._cookie_clients(f"{listener.name}/{group_key}", persistence, policy.max_idle)
+            return policy
         if persistence.type == "rewrite_cookie":
-            return RewriteCookie.from_config(resource, persistence, servers=servers)
-        policy = self._table_policy(f"{listener.name}/{group_key}", persistence)
+            policy = RewriteCookie.from_config(resource, persistence, servers=servers)
+            policy.clients = self._cookie_clients(f"{listener.name}/{group_key}", persistence, REWRITE_WINDOW)
+            return policy
+        policy = self._table_policy(f"{listener.name}/{group_key}", persistence, route=where or listener.name)
         return PersistenceResource(resource, policy)
+
+    def _cookie_clients(self, where: str, persistence, window: float):
+        """
+        The L{twisted_slb.persistence.census.RecentClients} counter of a cookie
+        policy (the distinct clients per backend in the last C{window}
+        seconds), kept across reloads.
+        """
+        from twisted_slb.persistence.census import RecentClients
+
+        key = f"{where}/{persistence.type}:{persistence.cookie or 'SERVERID'}"
+        self._counters_in_use.add(key)
+        counters = self.stats.census.cookie_clients
+        counter = counters.get(key)
+        if counter is None:
+            counter = counters[key] = RecentClients(window, clock=self.reactor)
+        counter.window = window
+        return counter
 
     def _proxy(self, listener: ListenerConfig, group_name: str, request_buffering: Optional[bool] = None):
         from twisted_slb.web.proxy import BalancedProxyResource
@@ -839,6 +877,8 @@ class BalancerService(MultiService):
                     self.limits.pop(name, None)
         self.stats.retain(config.listeners)
         self._tables_in_use = set()
+        self._counters_in_use = set()
+        self.stats.census.table_routes.clear()
         for listener in self._listener_configs(config):
             factory = self._build_factory(listener, prepared)
             service = self.namedServices.get(listener.name)
@@ -852,6 +892,10 @@ class BalancerService(MultiService):
         # changed type) are dropped; the others keep every pin.
         for key in [k for k in self.stick_tables if k not in self._tables_in_use]:
             del self.stick_tables[key]
+            self.stats.census.table_types.pop(key, None)
+        cookie_clients = self.stats.census.cookie_clients
+        for key in [k for k in cookie_clients if k not in self._counters_in_use]:
+            del cookie_clients[key]
         self.stats.retain_splits()
         log.info("configuration reloaded from {path}", path=config.path)
         return True

@@ -140,8 +140,12 @@ class StatsRegistry:
     """
 
     def __init__(self, groups: Optional[Mapping[str, object]] = None) -> None:
+        from twisted_slb.persistence.census import PinCensus
+
         self.listeners: Dict[str, ListenerStats] = {}
         self.groups = groups if groups is not None else {}
+        #: the stick tables and cookie-client counters, for the pinned counts
+        self.census = PinCensus(self.groups)
         # Which process answers, and since when: an upgrade (SIGUSR2)
         # changes both.
         self.pid = os.getpid()
@@ -189,6 +193,8 @@ class StatsRegistry:
 
     def snapshot(self) -> dict:
         groups = []
+        pinned = self.census.pinned()
+        cookies = self.census.cookies()
         for group in self.groups.values():
             backends = []
             for b in group.backends:
@@ -206,6 +212,8 @@ class StatsRegistry:
                     "failures": b.failures,
                     "bytes_in": b.bytes_in,
                     "bytes_out": b.bytes_out,
+                    "pinned_clients": pinned.get((group.name, b.name), 0),
+                    "cookie_clients": cookies.get((group.name, b.name), 0),
                     "health": None if health is None else {
                         "last_status": health.last_status,
                         "last_reason": health.last_reason,
@@ -226,6 +234,7 @@ class StatsRegistry:
             "store": {"type": "memory"} if self.store is None else self.store.snapshot(),
             "listeners": [s.snapshot() for s in self.listeners.values()],
             "groups": groups,
+            "tables": self.census.describe(),
             "splits": [
                 dict(route=where, groups=list(self._split_groups.get(where, ())), **stats.snapshot())
                 for where, stats in self.splits.items()

@@ -332,10 +332,15 @@ class InsertCookie(PersistenceResource):
     @ivar retry_after: the C{Retry-After} seconds of a strict refusal's 503.
     @ivar fixed: the servers' L{FixedCookieValues}.
     @ivar clock: the L{IReactorTime} giving the time.
+    @ivar clients: a L{twisted_slb.persistence.census.RecentClients} that
+        counts the distinct clients each backend serves (known by address
+        and C{User-Agent}: the cookie's value is the same for every client of
+        a backend), or L{None}.
     """
 
     name = "insert_cookie"
     retry_after = 5
+    clients = None
 
     def __init__(
         self,
@@ -552,6 +557,8 @@ class InsertCookie(PersistenceResource):
         request = session.request
         if request is None:
             return
+        if self.clients is not None:
+            self.clients.seen(backend.id, _client_identity(session, request))
         seen = session.note
         headers = request.responseHeaders
         self._drop_backend_cookie(headers, backend)
@@ -684,10 +691,14 @@ class RewriteCookie(PersistenceResource):
     @ivar on_failure: C{"repin"} or C{"strict"}.
     @ivar retry_after: the C{Retry-After} seconds of a strict refusal's 503.
     @ivar fixed: the servers' L{FixedCookieValues}.
+    @ivar clients: a L{twisted_slb.persistence.census.RecentClients} that
+        counts the distinct sessions (the backend's own cookie values) each
+        backend serves, or L{None}.
     """
 
     name = "rewrite_cookie"
     retry_after = 5
+    clients = None
 
     _PREFIXED = re.compile(rb"^([A-Za-z0-9_-]{1,64})~(.*)$", re.DOTALL)
 
@@ -759,6 +770,7 @@ class RewriteCookie(PersistenceResource):
         """
         request = session.request
         keys: List[str] = []
+        originals: List[bytes] = []
 
         def restore(value: bytes) -> bytes:
             if len(value) > MAX_VALUE_BYTES:
@@ -769,6 +781,7 @@ class RewriteCookie(PersistenceResource):
                 return value
             key, original = split
             keys.append(key)
+            originals.append(original)
             return b'"' + original + b'"' if quoted else original
 
         edit_request_cookies(request.requestHeaders, self.cookie_name, restore)
@@ -778,6 +791,8 @@ class RewriteCookie(PersistenceResource):
             split = self.split_cookie_value(inner)
             if split is not None:
                 received[self.cookie_name] = b'"' + split[1] + b'"' if quoted else split[1]
+        # The session the client holds, for the count of cookie clients.
+        session.note = originals[0] if originals else None
         return keys[0] if keys else None
 
     def remember(self, session: Session, backend: Backend) -> None:
@@ -787,6 +802,8 @@ class RewriteCookie(PersistenceResource):
             return
         headers = request.responseHeaders
         raw = headers.getRawHeaders(b"set-cookie")
+        if self.clients is not None:
+            self._count_client(session, backend, raw)
         if session.outcome == REPIN:
             log.info(
                 "client {client} re-pinned from {old} to backend {backend} ({cookie} cookie{note})",
@@ -814,3 +831,21 @@ class RewriteCookie(PersistenceResource):
             rewritten.append(line)
         if changed:
             headers.setRawHeaders(b"set-cookie", rewritten)
+
+    def _count_client(self, session: Session, backend: Backend, raw: Optional[List[bytes]]) -> None:
+        """Count the session the client holds or is given (the backend's own value) as C{backend}'s."""
+        value = session.note if isinstance(session.note, bytes) else None
+        for line in raw or ():
+            n, eq, v = line.partition(b";")[0].partition(b"=")
+            if eq and n.strip() == self.cookie_name:
+                inner, _ = _unquote(v.strip())
+                if inner:
+                    value = inner  # a new or rotated session: the client holds this one now
+        if value:
+            self.clients.seen(backend.id, value)
+
+
+def _client_identity(session: Session, request: object) -> bytes:
+    """A client of an insert cookie, for counting: its address and C{User-Agent}."""
+    agent = request.requestHeaders.getRawHeaders(b"user-agent")  # type: ignore[attr-defined]
+    return (session.client_ip or "").encode("utf-8") + b"\0" + (agent[0] if agent else b"")

@@ -87,6 +87,11 @@ class StickTable:
     when they are looked up, and a few at a time from the oldest end on
     every C{set} (so the table never needs a timer).
 
+    The table also keeps how many of its entries name each backend (an
+    integer per backend key, changed in O(1) as entries come and go), so
+    that L{pinned_counts} answers the admin listener without walking the
+    table.
+
     @ivar timeout: seconds an entry lives after its last C{set} or C{touch}.
         May be changed on a live table (a reload does so).
     @ivar max_entries: the size bound.  May be changed on a live table; the
@@ -105,6 +110,9 @@ class StickTable:
         self._entries: Dict[bytes, int] = {}
         self._keys: List[str] = []
         self._key_index: Dict[str, int] = {}
+        # Entries (live or expired but not dropped yet) naming each backend
+        # key, by its index in _keys.
+        self._counts: List[int] = []
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -122,6 +130,7 @@ class StickTable:
             return None
         if not self._live(packed, self._now()):
             del self._entries[key]
+            self._counts[packed & 0xFFFF] -= 1
             return None
         return self._keys[packed & 0xFFFF]
 
@@ -132,14 +141,20 @@ class StickTable:
         if index is None:
             index = self._intern(backend_key)
         now = self._now()
-        entries.pop(key, None)
+        counts = self._counts
+        old = entries.pop(key, None)
+        if old is not None:
+            counts[old & 0xFFFF] -= 1
         entries[key] = (now << 16) | index
+        counts[index] += 1
         self._expire(now, budget=2)
         while len(entries) > self.max_entries:
-            del entries[next(iter(entries))]
+            counts[entries.pop(next(iter(entries))) & 0xFFFF] -= 1
 
     def delete(self, key: Key) -> None:
-        self._entries.pop(table_key(key), None)
+        old = self._entries.pop(table_key(key), None)
+        if old is not None:
+            self._counts[old & 0xFFFF] -= 1
 
     #: The name this method had before tables were keyed by bytes.
     remove = delete
@@ -152,11 +167,13 @@ class StickTable:
             remap = {old: new for new, old in enumerate(sorted(used))}
             self._keys = [self._keys[old] for old in sorted(used)]
             self._key_index = {k: i for i, k in enumerate(self._keys)}
+            self._counts = [self._counts[old] for old in sorted(used)]
             self._entries = {
                 c: (p >> 16 << 16) | remap[p & 0xFFFF] for c, p in self._entries.items()
             }
         self._key_index[backend_key] = len(self._keys)
         self._keys.append(backend_key)
+        self._counts.append(0)
         return len(self._keys) - 1
 
     def touch(self, key: Key) -> None:
@@ -171,9 +188,11 @@ class StickTable:
         dropped = 0
         while entries and dropped < budget:
             oldest = next(iter(entries))
-            if entries[oldest] >> 16 >= limit:
+            packed = entries[oldest]
+            if packed >> 16 >= limit:
                 break
             del entries[oldest]
+            self._counts[packed & 0xFFFF] -= 1
             dropped += 1
         return dropped
 
@@ -193,10 +212,26 @@ class StickTable:
         index = self._key_index.get(backend_key)
         if index is None:
             index = self._intern(backend_key)
-        self._entries.pop(key, None)
+        counts = self._counts
+        old = self._entries.pop(key, None)
+        if old is not None:
+            counts[old & 0xFFFF] -= 1
         self._entries[key] = ((self._now() - int(idle * 1000)) << 16) | index
+        counts[index] += 1
         while len(self._entries) > self.max_entries:
-            del self._entries[next(iter(self._entries))]
+            counts[self._entries.pop(next(iter(self._entries))) & 0xFFFF] -= 1
+
+    def pinned_counts(self) -> Dict[str, int]:
+        """
+        Backend key -> live entries naming it (backends with none left out).
+
+        Drops the expired entries first (each entry is dropped once, so this
+        costs O(backends) plus the entries that expired since the last
+        call), then reads the counts kept as entries come and go: the admin
+        listener calls it on every scrape, whatever the table's size.
+        """
+        self.expire()
+        return {key: count for key, count in zip(self._keys, self._counts) if count}
 
     def items(self) -> Iterator[Tuple[bytes, str, float]]:
         now = self._now()
