@@ -214,3 +214,36 @@ class WrapTests(SynchronousTestCase):
         policy = wrap_with_persistence(Resource(), learn, clock).policy
         self.assertIsInstance(policy, LearnCookiePersistence)
         self.assertEqual((policy.cookie_name, policy.on_failure), (b"JSESSIONID", "strict"))
+
+
+class LargeTableTests(SynchronousTestCase):
+    """A large table finds its oldest entries once per batch, not once per entry."""
+
+    def test_fullTableEvictsWithSlack(self):
+        """
+        A full table of 4096 entries evicts the oldest 5 when one more comes
+        (the excess and one in 1024): the least recently used go, and the
+        table walks its front once per several new entries.
+        """
+        table = StickTable(100, max_entries=4096, clock=Clock())
+        for i in range(4097):
+            table.set(b"%d" % i, "a")
+        self.assertEqual(len(table), 4092)
+        self.assertEqual([table.get(b"%d" % i) for i in range(6)], [None] * 5 + ["a"])
+        self.assertEqual(table.pinned_counts(), {"a": 4092})
+
+    def test_setsExpireTwoOnAverage(self):
+        """
+        Sets drop expired entries in batches of up to 64 every 32 sets (two a
+        set on average), with no get needed: 64 sets past the timeout drop
+        all 100 old entries.
+        """
+        clock = Clock()
+        table = StickTable(10, clock=clock)
+        for i in range(100):
+            table.set(b"old%d" % i, "a")
+        clock.advance(11)
+        for i in range(64):
+            table.set(b"new%d" % i, "a")
+        self.assertEqual(len(table), 64)
+        self.assertEqual(table.pinned_counts(), {"a": 64})
