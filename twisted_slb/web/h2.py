@@ -20,13 +20,28 @@ X-Forwarded-* fields, limits, retries, the access log (with the protocol,
 C{HTTP/2}) and the stats.  Backends are still spoken to over HTTP/1.1 from
 the shared pool.
 
+Request bodies stream (L{twisted_slb.web.body}): a stream is handed to the
+resource tree once the read that brought its HEADERS is handled, with
+C{request.body}, a L{twisted_slb.web.body.StreamedBody} fed with its DATA
+(no body when END_STREAM came with the HEADERS; a body that ended in that
+same read gets its length).  The stream is the body's
+L{twisted_slb.web.body.IBodyReader}: paused, it stops acknowledging DATA,
+so the stream's window is not opened again and the client stops once it is
+used; resumed, it gives back what it withheld.  With C{request_buffering}
+the body is spooled and the stream handed over at its end, as before.  A
+body that does not match its C{content-length} is a stream error
+(C{RST_STREAM PROTOCOL_ERROR}, see L{_Connection}).
+
 Flow control and back-pressure: a response is sent within the stream's and
 the connection's windows; what does not fit is kept (at most one read of the
 backend per stream, as the stream's producer, the proxy's exchange, is
 paused at once) until the client opens its window again.  When the client's
 socket is full, every stream's producer is paused.  So a slow client, or
 one that never opens its window, never makes the balancer buffer more than a
-bounded amount.
+bounded amount.  The other way, a request body held back by its backend
+holds at most L{twisted_slb.web.body.HIGH_WATER} plus one stream window;
+the connection's window is always opened again, so that one slow backend
+does not stall the other streams.
 
 What it refuses (each is a known attack on HTTP/2 servers):
 
@@ -43,7 +58,8 @@ What it refuses (each is a known attack on HTTP/2 servers):
    from a budget (L{CONTROL_BURST}, L{CONTROL_RATE}); past it, GOAWAY with
    C{ENHANCE_YOUR_CALM};
  - a stream that never sends its (whole) body: 408 after
-   C{client_idle_timeout} without a body byte;
+   C{client_idle_timeout} without a body byte (not counting the time its
+   window is withheld because the backend does not read);
  - a window that stays at 0: a stream with a response waiting for window for
    C{client_idle_timeout} is reset; if it is the connection's window, the
    connection is closed.  A client that stops reading its socket is closed
