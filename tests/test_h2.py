@@ -1102,6 +1102,27 @@ class StreamedBodyTests(H2TestCase):
         self.assertEqual(collector.value(), b"x" * 60)
         self.assertEqual(self.proto.streams, {})
 
+    def test_dataAfterA408WaitingForWindowIsDropped(self):
+        """
+        DATA that comes after its body failed (408), while the answer waits
+        for the client's window, is acknowledged and dropped: the failed
+        body holds nothing, and the stream's window is not withheld.
+        """
+        self.resource.hold = True
+        client = self.connect(settings={SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        sid = client.request(POST, body=b"x" * 10, end=False)
+        request = self.resource.requests[0]
+        self.reactor.advance(61)
+        client.pump()
+        self.assertEqual(request.code, 408)
+        self.assertIn(sid, self.proto.streams)  # the 408's body waits for window
+        for _ in range(8):
+            client.conn.send_data(sid, b"y" * 16000)
+            client.pump()
+        self.assertEqual(request.body.waiting, [])
+        self.assertFalse(request.body_paused)
+        self.assertEqual([f.code for f in self.resource.bodies[0].failed], [408])
+
     def test_maxBodyBytesAfterTheResponseStarted(self):
         """Over max_body_bytes once the response has started: the stream is reset (CANCEL), the others go on."""
         self.resource.hold = True

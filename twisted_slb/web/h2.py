@@ -838,8 +838,9 @@ class H2FrontChannel(Protocol):
             self._malformed(stream, f"a body longer than its content-length ({stream.length})")
             return
         body = stream.body if stream is not None else None
-        if stream is None or (body is None and stream.dispatched) or (body is not None and body.stopped):
-            # Refused, answered already, or drained: acknowledged, dropped.
+        if stream is None or (body is None and stream.dispatched) or (
+                body is not None and (body.stopped or body.failure is not None)):
+            # Refused, answered already, failed or drained: acknowledged, dropped.
             if size:
                 conn.acknowledge_received_data(size, stream_id)
             return
