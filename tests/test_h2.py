@@ -28,9 +28,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from twisted_slb.limits import ConnectionLimit
 from twisted_slb.web import h2 as slb_h2
+from twisted_slb.web.body import HIGH_WATER, BodyError, IBodyConsumer, IBodyReader
 from twisted_slb.web.front import HTTPFrontChannel, HTTPFrontFactory
 from twisted_slb.web.h2 import H2FrontChannel, H2Request, H2Settings
 
@@ -51,11 +53,39 @@ class Recorder(Resource):
 
     def render(self, request):
         self.requests.append(request)
-        self.bodies.append(request.content.read() if request.content is not None else b"")
+        if request.body is not None:
+            # Streamed: what arrived with the head; Collector has the rest.
+            collector = Collector()
+            request.body.deliver_to(collector)
+            self.bodies.append(collector)
+        else:
+            self.bodies.append(request.content.read() if request.content is not None else b"")
         if self.hold:
             return NOT_DONE_YET
         request.setHeader(b"content-type", b"text/plain")
         return b"hello " + request.path
+
+
+@implementer(IBodyConsumer)
+class Collector:
+    """An L{IBodyConsumer} that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.data: List[bytes] = []
+        self.ended = False
+        self.failed: List[BodyError] = []
+
+    def body_data(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def body_end(self) -> None:
+        self.ended = True
+
+    def body_failed(self, reason: BodyError) -> None:
+        self.failed.append(reason)
+
+    def value(self) -> bytes:
+        return b"".join(self.data)
 
 
 @implementer(IPushProducer)
@@ -203,9 +233,12 @@ class RequestTests(H2TestCase):
         headers = self.resource.requests[0].requestHeaders
         self.assertEqual(headers.getRawHeaders(b"cookie"), [b"SERVERID=a; b=2"])
 
-    def test_postBodyDelivered(self):
-        """A request body (several DATA frames) is in request.content when the resource renders."""
-        client = self.connect()
+    def test_postBodyDeliveredWithRequestBuffering(self):
+        """
+        With request_buffering, a request body (several DATA frames) is in
+        request.content when the resource renders, not before its end.
+        """
+        client = self.connect(request_buffering=True)
         sid = client.conn.get_next_available_stream_id()
         client.conn.send_headers(sid, [(b":method", b"POST")] + GET[1:])
         client.conn.send_data(sid, b"x" * 1000)
@@ -214,6 +247,7 @@ class RequestTests(H2TestCase):
         client.conn.send_data(sid, b"y" * 1000, end_stream=True)
         client.pump()
         self.assertEqual(self.resource.bodies, [b"x" * 1000 + b"y" * 1000])
+        self.assertIsNone(self.resource.requests[0].body)
         self.assertEqual(client.response(sid)[0][b":status"], b"200")
 
     def test_streamsAnsweredOutOfOrder(self):
@@ -615,13 +649,28 @@ class AttackTests(H2TestCase):
         self.assertFalse(self.transport.disconnecting)
 
     def test_bodyNeverSent(self):
-        """A stream that announces a body and never sends it gets 408 after client_idle_timeout."""
+        """
+        A stream that announces a body and stops sending it gets 408 after
+        client_idle_timeout; its streamed body fails with 408 (the proxy
+        drops its backend connection).
+        """
+        self.resource.hold = True
         client = self.connect()
         sid = client.request([(b":method", b"POST")] + GET[1:], body=b"part", end=False)
+        collector = self.resource.bodies[0]
         self.reactor.advance(59)
         client.pump()
         self.assertIsNone(client.response(sid)[0])
         self.reactor.advance(2)
+        client.pump()
+        self.assertEqual(client.response(sid)[0][b":status"], b"408")
+        self.assertEqual([f.code for f in collector.failed], [408])
+
+    def test_spooledBodyNeverSent(self):
+        """With request_buffering, a body that stops gets 408 and never reaches a resource."""
+        client = self.connect(request_buffering=True)
+        sid = client.request([(b":method", b"POST")] + GET[1:], body=b"part", end=False)
+        self.reactor.advance(61)
         client.pump()
         self.assertEqual(client.response(sid)[0][b":status"], b"408")
         self.assertEqual(self.resource.requests, [])
@@ -839,10 +888,58 @@ class SmugglingTests(H2TestCase):
         self.assertEqual(self.resource.requests, [])
 
     def test_bodyLongerThanContentLength(self):
-        """A body longer than its content-length is a protocol error, never a second request."""
-        self.send([(b":method", b"POST")] + GET[1:] + [(b"content-length", b"3")], b"hello")
-        self.assertTrue(self.transport.disconnecting)
+        """
+        A body longer than its content-length is a stream error (RST_STREAM
+        PROTOCOL_ERROR): the body's consumer never gets more than the
+        announced bytes, and fails; the connection goes on.
+        """
+        self.resource.hold = True
+        client = self.connect()
+        sid = client.request(POST + [(b"content-length", b"3")], body=b"abc", end=False)
+        client.conn.send_data(sid, b"de", end_stream=True)
+        client.pump()
+        collector = self.resource.bodies[0]
+        self.assertEqual(collector.value(), b"abc")
+        self.assertFalse(collector.ended)
+        self.assertEqual(len(collector.failed), 1)
+        self.assertEqual(client.response(sid)[3], ErrorCodes.PROTOCOL_ERROR)
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(client.goaway(), [])
+        client.request()
+        self.assertEqual(len(self.resource.requests), 2)
+
+    def test_bodyLongerThanContentLengthInOneRead(self):
+        """
+        The same, when HEADERS and the too long DATA come in one read: the
+        stream is reset before any resource sees it, the connection goes on.
+        """
+        client = self.connect()
+        head = HeadersFrame(1)
+        head.data = client.conn.encoder.encode(POST + [(b"content-length", b"3")])
+        head.flags.add("END_HEADERS")
+        data = DataFrame(1)
+        data.data = b"hello"
+        data.flags.add("END_STREAM")
+        self.transport.clear()
+        self.proto.dataReceived(head.serialize() + data.serialize())
+        resets = [f for f in frames(self.transport.value()) if isinstance(f, RstStreamFrame)]
+        self.assertEqual([(f.stream_id, f.error_code) for f in resets], [(1, ErrorCodes.PROTOCOL_ERROR)])
+        self.assertFalse(self.transport.disconnecting)
         self.assertEqual(self.resource.requests, [])
+        self.assertEqual(self.proto.streams, {})
+
+    def test_bodyShorterThanContentLength(self):
+        """A body that ends before its content-length: a stream error, its body fails and never ends."""
+        self.resource.hold = True
+        client = self.connect()
+        sid = client.request(POST + [(b"content-length", b"10")], body=b"abc", end=False)
+        client.conn.send_data(sid, b"", end_stream=True)
+        client.pump()
+        collector = self.resource.bodies[0]
+        self.assertFalse(collector.ended)
+        self.assertEqual(len(collector.failed), 1)
+        self.assertEqual(client.response(sid)[3], ErrorCodes.PROTOCOL_ERROR)
+        self.assertFalse(self.transport.disconnecting)
 
 
 class ReloadTests(SynchronousTestCase):
@@ -872,3 +969,251 @@ class ReloadTests(SynchronousTestCase):
         service.grace_period = 7.0
         service.reconfigure(config, Wrapper(Old()))
         self.assertEqual(old.retired, 7.0)
+
+
+POST = [(b":method", b"POST")] + GET[1:]
+
+
+class StreamedBodyTests(H2TestCase):
+    """Request bodies stream to the resource (the proxy) with per-stream flow control as back-pressure."""
+
+    def send(self, client, sid: int, data: bytes, end: bool = False) -> int:
+        """Send what the client's windows allow of C{data}; the number of bytes sent."""
+        conn = client.conn
+        room = min(conn.local_flow_control_window(sid), len(data))
+        pos = 0
+        while pos < room:
+            n = min(conn.max_outbound_frame_size, room - pos)
+            conn.send_data(sid, data[pos:pos + n], end_stream=end and pos + n == len(data))
+            pos += n
+        client.pump()
+        return pos
+
+    def test_streamIsAnIBodyReader(self):
+        """An H2Request is the IBodyReader of its body."""
+        self.resource.hold = True
+        self.connect().request(POST, end=False)
+        request = self.resource.requests[0]
+        self.assertTrue(verifyObject(IBodyReader, request))
+        self.assertIs(request.body.reader, request)
+
+    def test_requestHandedOverBeforeEndStream(self):
+        """
+        A POST reaches the resource as soon as its head is in, with a
+        streamed body (no content): DATA frames reach the body's consumer
+        as they arrive, END_STREAM ends it.
+        """
+        self.resource.hold = True
+        client = self.connect()
+        sid = client.request(POST + [(b"content-length", b"8")], body=b"abcd", end=False)
+        request = self.resource.requests[0]
+        self.assertIsNone(request.content)
+        self.assertEqual(request.body.length, 8)
+        collector = self.resource.bodies[0]
+        self.assertEqual((collector.value(), collector.ended), (b"abcd", False))
+        client.conn.send_data(sid, b"efgh", end_stream=True)
+        client.pump()
+        self.assertEqual((collector.value(), collector.ended), (b"abcdefgh", True))
+        request.finish()
+        client.pump()
+        self.assertTrue(client.response(sid)[2])
+        self.assertIsNone(client.response(sid)[3])  # the request was whole: no reset
+
+    def test_endStreamOnHeadersIsNoBody(self):
+        """END_STREAM on HEADERS: no body at all (so the proxy may retry the request)."""
+        self.connect().request()
+        request = self.resource.requests[0]
+        self.assertIsNone(request.body)
+        self.assertIsNone(request.content)
+
+    def test_wholeBodyInTheFirstReadGetsItsLength(self):
+        """A body that ends in the read that brought its head (no content-length) is handed over with its length."""
+        self.resource.hold = True
+        self.connect().request(POST, body=b"hello")
+        body = self.resource.requests[0].body
+        self.assertEqual((body.length, body.complete), (5, True))
+        self.assertEqual(self.resource.bodies[0].value(), b"hello")
+
+    def test_emptyBodyWithItsHeadIsNoBody(self):
+        """HEADERS then an empty DATA with END_STREAM, in one read: no body."""
+        self.resource.hold = True
+        self.connect().request(body=b"")
+        self.assertIsNone(self.resource.requests[0].body)
+
+    def test_slowConsumerWithholdsTheStreamWindow(self):
+        """
+        A consumer (backend) that does not read: past HIGH_WATER the
+        stream's window is no longer given back, so the client's window
+        runs out and it stops; the balancer holds at most HIGH_WATER plus
+        one window (and one frame).  Other streams still get the
+        connection's window.  When the consumer reads again, the window
+        comes back and the whole body arrives in order.
+        """
+        self.resource.hold = True
+        client = self.connect()
+        sid = client.request(POST, end=False)
+        request = self.resource.requests[0]
+        collector = self.resource.bodies[0]
+        request.body.pauseProducing()  # the backend is not reading
+        data = bytes(range(256)) * 4096  # 1 MiB
+        sent = 0
+        for _ in range(100):
+            n = self.send(client, sid, data[sent:])
+            sent += n
+            if not n:
+                break
+        self.assertEqual(client.conn.local_flow_control_window(sid), 0)
+        self.assertTrue(request.body_paused)
+        self.assertLessEqual(sent, HIGH_WATER + 65535 + 16384)
+        self.assertLessEqual(request.body.waiting_bytes, HIGH_WATER + 65535 + 16384)
+        self.assertEqual(collector.value(), b"")
+        # The connection's window was given back: another stream can send.
+        other = client.request(POST, end=False)
+        self.assertEqual(self.send(client, other, b"z" * 1000), 1000)
+        self.assertEqual(self.resource.bodies[1].value(), b"z" * 1000)
+        # The backend reads again: the window comes back, the rest flows.
+        request.body.resumeProducing()
+        client.pump()
+        for _ in range(100):
+            sent += self.send(client, sid, data[sent:], end=True)
+            if sent == len(data):
+                break
+        self.assertEqual(collector.value(), data)
+        self.assertTrue(collector.ended)
+
+    def test_maxBodyBytesMidStream(self):
+        """
+        A streamed body passing max_body_bytes: 413 at once, the body's
+        consumer told (413), and the rest of the stream not wanted (reset
+        NO_ERROR after the answer).
+        """
+        self.resource.hold = True
+        client = self.connect(max_body_bytes=100)
+        sid = client.request(POST, body=b"x" * 60, end=False)
+        collector = self.resource.bodies[0]
+        self.assertEqual(collector.value(), b"x" * 60)
+        client.conn.send_data(sid, b"y" * 60)
+        client.pump()
+        headers, _, ended, reset = client.response(sid)
+        self.assertEqual(headers[b":status"], b"413")
+        self.assertTrue(ended)
+        self.assertEqual(reset, ErrorCodes.NO_ERROR)
+        self.assertEqual([f.code for f in collector.failed], [413])
+        self.assertEqual(collector.value(), b"x" * 60)
+        self.assertEqual(self.proto.streams, {})
+
+    def test_dataAfterA408WaitingForWindowIsDropped(self):
+        """
+        DATA that comes after its body failed (408), while the answer waits
+        for the client's window, is acknowledged and dropped: the failed
+        body holds nothing, and the stream's window is not withheld.
+        """
+        self.resource.hold = True
+        client = self.connect(settings={SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        sid = client.request(POST, body=b"x" * 10, end=False)
+        request = self.resource.requests[0]
+        self.reactor.advance(61)
+        client.pump()
+        self.assertEqual(request.code, 408)
+        self.assertIn(sid, self.proto.streams)  # the 408's body waits for window
+        for _ in range(8):
+            client.conn.send_data(sid, b"y" * 16000)
+            client.pump()
+        self.assertEqual(request.body.waiting, [])
+        self.assertFalse(request.body_paused)
+        self.assertEqual([f.code for f in self.resource.bodies[0].failed], [408])
+
+    def test_maxBodyBytesAfterTheResponseStarted(self):
+        """Over max_body_bytes once the response has started: the stream is reset (CANCEL), the others go on."""
+        self.resource.hold = True
+        client = self.connect(max_body_bytes=100)
+        sid = client.request(POST, body=b"x" * 60, end=False)
+        request = self.resource.requests[0]
+        request.write(b"early")
+        client.conn.send_data(sid, b"y" * 60)
+        client.pump()
+        self.assertEqual(client.response(sid)[3], ErrorCodes.CANCEL)
+        self.assertEqual([f.code for f in self.resource.bodies[0].failed], [413])
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_requestBufferingKeepsSpooling(self):
+        """request_buffering on the listener: the resource gets the whole body in content, after END_STREAM."""
+        client = self.connect(request_buffering=True)
+        sid = client.request(POST, end=False)
+        self.assertEqual(self.send(client, sid, b"a" * 60000), 60000)
+        self.assertEqual(self.resource.requests, [])
+        client.conn.send_data(sid, b"b", end_stream=True)
+        client.pump()
+        self.assertEqual(self.resource.bodies, [b"a" * 60000 + b"b"])
+        self.assertIsNone(self.resource.requests[0].body)
+
+    def test_earlyAnswerDrainsTheRest(self):
+        """
+        A response that ends before the body: the stream is reset with
+        NO_ERROR after it, the body stopped, and DATA still in flight is
+        acknowledged on the connection (the next streams are not starved).
+        """
+        client = self.connect()  # the Recorder answers at once, reading nothing
+        sid = client.request(POST, body=b"x" * 100, end=False)
+        headers, body, ended, reset = client.response(sid)
+        self.assertEqual((headers[b":status"], ended, reset), (b"200", True, ErrorCodes.NO_ERROR))
+        self.assertTrue(self.resource.requests[0].body.stopped)
+        self.assertEqual(self.proto.streams, {})
+        # DATA the client sent before it saw the reset: more than the whole connection window.
+        for _ in range(70):
+            frame = DataFrame(sid)
+            frame.data = b"y" * 16384
+            client.raw(frame.serialize())
+        self.assertFalse(self.transport.disconnecting)
+        later = client.request(POST, body=b"z" * 1000)
+        self.assertEqual(client.response(later)[0][b":status"], b"200")
+
+    def test_earlyAnswerWhileStreamingKeepsReading(self):
+        """
+        A response that starts before the body ended (full duplex): the body
+        goes on reaching its consumer, and the response ends once both are done.
+        """
+        self.resource.hold = True
+        client = self.connect()
+        sid = client.request(POST, body=b"a", end=False)
+        request = self.resource.requests[0]
+        request.write(b"answer")
+        client.conn.send_data(sid, b"b", end_stream=True)
+        client.pump()
+        self.assertEqual(self.resource.bodies[0].value(), b"ab")
+        self.assertTrue(self.resource.bodies[0].ended)
+        request.finish()
+        client.pump()
+        self.assertEqual(client.response(sid)[1:], (b"answer", True, None))
+
+    def test_clientResetFailsTheBody(self):
+        """A stream the client resets mid-body: its body fails, so the proxy drops the backend connection."""
+        self.resource.hold = True
+        client = self.connect()
+        sid = client.request(POST, body=b"a", end=False)
+        client.conn.reset_stream(sid, ErrorCodes.CANCEL)
+        client.pump()
+        self.assertEqual(len(self.resource.bodies[0].failed), 1)
+
+    def test_connectionLostFailsTheBodies(self):
+        """The connection lost mid-body: every streamed body fails."""
+        self.resource.hold = True
+        client = self.connect()
+        client.request(POST, body=b"a", end=False)
+        self.proto.connectionLost(None)
+        self.assertEqual(len(self.resource.bodies[0].failed), 1)
+
+    def test_pausedBodyIsNotAnIdleClient(self):
+        """A body held back by its consumer past client_idle_timeout is not the client's fault: no 408."""
+        self.resource.hold = True
+        client = self.connect()
+        sid = client.request(POST, end=False)
+        request = self.resource.requests[0]
+        request.body.pauseProducing()
+        while self.send(client, sid, b"x" * 65536):
+            pass
+        self.assertTrue(request.body_paused)
+        self.reactor.advance(200)
+        client.pump()
+        self.assertIsNone(client.response(sid)[0])
+        self.assertEqual(self.resource.bodies[0].failed, [])

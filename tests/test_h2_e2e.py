@@ -19,7 +19,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, c
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from tests.certs import CertificateAuthority
 from tests.test_admin_browser import COMMON, DevTools
@@ -49,6 +49,14 @@ class Named(Resource):
                 f"body={len(request.content.read())}</p></body></html>").encode()
 
 
+class Watched(Request):
+    """A backend request that tells its site when body bytes arrive (before the body ended)."""
+
+    def handleContentChunk(self, data):
+        Request.handleContentChunk(self, data)
+        self.channel.site.body_chunk(data)
+
+
 CONFIG = """
 [backends.web]
 servers = [ {{ name = "a", address = "127.0.0.1:{a}" }}, {{ name = "b", address = "127.0.0.1:{b}" }} ]
@@ -73,6 +81,7 @@ backends = "ws"
 
 class H2EndToEndTests(TestCase):
     timeout = 120
+    config = CONFIG
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -96,7 +105,7 @@ class H2EndToEndTests(TestCase):
     def start(self, extra: str = "") -> None:
         path = os.path.join(self.dir, "slb.toml")
         with open(path, "w") as f:
-            f.write(CONFIG.format(cert=self.cert, key=self.key, log=self.log_path, extra=extra, **self.ports))
+            f.write(self.config.format(cert=self.cert, key=self.key, log=self.log_path, extra=extra, **self.ports))
         self.service = BalancerService(load_config(path), reactor)
         self.service.startService()
         self.stopped = False
@@ -307,3 +316,111 @@ class H2EndToEndTests(TestCase):
         self.assertIn("persistence=new", page[0])
         self.assertTrue(all("persistence=hit" in line for line in page[1:]), page)
 
+
+    @defer.inlineCallbacks
+    def test_curlUploadOfSeveralMegabytesIsWhole(self):
+        """
+        curl --http2 --data-binary @file of 4 MB: the backend gets the
+        whole body (its count is in the response), the stream's window
+        having been opened again and again as the body went on.
+        """
+        self.start()
+        upload = os.path.join(self.dir, "upload")
+        size = 4 * 1024 * 1024
+        with open(upload, "wb") as f:
+            f.write(os.urandom(size))
+        out, err, code = yield self.curl("--http2", "--data-binary", "@" + upload, "-w", "\nversion=%{http_version}",
+                                         self.url)
+        self.assertEqual(code, 0, err)
+        self.assertIn(f"body={size}", out.decode())
+        self.assertIn("version=2", out.decode())
+
+    @defer.inlineCallbacks
+    def test_backendSeesTheFirstBytesBeforeTheLast(self):
+        """
+        curl --http2 uploads from a pipe the test feeds: the backend gets
+        the first bytes while curl has not sent the rest (nor END_STREAM);
+        then the rest comes and the backend counts the whole body.
+        """
+        arrived: list = []
+        first: defer.Deferred = defer.Deferred()
+        site = Site(Named("s"))
+        site.requestFactory = Watched
+
+        def body_chunk(data):
+            arrived.append(data)
+            if sum(map(len, arrived)) >= 5000 and not first.called:
+                first.callback(None)
+
+        site.body_chunk = body_chunk
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+        self.addCleanup(port.stopListening)
+        self.ports["a"] = self.ports["b"] = port.getHost().port
+        self.start()
+        argv = [CURL, "-sS", "--http2", "--cacert", self.ca_path, "--resolve", f"localhost:{self.port}:127.0.0.1",
+                "-H", "Expect:", "-T", "-", "-X", "POST", self.url]
+        done: defer.Deferred = defer.Deferred()
+
+        class Curl(protocol.ProcessProtocol):
+            out = b""
+
+            def outReceived(self, data):
+                self.out += data
+
+            def processEnded(self, reason):
+                done.callback((self.out, reason.value.exitCode))
+
+        curl = Curl()
+        reactor.spawnProcess(curl, CURL, argv, env=os.environ)
+        self.addCleanup(lambda: done.called or curl.transport.signalProcess("KILL"))
+        curl.transport.write(b"x" * 5000)
+        yield first  # the backend has 5000 bytes; curl still waits for more from the pipe
+        self.assertFalse(done.called)
+        curl.transport.write(b"y" * 3000)
+        curl.transport.closeStdin()
+        out, code = yield done
+        self.assertEqual(code, 0)
+        self.assertIn(b"body=8000", out)
+        self.assertEqual(b"".join(arrived), b"x" * 5000 + b"y" * 3000)
+
+    @defer.inlineCallbacks
+    def test_requestBufferingOnARuleSendsAContentLength(self):
+        """
+        request_buffering = true on a rule: an HTTP/2 upload without a
+        content-length (curl -T from a pipe) reaches the backend whole,
+        with a Content-Length (no chunked body).
+        """
+        heads: list = []
+
+        class Recording(Named):
+            def render(self, request):
+                heads.append((request.getHeader(b"content-length"), request.getHeader(b"transfer-encoding")))
+                return Named.render(self, request)
+
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(Recording("r")))
+        self.addCleanup(port.stopListening)
+        self.ports["ws"] = port.getHost().port
+        self.config = CONFIG.replace('backends = "ws"\n', 'backends = "ws"\nrequest_buffering = true\n')
+        self.start()
+        argv = [CURL, "-sS", "--http2", "--cacert", self.ca_path, "--resolve", f"localhost:{self.port}:127.0.0.1",
+                "-H", "Expect:", "-T", "-", "-X", "POST", self.url + "ws"]
+        done: defer.Deferred = defer.Deferred()
+
+        class Curl(protocol.ProcessProtocol):
+            out = b""
+
+            def outReceived(self, data):
+                self.out += data
+
+            def processEnded(self, reason):
+                done.callback((self.out, reason.value.exitCode))
+
+        curl = Curl()
+        reactor.spawnProcess(curl, CURL, argv, env=os.environ)
+        self.addCleanup(lambda: done.called or curl.transport.signalProcess("KILL"))
+        curl.transport.write(b"z" * 100000)
+        curl.transport.closeStdin()
+        out, code = yield done
+        self.assertEqual(code, 0)
+        self.assertIn(b"body=100000", out)
+        self.assertEqual(heads, [(b"100000", None)])

@@ -20,13 +20,28 @@ X-Forwarded-* fields, limits, retries, the access log (with the protocol,
 C{HTTP/2}) and the stats.  Backends are still spoken to over HTTP/1.1 from
 the shared pool.
 
+Request bodies stream (L{twisted_slb.web.body}): a stream is handed to the
+resource tree once the read that brought its HEADERS is handled, with
+C{request.body}, a L{twisted_slb.web.body.StreamedBody} fed with its DATA
+(no body when END_STREAM came with the HEADERS; a body that ended in that
+same read gets its length).  The stream is the body's
+L{twisted_slb.web.body.IBodyReader}: paused, it stops acknowledging DATA,
+so the stream's window is not opened again and the client stops once it is
+used; resumed, it gives back what it withheld.  With C{request_buffering}
+the body is spooled and the stream handed over at its end, as before.  A
+body that does not match its C{content-length} is a stream error
+(C{RST_STREAM PROTOCOL_ERROR}, see L{_Connection}).
+
 Flow control and back-pressure: a response is sent within the stream's and
 the connection's windows; what does not fit is kept (at most one read of the
 backend per stream, as the stream's producer, the proxy's exchange, is
 paused at once) until the client opens its window again.  When the client's
 socket is full, every stream's producer is paused.  So a slow client, or
 one that never opens its window, never makes the balancer buffer more than a
-bounded amount.
+bounded amount.  The other way, a request body held back by its backend
+holds at most L{twisted_slb.web.body.HIGH_WATER} plus one stream window;
+the connection's window is always opened again, so that one slow backend
+does not stall the other streams.
 
 What it refuses (each is a known attack on HTTP/2 servers):
 
@@ -43,7 +58,8 @@ What it refuses (each is a known attack on HTTP/2 servers):
    from a budget (L{CONTROL_BURST}, L{CONTROL_RATE}); past it, GOAWAY with
    C{ENHANCE_YOUR_CALM};
  - a stream that never sends its (whole) body: 408 after
-   C{client_idle_timeout} without a body byte;
+   C{client_idle_timeout} without a body byte (not counting the time its
+   window is withheld because the backend does not read);
  - a window that stays at 0: a stream with a response waiting for window for
    C{client_idle_timeout} is reset; if it is the connection's window, the
    connection is closed.  A client that stops reading its socket is closed
@@ -85,6 +101,7 @@ from zope.interface import implementer
 from twisted_slb.web.front import (
     _BAD_TARGET, _REASONS, _TOKEN, SPOOL_BYTES, BadRequest, FrontRequest, _http_date,
 )
+from twisted_slb.web.body import BodyError, IBodyReader, StreamedBody
 from twisted_slb.web.headers import FastHeaders
 
 log = Logger(namespace="twisted_slb.front")
@@ -115,6 +132,31 @@ _DATA, _HEADERS, _PRIORITY, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _PING, _GOAWA
 _END_STREAM = 0x1
 _END_HEADERS = 0x4
 _ACK = 0x1
+
+
+def _no_length_check(length: int, end_stream: bool) -> None:
+    """See L{_Connection}."""
+
+
+class _Connection(H2Connection):
+    """
+    h2's connection, less its check of request bodies against their
+    C{content-length}: h2 treats a mismatch as a connection error (GOAWAY,
+    every stream on the connection lost), raised in the middle of a read
+    (so that the other streams' frames of that read are lost too).  RFC 9113
+    8.1.1 makes it a stream error, which L{H2FrontChannel} applies itself
+    (L{H2FrontChannel._malformed}).  h2 has no public switch for it (4.x):
+    its streams' C{_track_content_length} is replaced by a no-op when h2
+    creates them; with an h2 that changes these names, h2's own (stricter)
+    check stays, and the backend never gets more than the announced length
+    either way.
+    """
+
+    def _begin_new_stream(self, stream_id, allowed_ids):
+        stream = H2Connection._begin_new_stream(self, stream_id, allowed_ids)
+        if hasattr(stream, "_track_content_length"):
+            stream._track_content_length = _no_length_check
+        return stream
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -154,6 +196,7 @@ class _Budget:
         return self.tokens >= 0
 
 
+@implementer(IBodyReader)
 class H2Request(FrontRequest):
     """
     One stream of an L{H2FrontChannel}: a L{FrontRequest} (same interface,
@@ -183,6 +226,15 @@ class H2Request(FrontRequest):
     length_left: Optional[int] = None
     body_read = 0
     last_in = 0.0
+    #: the streamed request body (an L{IRequestBody}), or None (no body, or
+    #: spooled into C{content} with request_buffering)
+    body: Optional[StreamedBody] = None
+    #: the body's consumer does not keep up: DATA is not acknowledged
+    body_paused = False
+    #: flow-controlled bytes received while paused, not yet acknowledged
+    withheld = 0
+    #: the announced content-length, or None
+    length: Optional[int] = None
 
     def __init__(self, connection: H2FrontChannel, stream_id: int, method: bytes, uri: bytes,
                  headers: FastHeaders) -> None:
@@ -205,19 +257,46 @@ class H2Request(FrontRequest):
     def slb_proxied(self, value: bool) -> None:
         self.connection.slb_proxied = value
 
-    # -- the request body (kept small: request bodies are read whole, as
-    # over HTTP/1.1, and spooled; see body_received and body_ended) ----------
+    # -- the request body ------------------------------------------------------
+    #
+    # Streamed (the default): the stream is the IBodyReader of its
+    # StreamedBody.  Received DATA is acknowledged (the stream's window
+    # opened again) as it is fed to the body, unless the body is paused: then
+    # the stream's window is withheld, so the client stops after what its
+    # window allowed, and given back when the body resumes.  The connection's
+    # window is always acknowledged at once (one slow backend must not stall
+    # the other streams).  With request_buffering the body is spooled
+    # (body_received, body_ended) and the request handed over at its end.
 
     def body_received(self, data: bytes) -> None:
-        """Request body bytes (flow control is acknowledged by the caller)."""
+        """Request body bytes to spool (request_buffering)."""
         if self.content is None:
             self.content = SpooledTemporaryFile(max_size=SPOOL_BYTES)
         self.content.write(data)
 
     def body_ended(self) -> None:
-        """The whole request is here: answer it."""
+        """The whole spooled request is here: it can be answered."""
         if self.content is not None:
             self.content.seek(0, 0)
+
+    def pause_body(self) -> None:
+        """L{IBodyReader}: the body's consumer does not keep up; withhold this stream's window."""
+        self.body_paused = True
+
+    def resume_body(self) -> None:
+        """L{IBodyReader}: give back the window withheld while paused."""
+        if self.body_paused:
+            self.body_paused = False
+            self.last_in = self.connection.clock.seconds()  # the client was held back, not idle
+            self.connection.acknowledge(self)
+
+    def discard_body(self) -> None:
+        """
+        L{IBodyReader}: nobody wants the rest: it is drained (acknowledged as
+        it comes, dropped by the body) until the response ends the stream,
+        which then resets it (C{NO_ERROR}) if the body has not ended.
+        """
+        self.resume_body()
 
     # -- as the proxy's "channel" and "transport" ------------------------------
 
@@ -348,6 +427,9 @@ class H2FrontChannel(Protocol):
         self.settings = settings or getattr(factory, "h2", None) or H2Settings()
         self.clock = factory.reactor
         self.streams: Dict[int, H2Request] = {}
+        #: streams whose head came in the read being handled, to hand over
+        #: once its frames are handled
+        self._ready: List[H2Request] = []
         self.secure = True
 
     @classmethod
@@ -379,7 +461,7 @@ class H2FrontChannel(Protocol):
         now = self.last = self.clock.seconds()
         self.resets = _Budget(RESET_BURST, RESET_RATE, now)
         self.controls = _Budget(CONTROL_BURST, CONTROL_RATE, now)
-        conn = self.conn = H2Connection(H2Configuration(
+        conn = self.conn = _Connection(H2Configuration(
             client_side=False, header_encoding=None, normalize_outbound_headers=False,
             # The response fields are the backend's, already checked by the
             # upstream parser (tokens), lowercased and without NUL here,
@@ -547,6 +629,27 @@ class H2FrontChannel(Protocol):
                 self.transport.abortConnection()
 
     def _handle(self, events: list) -> None:
+        try:
+            self._handle_events(events)
+        finally:
+            ready, self._ready = self._ready, []
+        for stream in ready:
+            if self.lost or self.closing:
+                return
+            if stream.dispatched or stream.finished or self.streams.get(stream.stream_id) is not stream:
+                continue
+            body = stream.body
+            if body is not None and body.complete:
+                # The whole body came with the head, in one read: the
+                # backend gets it with a Content-Length (or as no body).
+                if not body.received:
+                    stream.body = None
+                elif body.length is None:
+                    body.length = body.received
+            self._dispatch(stream)
+        self._flush()
+
+    def _handle_events(self, events: list) -> None:
         for event in events:
             if self.lost or self.closing:
                 return
@@ -577,7 +680,6 @@ class H2FrontChannel(Protocol):
                 self.abort_streams()
                 self._close()
                 return
-        self._flush()
 
     def _scan(self, data: bytes, now: float) -> Optional[str]:
         """
@@ -707,37 +809,143 @@ class H2FrontChannel(Protocol):
             limit = factory.max_body_bytes
             if limit and length and length[0].isdigit() and int(length[0]) > limit:
                 raise BadRequest(f"a body of {int(length[0])} bytes, over max_body_bytes ({limit})", 413)
+            if method == b"HEAD":
+                stream.length = 0  # as h2 has it: a HEAD request has no body
+            elif length and length[0].isdigit():
+                stream.length = int(length[0])
             if factory.check_head is not None:
                 factory.check_head(stream)
         except BadRequest as e:
             self._refuse(stream, e.code, str(e))
+            return
+        if stream.request_ended or stream.length == 0:
+            self._ready.append(stream)  # no body
+        elif not factory.request_buffering:
+            # Streamed: the request goes on once this read's frames are
+            # handled (see _handle), its body follows as it comes.
+            stream.body = StreamedBody(stream, stream.length)
+            self._ready.append(stream)
+        # else spooled: handed over at the end of the body (_request_ended)
 
     def _data(self, event: DataReceived) -> None:
         stream_id = event.stream_id
-        # Flow control is acknowledged as the bytes are taken (spooled).
-        if event.flow_controlled_length:
-            self.conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
+        size = event.flow_controlled_length
+        conn = self.conn
         stream = self.streams.get(stream_id)
-        if stream is None or stream.dispatched or stream.started:
-            return  # refused or answered already: dropped
+        if stream is not None and stream.length is not None and stream.body_read + len(event.data) > stream.length:
+            if size:
+                conn.acknowledge_received_data(size, stream_id)
+            self._malformed(stream, f"a body longer than its content-length ({stream.length})")
+            return
+        body = stream.body if stream is not None else None
+        if stream is None or (body is None and stream.dispatched) or (
+                body is not None and (body.stopped or body.failure is not None)):
+            # Refused, answered already, failed or drained: acknowledged, dropped.
+            if size:
+                conn.acknowledge_received_data(size, stream_id)
+            return
         stream.last_in = self.last
         data = event.data
         limit = self.factory.max_body_bytes
         stream.body_read += len(data)
         if limit and stream.body_read > limit:
-            self._refuse(stream, 413, f"a body over max_body_bytes ({limit})")
+            if size:
+                conn.acknowledge_received_data(size, stream_id)
+            why = f"a body over max_body_bytes ({limit})"
+            if body is None:
+                self._refuse(stream, 413, why)
+            else:
+                self._body_error(stream, 413, why)
             return
-        stream.body_received(data)
+        if body is None:
+            stream.body_received(data)  # spooled
+        else:
+            body.feed(data)
+        if not size:
+            return
+        if stream.body_paused:
+            # The body's consumer does not keep up: the stream's window is
+            # withheld (given back by resume_body); the connection's is not.
+            stream.withheld += size
+            conn.increment_flow_control_window(size)
+        else:
+            conn.acknowledge_received_data(size, stream_id)
+
+    def acknowledge(self, stream: H2Request) -> None:
+        """Give back the stream window withheld while C{stream}'s body was paused."""
+        size, stream.withheld = stream.withheld, 0
+        if not size or self.lost or self.streams.get(stream.stream_id) is not stream or stream.request_ended:
+            return
+        try:
+            self.conn.increment_flow_control_window(size, stream.stream_id)
+        except (H2Error, KeyError):
+            return  # the stream is closed already: no window to open
+        self._flush()
 
     def _request_ended(self, stream_id: int) -> None:
         stream = self.streams.get(stream_id)
         if stream is None:
             return
         stream.request_ended = True
+        if stream.length is not None and stream.body_read != stream.length:
+            self._malformed(stream, f"a body of {stream.body_read} bytes, not its content-length ({stream.length})")
+            return
+        body = stream.body
+        if body is not None:
+            stream.body_paused = False
+            stream.withheld = 0  # no window update for a stream the client ended
+            body.finish()
+            return
         if stream.dispatched or stream.started:
             return
         stream.body_ended()
         self._dispatch(stream)
+
+    def _malformed(self, stream: H2Request, why: str) -> None:
+        """
+        A malformed request (RFC 9113 8.1.1: a body that does not match its
+        content-length): a stream error, RST_STREAM with C{PROTOCOL_ERROR};
+        its body fails (the backend connection is dropped, never sent more
+        than the announced length); the other streams go on.
+        """
+        factory = self.factory
+        log.info("listener {listener}: HTTP/2 client {client}, stream {stream}: {why}: stream reset",
+                 listener=factory.listener_name, client=self._client(), stream=stream.stream_id, why=why)
+        body = stream.body
+        if body is not None and body.consumer is not None:
+            body.fail(BodyError(why, 400))  # the proxy counts it
+        elif not stream.finished and factory.stats is not None:
+            factory.stats.request_done(None, 400, "none", 0)
+        self.reset(stream, ErrorCodes.PROTOCOL_ERROR)
+
+    def _body_error(self, stream: H2Request, code: int, why: str) -> None:
+        """
+        A streamed body will never be whole: its consumer is told (the proxy
+        drops its backend connection), and the client gets the error if no
+        response has started, else the stream is reset; the other streams
+        go on.
+        """
+        factory = self.factory
+        log.info("listener {listener}: {code} for {client}: {why}", listener=factory.listener_name, code=code,
+                 client=self._client(), why=why)
+        body = stream.body
+        told = body.consumer is not None  # the proxy counts the request in the stats itself
+        body.fail(BodyError(why, code))
+        if stream.finished or stream.channel is None or self.streams.get(stream.stream_id) is not stream:
+            return
+        if stream.started:
+            self.reset(stream, ErrorCodes.CANCEL)  # part of a response went: no error can follow it
+            return
+        if not told and factory.stats is not None:
+            factory.stats.request_done(None, code, "none", 0)
+        stream.dispatched = True
+        stream._lost_callback = None
+        text = b"%d %s: %s\n" % (code, _REASONS[code], why.encode("ascii", "replace"))
+        stream.code = code
+        stream.responseHeaders = FastHeaders({b"content-type": [b"text/plain; charset=utf-8"],
+                                              b"content-length": [b"%d" % len(text)]})
+        stream.write(text)
+        stream.finish()
 
     # -- answering ----------------------------------------------------------
 
@@ -917,6 +1125,8 @@ class H2FrontChannel(Protocol):
         if not stream.finished and stream.channel is not None:
             stream._lost(reason)
         stream.channel = None
+        if stream.body is not None:
+            stream.body.fail(BodyError(reason.getErrorMessage() or "the stream ended"))
 
     def done(self, stream: H2Request) -> None:
         """A response whose head ended its stream is finished."""
@@ -934,6 +1144,9 @@ class H2FrontChannel(Protocol):
             except H2Error:
                 pass
         del self.streams[stream.stream_id]
+        body = stream.body
+        if body is not None and not body.complete:
+            body.stopProducing()  # the rest is dropped (the stream is reset)
         self.served = True
         if stream.content is not None:
             stream.content.close()
@@ -986,13 +1199,23 @@ class H2FrontChannel(Protocol):
         if self._block is not None:
             deadlines.append(self._block_started + timeout)
         for stream in list(self.streams.values()):
-            if not stream.dispatched and not stream.started:
+            body = stream.body
+            if (not stream.dispatched and not stream.started) or (
+                    body is not None and not stream.request_ended and not stream.body_paused and not body.stopped
+                    and body.failure is None):
+                # A body (spooled, or streamed and not held back by its
+                # consumer: then the proxy's request_timeout covers the
+                # backend) must keep arriving.
                 deadline = stream.last_in + timeout
                 if now >= deadline:
-                    self._refuse(stream, 408, f"no request body bytes for {timeout:g} s")
+                    why = f"no request body bytes for {timeout:g} s"
+                    if body is None:
+                        self._refuse(stream, 408, why)
+                    else:
+                        self._body_error(stream, 408, why)
                     continue
                 deadlines.append(deadline)
-            elif stream.pending:
+            if stream.pending:
                 deadline = stream.blocked_at + timeout
                 if now < deadline:
                     deadlines.append(deadline)
