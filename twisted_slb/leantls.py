@@ -283,13 +283,14 @@ class LeanTLSServer(LeanServer):
         if not buffer and self._handshake_done and not self._shutdown_pending:
             with memoryview(data) as view:
                 sent = self._send(view)
-                if sent < 0:
-                    return
-                if sent == len(data):
-                    if self.producer is not None and not self.streamingProducer:
-                        self._wait_writable()  # a pull producer is asked for more on the next write event
-                    return
-                buffer += view[sent:]
+            if sent < 0:
+                return
+            if sent == len(data):
+                if self.producer is not None and not self.streamingProducer:
+                    self._wait_writable()  # a pull producer is asked for more on the next write event
+                return
+            # (A copy, not a view: the caller may reuse a bytearray it wrote.)
+            buffer += data[sent:]
         else:
             buffer += data
         if self.producer is not None and self.streamingProducer and not self.producerPaused \
