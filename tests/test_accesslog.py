@@ -51,6 +51,18 @@ class AccessLogFileTests(SynchronousTestCase):
         self.assertEqual([line.split(" ", 1)[1] for line in lines], ["one", "two"])
         self.assertRegex(lines[0], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} one$")
 
+    def test_lineAfterCloseIsWrittenAtOnce(self):
+        """
+        A line that comes after close (a connection that ended as the
+        service stopped) is written at once, and no timer is left for a
+        closed file.
+        """
+        self.file.write_line("before")
+        self.file.close()
+        self.file.write_line("after")
+        self.assertEqual([line.split(" ", 1)[1] for line in self.content().splitlines()], ["before", "after"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_flushedWhenTheBufferIsFull(self):
         """A full buffer is written at once, without waiting for the timer; one timer stays for the rest."""
         for _ in range(40):

@@ -20,6 +20,7 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from tests.certs import CertificateAuthority
+from twisted_slb import leantls
 from twisted_slb.config import load_config
 from twisted_slb.service import BalancerService
 
@@ -71,10 +72,15 @@ https_redirect_port = {redirect}
 
 
 class HTTPSTests(TestCase):
+    """The suite over the lean TLS transport (L{twisted_slb.leantls})."""
+
     timeout = 30
+    #: whether the https listener serves its connections on L{leantls.LeanTLSServer}
+    lean_tls = True
 
     @defer.inlineCallbacks
     def setUp(self):
+        self.patch(leantls, "enabled", self.lean_tls)
         self.dir = os.path.abspath(self.mktemp())
         self.ca = CertificateAuthority()
         self.ca_path = self.ca.write(self.dir)
@@ -174,6 +180,44 @@ class HTTPSTests(TestCase):
         self.assertNotEqual(before, after)
         self.assertEqual(after, renewed.certificate.serial_number)
 
+    def secure_transport(self):
+        return self.service.getServiceNamed("secure").port.transport
+
+    def test_transportOfTheHTTPSListener(self):
+        """
+        The https listener's port builds lean TLS transports (Twisted's TCP
+        transport under Twisted's TLS when switched off), and again after a
+        reload, which builds a new TLS factory; the plain listener keeps
+        its lean TCP transport.
+        """
+        from twisted.internet import tcp
+
+        from twisted_slb import lean
+
+        for reloaded in (False, True):
+            if reloaded:
+                self.assertTrue(self.service.reload())
+            transport = self.secure_transport()
+            if self.lean_tls:
+                self.assertTrue(issubclass(transport, leantls.LeanTLSServer))
+                factory = self.service.getServiceNamed("secure").factory
+                self.assertIs(transport.tls_factory, factory)
+            else:
+                self.assertIs(transport, tcp.Server)
+            self.assertIs(self.service.getServiceNamed("plain").port.transport, lean.LeanServer)
+
+    def test_proxyProtocolKeepsTwistedTLS(self):
+        """An https listener reading a PROXY header first uses Twisted's TLS
+        (the header is read before TLS starts, on a plain transport)."""
+        with open(self.config_path) as f:
+            config = f.read()
+        config = config.replace('backends = "web"\n', 'backends = "web"\n'
+                                'client_ip = { source = "proxy_protocol", trusted = ["127.0.0.1/32"] }\n', 1)
+        with open(self.config_path, "w") as f:
+            f.write(config)
+        self.assertTrue(self.service.reload())
+        self.assertFalse(issubclass(self.secure_transport(), leantls.LeanTLSServer))
+
     def test_reloadWithBrokenCertificateKeepsRunning(self):
         """A key that does not match its certificate fails the reload as a whole."""
         other = self.ca.issue(["localhost"])
@@ -183,6 +227,12 @@ class HTTPSTests(TestCase):
             f.write(key_pem(other.key))
         self.assertFalse(self.service.reload())
         self.assertEqual(self.service.getServiceNamed("secure").port.getHost().port, self.https_port)
+
+
+class HTTPSOverTwistedTLSTests(HTTPSTests):
+    """The same suite with the lean TLS transport switched off: Twisted's TLS."""
+
+    lean_tls = False
 
 
 BACKEND_TLS = """

@@ -69,6 +69,7 @@ class AccessLogFile:
         self.buffer_bytes = buffer_bytes
         self.flush_interval = flush_interval
         self.failing = False
+        self._closed = False
         self._lines: List[bytes] = []
         self._size = 0
         self._second = -1
@@ -97,7 +98,13 @@ class AccessLogFile:
         data = self._stamp + line.encode("utf-8", "replace") + b"\n"
         self._lines.append(data)
         self._size += len(data)
-        if self._size >= self.buffer_bytes:
+        if self._closed:
+            # A connection that ended after the service closed its files (as
+            # it stops): its line is written at once, and nothing is left
+            # running for a file that is closed.
+            self.flush()
+            self._close_fd()
+        elif self._size >= self.buffer_bytes:
             self.flush()
         elif self._flush_call is None:
             self._flush_call = self.reactor.callLater(self.flush_interval, self.flush)
@@ -144,8 +151,12 @@ class AccessLogFile:
         self._open()
 
     def close(self) -> None:
-        """Flush and close."""
+        """Flush and close; a line that comes later is written at once."""
         self.flush()
+        self._close_fd()
+        self._closed = True
+
+    def _close_fd(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

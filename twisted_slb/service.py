@@ -20,7 +20,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
-from twisted_slb import lean
+from twisted_slb import lean, leantls
 from twisted_slb.accept import AcceptGuard
 from twisted_slb.backends import BackendGroup
 from twisted_slb.config import Config, ConfigError, ListenerConfig, load_config
@@ -143,15 +143,21 @@ class ListenerService(Service):
     def _choose_transport(self) -> None:
         """
         Lean transports for the connections the port accepts from now on
-        when the current factory takes them (the TCP relay, plain HTTP),
-        Twisted's otherwise (a TLS wrapper, after a reload that made an
-        HTTP listener HTTPS).
+        when the current factory takes them (the TCP relay, plain HTTP, and
+        HTTPS with L{twisted_slb.leantls}), Twisted's otherwise (TLS behind
+        a PROXY protocol header, a reactor without file descriptors).
         """
         port = self.port
-        if getattr(self._switch.current, "lean", False):
-            lean.serve_port(port, self._switch)
-        elif type(port) is tcp.Port and port.transport is lean.LeanServer:
+        if type(port) is tcp.Port and port.transport is not tcp.Server \
+                and issubclass(port.transport, lean.LeanServer):
             port.transport = tcp.Server
+        current = self._switch.current
+        if getattr(current, "lean", False):
+            lean.serve_port(port, self._switch)
+        else:
+            # An https listener's TLS on the socket (twisted_slb.leantls)
+            # where it can be; Twisted's TLS wrapper otherwise.
+            leantls.serve_port(port, self._switch, current)
 
     def reconfigure(self, config: ListenerConfig, factory) -> None:
         """

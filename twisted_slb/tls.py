@@ -604,6 +604,15 @@ class SNIServerOptions:
         (L{IOpenSSLServerConnectionCreator}), with a new ticket key once the
         current one is C{ticket_key_lifetime} old.
         """
+        return SSL.Connection(self.server_context(), None)
+
+    def server_context(self) -> SSL.Context:
+        """
+        The context a new connection starts on (the default certificate's;
+        SNI may move it), with a new ticket key once the current one is
+        C{ticket_key_lifetime} old.  L{twisted_slb.leantls} builds its
+        connections on a socket with it.
+        """
         current = self._current
         lifetime = self.ticket_key_lifetime
         if lifetime is not None and self._clock.seconds() - current.built_at >= lifetime:
@@ -611,7 +620,7 @@ class SNIServerOptions:
                 current = self._current = self._build(current.certificate_set)
             except ConfigError as e:  # the files were read and checked at load: unlikely
                 log.error("TLS ticket key rotation failed, keeping the current key: {error}", error=str(e))
-        return SSL.Connection(current.default, None)
+        return current.default
 
 
 # --- the server factory: handshake timeout and failures ---------------------
@@ -732,11 +741,7 @@ class _HandshakeGuard(Protocol):
     def _handshake_timed_out(self) -> None:
         self._timer = None
         self._timed_out = True
-        log.info(
-            "TLS handshake from {client} timed out after {timeout}s: closing",
-            client=describe_address(self._addr),
-            timeout=self._timeout,
-        )
+        log_handshake_timeout(self._addr, self._timeout)
         self.transport.abortConnection()
 
     def handshakeCompleted(self) -> None:
@@ -765,24 +770,44 @@ class _HandshakeGuard(Protocol):
         self.wrapped.connectionLost(reason)
 
     def _log_failure(self, reason: Failure) -> None:
-        client = describe_address(self._addr)
-        if reason.check(SSL.Error):
-            log.info(
-                "TLS handshake from {client} failed: {reason}",
-                client=client,
-                reason=_ssl_reason(reason.value),
-            )
-            return
-        received = getattr(self.transport, "received_bytes", 0)
-        if received:
-            log.info(
-                "TLS handshake from {client} failed: connection closed mid-handshake "
-                "after {received} bytes",
-                client=client,
-                received=received,
-            )
-        else:
-            log.debug("connection from {client} closed before any TLS data", client=client)
+        log_handshake_failure(self._addr, reason, getattr(self.transport, "received_bytes", 0))
+
+
+def log_handshake_failure(addr, reason: Failure, received: int) -> None:
+    """
+    The one log line of a handshake that failed (not one that timed out):
+    OpenSSL's reason, or how much the client sent before it closed.
+
+    @param addr: the client's address.
+    @param reason: why the connection ended before the handshake did.
+    @param received: bytes the client had sent.
+    """
+    client = describe_address(addr)
+    if reason.check(SSL.Error):
+        log.info(
+            "TLS handshake from {client} failed: {reason}",
+            client=client,
+            reason=_ssl_reason(reason.value),
+        )
+        return
+    if received:
+        log.info(
+            "TLS handshake from {client} failed: connection closed mid-handshake "
+            "after {received} bytes",
+            client=client,
+            received=received,
+        )
+    else:
+        log.debug("connection from {client} closed before any TLS data", client=client)
+
+
+def log_handshake_timeout(addr, timeout: float) -> None:
+    """The log line of a handshake that did not finish within C{timeout} seconds."""
+    log.info(
+        "TLS handshake from {client} timed out after {timeout}s: closing",
+        client=describe_address(addr),
+        timeout=timeout,
+    )
 
 
 class TLSServerFactory(TLSMemoryBIOFactory):
@@ -811,10 +836,16 @@ class TLSServerFactory(TLSMemoryBIOFactory):
         self.reactor = reactor
         self.handshake_timeout = handshake_timeout
 
+    #: set by L{twisted_slb.leantls.serve_port} while a listening port gives
+    #: this factory's connections lean TLS transports (the class the port
+    #: builds), which do TLS, the handshake timeout and its log lines
+    #: themselves: the factory then builds the application's protocol alone.
+    lean_transport = None
+
     def buildProtocol(self, addr):
         wrapped = self.wrappedFactory.buildProtocol(addr)
-        if wrapped is None:
-            return None
+        if wrapped is None or self.lean_transport is not None:
+            return wrapped
         guard = _HandshakeGuard(wrapped, self.reactor, self.handshake_timeout, addr)
         return self.protocol(self, guard)
 

@@ -1,0 +1,466 @@
+"""
+A lean TLS server transport for the HTTPS listeners.
+
+Twisted serves TLS with a protocol wrapper over memory BIOs
+(L{twisted.protocols.tls.TLSMemoryBIOProtocol}) on top of a TCP transport:
+every read and every write crosses two transports, a BIO copy each way and
+a few Python calls each (a write: the application's C{write}, C{SSL_write},
+C{bio_read}, the TCP transport's C{write}, then its C{doWrite} on the next
+reactor turn).  Measured with the benchmark, HTTPS keep-alive ran at about
+half the rate of plain HTTP keep-alive on the lean transports.
+
+L{LeanTLSServer} is the same idea as L{twisted_slb.lean.LeanServer}: an
+L{OpenSSL.SSL.Connection} built on the accepted socket itself (OpenSSL reads
+and writes the socket), registered with the reactor's L{IReactorFDSet}, and
+giving the application the transport interface it already uses, with
+Twisted's meaning: C{write}, C{loseConnection}, C{loseWriteConnection},
+C{abortConnection}, C{registerProducer}, C{pauseProducing} /
+C{resumeProducing}, C{getPeer} / C{getHost}, plus L{ISSLTransport}'s
+C{getPeerCertificate} and L{INegotiated}'s C{negotiatedProtocol} (ALPN).
+pyOpenSSL stays the TLS library; only the way bytes reach it changes.
+
+What it keeps of the Twisted path (L{twisted_slb.tls.TLSServerFactory}):
+
+  - The contexts: SNI certificate selection, ALPN, TLS 1.2 minimum, session
+    tickets and their rotation, renegotiation refused; all come from the
+    listener's L{twisted_slb.tls.SNIServerOptions} (a reload builds new
+    ones), which gives each new connection its context.
+  - The handshake timeout, and the one log line per failed handshake (with
+    OpenSSL's reason, or the bytes a client sent before it closed).
+  - Closing: C{loseConnection} sends close_notify once everything is sent,
+    then closes without waiting for the client's.  A client's close_notify
+    is answered with ours and the connection closes
+    (C{connectionLost(ConnectionDone)}); a client that closes TCP without
+    one is C{ConnectionLost}, as with Twisted (a TLS connection does not
+    half-close by a FIN: the protocol hears C{connectionLost}, never
+    C{readConnectionLost}).  C{loseWriteConnection} sends close_notify and
+    shuts the socket's sending side down, and the client may still send.
+  - C{abortConnection} resets the connection without close_notify.
+
+OpenSSL may need to read to write and to write to read (a handshake
+message, a TLS 1.3 key update, a socket that filled mid-record): each side
+remembers what it waits for and is retried on the other event.  A write
+that OpenSSL could not finish is retried with the same bytes, as it
+requires.
+
+It is used by https listeners when the reactor can drive lean transports
+(L{twisted_slb.lean.usable}), the listener has no PROXY protocol header to
+read first, and L{enabled} is true (the environment variable
+C{TWISTED_SLB_LEAN_TLS=0} turns it off: Twisted's TLS is then used, as it
+always is with any other reactor).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from OpenSSL import SSL
+from twisted.internet import error, tcp
+from twisted.internet.interfaces import IHalfCloseableProtocol, INegotiated, ISSLTransport, ISystemHandle
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twisted_slb import lean
+from twisted_slb.lean import _ABORTED, _DONE, _LINGER_RESET, LeanServer
+from twisted_slb.tls import TLSServerFactory, log_handshake_failure, log_handshake_timeout
+
+#: whether https listeners use L{LeanTLSServer} where they can
+#: (C{TWISTED_SLB_LEAN_TLS=0} in the environment: no)
+enabled = os.environ.get("TWISTED_SLB_LEAN_TLS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+#: the largest TLS record's payload: one C{SSL_write} of at most this is one
+#: record, written whole or not at all; one C{SSL_read} of this takes a
+#: whole record, so OpenSSL keeps no decrypted bytes behind.
+_RECORD = 2 ** 14
+
+_WantRead = SSL.WantReadError
+_WantWrite = SSL.WantWriteError
+_ZeroReturn = SSL.ZeroReturnError
+_SSLError = SSL.Error
+
+
+def _lost(exc: BaseException) -> Failure:
+    """A TCP-level end (EOF without close_notify, a reset) as Twisted reports it."""
+    if isinstance(exc, SSL.SysCallError) and len(exc.args) == 2 and exc.args[0] > 0:
+        return Failure(error.ConnectionLost(os.strerror(exc.args[0])))
+    return Failure(error.ConnectionLost())
+
+
+@implementer(ISSLTransport, INegotiated, ISystemHandle)
+class LeanTLSServer(LeanServer):
+    """
+    An accepted connection served over TLS by OpenSSL on the socket.
+
+    A listening C{tcp.Port} builds it (see L{serve_port}) with the
+    signature of C{tcp.Server}; the class the port holds is a subclass
+    made for one L{TLSServerFactory}, L{tls_factory}.
+
+    @cvar tls_factory: the listener's L{TLSServerFactory}: its C{options}
+        give the context, its C{handshake_timeout} and C{reactor} the
+        handshake's deadline.
+    @ivar tls: the L{SSL.Connection}.
+    """
+
+    tls_factory: TLSServerFactory = None  # type: ignore[assignment]
+    _handshake_done = False
+    #: the last C{SSL_write} (or handshake, or close_notify) waits for the
+    #: socket to take more
+    _want_write = False
+    #: a read waits for the socket to be writable, a write for it to be readable
+    _read_wants_write = False
+    _write_wants_read = False
+    _shutdown_pending = False
+    _timer = None
+    _timed_out = False
+    #: bytes the client had sent when its first read came (for the log line
+    #: of a handshake that fails)
+    received_bytes = 0
+
+    def __init__(self, sock, protocol, client, server, sessionno, reactor) -> None:
+        factory = self.tls_factory
+        LeanServer.__init__(self, sock, protocol, client, server, sessionno, reactor)
+        self.tls = SSL.Connection(factory.options.server_context(), sock)
+        self.tls.set_accept_state()
+        timeout = factory.handshake_timeout
+        if timeout:
+            self._timer = factory.reactor.callLater(timeout, self._handshake_timed_out)
+
+    def getHandle(self):
+        """The L{SSL.Connection}, as Twisted's TLS transport gives it (L{ISystemHandle})."""
+        return self.tls
+
+    def getPeerCertificate(self):
+        tls = self.tls
+        return None if tls is None else tls.get_peer_certificate()
+
+    @property
+    def negotiatedProtocol(self):
+        """The protocol chosen by ALPN (C{b"h2"}, C{b"http/1.1"}), or L{None}."""
+        tls = self.tls
+        if tls is None:
+            return None
+        return tls.get_alpn_proto_negotiated() or None
+
+    # -- the handshake ----------------------------------------------------------
+
+    def _handshake(self) -> None:
+        try:
+            self.tls.do_handshake()
+        except _WantRead:
+            return
+        except _WantWrite:
+            self._wait_writable()
+            return
+        except _SSLError as e:
+            self._handshake_failed(e)
+            return
+        self._handshake_done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        protocol = self.protocol
+        # The protocol ALPN chose decides who serves the connection (as
+        # twisted_slb.tls's guard does on Twisted's TLS): an HTTP listener's
+        # channel hands it to HTTP/2 for "h2".
+        choose = getattr(protocol, "protocol_for_alpn", None)
+        if choose is not None:
+            chosen = choose(self.negotiatedProtocol)
+            if chosen is not protocol:
+                protocol = self.protocol = chosen
+                self._half = protocol if IHalfCloseableProtocol.providedBy(protocol) else None
+        completed = getattr(protocol, "handshakeCompleted", None)
+        if completed is not None:
+            completed()
+        if (self._buffer or self._write_closing) and self.connected:
+            self._flush()
+
+    def _handshake_failed(self, e: BaseException) -> None:
+        if isinstance(e, SSL.SysCallError):
+            reason = _lost(e)
+        else:
+            reason = Failure(e)
+        if not self._timed_out:
+            log_handshake_failure(self.getPeer(), reason, self.received_bytes)
+        self._close(reason)
+
+    def _handshake_timed_out(self) -> None:
+        self._timer = None
+        self._timed_out = True
+        log_handshake_timeout(self.getPeer(), self.tls_factory.handshake_timeout)
+        self.abortConnection()
+
+    # -- reading ----------------------------------------------------------------
+
+    def doRead(self) -> None:
+        if self._write_wants_read:
+            self._write_wants_read = False
+            self._flush()
+            if not self.connected:
+                return
+        if not self._handshake_done:
+            if not self.received_bytes:
+                try:
+                    self.received_bytes = len(self.socket.recv(_RECORD, socket.MSG_PEEK))
+                except OSError:
+                    pass
+            self._handshake()
+            if not self._handshake_done or not self.connected:
+                return
+        self._read()
+
+    def _read(self) -> None:
+        tls = self.tls
+        if tls is None:  # closed meanwhile (by the protocol, or a failed write)
+            return
+        # One record, more only while they come whole (a large upload): a
+        # small request costs one SSL_read, not a second one meeting EAGAIN.
+        for _ in range(4):
+            try:
+                data = tls.recv(_RECORD)
+            except _WantRead:
+                return
+            except _WantWrite:
+                self._read_wants_write = True
+                self._wait_writable()
+                return
+            except _ZeroReturn:
+                self._peer_closed()
+                return
+            except SSL.SysCallError as e:
+                self._close(_lost(e))
+                return
+            except _SSLError:
+                self._close(Failure())
+                return
+            self.protocol.dataReceived(data)
+            if self.tls is None:
+                return
+            if len(data) < _RECORD or not self._reading:
+                break
+        if self._reading and tls.pending():
+            # (Not with reads of a whole record; kept for safety.)
+            self.reactor.callLater(0, self._read_pending)
+
+    def _read_pending(self) -> None:
+        if self.connected and self._reading:
+            self._read()
+
+    def _peer_closed(self) -> None:
+        """The client sent close_notify: ours goes once what is buffered is sent, then we close."""
+        self._read_closed = True
+        self.stopReading()
+        if not self.disconnecting:
+            self.disconnecting = True
+            if not self._buffer:
+                self._shutdown_tls()
+
+    # -- writing ----------------------------------------------------------------
+
+    def _wait_writable(self) -> None:
+        self._want_write = True
+        self._start_writing()
+
+    def _send(self, view) -> int:
+        """
+        C{SSL_write} C{view} a record at a time.
+
+        @return: the bytes OpenSSL took, or -1 when the connection was closed.
+        """
+        tls = self.tls
+        total = 0
+        size = len(view)
+        while total < size:
+            with view[total:total + _RECORD] as chunk:
+                try:
+                    sent = tls.send(chunk)
+                except _WantWrite:
+                    self._wait_writable()
+                    return total
+                except _WantRead:
+                    self._write_wants_read = True
+                    return total
+                except SSL.SysCallError as e:
+                    self._close(_lost(e))
+                    return -1
+                except _SSLError:
+                    self._close(Failure())
+                    return -1
+            total += sent
+        return total
+
+    def write(self, data: bytes) -> None:
+        if not self.connected or self._write_closed or not data:
+            return
+        buffer = self._buffer
+        if not buffer and self._handshake_done and not self._shutdown_pending:
+            with memoryview(data) as view:
+                sent = self._send(view)
+            if sent < 0:
+                return
+            if sent == len(data):
+                if self.producer is not None and not self.streamingProducer:
+                    self._wait_writable()  # a pull producer is asked for more on the next write event
+                return
+            # (A copy, not a view: the caller may reuse a bytearray it wrote.)
+            buffer += data[sent:]
+        else:
+            buffer += data
+        if self.producer is not None and self.streamingProducer and not self.producerPaused \
+                and len(buffer) > self.bufferSize:
+            self.producerPaused = True
+            self.producer.pauseProducing()
+
+    def doWrite(self) -> None:
+        self._want_write = False
+        if not self._handshake_done:
+            self._handshake()
+        elif self._read_wants_write:
+            self._read_wants_write = False
+            if self._reading:
+                self._read()
+            if not self.connected:
+                return
+            if not self._want_write:
+                self._flush()
+        elif self._shutdown_pending:
+            if self.disconnecting:
+                self._shutdown_tls()
+            else:
+                self._shutdown_write()
+        else:
+            self._flush()
+        if not self._want_write and self.connected:
+            self._stop_writing()
+
+    def _flush(self) -> None:
+        """Send what is buffered; then resume the producer, or finish a close."""
+        buffer = self._buffer
+        if buffer:
+            with memoryview(buffer) as view:
+                sent = self._send(view)
+            if sent < 0:
+                return
+            del buffer[:sent]
+            if buffer:
+                return
+        producer = self.producer
+        if producer is not None and (not self.streamingProducer or self.producerPaused):
+            self.producerPaused = False
+            producer.resumeProducing()
+            if self._buffer or not self.connected or self._want_write:
+                return  # it wrote again: finish on a later write event
+        if self.disconnecting:
+            self._shutdown_tls()
+        elif self._write_closing and not self._write_closed:
+            self._shutdown_write()
+
+    # -- closing ----------------------------------------------------------------
+
+    def _close_notify(self) -> bool:
+        """Send close_notify; C{False} while the socket has no room for it."""
+        self._shutdown_pending = False
+        try:
+            self.tls.shutdown()
+        except _WantWrite:
+            self._shutdown_pending = True
+            self._wait_writable()
+            return False
+        except _SSLError:
+            pass  # mid-handshake, or the connection broke: close anyway
+        return True
+
+    def _shutdown_tls(self) -> None:
+        if self._close_notify():
+            self._close(_DONE)
+
+    def loseWriteConnection(self) -> None:
+        """Send close_notify and shut the sending side down once what is buffered is sent."""
+        if not self.connected or self._write_closing:
+            return
+        self._write_closing = True
+        if not self._buffer and self._handshake_done:
+            self._shutdown_write()
+
+    def _shutdown_write(self) -> None:
+        if not self._close_notify():
+            return  # again when the socket takes it (doWrite -> _shutdown_tls)
+        LeanServer._shutdown_write(self)
+
+    def loseConnection(self) -> None:
+        """
+        Close once what is buffered is sent, with close_notify first; at
+        once, without one, while the handshake is not done (as Twisted).
+        """
+        if not self.connected or self.disconnecting:
+            return
+        if not self._handshake_done:
+            self.abortConnection()
+            return
+        self.disconnecting = True
+        self.stopReading()
+        if not self._buffer:
+            self._shutdown_tls()
+
+    def abortConnection(self) -> None:
+        """Close at once, dropping what is buffered, without close_notify; the client gets a reset."""
+        if not self.connected:
+            return
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass
+        self._close(_ABORTED)
+
+    def _close(self, reason: Failure) -> None:
+        if not self.connected:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._handshake_done and not self._timed_out and reason is not _DONE \
+                and not reason.check(SSL.Error, error.ConnectionLost):
+            # The client's EOF, a reset, the reactor's shutdown: as the
+            # guard of Twisted's path, one line for a failed handshake
+            # (those of OpenSSL and of an EOF were logged already).
+            log_handshake_failure(self.getPeer(), reason, self.received_bytes)
+        LeanServer._close(self, reason)
+        self.tls = None
+
+    def resumeProducing(self) -> None:
+        LeanServer.resumeProducing(self)
+        tls = self.tls
+        if self._reading and tls is not None and self._handshake_done and tls.pending():
+            self.reactor.callLater(0, self._read_pending)
+
+
+def serve_port(port, switch, factory) -> bool:
+    """
+    Make the listening C{port}, whose factory is C{switch}, give the
+    connections it accepts for C{factory} a L{LeanTLSServer} transport,
+    when C{factory} is an https listener's L{TLSServerFactory} with
+    L{twisted_slb.tls.SNIServerOptions}, L{enabled} is true, and the port
+    is a plain TCP port of a reactor that can drive lean transports.
+
+    Otherwise the port's transports are left as they are (Twisted's), and
+    C{factory} keeps wrapping its protocols in Twisted's TLS.
+
+    @return: whether it does now.
+    """
+    if (
+        enabled
+        and isinstance(factory, TLSServerFactory)
+        and getattr(factory, "lean_tls", True)
+        and callable(getattr(factory.options, "server_context", None))
+        and type(port) is tcp.Port
+        and port.transport is tcp.Server
+        and getattr(port, "factory", None) is switch
+        and lean.usable(getattr(port, "reactor", None))
+    ):
+        transport = factory.lean_transport
+        if transport is None:
+            transport = type("LeanTLSServer", (LeanTLSServer,), {"tls_factory": factory})
+        # tcp.Port documents its transport attribute as replaceable.
+        port.transport = factory.lean_transport = transport
+        return True
+    return False
