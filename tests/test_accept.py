@@ -1,5 +1,5 @@
 """
-L{twisted_slb.accept}: a listening port out of file descriptors logs one
+L{twisted_slb._io.accept}: a listening port out of file descriptors logs one
 warning per episode and pauses accepting for a back-off, instead of one log
 line per refused client (or per turn of the reactor, with no reserve
 descriptor left); and port pauses keep their reasons apart.
@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_slb.accept import AcceptGuard, pause_port, resume_port
+from twisted_slb._io.accept import AcceptGuard, pause_port, resume_port
 
 
 class FakePort:
@@ -90,7 +90,7 @@ class AcceptGuardTests(SynchronousTestCase):
         return list(tcp._accept(self.port._logger, range(100), listener, reservation))
 
     def warnings(self) -> list:
-        return [e for e in self.events if e.get("log_namespace") == "twisted_slb.accept"
+        return [e for e in self.events if e.get("log_namespace") == "twisted_slb._io.accept"
                 and "cannot accept" in e["log_format"]]
 
     def test_emfileWithoutReserveIsOneWarningAndAPause(self):

@@ -24,7 +24,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from tests.ports import refusing_port
-from twisted_slb import lean
+from twisted_slb._io import lean
 from twisted_slb.backends import Backend, BackendGroup
 from twisted_slb.persistence.cookies import InsertCookie
 from twisted_slb.web.front import FrontRequest, HTTPFrontFactory
@@ -461,7 +461,7 @@ class ProxyTests(TestCase):
     @defer.inlineCallbacks
     def test_backendConnectionsLeanOrNot(self):
         """
-        Plain backend connections run on L{twisted_slb.lean}'s transports;
+        Plain backend connections run on L{twisted_slb._io.lean}'s transports;
         with the pool's C{lean} off, on C{connectTCP}'s.  Either way the
         request is answered.
         """

@@ -20,7 +20,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from twisted_slb import lean
+from twisted_slb._io import lean
 from twisted_slb.config import load_config
 from twisted_slb.service import BalancerService
 
@@ -221,7 +221,7 @@ class HTTPPersistenceTests(ServiceTestCase):
     def test_leanTransportsOnBothSides(self):
         """
         A plain HTTP listener's client connections and its connections to
-        backends run on L{twisted_slb.lean}'s transports.
+        backends run on L{twisted_slb._io.lean}'s transports.
         """
         self.assertIs(self.service.getServiceNamed("web").port.transport, lean.LeanServer)
         yield self.get(self.agent(), self.url + "/")

@@ -595,7 +595,7 @@ class ProxyProtocolFactory(Factory):
     trusted peers, and lets a malformed v1 port escape as C{ValueError}.
 
     Lean transports: the wrapper is C{lean} when the wrapped factory is, and
-    works on a L{twisted_slb.lean.LeanServer} as on Twisted's transports.
+    works on a L{twisted_slb._io.lean.LeanServer} as on Twisted's transports.
     """
 
     noisy = False

@@ -24,7 +24,7 @@ from typing import Dict, Optional, Set
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
-from twisted_slb.accept import pause_port, resume_port
+from twisted_slb._io.accept import pause_port, resume_port
 
 log = Logger(namespace="twisted_slb.limits")
 

@@ -20,8 +20,8 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
-from twisted_slb import lean
-from twisted_slb.accept import AcceptGuard
+from twisted_slb._io import lean
+from twisted_slb._io.accept import AcceptGuard
 from twisted_slb.backends import BackendGroup
 from twisted_slb.config import Config, ConfigError, ListenerConfig, load_config
 from twisted_slb.limits import ConnectionLimit
@@ -62,7 +62,7 @@ class _SwitchableFactory(ServerFactory):
         new.doStart()
         old.doStop()
 
-    #: the L{twisted_slb.accept.AcceptGuard} of the port, once listening
+    #: the L{twisted_slb._io.accept.AcceptGuard} of the port, once listening
     guard = None
 
     def buildProtocol(self, addr):

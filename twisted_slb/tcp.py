@@ -36,14 +36,14 @@ from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twisted_slb import lean
-from twisted_slb.lean import LeanConnector
+from twisted_slb._io import lean
+from twisted_slb._io.lean import LeanConnector
+from twisted_slb._io.sockets import close, half_close, set_nodelay, write_now
+from twisted_slb._io.timers import Deadlines
 from twisted_slb.backends import Backend, BackendGroup, local_failure
 from twisted_slb.limits import ConnectionLimit
 from twisted_slb.persistence.interfaces import IPersistencePolicy, Session, normalise_ip, strict_refusal
 from twisted_slb.shutdown import IdleTracker
-from twisted_slb.sockets import close, half_close, set_nodelay, write_now
-from twisted_slb.timers import Deadlines
 
 log = Logger(namespace="twisted_slb.tcp")
 access = Logger(namespace="twisted_slb.access")
@@ -118,6 +118,24 @@ def proxy_header(version: str, client, local) -> bytes:
 
 
 @implementer(IHalfCloseableProtocol)
+def serve_lean(port, factory) -> bool:
+    """
+    Make a listening C{port} give the connections it accepts for C{factory}
+    the lean transports the relay uses for its backends (a non-blocking
+    socket driven through the reactor's C{addReader}/C{addWriter}, with the
+    transport interface of Twisted's own; see docs/performance.md), if it
+    is a plain TCP port of a reactor that can drive them.  C{twistd slb}
+    does this for its TCP and plain HTTP listeners; C{factory} may be a
+    L{TCPBalancerFactory} or an L{twisted_slb.web.front.HTTPFrontFactory}.
+
+    @param port: what C{listen} gave back (an C{IListeningPort}).
+    @param factory: the factory C{port} listens with.
+    @return: whether it does now (C{False}: the port keeps Twisted's
+        transports).
+    """
+    return lean.serve_port(port, factory)
+
+
 class _BackendProtocol(Protocol):
     """
     The balancer's connection to a backend: relays what the backend sends to
@@ -582,7 +600,7 @@ class TCPBalancerFactory(ServerFactory):
     @ivar stats: an object with C{connection_done(backend, outcome,
         bytes_in, bytes_out)}, or L{None}.
     @ivar access_log: whether to log one line per connection.
-    @ivar lean: whether backend connections use L{twisted_slb.lean}'s
+    @ivar lean: whether backend connections use L{twisted_slb._io.lean}'s
         transports where they can (and, through
         L{twisted_slb.service.ListenerService}, accepted client
         connections); C{False} keeps Twisted's own everywhere.
@@ -624,7 +642,7 @@ class TCPBalancerFactory(ServerFactory):
             L{twisted_slb.accesslog.TwistdLog} for the lines (when its
             C{write_line} returns C{False}, or with L{None}: log events in
             the namespace C{twisted_slb.access}).
-        @param lean: whether to use L{twisted_slb.lean}'s transports where
+        @param lean: whether to use L{twisted_slb._io.lean}'s transports where
             they can be (a POSIX reactor, backends given by IP address).
         @param limit: a L{ConnectionLimit} to count connections against
             (shared with the global limit and kept across reloads by

@@ -33,9 +33,9 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import ProcessProtocol, ServerFactory
 from twisted.logger import Logger
 
-from twisted_slb import heap
+from twisted_slb._io import heap
+from twisted_slb._io.reactor import SLBEPollReactor
 from twisted_slb.config import Config, ConfigError, load_config
-from twisted_slb.reactor import SLBEPollReactor
 
 log = Logger(namespace="twisted_slb.workers")
 
@@ -285,11 +285,11 @@ def worker_main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--listener", action="append", default=[])
     parser.add_argument("--twisted-reactor", action="store_true",
-                        help="run Twisted's default reactor, not twisted_slb.reactor's")
+                        help="run Twisted's default reactor, not twisted_slb._io.reactor's")
     args = parser.parse_args(argv)
 
     if not args.twisted_reactor:
-        from twisted_slb.reactor import install_default
+        from twisted_slb._io.reactor import install_default
 
         install_default()
     from twisted.internet import reactor

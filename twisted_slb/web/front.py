@@ -75,12 +75,12 @@ from twisted.web.resource import getChildForRequest
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from twisted_slb.persistence.interfaces import normalise_ip
+from twisted_slb._io.headers import FastHeaders
+from twisted_slb._io.sockets import close, set_nodelay, write_now
 from twisted_slb.limits import ClientAddressLimit, ConnectionLimit, TooManyConnections
+from twisted_slb.persistence.interfaces import normalise_ip
 from twisted_slb.shutdown import IdleTracker
-from twisted_slb.sockets import close, set_nodelay, write_now
 from twisted_slb.web.body import BodyError, IBodyReader, StreamedBody
-from twisted_slb.web.headers import FastHeaders
 
 log = Logger(namespace="twisted_slb.front")
 
@@ -441,7 +441,7 @@ class HTTPFrontChannel(Protocol):
         transport = self.transport
         set_nodelay(transport)
         # bufferSize is a public attribute of Twisted's FileDescriptor (and
-        # of twisted_slb.lean's transports): the write buffer size past
+        # of twisted_slb._io.lean's transports): the write buffer size past
         # which the producer is paused, and the size of a read.
         transport.bufferSize = self.factory.write_buffer
         transport.registerProducer(self, True)
@@ -1093,7 +1093,7 @@ class HTTPFrontFactory(Factory):
     @ivar stats: the listener's L{twisted_slb.stats.ListenerStats}, or
         L{None}.
     @ivar lean: whether a listener serving this factory directly (plain
-        HTTP) gives its connections L{twisted_slb.lean} transports.
+        HTTP) gives its connections L{twisted_slb._io.lean} transports.
     @ivar request_buffering: whether a request body is read whole (into
         C{request.content}) before the request is handed to the resource;
         otherwise (the default) it is streamed (C{request.body}).

@@ -82,10 +82,10 @@ from twisted.web.resource import getChildForRequest
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
+from twisted_slb._io.headers import FastHeaders
 from twisted_slb.web.front import (
     _BAD_TARGET, _REASONS, _TOKEN, SPOOL_BYTES, BadRequest, FrontRequest, _http_date,
 )
-from twisted_slb.web.headers import FastHeaders
 
 log = Logger(namespace="twisted_slb.front")
 

@@ -54,14 +54,14 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
+from twisted_slb._io.headers import FastHeaders
+from twisted_slb._io.sockets import set_nodelay
+from twisted_slb._io.timers import Deadlines
 from twisted_slb.backends import Backend, BackendGroup, local_failure
-from twisted_slb.persistence.interfaces import session_for, strict_refusal
 from twisted_slb.limits import ClientAddressLimit, ConnectionLimit, TooManyConnections
+from twisted_slb.persistence.interfaces import session_for, strict_refusal
 from twisted_slb.shutdown import IdleTracker
-from twisted_slb.sockets import set_nodelay
-from twisted_slb.timers import Deadlines
 from twisted_slb.web.body import BodyError, IBodyConsumer
-from twisted_slb.web.headers import FastHeaders
 from twisted_slb.web.upstream import UpstreamPool
 
 log = Logger(namespace="twisted_slb.proxy")
@@ -448,7 +448,7 @@ class _Exchange:
         self.upstream = upstream
         self.reused = reused
         if self.upgrade is None:
-            # bufferSize is the read size of twisted_slb.lean's transports
+            # bufferSize is the read size of twisted_slb._io.lean's transports
             # and Twisted's own (a public attribute of FileDescriptor).
             upstream.transport.bufferSize = _STALLED_READ
             self.small_reads = True

@@ -20,10 +20,10 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from twisted_slb import lean
+from twisted_slb._io import lean
+from twisted_slb._io.headers import cached_name, canonical_name
+from twisted_slb._io.sockets import set_nodelay, write_now
 from twisted_slb.shutdown import IdleTracker
-from twisted_slb.sockets import set_nodelay, write_now
-from twisted_slb.web.headers import cached_name, canonical_name
 
 log = Logger(namespace="twisted_slb.upstream")
 
@@ -427,7 +427,7 @@ class UpstreamPool:
         connection for three requests in four.
     @ivar idle_timeout: seconds an idle connection is kept.
     @ivar lean: whether plain (not TLS) backend connections use
-        L{twisted_slb.lean}'s transports where the reactor can drive them;
+        L{twisted_slb._io.lean}'s transports where the reactor can drive them;
         otherwise C{connectTCP}'s.
     """
 
@@ -484,7 +484,7 @@ class UpstreamPool:
         if tls_options is not None:
             return self.reactor.connectSSL(backend.host, backend.port, factory, tls_options, timeout=connect_timeout)
         # A lean transport where the reactor can drive one (see
-        # twisted_slb.lean): fewer calls per read and write than
+        # twisted_slb._io.lean): fewer calls per read and write than
         # connectTCP's, and, on PyPy, no 64 KB allocation per read.
         if self.lean:
             return lean.connect(self.reactor, backend.host, backend.port, factory, connect_timeout)

@@ -31,7 +31,7 @@ from weakref import WeakKeyDictionary
 
 from twisted.logger import Logger, globalLogPublisher
 
-log = Logger(namespace="twisted_slb.accept")
+log = Logger(namespace="twisted_slb._io.accept")
 
 _pauses: "WeakKeyDictionary[object, Set[object]]" = WeakKeyDictionary()
 
