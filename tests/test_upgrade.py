@@ -84,17 +84,6 @@ class SocketHandoverTests(SynchronousTestCase):
         upgrade.Inheritance({"web": ("tcp:80", fd, 2)}).close_sockets()
         self.assertRaises(OSError, os.fstat, fd)
 
-    def test_twistedStillHasTheShutdownFlag(self) -> None:
-        """
-        keep_listening_after_close relies on tcp.Port's private
-        C{_shouldShutdown}: if Twisted renames it, this fails (and an upgrade
-        would leave the new process a dead socket).
-        """
-        self.assertTrue(tcp.Port._shouldShutdown)
-        port = tcp.Port(0, protocol.ServerFactory())
-        upgrade.keep_listening_after_close(port)
-        self.assertFalse(port._shouldShutdown)
-
     def test_notifySystemd(self) -> None:
         """READY=1 goes as one datagram to $NOTIFY_SOCKET; without it nothing is sent."""
         path = os.path.abspath(self.mktemp())

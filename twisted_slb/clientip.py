@@ -40,6 +40,9 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from zope.interface import directlyProvides, implementer, providedBy
 
+from twisted_slb._io.twisted_private import HAProxyInvalidHeader as TwistedInvalid
+from twisted_slb._io.twisted_private import HAProxyV1Parser as V1Parser
+from twisted_slb._io.twisted_private import HAProxyV2Parser as V2Parser
 from twisted_slb.config import parse_cidr
 from twisted_slb.persistence.interfaces import normalise_ip
 
@@ -404,13 +407,6 @@ def parse_proxy_header(data: bytes):
         family: use the connection's own) and the header's length in bytes.
     @raise InvalidProxyHeader: C{data} does not start a valid header.
     """
-    # Private modules: twisted.protocols.haproxy exports only proxyEndpoint,
-    # whose wrapper cannot be used here (see ProxyProtocolFactory); the
-    # parsers themselves are what we need.
-    from twisted.protocols.haproxy._exceptions import InvalidProxyHeader as TwistedInvalid
-    from twisted.protocols.haproxy._v1parser import V1Parser
-    from twisted.protocols.haproxy._v2parser import V2Parser
-
     n = len(data)
     if data[:12] == V2_SIGNATURE[:min(n, 12)]:
         if n < 16:

@@ -115,8 +115,9 @@ class ListenerService(Service):
         def listening(port):
             self.port = port
             self._choose_transport()
-            if hasattr(port, "_logger"):  # a tcp.Port (see AcceptGuard)
-                self._switch.guard = AcceptGuard(port, self.config.name, self.reactor)
+            guard = AcceptGuard(port, self.config.name, self.reactor)
+            if guard.watching:  # a tcp.Port
+                self._switch.guard = guard
             limit = self._limit()
             if limit is not None:
                 limit.add_port(port)

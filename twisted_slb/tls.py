@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     # Only for annotations: the interface of trust roots is not re-exported
     # by a public module (twisted.internet.ssl documents it but does not
     # export it).
-    from twisted.internet._sslverify import IOpenSSLTrustRoot
+    from twisted_slb._io.twisted_private import IOpenSSLTrustRoot
 
 log = Logger(namespace="twisted_slb.tls")
 

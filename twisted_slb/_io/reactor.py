@@ -38,6 +38,8 @@ from typing import Optional
 
 from twisted.logger import Logger
 
+from twisted_slb._io.twisted_private import EPOLL_REACTOR_PRIVATE
+
 log = Logger(namespace="twisted_slb._io.reactor")
 
 try:
@@ -90,7 +92,7 @@ def install() -> None:
     if SLBEPollReactor is None:
         raise RuntimeError("the twisted_slb epoll reactor needs epoll (Linux)")
     reactor = SLBEPollReactor()
-    missing = [name for name in ("_poller", "_selectables", "_doReadOrWrite") if not hasattr(reactor, name)]
+    missing = [name for name in EPOLL_REACTOR_PRIVATE if not hasattr(reactor, name)]
     if missing:
         raise RuntimeError(f"this Twisted's EPollReactor has no {', '.join(missing)}: use Twisted's own reactor")
     from twisted.internet.main import installReactor

@@ -39,6 +39,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from twisted_slb._io.twisted_private import redis_pool_size
 from twisted_slb.persistence.tables import IStickTable, Key, StickTable, table_key
 
 log = Logger(namespace="twisted_slb.persistence.store")
@@ -143,7 +144,7 @@ class RedisStore(Service):
         # txredisapi's handler has no public "connected" question, and a
         # command sent while it is down waits for a connection rather than
         # failing: the pool size tells us not to send it.
-        return self.handler._factory.size > 0
+        return redis_pool_size(self.handler) > 0
 
     # -- episodes ----------------------------------------------------------
 
