@@ -263,3 +263,24 @@ class ConnectionLimitTests(SynchronousTestCase):
         texts = [e["log_format"] for e in events if e.get("log_namespace") == "twisted_slb.limits"]
         self.assertEqual(len([t for t in texts if "connections open" in t]), 1)
         self.assertEqual(len([t for t in texts if "accepting connections again" in t]), 1)
+
+
+class RefusedHeadTests(SynchronousTestCase):
+    """What a L{BalancerSite} channel does after refusing a request head."""
+
+    def test_nothingIsReadAfterARefusedHead(self):
+        """
+        After a refused request head (431), bytes the client still sends are
+        not parsed: no second answer, and the channel is a plain instance of
+        its class (no method replaced on it).
+        """
+        site = BalancerSite(Resource(), reactor=MemoryReactorClock(), max_header_bytes=100)
+        proto = site.buildProtocol(addr("127.0.0.2"))
+        transport = StringTransport(peerAddress=addr("127.0.0.2"))
+        proto.makeConnection(transport)
+        proto.dataReceived(b"GET / HTTP/1.1\r\nA: " + b"1" * 200 + b"\r\n")
+        answer = transport.value()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 431 "), answer)
+        proto.dataReceived(b"\r\nGET /again HTTP/1.1\r\n\r\n")
+        self.assertEqual(transport.value(), answer)
+        self.assertNotIn("dataReceived", vars(proto))

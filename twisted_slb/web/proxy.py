@@ -1174,6 +1174,12 @@ class _BalancerChannel(HTTPChannel):
     client_ip = None
     header_deadline = None
     stalled = None  # the timer of a client that stopped reading
+    #: a request head was refused (L{_too_large}): what follows is not read
+    refused = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.refused:
+            HTTPChannel.dataReceived(self, data)
 
     def pauseProducing(self) -> None:
         # The client stopped reading (our send buffer is full).  twisted.web
@@ -1229,7 +1235,7 @@ class _BalancerChannel(HTTPChannel):
             b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
             % (code, reason, len(body), body)
         )
-        self.dataReceived = lambda data: None
+        self.refused = True
         self.loseConnection()
 
 

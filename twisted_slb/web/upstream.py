@@ -408,7 +408,6 @@ class _Connector(ClientFactory):
         proto.factory = self
         proto.pool = self.pool
         proto.key = self.key
-        proto.on_ready = self.ready
         self.pool.all.add(proto)
         return proto
 
@@ -542,13 +541,11 @@ class UpstreamPool:
 
 
 class _ReadyProtocol(UpstreamProtocol):
-    """A new pooled connection: tells its requester once connected."""
-
-    on_ready = None
+    """A new pooled connection: tells its requester (its factory's C{ready}) once connected."""
 
     def connectionMade(self) -> None:
         UpstreamProtocol.connectionMade(self)
-        ready, self.on_ready = self.on_ready, None
+        ready = self.factory.ready
         # The connector's callbacks are the requesting exchange's: a pooled
         # connection outlives it, and must not keep it (its request, its
         # client's connection and what that still buffers) alive.
