@@ -164,6 +164,20 @@ class SubclassedInternalsTests(SynchronousTestCase):
         self.assertTrue(callable(TLSMemoryBIOProtocol._shutdownTLS))
 
 
+    def test_httpChannelHeaderCounters(self):
+        """HTTPChannel still counts the bytes and the lines of the head received so far."""
+        from twisted.web.http import HTTPChannel
+
+        channel = HTTPChannel()
+        channel.makeConnection(StringTransport())
+        self.addCleanup(channel.connectionLost, None)
+        size, count = private.HTTP_CHANNEL_PRIVATE
+        self.assertEqual((getattr(channel, size), getattr(channel, count)), (0, 0))
+        channel.dataReceived(b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\n")
+        self.assertGreater(getattr(channel, size), len(b"GET / HTTP/1.1"))
+        self.assertEqual(getattr(channel, count), 1)  # a header line counts once the next one shows it is whole
+
+
 class ThirdPartyTests(SynchronousTestCase):
     """Private parts of other libraries."""
 

@@ -4,14 +4,17 @@ on, in one place, each with why nothing public does the job.
 
 tests/test_twisted_private.py checks each of them against the installed
 Twisted: an upgrade that renames or removes one fails that test loudly,
-rather than degrading something at run time.  Two uses cannot live here,
-because they are overrides in a subclass; they are listed so that the same
-test covers them:
+rather than degrading something at run time.  Three uses cannot live
+here, because they are overrides in a subclass; they are listed so that the
+same test covers them:
 
  - L{twisted_slb._io.reactor.SLBEPollReactor} overrides C{doPoll} of
    C{EPollReactor} and reads its L{EPOLL_REACTOR_PRIVATE} attributes;
  - C{twisted_slb.tls} overrides C{_shutdownTLS} of
-   C{TLSMemoryBIOProtocol} and reads L{TLS_PROTOCOL_PRIVATE}.
+   C{TLSMemoryBIOProtocol} and reads L{TLS_PROTOCOL_PRIVATE};
+ - the channel of L{twisted_slb.web.proxy.BalancerSite} reads
+   L{HTTP_CHANNEL_PRIVATE} of C{HTTPChannel} (documented in its ivars) to
+   answer 414 and 431 where twisted.web answers 400.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ __all__ = [
     "HAProxyInvalidHeader",
     "HAProxyV1Parser",
     "HAProxyV2Parser",
+    "HTTP_CHANNEL_PRIVATE",
     "TLS_PROTOCOL_PRIVATE",
     "file_observer_output",
     "keep_socket_on_close",
@@ -59,6 +63,11 @@ EPOLL_REACTOR_PRIVATE = ("_poller", "_selectables", "_doReadOrWrite")
 #: buffering transport overrides or reads (its TLS shutdown after a
 #: streamed response).
 TLS_PROTOCOL_PRIVATE = ("_shutdownTLS", "_tlsConnection", "_appSendBuffer")
+
+#: Attributes of C{twisted.web.http.HTTPChannel} read by the channel of
+#: L{twisted_slb.web.proxy.BalancerSite}: the size and count of the header
+#: lines received so far.
+HTTP_CHANNEL_PRIVATE = ("_receivedHeaderSize", "_receivedHeaderCount")
 
 #: C{accept()} errors that mean the process (or the system) is out of
 #: descriptors or memory for a new connection: what Twisted's port logs and

@@ -1139,7 +1139,8 @@ class _BalancerChannel(HTTPChannel):
 
     def lineLengthExceeded(self, line):
         # _receivedHeaderSize is documented in HTTPChannel's ivars; it is 0
-        # until the request line has been received.
+        # until the request line has been received (guarded with
+        # twisted_slb._io.twisted_private.HTTP_CHANNEL_PRIVATE).
         first = self._receivedHeaderSize == 0
         self._too_large(414 if first else 431, b"URI Too Long" if first else b"Request Header Fields Too Large")
 
