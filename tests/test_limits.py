@@ -284,3 +284,11 @@ class RefusedHeadTests(SynchronousTestCase):
         proto.dataReceived(b"\r\nGET /again HTTP/1.1\r\n\r\n")
         self.assertEqual(transport.value(), answer)
         self.assertNotIn("dataReceived", vars(proto))
+
+    def test_importedFromItsOldPlace(self):
+        """BalancerSite lives in twisted_slb.web.site; the package and twisted_slb.web.proxy still export it."""
+        import twisted_slb
+        from twisted_slb.web import proxy, site
+
+        self.assertIs(proxy.BalancerSite, site.BalancerSite)
+        self.assertIs(twisted_slb.BalancerSite, site.BalancerSite)

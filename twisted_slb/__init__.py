@@ -31,8 +31,9 @@ from twisted_slb.persistence.tables import (
 from twisted_slb.scheduling import scheduler_for
 from twisted_slb.service import BalancerService
 from twisted_slb.tcp import TCPBalancerFactory, serve_lean
-from twisted_slb.web.proxy import BalancedProxyResource, BalancerSite
+from twisted_slb.web.proxy import BalancedProxyResource
 from twisted_slb.web.routing import GroupSplit, HTTPSRedirectResource, Route, RuleRouter, SplitChoice
+from twisted_slb.web.site import BalancerSite
 
 __all__ = [
     "Backend",

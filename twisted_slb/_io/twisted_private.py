@@ -12,7 +12,7 @@ same test covers them:
    C{EPollReactor} and reads its L{EPOLL_REACTOR_PRIVATE} attributes;
  - C{twisted_slb.tls} overrides C{_shutdownTLS} of
    C{TLSMemoryBIOProtocol} and reads L{TLS_PROTOCOL_PRIVATE};
- - the channel of L{twisted_slb.web.proxy.BalancerSite} reads
+ - the channel of L{twisted_slb.web.site.BalancerSite} reads
    L{HTTP_CHANNEL_PRIVATE} of C{HTTPChannel} (documented in its ivars) to
    answer 414 and 431 where twisted.web answers 400.
 """
@@ -65,7 +65,7 @@ EPOLL_REACTOR_PRIVATE = ("_poller", "_selectables", "_doReadOrWrite")
 TLS_PROTOCOL_PRIVATE = ("_shutdownTLS", "_tlsConnection", "_appSendBuffer")
 
 #: Attributes of C{twisted.web.http.HTTPChannel} read by the channel of
-#: L{twisted_slb.web.proxy.BalancerSite}: the size and count of the header
+#: L{twisted_slb.web.site.BalancerSite}: the size and count of the header
 #: lines received so far.
 HTTP_CHANNEL_PRIVATE = ("_receivedHeaderSize", "_receivedHeaderCount")
 

@@ -14,7 +14,7 @@ configured listeners run; it renders the same resources
 L{twisted_slb.web.proxy.BalancedProxyResource}) through L{FrontRequest}, which
 has the part of L{twisted.web.iweb.IRequest} those resources use.  An
 application that wants the proxy inside its own twisted.web site keeps using
-L{twisted_slb.web.proxy.BalancerSite} or a plain L{twisted.web.server.Site}.
+L{twisted_slb.web.site.BalancerSite} or a plain L{twisted.web.server.Site}.
 
 What it does, and what it refuses:
 
