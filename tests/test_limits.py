@@ -6,12 +6,21 @@ C{max_connections_per_ip} on HTTP listeners.
 from __future__ import annotations
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
+from zope.interface.verify import verifyObject
 
 from twisted_slb.backends import Backend, BackendGroup
-from twisted_slb.limits import ConnectionLimit
+from twisted_slb.limits import (
+    ClientAddressLimit,
+    ConnectionAdmission,
+    ConnectionLimit,
+    IConnectionAdmission,
+    IListenerFactory,
+    TooManyConnections,
+)
 from twisted_slb.tcp import TCPBalancerFactory
 from twisted_slb.web.front import HTTPFrontFactory
 from twisted_slb.web.proxy import BalancerSite
@@ -292,3 +301,47 @@ class RefusedHeadTests(SynchronousTestCase):
 
         self.assertIs(proxy.BalancerSite, site.BalancerSite)
         self.assertIs(twisted_slb.BalancerSite, site.BalancerSite)
+
+
+class ConnectionAdmissionTests(SynchronousTestCase):
+    """L{ConnectionAdmission}: the one admission and drain component of the three listener factories."""
+
+    def test_theThreeFactoriesShareIt(self):
+        """The TCP relay's factory, the listeners' HTTP server and BalancerSite provide IListenerFactory with one."""
+        reactor = MemoryReactorClock()
+        group = BackendGroup("g", [Backend("a", "127.0.0.1", 1)])
+        for factory in (
+            TCPBalancerFactory(group, reactor=reactor),
+            HTTPFrontFactory(Resource(), reactor=reactor),
+            BalancerSite(Resource(), reactor=reactor),
+        ):
+            self.assertTrue(verifyObject(IListenerFactory, factory))
+            self.assertTrue(verifyObject(IConnectionAdmission, factory.admission))
+            self.assertIs(factory.limit, factory.admission.limit)
+
+    def test_buildCountsAndRefuses(self):
+        """build admits within the limits, gives None over max_connections and a 429 answer over the per-IP one."""
+        admission = ConnectionAdmission(ConnectionLimit(2), ClientAddressLimit(1, "l"), MemoryReactorClock())
+        first = admission.build("192.0.2.1", Protocol)
+        self.assertEqual((type(first), first.client_ip), (Protocol, "192.0.2.1"))
+        self.assertIsInstance(admission.build("192.0.2.1", Protocol), TooManyConnections)
+        self.assertIsInstance(admission.build("192.0.2.2", Protocol), Protocol)
+        self.assertIsNone(admission.build("192.0.2.3", Protocol))
+        admission.release("192.0.2.1")
+        self.assertIsInstance(admission.build("192.0.2.1", Protocol), Protocol)
+
+    def test_drainWaitsThenAborts(self):
+        """drain fires once the last connection is forgotten, or aborts those left after the grace period."""
+        reactor = MemoryReactorClock()
+        admission = ConnectionAdmission(ConnectionLimit(), reactor=reactor)
+        a, b = object(), object()
+        admission.add(a)
+        admission.add(b)
+        aborted, done = [], []
+        admission.drain(5, aborted.append).addCallback(done.append)
+        admission.remove(a)
+        self.assertEqual((aborted, done), ([], []))
+        reactor.advance(5)
+        self.assertEqual(aborted, [b])
+        admission.forget(b)
+        self.assertEqual(done, [None])

@@ -704,8 +704,7 @@ class ProxyTests(TestCase):
         response = yield self.agent().request(b"GET", (url + "/").encode())
         with self.assertRaises(ResponseFailed):
             yield readBody(response)
-        site = self.site
-        yield site.tracker.wait(not site.channels, 30, lambda: None, reactor)
+        yield self.site.admission.drain(30, lambda channel: None)
         # One request, counted (and logged) once: not again when the
         # client's connection, cut to show the truncation, is lost.
         self.assertEqual(done, [("b0", 200)])

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 
 from twisted.internet import defer, protocol, reactor, tcp
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.protocols import policies
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
@@ -238,7 +239,7 @@ class HTTPPersistenceTests(ServiceTestCase):
         """
         listener = self.service.getServiceNamed("web")
         lean_factory = listener.factory
-        listener.reconfigure(listener.config, protocol.ServerFactory.forProtocol(protocol.Protocol))
+        listener.reconfigure(listener.config, policies.WrappingFactory(lean_factory))
         self.assertIs(listener.port.transport, tcp.Server)
         listener.reconfigure(listener.config, lean_factory)
         self.assertIs(listener.port.transport, lean.LeanServer)

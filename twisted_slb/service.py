@@ -24,7 +24,7 @@ from twisted_slb._io import lean
 from twisted_slb._io.accept import AcceptGuard
 from twisted_slb.backends import BackendGroup
 from twisted_slb.config import Config, ConfigError, ListenerConfig, load_config
-from twisted_slb.limits import ConnectionLimit
+from twisted_slb.limits import ConnectionLimit, IListenerFactory
 from twisted_slb.stats import StatsRegistry
 from twisted_slb.tls import ClientTLSCache, describe_address
 
@@ -118,9 +118,7 @@ class ListenerService(Service):
             guard = AcceptGuard(port, self.config.name, self.reactor)
             if guard.watching:  # a tcp.Port
                 self._switch.guard = guard
-            limit = self._limit()
-            if limit is not None:
-                limit.add_port(port)
+            self._limit().add_port(port)
             log.info(
                 "listener {listener} ({protocol}) listening on {address}",
                 listener=self.config.name,
@@ -138,8 +136,8 @@ class ListenerService(Service):
         return self._switch.current
 
     def _limit(self):
-        """The listener's L{twisted_slb.limits.ConnectionLimit}, if it has one."""
-        return getattr(innermost(self.factory), "limit", None)
+        """The listener's L{twisted_slb.limits.ConnectionLimit}."""
+        return own_factory(self.factory).admission.limit
 
     def _choose_transport(self) -> None:
         """
@@ -168,9 +166,8 @@ class ListenerService(Service):
             self._switch.switch(factory)
             self._choose_transport()
         if old is not factory:
-            retire = getattr(innermost(old), "retire", None)
-            if retire is not None:
-                retire(self.grace_period)  # HTTP/2 connections: GOAWAY, then a new connection, new config
+            # HTTP/2 connections: GOAWAY, then a new connection, new config
+            own_factory(old).retire(self.grace_period)
             self._replaced = [f for f in self._replaced + [old] if _open_connections(f)]
 
     def privilegedStartService(self) -> None:
@@ -212,9 +209,8 @@ class ListenerService(Service):
         """
         Service.stopService(self)
         port, self.port = self.port, None
-        limit = self._limit()
-        if port is not None and limit is not None:
-            limit.remove_port(port)
+        if port is not None:
+            self._limit().remove_port(port)
         guard, self._switch.guard = self._switch.guard, None
         if guard is not None:
             guard.stop()
@@ -223,12 +219,7 @@ class ListenerService(Service):
 
         def drain_all(_):
             drains = []
-            for factory in factories:
-                factory = innermost(factory)
-                drain = getattr(factory, "drain", None)
-                if drain is not None:
-                    drains.append(drain(self.grace_period))
-            return gatherResults(drains)
+            return gatherResults([own_factory(factory).drain(self.grace_period) for factory in factories])
 
         return d.addCallback(drain_all)
 
@@ -303,14 +294,14 @@ def innermost(factory):
     return factory
 
 
+def own_factory(factory) -> IListenerFactory:
+    """The listener's own factory under its wrappers, as an L{IListenerFactory}."""
+    return IListenerFactory(innermost(factory))
+
+
 def _open_connections(factory) -> int:
     """How many connections a listener factory (maybe under TLS) still has open."""
-    factory = innermost(factory)
-    for name in ("channels", "connections"):
-        open_now = getattr(factory, name, None)
-        if open_now is not None:
-            return len(open_now)
-    return 0
+    return len(own_factory(factory).admission.connections)
 
 
 @attr.s(frozen=True, auto_attribs=True)

@@ -41,9 +41,8 @@ from twisted_slb._io.lean import LeanConnector
 from twisted_slb._io.sockets import close, half_close, set_nodelay, write_now
 from twisted_slb._io.timers import Deadlines
 from twisted_slb.backends import Backend, BackendGroup, local_failure
-from twisted_slb.limits import ConnectionLimit
+from twisted_slb.limits import ConnectionAdmission, ConnectionLimit, IListenerFactory
 from twisted_slb.persistence.interfaces import IPersistencePolicy, Session, normalise_ip, strict_refusal
-from twisted_slb.shutdown import IdleTracker
 
 log = Logger(namespace="twisted_slb.tcp")
 access = Logger(namespace="twisted_slb.access")
@@ -245,7 +244,7 @@ class TCPBalancerProtocol(Protocol):
         factory = self.factory
         factory.active += 1
         factory.total += 1
-        factory.connections.add(self)
+        factory.admission.add(self)
         transport = self.transport
         # What the client sends before a backend is connected is kept (see
         # dataReceived), up to EARLY_BYTES; pausing the socket at once
@@ -371,7 +370,7 @@ class TCPBalancerProtocol(Protocol):
         self.closed = True
         factory = self.factory
         factory.active -= 1
-        factory.limit.release()
+        factory.admission.release()
         factory.checks.discard(self)
         backend_protocol = self.backend_protocol
         if backend_protocol is not None:
@@ -402,12 +401,10 @@ class TCPBalancerProtocol(Protocol):
         factory = self.factory
         if self not in factory.connections:
             return
-        factory.connections.discard(self)
         # Both sides are closed: without this cycle, reference counting
         # frees the relay and its backend side (no garbage collection).
         self.backend_protocol = None
-        if not factory.connections:
-            factory.tracker.idle()
+        factory.admission.forget(self)
 
     # -- backend side ----------------------------------------------------------
 
@@ -576,6 +573,7 @@ class TCPBalancerProtocol(Protocol):
             stats.connection_done(backend, session.outcome, self.bytes_from_client, self.bytes_to_client)
 
 
+@implementer(IListenerFactory)
 class TCPBalancerFactory(ServerFactory):
     """
     A server factory that balances TCP connections over a L{BackendGroup}.
@@ -595,8 +593,12 @@ class TCPBalancerFactory(ServerFactory):
     @ivar total: client connections ever accepted.
     @ivar no_backend: client connections closed because no backend could
         take them.
+    @ivar admission: the L{twisted_slb.limits.IConnectionAdmission} of its
+        connections: C{max_connections} and the drain on stop.
+    @ivar limit: the admission's L{ConnectionLimit}.
     @ivar connections: the L{TCPBalancerProtocol}s whose client or backend
-        connection is still open (a graceful shutdown waits for them).
+        connection is still open (a graceful shutdown waits for them; the
+        admission's set).
     @ivar stats: an object with C{connection_done(backend, outcome,
         bytes_in, bytes_out)}, or L{None}.
     @ivar access_log: whether to log one line per connection.
@@ -666,13 +668,15 @@ class TCPBalancerFactory(ServerFactory):
         self.active = 0
         self.total = 0
         self.no_backend = 0
-        self.connections: Set[TCPBalancerProtocol] = set()
-        self.tracker = IdleTracker()
+        self.admission = ConnectionAdmission(
+            limit if limit is not None else ConnectionLimit(max_connections, listener_name), reactor=reactor
+        )
+        self.limit = self.admission.limit
+        self.connections: Set[TCPBalancerProtocol] = self.admission.connections
         # Every connection's next idle / pin check, behind one timer.
         self.checks = Deadlines(reactor, TCPBalancerProtocol.check_idle)
         # The timeouts of lean backend connects, behind one timer too.
         self.connect_timeouts = Deadlines(reactor, LeanConnector.timed_out)
-        self.limit = limit if limit is not None else ConnectionLimit(max_connections, listener_name)
         self.access_log = access_log
         self.access_file = access_file
         self.lean = lean
@@ -689,9 +693,10 @@ class TCPBalancerFactory(ServerFactory):
         return idle or refresh or 0
 
     def buildProtocol(self, addr) -> Optional[TCPBalancerProtocol]:
-        if not self.limit.admit():
-            return None  # the port closes the new connection at once
-        return TCPBalancerProtocol(self, addr)
+        return self.admission.build(None, TCPBalancerProtocol, self, addr)
+
+    def retire(self, grace: float) -> None:
+        """A reload replaced this factory: its relayed connections carry on as they are."""
 
     def drain(self, grace: float) -> Deferred:
         """
@@ -701,8 +706,4 @@ class TCPBalancerFactory(ServerFactory):
 
         @return: a L{Deferred} that fires when no connection is left.
         """
-        def force() -> None:
-            for proto in list(self.connections):
-                proto.close("shutdown")
-
-        return self.tracker.wait(not self.connections, grace, force, self.reactor)
+        return self.admission.drain(grace, lambda proto: proto.close("shutdown"))

@@ -403,7 +403,7 @@ class H2FrontChannel(Protocol):
         conn.local_settings = Settings(client=False, initial_values={
             **advertised, SettingCodes.MAX_CONCURRENT_STREAMS: 2 ** 31 - 1})
         conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
-        factory.channels.add(self)
+        factory.admission.add(self)
         self._flush()
         if factory.timeout:
             self.timer = self.clock.callLater(factory.timeout, self._check_timeout)

@@ -16,10 +16,16 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
+from zope.interface import implementer
 
 from twisted_slb._io.sockets import set_nodelay
-from twisted_slb.limits import ClientAddressLimit, ConnectionLimit, TooManyConnections
-from twisted_slb.shutdown import IdleTracker
+from twisted_slb.limits import (
+    ClientAddressLimit,
+    ConnectionAdmission,
+    ConnectionLimit,
+    IListenerFactory,
+    TooManyConnections,
+)
 
 __all__ = ["BalancerSite"]
 
@@ -108,18 +114,13 @@ class _BalancerChannel(HTTPChannel):
     def connectionMade(self) -> None:
         HTTPChannel.connectionMade(self)
         set_nodelay(self.transport)
-        self.site.channels.add(self)
+        self.site.admission.add(self)
 
     def connectionLost(self, reason) -> None:
         self._cancel_header_deadline()
         self._cancel_stalled()
         HTTPChannel.connectionLost(self, reason)
-        site = self.site
-        site.channels.discard(self)
-        site.limit.release()
-        site.per_ip.release(self.client_ip)
-        if not site.channels:
-            site.tracker.idle()
+        self.site.admission.remove(self, self.client_ip)
 
     def _too_large(self, code: int, reason: bytes) -> None:
         self._cancel_header_deadline()
@@ -136,6 +137,11 @@ class _BalancerChannel(HTTPChannel):
         self.loseConnection()
 
 
+def _abort(channel) -> None:
+    channel.transport.abortConnection()
+
+
+@implementer(IListenerFactory)
 class BalancerSite(Site):
     """
     The L{Site} of a twisted_slb HTTP listener: idle keep-alive clients are
@@ -144,6 +150,12 @@ class BalancerSite(Site):
     lines get 431.  Over C{max_connections} open connections, new ones are
     closed at once; a client address over C{max_connections_per_ip} gets 429
     and a close.  (0: no limit.)
+
+    @ivar admission: the L{twisted_slb.limits.IConnectionAdmission} of its
+        connections (the limits and the drain on stop).
+    @ivar limit: the admission's L{ConnectionLimit}.
+    @ivar per_ip: the admission's L{ClientAddressLimit}.
+    @ivar channels: the open channels (the admission's set).
     """
 
     noisy = False
@@ -164,13 +176,17 @@ class BalancerSite(Site):
         if reactor is None:
             from twisted.internet import reactor
         Site.__init__(self, resource, reactor=reactor, timeout=client_idle_timeout)
-        self.limit = limit if limit is not None else ConnectionLimit(max_connections, listener_name)
-        self.per_ip = ClientAddressLimit(max_connections_per_ip, listener_name)
+        self.admission = ConnectionAdmission(
+            limit if limit is not None else ConnectionLimit(max_connections, listener_name),
+            ClientAddressLimit(max_connections_per_ip, listener_name),
+            reactor,
+        )
+        self.limit = self.admission.limit
+        self.per_ip = self.admission.per_ip
         self.listener_name = listener_name
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
-        self.channels: set = set()
-        self.tracker = IdleTracker()
+        self.channels: set = self.admission.connections
         self.stats = None
 
     def drain(self, grace: float) -> Deferred:
@@ -187,24 +203,19 @@ class BalancerSite(Site):
             else:
                 channel.loseConnection()
 
-        def force() -> None:
-            for channel in list(self.channels):
-                channel.transport.abortConnection()
+        return self.admission.drain(grace, _abort)
 
-        return self.tracker.wait(not self.channels, grace, force, self.reactor)
+    def retire(self, grace: float) -> None:
+        """A reload replaced this site: its connections carry on as they are."""
 
     def log(self, request) -> None:
         # The proxy writes its own access line (with backend and persistence).
         pass
 
     def buildProtocol(self, addr):
-        ip = getattr(addr, "host", None)
-        if not self.per_ip.allows(ip):
-            return TooManyConnections()
-        if not self.limit.admit():
-            return None  # the port closes the new connection at once
-        channel = Site.buildProtocol(self, addr)
-        channel.client_ip = self.per_ip.add(ip)
+        channel = self.admission.build(getattr(addr, "host", None), Site.buildProtocol, self, addr)
+        if channel is None or isinstance(channel, TooManyConnections):
+            return channel  # refused
         if self.stats is not None:
             self.stats.connections_total += 1
         channel.MAX_LENGTH = self.max_header_bytes
