@@ -32,6 +32,7 @@ from typing import List, Optional
 from twisted.logger import FileLogObserver, Logger, LogLevel, globalLogPublisher
 
 from twisted_slb._io.twisted_private import file_observer_output, publisher_observers
+from twisted_slb._reactor import maybe_global_reactor
 
 log = Logger(namespace="twisted_slb.accesslog")
 access = Logger(namespace="twisted_slb.access")
@@ -64,8 +65,7 @@ class AccessLogFile:
     """
 
     def __init__(self, path: str, reactor=None, buffer_bytes: int = 65536, flush_interval: float = 1.0) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = maybe_global_reactor(reactor)
         self.path = path
         self.reactor = reactor
         self.buffer_bytes = buffer_bytes
@@ -216,8 +216,7 @@ class TwistdLog:
     """
 
     def __init__(self, reactor=None, publisher=globalLogPublisher, flush_delay: float = 0.1) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = maybe_global_reactor(reactor)
         self.reactor = reactor
         self.publisher = publisher
         self.flush_delay = flush_delay

@@ -43,6 +43,7 @@ from zope.interface import directlyProvides, implementer, providedBy
 from twisted_slb._io.twisted_private import HAProxyInvalidHeader as TwistedInvalid
 from twisted_slb._io.twisted_private import HAProxyV1Parser as V1Parser
 from twisted_slb._io.twisted_private import HAProxyV2Parser as V2Parser
+from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.config import parse_cidr
 from twisted_slb.persistence.interfaces import normalise_ip
 
@@ -597,8 +598,7 @@ class ProxyProtocolFactory(Factory):
     noisy = False
 
     def __init__(self, wrapped_factory, policy: ClientIPPolicy, reactor=None, timeout: float = 10.0) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = maybe_global_reactor(reactor)
         self.wrappedFactory = wrapped_factory
         self.policy = policy
         self.reactor = reactor

@@ -35,13 +35,10 @@ from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
 from twisted_slb._io.accept import pause_port, resume_port
+from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.shutdown import IdleTracker
 
 log = Logger(namespace="twisted_slb.limits")
-
-#: What a listener does with connections over its limits.
-OVER_LIMIT = ("wait", "close")
-
 
 class ConnectionLimit:
     """
@@ -314,8 +311,7 @@ class ConnectionAdmission:
             relay's clients are not limited per address).
         @param reactor: the L{IReactorTime} of the drain's grace period.
         """
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = maybe_global_reactor(reactor)
         self.limit = limit
         self.per_ip = per_ip if per_ip is not None else ClientAddressLimit(0, limit.listener_name)
         self.reactor = reactor

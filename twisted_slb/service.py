@@ -22,6 +22,7 @@ from twisted.logger import Logger
 
 from twisted_slb._io import lean
 from twisted_slb._io.accept import AcceptGuard
+from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.backends import BackendGroup
 from twisted_slb.config import Config, ConfigError, ListenerConfig, load_config
 from twisted_slb.limits import ConnectionLimit, IListenerFactory
@@ -343,8 +344,7 @@ class BalancerService(MultiService):
         MultiService.__init__(self)
         self.adopted = dict(adopted or {})
         self.worker = worker
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = maybe_global_reactor(reactor)
         self.reactor = reactor
         self.config = config
         self.groups: Dict[str, BackendGroup] = {}

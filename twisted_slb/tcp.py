@@ -40,14 +40,14 @@ from twisted_slb._io import lean
 from twisted_slb._io.lean import LeanConnector
 from twisted_slb._io.sockets import close, half_close, set_nodelay, write_now
 from twisted_slb._io.timers import Deadlines
+from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.backends import Backend, BackendGroup, local_failure
+from twisted_slb.choices import PROXY_PROTOCOL_VERSIONS
 from twisted_slb.limits import ConnectionAdmission, ConnectionLimit, IListenerFactory
 from twisted_slb.persistence.interfaces import IPersistencePolicy, Session, normalise_ip, strict_refusal
 
 log = Logger(namespace="twisted_slb.tcp")
 access = Logger(namespace="twisted_slb.access")
-
-PROXY_PROTOCOL_VERSIONS = ("v1", "v2")
 
 #: Bytes a client may send before its backend is connected; past them,
 #: reading from it pauses until then (Twisted's own write buffer size).
@@ -652,8 +652,7 @@ class TCPBalancerFactory(ServerFactory):
             C{max_connections} that closes connections over it.
         @raise ValueError: C{proxy_protocol} or C{idle_timeout} is invalid.
         """
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = maybe_global_reactor(reactor)
         if proxy_protocol is not None and proxy_protocol not in PROXY_PROTOCOL_VERSIONS:
             raise ValueError(f"proxy_protocol must be None, 'v1' or 'v2', not {proxy_protocol!r}")
         if idle_timeout < 0:

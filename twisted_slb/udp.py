@@ -43,6 +43,7 @@ from twisted.internet import error
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
+from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.backends import Backend, BackendGroup
 from twisted_slb.persistence.interfaces import Session, normalise_ip, pinned_now
 
@@ -165,8 +166,7 @@ class UDPBalancer(DatagramProtocol):
         access_log: bool = False,
         access_file=None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = maybe_global_reactor(reactor)
         self.reactor = reactor
         self.sessions: Dict[Tuple[str, int], UDPSession] = {}
         self._sweeper = None

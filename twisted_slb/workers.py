@@ -35,6 +35,7 @@ from twisted.logger import Logger
 
 from twisted_slb._io import heap
 from twisted_slb._io.reactor import SLBEPollReactor
+from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.config import Config, ConfigError, load_config
 
 log = Logger(namespace="twisted_slb.workers")
@@ -100,8 +101,7 @@ class WorkerPoolService(Service):
             L{twisted_slb.upgrade}); served instead of binding again.
         """
         self.adopted = dict(adopted or {})
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = maybe_global_reactor(reactor)
         self.reactor = reactor
         self.config = config
         self.python = python

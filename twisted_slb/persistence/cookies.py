@@ -33,6 +33,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 from zope.interface import implementer
 
+from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.backends import backend_id
 from twisted_slb.persistence.interfaces import EXPIRED, HIT, ON_FAILURE, REPIN, IPersistencePolicy, Session
 from twisted_slb.persistence.resource import PersistenceResource
@@ -404,8 +405,7 @@ class InsertCookie(PersistenceResource):
         self.max_life = max_life
         self.on_failure = _check_on_failure("insert cookie", on_failure)
         self.fixed = FixedCookieValues(server_cookies)
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = maybe_global_reactor(reactor)
         self.clock = reactor
         self._stamp: Tuple[int, str] = (-1, "")
         self._attributes: Tuple[Tuple[int, bool], bytes] = ((-1, False), b"")

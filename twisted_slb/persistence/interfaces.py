@@ -38,6 +38,8 @@ import attr
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
+from twisted_slb import choices
+
 if TYPE_CHECKING:  # pragma: no cover
     from twisted_slb.backends import Backend
 
@@ -54,8 +56,8 @@ STRICT = "strict"
 #: sets C{session.outcome} to it before answering L{None}.
 EXPIRED = "expired"
 
-#: The values of a policy's C{on_failure}.
-ON_FAILURE = ("repin", "strict")
+#: The values of a policy's C{on_failure} (L{twisted_slb.choices.ON_FAILURE}).
+ON_FAILURE = choices.ON_FAILURE
 
 
 @attr.s(slots=True, auto_attribs=True)

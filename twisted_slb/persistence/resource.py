@@ -25,6 +25,8 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource, getChildForRequest
 
+from twisted_slb._reactor import maybe_global_reactor
+from twisted_slb.choices import TABLE_PERSISTENCE_TYPES
 from twisted_slb.persistence.interfaces import IPersistencePolicy, session_for
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -148,14 +150,11 @@ def wrap_with_persistence(
         from twisted_slb.persistence.cookies import RewriteCookie
 
         return RewriteCookie.from_config(resource, persistence_config, servers=servers)
-    if kind in ("source_ip", "header", "learn_cookie"):
+    if kind in TABLE_PERSISTENCE_TYPES:
         from twisted_slb.persistence.sourceip import SourceIPPersistence
         from twisted_slb.persistence.tables import HeaderPersistence, LearnCookiePersistence, StickTable
 
-        if reactor is None:
-            from twisted.internet import reactor as global_reactor
-
-            reactor = global_reactor
+        reactor = maybe_global_reactor(reactor)
         table = None if stick_tables is None else stick_tables.get(table_key)
         if table is None:
             table = StickTable(persistence_config.timeout, persistence_config.max_entries, clock=reactor)

@@ -26,6 +26,7 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
+from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.persistence.interfaces import ON_FAILURE, REPIN, IPersistencePolicy, Session
 
 log = Logger(namespace="twisted_slb.persistence.tables")
@@ -87,15 +88,14 @@ class StickTable:
     when they are looked up, and a few at a time from the oldest end on
     every C{set} (so the table never needs a timer).
 
-    @ivar timeout: seconds an entry lives after its last C{set} or C{touch}.
+    @ivar timeout: seconds an entry lives after its last C{set}.
         May be changed on a live table (a reload does so).
     @ivar max_entries: the size bound.  May be changed on a live table; the
         excess is evicted on the next C{set}.
     """
 
     def __init__(self, timeout: float, max_entries: int = 1_000_000, clock=None) -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock
+        clock = maybe_global_reactor(clock)
         self.timeout = timeout
         self.max_entries = max_entries
         self.clock = clock
@@ -158,12 +158,6 @@ class StickTable:
         self._key_index[backend_key] = len(self._keys)
         self._keys.append(backend_key)
         return len(self._keys) - 1
-
-    def touch(self, key: Key) -> None:
-        """Refresh C{key}'s entry, if it has a live one."""
-        backend_key = self.get(key)
-        if backend_key is not None:
-            self.set(key, backend_key)
 
     def _expire(self, now: int, budget: int) -> int:
         entries = self._entries

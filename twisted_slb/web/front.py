@@ -77,6 +77,7 @@ from zope.interface import implementer
 
 from twisted_slb._io.headers import FastHeaders
 from twisted_slb._io.sockets import close, set_nodelay, write_now
+from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.limits import ClientAddressLimit, ConnectionAdmission, ConnectionLimit, IListenerFactory
 from twisted_slb.persistence.interfaces import normalise_ip
 from twisted_slb.web.body import BodyError, IBodyReader, StreamedBody
@@ -1142,8 +1143,7 @@ class HTTPFrontFactory(Factory):
         tunnel_timeout: float = 3600.0,
         request_buffering: bool = False,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = maybe_global_reactor(reactor)
         self.resource = resource
         self.reactor = reactor
         self.timeout = client_idle_timeout

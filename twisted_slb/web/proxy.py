@@ -55,6 +55,7 @@ from zope.interface import implementer
 
 from twisted_slb._io.headers import FastHeaders
 from twisted_slb._io.timers import Deadlines
+from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.backends import Backend, BackendGroup, local_failure
 from twisted_slb.persistence.interfaces import session_for, strict_refusal
 from twisted_slb.web.body import BodyError, IBodyConsumer
@@ -1060,8 +1061,7 @@ class BalancedProxyResource(Resource):
         request_buffering: bool = False,
     ) -> None:
         Resource.__init__(self)
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = maybe_global_reactor(reactor)
         self.group = group
         self.reactor = reactor
         self.pool = pool if pool is not None else UpstreamPool(reactor)

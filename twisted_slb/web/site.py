@@ -19,6 +19,7 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from twisted_slb._io.sockets import set_nodelay
+from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.limits import (
     ClientAddressLimit,
     ConnectionAdmission,
@@ -173,8 +174,7 @@ class BalancerSite(Site):
         listener_name: str = "http",
         limit: Optional[ConnectionLimit] = None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = maybe_global_reactor(reactor)
         Site.__init__(self, resource, reactor=reactor, timeout=client_idle_timeout)
         self.admission = ConnectionAdmission(
             limit if limit is not None else ConnectionLimit(max_connections, listener_name),

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted_slb._io import lean
 from twisted_slb._io.headers import cached_name, canonical_name
 from twisted_slb._io.sockets import set_nodelay, write_now
+from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.shutdown import IdleTracker
 
 log = Logger(namespace="twisted_slb.upstream")
@@ -433,8 +434,7 @@ class UpstreamPool:
     lean = True
 
     def __init__(self, reactor=None, max_idle: int = 512, idle_timeout: float = 30.0) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = maybe_global_reactor(reactor)
         self.reactor = reactor
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
