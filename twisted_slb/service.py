@@ -551,43 +551,40 @@ class BalancerService(MultiService):
         return admin_site(self.stats, admin.token, hosts=admin.hosts, bind=admin.bind, reactor=self.reactor,
                           limit=limit, state=self.admin_state, listener_name=ADMIN)
 
-    def _table_policy(self, where: str, persistence):
+    def _table_key(self, where: str, persistence) -> str:
         """
-        The stick-table policy (source_ip, header, learn_cookie) of a
-        listener or rule, with its table kept across reloads.
+        The key of a listener's or rule's stick table, marked in use (a
+        reload drops the tables no longer used).
 
         @param where: C{"listener/group"} (groups of a split joined by C{+}).
         """
-        from twisted_slb.persistence.sourceip import SourceIPPersistence
-        from twisted_slb.persistence.tables import HeaderPersistence, LearnCookiePersistence, StickTable
+        from twisted_slb.persistence.resource import stick_table_key
 
-        key = where
-        if persistence.type == "header":
-            key = f"{where}/header:{persistence.header.lower()}"
-        elif persistence.type == "learn_cookie":
-            key = f"{where}/learn_cookie:{persistence.cookie}"
+        key = stick_table_key(where, persistence)
         self._tables_in_use.add(key)
-        table = self.stick_tables.get(key)
-        if table is None:
-            table = StickTable(persistence.timeout, persistence.max_entries, clock=self.reactor)
-            if self.store is not None:
-                from twisted_slb.persistence.store import SharedStickTable
+        return key
 
-                table = SharedStickTable(key, table, self.store)
-            self.stick_tables[key] = table
-        else:
-            table.timeout = persistence.timeout
-            table.max_entries = persistence.max_entries
-        if persistence.type == "header":
-            return HeaderPersistence(table, persistence.header, on_failure=persistence.on_failure)
-        if persistence.type == "learn_cookie":
-            return LearnCookiePersistence(table, persistence.cookie, on_failure=persistence.on_failure)
+    def _table_options(self) -> dict:
+        """How this balancer's stick tables are kept (see L{twisted_slb.persistence.resource.persistence_policy})."""
+        scheduler = None
         if self.worker and self.store is None:
             # Without a shared table, workers agree by hashing the client.
             from twisted_slb.scheduling import ConsistentHash
 
-            return SourceIPPersistence(table, scheduler=ConsistentHash(), on_failure=persistence.on_failure)
-        return SourceIPPersistence(table, on_failure=persistence.on_failure)
+            scheduler = ConsistentHash()
+        return {"reactor": self.reactor, "stick_tables": self.stick_tables, "store": self.store,
+                "scheduler": scheduler}
+
+    def _table_policy(self, where: str, persistence):
+        """
+        The stick-table policy of a TCP or UDP listener, through the public
+        L{twisted_slb.persistence.resource.persistence_policy}, its table
+        kept across reloads.
+        """
+        from twisted_slb.persistence.resource import persistence_policy
+
+        return persistence_policy(persistence, table_key=self._table_key(where, persistence),
+                                  **self._table_options())
 
     def _limit_for(self, listener: ListenerConfig) -> ConnectionLimit:
         """The listener's connection limit, kept (with its count) across reloads."""
@@ -669,8 +666,8 @@ class BalancerService(MultiService):
         @param request_buffering: the rule's setting, or L{None} for the
             listener's.
         """
-        from twisted_slb.persistence.cookies import InsertCookie, RewriteCookie
-        from twisted_slb.persistence.resource import PersistenceResource
+        from twisted_slb.choices import TABLE_PERSISTENCE_TYPES
+        from twisted_slb.persistence.resource import wrap_with_persistence
 
         if split:
             from twisted_slb.web.routing import GroupSplit, SplitChoice
@@ -690,12 +687,11 @@ class BalancerService(MultiService):
             servers = self.config.backends[group_name].servers
         if persistence is None:
             return resource
-        if persistence.type == "insert_cookie":
-            return InsertCookie.from_config(resource, persistence, reactor=self.reactor, servers=servers)
-        if persistence.type == "rewrite_cookie":
-            return RewriteCookie.from_config(resource, persistence, servers=servers)
-        policy = self._table_policy(f"{listener.name}/{group_key}", persistence)
-        return PersistenceResource(resource, policy)
+        # The same public function an embedder calls.
+        key = ""
+        if persistence.type in TABLE_PERSISTENCE_TYPES:
+            key = self._table_key(f"{listener.name}/{group_key}", persistence)
+        return wrap_with_persistence(resource, persistence, table_key=key, servers=servers, **self._table_options())
 
     def _proxy(self, listener: ListenerConfig, group_name: str, request_buffering: Optional[bool] = None):
         from twisted_slb.web.proxy import BalancedProxyResource
