@@ -199,7 +199,7 @@ class WrapTests(SynchronousTestCase):
         from twisted.web.resource import Resource
 
         from twisted_slb.config import PersistenceConfig
-        from twisted_slb.persistence.resource import wrap_with_persistence
+        from twisted_slb.persistence.build import wrap_with_persistence
 
         tables: dict = {}
         clock = Clock()
@@ -218,7 +218,7 @@ class WrapTests(SynchronousTestCase):
     def test_policyOfAStoreIsShared(self):
         """With a store, persistence_policy's new table is a SharedStickTable named by its key, kept by the caller."""
         from twisted_slb.config import PersistenceConfig
-        from twisted_slb.persistence.resource import persistence_policy
+        from twisted_slb.persistence.build import persistence_policy
         from twisted_slb.persistence.store import RedisStore, SharedStickTable
 
         store = RedisStore("redis://127.0.0.1:1", clock=Clock())
@@ -232,7 +232,7 @@ class WrapTests(SynchronousTestCase):
     def test_sourceIPSchedulerAndRefusedCookieTypes(self):
         """persistence_policy gives source_ip the scheduler asked for, and refuses a cookie type (it has no table)."""
         from twisted_slb.config import PersistenceConfig
-        from twisted_slb.persistence.resource import persistence_policy
+        from twisted_slb.persistence.build import persistence_policy
         from twisted_slb.scheduling import ConsistentHash
 
         hashing = ConsistentHash()
@@ -243,7 +243,7 @@ class WrapTests(SynchronousTestCase):
     def test_tableKeyNamesWhatIsRemembered(self):
         """A header or learned-cookie table's key names the header (lowercased) or the cookie; source_ip's is the place."""
         from twisted_slb.config import PersistenceConfig
-        from twisted_slb.persistence.resource import stick_table_key
+        from twisted_slb.persistence.build import stick_table_key
 
         self.assertEqual(stick_table_key("web/g", PersistenceConfig(type="source_ip")), "web/g")
         self.assertEqual(stick_table_key("web/g", PersistenceConfig(type="header", header="X-User")),

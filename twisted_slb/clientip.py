@@ -326,21 +326,6 @@ def new_counts() -> Dict[str, int]:
     return {"forwarded": 0, "malformed": 0, "untrusted": 0, "refused": 0}
 
 
-def request_client_ip(request) -> Tuple[str, str]:
-    """
-    The client address of an HTTP request and the peer of its connection,
-    both canonical: C{(client, peer)}.  The request's C{client_ip_policy}
-    (set by L{twisted_slb.web.front.HTTPFrontFactory}), if any, reads the
-    forwarding headers.
-    """
-    address = request.getClientAddress()
-    peer = normalise_ip(getattr(address, "host", None) or "0.0.0.0")
-    policy = getattr(request, "client_ip_policy", None)
-    if policy is None:
-        return peer, peer
-    return policy.resolve(peer, request.requestHeaders), peer
-
-
 class Episode:
     """
     Log a condition once when it starts and once when it ends, never once

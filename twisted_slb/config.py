@@ -24,6 +24,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on PyPy 3.9
     import tomli as tomllib
 
+from twisted_slb.errors import ConfigError  # defined apart so that tls.py need not import this module
 from twisted_slb.choices import (
     HEALTH_CHECK_TYPES,
     ON_FAILURE,
@@ -272,15 +273,6 @@ class Config:
     grace_period: float = 10.0  # seconds open requests may finish on SIGTERM
     max_connections: int = 0  # over all listeners (not the admin one); 0: unlimited
     store: StoreConfig = attr.Factory(StoreConfig)
-
-
-class ConfigError(Exception):
-    """
-    A configuration file is invalid.
-
-    C{str(error)} is the complete message for a person: the file, the field
-    path, the bad value and what is allowed.
-    """
 
 
 
@@ -1232,7 +1224,14 @@ def _check_tls_files(config: Config) -> None:
     Load every TLS file now (each https listener's certificates and keys,
     each backend group's C{tls.ca}), so that a bad file fails the load, and
     so C{--check}, the start and a reload, rather than the first connection.
+
+    The TLS runtime (L{twisted_slb.tls}, OpenSSL) is imported only for a
+    configuration that names such files.
     """
+    https = any(listener.protocol == "https" for listener in config.listeners.values())
+    cas = any(group.tls is not None and group.tls.ca is not None for group in config.backends.values())
+    if not (https or cas):
+        return
     from twisted_slb.tls import load_certificate_set, load_trust_root
 
     try:

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 
 from twisted_slb._io import lean
 from twisted_slb._io.accept import AcceptGuard
+from twisted_slb._io.sockets import port_family
 from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.backends import BackendGroup
 from twisted_slb.config import Config, ConfigError, ListenerConfig, load_config
@@ -386,10 +387,8 @@ class BalancerService(MultiService):
         Listener name -> C{(bind, fd, address family)} of every listening
         socket, for a new process to inherit (see L{twisted_slb.upgrade}).
         """
-        from twisted_slb.workers import _family
-
         return {
-            service.name: (service.config.bind, service.port.fileno(), int(_family(service.port)))
+            service.name: (service.config.bind, service.port.fileno(), int(port_family(service.port)))
             for service in self
             if isinstance(service, ListenerService) and service.port is not None
         }
@@ -558,14 +557,14 @@ class BalancerService(MultiService):
 
         @param where: C{"listener/group"} (groups of a split joined by C{+}).
         """
-        from twisted_slb.persistence.resource import stick_table_key
+        from twisted_slb.persistence.build import stick_table_key
 
         key = stick_table_key(where, persistence)
         self._tables_in_use.add(key)
         return key
 
     def _table_options(self) -> dict:
-        """How this balancer's stick tables are kept (see L{twisted_slb.persistence.resource.persistence_policy})."""
+        """How this balancer's stick tables are kept (see L{twisted_slb.persistence.build.persistence_policy})."""
         scheduler = None
         if self.worker and self.store is None:
             # Without a shared table, workers agree by hashing the client.
@@ -578,10 +577,10 @@ class BalancerService(MultiService):
     def _table_policy(self, where: str, persistence):
         """
         The stick-table policy of a TCP or UDP listener, through the public
-        L{twisted_slb.persistence.resource.persistence_policy}, its table
+        L{twisted_slb.persistence.build.persistence_policy}, its table
         kept across reloads.
         """
-        from twisted_slb.persistence.resource import persistence_policy
+        from twisted_slb.persistence.build import persistence_policy
 
         return persistence_policy(persistence, table_key=self._table_key(where, persistence),
                                   **self._table_options())
@@ -667,7 +666,7 @@ class BalancerService(MultiService):
             listener's.
         """
         from twisted_slb.choices import TABLE_PERSISTENCE_TYPES
-        from twisted_slb.persistence.resource import wrap_with_persistence
+        from twisted_slb.persistence.build import wrap_with_persistence
 
         if split:
             from twisted_slb.web.routing import GroupSplit, SplitChoice

@@ -55,9 +55,10 @@ from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twisted_slb.config import BackendTLSConfig, CertificateConfig, ConfigError
+from twisted_slb.errors import ConfigError
 
 if TYPE_CHECKING:
+    from twisted_slb.config import BackendTLSConfig, CertificateConfig
     # Only for annotations: the interface of trust roots is not re-exported
     # by a public module (twisted.internet.ssl documents it but does not
     # export it).

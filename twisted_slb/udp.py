@@ -46,15 +46,12 @@ from twisted.logger import Logger
 from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.backends import Backend, BackendGroup
 from twisted_slb.persistence.interfaces import Session, normalise_ip, pinned_now
+# The drop reasons are defined with the counters (stats imports no listener module).
+from twisted_slb.stats import DROP_REASONS, NO_BACKEND, NO_SOCKET, SEND_ERROR, UDPListenerStats  # noqa: F401
 
 log = Logger(namespace="twisted_slb.udp")
 access = Logger(namespace="twisted_slb.access")
 
-#: drop reasons, as counted in L{UDPStats.drops}
-NO_BACKEND = "no_backend"
-NO_SOCKET = "no_socket"
-SEND_ERROR = "send_error"
-DROP_REASONS = (NO_BACKEND, NO_SOCKET, SEND_ERROR)
 
 
 def socket_error(port) -> str:
@@ -183,8 +180,6 @@ class UDPBalancer(DatagramProtocol):
         self.max_sessions = max_sessions
         self.listener_name = listener_name
         if stats is None:
-            from twisted_slb.stats import UDPListenerStats
-
             stats = UDPListenerStats(listener_name, "udp")
         self.stats = stats
         stats.active_source = lambda: len(self.sessions)

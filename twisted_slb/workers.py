@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import sys
 from typing import Dict, List, Optional, Tuple
 
@@ -35,6 +34,7 @@ from twisted.logger import Logger
 
 from twisted_slb._io import heap
 from twisted_slb._io.reactor import SLBEPollReactor
+from twisted_slb._io.sockets import port_family
 from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.config import Config, ConfigError, load_config
 
@@ -48,13 +48,6 @@ class _NeverAccepts(ServerFactory):
 
     def buildProtocol(self, addr):  # pragma: no cover - the port is not read
         return None
-
-
-def _family(port) -> int:
-    host = port.getHost()
-    if getattr(host, "type", None) is None:  # UNIXAddress
-        return socket.AF_UNIX
-    return socket.AF_INET6 if ":" in host.host else socket.AF_INET
 
 
 class _WorkerProcess(ProcessProtocol):
@@ -146,7 +139,7 @@ class WorkerPoolService(Service):
     def listening_sockets(self) -> Dict[str, Tuple[str, int, int]]:
         """Listener name -> C{(bind, fd, family)}, for an upgrade to inherit."""
         return {
-            listener.name: (listener.bind, self.ports[listener.bind].fileno(), int(_family(self.ports[listener.bind])))
+            listener.name: (listener.bind, self.ports[listener.bind].fileno(), int(port_family(self.ports[listener.bind])))
             for listener in self._listeners(self.config)
             if listener.bind in self.ports
         }
@@ -162,7 +155,7 @@ class WorkerPoolService(Service):
             port = self.ports[listener.bind]
             fd = port.fileno()
             child_fds[fd] = fd
-            args += ["--listener", f"{listener.name}={fd}:{int(_family(port))}"]
+            args += ["--listener", f"{listener.name}={fd}:{int(port_family(port))}"]
         proto = _WorkerProcess(self, index, self.generation, self.reactor.seconds())
         self.reactor.spawnProcess(proto, self.python, args, env=os.environ.copy(), childFDs=child_fds)
         self.workers.append(proto)

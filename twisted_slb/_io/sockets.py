@@ -13,9 +13,19 @@ when nothing is waiting in the transport's buffer, and leaves the rest
 
 from __future__ import annotations
 
+import socket
+
 from twisted.internet import tcp
 
 from twisted_slb._io.twisted_private import tcp_is_idle_for_writing, tcp_shutdown_write_now, tcp_write_disconnecting
+
+
+def port_family(port) -> int:
+    """The address family of a listening port's socket (passed with its descriptor)."""
+    host = port.getHost()
+    if getattr(host, "type", None) is None:  # UNIXAddress
+        return socket.AF_UNIX
+    return socket.AF_INET6 if ":" in host.host else socket.AF_INET
 
 
 def set_nodelay(transport) -> None:

@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
 from twisted_slb._reactor import maybe_global_reactor
+from twisted_slb.persistence._names import TOKEN, cookie_name
 from twisted_slb.persistence.interfaces import ON_FAILURE, REPIN, IPersistencePolicy, Session
 
 log = Logger(namespace="twisted_slb.persistence.tables")
@@ -289,11 +290,9 @@ class TablePersistence:
 
 
 def _header_name(name: Union[bytes, str]) -> bytes:
-    from twisted_slb.persistence.cookies import _TOKEN
-
     if isinstance(name, str):
         name = name.encode("ascii")
-    if not _TOKEN.match(name):
+    if not TOKEN.match(name):
         raise ValueError(f"header name {name!r} is not a valid token")
     return name
 
@@ -366,10 +365,8 @@ class LearnCookiePersistence(TablePersistence):
         @raise ValueError: C{cookie} is not a cookie name token, or
             C{on_failure} is not C{"repin"} or C{"strict"}.
         """
-        from twisted_slb.persistence.cookies import _as_name
-
         TablePersistence.__init__(self, table, scheduler, on_failure)
-        self.cookie_name = _as_name(cookie)
+        self.cookie_name = cookie_name(cookie)
 
     def client_key(self, session: Session) -> Optional[bytes]:
         """The value of the cookie in the request (quotes removed), or L{None}."""

@@ -478,11 +478,10 @@ class HTTPFrontChannel(Protocol):
         C{h2} when the factory serves HTTP/2 (its C{h2} settings), else
         this channel.
         """
-        if protocol != b"h2" or self.factory.h2 is None or self.lost or self.state != _IDLE or self.buffer:
+        h2 = self.factory.h2
+        if protocol != b"h2" or h2 is None or self.lost or self.state != _IDLE or self.buffer:
             return self
-        from twisted_slb.web.h2 import H2FrontChannel
-
-        return H2FrontChannel.take_over(self)
+        return h2.take_over(self)
 
     def hand_over(self) -> None:
         """

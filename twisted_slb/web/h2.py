@@ -135,6 +135,15 @@ class H2Settings:
     max_header_list_size: int = 65536
     header_table_size: int = 4096
 
+    @staticmethod
+    def take_over(channel) -> "H2FrontChannel":
+        """
+        The L{H2FrontChannel} serving C{channel}'s connection from now on
+        (C{h2} was negotiated over ALPN): the HTTP/1.1 server asks the
+        factory's settings, so that it need not import this module.
+        """
+        return H2FrontChannel.take_over(channel)
+
 
 class _Budget:
     """A token bucket: C{burst} at once, refilled at C{rate} a second."""
