@@ -58,11 +58,11 @@ from zope.interface import implementer
 from twisted_slb.errors import ConfigError
 
 if TYPE_CHECKING:
-    from twisted_slb.config import BackendTLSConfig, CertificateConfig
     # Only for annotations: the interface of trust roots is not re-exported
     # by a public module (twisted.internet.ssl documents it but does not
     # export it).
     from twisted_slb._io.twisted_private import IOpenSSLTrustRoot
+    from twisted_slb.config import BackendTLSConfig, CertificateConfig
 
 log = Logger(namespace="twisted_slb.tls")
 
