@@ -333,7 +333,7 @@ persistence = {{ type = "source_ip", timeout = 1000 }}
             # figures are written at the reactor's shutdown, not at exit.
             argv[2] = (
                 "import cProfile\n"
-                "from twisted_slb.reactor import install_default\n"
+                "from twisted_slb._io.reactor import install_default\n"
                 "install_default()  # the reactor twistd slb runs, not Twisted's default\n"
                 "from twisted.internet import reactor\n"
                 "from twisted.scripts.twistd import run\n"

@@ -1,5 +1,5 @@
 """
-L{twisted_slb.accept}: a listening port out of file descriptors logs one
+L{twisted_slb._io.accept}: a listening port out of file descriptors logs one
 warning per episode and pauses accepting for a back-off, instead of one log
 line per refused client (or per turn of the reactor, with no reserve
 descriptor left); and port pauses keep their reasons apart.
@@ -14,17 +14,22 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_slb.accept import AcceptGuard, pause_port, resume_port
+from twisted_slb._io.accept import AcceptGuard, pause_port, resume_port
 
 
-class FakePort:
-    """The part of a C{tcp.Port} the guard uses: its logger and its reading state."""
+class FakePort(tcp.Port):
+    """
+    A C{tcp.Port} that never listened, with a L{FakeListener} for its
+    socket: the parts the guard uses are its socket, its logger and its
+    reading state.
+    """
 
     connected = True
     disconnecting = False
     _logger = Logger(namespace="twisted.internet.tcp.Port")
 
     def __init__(self) -> None:
+        self.socket = FakeListener()
         self.reading = True
         self.stops = 0
 
@@ -83,14 +88,16 @@ class AcceptGuardTests(SynchronousTestCase):
 
     def run_accept_loop(self, listener, reservation) -> list:
         """
-        Run Twisted's own accept loop (C{tcp._accept}, private: its log
-        events are what the guard reads, so this checks that the installed
-        Twisted still logs what the guard expects) with the port's logger.
+        Run Twisted's own accept loop (C{tcp._accept}, private) on the
+        port's socket (which the guard watches) with the port's logger, the
+        results of C{accept} taken from C{listener}: this checks the
+        guard against what the installed Twisted does.
         """
-        return list(tcp._accept(self.port._logger, range(100), listener, reservation))
+        self.port.socket._socket.results = list(listener.results)
+        return list(tcp._accept(self.port._logger, range(100), self.port.socket, reservation))
 
     def warnings(self) -> list:
-        return [e for e in self.events if e.get("log_namespace") == "twisted_slb.accept"
+        return [e for e in self.events if e.get("log_namespace") == "twisted_slb._io.accept"
                 and "cannot accept" in e["log_format"]]
 
     def test_emfileWithoutReserveIsOneWarningAndAPause(self):

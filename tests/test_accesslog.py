@@ -17,14 +17,14 @@ import os
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.logger import (
-    FileLogObserver, Logger, LoggingFile, LogPublisher, globalLogPublisher, textFileLogObserver,
+    FileLogObserver, Logger, LoggingFile, LogPublisher, textFileLogObserver,
 )
 from twisted.python.logfile import LogFile
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import readBody
 
 from twisted_slb import accesslog
-from twisted_slb.accesslog import AccessLogFile, TwistdLog, twistd_file_observer
+from twisted_slb.accesslog import AccessLogFile, TwistdLog
 from twisted_slb.config import ConfigError, load_config
 from tests.test_service import ServiceTestCase
 
@@ -384,36 +384,6 @@ class TwistdLogWritingTests(SynchronousTestCase):
         self.assertFalse(self.sink.resolve())
         self.assertEqual(self.lines(), ["before"])
         self.assertFalse(self.sink.write_line("after"))
-
-
-class TwistedPrivateAttributesTests(SynchronousTestCase):
-    """
-    L{twistd_file_observer} reads C{LogPublisher._observers} and
-    C{FileLogObserver._outFile} / C{_encoding}, which Twisted does not make
-    public.  If Twisted renames them, these fail, loudly, instead of the
-    access log silently falling back to (slow) events.
-    """
-
-    def test_publisherObservers(self):
-        """A LogPublisher keeps its observers in a list named _observers."""
-        observer = textFileLogObserver(io.StringIO())
-        publisher = LogPublisher(observer)
-        self.assertEqual(publisher._observers, [observer])
-        self.assertIsInstance(globalLogPublisher._observers, list)
-
-    def test_fileObserverFile(self):
-        """A FileLogObserver keeps its file in _outFile, and _encoding is None for a text file."""
-        out = io.StringIO()
-        observer = textFileLogObserver(out)
-        self.assertIs(observer._outFile, out)
-        self.assertIsNone(observer._encoding)
-        self.assertEqual(textFileLogObserver(io.BytesIO())._encoding, "utf-8")
-
-    def test_found(self):
-        """A publisher with only twistd's kind of observer is found usable."""
-        publisher, out = twistd_like()
-        self.assertIsNotNone(twistd_file_observer(publisher))
-        self.assertTrue(TwistdLog(ShutdownClock(), publisher).write_line("x"))
 
 
 class TwistdLogServiceTests(ServiceTestCase):

@@ -25,7 +25,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tests.certs import CertificateAuthority
-from twisted_slb import lean
+from twisted_slb._io import lean
 from twisted_slb.clientip import (
     ClientIPPolicy,
     InvalidProxyHeader,

@@ -32,7 +32,8 @@ from twisted_slb.persistence.cookies import MAX_SKEW, FixedCookieValues, InsertC
 from twisted_slb.persistence.interfaces import (
     EXPIRED, HIT, NEW, REPIN, STRICT, IPersistencePolicy, Session, session_for,
 )
-from twisted_slb.persistence.resource import PersistenceResource, wrap_with_persistence
+from twisted_slb.persistence.build import wrap_with_persistence
+from twisted_slb.persistence.resource import PersistenceResource
 from twisted_slb.scheduling import RoundRobin
 
 NOW = 1_700_000_000

@@ -5,7 +5,7 @@ per refused client), pauses accepting so that new clients wait in the
 backlog, keeps serving the clients it has, and serves new clients once
 descriptors free up.
 
-Twisted alone (see L{twisted_slb.accept}) logs C{EMFILE recovery: Closed
+Twisted alone (see L{twisted_slb._io.accept}) logs C{EMFILE recovery: Closed
 socket from ...} for every client it accepts and closes while out of
 descriptors; that line must not reach the log.
 """

@@ -949,12 +949,16 @@ class ReloadTests(SynchronousTestCase):
         (under its TLS wrapper) with the listener's grace period: its HTTP/2
         connections get GOAWAY and move to the new configuration.
         """
+        from zope.interface import implementer
+
         from twisted_slb.config import ListenerConfig
+        from twisted_slb.limits import ConnectionAdmission, ConnectionLimit, IListenerFactory
         from twisted_slb.service import ListenerService
 
+        @implementer(IListenerFactory)
         class Old:
             retired = None
-            channels: set = set()
+            admission = ConnectionAdmission(ConnectionLimit(), reactor=MemoryReactorClock())
 
             def retire(self, grace):
                 self.retired = grace

@@ -33,8 +33,8 @@ from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from twisted_slb._io.lean import LeanConnection
 from twisted_slb.backends import Backend, BackendGroup
-from twisted_slb.lean import LeanConnection
 from twisted_slb.persistence.cookies import InsertCookie, RewriteCookie
 from twisted_slb.scheduling import RoundRobin
 from twisted_slb.web.front import HTTPFrontFactory
@@ -82,7 +82,7 @@ def _idle_to(pool, host: str, port: int) -> list:
 
 class ClosingTransport(StringTransport):
     """
-    A L{StringTransport} that closes as L{twisted_slb.lean}'s transports
+    A L{StringTransport} that closes as L{twisted_slb._io.lean}'s transports
     do: at once, its protocol's C{connectionLost} running before
     C{loseConnection} or C{abortConnection} returns, its producer stopped
     after.  (That order is what made a client's cut look like a backend
@@ -579,7 +579,7 @@ class BufferingTransport(ClosingTransport):
     in the kernel: what a write does not fit there stays buffered in this
     process (what L{held} counts), and a registered streaming producer is
     paused past C{bufferSize} held bytes and resumed once they are all sent,
-    as Twisted's and L{twisted_slb.lean}'s transports do.  The client reads
+    as Twisted's and L{twisted_slb._io.lean}'s transports do.  The client reads
     only when the test calls L{read_all}.
     """
 
@@ -620,7 +620,7 @@ class BufferingTransport(ClosingTransport):
 def pump(upstream, transport, data: bytes, reads: int = 10 ** 6, sizes: Optional[list] = None) -> bytes:
     """
     Deliver C{data} from a backend as a reactor would: one read of the
-    transport's C{bufferSize} (64 KB, as L{twisted_slb.lean}'s, unless set)
+    transport's C{bufferSize} (64 KB, as L{twisted_slb._io.lean}'s, unless set)
     at a time, while the transport is reading, at most C{reads} reads (their
     sizes appended to C{sizes}).  What is left is returned.
     """

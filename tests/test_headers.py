@@ -1,5 +1,5 @@
 """
-Tests for L{twisted_slb.web.headers.FastHeaders}: whatever is done to it,
+Tests for L{twisted_slb._io.headers.FastHeaders}: whatever is done to it,
 it answers exactly as Twisted's L{Headers} does.
 """
 
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from twisted_slb.web.headers import FastHeaders, canonical_name
+from twisted_slb._io.headers import FastHeaders, canonical_name
 
 _NAMES = [b"content-type", b"Content-Type", b"CONTENT-TYPE", "content-type", b"set-cookie", "Set-Cookie",
           b"etag", b"ETag", b"www-authenticate", b"x-custom-thing", "X-Custom-Thing", b"te", b"dnt"]

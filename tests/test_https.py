@@ -20,7 +20,7 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from tests.certs import CertificateAuthority
-from twisted_slb import leantls
+from twisted_slb._io import leantls
 from twisted_slb.config import load_config
 from twisted_slb.service import BalancerService
 
@@ -192,7 +192,7 @@ class HTTPSTests(TestCase):
         """
         from twisted.internet import tcp
 
-        from twisted_slb import lean
+        from twisted_slb._io import lean
 
         for reloaded in (False, True):
             if reloaded:

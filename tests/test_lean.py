@@ -1,5 +1,5 @@
 """
-Tests for L{twisted_slb.lean}: the relay's lean TCP transports, over real
+Tests for L{twisted_slb._io.lean}: the relay's lean TCP transports, over real
 sockets on 127.0.0.1 (the peer is a plain non-blocking socket), and their
 connect's timeout and cancellation with a fake clock.
 """
@@ -19,8 +19,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from twisted_slb import lean
-from twisted_slb.timers import Deadlines
+from twisted_slb._io import lean
+from twisted_slb._io.timers import Deadlines
 
 from .buffers import small_tcp_pair
 

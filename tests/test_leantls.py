@@ -34,7 +34,8 @@ from zope.interface import implementer
 
 from tests.buffers import small_tcp_pair
 from tests.test_tls import DEFAULT, EXACT, LogCapture, _client_hello, certificate_set, names_of
-from twisted_slb import leantls, tls
+from twisted_slb import tls
+from twisted_slb._io import leantls
 
 
 @implementer(IHandshakeListener, IHalfCloseableProtocol)
@@ -209,6 +210,7 @@ class LeanTLSTests(TestCase):
     timeout = 20
 
     def setUp(self) -> None:
+        self.patch(leantls, "enabled", True)  # off by default for now
         self.logs = LogCapture(self)
         self.clock = Clock()  # the handshake timeout's
         self.options = tls.SNIServerOptions(
@@ -500,6 +502,9 @@ class SlowReaderTests(TestCase):
 
     timeout = 30
 
+    def setUp(self) -> None:
+        self.patch(leantls, "enabled", True)  # off by default for now
+
     @defer.inlineCallbacks
     def test_slowReaderPausesTheProducerAndGetsEverything(self):
         """
@@ -559,6 +564,7 @@ class FallbackTests(SynchronousTestCase):
     """Where the lean transport is not used, Twisted's TLS is."""
 
     def setUp(self) -> None:
+        self.patch(leantls, "enabled", True)  # each test says what turns it off
         self.options = tls.SNIServerOptions(certificate_set(self, DEFAULT), clock=Clock())
         self.factory = tls.server_tls_factory(self.options, Apps(), reactor=Clock())
 
@@ -585,14 +591,14 @@ class FallbackTests(SynchronousTestCase):
         self.assertFalse(leantls.serve_port(port, port.factory, port.factory))
 
     def test_environmentSwitch(self) -> None:
-        """TWISTED_SLB_LEAN_TLS=0 in the environment turns it off."""
+        """TWISTED_SLB_LEAN_TLS=1 in the environment turns it on; it is off without it, or with 0 or off."""
         import subprocess
         import sys
 
-        for value, expected in (("0", "False"), ("1", "True"), ("off", "False")):
+        for value, expected in (("0", "False"), ("1", "True"), ("off", "False"), (None, "False")):
             out = subprocess.run(
-                [sys.executable, "-c", "from twisted_slb import leantls; print(leantls.enabled)"],
-                env={"TWISTED_SLB_LEAN_TLS": value, "PYTHONPATH": ":".join(sys.path)},
+                [sys.executable, "-c", "from twisted_slb._io import leantls; print(leantls.enabled)"],
+                env={"PYTHONPATH": ":".join(sys.path), **({"TWISTED_SLB_LEAN_TLS": value} if value else {})},
                 capture_output=True, text=True, check=True,
             ).stdout.strip()
             self.assertEqual(out, expected)

@@ -6,12 +6,21 @@ C{max_connections_per_ip} on HTTP listeners.
 from __future__ import annotations
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
+from zope.interface.verify import verifyObject
 
 from twisted_slb.backends import Backend, BackendGroup
-from twisted_slb.limits import ConnectionLimit
+from twisted_slb.limits import (
+    ClientAddressLimit,
+    ConnectionAdmission,
+    ConnectionLimit,
+    IConnectionAdmission,
+    IListenerFactory,
+    TooManyConnections,
+)
 from twisted_slb.tcp import TCPBalancerFactory
 from twisted_slb.web.front import HTTPFrontFactory
 from twisted_slb.web.proxy import BalancerSite
@@ -263,3 +272,76 @@ class ConnectionLimitTests(SynchronousTestCase):
         texts = [e["log_format"] for e in events if e.get("log_namespace") == "twisted_slb.limits"]
         self.assertEqual(len([t for t in texts if "connections open" in t]), 1)
         self.assertEqual(len([t for t in texts if "accepting connections again" in t]), 1)
+
+
+class RefusedHeadTests(SynchronousTestCase):
+    """What a L{BalancerSite} channel does after refusing a request head."""
+
+    def test_nothingIsReadAfterARefusedHead(self):
+        """
+        After a refused request head (431), bytes the client still sends are
+        not parsed: no second answer, and the channel is a plain instance of
+        its class (no method replaced on it).
+        """
+        site = BalancerSite(Resource(), reactor=MemoryReactorClock(), max_header_bytes=100)
+        proto = site.buildProtocol(addr("127.0.0.2"))
+        transport = StringTransport(peerAddress=addr("127.0.0.2"))
+        proto.makeConnection(transport)
+        proto.dataReceived(b"GET / HTTP/1.1\r\nA: " + b"1" * 200 + b"\r\n")
+        answer = transport.value()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 431 "), answer)
+        proto.dataReceived(b"\r\nGET /again HTTP/1.1\r\n\r\n")
+        self.assertEqual(transport.value(), answer)
+        self.assertNotIn("dataReceived", vars(proto))
+
+    def test_importedFromItsOldPlace(self):
+        """BalancerSite lives in twisted_slb.web.site; the package and twisted_slb.web.proxy still export it."""
+        import twisted_slb
+        from twisted_slb.web import proxy, site
+
+        self.assertIs(proxy.BalancerSite, site.BalancerSite)
+        self.assertIs(twisted_slb.BalancerSite, site.BalancerSite)
+
+
+class ConnectionAdmissionTests(SynchronousTestCase):
+    """L{ConnectionAdmission}: the one admission and drain component of the three listener factories."""
+
+    def test_theThreeFactoriesShareIt(self):
+        """The TCP relay's factory, the listeners' HTTP server and BalancerSite provide IListenerFactory with one."""
+        reactor = MemoryReactorClock()
+        group = BackendGroup("g", [Backend("a", "127.0.0.1", 1)])
+        for factory in (
+            TCPBalancerFactory(group, reactor=reactor),
+            HTTPFrontFactory(Resource(), reactor=reactor),
+            BalancerSite(Resource(), reactor=reactor),
+        ):
+            self.assertTrue(verifyObject(IListenerFactory, factory))
+            self.assertTrue(verifyObject(IConnectionAdmission, factory.admission))
+            self.assertIs(factory.limit, factory.admission.limit)
+
+    def test_buildCountsAndRefuses(self):
+        """build admits within the limits, gives None over max_connections and a 429 answer over the per-IP one."""
+        admission = ConnectionAdmission(ConnectionLimit(2), ClientAddressLimit(1, "l"), MemoryReactorClock())
+        first = admission.build("192.0.2.1", Protocol)
+        self.assertEqual((type(first), first.client_ip), (Protocol, "192.0.2.1"))
+        self.assertIsInstance(admission.build("192.0.2.1", Protocol), TooManyConnections)
+        self.assertIsInstance(admission.build("192.0.2.2", Protocol), Protocol)
+        self.assertIsNone(admission.build("192.0.2.3", Protocol))
+        admission.release("192.0.2.1")
+        self.assertIsInstance(admission.build("192.0.2.1", Protocol), Protocol)
+
+    def test_drainWaitsThenAborts(self):
+        """drain fires once the last connection is forgotten, or aborts those left after the grace period."""
+        reactor = MemoryReactorClock()
+        admission = ConnectionAdmission(ConnectionLimit(), reactor=reactor)
+        a, b = object(), object()
+        admission.add(a)
+        admission.add(b)
+        aborted, done = [], []
+        admission.drain(5, aborted.append).addCallback(done.append)
+        admission.remove(a)
+        self.assertEqual((aborted, done), ([], []))
+        reactor.advance(5)
+        self.assertEqual(aborted, [b])
+        admission.forget(b)
+        self.assertEqual(done, [None])

@@ -24,7 +24,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from tests.ports import refusing_port
-from twisted_slb import lean
+from twisted_slb._io import lean
 from twisted_slb.backends import Backend, BackendGroup
 from twisted_slb.persistence.cookies import InsertCookie
 from twisted_slb.web.front import FrontRequest, HTTPFrontFactory
@@ -461,7 +461,7 @@ class ProxyTests(TestCase):
     @defer.inlineCallbacks
     def test_backendConnectionsLeanOrNot(self):
         """
-        Plain backend connections run on L{twisted_slb.lean}'s transports;
+        Plain backend connections run on L{twisted_slb._io.lean}'s transports;
         with the pool's C{lean} off, on C{connectTCP}'s.  Either way the
         request is answered.
         """
@@ -704,8 +704,7 @@ class ProxyTests(TestCase):
         response = yield self.agent().request(b"GET", (url + "/").encode())
         with self.assertRaises(ResponseFailed):
             yield readBody(response)
-        site = self.site
-        yield site.tracker.wait(not site.channels, 30, lambda: None, reactor)
+        yield self.site.admission.drain(30, lambda channel: None)
         # One request, counted (and logged) once: not again when the
         # client's connection, cut to show the truncation, is lost.
         self.assertEqual(done, [("b0", 200)])

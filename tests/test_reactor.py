@@ -1,5 +1,5 @@
 """
-Tests for L{twisted_slb.reactor}: Twisted's own reactor tests for TCP,
+Tests for L{twisted_slb._io.reactor}: Twisted's own reactor tests for TCP,
 half-close, producers, time and threads run against L{SLBEPollReactor}, and
 an exception escaping its dispatch is logged without stopping the loop.
 """
@@ -15,9 +15,9 @@ from twisted.python import context
 from twisted.python.log import ILogContext
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_slb import reactor as slb_reactor
+from twisted_slb._io import reactor as slb_reactor
 
-_OURS = ["twisted_slb.reactor.SLBEPollReactor"]
+_OURS = ["twisted_slb._io.reactor.SLBEPollReactor"]
 
 
 class _LogPrefixDifference:

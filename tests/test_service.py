@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 
 from twisted.internet import defer, protocol, reactor, tcp
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.protocols import policies
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
@@ -20,7 +21,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from twisted_slb import lean
+from twisted_slb._io import lean
 from twisted_slb.config import load_config
 from twisted_slb.service import BalancerService
 
@@ -221,7 +222,7 @@ class HTTPPersistenceTests(ServiceTestCase):
     def test_leanTransportsOnBothSides(self):
         """
         A plain HTTP listener's client connections and its connections to
-        backends run on L{twisted_slb.lean}'s transports.
+        backends run on L{twisted_slb._io.lean}'s transports.
         """
         self.assertIs(self.service.getServiceNamed("web").port.transport, lean.LeanServer)
         yield self.get(self.agent(), self.url + "/")
@@ -238,7 +239,7 @@ class HTTPPersistenceTests(ServiceTestCase):
         """
         listener = self.service.getServiceNamed("web")
         lean_factory = listener.factory
-        listener.reconfigure(listener.config, protocol.ServerFactory.forProtocol(protocol.Protocol))
+        listener.reconfigure(listener.config, policies.WrappingFactory(lean_factory))
         self.assertIs(listener.port.transport, tcp.Server)
         listener.reconfigure(listener.config, lean_factory)
         self.assertIs(listener.port.transport, lean.LeanServer)

@@ -1,5 +1,5 @@
 """
-Tests for L{twisted_slb.sockets.write_now}: it sends at once when a TCP
+Tests for L{twisted_slb._io.sockets.write_now}: it sends at once when a TCP
 transport has nothing buffered, and never reorders, loses or duplicates
 bytes when it cannot.
 """
@@ -11,7 +11,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_slb.sockets import close, half_close, write_now
+from twisted_slb._io.sockets import close, half_close, write_now
 from zope.interface import implementer
 
 from .buffers import small_unix_pair

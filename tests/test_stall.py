@@ -232,7 +232,7 @@ class StallTests(TestCase):
 
 def buffered(transport) -> int:
     """
-    The bytes waiting in a transport's write buffer: a L{twisted_slb.lean}
+    The bytes waiting in a transport's write buffer: a L{twisted_slb._io.lean}
     transport's, or a Twisted TCP transport's (no public API says it).
     """
     if hasattr(transport, "_buffer"):

@@ -199,7 +199,7 @@ class WrapTests(SynchronousTestCase):
         from twisted.web.resource import Resource
 
         from twisted_slb.config import PersistenceConfig
-        from twisted_slb.persistence.resource import wrap_with_persistence
+        from twisted_slb.persistence.build import wrap_with_persistence
 
         tables: dict = {}
         clock = Clock()
@@ -214,6 +214,42 @@ class WrapTests(SynchronousTestCase):
         policy = wrap_with_persistence(Resource(), learn, clock).policy
         self.assertIsInstance(policy, LearnCookiePersistence)
         self.assertEqual((policy.cookie_name, policy.on_failure), (b"JSESSIONID", "strict"))
+
+    def test_policyOfAStoreIsShared(self):
+        """With a store, persistence_policy's new table is a SharedStickTable named by its key, kept by the caller."""
+        from twisted_slb.config import PersistenceConfig
+        from twisted_slb.persistence.build import persistence_policy
+        from twisted_slb.persistence.store import RedisStore, SharedStickTable
+
+        store = RedisStore("redis://127.0.0.1:1", clock=Clock())
+        tables: dict = {}
+        config = PersistenceConfig(type="source_ip", timeout=60)
+        policy = persistence_policy(config, Clock(), tables, "tcp/g", store=store)
+        self.assertIsInstance(policy.table, SharedStickTable)
+        self.assertEqual(policy.table.name, "tcp/g")
+        self.assertIs(tables["tcp/g"], policy.table)
+
+    def test_sourceIPSchedulerAndRefusedCookieTypes(self):
+        """persistence_policy gives source_ip the scheduler asked for, and refuses a cookie type (it has no table)."""
+        from twisted_slb.config import PersistenceConfig
+        from twisted_slb.persistence.build import persistence_policy
+        from twisted_slb.scheduling import ConsistentHash
+
+        hashing = ConsistentHash()
+        policy = persistence_policy(PersistenceConfig(type="source_ip", timeout=60), Clock(), scheduler=hashing)
+        self.assertIs(policy.scheduler, hashing)
+        self.assertRaises(ValueError, persistence_policy, PersistenceConfig(type="insert_cookie"), Clock())
+
+    def test_tableKeyNamesWhatIsRemembered(self):
+        """A header or learned-cookie table's key names the header (lowercased) or the cookie; source_ip's is the place."""
+        from twisted_slb.config import PersistenceConfig
+        from twisted_slb.persistence.build import stick_table_key
+
+        self.assertEqual(stick_table_key("web/g", PersistenceConfig(type="source_ip")), "web/g")
+        self.assertEqual(stick_table_key("web/g", PersistenceConfig(type="header", header="X-User")),
+                         "web/g/header:x-user")
+        self.assertEqual(stick_table_key("web/g", PersistenceConfig(type="learn_cookie", cookie="SID")),
+                         "web/g/learn_cookie:SID")
 
 
 class LargeTableTests(SynchronousTestCase):

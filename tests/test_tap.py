@@ -18,7 +18,8 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_slb import heap, tap
+from twisted_slb import tap
+from twisted_slb._io import heap
 from twisted_slb.service import BalancerService
 
 GOOD = """
@@ -118,7 +119,7 @@ class OptionsTests(SynchronousTestCase):
 
 
 class HeapTests(SynchronousTestCase):
-    """twistd slb freezes its start-up heap, and gives it back before a reload (L{twisted_slb.heap})."""
+    """twistd slb freezes its start-up heap, and gives it back before a reload (L{twisted_slb._io.heap})."""
 
     def setUp(self) -> None:
         # A collector that records what is asked of it (CPython's interface).
@@ -170,7 +171,7 @@ class HeapTests(SynchronousTestCase):
 
 
 class FreedMemoryTrimmerTests(SynchronousTestCase):
-    """Memory freed after a burst goes back to the system, once (L{twisted_slb.heap.FreedMemoryTrimmer})."""
+    """Memory freed after a burst goes back to the system, once (L{twisted_slb._io.heap.FreedMemoryTrimmer})."""
 
     MB = 1 << 20
 

@@ -25,7 +25,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from twisted_slb import lean, tcp
+from twisted_slb import tcp
+from twisted_slb._io import lean
 from twisted_slb.backends import Backend, BackendGroup
 from twisted_slb.persistence.interfaces import IPersistencePolicy
 from twisted_slb.persistence.sourceip import SourceIPPersistence, StickTable
@@ -724,7 +725,7 @@ class LoopbackTests(TestCase):
         self.policy = SourceIPPersistence(StickTable(timeout=1000))
         self.factory = TCPBalancerFactory(self.group, self.policy, access_log=False, lean=self.lean_backends)
         self.port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(self.factory)
-        self.assertEqual(lean.serve_port(self.port, self.factory) if self.lean_clients else False, self.lean_clients)
+        self.assertEqual(tcp.serve_lean(self.port, self.factory) if self.lean_clients else False, self.lean_clients)
         # Cleanups run last-added first: stop listening, wait for every
         # relayed connection, then for the backends' connections.
         self.addCleanup(self.factory.drain, 10)

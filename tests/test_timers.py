@@ -1,5 +1,5 @@
 """
-Tests for L{twisted_slb.timers.Deadlines}: many deadlines, one reactor timer.
+Tests for L{twisted_slb._io.timers.Deadlines}: many deadlines, one reactor timer.
 """
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_slb.timers import Deadlines
+from twisted_slb._io.timers import Deadlines
 
 
 class DeadlinesTests(SynchronousTestCase):

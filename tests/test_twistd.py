@@ -128,7 +128,7 @@ class TwistdTests(TestCase):
         self.assertIn((code, signum), [(0, None), (None, signal.SIGTERM)])
         self.assertIn("Server Shut Down.", proc.output)
         # twistd slb runs twisted_slb's reactor when none was chosen.
-        self.assertIn("reactor class: twisted_slb.reactor.SLBEPollReactor.", proc.output)
+        self.assertIn("reactor class: twisted_slb._io.reactor.SLBEPollReactor.", proc.output)
 
     @defer.inlineCallbacks
     def test_sighupWithBrokenCAChangesNothing(self):

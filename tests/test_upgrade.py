@@ -13,7 +13,7 @@ import socket
 import sys
 from typing import List
 
-from twisted.internet import defer, protocol, reactor, tcp
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
@@ -83,17 +83,6 @@ class SocketHandoverTests(SynchronousTestCase):
         fd = os.dup(s.fileno())
         upgrade.Inheritance({"web": ("tcp:80", fd, 2)}).close_sockets()
         self.assertRaises(OSError, os.fstat, fd)
-
-    def test_twistedStillHasTheShutdownFlag(self) -> None:
-        """
-        keep_listening_after_close relies on tcp.Port's private
-        C{_shouldShutdown}: if Twisted renames it, this fails (and an upgrade
-        would leave the new process a dead socket).
-        """
-        self.assertTrue(tcp.Port._shouldShutdown)
-        port = tcp.Port(0, protocol.ServerFactory())
-        upgrade.keep_listening_after_close(port)
-        self.assertFalse(port._shouldShutdown)
 
     def test_notifySystemd(self) -> None:
         """READY=1 goes as one datagram to $NOTIFY_SOCKET; without it nothing is sent."""

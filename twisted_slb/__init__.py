@@ -8,7 +8,7 @@ The public API, re-exported:
    L{HeaderPersistence}, L{LearnCookiePersistence}, L{TablePersistence},
    L{StickTable}, L{IStickTable}, L{InsertCookie}, L{RewriteCookie},
    L{PersistenceResource}
- - listeners: L{TCPBalancerFactory}, L{BalancedProxyResource},
+ - listeners: L{TCPBalancerFactory}, L{serve_lean}, L{BalancedProxyResource},
    L{BalancerSite}, L{RuleRouter}, L{Route}, L{GroupSplit}, L{SplitChoice},
    L{HTTPSRedirectResource}
  - configuration and services: L{load_config}, L{parse_config},
@@ -30,9 +30,10 @@ from twisted_slb.persistence.tables import (
 )
 from twisted_slb.scheduling import scheduler_for
 from twisted_slb.service import BalancerService
-from twisted_slb.tcp import TCPBalancerFactory
-from twisted_slb.web.proxy import BalancedProxyResource, BalancerSite
+from twisted_slb.tcp import TCPBalancerFactory, serve_lean
+from twisted_slb.web.proxy import BalancedProxyResource
 from twisted_slb.web.routing import GroupSplit, HTTPSRedirectResource, Route, RuleRouter, SplitChoice
+from twisted_slb.web.site import BalancerSite
 
 __all__ = [
     "Backend",
@@ -61,4 +62,5 @@ __all__ = [
     "load_config",
     "parse_config",
     "scheduler_for",
+    "serve_lean",
 ]

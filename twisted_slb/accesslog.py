@@ -31,6 +31,9 @@ from typing import List, Optional
 
 from twisted.logger import FileLogObserver, Logger, LogLevel, globalLogPublisher
 
+from twisted_slb._io.twisted_private import file_observer_output, publisher_observers
+from twisted_slb._reactor import maybe_global_reactor
+
 log = Logger(namespace="twisted_slb.accesslog")
 access = Logger(namespace="twisted_slb.access")
 
@@ -62,8 +65,7 @@ class AccessLogFile:
     """
 
     def __init__(self, path: str, reactor=None, buffer_bytes: int = 65536, flush_interval: float = 1.0) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = maybe_global_reactor(reactor)
         self.path = path
         self.reactor = reactor
         self.buffer_bytes = buffer_bytes
@@ -177,19 +179,21 @@ def twistd_file_observer(publisher=globalLogPublisher) -> Optional[FileLogObserv
     Twisted has no public way to list a publisher's observers nor to get a
     L{FileLogObserver}'s file: this reads the private C{LogPublisher._observers}
     and C{FileLogObserver._outFile}, both unchanged since twisted.logger
-    appeared (Twisted 15.2).  tests/test_accesslog.py fails loudly if either
+    appeared (Twisted 15.2), through L{twisted_slb._io.twisted_private}.
+    tests/test_twisted_private.py fails loudly if either
     goes away; should one disappear anyway, this returns L{None} and access
     lines are log events again (slower, never lost).
     """
-    observers = getattr(publisher, "_observers", None)
-    if not isinstance(observers, list) or len(observers) != 1:
+    observers = publisher_observers(publisher)
+    if observers is None or len(observers) != 1:
         return None
     observer = observers[0]
-    if type(observer) is not FileLogObserver or not hasattr(observer, "_outFile"):
+    output = file_observer_output(observer) if type(observer) is FileLogObserver else None
+    if output is None:
         return None
     from twisted.logger import LoggingFile
 
-    if isinstance(observer._outFile, LoggingFile):
+    if isinstance(output[0], LoggingFile):
         return None  # standard output sent back into the log: that is events again
     return observer
 
@@ -223,8 +227,7 @@ class TwistdLog:
     """
 
     def __init__(self, reactor=None, publisher=globalLogPublisher, flush_delay: float = 0.1) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = maybe_global_reactor(reactor)
         self.reactor = reactor
         self.publisher = publisher
         self.flush_delay = flush_delay
@@ -260,8 +263,9 @@ class TwistdLog:
             self._announced = observer
             log.info("access lines go to twistd's log, written in batches")
         self._observer = observer
-        self._out = observer._outFile  # see twistd_file_observer for why
-        self._encode = observer._encoding is not None
+        out, encoding = file_observer_output(observer)  # see twistd_file_observer for why
+        self._out = out
+        self._encode = encoding is not None
         if self._trigger is None and hasattr(self.reactor, "addSystemEventTrigger"):
             self._trigger = self.reactor.addSystemEventTrigger("after", "shutdown", self.flush)
         return True

@@ -18,10 +18,10 @@ from twisted.internet import error
 from twisted.logger import Logger
 
 from twisted_slb.persistence.interfaces import EXPIRED, HIT, NEW, NONE, REPIN, STRICT, Session, is_strict
+from twisted_slb.scheduling import IScheduler, SmoothWeightedRoundRobin, hash_key_of, scheduler_for
 
 if TYPE_CHECKING:  # pragma: no cover
     from twisted_slb.config import GroupConfig, ServerConfig
-    from twisted_slb.scheduling import IScheduler
 
 log = Logger(namespace="twisted_slb.backends")
 
@@ -212,8 +212,6 @@ class BackendGroup:
         tls: object = None,
     ) -> None:
         if scheduler is None:
-            from twisted_slb.scheduling import SmoothWeightedRoundRobin
-
             scheduler = SmoothWeightedRoundRobin()
         self.name = name
         self.scheduler = scheduler
@@ -227,8 +225,6 @@ class BackendGroup:
 
     @classmethod
     def from_config(cls, config: GroupConfig) -> BackendGroup:
-        from twisted_slb.scheduling import scheduler_for
-
         group = cls(
             config.name,
             [Backend.from_config(s) for s in config.servers],
@@ -261,8 +257,6 @@ class BackendGroup:
         health, counters and every pin to them survive); their address and
         weight take the new values.  New names are added, missing ones removed.
         """
-        from twisted_slb.scheduling import scheduler_for
-
         old = {b.name: b for b in self.backends}
         new: List[Backend] = []
         for server in config.servers:
@@ -355,8 +349,6 @@ class BackendGroup:
         scheduler = getattr(session.policy, "scheduler", None)
         client_key: Optional[str] = session.client_ip
         if scheduler is None and self.hash_key != "source_ip":
-            from twisted_slb.scheduling import hash_key_of
-
             client_key = hash_key_of(self.hash_key, session.request)
             if client_key is None:
                 scheduler = self._fallback()
@@ -368,8 +360,6 @@ class BackendGroup:
         """The weighted round robin of visits that lack the group's hash key."""
         fallback = self._wrr
         if fallback is None:
-            from twisted_slb.scheduling import SmoothWeightedRoundRobin
-
             fallback = self._wrr = SmoothWeightedRoundRobin()
         return fallback
 

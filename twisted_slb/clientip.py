@@ -31,7 +31,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import struct
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -40,6 +40,10 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from zope.interface import directlyProvides, implementer, providedBy
 
+from twisted_slb._io.twisted_private import HAProxyInvalidHeader as TwistedInvalid
+from twisted_slb._io.twisted_private import HAProxyV1Parser as V1Parser
+from twisted_slb._io.twisted_private import HAProxyV2Parser as V2Parser
+from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.config import parse_cidr
 from twisted_slb.persistence.interfaces import normalise_ip
 
@@ -322,21 +326,6 @@ def new_counts() -> Dict[str, int]:
     return {"forwarded": 0, "malformed": 0, "untrusted": 0, "refused": 0}
 
 
-def request_client_ip(request) -> Tuple[str, str]:
-    """
-    The client address of an HTTP request and the peer of its connection,
-    both canonical: C{(client, peer)}.  The request's C{client_ip_policy}
-    (set by L{twisted_slb.web.front.HTTPFrontFactory}), if any, reads the
-    forwarding headers.
-    """
-    address = request.getClientAddress()
-    peer = normalise_ip(getattr(address, "host", None) or "0.0.0.0")
-    policy = getattr(request, "client_ip_policy", None)
-    if policy is None:
-        return peer, peer
-    return policy.resolve(peer, request.requestHeaders), peer
-
-
 class Episode:
     """
     Log a condition once when it starts and once when it ends, never once
@@ -404,13 +393,6 @@ def parse_proxy_header(data: bytes):
         family: use the connection's own) and the header's length in bytes.
     @raise InvalidProxyHeader: C{data} does not start a valid header.
     """
-    # Private modules: twisted.protocols.haproxy exports only proxyEndpoint,
-    # whose wrapper cannot be used here (see ProxyProtocolFactory); the
-    # parsers themselves are what we need.
-    from twisted.protocols.haproxy._exceptions import InvalidProxyHeader as TwistedInvalid
-    from twisted.protocols.haproxy._v1parser import V1Parser
-    from twisted.protocols.haproxy._v2parser import V2Parser
-
     n = len(data)
     if data[:12] == V2_SIGNATURE[:min(n, 12)]:
         if n < 16:
@@ -595,14 +577,13 @@ class ProxyProtocolFactory(Factory):
     trusted peers, and lets a malformed v1 port escape as C{ValueError}.
 
     Lean transports: the wrapper is C{lean} when the wrapped factory is, and
-    works on a L{twisted_slb.lean.LeanServer} as on Twisted's transports.
+    works on a L{twisted_slb._io.lean.LeanServer} as on Twisted's transports.
     """
 
     noisy = False
 
     def __init__(self, wrapped_factory, policy: ClientIPPolicy, reactor=None, timeout: float = 10.0) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = maybe_global_reactor(reactor)
         self.wrappedFactory = wrapped_factory
         self.policy = policy
         self.reactor = reactor

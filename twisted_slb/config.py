@@ -24,6 +24,18 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on PyPy 3.9
     import tomli as tomllib
 
+from twisted_slb.errors import ConfigError  # defined apart so that tls.py need not import this module
+from twisted_slb.choices import (
+    HEALTH_CHECK_TYPES,
+    ON_FAILURE,
+    OVER_LIMIT,
+    PERSISTENCE_TYPES,
+    PROTOCOLS,
+    PROXY_PROTOCOL_VERSIONS,
+    SCHEDULER_NAMES,
+    STORE_TYPES,
+)
+
 # --- values ---------------------------------------------------------------
 
 
@@ -263,15 +275,6 @@ class Config:
     store: StoreConfig = attr.Factory(StoreConfig)
 
 
-class ConfigError(Exception):
-    """
-    A configuration file is invalid.
-
-    C{str(error)} is the complete message for a person: the file, the field
-    path, the bad value and what is allowed.
-    """
-
-
 
 # --- loading --------------------------------------------------------------
 
@@ -281,9 +284,6 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _HOST_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?$")
 
-PROTOCOLS = ("tcp", "http", "https", "udp")
-SCHEDULER_NAMES = ("rr", "wrr", "wlc", "hash")
-PERSISTENCE_TYPES = ("source_ip", "insert_cookie", "rewrite_cookie", "header", "learn_cookie")
 #: hash_key values without a name; "header:", "cookie:" and "query:" take one.
 HASH_KEYS = ("source_ip", "path", "host")
 HASH_KEY_KINDS = ("header", "cookie", "query")
@@ -315,7 +315,6 @@ _PERSISTENCE_KEYS = {
     "header": ("type", "header", "timeout", "max_entries", "on_failure"),
     "learn_cookie": ("type", "cookie", "timeout", "max_entries", "on_failure"),
 }
-ON_FAILURE = ("repin", "strict")
 #: The longest max_life: a year.
 MAX_LIFE = 365 * 86400
 #: A server's fixed cookie value: no '.' (it separates the time stamps) and
@@ -688,7 +687,7 @@ def _read_group(file: str, base: str, name: str, data: Any) -> GroupConfig:
         pt = ht.table("passive", _PASSIVE_KEYS)
         if pt is not None:
             passive = _read_passive(pt)
-        kind = ht.string("type", "tcp", choices=("tcp", "http", "udp", "none"))
+        kind = ht.string("type", "tcp", choices=HEALTH_CHECK_TYPES)
         if kind == "none":
             extra = [k for k in active_keys if k != "type" and ht.has(k)]
             if extra:
@@ -1037,14 +1036,14 @@ def _read_listener(file: str, base: str, name: str, data: Any,
     kwargs: Dict[str, Any] = dict(
         name=name, protocol=protocol, bind=bind, backends=backends, persistence=persistence,
         max_connections=t.integer("max_connections", 0, 0, 10_000_000),
-        over_limit=t.string("over_limit", "wait", choices=("wait", "close")),
+        over_limit=t.string("over_limit", "wait", choices=OVER_LIMIT),
         client_ip=_read_client_ip(t, protocol),
         **_read_access_log(t, base),
     )
     if protocol == "tcp":
         kwargs.update(
             idle_timeout=t.number("idle_timeout", 900.0, 0, 86400 * 7, above=True),
-            proxy_protocol=t.string("proxy_protocol", None, choices=("v1", "v2")),
+            proxy_protocol=t.string("proxy_protocol", None, choices=PROXY_PROTOCOL_VERSIONS),
         )
     else:
         rules_data = t.array("rules", [], allowed="an array of [[listeners.NAME.rules]] tables")
@@ -1153,7 +1152,6 @@ def parse_config(document: Any, path: str = "<string>") -> Config:
     return config
 
 
-STORE_TYPES = ("memory", "redis")
 _STORE_KEYS = {"memory": ("type",), "redis": ("type", "url", "prefix", "timeout")}
 _REDIS_SCHEMES = ("redis", "rediss")
 
@@ -1226,7 +1224,14 @@ def _check_tls_files(config: Config) -> None:
     Load every TLS file now (each https listener's certificates and keys,
     each backend group's C{tls.ca}), so that a bad file fails the load, and
     so C{--check}, the start and a reload, rather than the first connection.
+
+    The TLS runtime (L{twisted_slb.tls}, OpenSSL) is imported only for a
+    configuration that names such files.
     """
+    https = any(listener.protocol == "https" for listener in config.listeners.values())
+    cas = any(group.tls is not None and group.tls.ca is not None for group in config.backends.values())
+    if not (https or cas):
+        return
     from twisted_slb.tls import load_certificate_set, load_trust_root
 
     try:

@@ -32,6 +32,8 @@ from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from twisted_slb._reactor import maybe_global_reactor
+
 DEMO_PORT_BASE = 8080
 DEMO_INTERFACE = "127.0.0.1"
 
@@ -124,8 +126,7 @@ class UDPEchoName(DatagramProtocol):
 def DemoBackendService(name: str, port: int, interface: str = DEMO_INTERFACE,
                        tcp_port: Optional[int] = None, reactor=None) -> MultiService:
     """One demo backend: the check page on C{port}, the echo on C{tcp_port}."""
-    if reactor is None:
-        from twisted.internet import reactor
+    reactor = maybe_global_reactor(reactor)
     top = MultiService()
     site = Site(CheckPage(name, f"{interface}:{port}"))
     site.noisy = False

@@ -43,6 +43,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
+from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.backends import Backend, BackendGroup
 from twisted_slb.config import ConfigError, HealthCheckConfig, PassiveHealthConfig
 
@@ -59,7 +60,6 @@ class HealthState:
     last_check: Optional[float] = None
     last_status: str = ""  # "ok", "failed"
     last_reason: str = ""
-    last_change: Optional[float] = None
     checks: int = 0
     down_by: str = ""  # "active" or "passive" while down or ejected
     # passive checks (outlier detection)
@@ -308,8 +308,7 @@ class HealthMonitor(Service):
         passive: Optional[PassiveHealthConfig] = None,
         tls=None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = maybe_global_reactor(reactor)
         if passive is None:
             passive = PassiveHealthConfig()
         # The older keywords: a consecutive-failure threshold and a fixed cool-down.
@@ -633,7 +632,6 @@ class HealthMonitor(Service):
         self._changed(backend, state, was_up)
 
     def _changed(self, backend: Backend, state: HealthState, was_up: bool) -> None:
-        state.last_change = self.reactor.seconds()
         state.down_by = "active" if not backend.healthy else "passive" if backend.ejected else ""
         up = backend.up
         if up == was_up:

@@ -15,22 +15,30 @@ What happens to a connection over a limit is the listener's C{over_limit}:
 
 Either way the condition is logged once when it starts and once when it
 ends, never once per connection.
+
+L{ConnectionAdmission} (L{IConnectionAdmission}) puts the limits together
+with the count of open connections and the drain on stop: the one
+component the TCP relay's factory, the listeners' HTTP server and
+L{twisted_slb.web.site.BalancerSite} all use, in the spirit of
+C{twisted.protocols.policies}' C{LimitConnectionsByPeer} and
+C{LimitTotalConnectionsFactory} (composed rather than wrapped: a wrapping
+protocol would add a call to every read and write).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Set
+from typing import Callable, Dict, Optional, Set
 
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from zope.interface import Attribute, Interface, implementer
 
-from twisted_slb.accept import pause_port, resume_port
+from twisted_slb._io.accept import pause_port, resume_port
+from twisted_slb._reactor import maybe_global_reactor
+from twisted_slb.shutdown import IdleTracker
 
 log = Logger(namespace="twisted_slb.limits")
-
-#: What a listener does with connections over its limits.
-OVER_LIMIT = ("wait", "close")
-
 
 class ConnectionLimit:
     """
@@ -204,3 +212,143 @@ class TooManyConnections(Protocol):
             b"Connection: close\r\n\r\n%s" % (len(body), body)
         )
         self.transport.loseConnection()
+
+
+class IConnectionAdmission(Interface):
+    """
+    Admission and drain of one listener factory's connections: the
+    listener's C{max_connections} (and the global one), its
+    C{max_connections_per_ip}, the set of open connections, and a graceful
+    drain when the listener stops.
+
+    A factory's C{buildProtocol} asks L{build}; a connection is L{add}ed
+    once connected, its places in the limits are L{release}d when its
+    client's connection closes, and it is L{forget}ten once the factory is
+    done with it (for an HTTP connection, the same moment: L{remove}).
+    """
+
+    limit = Attribute("The L{ConnectionLimit} new connections count against.")
+    per_ip = Attribute("The L{ClientAddressLimit} of client addresses.")
+    connections = Attribute("The set of open connections (a drain waits for them).")
+
+    def build(ip, make, *args):
+        """
+        Admit a new connection from C{ip} if the limits allow it.
+
+        @param ip: the client's address, or L{None} when it must not be
+            limited per address.
+        @param make: called with C{args} to build the protocol of an
+            admitted connection.
+        @return: what C{buildProtocol} returns: the protocol C{make} built
+            (its C{client_ip} set to the key L{release} takes), L{None}
+            over C{max_connections} (the port closes the connection at
+            once), or a protocol answering 429 over
+            C{max_connections_per_ip}.
+        """
+
+    def add(connection):
+        """C{connection} is open: a drain waits for it."""
+
+    def release(ip=None):
+        """An admitted connection's client closed: its places in the limits are free."""
+
+    def forget(connection):
+        """The factory is done with C{connection}: a drain waiting for the last one ends."""
+
+    def remove(connection, ip=None):
+        """L{release} and L{forget} at once."""
+
+    def drain(grace, abort):
+        """
+        Wait for the open connections to end, for at most C{grace}
+        seconds, then call C{abort(connection)} for each one left.
+
+        @return: a L{Deferred} that fires when no connection is left.
+        """
+
+
+class IListenerFactory(Interface):
+    """
+    The factory of a listener (under its TLS or PROXY protocol wrappers, if
+    any), as L{twisted_slb.service.ListenerService} drives it.
+    """
+
+    admission = Attribute("The L{IConnectionAdmission} of its connections.")
+
+    def drain(grace):
+        """
+        Graceful shutdown, after the port stopped listening: let open
+        connections finish, for at most C{grace} seconds, then close the
+        rest.
+
+        @return: a L{Deferred} that fires when no connection is left.
+        """
+
+    def retire(grace):
+        """
+        A reload replaced this factory (its open connections carry on):
+        tell those that would otherwise stay open indefinitely to move on
+        (HTTP/2 connections get GOAWAY), closing them after C{grace}
+        seconds; nothing for others.
+        """
+
+
+@implementer(IConnectionAdmission)
+class ConnectionAdmission:
+    """
+    The L{IConnectionAdmission} of a listener factory.
+
+    @ivar limit: the L{ConnectionLimit} (shared with the global limit and
+        kept across reloads by L{twisted_slb.service.BalancerService}).
+    @ivar per_ip: the L{ClientAddressLimit} (per factory).
+    @ivar connections: the open connections.
+    """
+
+    def __init__(self, limit: ConnectionLimit, per_ip: Optional[ClientAddressLimit] = None, reactor=None) -> None:
+        """
+        @param limit: the listener's L{ConnectionLimit}.
+        @param per_ip: its L{ClientAddressLimit}; by default none (a TCP
+            relay's clients are not limited per address).
+        @param reactor: the L{IReactorTime} of the drain's grace period.
+        """
+        reactor = maybe_global_reactor(reactor)
+        self.limit = limit
+        self.per_ip = per_ip if per_ip is not None else ClientAddressLimit(0, limit.listener_name)
+        self.reactor = reactor
+        self.connections: set = set()
+        self._tracker = IdleTracker()
+
+    def build(self, ip: Optional[str], make: Callable[..., Protocol], *args) -> Optional[Protocol]:
+        per_ip = self.per_ip
+        if not per_ip.allows(ip):
+            return TooManyConnections()
+        if not self.limit.admit():
+            return None
+        connection = make(*args)
+        if per_ip.limit:
+            connection.client_ip = per_ip.add(ip)
+        return connection
+
+    def add(self, connection) -> None:
+        self.connections.add(connection)
+
+    def release(self, ip: Optional[str] = None) -> None:
+        self.limit.release()
+        self.per_ip.release(ip)
+
+    def forget(self, connection) -> None:
+        connections = self.connections
+        connections.discard(connection)
+        if not connections:
+            self._tracker.idle()
+
+    def remove(self, connection, ip: Optional[str] = None) -> None:
+        self.release(ip)
+        self.forget(connection)
+
+    def drain(self, grace: float, abort: Callable[[object], None]) -> Deferred:
+        def force() -> None:
+            for connection in list(self.connections):
+                abort(connection)
+
+        return self._tracker.wait(not self.connections, grace, force, self.reactor)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple
 from urllib.parse import parse_qsl, urlsplit
 
 from zope.interface import Attribute, Interface, implementer
 
-from twisted_slb.backends import Backend
+if TYPE_CHECKING:  # pragma: no cover
+    from twisted_slb.backends import Backend
 
 
 class IScheduler(Interface):

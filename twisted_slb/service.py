@@ -20,11 +20,14 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
-from twisted_slb import lean, leantls
-from twisted_slb.accept import AcceptGuard
+from twisted_slb._io import leantls
+from twisted_slb._io import lean
+from twisted_slb._io.accept import AcceptGuard
+from twisted_slb._io.sockets import port_family
+from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.backends import BackendGroup
 from twisted_slb.config import Config, ConfigError, ListenerConfig, load_config
-from twisted_slb.limits import ConnectionLimit
+from twisted_slb.limits import ConnectionLimit, IListenerFactory
 from twisted_slb.stats import StatsRegistry
 from twisted_slb.tls import ClientTLSCache, describe_address
 
@@ -62,7 +65,7 @@ class _SwitchableFactory(ServerFactory):
         new.doStart()
         old.doStop()
 
-    #: the L{twisted_slb.accept.AcceptGuard} of the port, once listening
+    #: the L{twisted_slb._io.accept.AcceptGuard} of the port, once listening
     guard = None
 
     def buildProtocol(self, addr):
@@ -115,11 +118,10 @@ class ListenerService(Service):
         def listening(port):
             self.port = port
             self._choose_transport()
-            if hasattr(port, "_logger"):  # a tcp.Port (see AcceptGuard)
-                self._switch.guard = AcceptGuard(port, self.config.name, self.reactor)
-            limit = self._limit()
-            if limit is not None:
-                limit.add_port(port)
+            guard = AcceptGuard(port, self.config.name, self.reactor)
+            if guard.watching:  # a tcp.Port
+                self._switch.guard = guard
+            self._limit().add_port(port)
             log.info(
                 "listener {listener} ({protocol}) listening on {address}",
                 listener=self.config.name,
@@ -137,8 +139,8 @@ class ListenerService(Service):
         return self._switch.current
 
     def _limit(self):
-        """The listener's L{twisted_slb.limits.ConnectionLimit}, if it has one."""
-        return getattr(innermost(self.factory), "limit", None)
+        """The listener's L{twisted_slb.limits.ConnectionLimit}."""
+        return own_factory(self.factory).admission.limit
 
     def _choose_transport(self) -> None:
         """
@@ -173,9 +175,8 @@ class ListenerService(Service):
             self._switch.switch(factory)
             self._choose_transport()
         if old is not factory:
-            retire = getattr(innermost(old), "retire", None)
-            if retire is not None:
-                retire(self.grace_period)  # HTTP/2 connections: GOAWAY, then a new connection, new config
+            # HTTP/2 connections: GOAWAY, then a new connection, new config
+            own_factory(old).retire(self.grace_period)
             self._replaced = [f for f in self._replaced + [old] if _open_connections(f)]
 
     def privilegedStartService(self) -> None:
@@ -217,9 +218,8 @@ class ListenerService(Service):
         """
         Service.stopService(self)
         port, self.port = self.port, None
-        limit = self._limit()
-        if port is not None and limit is not None:
-            limit.remove_port(port)
+        if port is not None:
+            self._limit().remove_port(port)
         guard, self._switch.guard = self._switch.guard, None
         if guard is not None:
             guard.stop()
@@ -227,13 +227,7 @@ class ListenerService(Service):
         factories, self._replaced = [self.factory] + self._replaced, []
 
         def drain_all(_):
-            drains = []
-            for factory in factories:
-                factory = innermost(factory)
-                drain = getattr(factory, "drain", None)
-                if drain is not None:
-                    drains.append(drain(self.grace_period))
-            return gatherResults(drains)
+            return gatherResults([own_factory(factory).drain(self.grace_period) for factory in factories])
 
         return d.addCallback(drain_all)
 
@@ -308,14 +302,14 @@ def innermost(factory):
     return factory
 
 
+def own_factory(factory) -> IListenerFactory:
+    """The listener's own factory under its wrappers, as an L{IListenerFactory}."""
+    return IListenerFactory(innermost(factory))
+
+
 def _open_connections(factory) -> int:
     """How many connections a listener factory (maybe under TLS) still has open."""
-    factory = innermost(factory)
-    for name in ("channels", "connections"):
-        open_now = getattr(factory, name, None)
-        if open_now is not None:
-            return len(open_now)
-    return 0
+    return len(own_factory(factory).admission.connections)
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -357,8 +351,7 @@ class BalancerService(MultiService):
         MultiService.__init__(self)
         self.adopted = dict(adopted or {})
         self.worker = worker
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = maybe_global_reactor(reactor)
         self.reactor = reactor
         self.config = config
         self.groups: Dict[str, BackendGroup] = {}
@@ -405,10 +398,8 @@ class BalancerService(MultiService):
         Listener name -> C{(bind, fd, address family)} of every listening
         socket, for a new process to inherit (see L{twisted_slb.upgrade}).
         """
-        from twisted_slb.workers import _family
-
         return {
-            service.name: (service.config.bind, service.port.fileno(), int(_family(service.port)))
+            service.name: (service.config.bind, service.port.fileno(), int(port_family(service.port)))
             for service in self
             if isinstance(service, ListenerService) and service.port is not None
         }
@@ -570,52 +561,50 @@ class BalancerService(MultiService):
         return admin_site(self.stats, admin.token, hosts=admin.hosts, bind=admin.bind, reactor=self.reactor,
                           limit=limit, state=self.admin_state, listener_name=ADMIN)
 
-    def _table_policy(self, where: str, persistence, route: str = "", kind: str = ""):
+    def _table_key(self, where: str, persistence, route: str = "", kind: str = "") -> str:
         """
-        The stick-table policy (source_ip, header, learn_cookie) of a
-        listener or rule, with its table kept across reloads.
+        The key of a listener's or rule's stick table, marked in use (a
+        reload drops the tables no longer used), and named for the admin
+        listener's C{/tables}.
 
         @param where: C{"listener/group"} (groups of a split joined by C{+}).
         @param route: the listener or rule using it (C{"web"}, C{"web rule
-            0"}), for the admin listener's C{/tables}.
+            0"}), for C{/tables}.
         @param kind: the table's type as C{/tables} shows it, when it is not
             C{persistence.type} (C{"udp"}).
         """
-        from twisted_slb.persistence.sourceip import SourceIPPersistence
-        from twisted_slb.persistence.tables import HeaderPersistence, LearnCookiePersistence, StickTable
+        from twisted_slb.persistence.build import stick_table_key
 
-        key = where
-        if persistence.type == "header":
-            key = f"{where}/header:{persistence.header.lower()}"
-        elif persistence.type == "learn_cookie":
-            key = f"{where}/learn_cookie:{persistence.cookie}"
+        key = stick_table_key(where, persistence)
         self._tables_in_use.add(key)
         census = self.stats.census
         census.table_types[key] = kind or persistence.type
         routes = census.table_routes.setdefault(key, [])
         if route and route not in routes:
             routes.append(route)
-        table = self.stick_tables.get(key)
-        if table is None:
-            table = StickTable(persistence.timeout, persistence.max_entries, clock=self.reactor)
-            if self.store is not None:
-                from twisted_slb.persistence.store import SharedStickTable
+        return key
 
-                table = SharedStickTable(key, table, self.store)
-            self.stick_tables[key] = table
-        else:
-            table.timeout = persistence.timeout
-            table.max_entries = persistence.max_entries
-        if persistence.type == "header":
-            return HeaderPersistence(table, persistence.header, on_failure=persistence.on_failure)
-        if persistence.type == "learn_cookie":
-            return LearnCookiePersistence(table, persistence.cookie, on_failure=persistence.on_failure)
+    def _table_options(self) -> dict:
+        """How this balancer's stick tables are kept (see L{twisted_slb.persistence.build.persistence_policy})."""
+        scheduler = None
         if self.worker and self.store is None:
             # Without a shared table, workers agree by hashing the client.
             from twisted_slb.scheduling import ConsistentHash
 
-            return SourceIPPersistence(table, scheduler=ConsistentHash(), on_failure=persistence.on_failure)
-        return SourceIPPersistence(table, on_failure=persistence.on_failure)
+            scheduler = ConsistentHash()
+        return {"reactor": self.reactor, "stick_tables": self.stick_tables, "store": self.store,
+                "scheduler": scheduler}
+
+    def _table_policy(self, where: str, persistence, route: str = "", kind: str = ""):
+        """
+        The stick-table policy of a TCP or UDP listener, through the public
+        L{twisted_slb.persistence.build.persistence_policy}, its table
+        kept across reloads.
+        """
+        from twisted_slb.persistence.build import persistence_policy
+
+        return persistence_policy(persistence, table_key=self._table_key(where, persistence, route, kind),
+                                  **self._table_options())
 
     def _limit_for(self, listener: ListenerConfig) -> ConnectionLimit:
         """The listener's connection limit, kept (with its count) across reloads."""
@@ -699,9 +688,9 @@ class BalancerService(MultiService):
         @param request_buffering: the rule's setting, or L{None} for the
             listener's.
         """
+        from twisted_slb.choices import TABLE_PERSISTENCE_TYPES
+        from twisted_slb.persistence.build import wrap_with_persistence
         from twisted_slb.persistence.census import REWRITE_WINDOW
-        from twisted_slb.persistence.cookies import InsertCookie, RewriteCookie
-        from twisted_slb.persistence.resource import PersistenceResource
 
         if split:
             from twisted_slb.web.routing import GroupSplit, SplitChoice
@@ -721,16 +710,18 @@ class BalancerService(MultiService):
             servers = self.config.backends[group_name].servers
         if persistence is None:
             return resource
+        # The same public function an embedder calls.
+        key = ""
+        if persistence.type in TABLE_PERSISTENCE_TYPES:
+            key = self._table_key(f"{listener.name}/{group_key}", persistence, route=where or listener.name)
+        wrapped = wrap_with_persistence(resource, persistence, table_key=key, servers=servers,
+                                        **self._table_options())
+        # Cookie policies count their clients for the admin listener.
         if persistence.type == "insert_cookie":
-            policy = InsertCookie.from_config(resource, persistence, reactor=self.reactor, servers=servers)
-            policy.clients = self._cookie_clients(f"{listener.name}/{group_key}", persistence, policy.max_idle)
-            return policy
-        if persistence.type == "rewrite_cookie":
-            policy = RewriteCookie.from_config(resource, persistence, servers=servers)
-            policy.clients = self._cookie_clients(f"{listener.name}/{group_key}", persistence, REWRITE_WINDOW)
-            return policy
-        policy = self._table_policy(f"{listener.name}/{group_key}", persistence, route=where or listener.name)
-        return PersistenceResource(resource, policy)
+            wrapped.clients = self._cookie_clients(f"{listener.name}/{group_key}", persistence, wrapped.max_idle)
+        elif persistence.type == "rewrite_cookie":
+            wrapped.clients = self._cookie_clients(f"{listener.name}/{group_key}", persistence, REWRITE_WINDOW)
+        return wrapped
 
     def _cookie_clients(self, where: str, persistence, window: float):
         """

@@ -16,6 +16,13 @@ import os
 import time
 from typing import Dict, Mapping, Optional, Tuple
 
+#: Why a udp listener dropped a datagram, as counted in
+#: L{UDPListenerStats.drops} (see L{twisted_slb.udp}).
+NO_BACKEND = "no_backend"
+NO_SOCKET = "no_socket"
+SEND_ERROR = "send_error"
+DROP_REASONS = (NO_BACKEND, NO_SOCKET, SEND_ERROR)
+
 OUTCOMES = ("hit", "new", "repin", "expired", "strict", "none")
 
 
@@ -109,8 +116,6 @@ class UDPListenerStats(ListenerStats):
 
     def __init__(self, name: str, protocol: str = "udp") -> None:
         ListenerStats.__init__(self, name, protocol)
-        from twisted_slb.udp import DROP_REASONS
-
         self.datagrams_in = 0
         self.datagrams_out = 0
         self.drops: Dict[str, int] = dict.fromkeys(DROP_REASONS, 0)

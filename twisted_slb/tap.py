@@ -13,7 +13,7 @@ import sys
 from twisted.application.service import MultiService, Service
 from twisted.python import usage
 
-from twisted_slb import heap
+from twisted_slb._io import heap
 from twisted_slb.config import ConfigError, describe, load_config
 
 
@@ -85,7 +85,7 @@ class Options(usage.Options):
 class _FreezeHeap(Service):
     """
     Once the listeners are started, takes what start-up allocated out of
-    the garbage collector's walks (see L{twisted_slb.heap}).
+    the garbage collector's walks (see L{twisted_slb._io.heap}).
     """
 
     def startService(self) -> None:
@@ -126,8 +126,8 @@ class _SIGHUPReload(Service):
 
 def makeService(options: Options):
     # Our epoll reactor, unless one was chosen (twistd --reactor NAME): see
-    # twisted_slb.reactor.  twistd logs its class as it starts.
-    from twisted_slb.reactor import install_default
+    # twisted_slb._io.reactor.  twistd logs its class as it starts.
+    from twisted_slb._io.reactor import install_default
 
     install_default()
     from twisted.internet import reactor

@@ -36,19 +36,18 @@ from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twisted_slb import lean
-from twisted_slb.lean import LeanConnector
+from twisted_slb._io import lean
+from twisted_slb._io.lean import LeanConnector
+from twisted_slb._io.sockets import close, half_close, set_nodelay, write_now
+from twisted_slb._io.timers import Deadlines
+from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.backends import Backend, BackendGroup, local_failure
-from twisted_slb.limits import ConnectionLimit
+from twisted_slb.choices import PROXY_PROTOCOL_VERSIONS
+from twisted_slb.limits import ConnectionAdmission, ConnectionLimit, IListenerFactory
 from twisted_slb.persistence.interfaces import IPersistencePolicy, Session, normalise_ip, strict_refusal
-from twisted_slb.shutdown import IdleTracker
-from twisted_slb.sockets import close, half_close, set_nodelay, write_now
-from twisted_slb.timers import Deadlines
 
 log = Logger(namespace="twisted_slb.tcp")
 access = Logger(namespace="twisted_slb.access")
-
-PROXY_PROTOCOL_VERSIONS = ("v1", "v2")
 
 #: Bytes a client may send before its backend is connected; past them,
 #: reading from it pauses until then (Twisted's own write buffer size).
@@ -118,6 +117,24 @@ def proxy_header(version: str, client, local) -> bytes:
 
 
 @implementer(IHalfCloseableProtocol)
+def serve_lean(port, factory) -> bool:
+    """
+    Make a listening C{port} give the connections it accepts for C{factory}
+    the lean transports the relay uses for its backends (a non-blocking
+    socket driven through the reactor's C{addReader}/C{addWriter}, with the
+    transport interface of Twisted's own; see docs/performance.md), if it
+    is a plain TCP port of a reactor that can drive them.  C{twistd slb}
+    does this for its TCP and plain HTTP listeners; C{factory} may be a
+    L{TCPBalancerFactory} or an L{twisted_slb.web.front.HTTPFrontFactory}.
+
+    @param port: what C{listen} gave back (an C{IListeningPort}).
+    @param factory: the factory C{port} listens with.
+    @return: whether it does now (C{False}: the port keeps Twisted's
+        transports).
+    """
+    return lean.serve_port(port, factory)
+
+
 class _BackendProtocol(Protocol):
     """
     The balancer's connection to a backend: relays what the backend sends to
@@ -227,7 +244,7 @@ class TCPBalancerProtocol(Protocol):
         factory = self.factory
         factory.active += 1
         factory.total += 1
-        factory.connections.add(self)
+        factory.admission.add(self)
         transport = self.transport
         # What the client sends before a backend is connected is kept (see
         # dataReceived), up to EARLY_BYTES; pausing the socket at once
@@ -353,7 +370,7 @@ class TCPBalancerProtocol(Protocol):
         self.closed = True
         factory = self.factory
         factory.active -= 1
-        factory.limit.release()
+        factory.admission.release()
         factory.checks.discard(self)
         backend_protocol = self.backend_protocol
         if backend_protocol is not None:
@@ -384,12 +401,10 @@ class TCPBalancerProtocol(Protocol):
         factory = self.factory
         if self not in factory.connections:
             return
-        factory.connections.discard(self)
         # Both sides are closed: without this cycle, reference counting
         # frees the relay and its backend side (no garbage collection).
         self.backend_protocol = None
-        if not factory.connections:
-            factory.tracker.idle()
+        factory.admission.forget(self)
 
     # -- backend side ----------------------------------------------------------
 
@@ -558,6 +573,7 @@ class TCPBalancerProtocol(Protocol):
             stats.connection_done(backend, session.outcome, self.bytes_from_client, self.bytes_to_client)
 
 
+@implementer(IListenerFactory)
 class TCPBalancerFactory(ServerFactory):
     """
     A server factory that balances TCP connections over a L{BackendGroup}.
@@ -577,12 +593,16 @@ class TCPBalancerFactory(ServerFactory):
     @ivar total: client connections ever accepted.
     @ivar no_backend: client connections closed because no backend could
         take them.
+    @ivar admission: the L{twisted_slb.limits.IConnectionAdmission} of its
+        connections: C{max_connections} and the drain on stop.
+    @ivar limit: the admission's L{ConnectionLimit}.
     @ivar connections: the L{TCPBalancerProtocol}s whose client or backend
-        connection is still open (a graceful shutdown waits for them).
+        connection is still open (a graceful shutdown waits for them; the
+        admission's set).
     @ivar stats: an object with C{connection_done(backend, outcome,
         bytes_in, bytes_out)}, or L{None}.
     @ivar access_log: whether to log one line per connection.
-    @ivar lean: whether backend connections use L{twisted_slb.lean}'s
+    @ivar lean: whether backend connections use L{twisted_slb._io.lean}'s
         transports where they can (and, through
         L{twisted_slb.service.ListenerService}, accepted client
         connections); C{False} keeps Twisted's own everywhere.
@@ -624,7 +644,7 @@ class TCPBalancerFactory(ServerFactory):
             L{twisted_slb.accesslog.TwistdLog} for the lines (when its
             C{write_line} returns C{False}, or with L{None}: log events in
             the namespace C{twisted_slb.access}).
-        @param lean: whether to use L{twisted_slb.lean}'s transports where
+        @param lean: whether to use L{twisted_slb._io.lean}'s transports where
             they can be (a POSIX reactor, backends given by IP address).
         @param limit: a L{ConnectionLimit} to count connections against
             (shared with the global limit and kept across reloads by
@@ -632,8 +652,7 @@ class TCPBalancerFactory(ServerFactory):
             C{max_connections} that closes connections over it.
         @raise ValueError: C{proxy_protocol} or C{idle_timeout} is invalid.
         """
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = maybe_global_reactor(reactor)
         if proxy_protocol is not None and proxy_protocol not in PROXY_PROTOCOL_VERSIONS:
             raise ValueError(f"proxy_protocol must be None, 'v1' or 'v2', not {proxy_protocol!r}")
         if idle_timeout < 0:
@@ -648,13 +667,15 @@ class TCPBalancerFactory(ServerFactory):
         self.active = 0
         self.total = 0
         self.no_backend = 0
-        self.connections: Set[TCPBalancerProtocol] = set()
-        self.tracker = IdleTracker()
+        self.admission = ConnectionAdmission(
+            limit if limit is not None else ConnectionLimit(max_connections, listener_name), reactor=reactor
+        )
+        self.limit = self.admission.limit
+        self.connections: Set[TCPBalancerProtocol] = self.admission.connections
         # Every connection's next idle / pin check, behind one timer.
         self.checks = Deadlines(reactor, TCPBalancerProtocol.check_idle)
         # The timeouts of lean backend connects, behind one timer too.
         self.connect_timeouts = Deadlines(reactor, LeanConnector.timed_out)
-        self.limit = limit if limit is not None else ConnectionLimit(max_connections, listener_name)
         self.access_log = access_log
         self.access_file = access_file
         self.lean = lean
@@ -671,9 +692,10 @@ class TCPBalancerFactory(ServerFactory):
         return idle or refresh or 0
 
     def buildProtocol(self, addr) -> Optional[TCPBalancerProtocol]:
-        if not self.limit.admit():
-            return None  # the port closes the new connection at once
-        return TCPBalancerProtocol(self, addr)
+        return self.admission.build(None, TCPBalancerProtocol, self, addr)
+
+    def retire(self, grace: float) -> None:
+        """A reload replaced this factory: its relayed connections carry on as they are."""
 
     def drain(self, grace: float) -> Deferred:
         """
@@ -683,8 +705,4 @@ class TCPBalancerFactory(ServerFactory):
 
         @return: a L{Deferred} that fires when no connection is left.
         """
-        def force() -> None:
-            for proto in list(self.connections):
-                proto.close("shutdown")
-
-        return self.tracker.wait(not self.connections, grace, force, self.reactor)
+        return self.admission.drain(grace, lambda proto: proto.close("shutdown"))

@@ -55,13 +55,14 @@ from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twisted_slb.config import BackendTLSConfig, CertificateConfig, ConfigError
+from twisted_slb.errors import ConfigError
 
 if TYPE_CHECKING:
     # Only for annotations: the interface of trust roots is not re-exported
     # by a public module (twisted.internet.ssl documents it but does not
     # export it).
-    from twisted.internet._sslverify import IOpenSSLTrustRoot
+    from twisted_slb._io.twisted_private import IOpenSSLTrustRoot
+    from twisted_slb.config import BackendTLSConfig, CertificateConfig
 
 log = Logger(namespace="twisted_slb.tls")
 
@@ -610,7 +611,7 @@ class SNIServerOptions:
         """
         The context a new connection starts on (the default certificate's;
         SNI may move it), with a new ticket key once the current one is
-        C{ticket_key_lifetime} old.  L{twisted_slb.leantls} builds its
+        C{ticket_key_lifetime} old.  L{twisted_slb._io.leantls} builds its
         connections on a socket with it.
         """
         current = self._current
@@ -836,7 +837,7 @@ class TLSServerFactory(TLSMemoryBIOFactory):
         self.reactor = reactor
         self.handshake_timeout = handshake_timeout
 
-    #: set by L{twisted_slb.leantls.serve_port} while a listening port gives
+    #: set by L{twisted_slb._io.leantls.serve_port} while a listening port gives
     #: this factory's connections lean TLS transports (the class the port
     #: builds), which do TLS, the handshake timeout and its log lines
     #: themselves: the factory then builds the application's protocol alone.

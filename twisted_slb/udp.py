@@ -43,17 +43,15 @@ from twisted.internet import error
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
+from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.backends import Backend, BackendGroup
 from twisted_slb.persistence.interfaces import Session, normalise_ip, pinned_now
+# The drop reasons are defined with the counters (stats imports no listener module).
+from twisted_slb.stats import DROP_REASONS, NO_BACKEND, NO_SOCKET, SEND_ERROR, UDPListenerStats  # noqa: F401
 
 log = Logger(namespace="twisted_slb.udp")
 access = Logger(namespace="twisted_slb.access")
 
-#: drop reasons, as counted in L{UDPStats.drops}
-NO_BACKEND = "no_backend"
-NO_SOCKET = "no_socket"
-SEND_ERROR = "send_error"
-DROP_REASONS = (NO_BACKEND, NO_SOCKET, SEND_ERROR)
 
 
 def socket_error(port) -> str:
@@ -165,8 +163,7 @@ class UDPBalancer(DatagramProtocol):
         access_log: bool = False,
         access_file=None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = maybe_global_reactor(reactor)
         self.reactor = reactor
         self.sessions: Dict[Tuple[str, int], UDPSession] = {}
         self._sweeper = None
@@ -183,8 +180,6 @@ class UDPBalancer(DatagramProtocol):
         self.max_sessions = max_sessions
         self.listener_name = listener_name
         if stats is None:
-            from twisted_slb.stats import UDPListenerStats
-
             stats = UDPListenerStats(listener_name, "udp")
         self.stats = stats
         stats.active_source = lambda: len(self.sessions)

@@ -46,6 +46,8 @@ from twisted.application.service import Service
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
+from twisted_slb._io.twisted_private import keep_socket_on_close
+
 log = Logger(namespace="twisted_slb.upgrade")
 
 ENV_LISTEN_FDS = "TWISTED_SLB_LISTEN_FDS"
@@ -297,10 +299,10 @@ def keep_listening_after_close(port) -> None:
     process that shares it: the new process would be left with a dead
     socket.  Twisted skips the shutdown for adopted sockets through the
     private C{_shouldShutdown} flag, and no public API sets it
-    (tests.test_upgrade checks that the flag still exists).
+    (L{twisted_slb._io.twisted_private.keep_socket_on_close}; tests.test_twisted_private
+    checks that the flag still exists).
     """
-    if hasattr(port, "_shouldShutdown"):
-        port._shouldShutdown = False
+    keep_socket_on_close(port)
 
 
 def _listening_ports(balancer) -> list:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import sys
 from typing import Dict, List, Optional, Tuple
 
@@ -33,9 +32,11 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import ProcessProtocol, ServerFactory
 from twisted.logger import Logger
 
-from twisted_slb import heap
+from twisted_slb._io import heap
+from twisted_slb._io.reactor import SLBEPollReactor
+from twisted_slb._io.sockets import port_family
+from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.config import Config, ConfigError, load_config
-from twisted_slb.reactor import SLBEPollReactor
 
 log = Logger(namespace="twisted_slb.workers")
 
@@ -47,13 +48,6 @@ class _NeverAccepts(ServerFactory):
 
     def buildProtocol(self, addr):  # pragma: no cover - the port is not read
         return None
-
-
-def _family(port) -> int:
-    host = port.getHost()
-    if getattr(host, "type", None) is None:  # UNIXAddress
-        return socket.AF_UNIX
-    return socket.AF_INET6 if ":" in host.host else socket.AF_INET
 
 
 class _WorkerProcess(ProcessProtocol):
@@ -100,8 +94,7 @@ class WorkerPoolService(Service):
             L{twisted_slb.upgrade}); served instead of binding again.
         """
         self.adopted = dict(adopted or {})
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = maybe_global_reactor(reactor)
         self.reactor = reactor
         self.config = config
         self.python = python
@@ -146,7 +139,7 @@ class WorkerPoolService(Service):
     def listening_sockets(self) -> Dict[str, Tuple[str, int, int]]:
         """Listener name -> C{(bind, fd, family)}, for an upgrade to inherit."""
         return {
-            listener.name: (listener.bind, self.ports[listener.bind].fileno(), int(_family(self.ports[listener.bind])))
+            listener.name: (listener.bind, self.ports[listener.bind].fileno(), int(port_family(self.ports[listener.bind])))
             for listener in self._listeners(self.config)
             if listener.bind in self.ports
         }
@@ -162,7 +155,7 @@ class WorkerPoolService(Service):
             port = self.ports[listener.bind]
             fd = port.fileno()
             child_fds[fd] = fd
-            args += ["--listener", f"{listener.name}={fd}:{int(_family(port))}"]
+            args += ["--listener", f"{listener.name}={fd}:{int(port_family(port))}"]
         proto = _WorkerProcess(self, index, self.generation, self.reactor.seconds())
         self.reactor.spawnProcess(proto, self.python, args, env=os.environ.copy(), childFDs=child_fds)
         self.workers.append(proto)
@@ -285,11 +278,11 @@ def worker_main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--listener", action="append", default=[])
     parser.add_argument("--twisted-reactor", action="store_true",
-                        help="run Twisted's default reactor, not twisted_slb.reactor's")
+                        help="run Twisted's default reactor, not twisted_slb._io.reactor's")
     args = parser.parse_args(argv)
 
     if not args.twisted_reactor:
-        from twisted_slb.reactor import install_default
+        from twisted_slb._io.reactor import install_default
 
         install_default()
     from twisted.internet import reactor

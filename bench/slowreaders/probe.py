@@ -110,7 +110,7 @@ if os.environ.get("READS") == "big":  # 64 KB reads always (throughput.sh's comp
     from twisted_slb.web import proxy
     proxy._STALLED_READ = 65536
 elif os.environ.get("READS") == "small":  # 16 KB reads always
-    from twisted_slb import lean
+    from twisted_slb._io import lean
     lean.LeanConnection.bufferSize = 16384
 
 from twisted.scripts.twistd import run  # noqa: E402

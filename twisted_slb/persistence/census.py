@@ -26,6 +26,7 @@ import hashlib
 import math
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
+from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.persistence.tables import IStickTable
 
 #: The window of C{rewrite_cookie}'s count: the balancer does not know how
@@ -79,8 +80,7 @@ class RecentClients:
     """
 
     def __init__(self, window: float, clock=None) -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock
+        clock = maybe_global_reactor(clock)
         self.window = window
         self.clock = clock
         # backend key -> ([bucket epoch per slot], [registers or None per slot])

@@ -33,7 +33,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 from zope.interface import implementer
 
+from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.backends import backend_id
+from twisted_slb.persistence._names import cookie_name as _as_name
 from twisted_slb.persistence.interfaces import EXPIRED, HIT, ON_FAILURE, REPIN, IPersistencePolicy, Session
 from twisted_slb.persistence.resource import PersistenceResource
 
@@ -44,9 +46,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from twisted_slb.config import PersistenceConfig
 
 log = Logger(namespace="twisted_slb.persistence.cookies")
-
-#: RFC 6265 / RFC 9110 token: the characters a cookie name may use.
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 #: Characters that must not appear in a Path or Domain attribute.
 _BAD_ATTRIBUTE = re.compile(r"[\x00-\x20;,\x7f-\U0010ffff]")
@@ -131,22 +130,6 @@ def _check_on_failure(kind: str, on_failure: str) -> str:
     if on_failure not in ON_FAILURE:
         raise ValueError(f"{kind} on_failure {on_failure!r} is not one of {', '.join(ON_FAILURE)}")
     return on_failure
-
-
-def _as_name(name: Union[bytes, str]) -> bytes:
-    """
-    A cookie name as bytes, checked.
-
-    @raise ValueError: the name is empty or not an RFC 6265 token.
-    """
-    if isinstance(name, str):
-        try:
-            name = name.encode("ascii")
-        except UnicodeEncodeError:
-            raise ValueError(f"cookie name {name!r} is not ASCII") from None
-    if not _TOKEN.match(name):
-        raise ValueError(f"cookie name {name!r} is not a valid token (letters, digits, !#$%&'*+-.^_`|~)")
-    return name
 
 
 def _unquote(value: bytes) -> Tuple[bytes, bool]:
@@ -409,8 +392,7 @@ class InsertCookie(PersistenceResource):
         self.max_life = max_life
         self.on_failure = _check_on_failure("insert cookie", on_failure)
         self.fixed = FixedCookieValues(server_cookies)
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = maybe_global_reactor(reactor)
         self.clock = reactor
         self._stamp: Tuple[int, str] = (-1, "")
         self._attributes: Tuple[Tuple[int, bool], bytes] = ((-1, False), b"")

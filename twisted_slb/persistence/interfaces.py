@@ -32,11 +32,13 @@ connection (TCP) or request (HTTP).
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import attr
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
+
+from twisted_slb import choices
 
 if TYPE_CHECKING:  # pragma: no cover
     from twisted_slb.backends import Backend
@@ -54,8 +56,8 @@ STRICT = "strict"
 #: sets C{session.outcome} to it before answering L{None}.
 EXPIRED = "expired"
 
-#: The values of a policy's C{on_failure}.
-ON_FAILURE = ("repin", "strict")
+#: The values of a policy's C{on_failure} (L{twisted_slb.choices.ON_FAILURE}).
+ON_FAILURE = choices.ON_FAILURE
 
 
 @attr.s(slots=True, auto_attribs=True)
@@ -208,6 +210,22 @@ def normalise_ip(host: str) -> str:
     return str(addr)
 
 
+def request_client_ip(request) -> Tuple[str, str]:
+    """
+    The client address of an HTTP request and the peer of its connection,
+    both canonical: C{(client, peer)}.  The request's C{client_ip_policy}
+    (a L{twisted_slb.clientip.ClientIPPolicy}, set by
+    L{twisted_slb.web.front.HTTPFrontFactory}), if any, reads the
+    forwarding headers.
+    """
+    address = request.getClientAddress()
+    peer = normalise_ip(getattr(address, "host", None) or "0.0.0.0")
+    policy = getattr(request, "client_ip_policy", None)
+    if policy is None:
+        return peer, peer
+    return policy.resolve(peer, request.requestHeaders), peer
+
+
 def session_for(request) -> Session:
     """
     The L{Session} of an HTTP request, created on first use.
@@ -221,8 +239,6 @@ def session_for(request) -> Session:
             addr = request.getClientAddress()
             client = peer = normalise_ip(getattr(addr, "host", None) or "0.0.0.0")
         else:
-            from twisted_slb.clientip import request_client_ip
-
             client, peer = request_client_ip(request)
         session = Session(client, request=request, secure=request.isSecure(),
                           peer_ip=peer if peer != client else "")

@@ -12,13 +12,14 @@ response headers are in, before anything reaches the client::
     site = Site(PersistenceResource(proxy, SourceIPPersistence(table)))
 
 The cookie policies (L{twisted_slb.persistence.cookies}) are subclasses that
-are both the wrapper and the policy.  L{wrap_with_persistence} builds the
-right wrapper for a L{twisted_slb.config.PersistenceConfig}.
+are both the wrapper and the policy.
+L{twisted_slb.persistence.build.wrap_with_persistence} builds the right
+wrapper for a L{twisted_slb.config.PersistenceConfig}.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, MutableMapping, Optional
+from typing import Optional
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -26,11 +27,6 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource, getChildForRequest
 
 from twisted_slb.persistence.interfaces import IPersistencePolicy, session_for
-
-if TYPE_CHECKING:  # pragma: no cover
-    from twisted.internet.interfaces import IReactorTime
-
-    from twisted_slb.config import PersistenceConfig
 
 log = Logger(namespace="twisted_slb.persistence.resource")
 
@@ -105,74 +101,3 @@ class PersistenceResource(Resource):
         if self.policy is self:
             return f"<{type(self).__name__} wrapping {self.wrapped!r}>"
         return f"<{type(self).__name__} {self.policy!r} wrapping {self.wrapped!r}>"
-
-
-def wrap_with_persistence(
-    resource: IResource,
-    persistence_config: Optional[PersistenceConfig],
-    reactor: Optional[IReactorTime] = None,
-    stick_tables: Optional[MutableMapping[str, object]] = None,
-    table_key: str = "",
-    servers: Iterable[object] = (),
-) -> IResource:
-    """
-    Put the persistence a configuration asks for in front of C{resource}.
-
-    @param resource: what to wrap, normally a
-        L{twisted_slb.web.proxy.BalancedProxyResource}.
-    @param persistence_config: a listener's or rule's C{persistence}; L{None}
-        means no persistence and C{resource} is returned unchanged.
-    @param reactor: the L{IReactorTime} cookie expiry and stick tables use;
-        the global reactor if L{None}.
-    @param stick_tables: for the table types (C{source_ip}, C{header},
-        C{learn_cookie}): the caller's stick tables by key,
-        so that a table (and every pin in it) survives a config reload that
-        rebuilds the resources.  A missing table is created and stored in it;
-        an existing one takes the new timeout and size bound.  L{None}: a new
-        table each call.
-    @param table_key: the key of this listener's or rule's table in
-        C{stick_tables} (e.g. C{"web/app"}: listener and backend group).
-    @param servers: the group's L{twisted_slb.config.ServerConfig}s, for the
-        cookie policies' fixed values (C{cookie = "s1"}).
-    @return: the wrapping resource.
-    @raise ValueError: an unknown persistence type.
-    """
-    if persistence_config is None:
-        return resource
-    kind = persistence_config.type
-    if kind == "insert_cookie":
-        from twisted_slb.persistence.cookies import InsertCookie
-
-        return InsertCookie.from_config(resource, persistence_config, reactor=reactor, servers=servers)
-    if kind == "rewrite_cookie":
-        from twisted_slb.persistence.cookies import RewriteCookie
-
-        return RewriteCookie.from_config(resource, persistence_config, servers=servers)
-    if kind in ("source_ip", "header", "learn_cookie"):
-        from twisted_slb.persistence.sourceip import SourceIPPersistence
-        from twisted_slb.persistence.tables import HeaderPersistence, LearnCookiePersistence, StickTable
-
-        if reactor is None:
-            from twisted.internet import reactor as global_reactor
-
-            reactor = global_reactor
-        table = None if stick_tables is None else stick_tables.get(table_key)
-        if table is None:
-            table = StickTable(persistence_config.timeout, persistence_config.max_entries, clock=reactor)
-            if stick_tables is not None:
-                stick_tables[table_key] = table
-        else:
-            table.timeout = persistence_config.timeout
-            table.max_entries = persistence_config.max_entries
-        on_failure = persistence_config.on_failure
-        if kind == "header":
-            policy = HeaderPersistence(table, persistence_config.header, on_failure=on_failure)
-        elif kind == "learn_cookie":
-            policy = LearnCookiePersistence(table, persistence_config.cookie, on_failure=on_failure)
-        else:
-            policy = SourceIPPersistence(table, on_failure=on_failure)
-        return PersistenceResource(resource, policy)
-    raise ValueError(
-        f"unknown persistence type {kind!r}: expected 'insert_cookie', 'rewrite_cookie', 'source_ip', 'header' "
-        "or 'learn_cookie'"
-    )

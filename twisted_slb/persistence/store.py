@@ -39,6 +39,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from twisted_slb._io.twisted_private import redis_pool_size
+from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.persistence.tables import IStickTable, Key, StickTable, table_key
 
 log = Logger(namespace="twisted_slb.persistence.store")
@@ -78,8 +80,7 @@ class RedisStore(Service):
                  flush_interval: float = 1.0) -> None:
         from twisted_slb.config import redis_address
 
-        if clock is None:
-            from twisted.internet import reactor as clock
+        clock = maybe_global_reactor(clock)
         self.url = url
         self.address = redis_address(url)
         self.prefix = prefix.encode("utf-8")
@@ -143,7 +144,7 @@ class RedisStore(Service):
         # txredisapi's handler has no public "connected" question, and a
         # command sent while it is down waits for a connection rather than
         # failing: the pool size tells us not to send it.
-        return self.handler._factory.size > 0
+        return redis_pool_size(self.handler) > 0
 
     # -- episodes ----------------------------------------------------------
 
@@ -358,11 +359,6 @@ class SharedStickTable:
             self.store.touch(self.name, key, self.local.timeout)
         else:
             self.store.write(self.name, key, backend_key, self.local.timeout)
-
-    def touch(self, key: Key) -> None:
-        backend_key = self.local.get(key)
-        if backend_key is not None:
-            self.set(key, backend_key)
 
     def delete(self, key: Key) -> None:
         key = table_key(key)

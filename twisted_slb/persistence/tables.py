@@ -27,6 +27,8 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
+from twisted_slb._reactor import maybe_global_reactor
+from twisted_slb.persistence._names import TOKEN, cookie_name
 from twisted_slb.persistence.interfaces import ON_FAILURE, REPIN, IPersistencePolicy, Session
 
 log = Logger(namespace="twisted_slb.persistence.tables")
@@ -93,7 +95,7 @@ class StickTable:
     that L{pinned_counts} answers the admin listener without walking the
     table.
 
-    @ivar timeout: seconds an entry lives after its last C{set} or C{touch}.
+    @ivar timeout: seconds an entry lives after its last C{set}.
         May be changed on a live table (a reload does so).
     @ivar max_entries: the size bound.  May be changed on a live table; the
         excess is evicted on the next C{set}, with the oldest one in 1024
@@ -101,8 +103,7 @@ class StickTable:
     """
 
     def __init__(self, timeout: float, max_entries: int = 1_000_000, clock=None) -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock
+        clock = maybe_global_reactor(clock)
         self.timeout = timeout
         self.max_entries = max_entries
         self.clock = clock
@@ -180,12 +181,6 @@ class StickTable:
         self._keys.append(backend_key)
         self._counts.append(0)
         return len(self._keys) - 1
-
-    def touch(self, key: Key) -> None:
-        """Refresh C{key}'s entry, if it has a live one."""
-        backend_key = self.get(key)
-        if backend_key is not None:
-            self.set(key, backend_key)
 
     # Finding a dict's oldest key (its first) walks over the slots that
     # entries deleted from its front left behind, until the dict next
@@ -352,11 +347,9 @@ class TablePersistence:
 
 
 def _header_name(name: Union[bytes, str]) -> bytes:
-    from twisted_slb.persistence.cookies import _TOKEN
-
     if isinstance(name, str):
         name = name.encode("ascii")
-    if not _TOKEN.match(name):
+    if not TOKEN.match(name):
         raise ValueError(f"header name {name!r} is not a valid token")
     return name
 
@@ -429,10 +422,8 @@ class LearnCookiePersistence(TablePersistence):
         @raise ValueError: C{cookie} is not a cookie name token, or
             C{on_failure} is not C{"repin"} or C{"strict"}.
         """
-        from twisted_slb.persistence.cookies import _as_name
-
         TablePersistence.__init__(self, table, scheduler, on_failure)
-        self.cookie_name = _as_name(cookie)
+        self.cookie_name = cookie_name(cookie)
 
     def client_key(self, session: Session) -> Optional[bytes]:
         """The value of the cookie in the request (quotes removed), or L{None}."""

@@ -14,7 +14,7 @@ configured listeners run; it renders the same resources
 L{twisted_slb.web.proxy.BalancedProxyResource}) through L{FrontRequest}, which
 has the part of L{twisted.web.iweb.IRequest} those resources use.  An
 application that wants the proxy inside its own twisted.web site keeps using
-L{twisted_slb.web.proxy.BalancerSite} or a plain L{twisted.web.server.Site}.
+L{twisted_slb.web.site.BalancerSite} or a plain L{twisted.web.server.Site}.
 
 What it does, and what it refuses:
 
@@ -75,12 +75,12 @@ from twisted.web.resource import getChildForRequest
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
+from twisted_slb._io.headers import FastHeaders
+from twisted_slb._io.sockets import close, set_nodelay, write_now
+from twisted_slb._reactor import maybe_global_reactor
+from twisted_slb.limits import ClientAddressLimit, ConnectionAdmission, ConnectionLimit, IListenerFactory
 from twisted_slb.persistence.interfaces import normalise_ip
-from twisted_slb.limits import ClientAddressLimit, ConnectionLimit, TooManyConnections
-from twisted_slb.shutdown import IdleTracker
-from twisted_slb.sockets import close, set_nodelay, write_now
 from twisted_slb.web.body import BodyError, IBodyReader, StreamedBody
-from twisted_slb.web.headers import FastHeaders
 
 log = Logger(namespace="twisted_slb.front")
 
@@ -441,7 +441,7 @@ class HTTPFrontChannel(Protocol):
         transport = self.transport
         set_nodelay(transport)
         # bufferSize is a public attribute of Twisted's FileDescriptor (and
-        # of twisted_slb.lean's transports): the write buffer size past
+        # of twisted_slb._io.lean's transports): the write buffer size past
         # which the producer is paused, and the size of a read.
         transport.bufferSize = self.factory.write_buffer
         transport.registerProducer(self, True)
@@ -449,7 +449,7 @@ class HTTPFrontChannel(Protocol):
         self.host = transport.getHost()
         self.secure = self.factory.secure or ISSLTransport.providedBy(transport)
         self.last = self.clock.seconds()
-        self.factory.channels.add(self)
+        self.factory.admission.add(self)
         if self.factory.timeout:
             self.timer = self.clock.callLater(self.factory.timeout, self._check_timeout)
 
@@ -478,11 +478,10 @@ class HTTPFrontChannel(Protocol):
         C{h2} when the factory serves HTTP/2 (its C{h2} settings), else
         this channel.
         """
-        if protocol != b"h2" or self.factory.h2 is None or self.lost or self.state != _IDLE or self.buffer:
+        h2 = self.factory.h2
+        if protocol != b"h2" or h2 is None or self.lost or self.state != _IDLE or self.buffer:
             return self
-        from twisted_slb.web.h2 import H2FrontChannel
-
-        return H2FrontChannel.take_over(self)
+        return h2.take_over(self)
 
     def hand_over(self) -> None:
         """
@@ -497,7 +496,7 @@ class HTTPFrontChannel(Protocol):
         self.state = _CLOSED
         self.lost = True
         self.transport.unregisterProducer()
-        self.factory.channels.discard(self)
+        self.factory.admission.forget(self)
 
     def readConnectionLost(self) -> None:
         # The client sent FIN: answer what it asked for, then close (as
@@ -1077,6 +1076,11 @@ class HTTPFrontChannel(Protocol):
             self._refuse(408, f"no request body bytes for {timeout:g} s")
 
 
+def _abort(channel) -> None:
+    channel.transport.abortConnection()
+
+
+@implementer(IListenerFactory)
 class HTTPFrontFactory(Factory):
     """
     The factory of an HTTP listener: serves C{resource} (usually a
@@ -1089,11 +1093,16 @@ class HTTPFrontFactory(Factory):
     any TLS wrapper) for HTTPS, with C{secure=True} so that requests say so
     even if the wrapper's transport does not provide L{ISSLTransport}.
 
-    @ivar channels: the open L{HTTPFrontChannel}s.
+    @ivar admission: the L{twisted_slb.limits.IConnectionAdmission} of its
+        connections: C{max_connections}, C{max_connections_per_ip} and the
+        drain on stop.
+    @ivar limit: the admission's L{ConnectionLimit}.
+    @ivar per_ip: the admission's L{ClientAddressLimit}.
+    @ivar channels: the open L{HTTPFrontChannel}s (the admission's set).
     @ivar stats: the listener's L{twisted_slb.stats.ListenerStats}, or
         L{None}.
     @ivar lean: whether a listener serving this factory directly (plain
-        HTTP) gives its connections L{twisted_slb.lean} transports.
+        HTTP) gives its connections L{twisted_slb._io.lean} transports.
     @ivar request_buffering: whether a request body is read whole (into
         C{request.content}) before the request is handed to the resource;
         otherwise (the default) it is streamed (C{request.body}).
@@ -1133,8 +1142,7 @@ class HTTPFrontFactory(Factory):
         tunnel_timeout: float = 3600.0,
         request_buffering: bool = False,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = maybe_global_reactor(reactor)
         self.resource = resource
         self.reactor = reactor
         self.timeout = client_idle_timeout
@@ -1143,12 +1151,16 @@ class HTTPFrontFactory(Factory):
         self.max_body_bytes = max_body_bytes
         self.tunnel_timeout = tunnel_timeout
         self.request_buffering = request_buffering
-        self.limit = limit if limit is not None else ConnectionLimit(max_connections, listener_name)
-        self.per_ip = ClientAddressLimit(max_connections_per_ip, listener_name)
+        self.admission = ConnectionAdmission(
+            limit if limit is not None else ConnectionLimit(max_connections, listener_name),
+            ClientAddressLimit(max_connections_per_ip, listener_name),
+            reactor,
+        )
+        self.limit = self.admission.limit
+        self.per_ip = self.admission.per_ip
         self.listener_name = listener_name
         self.secure = secure
-        self.channels: set = set()
-        self.tracker = IdleTracker()
+        self.channels: set = self.admission.connections
         self.stats = None
 
     def buildProtocol(self, addr):
@@ -1156,13 +1168,8 @@ class HTTPFrontFactory(Factory):
         policy = self.client_ip_policy
         if ip is not None and policy is not None and normalise_ip(ip) in policy.trusted:
             ip = None  # a trusted proxy's connections carry many clients: not limited per IP
-        if not self.per_ip.allows(ip):
-            return TooManyConnections()
-        if not self.limit.admit():
-            return None  # the port closes the new connection at once
-        channel = HTTPFrontChannel(self)
-        channel.client_ip = self.per_ip.add(ip)
-        if self.stats is not None:
+        channel = self.admission.build(ip, HTTPFrontChannel, self)
+        if self.stats is not None and isinstance(channel, HTTPFrontChannel):
             self.stats.connections_total += 1
         return channel
 
@@ -1173,10 +1180,7 @@ class HTTPFrontFactory(Factory):
         if self._retiring is not None and not (self._retiring[0] & self.channels):
             self._retiring[1].cancel()  # all gone before the grace ended
             self._retiring = None
-        self.limit.release()
-        self.per_ip.release(channel.client_ip)
-        if not self.channels:
-            self.tracker.idle()
+        self.admission.remove(channel, channel.client_ip)
 
     def drain(self, grace: float) -> Deferred:
         """
@@ -1200,11 +1204,7 @@ class HTTPFrontFactory(Factory):
             if channel.state == _IDLE and channel.served:
                 channel._close()
 
-        def force() -> None:
-            for channel in list(self.channels):
-                channel.transport.abortConnection()
-
-        return self.tracker.wait(not self.channels, grace, force, self.reactor)
+        return self.admission.drain(grace, _abort)
 
     def retire(self, grace: float) -> None:
         """

@@ -98,11 +98,11 @@ from twisted.web.resource import getChildForRequest
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
+from twisted_slb._io.headers import FastHeaders
 from twisted_slb.web.front import (
     _BAD_TARGET, _REASONS, _TOKEN, SPOOL_BYTES, BadRequest, FrontRequest, _http_date,
 )
 from twisted_slb.web.body import BodyError, IBodyReader, StreamedBody
-from twisted_slb.web.headers import FastHeaders
 
 log = Logger(namespace="twisted_slb.front")
 
@@ -176,6 +176,15 @@ class H2Settings:
     max_concurrent_streams: int = 100
     max_header_list_size: int = 65536
     header_table_size: int = 4096
+
+    @staticmethod
+    def take_over(channel) -> "H2FrontChannel":
+        """
+        The L{H2FrontChannel} serving C{channel}'s connection from now on
+        (C{h2} was negotiated over ALPN): the HTTP/1.1 server asks the
+        factory's settings, so that it need not import this module.
+        """
+        return H2FrontChannel.take_over(channel)
 
 
 class _Budget:
@@ -485,7 +494,7 @@ class H2FrontChannel(Protocol):
         conn.local_settings = Settings(client=False, initial_values={
             **advertised, SettingCodes.MAX_CONCURRENT_STREAMS: 2 ** 31 - 1})
         conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
-        factory.channels.add(self)
+        factory.admission.add(self)
         self._flush()
         if factory.timeout:
             self.timer = self.clock.callLater(factory.timeout, self._check_timeout)

@@ -45,23 +45,22 @@ from tempfile import SpooledTemporaryFile
 from typing import Dict, List, Optional
 
 from twisted.internet import error
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from twisted_slb._io.headers import FastHeaders
+from twisted_slb._io.timers import Deadlines
+from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.backends import Backend, BackendGroup, local_failure
 from twisted_slb.persistence.interfaces import session_for, strict_refusal
-from twisted_slb.limits import ClientAddressLimit, ConnectionLimit, TooManyConnections
-from twisted_slb.shutdown import IdleTracker
-from twisted_slb.sockets import set_nodelay
-from twisted_slb.timers import Deadlines
 from twisted_slb.web.body import BodyError, IBodyConsumer
-from twisted_slb.web.headers import FastHeaders
+# BalancerSite lives in twisted_slb.web.site; importing it from here still works.
+from twisted_slb.web.site import BalancerSite  # noqa: F401
 from twisted_slb.web.upstream import UpstreamPool
 
 log = Logger(namespace="twisted_slb.proxy")
@@ -448,7 +447,7 @@ class _Exchange:
         self.upstream = upstream
         self.reused = reused
         if self.upgrade is None:
-            # bufferSize is the read size of twisted_slb.lean's transports
+            # bufferSize is the read size of twisted_slb._io.lean's transports
             # and Twisted's own (a public attribute of FileDescriptor).
             upstream.transport.bufferSize = _STALLED_READ
             self.small_reads = True
@@ -1062,8 +1061,7 @@ class BalancedProxyResource(Resource):
         request_buffering: bool = False,
     ) -> None:
         Resource.__init__(self)
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = maybe_global_reactor(reactor)
         self.group = group
         self.reactor = reactor
         self.pool = pool if pool is not None else UpstreamPool(reactor)
@@ -1128,183 +1126,3 @@ class BalancedProxyResource(Resource):
             return b"501 Not Implemented: protocol upgrades are not supported by this balancer\n"
         _Exchange(self, request).start()
         return NOT_DONE_YET
-
-
-class _BalancerChannel(HTTPChannel):
-    """
-    An L{HTTPChannel} that answers oversized requests with the right status:
-    414 for a request line over the limit, 431 for header lines or a header
-    block over it (twisted.web answers 400, or closes silently).
-    """
-
-    def lineLengthExceeded(self, line):
-        # _receivedHeaderSize is documented in HTTPChannel's ivars; it is 0
-        # until the request line has been received.
-        first = self._receivedHeaderSize == 0
-        self._too_large(414 if first else 431, b"URI Too Long" if first else b"Request Header Fields Too Large")
-
-    def lineReceived(self, line):
-        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
-            first = self._receivedHeaderSize == 0
-            self._too_large(414 if first else 431, b"URI Too Long" if first else b"Request Header Fields Too Large")
-            return
-        if self._receivedHeaderCount >= self.maxHeaders and line:
-            self._too_large(431, b"Request Header Fields Too Large")
-            return
-        if self._receivedHeaderSize == 0 and line and self.header_deadline is None and self.site.timeOut:
-            # The idle timeout restarts with every byte, so a client that
-            # trickles its headers (slowloris) would never be timed out: the
-            # whole head must arrive within one timeout of its first line.
-            self.header_deadline = self.callLater(self.site.timeOut, self._headers_too_slow)
-        return HTTPChannel.lineReceived(self, line)
-
-    def allHeadersReceived(self) -> None:
-        self._cancel_header_deadline()
-        HTTPChannel.allHeadersReceived(self)
-
-    def _cancel_header_deadline(self) -> None:
-        if self.header_deadline is not None and self.header_deadline.active():
-            self.header_deadline.cancel()
-        self.header_deadline = None
-
-    def _headers_too_slow(self) -> None:
-        self.header_deadline = None
-        self._too_large(408, b"Request Timeout")
-
-    client_ip = None
-    header_deadline = None
-    stalled = None  # the timer of a client that stopped reading
-
-    def pauseProducing(self) -> None:
-        # The client stopped reading (our send buffer is full).  twisted.web
-        # suspends the idle timeout while a request is being answered, so a
-        # client that never reads would hold the connection (and the paused
-        # backend connection) for as long as the backend keeps it: give it
-        # one idle timeout to read again.
-        HTTPChannel.pauseProducing(self)
-        # The site's timeout: the channel's own is set to None during a request.
-        timeout = self.site.timeOut
-        if self.stalled is None and timeout:
-            self.stalled = self.callLater(timeout, self._stopped_reading)
-
-    def resumeProducing(self) -> None:
-        self._cancel_stalled()
-        HTTPChannel.resumeProducing(self)
-
-    def _cancel_stalled(self) -> None:
-        if self.stalled is not None and self.stalled.active():
-            self.stalled.cancel()
-        self.stalled = None
-
-    def _stopped_reading(self) -> None:
-        self.stalled = None
-        log.info("client {client} read nothing for {timeout} s: closing its connection",
-                 client=self.transport.getPeer(), timeout=self.site.timeOut)
-        self.transport.abortConnection()
-
-    def connectionMade(self) -> None:
-        HTTPChannel.connectionMade(self)
-        set_nodelay(self.transport)
-        self.site.channels.add(self)
-
-    def connectionLost(self, reason) -> None:
-        self._cancel_header_deadline()
-        self._cancel_stalled()
-        HTTPChannel.connectionLost(self, reason)
-        site = self.site
-        site.channels.discard(self)
-        site.limit.release()
-        site.per_ip.release(self.client_ip)
-        if not site.channels:
-            site.tracker.idle()
-
-    def _too_large(self, code: int, reason: bytes) -> None:
-        self._cancel_header_deadline()
-        log.info(
-            "request from {client} refused: {code} {reason}",
-            client=self.transport.getPeer(), code=code, reason=reason.decode("ascii"),
-        )
-        body = b"%d %s\n" % (code, reason)
-        self.transport.write(
-            b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-            % (code, reason, len(body), body)
-        )
-        self.dataReceived = lambda data: None
-        self.loseConnection()
-
-
-class BalancerSite(Site):
-    """
-    The L{Site} of a twisted_slb HTTP listener: idle keep-alive clients are
-    closed after C{client_idle_timeout}; request heads over
-    C{max_header_bytes} get 414 or 431, more than C{max_headers} header
-    lines get 431.  Over C{max_connections} open connections, new ones are
-    closed at once; a client address over C{max_connections_per_ip} gets 429
-    and a close.  (0: no limit.)
-    """
-
-    noisy = False
-    protocol = _BalancerChannel
-
-    def __init__(
-        self,
-        resource,
-        reactor=None,
-        client_idle_timeout: float = 60.0,
-        max_header_bytes: int = 65536,
-        max_headers: int = 100,
-        max_connections: int = 0,
-        max_connections_per_ip: int = 0,
-        listener_name: str = "http",
-        limit: Optional[ConnectionLimit] = None,
-    ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
-        Site.__init__(self, resource, reactor=reactor, timeout=client_idle_timeout)
-        self.limit = limit if limit is not None else ConnectionLimit(max_connections, listener_name)
-        self.per_ip = ClientAddressLimit(max_connections_per_ip, listener_name)
-        self.listener_name = listener_name
-        self.max_header_bytes = max_header_bytes
-        self.max_headers = max_headers
-        self.channels: set = set()
-        self.tracker = IdleTracker()
-        self.stats = None
-
-    def drain(self, grace: float) -> Deferred:
-        """
-        Graceful shutdown (after the port stopped listening): idle keep-alive
-        connections are closed now, busy ones after their response; those
-        still open after C{grace} seconds are closed.
-
-        @return: a L{Deferred} that fires when no connection is left.
-        """
-        for channel in list(self.channels):
-            if channel.requests:
-                channel.persistent = False
-            else:
-                channel.loseConnection()
-
-        def force() -> None:
-            for channel in list(self.channels):
-                channel.transport.abortConnection()
-
-        return self.tracker.wait(not self.channels, grace, force, self.reactor)
-
-    def log(self, request) -> None:
-        # The proxy writes its own access line (with backend and persistence).
-        pass
-
-    def buildProtocol(self, addr):
-        ip = getattr(addr, "host", None)
-        if not self.per_ip.allows(ip):
-            return TooManyConnections()
-        if not self.limit.admit():
-            return None  # the port closes the new connection at once
-        channel = Site.buildProtocol(self, addr)
-        channel.client_ip = self.per_ip.add(ip)
-        if self.stats is not None:
-            self.stats.connections_total += 1
-        channel.MAX_LENGTH = self.max_header_bytes
-        channel.totalHeadersSize = self.max_header_bytes
-        channel.maxHeaders = self.max_headers
-        return channel

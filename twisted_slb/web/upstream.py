@@ -20,10 +20,11 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from twisted_slb import lean
+from twisted_slb._io import lean
+from twisted_slb._io.headers import cached_name, canonical_name
+from twisted_slb._io.sockets import set_nodelay, write_now
+from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.shutdown import IdleTracker
-from twisted_slb.sockets import set_nodelay, write_now
-from twisted_slb.web.headers import cached_name, canonical_name
 
 log = Logger(namespace="twisted_slb.upstream")
 
@@ -408,7 +409,6 @@ class _Connector(ClientFactory):
         proto.factory = self
         proto.pool = self.pool
         proto.key = self.key
-        proto.on_ready = self.ready
         self.pool.all.add(proto)
         return proto
 
@@ -427,15 +427,14 @@ class UpstreamPool:
         connection for three requests in four.
     @ivar idle_timeout: seconds an idle connection is kept.
     @ivar lean: whether plain (not TLS) backend connections use
-        L{twisted_slb.lean}'s transports where the reactor can drive them;
+        L{twisted_slb._io.lean}'s transports where the reactor can drive them;
         otherwise C{connectTCP}'s.
     """
 
     lean = True
 
     def __init__(self, reactor=None, max_idle: int = 512, idle_timeout: float = 30.0) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = maybe_global_reactor(reactor)
         self.reactor = reactor
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
@@ -484,7 +483,7 @@ class UpstreamPool:
         if tls_options is not None:
             return self.reactor.connectSSL(backend.host, backend.port, factory, tls_options, timeout=connect_timeout)
         # A lean transport where the reactor can drive one (see
-        # twisted_slb.lean): fewer calls per read and write than
+        # twisted_slb._io.lean): fewer calls per read and write than
         # connectTCP's, and, on PyPy, no 64 KB allocation per read.
         if self.lean:
             return lean.connect(self.reactor, backend.host, backend.port, factory, connect_timeout)
@@ -542,13 +541,11 @@ class UpstreamPool:
 
 
 class _ReadyProtocol(UpstreamProtocol):
-    """A new pooled connection: tells its requester once connected."""
-
-    on_ready = None
+    """A new pooled connection: tells its requester (its factory's C{ready}) once connected."""
 
     def connectionMade(self) -> None:
         UpstreamProtocol.connectionMade(self)
-        ready, self.on_ready = self.on_ready, None
+        ready = self.factory.ready
         # The connector's callbacks are the requesting exchange's: a pooled
         # connection outlives it, and must not keep it (its request, its
         # client's connection and what that still buffers) alive.

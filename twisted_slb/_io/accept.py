@@ -26,12 +26,15 @@ another still holds.
 
 from __future__ import annotations
 
+from errno import errorcode
 from typing import Dict, Set
 from weakref import WeakKeyDictionary
 
 from twisted.logger import Logger, globalLogPublisher
 
-log = Logger(namespace="twisted_slb.accept")
+from twisted_slb._io.twisted_private import ACCEPT_RESOURCE_ERRORS, watch_port
+
+log = Logger(namespace="twisted_slb._io.accept")
 
 _pauses: "WeakKeyDictionary[object, Set[object]]" = WeakKeyDictionary()
 
@@ -62,17 +65,20 @@ def resume_port(port, reason: object) -> None:
 
 class AcceptGuard:
     """
-    Watches one listening port's accept errors (see the module docstring).
+    Watches one listening port's accepts (see the module docstring).
+
+    Out of descriptors is told by the errno of the listening socket's
+    C{accept} (L{ACCEPT_RESOURCE_ERRORS}), not by the text of Twisted's log
+    lines: the port is watched through
+    L{twisted_slb._io.twisted_private.watch_port}, which also hands the
+    guard the port's own log events (its accept loop's).  While an episode
+    lasts they are dropped (they say, one line per closed client, what the
+    warning says once); otherwise they reach the global log unchanged.
 
     @ivar episode: whether the port is out of descriptors now (since the
         last connection it accepted).
     @ivar closed: connections Twisted accepted and closed in this episode.
     """
-
-    #: Log formats of Twisted's accept loop (twisted.internet.tcp._accept).
-    _START = ("EMFILE encountered", "Could not accept new connection")
-    _CLOSED = "EMFILE recovery: Closed socket"
-    _QUIET = ("Re-reserving EMFILE recovery",)
 
     def __init__(self, port, listener_name: str, reactor, backoff: float = 0.5) -> None:
         self.port = port
@@ -81,35 +87,44 @@ class AcceptGuard:
         self.backoff = backoff
         self.episode = False
         self.closed = 0
-        self.pauses = 0
+        # accept() failed for lack of resources in this run of the port's
+        # accept loop: what it accepts next, Twisted closes at once.
+        self._recovering = False
+        # the last socket accept was counted in closed (until it is served)
+        self._counted = False
         self._resume_call = None
-        # The port logs accept errors through its _logger (a Logger in the
-        # class, private): give this port one of its own that reports to us,
-        # as the events only exist there.
-        port._logger = Logger(namespace=port._logger.namespace, observer=self)
+        self.watching = watch_port(port, self)
 
     def __call__(self, event: Dict) -> None:
-        """The port's log events: accept trouble is summarised, the rest passes."""
-        text = event.get("log_format") or ""
-        if text.startswith(self._START):
-            self._out_of_descriptors(event)
-        elif text.startswith(self._CLOSED):
-            self.closed += 1
-        elif not text.startswith(self._QUIET):
+        """The port's log events: dropped while out of descriptors, passed on otherwise."""
+        if not self.episode:
             globalLogPublisher(event)
 
-    def _out_of_descriptors(self, event: Dict) -> None:
+    def accept_failed(self, errno: int) -> None:
+        """The listening socket's C{accept} failed with C{errno}."""
+        self._counted = False
+        if errno in ACCEPT_RESOURCE_ERRORS:
+            self._recovering = True
+            self._out_of_descriptors(errno)
+        else:  # EAGAIN: nothing more pending, the accept loop ends
+            self._recovering = False
+
+    def socket_accepted(self) -> None:
+        """The listening socket accepted a connection."""
+        self._counted = self._recovering
+        if self._recovering:
+            self.closed += 1
+
+    def _out_of_descriptors(self, errno: int) -> None:
         if not self.episode:
             self.episode = True
             self.closed = 0
-            error = event.get("acceptError", "EMFILE")
             log.warn(
                 "listener {listener}: cannot accept ({error}: out of file descriptors, see ulimit -n); "
                 "connections that cannot be served are closed, and accepting pauses for {backoff} s at a time",
-                listener=self.listener_name, error=error, backoff=self.backoff,
+                listener=self.listener_name, error=errorcode.get(errno, str(errno)), backoff=self.backoff,
             )
         if self._resume_call is None:
-            self.pauses += 1
             pause_port(self.port, self)
             self._resume_call = self.reactor.callLater(self.backoff, self._resume)
 
@@ -118,7 +133,11 @@ class AcceptGuard:
         resume_port(self.port, self)
 
     def accepted(self) -> None:
-        """The port accepted a connection: an episode, if any, is over."""
+        """The port accepted a connection and serves it: an episode, if any, is over."""
+        self._recovering = False
+        if self._counted:  # served, not closed
+            self._counted = False
+            self.closed -= 1
         if self.episode:
             self.episode = False
             log.info(

@@ -26,7 +26,7 @@ the same whichever transport it runs on.  The HTTP listeners' server
   - L{LeanServer} is what a listening C{tcp.Port} builds for each accepted
     connection: C{Port.transport} is documented as replaceable, and
     L{serve_port} replaces it.  Accepting, C{EMFILE} recovery and pausing
-    stay Twisted's (see L{twisted_slb.accept}).
+    stay Twisted's (see L{twisted_slb._io.accept}).
   - L{connect} starts a non-blocking connect and reports to a
     C{ClientFactory} as C{connectTCP} does (C{buildProtocol}, then
     C{clientConnectionFailed} with the same exceptions: refused, timed
@@ -76,9 +76,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twisted_slb.timers import Deadlines
+from twisted_slb._io.timers import Deadlines
 
-log = Logger(namespace="twisted_slb.lean")
+log = Logger(namespace="twisted_slb._io.lean")
 
 # Built once, as Twisted does for its own clean closes: a Failure per close
 # would cost more than the rest of the close.

@@ -50,7 +50,7 @@ from typing import Callable, Optional
 from twisted.application.internet import TimerService
 from twisted.logger import Logger
 
-log = Logger(namespace="twisted_slb.heap")
+log = Logger(namespace="twisted_slb._io.heap")
 
 
 #: Net allocations of container objects between two young collections.

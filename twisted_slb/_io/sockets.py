@@ -13,7 +13,19 @@ when nothing is waiting in the transport's buffer, and leaves the rest
 
 from __future__ import annotations
 
+import socket
+
 from twisted.internet import tcp
+
+from twisted_slb._io.twisted_private import tcp_is_idle_for_writing, tcp_shutdown_write_now, tcp_write_disconnecting
+
+
+def port_family(port) -> int:
+    """The address family of a listening port's socket (passed with its descriptor)."""
+    host = port.getHost()
+    if getattr(host, "type", None) is None:  # UNIXAddress
+        return socket.AF_UNIX
+    return socket.AF_INET6 if ":" in host.host else socket.AF_INET
 
 
 def set_nodelay(transport) -> None:
@@ -33,28 +45,12 @@ def set_nodelay(transport) -> None:
             pass
 
 
-def _empty_tcp(transport) -> bool:
-    """
-    C{transport} is a plain TCP connection (not TLS), open for writing,
-    with nothing in its write buffer.
-    """
-    return (
-        isinstance(transport, tcp.Connection)
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnected
-        and not transport.dataBuffer
-        and not transport._tempDataBuffer
-        and not getattr(transport, "TLS", False)
-    )
-
-
 def _flushed(transport) -> bool:
     """
-    L{_empty_tcp}, and no producer that its next write event would resume:
-    the state in which Twisted's next write event would only finish a close.
+    L{tcp_is_idle_for_writing<twisted_slb._io.twisted_private.tcp_is_idle_for_writing>},
+    and no producer that its next write event would resume: the state in which Twisted's next write event would only finish a close.
     """
-    return _empty_tcp(transport) and (
+    return tcp_is_idle_for_writing(transport) and (
         transport.producer is None or (transport.streamingProducer and not transport.producerPaused)
     )
 
@@ -70,12 +66,11 @@ def half_close(transport) -> None:
     and a reactor event per connection.  It sets the same private state
     (C{_writeDisconnecting}, C{_writeDisconnected}) and calls the same
     private method (C{_closeWriteConnection}) as
-    C{twisted.internet.abstract.FileDescriptor.doWrite}.
+    C{twisted.internet.abstract.FileDescriptor.doWrite}, through
+    L{twisted_slb._io.twisted_private}.
     """
     if isinstance(transport, tcp.Connection) and _flushed(transport):
-        transport._writeDisconnecting = True
-        transport._writeDisconnected = True
-        transport._closeWriteConnection()
+        tcp_shutdown_write_now(transport)
         return
     lose_write = getattr(transport, "loseWriteConnection", None)
     if lose_write is None:
@@ -108,10 +103,11 @@ def write_now(transport, data: bytes) -> None:
     This reads attributes of L{twisted.internet.tcp.Connection} that are
     not part of a documented interface (C{dataBuffer}, C{_tempDataBuffer},
     C{_writeDisconnecting}, C{socket}): Twisted has no public "send now"
-    API.  They have been stable since Twisted 8; when anything differs this
-    falls back to C{transport.write} rather than guess.
+    API.  They have been stable since Twisted 8 (read through
+    L{twisted_slb._io.twisted_private}); when anything differs this falls
+    back to C{transport.write} rather than guess.
     """
-    if isinstance(transport, tcp.Connection) and _empty_tcp(transport) and not transport._writeDisconnecting:
+    if tcp_is_idle_for_writing(transport) and not tcp_write_disconnecting(transport):
         try:
             sent = transport.socket.send(data)
         except OSError:
