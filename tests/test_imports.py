@@ -105,16 +105,26 @@ class StaticImportTests(SynchronousTestCase):
         self.assertEqual(_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"d"}}), [["a", "b", "c"]])
 
     def test_configDoesNotImportTheTLSRuntime(self):
-        """twisted_slb.tls is not among what twisted_slb.config imports at module level, and tls needs no config."""
-        graph = self.graph(top_level_only=True)
+        """
+        Nothing twisted_slb.config imports, even inside a function (to check
+        TLS files), reaches the TLS server or client modules; the package
+        twisted_slb.tls imports them only on first use of their names; and
+        no TLS module needs config.
+        """
+        graph = self.graph()
+        top_level = self.graph(top_level_only=True)
         seen, todo = set(), ["twisted_slb.config"]
         while todo:
             module = todo.pop()
             if module not in seen:
                 seen.add(module)
                 todo.extend(graph[module])
-        self.assertNotIn("twisted_slb.tls", seen)
-        self.assertNotIn("twisted_slb.config", self.graph()["twisted_slb.tls"])
+        self.assertIn("twisted_slb.tls._certificates", seen)
+        self.assertNotIn("twisted_slb.tls._server", seen)
+        self.assertNotIn("twisted_slb.tls._client", seen)
+        self.assertEqual(top_level["twisted_slb.tls"], {"twisted_slb.tls._certificates"})
+        for module in ["twisted_slb.tls", "twisted_slb.tls._certificates", "twisted_slb.tls._server", "twisted_slb.tls._client"]:
+            self.assertNotIn("twisted_slb.config", graph[module], module)
 
 
 _ALONE = """
@@ -144,7 +154,18 @@ config.parse_config(
     '[backends.g]\\nservers = [{ name = "a", address = "127.0.0.1:1" }]\\n'
     '[listeners.web]\\nprotocol = "http"\\nbind = "tcp:0"\\nbackends = "g"\\n'
 )
-print(json.dumps({"failures": failures, "tls_loaded": "twisted_slb.tls" in sys.modules}))
+tls_loaded = "twisted_slb.tls" in sys.modules
+config.parse_config(
+    '[backends.g]\\nservers = [{ name = "a", address = "127.0.0.1:1" }]\\n'
+    f'[backends.g.tls]\\nca = {json.dumps(sys.argv[3])}\\n'
+    '[listeners.web]\\nprotocol = "https"\\nbind = "tcp:0"\\nbackends = "g"\\n'
+    f'certificates = [{{ cert = {json.dumps(sys.argv[3])}, key = {json.dumps(sys.argv[4])} }}]\\n'
+)
+print(json.dumps({
+    "failures": failures,
+    "tls_loaded": tls_loaded,
+    "with_files": sorted(m for m in sys.modules if m.startswith("twisted_slb.tls")),
+}))
 """
 
 
@@ -152,14 +173,21 @@ class FreshInterpreterTests(SynchronousTestCase):
     def test_eachModuleImportsOnItsOwn(self):
         """
         In a fresh interpreter, every module imports on its own (no partly
-        initialised module met on the way), and loading a configuration
-        without TLS files does not import twisted_slb.tls.
+        initialised module met on the way); loading a configuration without
+        TLS files does not import twisted_slb.tls; and loading one with an
+        https listener and a backend CA imports only its certificate loading,
+        not the TLS server or client modules.
         """
+        from tests.certs import CertificateAuthority, Issued
+
+        authority = CertificateAuthority()
+        cert, key = Issued(authority.certificate, authority.key).write(self.mktemp(), "ca")
         names = sorted(m for m in _modules() if m != "twisted_slb" and not m.endswith("__main__"))
         out = subprocess.run(
-            [sys.executable, "-c", _ALONE, _ROOT, json.dumps(names)],
+            [sys.executable, "-c", _ALONE, _ROOT, json.dumps(names), cert, key],
             capture_output=True, text=True, check=True, timeout=300,
         ).stdout
         result = json.loads(out.splitlines()[-1])
         self.assertEqual(result["failures"], {})
         self.assertFalse(result["tls_loaded"])
+        self.assertEqual(result["with_files"], ["twisted_slb.tls", "twisted_slb.tls._certificates"])

@@ -155,7 +155,7 @@ class SubclassedInternalsTests(SynchronousTestCase):
         self.assertTrue(callable(reactor._doReadOrWrite))
 
     def test_tlsProtocol(self):
-        """A connected TLSMemoryBIOProtocol still has what twisted_slb.tls's transport overrides and reads."""
+        """A connected TLSMemoryBIOProtocol still has what twisted_slb.tls._server's transport overrides and reads."""
         factory = TLSMemoryBIOFactory(optionsForClientTLS("example.com"), True, protocol.Factory.forProtocol(protocol.Protocol))
         tls = factory.buildProtocol(None)
         tls.makeConnection(StringTransport())

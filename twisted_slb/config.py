@@ -24,7 +24,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on PyPy 3.9
     import tomli as tomllib
 
-from twisted_slb.errors import ConfigError  # defined apart so that tls.py need not import this module
+from twisted_slb.errors import ConfigError  # defined apart so that twisted_slb.tls need not import this module
 from twisted_slb.choices import (
     HEALTH_CHECK_TYPES,
     ON_FAILURE,
@@ -1225,14 +1225,15 @@ def _check_tls_files(config: Config) -> None:
     each backend group's C{tls.ca}), so that a bad file fails the load, and
     so C{--check}, the start and a reload, rather than the first connection.
 
-    The TLS runtime (L{twisted_slb.tls}, OpenSSL) is imported only for a
-    configuration that names such files.
+    The certificate loading of L{twisted_slb.tls} (C{cryptography}) is
+    imported only for a configuration that names such files, and never the
+    TLS server or client runtime.
     """
     https = any(listener.protocol == "https" for listener in config.listeners.values())
     cas = any(group.tls is not None and group.tls.ca is not None for group in config.backends.values())
     if not (https or cas):
         return
-    from twisted_slb.tls import load_certificate_set, load_trust_root
+    from twisted_slb.tls._certificates import load_certificate_set, load_trust_root
 
     try:
         for listener in config.listeners.values():

@@ -10,8 +10,9 @@ same test covers them:
 
  - L{twisted_slb._io.reactor.SLBEPollReactor} overrides C{doPoll} of
    C{EPollReactor} and reads its L{EPOLL_REACTOR_PRIVATE} attributes;
- - C{twisted_slb.tls} overrides C{_shutdownTLS} of
-   C{TLSMemoryBIOProtocol} and reads L{TLS_PROTOCOL_PRIVATE};
+ - L{twisted_slb.tls._server._CountingTLSProtocol} overrides
+   C{_shutdownTLS} of C{TLSMemoryBIOProtocol} and reads
+   L{TLS_PROTOCOL_PRIVATE};
  - the channel of L{twisted_slb.web.site.BalancerSite} reads
    L{HTTP_CHANNEL_PRIVATE} of C{HTTPChannel} (documented in its ivars) to
    answer 414 and 431 where twisted.web answers 400.
@@ -59,8 +60,8 @@ __all__ = [
 #: C{doPoll} without the per-event logging context).
 EPOLL_REACTOR_PRIVATE = ("_poller", "_selectables", "_doReadOrWrite")
 
-#: Attributes of C{TLSMemoryBIOProtocol} that C{twisted_slb.tls}'s
-#: buffering transport overrides or reads (its TLS shutdown after a
+#: Attributes of C{TLSMemoryBIOProtocol} that the buffering transport of
+#: L{twisted_slb.tls._server} overrides or reads (its TLS shutdown after a
 #: streamed response).
 TLS_PROTOCOL_PRIVATE = ("_shutdownTLS", "_tlsConnection", "_appSendBuffer")
 
