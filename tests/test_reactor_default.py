@@ -31,8 +31,8 @@ class MaybeGlobalReactorTests(SynchronousTestCase):
     def test_noCopiesOfTheBranch(self):
         """
         No module repeats the default (C{if reactor is None: from
-        twisted.internet import reactor}); tls.py and admin.py, changed on
-        other branches at the time, are the two left to convert.
+        twisted.internet import reactor}); admin.py, changed on another
+        branch at the time, is the one left to convert.
         """
         import twisted_slb
 
@@ -42,7 +42,7 @@ class MaybeGlobalReactorTests(SynchronousTestCase):
         for folder, _, files in os.walk(root):
             for name in files:
                 path = os.path.join(folder, name)
-                if name.endswith(".py") and name not in ("tls.py", "admin.py", "_reactor.py"):
+                if name.endswith(".py") and name not in ("admin.py", "_reactor.py"):
                     with open(path) as f:
                         if pattern.search(f.read()):
                             copies.append(os.path.relpath(path, root))

@@ -27,6 +27,7 @@ from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.errors import ConfigError
 from twisted_slb.tls._certificates import CertificateSet, LoadedCertificate
 
@@ -145,9 +146,7 @@ class SNIServerOptions:
             protocols.append(encoded)
         self.min_tls = min_tls
         self.alpn: Tuple[bytes, ...] = tuple(protocols)
-        if clock is None:
-            from twisted.internet import reactor as clock
-        self._clock = clock
+        self._clock = maybe_global_reactor(clock)
         self.ticket_key_lifetime = ticket_key_lifetime
         self._reported_names: Dict[bytes, None] = {}
         self._current = self._build(certificate_set)
@@ -511,7 +510,5 @@ def server_tls_factory(
     @param handshake_timeout: seconds a client has to finish its handshake,
         or L{None} for no limit.
     """
-    if reactor is None:
-        from twisted.internet import reactor
-    return TLSServerFactory(options, wrapped_factory, reactor, handshake_timeout)
+    return TLSServerFactory(options, wrapped_factory, maybe_global_reactor(reactor), handshake_timeout)
 
