@@ -33,6 +33,8 @@ from twisted.internet.protocol import Protocol
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
+from twisted_slb._typing import IStreamTransport
+
 _DEMO = re.compile(rb"backend=([\w.-]+)")
 _REWRITTEN = re.compile(r"^[0-9a-f]{16}~")
 
@@ -205,6 +207,9 @@ def _check_http(args, reactor, out: TextIO):
 
 
 class _FirstLine(Protocol):
+    # Connected before any method below runs (see twisted_slb._typing).
+    transport: IStreamTransport
+
     def __init__(self) -> None:
         self.buffer = b""
         self.done: defer.Deferred = defer.Deferred()

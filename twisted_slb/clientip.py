@@ -44,6 +44,7 @@ from twisted_slb._io.twisted_private import HAProxyInvalidHeader as TwistedInval
 from twisted_slb._io.twisted_private import HAProxyV1Parser as V1Parser
 from twisted_slb._io.twisted_private import HAProxyV2Parser as V2Parser
 from twisted_slb._reactor import maybe_global_reactor
+from twisted_slb._typing import IStreamTransport
 from twisted_slb.config import parse_cidr
 from twisted_slb.persistence.interfaces import normalise_ip
 
@@ -456,6 +457,9 @@ class _ProxyHeaderProtocol(ProtocolWrapper):
     transport: C{getPeer} and C{getHost} are the header's addresses, the
     rest is the real transport's.
     """
+
+    # Connected before any method below runs (see twisted_slb._typing).
+    transport: IStreamTransport
 
     wrappedProtocol = None
     source = None

@@ -41,6 +41,7 @@ from twisted_slb._io.lean import LeanConnector
 from twisted_slb._io.sockets import close, half_close, set_nodelay, write_now
 from twisted_slb._io.timers import Deadlines
 from twisted_slb._reactor import maybe_global_reactor
+from twisted_slb._typing import IStreamTransport
 from twisted_slb.backends import Backend, BackendGroup, local_failure
 from twisted_slb.choices import PROXY_PROTOCOL_VERSIONS
 from twisted_slb.limits import ConnectionAdmission, ConnectionLimit, IListenerFactory
@@ -205,6 +206,9 @@ class TCPBalancerProtocol(Protocol):
     @ivar ended: why the connection ended (the first reason wins), for the
         access log.
     """
+
+    # Connected before any method below runs (see twisted_slb._typing).
+    transport: IStreamTransport
 
     backend: Optional[Backend] = None
     backend_protocol: Optional[_BackendProtocol] = None

@@ -20,6 +20,7 @@ from zope.interface import implementer
 
 from twisted_slb._io.sockets import set_nodelay
 from twisted_slb._reactor import maybe_global_reactor
+from twisted_slb._typing import IStreamTransport
 from twisted_slb.limits import (
     ClientAddressLimit,
     ConnectionAdmission,
@@ -39,6 +40,9 @@ class _BalancerChannel(HTTPChannel):
     414 for a request line over the limit, 431 for header lines or a header
     block over it (twisted.web answers 400, or closes silently).
     """
+
+    # Connected before any method below runs (see twisted_slb._typing).
+    transport: IStreamTransport
 
     def lineLengthExceeded(self, line):
         # _receivedHeaderSize is documented in HTTPChannel's ivars; it is 0

@@ -24,6 +24,7 @@ from twisted_slb._io import lean
 from twisted_slb._io.headers import cached_name, canonical_name
 from twisted_slb._io.sockets import set_nodelay, write_now
 from twisted_slb._reactor import maybe_global_reactor
+from twisted_slb._typing import IStreamTransport
 from twisted_slb.shutdown import IdleTracker
 
 log = Logger(namespace="twisted_slb.upstream")
@@ -92,6 +93,9 @@ class UpstreamProtocol(Protocol):
     the connection is then closed instead of going back to the pool.
     @ivar paused: whether the client's back-pressure paused reading.
     """
+
+    # Connected before any method below runs (see twisted_slb._typing).
+    transport: IStreamTransport
 
     handler = None
     pool = None
