@@ -35,9 +35,10 @@ from typing import Dict, Iterable, List, Optional
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
+from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
 from twisted_slb._io.twisted_private import HAProxyInvalidHeader as TwistedInvalid
@@ -554,7 +555,7 @@ class _ProxyHeaderProtocol(ProtocolWrapper):
         else:
             self.transport.loseConnection()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

@@ -32,8 +32,9 @@ from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
+from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_slb._io import lean
@@ -142,6 +143,9 @@ class _BackendProtocol(Protocol):
     the client side (a L{TCPBalancerProtocol}).
     """
 
+    # Connected before any method below runs (see twisted_slb._typing).
+    transport: IStreamTransport
+
     def __init__(self, relay: TCPBalancerProtocol) -> None:
         self.relay = relay
 
@@ -163,7 +167,7 @@ class _BackendProtocol(Protocol):
     def writeConnectionLost(self) -> None:
         pass  # we half-closed it ourselves (TCPBalancerProtocol.readConnectionLost)
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.relay.backend_lost(reason)
 
 
@@ -368,7 +372,7 @@ class TCPBalancerProtocol(Protocol):
     def writeConnectionLost(self) -> None:
         pass  # we half-closed it ourselves (backend_read_closed)
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.closed:
             return
         self.closed = True

@@ -13,7 +13,9 @@ from __future__ import annotations
 from typing import Optional
 
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 from zope.interface import implementer
@@ -121,7 +123,7 @@ class _BalancerChannel(HTTPChannel):
         set_nodelay(self.transport)
         self.site.admission.add(self)
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_header_deadline()
         self._cancel_stalled()
         HTTPChannel.connectionLost(self, reason)

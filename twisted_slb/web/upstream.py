@@ -16,9 +16,10 @@ from __future__ import annotations
 from typing import Dict, List, Tuple
 
 from twisted.internet import error
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from twisted_slb._io import lean
 from twisted_slb._io.headers import cached_name, canonical_name
@@ -384,7 +385,7 @@ class UpstreamProtocol(Protocol):
         self.reusable = False
         self.transport.stopProducing()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = False
         if self.pool is not None:
             self.pool.forget(self)
