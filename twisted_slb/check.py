@@ -29,9 +29,12 @@ from typing import Dict, List, Optional, TextIO
 import attr
 from twisted.internet import defer, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
+
+from twisted_slb._typing import IStreamTransport
 
 _DEMO = re.compile(rb"backend=([\w.-]+)")
 _REWRITTEN = re.compile(r"^[0-9a-f]{16}~")
@@ -205,6 +208,9 @@ def _check_http(args, reactor, out: TextIO):
 
 
 class _FirstLine(Protocol):
+    # Connected before any method below runs (see twisted_slb._typing).
+    transport: IStreamTransport
+
     def __init__(self) -> None:
         self.buffer = b""
         self.done: defer.Deferred = defer.Deferred()
@@ -215,7 +221,7 @@ class _FirstLine(Protocol):
             self.done.callback(self.buffer)
             self.transport.loseConnection()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.done.called:
             self.done.callback(self.buffer)
 

@@ -35,15 +35,17 @@ from typing import Dict, Iterable, List, Optional
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
+from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
 from twisted_slb._io.twisted_private import HAProxyInvalidHeader as TwistedInvalid
 from twisted_slb._io.twisted_private import HAProxyV1Parser as V1Parser
 from twisted_slb._io.twisted_private import HAProxyV2Parser as V2Parser
 from twisted_slb._reactor import maybe_global_reactor
+from twisted_slb._typing import IStreamTransport
 from twisted_slb.config import parse_cidr
 from twisted_slb.persistence.interfaces import normalise_ip
 
@@ -457,6 +459,9 @@ class _ProxyHeaderProtocol(ProtocolWrapper):
     rest is the real transport's.
     """
 
+    # Connected before any method below runs (see twisted_slb._typing).
+    transport: IStreamTransport
+
     wrappedProtocol = None
     source = None
     destination = None
@@ -550,7 +555,7 @@ class _ProxyHeaderProtocol(ProtocolWrapper):
         else:
             self.transport.loseConnection()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

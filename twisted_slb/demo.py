@@ -33,6 +33,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from twisted_slb._reactor import maybe_global_reactor
+from twisted_slb._typing import IStreamTransport
 
 DEMO_PORT_BASE = 8080
 DEMO_INTERFACE = "127.0.0.1"
@@ -86,6 +87,9 @@ class EchoName(LineOnlyReceiver):
     C{quit} closes the connection (curl's C{telnet://} never half-closes,
     so C{echo quit | curl telnet://...} is how a one-shot check ends).
     """
+
+    # Connected before any method below runs (see twisted_slb._typing).
+    transport: IStreamTransport
 
     delimiter = b"\n"
 

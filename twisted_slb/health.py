@@ -44,6 +44,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from twisted_slb._reactor import maybe_global_reactor
+from twisted_slb._typing import IStreamTransport
 from twisted_slb.backends import Backend, BackendGroup
 from twisted_slb.config import ConfigError, HealthCheckConfig, PassiveHealthConfig
 
@@ -81,6 +82,9 @@ class HealthState:
 
 class _Connected(Protocol):
     """A tcp check: the connect is the whole check."""
+
+    # Connected before any method below runs (see twisted_slb._typing).
+    transport: IStreamTransport
 
     def __init__(self, probe: "_Probe") -> None:
         self.probe = probe

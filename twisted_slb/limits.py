@@ -36,6 +36,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from twisted_slb._io.accept import pause_port, resume_port
 from twisted_slb._reactor import maybe_global_reactor
+from twisted_slb._typing import IStreamTransport
 from twisted_slb.shutdown import IdleTracker
 
 log = Logger(namespace="twisted_slb.limits")
@@ -204,6 +205,9 @@ class ClientAddressLimit:
 
 class TooManyConnections(Protocol):
     """Answers 429 to a client over its connection limit, and closes."""
+
+    # Connected before any method below runs (see twisted_slb._typing).
+    transport: IStreamTransport
 
     def connectionMade(self) -> None:
         body = b"429 Too Many Requests: too many connections from your address\n"

@@ -32,8 +32,9 @@ from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
+from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_slb._io import lean
@@ -41,6 +42,7 @@ from twisted_slb._io.lean import LeanConnector
 from twisted_slb._io.sockets import close, half_close, set_nodelay, write_now
 from twisted_slb._io.timers import Deadlines
 from twisted_slb._reactor import maybe_global_reactor
+from twisted_slb._typing import IStreamTransport
 from twisted_slb.backends import Backend, BackendGroup, local_failure
 from twisted_slb.choices import PROXY_PROTOCOL_VERSIONS
 from twisted_slb.limits import ConnectionAdmission, ConnectionLimit, IListenerFactory
@@ -141,6 +143,9 @@ class _BackendProtocol(Protocol):
     the client side (a L{TCPBalancerProtocol}).
     """
 
+    # Connected before any method below runs (see twisted_slb._typing).
+    transport: IStreamTransport
+
     def __init__(self, relay: TCPBalancerProtocol) -> None:
         self.relay = relay
 
@@ -162,7 +167,7 @@ class _BackendProtocol(Protocol):
     def writeConnectionLost(self) -> None:
         pass  # we half-closed it ourselves (TCPBalancerProtocol.readConnectionLost)
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.relay.backend_lost(reason)
 
 
@@ -205,6 +210,9 @@ class TCPBalancerProtocol(Protocol):
     @ivar ended: why the connection ended (the first reason wins), for the
         access log.
     """
+
+    # Connected before any method below runs (see twisted_slb._typing).
+    transport: IStreamTransport
 
     backend: Optional[Backend] = None
     backend_protocol: Optional[_BackendProtocol] = None
@@ -364,7 +372,7 @@ class TCPBalancerProtocol(Protocol):
     def writeConnectionLost(self) -> None:
         pass  # we half-closed it ourselves (backend_read_closed)
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.closed:
             return
         self.closed = True

@@ -78,6 +78,7 @@ from zope.interface import implementer
 from twisted_slb._io.headers import FastHeaders
 from twisted_slb._io.sockets import close, set_nodelay, write_now
 from twisted_slb._reactor import maybe_global_reactor
+from twisted_slb._typing import IStreamTransport
 from twisted_slb.limits import ClientAddressLimit, ConnectionAdmission, ConnectionLimit, IListenerFactory
 from twisted_slb.persistence.interfaces import normalise_ip
 from twisted_slb.web.body import BodyError, IBodyReader, StreamedBody
@@ -403,6 +404,9 @@ class HTTPFrontChannel(Protocol):
     read, if any: the body pauses it (it stops reading the client's socket)
     while its consumer does not keep up.
     """
+
+    # Connected before any method below runs (see twisted_slb._typing).
+    transport: IStreamTransport
 
     request: Optional[FrontRequest] = None
     #: the streamed body being read (its request may be answered already:

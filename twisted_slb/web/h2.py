@@ -99,6 +99,7 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from twisted_slb._io.headers import FastHeaders
+from twisted_slb._typing import IStreamTransport
 from twisted_slb.web.front import (
     _BAD_TARGET, _REASONS, _TOKEN, SPOOL_BYTES, BadRequest, FrontRequest, _http_date,
 )
@@ -408,6 +409,9 @@ class H2FrontChannel(Protocol):
 
     @ivar streams: stream id -> the L{H2Request} being received or answered.
     """
+
+    # Connected before any method below runs (see twisted_slb._typing).
+    transport: IStreamTransport
 
     timer = None
     paused = False

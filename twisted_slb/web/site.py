@@ -13,13 +13,16 @@ from __future__ import annotations
 from typing import Optional
 
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 from zope.interface import implementer
 
 from twisted_slb._io.sockets import set_nodelay
 from twisted_slb._reactor import maybe_global_reactor
+from twisted_slb._typing import IStreamTransport
 from twisted_slb.limits import (
     ClientAddressLimit,
     ConnectionAdmission,
@@ -39,6 +42,9 @@ class _BalancerChannel(HTTPChannel):
     414 for a request line over the limit, 431 for header lines or a header
     block over it (twisted.web answers 400, or closes silently).
     """
+
+    # Connected before any method below runs (see twisted_slb._typing).
+    transport: IStreamTransport
 
     def lineLengthExceeded(self, line):
         # _receivedHeaderSize is documented in HTTPChannel's ivars; it is 0
@@ -117,7 +123,7 @@ class _BalancerChannel(HTTPChannel):
         set_nodelay(self.transport)
         self.site.admission.add(self)
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_header_deadline()
         self._cancel_stalled()
         HTTPChannel.connectionLost(self, reason)

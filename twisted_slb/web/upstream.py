@@ -16,14 +16,16 @@ from __future__ import annotations
 from typing import Dict, List, Tuple
 
 from twisted.internet import error
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from twisted_slb._io import lean
 from twisted_slb._io.headers import cached_name, canonical_name
 from twisted_slb._io.sockets import set_nodelay, write_now
 from twisted_slb._reactor import maybe_global_reactor
+from twisted_slb._typing import IStreamTransport
 from twisted_slb.shutdown import IdleTracker
 
 log = Logger(namespace="twisted_slb.upstream")
@@ -92,6 +94,9 @@ class UpstreamProtocol(Protocol):
     the connection is then closed instead of going back to the pool.
     @ivar paused: whether the client's back-pressure paused reading.
     """
+
+    # Connected before any method below runs (see twisted_slb._typing).
+    transport: IStreamTransport
 
     handler = None
     pool = None
@@ -380,7 +385,7 @@ class UpstreamProtocol(Protocol):
         self.reusable = False
         self.transport.stopProducing()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = False
         if self.pool is not None:
             self.pool.forget(self)
