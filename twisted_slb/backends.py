@@ -22,6 +22,7 @@ from twisted_slb.scheduling import IScheduler, SmoothWeightedRoundRobin, hash_ke
 
 if TYPE_CHECKING:  # pragma: no cover
     from twisted_slb.config import GroupConfig, ServerConfig
+    from twisted_slb.health import HealthMonitor
 
 log = Logger(namespace="twisted_slb.backends")
 
@@ -104,7 +105,7 @@ class Backend:
         # backend without this class knowing about them.
         self.extra: Dict[str, object] = {}
         # The passive health monitor told of failures and successes, if any.
-        self.monitor = None
+        self.monitor: Optional[HealthMonitor] = None
         # Slow start: the fraction of its weight a backend that just came
         # up gets (1.0 once it is fully back).
         self.ramp = 1.0

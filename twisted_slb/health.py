@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import math
 import random as _random
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, cast
 
 import attr
 from twisted.application.service import Service
 from twisted.internet import error
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.protocol import ClientFactory, DatagramProtocol, Protocol
 from twisted.logger import Logger
@@ -328,9 +329,9 @@ class HealthMonitor(Service):
         self.random = random
         self.slow_start = slow_start
         self.tls = tls
-        self._ramps: Dict[str, object] = {}  # backend name -> next slow-start step
-        self._timers: Dict[str, object] = {}  # backend name -> next active check
-        self._returns: Dict[str, object] = {}  # backend name -> end of its ejection
+        self._ramps: Dict[str, IDelayedCall] = {}  # backend name -> next slow-start step
+        self._timers: Dict[str, IDelayedCall] = {}  # backend name -> next active check
+        self._returns: Dict[str, IDelayedCall] = {}  # backend name -> end of its ejection
         self._probes: Dict[str, _Probe] = {}
         self._watchers: List[Tuple[Backend, bool, Deferred]] = []
 
@@ -496,7 +497,7 @@ class HealthMonitor(Service):
 
     def success(self, backend: Backend) -> None:
         """A connect or a request to C{backend} succeeded."""
-        state = backend.extra.get("health")
+        state = cast(Optional[HealthState], backend.extra.get("health"))
         if state is not None:
             state.passive_failures = 0
             self._roll(state, self.passive.interval)
@@ -613,7 +614,7 @@ class HealthMonitor(Service):
     # -- state -----------------------------------------------------------------
 
     def state(self, backend: Backend) -> HealthState:
-        state = backend.extra.get("health")
+        state = cast(Optional[HealthState], backend.extra.get("health"))
         if state is None:
             state = backend.extra["health"] = HealthState(window_start=self.reactor.seconds())
         return state

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import List, Optional, Set, Union
+from typing import List, Optional, Set, Union, cast
 
 from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -157,6 +157,7 @@ class _BackendProtocol(Protocol):
         relay = self.relay
         n = len(data)
         relay.bytes_to_client += n
+        assert relay.backend is not None  # set before backend_connected hands over this protocol
         relay.backend.bytes_in += n
         relay.last_activity = relay.seconds()
         write_now(relay.transport, data)
@@ -344,6 +345,7 @@ class TCPBalancerProtocol(Protocol):
             return
         n = len(data)
         self.bytes_from_client += n
+        assert self.backend is not None  # set with backend_protocol (backend_connected)
         self.backend.bytes_out += n
         self.last_activity = self.seconds()
         write_now(self.backend_protocol.transport, data)
@@ -382,6 +384,7 @@ class TCPBalancerProtocol(Protocol):
         factory.checks.discard(self)
         backend_protocol = self.backend_protocol
         if backend_protocol is not None:
+            assert self.backend is not None  # set with backend_protocol (backend_connected)
             self.backend.active -= 1
             if factory.pin_refresh:
                 self.refresh_pin()  # the pin's timeout counts from the end of the connection
@@ -519,6 +522,7 @@ class TCPBalancerProtocol(Protocol):
         timeout = factory.idle_timeout
         idle = now - self.last_activity
         if timeout and idle >= timeout:
+            assert self.backend is not None  # checks start in backend_connected, after it is set
             log.info(
                 "listener {listener}: closing connection of {client} to {backend}: idle for {timeout} s",
                 listener=factory.listener_name, client=self.session.client_ip,
@@ -699,7 +703,7 @@ class TCPBalancerFactory(ServerFactory):
             return min(idle, refresh)
         return idle or refresh or 0
 
-    def buildProtocol(self, addr) -> Optional[TCPBalancerProtocol]:
+    def buildProtocol(self, addr) -> Optional[Protocol]:
         return self.admission.build(None, TCPBalancerProtocol, self, addr)
 
     def retire(self, grace: float) -> None:
@@ -713,4 +717,4 @@ class TCPBalancerFactory(ServerFactory):
 
         @return: a L{Deferred} that fires when no connection is left.
         """
-        return self.admission.drain(grace, lambda proto: proto.close("shutdown"))
+        return self.admission.drain(grace, lambda proto: cast(TCPBalancerProtocol, proto).close("shutdown"))

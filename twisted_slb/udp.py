@@ -40,6 +40,7 @@ from typing import Dict, List, Optional, Tuple
 
 from twisted.application.service import Service
 from twisted.internet import error
+from twisted.internet.interfaces import IListeningPort, IUDPTransport
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
@@ -83,7 +84,7 @@ class _BackendSide(DatagramProtocol):
     """
 
     noisy = False
-    port = None
+    port: Optional[IUDPTransport] = None
     closing = False
 
     def __init__(self, balancer: "UDPBalancer", session: "UDPSession") -> None:
@@ -259,12 +260,15 @@ class UDPBalancer(DatagramProtocol):
         session.datagrams_in += 1
         session.bytes_in += len(data)
         backend = session.backend
+        side = session.side
+        # open() or connect() gave the session its backend and socket.
+        assert backend is not None and side is not None and side.port is not None
         backend.bytes_out += len(data)
         if self._refresh_every and now - session.refreshed >= self._refresh_every:
             session.refreshed = now
             self.policy.refresh(session.visit, backend)
         try:
-            session.side.port.write(data)
+            side.port.write(data, None)  # connected: to its backend
         except (OSError, error.MessageLengthError):
             stats.drops[SEND_ERROR] += 1
 
@@ -346,7 +350,9 @@ class UDPBalancer(DatagramProtocol):
         stats.bytes_out += len(data)
         session.datagrams_out += 1
         session.bytes_out += len(data)
-        session.backend.bytes_in += len(data)
+        backend = session.backend
+        assert backend is not None  # set with session.side (connect)
+        backend.bytes_in += len(data)
         client = session.client
         sessions = self.sessions
         if sessions.pop(client, None) is session:
@@ -354,7 +360,8 @@ class UDPBalancer(DatagramProtocol):
             session.last = self.reactor.seconds()
         if not session.answered:
             session.answered = True
-            session.backend.record_success()
+            backend.record_success()
+        assert self.transport is not None  # replies come only while the balancer's port is open
         try:
             self.transport.write(data, client)
         except (OSError, error.MessageLengthError):
@@ -365,6 +372,7 @@ class UDPBalancer(DatagramProtocol):
         if session.side is not side:
             return
         backend = session.backend
+        assert backend is not None  # set with session.side (connect)
         self.stats.refused += 1
         backend.record_failure(reason)
         log.info("udp listener {listener}: {client} -> {backend} ({address}): {reason}; "
@@ -428,7 +436,7 @@ class UDPListenerService(Service):
         self.config = config
         self.balancer = balancer
         self.reactor = reactor
-        self.port = None
+        self.port: Optional[IListeningPort] = None
         self.setName(config.name)
 
     @property

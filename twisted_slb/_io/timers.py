@@ -22,14 +22,17 @@ from __future__ import annotations
 
 from heapq import heapify, heappop, heappush
 from itertools import count
-from typing import Callable, Dict, Hashable, List, Optional, Tuple
+from typing import Callable, Dict, Generic, Hashable, List, Optional, Tuple, TypeVar
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 _NEVER = float("inf")
 
 
-class Deadlines:
+_Item = TypeVar("_Item", bound=Hashable)
+
+
+class Deadlines(Generic[_Item]):
     """
     Pending deadlines, each for an item; C{expired(item)} is called for each
     item whose deadline passes before it is L{discard}ed.
@@ -37,18 +40,18 @@ class Deadlines:
     @ivar pending: the items and their deadlines (in the clock's seconds).
     """
 
-    def __init__(self, clock: IReactorTime, expired: Callable[[Hashable], None]) -> None:
+    def __init__(self, clock: IReactorTime, expired: Callable[[_Item], None]) -> None:
         self.clock = clock
         self.expired = expired
-        self.pending: Dict[Hashable, float] = {}
+        self.pending: Dict[_Item, float] = {}
         # (deadline, tie-breaker, item); entries whose deadline is no
         # longer the item's in `pending` are stale and skipped.
-        self._heap: List[Tuple[float, int, Hashable]] = []
+        self._heap: List[Tuple[float, int, _Item]] = []
         self._order = count()
         self._call: Optional[IDelayedCall] = None
         self._due = _NEVER  # when the timer fires
 
-    def add(self, item: Hashable, timeout: float) -> None:
+    def add(self, item: _Item, timeout: float) -> None:
         """
         Call C{expired(item)} in C{timeout} seconds unless discarded first;
         an item added again gets the new deadline instead of its old one.
@@ -62,7 +65,7 @@ class Deadlines:
         if deadline < self._due:
             self._arm(deadline, timeout)
 
-    def discard(self, item: Hashable) -> None:
+    def discard(self, item: _Item) -> None:
         """
         Forget C{item}'s deadline (if it has one).  With none left, the timer
         stops too.
