@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import select
 import time
-from typing import List, Optional
+from typing import IO, Any, List, Optional, cast
 
 from twisted.logger import FileLogObserver, Logger, LogLevel, globalLogPublisher
 
@@ -233,7 +233,7 @@ class TwistdLog:
         self.flush_delay = flush_delay
         self._observer: Optional[FileLogObserver] = None
         self._resolved = False
-        self._out = None
+        self._out: Optional[IO[Any]] = None  # a text or a binary file (self._encode)
         self._encode = False
         self._lines: List[str] = []
         self._size = 0
@@ -242,7 +242,7 @@ class TwistdLog:
         self._suffix = "\n"
         self._flush_call = None
         self._trigger = None
-        self._announced = None
+        self._announced: Optional[FileLogObserver] = None
 
     # -- finding twistd's log ------------------------------------------------
 
@@ -263,8 +263,10 @@ class TwistdLog:
             self._announced = observer
             log.info("access lines go to twistd's log, written in batches")
         self._observer = observer
-        out, encoding = file_observer_output(observer)  # see twistd_file_observer for why
-        self._out = out
+        output = file_observer_output(observer)  # see twistd_file_observer for why
+        assert output is not None  # twistd_file_observer returns only an observer with a file
+        out, encoding = output
+        self._out = cast(IO[Any], out)
         self._encode = encoding is not None
         if self._trigger is None and hasattr(self.reactor, "addSystemEventTrigger"):
             self._trigger = self.reactor.addSystemEventTrigger("after", "shutdown", self.flush)
@@ -306,6 +308,7 @@ class TwistdLog:
         now = self.reactor.seconds()
         second = int(now)
         if second != self._second:
+            assert self._observer is not None  # set with self._out (resolve)
             parts = self._format(self._observer, now)
             if parts is None:
                 self.flush()
@@ -338,6 +341,8 @@ class TwistdLog:
         self._size = 0
         out = self._out
         try:
+            # Lines wait only while self._out is set; a failure here is caught as any other.
+            assert out is not None
             if self._encode:
                 out.write(data.encode("utf-8"))
             else:

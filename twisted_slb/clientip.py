@@ -31,10 +31,10 @@ from __future__ import annotations
 import ipaddress
 import re
 import struct
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Union, cast
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
@@ -433,8 +433,10 @@ def parse_proxy_header(data: bytes):
         if info.source is not None:
             want = 4 if fields[1] == b"TCP4" else 6
             for address in (info.source, info.destination):
-                if _ip_version(address.host) != want:
-                    raise InvalidProxyHeader(f"PROXY v1: {address.host[:40]!r} is not of family TCP{want}")
+                # V1Parser gives IPv4Address or IPv6Address for a TCP4 or TCP6 line.
+                host = cast(Union[IPv4Address, IPv6Address], address).host
+                if _ip_version(host) != want:
+                    raise InvalidProxyHeader(f"PROXY v1: {host[:40]!r} is not of family TCP{want}")
     else:
         raise InvalidProxyHeader("not a PROXY protocol header")
     source, destination = info.source, info.destination
@@ -462,7 +464,8 @@ class _ProxyHeaderProtocol(ProtocolWrapper):
     # Connected before any method below runs (see twisted_slb._typing).
     transport: IStreamTransport
 
-    wrappedProtocol = None
+    # None until the header is read (ProtocolWrapper's is always set).
+    wrappedProtocol: Optional[IProtocol] = None  # type: ignore[assignment]
     source = None
     destination = None
     timer = None
