@@ -27,7 +27,7 @@ protocol would add a call to every read and write).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Set
+from typing import Any, Callable, Dict, Optional, Set
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
@@ -140,6 +140,8 @@ class ConnectionLimit:
             return
         self.refusing = True
         which = self if self.full() else self.parent
+        # Refusing and not full itself: its parent (the global limit) is.
+        assert which is not None
         log.warn(
             "listener {listener}: {open} connections open ({scope} max_connections {limit}): {action}",
             listener=self.listener_name, open=which.open, limit=which.limit,
@@ -322,7 +324,7 @@ class ConnectionAdmission:
         self.connections: set = set()
         self._tracker = IdleTracker()
 
-    def build(self, ip: Optional[str], make: Callable[..., Protocol], *args) -> Optional[Protocol]:
+    def build(self, ip: Optional[str], make: Callable[..., Any], *args) -> Optional[Protocol]:
         per_ip = self.per_ip
         if not per_ip.allows(ip):
             return TooManyConnections()

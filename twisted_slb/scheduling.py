@@ -59,13 +59,13 @@ class SmoothWeightedRoundRobin:
     name = "wrr"
 
     def __init__(self) -> None:
-        self._current: Dict[str, int] = {}
+        self._current: Dict[str, float] = {}
 
     def pick(self, candidates: Sequence[Backend], client_key: str) -> Optional[Backend]:
         current = self._current
-        total = 0
+        total = 0.0
         best = None
-        best_weight = 0
+        best_weight = 0.0
         for b in candidates:
             w = current.get(b.name, 0) + b.share
             current[b.name] = w

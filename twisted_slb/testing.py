@@ -27,13 +27,13 @@ C{docs/embedding.md} shows, with the rig's reactor passed to each.
 from __future__ import annotations
 
 import ipaddress
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import attr
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.test import iosim
@@ -129,7 +129,7 @@ class Answer:
     seen: Optional[SeenRequest]
 
     @property
-    def set_cookies(self) -> List[bytes]:
+    def set_cookies(self) -> Sequence[bytes]:
         """The C{Set-Cookie} header values, as sent."""
         return self.headers.getRawHeaders(b"set-cookie", [])
 
@@ -222,7 +222,7 @@ class BalancerRig:
         self.refused: set = set()
         self.proxy = BalancedProxyResource(self.group, reactor=self.reactor, access_log=False)
         self._server = server
-        self._factory = None
+        self._factory: Optional[IProtocolFactory] = None  # set by serve() below
         self._pumps: List[iosim.IOPump] = []
         self._client_ports = iter(range(40000, 65536))
         self._clients = _Clients(self)
@@ -298,11 +298,12 @@ class BalancerRig:
         if isinstance(result[0], Failure):
             result[0].raiseException()
         response, data = result[0]
-        answered = [
-            name for name, page in self.pages.items() if len(getattr(page, "seen", ())) > before[name]
-        ]
+        seen_by: Dict[str, Sequence[SeenRequest]] = {
+            name: getattr(page, "seen", ()) for name, page in self.pages.items()
+        }
+        answered = [name for name, seen_there in seen_by.items() if len(seen_there) > before[name]]
         backend = answered[0] if answered else None
-        seen = self.pages[backend].seen[-1] if backend is not None else None
+        seen = seen_by[backend][-1] if backend is not None else None
         return Answer(response.code, response.headers, data, backend, seen)
 
     def flush(self) -> None:
@@ -328,6 +329,7 @@ class BalancerRig:
         port = next(self._client_ports)
         peer = _address(client, port)
         host = _address(*LISTENER)
+        assert self._factory is not None  # __init__ serves the proxy
         server = self._factory.buildProtocol(peer)
         protocol = factory.buildProtocol(host)
         self._pumps.append(
@@ -350,7 +352,11 @@ class BalancerRig:
             made = True
             backend = next((b for b in self.group.backends if (b.host, b.port) == (host, port)), None)
             if backend is None or backend.name in self.refused or backend.name not in self.pages:
-                factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError(host, port)))
+                # MemoryReactorClock records a connector with each connectTCP, so it is
+                # None only with a reactor that records none; the relay's client
+                # factory (twisted_slb.web.upstream) does not use it.
+                factory.clientConnectionFailed(
+                    connector, Failure(ConnectionRefusedError(host, port)))  # type: ignore[arg-type]
                 continue
             address = _address(host, port)
             local = _address("192.0.2.1", next(self._client_ports))

@@ -122,7 +122,9 @@ class FastHeaders(Headers):
         equal = self.__eq__(other)
         return equal if equal is NotImplemented else not equal
 
-    __hash__ = None  # mutable, like Headers
+    # Mutable, like Headers: unhashable.  mypy types object.__hash__ as a
+    # method and has no other spelling of "no __hash__".
+    __hash__ = None  # type: ignore[assignment]
 
     def copy(self) -> FastHeaders:
         new = self.__class__()

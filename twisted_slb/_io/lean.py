@@ -60,7 +60,7 @@ import os
 import platform
 import socket
 from functools import lru_cache
-from typing import Optional
+from typing import Optional, cast
 
 from twisted.internet import error, tcp
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -101,7 +101,7 @@ if platform.python_implementation() == "PyPy":
     _READ_BUFFER = bytearray(2 ** 16)
     _READ_VIEW = memoryview(_READ_BUFFER)
 
-    def recv(sock: socket.socket, size: int) -> bytes:
+    def recv(sock: socket.socket, size: int, /) -> bytes:
         """C{sock.recv(size)}, without a C{size}-byte allocation per call."""
         if size > len(_READ_BUFFER):
             return sock.recv(size)
@@ -457,7 +457,7 @@ def serve_port(port, factory) -> bool:
         and usable(getattr(port, "reactor", None))
     ):
         # tcp.Port documents its transport attribute as replaceable.
-        port.transport = LeanServer
+        port.transport = cast("type[tcp.Server]", LeanServer)
         return True
     return False
 
@@ -497,7 +497,9 @@ class LeanConnector:
             sock.close()
             reactor.callLater(0, self._report, error.getConnectError((err, os.strerror(err))))
             return
-        self.fileno = sock.fileno  # until _finish
+        # The socket's descriptor until _finish: an instance attribute
+        # that shadows the fileno method (-1) while connecting.
+        self.fileno = sock.fileno  # type: ignore[method-assign]  # until _finish
         reactor.addWriter(self)
         if timeout:
             if deadlines is not None:
@@ -522,7 +524,9 @@ class LeanConnector:
         pass  # never registered for reading
 
     def doWrite(self) -> None:
-        # Writable: the connect finished, one way or the other.
+        # Writable: the connect finished, one way or the other.  Registered
+        # for writing only while connecting, with its socket.
+        assert self.sock is not None
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self._fail(error.getConnectError((err, os.strerror(err))))

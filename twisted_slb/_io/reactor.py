@@ -45,7 +45,7 @@ log = Logger(namespace="twisted_slb._io.reactor")
 try:
     from twisted.internet.epollreactor import EPollReactor
 except ImportError:  # no epoll: not Linux
-    EPollReactor = None
+    EPollReactor = None  # type: ignore[assignment,misc]  # the optional-import idiom: mypy has no spelling for it
 
 
 if EPollReactor is not None:
@@ -77,7 +77,7 @@ if EPollReactor is not None:
         doIteration = doPoll
 
 else:
-    SLBEPollReactor = None
+    SLBEPollReactor = None  # type: ignore[assignment,misc]  # as EPollReactor above
 
 
 def install() -> None:

@@ -90,7 +90,7 @@ def tcp_is_idle_for_writing(transport) -> bool:
     """
     return (
         isinstance(transport, tcp.Connection)
-        and transport.connected
+        and bool(transport.connected)
         and not transport.disconnecting
         and not transport._writeDisconnected
         and not transport.dataBuffer

@@ -21,12 +21,13 @@ from twisted_slb.persistence.cookies import InsertCookie, RewriteCookie
 from twisted_slb.persistence.interfaces import IPersistencePolicy
 from twisted_slb.persistence.resource import PersistenceResource
 from twisted_slb.persistence.sourceip import SourceIPPersistence
-from twisted_slb.persistence.tables import HeaderPersistence, LearnCookiePersistence, StickTable
+from twisted_slb.persistence.tables import HeaderPersistence, IStickTable, LearnCookiePersistence, StickTable
 
 if TYPE_CHECKING:  # pragma: no cover
     from twisted.internet.interfaces import IReactorTime
 
     from twisted_slb.config import PersistenceConfig
+    from twisted_slb.persistence.store import RedisStore
 
 __all__ = ["persistence_policy", "stick_table_key", "wrap_with_persistence"]
 
@@ -48,9 +49,9 @@ def stick_table_key(where: str, persistence_config: "PersistenceConfig") -> str:
 def persistence_policy(
     persistence_config: "PersistenceConfig",
     reactor: Optional[IReactorTime] = None,
-    stick_tables: Optional[MutableMapping[str, object]] = None,
+    stick_tables: Optional[MutableMapping[str, IStickTable]] = None,
     table_key: str = "",
-    store: Optional[object] = None,
+    store: Optional[RedisStore] = None,
     scheduler: Optional[object] = None,
 ) -> IPersistencePolicy:
     """
@@ -110,10 +111,10 @@ def wrap_with_persistence(
     resource: IResource,
     persistence_config: Optional[PersistenceConfig],
     reactor: Optional[IReactorTime] = None,
-    stick_tables: Optional[MutableMapping[str, object]] = None,
+    stick_tables: Optional[MutableMapping[str, IStickTable]] = None,
     table_key: str = "",
     servers: Iterable[object] = (),
-    store: Optional[object] = None,
+    store: Optional[RedisStore] = None,
     scheduler: Optional[object] = None,
 ) -> IResource:
     """

@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.persistence.tables import IStickTable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from twisted_slb.backends import BackendGroup
 
 #: The window of C{rewrite_cookie}'s count: the balancer does not know how
 #: long the backend's session cookie lives.
@@ -190,7 +193,7 @@ class PinCensus:
     @ivar cookie_clients: counter name -> L{RecentClients}.
     """
 
-    def __init__(self, groups: Mapping[str, object]) -> None:
+    def __init__(self, groups: Mapping[str, BackendGroup]) -> None:
         self.groups = groups
         self.tables: Mapping[str, IStickTable] = {}
         self.table_types: Dict[str, str] = {}

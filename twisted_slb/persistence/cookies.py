@@ -25,7 +25,7 @@ had none.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 from twisted.logger import Logger
 from twisted.web.http import datetimeToString
@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from twisted_slb.backends import Backend
     from twisted_slb.config import PersistenceConfig
+    from twisted_slb.persistence.census import RecentClients
 
 log = Logger(namespace="twisted_slb.persistence.cookies")
 
@@ -203,7 +204,7 @@ def _forget_received_cookie(request: object, name: bytes) -> None:
         received.pop(name, None)
 
 
-def _cache_control_keeps_set_cookie_private(values: List[bytes]) -> bool:
+def _cache_control_keeps_set_cookie_private(values: Sequence[bytes]) -> bool:
     """
     Whether C{Cache-Control} already keeps shared caches from storing a
     C{Set-Cookie}: C{private}, C{no-store}, or a C{no-cache} / C{private}
@@ -323,7 +324,7 @@ class InsertCookie(PersistenceResource):
 
     name = "insert_cookie"
     retry_after = 5
-    clients = None
+    clients: Optional[RecentClients] = None
 
     def __init__(
         self,
@@ -451,7 +452,9 @@ class InsertCookie(PersistenceResource):
             return f"{self.fixed.value_for(backend)}.{first}.{self._stamp[1]}"
         return value
 
-    def parse_cookie_value(self, value: str) -> Optional[Tuple[Optional[str], ...]]:
+    def parse_cookie_value(
+        self, value: str
+    ) -> Optional[Union[Tuple[str, Optional[int], Optional[int]], Tuple[str, Optional[int]]]]:
         """
         Read a value made by L{cookie_value_for}, or a bare id or fixed value.
 
@@ -494,6 +497,7 @@ class InsertCookie(PersistenceResource):
         which loses every occurrence of our cookie on the way.
         """
         request = session.request
+        assert request is not None  # an HTTP policy: every visit has a request
         found: List[Tuple[str, Optional[int], Optional[int]]] = []
         stale: List[str] = []
 
@@ -541,7 +545,8 @@ class InsertCookie(PersistenceResource):
             return
         if self.clients is not None:
             self.clients.seen(backend.id, _client_identity(session, request))
-        seen = session.note
+        # What find() read from the cookie (backend key, written, issued).
+        seen = cast(Optional[Tuple[str, Optional[int], Optional[int]]], session.note)
         headers = request.responseHeaders
         self._drop_backend_cookie(headers, backend)
         issued = None
@@ -587,12 +592,12 @@ class InsertCookie(PersistenceResource):
         """
         secure = self.is_secure(session)
         value = (self.cookie_value_for(backend, issued) if self.max_life else self.cookie_value_for(backend))
-        value = value.encode("ascii")
+        encoded = value.encode("ascii")
         # The attributes change once a second (Expires): build them once.
         key = (int(self.clock.seconds()), secure)
         if self._attributes[0] != key:
             self._attributes = (key, self._cookie_attributes(key[0], secure))
-        return self.cookie_name + b"=" + value + self._attributes[1]
+        return self.cookie_name + b"=" + encoded + self._attributes[1]
 
     def _cookie_attributes(self, now: int, secure: bool) -> bytes:
         """The C{Set-Cookie} attributes after the value, from C{; Max-Age} on."""
@@ -680,7 +685,7 @@ class RewriteCookie(PersistenceResource):
 
     name = "rewrite_cookie"
     retry_after = 5
-    clients = None
+    clients: Optional[RecentClients] = None
 
     _PREFIXED = re.compile(rb"^([A-Za-z0-9_-]{1,64})~(.*)$", re.DOTALL)
 
@@ -751,6 +756,7 @@ class RewriteCookie(PersistenceResource):
         occurrence is restored to the backend's value.
         """
         request = session.request
+        assert request is not None  # an HTTP policy: every visit has a request
         keys: List[str] = []
         originals: List[bytes] = []
 
@@ -824,6 +830,7 @@ class RewriteCookie(PersistenceResource):
                 if inner:
                     value = inner  # a new or rotated session: the client holds this one now
         if value:
+            assert self.clients is not None  # called only when counting
             self.clients.seen(backend.id, value)
 
 

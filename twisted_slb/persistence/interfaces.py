@@ -32,7 +32,7 @@ connection (TCP) or request (HTTP).
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 import attr
 from twisted.internet.defer import Deferred
@@ -41,6 +41,8 @@ from zope.interface import Attribute, Interface
 from twisted_slb import choices
 
 if TYPE_CHECKING:  # pragma: no cover
+    from twisted.web.iweb import IRequest
+
     from twisted_slb.backends import Backend
 
 #: Persistence outcomes, as logged and counted.
@@ -86,7 +88,7 @@ class Session:
     """
 
     client_ip: str
-    request: object = None
+    request: Optional[IRequest] = None
     secure: bool = False
     policy: Optional["IPersistencePolicy"] = None
     pinned_key: Optional[str] = None
@@ -157,7 +159,7 @@ def pinned_now(found) -> Optional[str]:
     """
     if not isinstance(found, Deferred):
         return found
-    result = []
+    result: List[Any] = []
     found.addBoth(result.append)
     if result and isinstance(result[0], str):
         return result[0]

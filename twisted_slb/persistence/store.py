@@ -31,7 +31,7 @@ txredisapi, reconnects with exponential back-off.
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, succeed
@@ -42,6 +42,9 @@ from zope.interface import implementer
 from twisted_slb._io.twisted_private import redis_pool_size
 from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.persistence.tables import IStickTable, Key, StickTable, table_key
+
+if TYPE_CHECKING:  # pragma: no cover
+    from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
 log = Logger(namespace="twisted_slb.persistence.store")
 
@@ -74,7 +77,9 @@ class RedisStore(Service):
     @ivar counts: what happened, by name (see L{snapshot}).
     """
 
-    name = "store"
+    # Twisted's Service leaves name unannotated (= None), so mypy types it
+    # None, though IService documents a str or None.
+    name = "store"  # type: ignore[assignment]
 
     def __init__(self, url: str, prefix: str = "slb:", timeout: float = 0.05, clock=None,
                  flush_interval: float = 1.0) -> None:
@@ -87,7 +92,8 @@ class RedisStore(Service):
         self.timeout = timeout
         self.clock = clock
         self.flush_interval = flush_interval
-        self.handler = None
+        #: the txredisapi connection handler (untyped) while started, else None
+        self.handler: Any = None
         self.healthy = True
         self.problem = ""
         #: full key -> TTL in milliseconds, for the next flush's PEXPIRE
@@ -108,7 +114,8 @@ class RedisStore(Service):
 
         Service.startService(self)
         a = self.address
-        tls = False
+        # txredisapi's ssl_context_factory: False (plain TCP) or a TLS creator.
+        tls: Union[bool, IOpenSSLClientConnectionCreator] = False
         if a["tls"]:
             from twisted.internet.ssl import optionsForClientTLS
 

@@ -203,7 +203,7 @@ class StickTable:
     def _expire(self, now: int, budget: int) -> int:
         entries = self._entries
         limit = now - self.timeout * 1000
-        victims = []
+        victims: List[bytes] = []
         for key in entries:
             if entries[key] >> 16 >= limit or len(victims) == budget:
                 break
@@ -445,7 +445,9 @@ class LearnCookiePersistence(TablePersistence):
         whether that C{Set-Cookie} deletes it.
         """
         out: List[Tuple[bytes, bool]] = []
-        for line in session.request.responseHeaders.getRawHeaders(b"set-cookie", ()):
+        request = session.request
+        assert request is not None  # learned only from an HTTP response
+        for line in request.responseHeaders.getRawHeaders(b"set-cookie", ()):
             first, _, rest = line.partition(b";")
             name, eq, value = first.partition(b"=")
             if eq and name.strip() == self.cookie_name:

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from OpenSSL import SSL
 from twisted.internet.interfaces import (
+    IDelayedCall,
     IHandshakeListener,
     IOpenSSLServerConnectionCreator,
     IProtocolFactory,
@@ -28,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_slb._reactor import maybe_global_reactor
+from twisted_slb._typing import IStreamTransport
 from twisted_slb.errors import ConfigError
 from twisted_slb.tls._certificates import CertificateSet, LoadedCertificate
 
@@ -271,7 +273,7 @@ class SNIServerOptions:
 
 def _ssl_reason(error: BaseException) -> str:
     """A short text for an L{SSL.Error}: OpenSSL's reason strings."""
-    args = getattr(error, "args", ())
+    args: Tuple[object, ...] = getattr(error, "args", ())
     if args and isinstance(args[0], list):
         reasons = [str(entry[-1]) for entry in args[0] if entry and entry[-1]]
         if reasons:
@@ -362,12 +364,15 @@ class _HandshakeGuard(Protocol):
     @ivar wrapped: the application protocol.
     """
 
+    # Connected before any method below runs (see twisted_slb._typing).
+    transport: IStreamTransport
+
     def __init__(self, wrapped, clock: IReactorTime, timeout: Optional[float], addr) -> None:
         self.wrapped = wrapped
         self._clock = clock
         self._timeout = timeout
         self._addr = addr
-        self._timer = None
+        self._timer: Optional[IDelayedCall] = None
         self._handshake_done = False
         self._timed_out = False
 
@@ -384,6 +389,7 @@ class _HandshakeGuard(Protocol):
     def _handshake_timed_out(self) -> None:
         self._timer = None
         self._timed_out = True
+        assert self._timeout is not None  # the timer runs only with a timeout
         log_handshake_timeout(self._addr, self._timeout)
         self.transport.abortConnection()
 
