@@ -42,10 +42,10 @@ idle connection on which the backend sends anything is closed.
 from __future__ import annotations
 
 from tempfile import SpooledTemporaryFile
-from typing import Dict, List, Optional
+from typing import IO, TYPE_CHECKING, Callable, Dict, Hashable, List, Optional, cast
 
 from twisted.internet import error
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IConnector, IPushProducer
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.web.http import HTTPChannel
@@ -58,10 +58,13 @@ from twisted_slb._io.timers import Deadlines
 from twisted_slb._reactor import maybe_global_reactor
 from twisted_slb.backends import Backend, BackendGroup, local_failure
 from twisted_slb.persistence.interfaces import session_for, strict_refusal
-from twisted_slb.web.body import BodyError, IBodyConsumer
+from twisted_slb.web.body import BodyError, IBodyConsumer, StreamedBody
 # BalancerSite lives in twisted_slb.web.site; importing it from here still works.
 from twisted_slb.web.site import BalancerSite  # noqa: F401
-from twisted_slb.web.upstream import UpstreamPool
+from twisted_slb.web.upstream import UpstreamPool, UpstreamProtocol
+
+if TYPE_CHECKING:
+    from twisted_slb.web.front import FrontRequest
 
 log = Logger(namespace="twisted_slb.proxy")
 access = Logger(namespace="twisted_slb.access")
@@ -251,9 +254,9 @@ class _Exchange:
     spool file first).
     """
 
-    upstream = None
-    connector = None
-    sender = None
+    upstream: Optional[UpstreamProtocol] = None
+    connector: Optional[IConnector] = None
+    sender: Optional[FileSender] = None
     status = 0
     bytes_sent = 0
     finished = False
@@ -271,12 +274,12 @@ class _Exchange:
     # A streamed request body (IRequestBody) still to send, whether it goes
     # chunked, when its last bytes went to the backend, and the spool file
     # it goes to first with request_buffering.
-    body = None
+    body: Optional[StreamedBody] = None
     chunked = False
     body_sent_at = 0.0
-    spool = None
+    spool: Optional[SpooledTemporaryFile[bytes]] = None
     body_registered = False  # the body is the backend transport's producer
-    corked = None  # body bytes gathered to go out with the request head
+    corked: Optional[List[bytes]] = None  # body bytes gathered to go out with the request head
     waiting_for_body = False  # start() called while the body is being spooled
 
     def __init__(self, resource: BalancedProxyResource, request: Request, upgrade: Optional[bytes] = None) -> None:
@@ -309,7 +312,7 @@ class _Exchange:
         # backend read: a request hidden in a body it ignored, say).
         self.first = _first_on_connection(request)
         self.head = self._build_head()
-        request.slb_exchange = self  # for introspection (tests, debugging)
+        setattr(request, "slb_exchange", self)  # for introspection (tests, debugging)
         on_lost = getattr(request, "on_connection_lost", None)
         if on_lost is not None:
             on_lost(self._client_lost)  # the listeners' server: no Deferred per request
@@ -367,7 +370,8 @@ class _Exchange:
         if self.chunked:
             lines.append(b"Transfer-Encoding: chunked\r\n")
         elif self.body_length or request.method in (b"POST", b"PUT", b"PATCH"):
-            lines += [b"Content-Length: ", b"%d" % self.body_length, b"\r\n"]
+            # Not chunked: the length is known.
+            lines += [b"Content-Length: ", b"%d" % cast(int, self.body_length), b"\r\n"]
         if self.upgrade is not None:
             lines += [b"Connection: Upgrade\r\nUpgrade: ", self.upgrade, b"\r\n"]
         lines.append(b"\r\n")
@@ -427,6 +431,7 @@ class _Exchange:
         if self.finished:
             return  # this side gave up on the connect (the client gone, its body failed)
         backend = self.backend
+        assert backend is not None  # chosen by start_on
         why = "timed out" if reason.check(error.TimeoutError) else reason.getErrorMessage()
         if local_failure(reason):
             why += " (a shortage in this process, not counted against the backend)"
@@ -452,6 +457,7 @@ class _Exchange:
             upstream.transport.bufferSize = _STALLED_READ
             self.small_reads = True
         backend = self.backend
+        assert backend is not None  # chosen by start_on
         backend.active += 1
         backend.total += 1
         request = self.request
@@ -476,13 +482,17 @@ class _Exchange:
             upstream.send(b"".join(corked), self, head_request=request.method == b"HEAD",
                           upgrade=self.upgrade is not None)
             return
-        upstream.send(self.head if self.body_length > _SMALL_BODY else self.head + self._small_body(),
+        length = self.body_length
+        assert length is not None  # only a streamed body has no length
+        upstream.send(self.head if length > _SMALL_BODY else self.head + self._small_body(),
                       self, head_request=request.method == b"HEAD", upgrade=self.upgrade is not None)
-        backend.bytes_out += len(self.head) + self.body_length
-        if self.body_length > _SMALL_BODY:
-            request.content.seek(0, 0)
-            self.sender = FileSender()
-            self.sender.beginFileTransfer(request.content, upstream.transport).addCallbacks(
+        backend.bytes_out += len(self.head) + length
+        if length > _SMALL_BODY:
+            # Twisted types Request.content as None (its class default); here it is the body's file.
+            content = cast(IO[bytes], request.content)
+            content.seek(0, 0)
+            sender = self.sender = FileSender()
+            sender.beginFileTransfer(content, upstream.transport).addCallbacks(
                 self._body_sent, lambda f: None)
         else:
             self.request_sent = True
@@ -505,7 +515,9 @@ class _Exchange:
             upstream.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
         else:
             upstream.transport.write(data)
-        self.backend.bytes_out += len(data)
+        backend = self.backend
+        assert backend is not None  # chosen by start_on
+        backend.bytes_out += len(data)
         self.body_sent_at = self.resource.reactor.seconds()
 
     def body_end(self) -> None:
@@ -518,7 +530,8 @@ class _Exchange:
             spool.seek(0, 2)
             self.body_length = spool.tell()
             spool.seek(0, 0)
-            self.request.content = spool  # closed by the listener with the request
+            # Twisted types Request.content as None (its class default), not as the body's file.
+            self.request.content = spool  # type: ignore[assignment]  # closed by the listener with the request
             self.retryable = self.request.method in IDEMPOTENT and not self.body_length
             self.head = self._build_head()
             if self.waiting_for_body and not self.finished:
@@ -533,7 +546,9 @@ class _Exchange:
                 self.corked.append(b"0\r\n\r\n")
             else:
                 upstream.transport.write(b"0\r\n\r\n")
-            self.backend.bytes_out += 5
+            backend = self.backend
+            assert backend is not None  # chosen by start_on
+            backend.bytes_out += 5
         self.body_registered = False
         upstream.transport.unregisterProducer()
         self.request_sent = True
@@ -572,7 +587,8 @@ class _Exchange:
     def _small_body(self) -> bytes:
         if not self.body_length:
             return b""
-        content = self.request.content
+        # Twisted types Request.content as None (its class default); here it is the body's file.
+        content = cast(IO[bytes], self.request.content)
         content.seek(0, 0)
         return content.read()
 
@@ -584,7 +600,9 @@ class _Exchange:
         upstream, self.upstream = self.upstream, None
         if upstream is None:
             return
-        self.backend.active -= 1
+        backend = self.backend
+        assert backend is not None  # chosen by start_on
+        backend.active -= 1
         owed = not self.request_sent
         body = self.body
         if body is not None and owed:
@@ -641,6 +659,7 @@ class _Exchange:
                 resource.response_deadlines.add(self, timeout if not body.paused else timeout - quiet)
                 return
         backend = self.backend
+        assert backend is not None  # chosen by start_on
         backend.record_failure("response timed out")
         log.warn(
             "listener {listener}: backend {backend} ({address}) sent no response in {timeout} s",
@@ -665,6 +684,7 @@ class _Exchange:
             resource.response_deadlines.add(self, timeout if upstream.paused else timeout - quiet)
             return
         backend = self.backend
+        assert backend is not None  # chosen by start_on
         why = f"response stalled: no data for {timeout} s"
         backend.record_failure(why)
         log.warn(
@@ -687,13 +707,17 @@ class _Exchange:
             # What was sent is flushed, then the connection closes: the
             # client sees a response shorter than announced (or a chunked
             # body without its last chunk), never one that looks complete.
-            request.channel.transport.loseConnection()
+            transport = request.channel.transport
+            assert transport is not None  # the channel is connected while it has the request
+            transport.loseConnection()
         self.finished = True  # the client's loss that follows is not logged again
         self._over()
 
     def response_head(self, code: int, reason: bytes, headers) -> None:
         self._cancel_timeout()
-        self.backend.record_success()
+        backend = self.backend
+        assert backend is not None  # chosen by start_on
+        backend.record_success()
         if not self.request_sent:
             # An answer before the whole request went out (a 401 or 413 to
             # an upload, say): the connection is not reused after it.
@@ -720,10 +744,10 @@ class _Exchange:
                     out.addRawHeader(name, value)
         backend_header = self.resource.backend_header
         if backend_header is not None:
-            out.setRawHeaders(backend_header, [self.backend.name.encode("utf-8")])
+            out.setRawHeaders(backend_header, [backend.name.encode("utf-8")])
         session = self.session
         if session.policy is not None:
-            session.policy.remember(session, self.backend)
+            session.policy.remember(session, backend)
         upstream = self.upstream
         if upstream is not None and upstream.body_follows:
             # The exchange, not the backend connection, is the client
@@ -765,11 +789,14 @@ class _Exchange:
     def response_switch(self, code: int, reason: bytes, headers) -> None:
         """The backend accepted the upgrade (101): tunnel both connections."""
         self._cancel_timeout()
-        self.backend.record_success()
+        backend = self.backend
+        assert backend is not None  # chosen by start_on
+        backend.record_success()
         if self.client_gone:
             return
         self.responding = True
-        request = self.request
+        # Only the listeners' FrontRequest can switch protocols (see render).
+        request = cast("FrontRequest", self.request)
         self.status = code
         request.setResponseCode(code, reason or None)
         out = request.responseHeaders
@@ -781,26 +808,30 @@ class _Exchange:
         out.setRawHeaders(b"connection", [b"Upgrade"])
         session = self.session
         if session.policy is not None:
-            session.policy.remember(session, self.backend)
-        request.switch_protocols(self.upstream.transport)
+            session.policy.remember(session, backend)
+        upstream = self.upstream
+        assert upstream is not None  # the connection that answered 101
+        request.switch_protocols(upstream.transport)
 
     def tunnel_data(self, data: bytes) -> None:
         if self.client_gone:
             return
         self.bytes_sent += len(data)
-        self.request.tunnel_write(data)
+        cast("FrontRequest", self.request).tunnel_write(data)
 
     def tunnel_closed(self, reason) -> None:
         """The backend ended the tunnel: the client's connection ends too."""
         upstream, self.upstream = self.upstream, None
+        backend = self.backend
+        assert backend is not None  # chosen by start_on
         if upstream is not None:
-            self.backend.active -= 1
+            backend.active -= 1
         if self.client_gone or self.finished:
             return
         self.finished = True
-        self.backend.bytes_in += self.bytes_sent
+        backend.bytes_in += self.bytes_sent
         self._over()
-        self.request.tunnel_closed()
+        cast("FrontRequest", self.request).tunnel_closed()
 
     def response_data(self, data: bytes) -> None:
         if self.client_gone:
@@ -821,7 +852,9 @@ class _Exchange:
         request = self.request
         if request.producer is not None:
             request.unregisterProducer()
-        self.backend.bytes_in += self.bytes_sent
+        backend = self.backend
+        assert backend is not None  # chosen by start_on
+        backend.bytes_in += self.bytes_sent
         self._end_upstream(True)
         self.finish()
 
@@ -843,6 +876,7 @@ class _Exchange:
     def response_failed(self, reason, received: bool) -> None:
         self._cancel_timeout()
         backend = self.backend
+        assert backend is not None  # chosen by start_on
         self._end_upstream(False)
         why = reason.getErrorMessage() if hasattr(reason, "getErrorMessage") else str(reason)
         if self._ended_by_us(reason):
@@ -966,10 +1000,11 @@ class _Exchange:
         """
         self.log_access(client_gone)
         request = self.request
+        # Attributes this package sets on any request (setattr: Request does not declare them).
         if getattr(request, "slb_exchange", None) is self:
-            request.slb_exchange = None
+            setattr(request, "slb_exchange", None)
         if getattr(request, "slb_session", None) is self.session:
-            request.slb_session = None
+            setattr(request, "slb_session", None)
 
     def log_access(self, client_gone: bool = False) -> None:
         backend = self.backend
@@ -1076,7 +1111,8 @@ class BalancedProxyResource(Resource):
         self.backend_header = backend_header or None
         self.request_buffering = request_buffering
         # Each request's response timeout; one timer for them all.
-        self.response_deadlines = Deadlines(reactor, _Exchange._timed_out)
+        # Only exchanges are added to it.
+        self.response_deadlines = Deadlines(reactor, cast("Callable[[Hashable], None]", _Exchange._timed_out))
 
     def connection_shape(self):
         """

@@ -12,13 +12,16 @@ question 5).
 from __future__ import annotations
 
 import re
-from typing import Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
 import attr
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource, getChildForRequest
+
+if TYPE_CHECKING:
+    from twisted_slb.backends import BackendGroup
 
 log = Logger(namespace="twisted_slb.web.routing")
 
@@ -243,7 +246,7 @@ class SplitChoice:
     weight, and the resource that proxies to it.
     """
 
-    group: object
+    group: BackendGroup
     weight: int
     resource: IResource
 

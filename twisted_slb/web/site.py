@@ -45,6 +45,8 @@ class _BalancerChannel(HTTPChannel):
 
     # Connected before any method below runs (see twisted_slb._typing).
     transport: IStreamTransport
+    # Set by Site.buildProtocol before the channel is connected.
+    site: BalancerSite
 
     def lineLengthExceeded(self, line):
         # _receivedHeaderSize is documented in HTTPChannel's ivars; it is 0
@@ -166,7 +168,9 @@ class BalancerSite(Site):
     """
 
     noisy = False
-    protocol = _BalancerChannel
+    # HTTPFactory types protocol as its generic-channel factory function;
+    # Factory.buildProtocol only calls it, and a channel class works as well.
+    protocol = _BalancerChannel  # type: ignore[assignment]
 
     def __init__(
         self,

@@ -13,7 +13,7 @@ with the framing (Content-Length, chunked, or until close) decoded.
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Protocol as TypingProtocol, Tuple
 
 from twisted.internet import error
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
@@ -38,10 +38,10 @@ class UpstreamError(Exception):
     """The backend broke the protocol (an invalid response)."""
 
 
-class IResponseHandler:
+class IResponseHandler(TypingProtocol):
     """
     What an L{UpstreamProtocol} tells about the response to its request
-    (documentation only: any object with these methods will do).
+    (a typing protocol: any object with these methods will do).
     """
 
     def response_head(self, code: int, reason: bytes, headers: List[Tuple[bytes, bytes]]) -> None:
@@ -98,9 +98,10 @@ class UpstreamProtocol(Protocol):
     # Connected before any method below runs (see twisted_slb._typing).
     transport: IStreamTransport
 
-    handler = None
-    pool = None
-    key = None
+    handler: Optional[IResponseHandler] = None
+    pool: Optional[UpstreamPool] = None
+    #: the pool's key of its connections (set with C{pool})
+    key: Optional[tuple] = None
     idle_since = 0.0
     paused = False
 
@@ -123,7 +124,7 @@ class UpstreamProtocol(Protocol):
         """Whether the response whose head just arrived still has a body to come."""
         return self.state != _IDLE
 
-    def send(self, head: bytes, handler, head_request: bool = False, upgrade: bool = False) -> None:
+    def send(self, head: bytes, handler: IResponseHandler, head_request: bool = False, upgrade: bool = False) -> None:
         """
         Send a request head (request line and headers, ending with the blank
         line); the caller writes the body, if any, to C{self.transport}.
@@ -295,19 +296,21 @@ class UpstreamProtocol(Protocol):
                     close = True
                 elif b"keep-alive" in tokens and version == b"HTTP/1.0":
                     close = False
+        handler = self.handler
+        # _parse calls this only while a request is in flight.
+        assert handler is not None
         if 100 <= code < 200:
             if code == 101:
                 if not self.upgrade:
                     raise UpstreamError("101 Switching Protocols to a request that did not ask to upgrade")
                 self.state = _TUNNEL
                 self.reusable = False
-                self.handler.response_switch(code, reason, headers)
+                handler.response_switch(code, reason, headers)
                 return
             # Interim response (100 Continue, 103 Early Hints): skip it.
             return
         if close:
             self.reusable = False
-        handler = self.handler
         if self.head_request or code in (204, 304):
             handler.response_head(code, reason, headers)
             self._done(rest)
@@ -495,6 +498,8 @@ class UpstreamPool:
         return self.reactor.connectTCP(backend.host, backend.port, factory, timeout=connect_timeout)
 
     def put(self, proto: UpstreamProtocol) -> None:
+        # A connection of the pool: its _Connector gave it its key.
+        assert proto.key is not None
         idle = self.idle.setdefault(proto.key, [])
         if len(idle) >= self.max_idle:
             proto.transport.loseConnection()
@@ -523,6 +528,8 @@ class UpstreamPool:
     def forget(self, proto: UpstreamProtocol) -> None:
         """A connection closed: it is no longer idle nor open."""
         self.all.discard(proto)
+        # A connection of the pool: its _Connector gave it its key.
+        assert proto.key is not None
         idle = self.idle.get(proto.key)
         if idle and proto in idle:
             idle.remove(proto)
