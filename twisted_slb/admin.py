@@ -56,7 +56,7 @@ from twisted.web.template import Tag, flattenString, tags
 from twisted_slb.limits import ConnectionLimit
 from twisted_slb.persistence.census import table_counts
 from twisted_slb.backends import ADMIN_STATES, DRAIN, MAINT, READY
-from twisted_slb.stats import StatsRegistry
+from twisted_slb.stats import StatsRegistry, UDPListenerStats
 from twisted_slb.web.front import BadRequest, HTTPFrontFactory
 
 log = Logger(namespace="twisted_slb.admin")
@@ -360,7 +360,8 @@ def _udp_metrics(registry: StatsRegistry) -> list:
     refused = CounterMetricFamily("slb_udp_refused", "UDP sessions whose backend answered port unreachable",
                                   labels=["listener"])
     for stats in registry.listeners.values():
-        if stats.protocol != "udp":
+        # A udp listener's stats (StatsRegistry.for_listener: protocol "udp").
+        if not isinstance(stats, UDPListenerStats):
             continue
         name = stats.name
         datagrams.add_metric([name, "in"], stats.datagrams_in)
@@ -850,7 +851,7 @@ class TablesPage(_AdminPage):
             if wanted is None or wanted in (backend, backend_key):
                 matched += count
         names: Dict[str, Optional[str]] = {}
-        shown = []
+        shown: List[Dict[str, object]] = []
         for entry_key, backend_key, idle in table.items():
             if len(shown) >= limit:
                 break

@@ -24,7 +24,7 @@ import argparse
 import json
 import re
 import sys
-from typing import Dict, List, Optional, TextIO
+from typing import Dict, List, Optional, TextIO, Tuple
 
 import attr
 from twisted.internet import defer, task
@@ -49,7 +49,7 @@ class Visit:
     n: int
     status: int
     backend: Optional[str]
-    set_cookies: Dict[str, str]
+    set_cookies: Dict[str, Optional[str]]  # None: the response deletes the cookie
     note: str = ""
 
 
@@ -81,7 +81,9 @@ def _parse(argv: List[str]) -> argparse.Namespace:
     def error(message):
         raise UsageFailure(f"slb-check: {message}\n{parser.format_usage().strip()}")
 
-    parser.error = error  # argparse would exit; we return 2 ourselves
+    # argparse would exit; we return 2 ourselves (the instance's method is
+    # replaced on purpose, which mypy refuses).
+    parser.error = error  # type: ignore[method-assign]
     args = parser.parse_args(argv)
     if (args.url is None) == (args.tcp is None):
         error("give a URL, or --tcp HOST:PORT")
@@ -121,8 +123,9 @@ def _identify(args, body: bytes, cookie_value: Optional[str], header: Optional[b
     return None
 
 
-def _parse_set_cookies(values: List[bytes]) -> Dict[str, str]:
-    out = {}
+def _parse_set_cookies(values: List[bytes]) -> Dict[str, Optional[str]]:
+    """Cookie name -> value, or L{None} for a cookie the response deletes (Max-Age=0)."""
+    out: Dict[str, Optional[str]] = {}
     for raw in values:
         text = raw.decode("latin-1")
         pair = text.split(";", 1)[0]
@@ -246,7 +249,7 @@ def _check_tcp(args, reactor, out: TextIO):
     return visits, None
 
 
-def _verdict(visits: List[Visit], cookie: Optional[str], tcp: bool, headers=()) -> (bool, str):
+def _verdict(visits: List[Visit], cookie: Optional[str], tcp: bool, headers=()) -> Tuple[bool, str]:
     first = visits[0]
     unknown = [v for v in visits if v.backend is None]
     if unknown:

@@ -1028,11 +1028,13 @@ def _read_listener(file: str, base: str, name: str, data: Any,
             backends, split = _read_backends(t, groups, protocol)
     persistence = _read_persistence(t, "persistence", protocol)
     _check_split(t, split, groups, persistence)
-    if protocol == "tcp" and groups[backends].scheduler == "hash" and groups[backends].hash_key != "source_ip":
-        raise t.error("backends", f"group {backends!r} hashes on {groups[backends].hash_key!r}, which a tcp "
-                      "listener cannot read", backends,
-                      'a group whose hash_key is "source_ip" (the default): a tcp connection has no header, cookie, '
-                      "query, path or host")
+    if protocol == "tcp":
+        assert backends is not None  # a tcp listener always reads its backends (above)
+        if groups[backends].scheduler == "hash" and groups[backends].hash_key != "source_ip":
+            raise t.error("backends", f"group {backends!r} hashes on {groups[backends].hash_key!r}, which a tcp "
+                          "listener cannot read", backends,
+                          'a group whose hash_key is "source_ip" (the default): a tcp connection has no header, '
+                          "cookie, query, path or host")
     kwargs: Dict[str, Any] = dict(
         name=name, protocol=protocol, bind=bind, backends=backends, persistence=persistence,
         max_connections=t.integer("max_connections", 0, 0, 10_000_000),
@@ -1076,15 +1078,15 @@ def _read_listener(file: str, base: str, name: str, data: Any,
                 _check_file(c, "key", c.get("key"), base),
                 _check_file(c, "chain", chain, base) if chain is not None else None,
             ))
-        allowed = 'a non-empty array of "h2" and "http/1.1", best first, such as ["h2", "http/1.1"]'
-        alpn = t.array("alpn", ["h2", "http/1.1"], allowed=allowed)
+        alpn_allowed = 'a non-empty array of "h2" and "http/1.1", best first, such as ["h2", "http/1.1"]'
+        alpn = t.array("alpn", ["h2", "http/1.1"], allowed=alpn_allowed)
         if not alpn or not all(isinstance(a, str) and a and len(a) < 256 for a in alpn):
-            raise t.error("alpn", "not a list of protocol names", alpn, allowed)
+            raise t.error("alpn", "not a list of protocol names", alpn, alpn_allowed)
         for name in alpn:
             if name not in ALPN_PROTOCOLS:
-                raise t.error("alpn", f"{name!r} is not a protocol this listener speaks", alpn, allowed)
+                raise t.error("alpn", f"{name!r} is not a protocol this listener speaks", alpn, alpn_allowed)
         if len(set(alpn)) != len(alpn):
-            raise t.error("alpn", "a protocol is named twice", alpn, allowed)
+            raise t.error("alpn", "a protocol is named twice", alpn, alpn_allowed)
         kwargs.update(
             certificates=tuple(certs),
             min_tls=t.string("min_tls", "1.2", choices=("1.2", "1.3")),

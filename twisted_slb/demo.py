@@ -124,6 +124,7 @@ class UDPEchoName(DatagramProtocol):
         self.prefix = b"backend=" + name.encode("utf-8") + b" "
 
     def datagramReceived(self, data: bytes, addr) -> None:
+        assert self.transport is not None  # a datagram arrives on a bound port
         self.transport.write(self.prefix + data, addr)
 
 
@@ -134,7 +135,9 @@ def DemoBackendService(name: str, port: int, interface: str = DEMO_INTERFACE,
     top = MultiService()
     site = Site(CheckPage(name, f"{interface}:{port}"))
     site.noisy = False
-    site.log = lambda request: None
+    # No access log: the instance's method is replaced on purpose (mypy
+    # refuses that); a subclass would change the log prefix.
+    site.log = lambda request: None  # type: ignore[method-assign]
     StreamServerEndpointService(TCP4ServerEndpoint(reactor, port, interface=interface), site).setServiceParent(top)
     if tcp_port is not None:
         StreamServerEndpointService(
@@ -307,8 +310,10 @@ class _Banner(Service):
         Service.startService(self)
         # Straight to the terminal: twistd sends print() through its logger,
         # which would put a timestamp on every line of the instructions.
-        sys.__stdout__.write(self.text + "\n")
-        sys.__stdout__.flush()
+        stdout = sys.__stdout__
+        assert stdout is not None  # twistd runs with a standard output
+        stdout.write(self.text + "\n")
+        stdout.flush()
 
 
 def demo_service(port_base: Optional[int], reactor) -> MultiService:

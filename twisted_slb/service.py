@@ -10,7 +10,7 @@ stick tables of source-IP persistence, and the upstream connection pool.
 from __future__ import annotations
 
 import os
-from typing import Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Tuple, Union, cast
 
 import attr
 from twisted.application.service import MultiService, Service
@@ -30,6 +30,16 @@ from twisted_slb.config import Config, ConfigError, ListenerConfig, load_config
 from twisted_slb.limits import ConnectionLimit, IListenerFactory
 from twisted_slb.stats import StatsRegistry
 from twisted_slb.tls import ClientTLSCache, describe_address
+
+if TYPE_CHECKING:
+    from twisted.python.failure import Failure
+
+    from twisted_slb.accesslog import AccessLogFile
+    from twisted_slb.admin import AdminState
+    from twisted_slb.persistence.cookies import InsertCookie, RewriteCookie
+    from twisted_slb.persistence.store import RedisStore, SharedStickTable
+    from twisted_slb.persistence.tables import StickTable
+    from twisted_slb.tls import CertificateSet, SNIServerOptions, StagedClientTLS
 
 log = Logger(namespace="twisted_slb.service")
 
@@ -185,7 +195,7 @@ class ListenerService(Service):
             # Added by a reload to a running balancer: startService listens
             # and logs a failure; the running process must not exit.
             return
-        failures = []
+        failures: List[Failure] = []
         self._listen().addErrback(failures.append)
         if failures:
             reason = failures[0].getErrorMessage()
@@ -317,9 +327,9 @@ class _Prepared:
     """What L{BalancerService._prepare} built for a configuration, not yet in use."""
 
     #: https listener name -> its L{twisted_slb.tls.SNIServerOptions}
-    server_tls: Dict[str, object]
+    server_tls: Dict[str, SNIServerOptions]
     #: the backend groups' trust roots (L{twisted_slb.tls.StagedClientTLS})
-    client_tls: object
+    client_tls: StagedClientTLS
 
 
 class BalancerService(MultiService):
@@ -355,14 +365,14 @@ class BalancerService(MultiService):
         self.reactor = reactor
         self.config = config
         self.groups: Dict[str, BackendGroup] = {}
-        self.stick_tables: Dict[str, object] = {}
+        self.stick_tables: Dict[str, Union[StickTable, SharedStickTable]] = {}
         # The tables the listeners built since the last reload use.
         self._tables_in_use: set = set()
         self.pool = None
         # Connection counts outlive a reload (open connections still count).
         self.global_limit = ConnectionLimit(config.max_connections, "[all listeners]")
         self.limits: Dict[str, ConnectionLimit] = {}
-        self.access_files: Dict[str, object] = {}
+        self.access_files: Dict[str, AccessLogFile] = {}
         from twisted_slb.accesslog import TwistdLog
 
         # access_log = true: lines to twistd's log, written in batches.
@@ -374,9 +384,9 @@ class BalancerService(MultiService):
         self.stats.census.tables = self.stick_tables
         # Cookie-client counters by name, kept across reloads like the tables.
         self._counters_in_use: set = set()
-        self.admin_state = None
+        self.admin_state: Optional[AdminState] = None
         self._warned_admin: Optional[str] = None
-        self.store = None
+        self.store: Optional[RedisStore] = None
         if config.store.type == "redis":
             from twisted_slb.persistence.store import RedisStore
 
@@ -449,7 +459,7 @@ class BalancerService(MultiService):
         from twisted_slb.tls import SNIServerOptions
 
         certificates = self._load_certificates(config)
-        server_tls = {}
+        server_tls: Dict[str, SNIServerOptions] = {}
         for listener in config.listeners.values():
             if listener.protocol == "https":
                 try:
@@ -487,7 +497,7 @@ class BalancerService(MultiService):
         # The CA files loaded by _prepare; warns (once) about verify = false.
         self.client_tls.install(prepared.client_tls)
 
-    def _load_certificates(self, config: Config) -> Dict[str, object]:
+    def _load_certificates(self, config: Config) -> Dict[str, CertificateSet]:
         """
         Read and check the certificates of every https listener, before
         anything else changes, so that a bad file fails a reload as a whole.
@@ -543,6 +553,7 @@ class BalancerService(MultiService):
         from twisted_slb.admin import AdminState, admin_site, exposed_without_token
 
         admin = self.config.admin
+        assert admin is not None  # the admin listener is there only with an [admin] section
         if exposed_without_token(admin.bind, admin.token) and self._warned_admin != admin.bind:
             self._warned_admin = admin.bind
             log.warn("the admin listener binds {bind}, beyond loopback, with no [admin] token: anyone who reaches "
@@ -626,6 +637,7 @@ class BalancerService(MultiService):
             policy = self._table_policy(f"{listener.name}/{listener.backends}", listener.persistence,
                                         route=listener.name)
         stats = self.stats.for_listener(listener.name, "tcp")
+        assert listener.backends is not None  # required of a tcp listener by the config
         factory = TCPBalancerFactory(
             self.groups[listener.backends],
             policy=policy,
@@ -664,6 +676,7 @@ class BalancerService(MultiService):
         if listener.persistence is not None:
             policy = self._table_policy(f"{listener.name}/{listener.backends}", listener.persistence,
                                         route=listener.name, kind="udp")
+        assert listener.backends is not None  # required of a udp listener by the config
         return UDPBalancer(
             self.groups[listener.backends],
             policy=policy,
@@ -676,7 +689,7 @@ class BalancerService(MultiService):
             access_file=self._access_file(listener),
         )
 
-    def _build_route(self, listener: ListenerConfig, group_name: str, persistence, split=(), where: str = "",
+    def _build_route(self, listener: ListenerConfig, group_name: Optional[str], persistence, split=(), where: str = "",
                      request_buffering: Optional[bool] = None):
         """
         The resource of a listener's default route or of a rule: a proxy to
@@ -705,6 +718,7 @@ class BalancerService(MultiService):
             group_key = "+".join(names)
             servers = tuple(s for name in names for s in self.config.backends[name].servers)
         else:
+            assert group_name is not None  # the config gives a route without a split its group
             resource = self._proxy(listener, group_name, request_buffering)
             group_key = group_name
             servers = self.config.backends[group_name].servers
@@ -717,10 +731,12 @@ class BalancerService(MultiService):
         wrapped = wrap_with_persistence(resource, persistence, table_key=key, servers=servers,
                                         **self._table_options())
         # Cookie policies count their clients for the admin listener.
+        # (wrap_with_persistence builds an InsertCookie or a RewriteCookie for them.)
         if persistence.type == "insert_cookie":
-            wrapped.clients = self._cookie_clients(f"{listener.name}/{group_key}", persistence, wrapped.max_idle)
+            insert = cast("InsertCookie", wrapped)
+            insert.clients = self._cookie_clients(f"{listener.name}/{group_key}", persistence, insert.max_idle)
         elif persistence.type == "rewrite_cookie":
-            wrapped.clients = self._cookie_clients(f"{listener.name}/{group_key}", persistence, REWRITE_WINDOW)
+            cast("RewriteCookie", wrapped).clients = self._cookie_clients(f"{listener.name}/{group_key}", persistence, REWRITE_WINDOW)
         return wrapped
 
     def _cookie_clients(self, where: str, persistence, window: float):
@@ -870,8 +886,9 @@ class BalancerService(MultiService):
                 log.info("listener {listener} removed or moved: closing its port", listener=name)
                 self.removeService(service)
                 if new is None:
-                    # Its open connections still count until they close.
-                    self.limits.pop(name, None)
+                    # Its open connections still count until they close
+                    # (a ListenerService is named after its listener).
+                    self.limits.pop(cast(str, name), None)
         self.stats.retain(config.listeners)
         self._tables_in_use = set()
         self._counters_in_use = set()

@@ -14,7 +14,13 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Mapping, Optional, Tuple, cast
+
+if TYPE_CHECKING:
+    from twisted_slb.backends import BackendGroup
+    from twisted_slb.health import HealthState
+    from twisted_slb.persistence.store import RedisStore
+    from twisted_slb.web.routing import SplitStats
 
 #: Why a udp listener dropped a datagram, as counted in
 #: L{UDPListenerStats.drops} (see L{twisted_slb.udp}).
@@ -47,7 +53,7 @@ class ListenerStats:
         self.persistence: Dict[str, int] = dict.fromkeys(OUTCOMES, 0)
         self.bytes_in = 0
         self.bytes_out = 0
-        self.active_source = None  # a callable giving open connections now
+        self.active_source: Optional[Callable[[], int]] = None  # a callable giving open connections now
         #: the counts of the listener's L{twisted_slb.clientip.ClientIPPolicy}
         self.client_ip: Dict[str, int] = {"forwarded": 0, "malformed": 0, "untrusted": 0, "refused": 0}
 
@@ -144,7 +150,7 @@ class StatsRegistry:
     groups, for the admin listener.
     """
 
-    def __init__(self, groups: Optional[Mapping[str, object]] = None) -> None:
+    def __init__(self, groups: Optional[Mapping[str, BackendGroup]] = None) -> None:
         from twisted_slb.persistence.census import PinCensus
 
         self.listeners: Dict[str, ListenerStats] = {}
@@ -157,13 +163,13 @@ class StatsRegistry:
         self.started = time.time()
         # Weighted splits' counts by route ("web", "web rule 0"), with the
         # groups each split has now.
-        self.splits: Dict[str, object] = {}
+        self.splits: Dict[str, SplitStats] = {}
         self._split_groups: Dict[str, tuple] = {}
         self._splits_in_use: set = set()
         #: the shared store (L{twisted_slb.persistence.store.RedisStore}), if any
-        self.store = None
+        self.store: Optional[RedisStore] = None
 
-    def for_split(self, where: str, groups) -> object:
+    def for_split(self, where: str, groups) -> SplitStats:
         """
         The L{twisted_slb.web.routing.SplitStats} of the split of route
         C{where}, kept across reloads while the route has a split.
@@ -203,7 +209,8 @@ class StatsRegistry:
         for group in self.groups.values():
             backends = []
             for b in group.backends:
-                health = b.extra.get("health")
+                # What twisted_slb.health keeps there (Backend.extra holds objects).
+                health = cast(Optional["HealthState"], b.extra.get("health"))
                 backends.append({
                     "name": b.name,
                     "address": b.address,

@@ -9,12 +9,21 @@ lines on how to try it.
 from __future__ import annotations
 
 import sys
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from twisted.application.service import MultiService, Service
 from twisted.python import usage
 
 from twisted_slb._io import heap
 from twisted_slb.config import ConfigError, describe, load_config
+
+if TYPE_CHECKING:
+    from twisted_slb.service import BalancerService
+    from twisted_slb.workers import WorkerPoolService
+
+# What signal.signal returns: the handler it replaced.
+_SignalHandler = Union[Callable[[int, Optional[FrameType]], Any], int, None]
 
 
 class Options(usage.Options):
@@ -99,7 +108,7 @@ class _SIGHUPReload(Service):
     def __init__(self, balancer, reactor) -> None:
         self.balancer = balancer
         self.reactor = reactor
-        self._previous = None
+        self._previous: _SignalHandler = None
 
     def startService(self) -> None:
         import signal
@@ -145,18 +154,20 @@ def makeService(options: Options):
     inheritance = Inheritance.from_environment()
     adopted = inheritance.adopted(BalancerService._listener_configs(config))
     top = MultiService()
+    balancer: Union[WorkerPoolService, BalancerService]
     if config.workers > 1:
         from twisted_slb.workers import WorkerPoolService
 
         balancer = WorkerPoolService(config, reactor, adopted=adopted)
     else:
         try:
-            balancer = BalancerService(config, reactor, adopted=adopted)
+            single = BalancerService(config, reactor, adopted=adopted)
         except ConfigError as e:
             # A TLS file that changed since it was checked, or that OpenSSL
             # refuses: one line, as for any other error in the file.
             raise SystemExit(f"{config.path}: {e}") from None
-        inheritance.load_tables(balancer.stick_tables)
+        inheritance.load_tables(single.stick_tables)
+        balancer = single
     balancer.setServiceParent(top)
     _SIGHUPReload(balancer, reactor).setServiceParent(top)
     # twistd's options (parent of ours): their pid file moves aside during an upgrade.

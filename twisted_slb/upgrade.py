@@ -40,7 +40,8 @@ import socket
 import sys
 import tempfile
 import time
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from types import FrameType
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Protocol, Tuple, Union
 
 from twisted.application.service import Service
 from twisted.internet.protocol import ProcessProtocol
@@ -115,7 +116,21 @@ def adoption(sockets: Sockets, listeners: Iterable) -> Dict[str, Tuple[int, int]
 # -- stick tables -------------------------------------------------------------------
 
 
-def dump_tables(tables: Mapping[str, object], now: float) -> dict:
+class _DumpableTable(Protocol):
+    """
+    What dumping and restoring a stick table uses: L{IStickTable}'s C{items}
+    and, of both its implementations (L{StickTable} and
+    L{twisted_slb.persistence.store.SharedStickTable}), C{len} and C{restore}.
+    """
+
+    def __len__(self) -> int: ...
+
+    def items(self) -> Iterator[Tuple[bytes, str, float]]: ...
+
+    def restore(self, key: bytes, backend_key: str, idle: float) -> None: ...
+
+
+def dump_tables(tables: Mapping[str, _DumpableTable], now: float) -> dict:
     """
     The stick tables as a JSON-ready document::
 
@@ -140,7 +155,7 @@ def dump_tables(tables: Mapping[str, object], now: float) -> dict:
     }
 
 
-def load_tables(doc: dict, tables: Mapping[str, object], now: float) -> int:
+def load_tables(doc: dict, tables: Mapping[str, _DumpableTable], now: float) -> int:
     """
     Restore the entries of a L{dump_tables} document into the tables of the
     same key (entries of a table that no longer exists are dropped), aged by
@@ -217,7 +232,7 @@ class Inheritance:
     def adopted(self, listeners: Iterable) -> Dict[str, Tuple[int, int]]:
         return adoption(self.sockets, listeners)
 
-    def load_tables(self, tables: Mapping[str, object], now: Optional[float] = None) -> int:
+    def load_tables(self, tables: Mapping[str, _DumpableTable], now: Optional[float] = None) -> int:
         """Load and delete the stick table dump, if there is one; log what happened."""
         path, self.tables_path = self.tables_path, None
         if path is None:
@@ -377,7 +392,8 @@ class UpgradeService(Service):
         self._timeout = None
         self._tables_path: Optional[str] = None
         self._pidfile: Optional[str] = None
-        self._previous = None
+        # What signal.signal returned: the SIGUSR2 handler replaced.
+        self._previous: Union[Callable[[int, Optional[FrameType]], Any], int, None] = None
 
     # -- signals ----------------------------------------------------------------
 
@@ -419,6 +435,7 @@ class UpgradeService(Service):
         @return: whether a new process was started.
         """
         if self.pending is not None:
+            assert self.pending.transport is not None  # pending once spawnProcess connected it
             log.warn("upgrade already under way (new process {pid}); SIGUSR2 ignored",
                      pid=self.pending.transport.pid)
             return False
@@ -460,6 +477,7 @@ class UpgradeService(Service):
         self._timeout = self.reactor.callLater(
             self.ready_timeout, lambda: self._failed(proto, f"it was not ready after {self.ready_timeout:g} s")
         )
+        assert proto.transport is not None  # spawnProcess connected it
         log.info("upgrade: started process {pid} ({argv}) with {count} listening sockets",
                  pid=proto.transport.pid, argv=" ".join(self.argv), count=len(sockets))
         return True
@@ -505,6 +523,7 @@ class UpgradeService(Service):
             return
         pid = proto.transport.pid if proto.transport is not None else None
         if proto.exited is None and pid is not None:
+            assert proto.transport is not None  # it has a pid
             try:
                 proto.transport.signalProcess("KILL")
             except Exception:  # it ended meanwhile

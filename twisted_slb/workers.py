@@ -24,7 +24,7 @@ import argparse
 import os
 import signal
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, cast
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -98,7 +98,9 @@ class WorkerPoolService(Service):
         self.reactor = reactor
         self.config = config
         self.python = python
-        self.ports: Dict[str, object] = {}  # bind description -> listening port (not read)
+        # bind description -> listening port (not read): a reactor's port,
+        # which also has stopReading and fileno (not in IListeningPort).
+        self.ports: Dict[str, Any] = {}
         self.workers: List[_WorkerProcess] = []
         self.generation = 0
         self._stopping = False
@@ -159,6 +161,7 @@ class WorkerPoolService(Service):
         proto = _WorkerProcess(self, index, self.generation, self.reactor.seconds())
         self.reactor.spawnProcess(proto, self.python, args, env=os.environ.copy(), childFDs=child_fds)
         self.workers.append(proto)
+        assert proto.transport is not None  # spawnProcess connected it
         log.info("worker {index} started (pid {pid})", index=index, pid=proto.transport.pid)
 
     def _worker_ended(self, proto: _WorkerProcess, reason) -> None:
@@ -285,11 +288,14 @@ def worker_main(argv: Optional[List[str]] = None) -> None:
         from twisted_slb._io.reactor import install_default
 
         install_default()
-    from twisted.internet import reactor
+    from twisted.internet import reactor as global_reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from twisted_slb.service import BalancerService
 
+    # A posix reactor: callFromThread, run(installSignalHandlers=...) and
+    # more than the one interface mypy gives the global reactor.
+    reactor = cast(Any, global_reactor)
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
     config = load_config(args.config)
     adopted = dict(_parse_listener(t) for t in args.listener)
@@ -330,7 +336,8 @@ def _watch_parent(reactor, index: int) -> None:
             if reactor.running:
                 reactor.stop()
 
-    StandardIO(ParentWatch(), stdin=0, stdout=1, reactor=reactor)
+    # mypy sees Windows' StandardIO; the posix one (used here) takes stdin and stdout.
+    StandardIO(ParentWatch(), stdin=0, stdout=1, reactor=reactor)  # type: ignore[call-arg]
 
 
 if __name__ == "__main__":

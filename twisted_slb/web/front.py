@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import re
 from tempfile import SpooledTemporaryFile
-from typing import List, Optional
+from typing import TYPE_CHECKING, Callable, List, Optional
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ISSLTransport
@@ -78,6 +78,10 @@ from zope.interface import implementer
 from twisted_slb._io.headers import FastHeaders
 from twisted_slb._io.sockets import close, set_nodelay, write_now
 from twisted_slb._reactor import maybe_global_reactor
+
+if TYPE_CHECKING:
+    from twisted_slb.stats import ListenerStats
+    from twisted_slb.web.h2 import H2Settings
 from twisted_slb._typing import IStreamTransport
 from twisted_slb.limits import ClientAddressLimit, ConnectionAdmission, ConnectionLimit, IListenerFactory
 from twisted_slb.persistence.interfaces import normalise_ip
@@ -1117,7 +1121,7 @@ class HTTPFrontFactory(Factory):
     #: called with each L{FrontRequest} once its head is read, before its
     #: body: raises L{BadRequest} to refuse it (the admin listener checks
     #: Host, origin and authorization there)
-    check_head = None
+    check_head: Optional[Callable[[FrontRequest], None]] = None
     #: whether the body, too, must arrive within one timeout of the
     #: request's first byte (rather than one timeout between reads)
     whole_request_deadline = False
@@ -1128,7 +1132,7 @@ class HTTPFrontFactory(Factory):
     client_ip_policy = None
     #: the L{twisted_slb.web.h2.H2Settings} of the HTTP/2 connections of an
     #: https listener that offers C{h2} over ALPN, or L{None}: HTTP/1.1 only
-    h2 = None
+    h2: Optional[H2Settings] = None
 
     def __init__(
         self,
@@ -1165,7 +1169,7 @@ class HTTPFrontFactory(Factory):
         self.listener_name = listener_name
         self.secure = secure
         self.channels: set = self.admission.connections
-        self.stats = None
+        self.stats: Optional[ListenerStats] = None
 
     def buildProtocol(self, addr):
         ip = getattr(addr, "host", None)
