@@ -211,7 +211,7 @@ class LeanTLSTests(TestCase):
     timeout = 20
 
     def setUp(self) -> None:
-        self.patch(leantls, "enabled", True)  # off by default for now
+        self.patch(leantls, "enabled", True)  # whatever the environment says
         self.logs = LogCapture(self)
         self.clock = Clock()  # the handshake timeout's
         self.options = tls.SNIServerOptions(
@@ -567,7 +567,7 @@ class SlowReaderTests(TestCase):
     timeout = 30
 
     def setUp(self) -> None:
-        self.patch(leantls, "enabled", True)  # off by default for now
+        self.patch(leantls, "enabled", True)  # whatever the environment says
 
     @defer.inlineCallbacks
     def test_slowReaderPausesTheProducerAndGetsEverything(self):
@@ -655,11 +655,11 @@ class FallbackTests(SynchronousTestCase):
         self.assertFalse(leantls.serve_port(port, port.factory, port.factory))
 
     def test_environmentSwitch(self) -> None:
-        """TWISTED_SLB_LEAN_TLS=1 in the environment turns it on; it is off without it, or with 0 or off."""
+        """It is on by default (or with TWISTED_SLB_LEAN_TLS=1); TWISTED_SLB_LEAN_TLS=0 or off turns it off."""
         import subprocess
         import sys
 
-        for value, expected in (("0", "False"), ("1", "True"), ("off", "False"), (None, "False")):
+        for value, expected in (("0", "False"), ("1", "True"), ("off", "False"), (None, "True")):
             out = subprocess.run(
                 [sys.executable, "-c", "from twisted_slb._io import leantls; print(leantls.enabled)"],
                 env={"PYTHONPATH": ":".join(sys.path), **({"TWISTED_SLB_LEAN_TLS": value} if value else {})},

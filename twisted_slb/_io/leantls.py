@@ -45,11 +45,9 @@ requires.
 
 It is used by https listeners when the reactor can drive lean transports
 (L{twisted_slb._io.lean.usable}), the listener has no PROXY protocol header to
-read first, and L{enabled} is true: for now only when the environment
-variable C{TWISTED_SLB_LEAN_TLS=1} is set.  It is off by default because an
-HTTP/2 connection served on it did not finish draining at shutdown in one
-end-to-end test (Chromium over h2): until that is understood, Twisted's TLS
-serves https listeners, as it always does with any other reactor.
+read first, and L{enabled} is true (the default):
+C{TWISTED_SLB_LEAN_TLS=0} in the environment turns it off, and Twisted's TLS
+then serves https listeners, as it always does with any other reactor.
 """
 
 from __future__ import annotations
@@ -68,8 +66,8 @@ from twisted_slb._io.lean import _ABORTED, _DONE, _LINGER_RESET, LeanServer
 from twisted_slb.tls import TLSServerFactory, log_handshake_failure, log_handshake_timeout
 
 #: whether https listeners use L{LeanTLSServer} where they can
-#: (C{TWISTED_SLB_LEAN_TLS=1} in the environment: yes; off by default)
-enabled = os.environ.get("TWISTED_SLB_LEAN_TLS", "0").strip().lower() in ("1", "true", "yes", "on")
+#: (C{TWISTED_SLB_LEAN_TLS=0} in the environment: no; on by default)
+enabled = os.environ.get("TWISTED_SLB_LEAN_TLS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 #: the largest TLS record's payload: one C{SSL_write} of at most this is one
 #: record, written whole or not at all; one C{SSL_read} of this takes a
