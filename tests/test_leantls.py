@@ -1,5 +1,5 @@
 """
-Tests for L{twisted_slb.leantls}: TLS served by OpenSSL on the socket, end
+Tests for L{twisted_slb._io.leantls}: TLS served by OpenSSL on the socket, end
 to end over loopback, against the ideas of Twisted's own TLS tests (a
 close_notify each way, half-close, renegotiation refused, garbage before the
 handshake, a handshake that never finishes, back-pressure under a slow

@@ -146,7 +146,7 @@ class ListenerService(Service):
         """
         Lean transports for the connections the port accepts from now on
         when the current factory takes them (the TCP relay, plain HTTP, and
-        HTTPS with L{twisted_slb.leantls}), Twisted's otherwise (TLS behind
+        HTTPS with L{twisted_slb._io.leantls}), Twisted's otherwise (TLS behind
         a PROXY protocol header, a reactor without file descriptors).
         """
         port = self.port
@@ -157,7 +157,7 @@ class ListenerService(Service):
         if getattr(current, "lean", False):
             lean.serve_port(port, self._switch)
         else:
-            # An https listener's TLS on the socket (twisted_slb.leantls)
+            # An https listener's TLS on the socket (twisted_slb._io.leantls)
             # where it can be; Twisted's TLS wrapper otherwise.
             leantls.serve_port(port, self._switch, current)
 
