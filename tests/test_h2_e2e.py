@@ -23,9 +23,12 @@ from twisted.web.server import Request, Site
 
 from tests.certs import CertificateAuthority
 from tests.test_admin_browser import COMMON, DevTools
+from tests.test_leantls import ResettingClient, client_context
 from tests.test_proxy import SwitchingBackend, TunnelClient
+from twisted_slb._io import leantls
 from twisted_slb.config import load_config
 from twisted_slb.service import BalancerService
+from twisted_slb.web.h2 import H2FrontChannel
 
 CURL = shutil.which("curl") or "/usr/bin/curl"
 H2LOAD = shutil.which("h2load") or "/usr/bin/h2load"
@@ -270,6 +273,36 @@ class H2EndToEndTests(TestCase):
         self.assertEqual(code, 0)
         self.assertIn(b"body=2000", out)
         yield stopping
+
+    @defer.inlineCallbacks
+    def test_leanTLSClientGoneBeforeSettingsStillDrains(self):
+        """
+        On the lean TLS transport, a client that offers h2, sends its last
+        handshake message and resets the connection at once (as Chromium
+        does with a spare connection): the HTTP/2 channel taking over meets
+        a broken pipe with its SETTINGS, and it is that channel whose close
+        the listener hears, so no connection is left and stopService ends
+        (it waited for the HTTP/2 channel forever).
+        """
+        self.patch(leantls, "enabled", True)
+        self.start()
+        factory = self.service.getServiceNamed("secure").factory.wrappedFactory
+        closed: defer.Deferred = defer.Deferred()
+        channel_closed = factory.channel_closed
+
+        def record(channel):
+            channel_closed(channel)
+            if not closed.called:
+                closed.callback(channel)
+
+        factory.channel_closed = record
+        client = ResettingClient(client_context(alpn=[b"h2"]))
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), client)
+        channel = yield closed
+        self.assertIsInstance(channel.transport, leantls.LeanTLSServer)
+        self.assertIsInstance(channel, H2FrontChannel)
+        self.assertEqual((factory.channels, factory.limit.open), (set(), 0))
+        yield self.stop()
 
     @defer.inlineCallbacks
     def test_chromiumOverHttp2IsPinnedByItsCookie(self):

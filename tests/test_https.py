@@ -72,7 +72,7 @@ https_redirect_port = {redirect}
 
 
 class HTTPSTests(TestCase):
-    """The suite over the lean TLS transport (L{twisted_slb.leantls})."""
+    """The suite over the lean TLS transport (L{twisted_slb._io.leantls})."""
 
     timeout = 30
     #: whether the https listener serves its connections on L{leantls.LeanTLSServer}

@@ -1,5 +1,5 @@
 """
-Tests for L{twisted_slb.leantls}: TLS served by OpenSSL on the socket, end
+Tests for L{twisted_slb._io.leantls}: TLS served by OpenSSL on the socket, end
 to end over loopback, against the ideas of Twisted's own TLS tests (a
 close_notify each way, half-close, renegotiation refused, garbage before the
 handshake, a handshake that never finishes, back-pressure under a slow
@@ -14,6 +14,7 @@ renegotiation, half a ClientHello.
 from __future__ import annotations
 
 import socket
+import struct
 from typing import List, Optional
 
 from OpenSSL import SSL
@@ -210,7 +211,7 @@ class LeanTLSTests(TestCase):
     timeout = 20
 
     def setUp(self) -> None:
-        self.patch(leantls, "enabled", True)  # off by default for now
+        self.patch(leantls, "enabled", True)  # whatever the environment says
         self.logs = LogCapture(self)
         self.clock = Clock()  # the handshake timeout's
         self.options = tls.SNIServerOptions(
@@ -476,6 +477,69 @@ class LeanTLSTests(TestCase):
         self.assertEqual(received, b"early")
 
 
+    @defer.inlineCallbacks
+    def test_closeWhileTheChosenProtocolConnectsReachesIt(self):
+        """
+        The protocol ALPN chose (C{protocol_for_alpn}, as an HTTP listener's
+        channel hands an h2 connection to HTTP/2) writes as it connects, to
+        a client that sent its last handshake message and reset the
+        connection (as Chromium does with a spare connection): the broken
+        pipe closes the connection, and connectionLost reaches the chosen
+        protocol, the one the transport serves from then on, never the one
+        that handed it over.
+        """
+        apps = Apps(echo=False)
+        chosen = App(echo=False)
+        original = apps.buildProtocol
+
+        def build(addr):
+            app = original(addr)
+
+            def protocol_for_alpn(negotiated):
+                self.assertEqual(negotiated, b"h2")
+                chosen.makeConnection(app.transport)  # as H2FrontChannel.take_over does
+                return chosen
+
+            app.protocol_for_alpn = protocol_for_alpn
+            return app
+
+        apps.buildProtocol = build
+        chosen.connectionMade = lambda: chosen.transport.write(b"SETTINGS" * 1000)
+        self.factory.wrappedFactory = apps
+        client = yield self.connect(ResettingClient(client_context(alpn=[b"h2"])))
+        yield chosen.lost
+        self.assertTrue(chosen.reason.check(error.ConnectionLost), chosen.reason)
+        self.assertIs(chosen.transport.protocol, None)
+        [handed_over] = apps.protocols
+        self.assertFalse(handed_over.lost.called)
+        yield client.lost
+
+
+class ResettingClient(Client):
+    """A TLS client that sends its last handshake message and resets the
+    connection at once (TLS 1.3: its handshake ends before the server's)."""
+
+    def step(self) -> None:
+        if self.handshake.called:
+            return
+        try:
+            self.tls.do_handshake()
+        except SSL.WantReadError:
+            self.flush()
+            return
+        self.handshake.callback(self)
+        out = b""
+        while True:
+            try:
+                out += self.tls.bio_read(65536)
+            except SSL.WantReadError:
+                break
+        sock = self.transport.getHandle()
+        sock.sendall(out)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abortConnection()
+
+
 class Recorder(Protocol):
     """A plain TCP client."""
 
@@ -503,7 +567,7 @@ class SlowReaderTests(TestCase):
     timeout = 30
 
     def setUp(self) -> None:
-        self.patch(leantls, "enabled", True)  # off by default for now
+        self.patch(leantls, "enabled", True)  # whatever the environment says
 
     @defer.inlineCallbacks
     def test_slowReaderPausesTheProducerAndGetsEverything(self):
@@ -591,11 +655,11 @@ class FallbackTests(SynchronousTestCase):
         self.assertFalse(leantls.serve_port(port, port.factory, port.factory))
 
     def test_environmentSwitch(self) -> None:
-        """TWISTED_SLB_LEAN_TLS=1 in the environment turns it on; it is off without it, or with 0 or off."""
+        """It is on by default (or with TWISTED_SLB_LEAN_TLS=1); TWISTED_SLB_LEAN_TLS=0 or off turns it off."""
         import subprocess
         import sys
 
-        for value, expected in (("0", "False"), ("1", "True"), ("off", "False"), (None, "False")):
+        for value, expected in (("0", "False"), ("1", "True"), ("off", "False"), (None, "True")):
             out = subprocess.run(
                 [sys.executable, "-c", "from twisted_slb._io import leantls; print(leantls.enabled)"],
                 env={"PYTHONPATH": ":".join(sys.path), **({"TWISTED_SLB_LEAN_TLS": value} if value else {})},

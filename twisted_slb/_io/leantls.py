@@ -45,11 +45,9 @@ requires.
 
 It is used by https listeners when the reactor can drive lean transports
 (L{twisted_slb._io.lean.usable}), the listener has no PROXY protocol header to
-read first, and L{enabled} is true: for now only when the environment
-variable C{TWISTED_SLB_LEAN_TLS=1} is set.  It is off by default because an
-HTTP/2 connection served on it did not finish draining at shutdown in one
-end-to-end test (Chromium over h2): until that is understood, Twisted's TLS
-serves https listeners, as it always does with any other reactor.
+read first, and L{enabled} is true (the default):
+C{TWISTED_SLB_LEAN_TLS=0} in the environment turns it off, and Twisted's TLS
+then serves https listeners, as it always does with any other reactor.
 """
 
 from __future__ import annotations
@@ -68,8 +66,8 @@ from twisted_slb._io.lean import _ABORTED, _DONE, _LINGER_RESET, LeanServer
 from twisted_slb.tls import TLSServerFactory, log_handshake_failure, log_handshake_timeout
 
 #: whether https listeners use L{LeanTLSServer} where they can
-#: (C{TWISTED_SLB_LEAN_TLS=1} in the environment: yes; off by default)
-enabled = os.environ.get("TWISTED_SLB_LEAN_TLS", "0").strip().lower() in ("1", "true", "yes", "on")
+#: (C{TWISTED_SLB_LEAN_TLS=0} in the environment: no; on by default)
+enabled = os.environ.get("TWISTED_SLB_LEAN_TLS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 #: the largest TLS record's payload: one C{SSL_write} of at most this is one
 #: record, written whole or not at all; one C{SSL_read} of this takes a
@@ -115,6 +113,10 @@ class LeanTLSServer(LeanServer):
     _shutdown_pending = False
     _timer = None
     _timed_out = False
+    #: the protocol ALPN chose is being connected; a close meanwhile is held
+    #: in C{_held_close} until it is this transport's protocol
+    _choosing = False
+    _held_close = None
     #: bytes the client had sent when its first read came (for the log line
     #: of a handshake that fails)
     received_bytes = 0
@@ -165,12 +167,26 @@ class LeanTLSServer(LeanServer):
         # The protocol ALPN chose decides who serves the connection (as
         # twisted_slb.tls's guard does on Twisted's TLS): an HTTP listener's
         # channel hands it to HTTP/2 for "h2".
+        # The chosen protocol is connected (and may write, or close) before
+        # it is returned: a close meanwhile (its first write meeting a
+        # client already gone, a broken pipe) waits until it is this
+        # transport's protocol, so that it hears connectionLost, not the
+        # protocol it replaced (which let go of the connection, and whose
+        # factory would forget the wrong one).
         choose = getattr(protocol, "protocol_for_alpn", None)
         if choose is not None:
-            chosen = choose(self.negotiatedProtocol)
+            self._choosing = True
+            try:
+                chosen = choose(self.negotiatedProtocol)
+            finally:
+                self._choosing = False
             if chosen is not protocol:
                 protocol = self.protocol = chosen
                 self._half = protocol if IHalfCloseableProtocol.providedBy(protocol) else None
+            held, self._held_close = self._held_close, None
+            if held is not None:
+                self._close(held)
+                return
         completed = getattr(protocol, "handshakeCompleted", None)
         if completed is not None:
             completed()
@@ -416,6 +432,11 @@ class LeanTLSServer(LeanServer):
 
     def _close(self, reason: Failure) -> None:
         if not self.connected:
+            return
+        if self._choosing:
+            # (See _handshake: done once the chosen protocol is in place.)
+            if self._held_close is None:
+                self._held_close = reason
             return
         if self._timer is not None:
             self._timer.cancel()
