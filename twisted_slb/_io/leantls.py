@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Optional, Type, cast
 
 from OpenSSL import SSL
 from twisted.internet import error, tcp
@@ -103,6 +104,8 @@ class LeanTLSServer(LeanServer):
     """
 
     tls_factory: TLSServerFactory = None  # type: ignore[assignment]
+    #: L{None} once closed
+    tls: Optional[SSL.Connection]
     _handshake_done = False
     #: the last C{SSL_write} (or handshake, or close_notify) waits for the
     #: socket to take more
@@ -149,8 +152,10 @@ class LeanTLSServer(LeanServer):
     # -- the handshake ----------------------------------------------------------
 
     def _handshake(self) -> None:
+        tls = self.tls
+        assert tls is not None  # the handshake runs on an open connection
         try:
-            self.tls.do_handshake()
+            tls.do_handshake()
         except _WantRead:
             return
         except _WantWrite:
@@ -205,7 +210,9 @@ class LeanTLSServer(LeanServer):
     def _handshake_timed_out(self) -> None:
         self._timer = None
         self._timed_out = True
-        log_handshake_timeout(self.getPeer(), self.tls_factory.handshake_timeout)
+        timeout = self.tls_factory.handshake_timeout
+        assert timeout is not None  # the timer is only set with a timeout
+        log_handshake_timeout(self.getPeer(), timeout)
         self.abortConnection()
 
     # -- reading ----------------------------------------------------------------
@@ -286,6 +293,7 @@ class LeanTLSServer(LeanServer):
         @return: the bytes OpenSSL took, or -1 when the connection was closed.
         """
         tls = self.tls
+        assert tls is not None  # written only while connected
         total = 0
         size = len(view)
         while total < size:
@@ -378,8 +386,10 @@ class LeanTLSServer(LeanServer):
     def _close_notify(self) -> bool:
         """Send close_notify; C{False} while the socket has no room for it."""
         self._shutdown_pending = False
+        tls = self.tls
+        assert tls is not None  # sent only while connected
         try:
-            self.tls.shutdown()
+            tls.shutdown()
         except _WantWrite:
             self._shutdown_pending = True
             self._wait_writable()
@@ -483,7 +493,8 @@ def serve_port(port, switch, factory) -> bool:
         transport = factory.lean_transport
         if transport is None:
             transport = type("LeanTLSServer", (LeanTLSServer,), {"tls_factory": factory})
-        # tcp.Port documents its transport attribute as replaceable.
-        port.transport = factory.lean_transport = transport
+        # tcp.Port documents its transport attribute as replaceable: it
+        # builds the class with tcp.Server's signature, which ours has.
+        port.transport = factory.lean_transport = cast("Type[tcp.Server]", transport)
         return True
     return False

@@ -489,7 +489,7 @@ class TLSServerFactory(TLSMemoryBIOFactory):
     #: this factory's connections lean TLS transports (the class the port
     #: builds), which do TLS, the handshake timeout and its log lines
     #: themselves: the factory then builds the application's protocol alone.
-    lean_transport = None
+    lean_transport: Optional[type] = None
 
     def buildProtocol(self, addr):
         wrapped = self.wrappedFactory.buildProtocol(addr)
