@@ -62,11 +62,11 @@ from __future__ import annotations
 
 import re
 from tempfile import SpooledTemporaryFile
-from typing import TYPE_CHECKING, Callable, List, Optional
+from typing import IO, TYPE_CHECKING, Any, Callable, List, Optional, Union, cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ISSLTransport
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, datetimeToString
@@ -133,7 +133,8 @@ _REASONS = {
     501: b"Not Implemented", 505: b"HTTP Version Not Supported",
 }
 
-_date = [0, b""]
+#: the second and its C{Date} value
+_date: List[Any] = [0, b""]
 
 
 def _http_date(now: float) -> bytes:
@@ -181,7 +182,7 @@ class FrontRequest:
     slb_session = None
     #: the L{twisted_slb.web.body.IRequestBody} of a streamed body (then
     #: C{content} is L{None}), or L{None}
-    body = None
+    body: Optional[StreamedBody] = None
     #: unlike twisted.web's Request, no Server, Date or Content-Type is preset
     adds_default_headers = False
     #: the proxy may answer an Upgrade with L{switch_protocols}
@@ -190,6 +191,11 @@ class FrontRequest:
     #: the listener's L{twisted_slb.clientip.ClientIPPolicy} when the client
     #: address comes from a forwarding header, read by C{session_for}
     client_ip_policy = None
+    #: the connection's L{HTTPFrontChannel} (an L{H2Request} is its own),
+    #: or L{None} once the client's connection is lost
+    channel: Optional[HTTPFrontChannel]
+    #: the spooled request body (request_buffering), or L{None}
+    content: Optional[IO[bytes]]
 
     def __init__(self, channel: HTTPFrontChannel, method: bytes, uri: bytes, clientproto: bytes,
                  headers: Headers, persistent: bool) -> None:
@@ -364,7 +370,9 @@ class FrontRequest:
         if connection and b"close" in b",".join(connection).lower():
             self.persistent = False
         if b"Date" not in fields:
-            fields[b"Date"] = [_http_date(self.channel.clock.seconds())]
+            channel = self.channel
+            assert channel is not None  # the callers write to it
+            fields[b"Date"] = [_http_date(channel.clock.seconds())]
         if not self.persistent:
             fields[b"Connection"] = [b"close"]
         elif self.clientproto == b"HTTP/1.0":
@@ -435,7 +443,7 @@ class HTTPFrontChannel(Protocol):
     body_read = 0  # chunked body bytes so far, against max_body_bytes
     pending: Optional[FrontRequest] = None  # a request whose body is arriving
     head_started = 0.0
-    tunnel = None  # the peer transport of a tunnel (after a 101)
+    tunnel: Optional[IStreamTransport] = None  # the peer transport of a tunnel (after a 101)
 
     def __init__(self, factory: HTTPFrontFactory) -> None:
         self.factory = factory
@@ -461,7 +469,7 @@ class HTTPFrontChannel(Protocol):
         if self.factory.timeout:
             self.timer = self.clock.callLater(self.factory.timeout, self._check_timeout)
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.state = _CLOSED
         self.lost = True
         if self.timer is not None and self.timer.active():
@@ -554,15 +562,17 @@ class HTTPFrontChannel(Protocol):
         pass  # connectionLost follows
 
     def producer_registered(self, request: FrontRequest) -> None:
+        producer = request.producer
+        assert producer is not None  # it was just registered
         if request.streaming:
             if self.paused:
-                request.producer.pauseProducing()
+                producer.pauseProducing()
             return
         # A pull producer is asked for more each time the transport's buffer
         # empties, which only the transport knows: hand it the producer
         # until the body is done, then take the transport back.
         self.transport.unregisterProducer()
-        self.transport.registerProducer(request.producer, False)
+        self.transport.registerProducer(producer, False)
 
     def pull_producer_done(self) -> None:
         self.transport.unregisterProducer()
@@ -592,7 +602,9 @@ class HTTPFrontChannel(Protocol):
         if state == _TUNNEL:
             self.last = self.clock.seconds()
             self._count_in(data)
-            self.tunnel.write(data)
+            tunnel = self.tunnel
+            assert tunnel is not None  # set with the _TUNNEL state
+            tunnel.write(data)
             return
         if state == _CLOSED:
             return
@@ -674,7 +686,7 @@ class HTTPFrontChannel(Protocol):
                 if body is not None:
                     body.feed(buffer)
                 else:
-                    self.pending.content.write(buffer)
+                    self._spool().write(buffer)
                 return False
             self.buffer = buffer[n:]
             if body is not None:
@@ -683,7 +695,7 @@ class HTTPFrontChannel(Protocol):
                 if self.body is body:
                     self._body_done()
             else:
-                self.pending.content.write(buffer[:n])
+                self._spool().write(buffer[:n])
                 self._dispatch()
             return True
         if state == _CHUNK_SIZE_LINE:
@@ -711,7 +723,7 @@ class HTTPFrontChannel(Protocol):
                 self.body_read += min(n, len(buffer))
                 if self.body_read > limit:
                     raise BadRequest(f"a chunked body over max_body_bytes ({limit})", 413)
-            write = self.body.feed if self.body is not None else self.pending.content.write
+            write = self.body.feed if self.body is not None else self._spool().write
             if len(buffer) <= n:
                 self.buffer = b""
                 self.remaining = n - len(buffer)
@@ -748,6 +760,12 @@ class HTTPFrontChannel(Protocol):
         elif b":" not in line or b"\n" in line or b"\r" in line or _BAD_HEAD.search(line):
             raise BadRequest("an invalid trailer field")
         return True
+
+    def _spool(self) -> IO[bytes]:
+        """The spool of the request whose body is being read (request_buffering)."""
+        pending = self.pending
+        assert pending is not None and pending.content is not None
+        return pending.content
 
     def _head_too_large(self, head: bytes) -> None:
         line_end = head.find(b"\r\n")
@@ -861,6 +879,7 @@ class HTTPFrontChannel(Protocol):
     def _body_done(self) -> None:
         """The last byte of a streamed body was read."""
         body, self.body = self.body, None
+        assert body is not None  # called while a streamed body is read
         self.resume_body()
         if self.request is not None and self.request.body is body:
             self.state = _BUSY  # what follows waits for the response
@@ -875,6 +894,7 @@ class HTTPFrontChannel(Protocol):
 
     def _dispatch(self) -> None:
         request, self.pending = self.pending, None
+        assert request is not None  # called once a request's head is read
         if self.body is None:
             self.state = _BUSY
         self.request = request
@@ -1002,6 +1022,7 @@ class HTTPFrontChannel(Protocol):
         log.info("listener {listener}: {code} for {client}: {why}", listener=factory.listener_name, code=code,
                  client=self.client_ip or getattr(self.peer, "host", self.peer), why=why)
         body, self.body = self.body, None
+        assert body is not None  # called while a streamed body is read
         request = self.request
         self.buffer = b""
         self.state = _BUSY  # nothing more is read as a request
@@ -1068,7 +1089,7 @@ class HTTPFrontChannel(Protocol):
         if now < deadline:
             self.timer = self.clock.callLater(deadline - now, self._check_timeout)
             return
-        client = self.client_ip or getattr(self.peer, "host", self.peer)
+        client: object = self.client_ip or getattr(self.peer, "host", self.peer)
         if state == _CLOSED or (state == _IDLE and self.paused):
             self.transport.abortConnection()
         elif state == _BUSY:
