@@ -76,7 +76,7 @@ from __future__ import annotations
 
 import struct
 from tempfile import SpooledTemporaryFile
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, cast
 
 import attr
 from h2.config import H2Configuration
@@ -101,7 +101,7 @@ from zope.interface import implementer
 from twisted_slb._io.headers import FastHeaders
 from twisted_slb._typing import IStreamTransport
 from twisted_slb.web.front import (
-    _BAD_TARGET, _REASONS, _TOKEN, SPOOL_BYTES, BadRequest, FrontRequest, _http_date,
+    _BAD_TARGET, _REASONS, _TOKEN, SPOOL_BYTES, BadRequest, FrontRequest, HTTPFrontChannel, _http_date,
 )
 from twisted_slb.web.body import BodyError, IBodyReader, StreamedBody
 
@@ -248,10 +248,14 @@ class H2Request(FrontRequest):
 
     def __init__(self, connection: H2FrontChannel, stream_id: int, method: bytes, uri: bytes,
                  headers: FastHeaders) -> None:
-        FrontRequest.__init__(self, connection, method, uri, PROTOCOL, headers, True)
+        # A stream stands for its channel (and is its own transport): it
+        # overrides each FrontRequest method that uses the channel as an
+        # HTTPFrontChannel; FrontRequest.__init__ reads only what
+        # H2FrontChannel has too (secure, peer, host, factory).
+        FrontRequest.__init__(self, cast("HTTPFrontChannel", connection), method, uri, PROTOCOL, headers, True)
         self.connection = connection
         self.stream_id = stream_id
-        self.channel = self
+        self.channel = cast("HTTPFrontChannel", self)
         self.transport = self
         self.pending: List[bytes] = []
         self.last_in = connection.clock.seconds()
@@ -503,7 +507,7 @@ class H2FrontChannel(Protocol):
         if factory.timeout:
             self.timer = self.clock.callLater(factory.timeout, self._check_timeout)
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
         self.lost = True
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
@@ -942,6 +946,7 @@ class H2FrontChannel(Protocol):
         log.info("listener {listener}: {code} for {client}: {why}", listener=factory.listener_name, code=code,
                  client=self._client(), why=why)
         body = stream.body
+        assert body is not None  # the callers checked
         told = body.consumer is not None  # the proxy counts the request in the stats itself
         body.fail(BodyError(why, code))
         if stream.finished or stream.channel is None or self.streams.get(stream.stream_id) is not stream:
