@@ -621,3 +621,21 @@ class TunnelTests(FrontTestCase):
         request.switch_protocols(StringTransport())
         proto.dataReceived(b"more")
         self.assertEqual(stats.bytes_in, len(b"earlymore"))
+
+
+class InterfaceTests(SynchronousTestCase):
+    """The channel declares what the transports and the proxy rely on."""
+
+    def test_channelProvidesItsInterfaces(self):
+        """
+        HTTPFrontChannel is a push producer (the client's back-pressure), a
+        half-closeable protocol (a client's end of file is a half-close) and
+        the body reader of its streamed request bodies.
+        """
+        from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+
+        from twisted_slb.web.body import IBodyReader
+        from twisted_slb.web.front import HTTPFrontChannel
+
+        for interface in (IPushProducer, IHalfCloseableProtocol, IBodyReader):
+            self.assertTrue(interface.implementedBy(HTTPFrontChannel), interface)

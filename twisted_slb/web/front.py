@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import re
 from tempfile import SpooledTemporaryFile
-from typing import IO, TYPE_CHECKING, Any, Callable, List, Optional, Union, cast
+from typing import IO, TYPE_CHECKING, Any, Callable, List, Optional
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ISSLTransport
@@ -403,6 +403,37 @@ class FrontRequest:
         if ds:
             for d in ds:
                 d.errback(reason)
+
+
+def render(factory, request, internal_error: Callable[[Any], None]) -> None:
+    """
+    Render C{request} with C{factory}'s resource, as twisted.web's
+    C{Request.render} does, for a request of the HTTP/1.1 channel or an
+    HTTP/2 stream: a resource that raises or renders something other than
+    bytes is logged and the request gets C{internal_error}; bytes are the
+    whole body (with its C{Content-Length}); C{NOT_DONE_YET} leaves the
+    request to the resource.
+    """
+    try:
+        body = getChildForRequest(factory.resource, request).render(request)
+    except Exception:
+        log.failure("listener {listener}: error rendering {request!r}", listener=factory.listener_name,
+                    request=request)
+        internal_error(request)
+        return
+    if body is NOT_DONE_YET:
+        return
+    if not isinstance(body, bytes):
+        log.error("listener {listener}: {resource!r} rendered {type} instead of bytes",
+                  listener=factory.listener_name, resource=factory.resource, type=type(body).__name__)
+        internal_error(request)
+        return
+    if request.finished:
+        return
+    if request.code not in (204, 304):
+        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+    request.write(body)
+    request.finish()
 
 
 @implementer(IPushProducer, IHalfCloseableProtocol, IBodyReader)
@@ -900,27 +931,7 @@ class HTTPFrontChannel(Protocol):
         self.request = request
         if request.content is not None:
             request.content.seek(0, 0)
-        factory = self.factory
-        try:
-            body = getChildForRequest(factory.resource, request).render(request)
-        except Exception:
-            log.failure("listener {listener}: error rendering {request!r}", listener=factory.listener_name,
-                        request=request)
-            self._internal_error(request)
-            return
-        if body is NOT_DONE_YET:
-            return
-        if not isinstance(body, bytes):
-            log.error("listener {listener}: {resource!r} rendered {type} instead of bytes",
-                      listener=factory.listener_name, resource=factory.resource, type=type(body).__name__)
-            self._internal_error(request)
-            return
-        if request.finished:
-            return
-        if request.code not in (204, 304):
-            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
-        request.write(body)
-        request.finish()
+        render(self.factory, request, self._internal_error)
 
     def _internal_error(self, request: FrontRequest) -> None:
         if request.finished or request.channel is None:

@@ -94,14 +94,12 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.resource import getChildForRequest
-from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from twisted_slb._io.headers import FastHeaders
 from twisted_slb._typing import IStreamTransport
 from twisted_slb.web.front import (
-    _BAD_TARGET, _REASONS, _TOKEN, SPOOL_BYTES, BadRequest, FrontRequest, HTTPFrontChannel, _http_date,
+    _BAD_TARGET, _REASONS, _TOKEN, SPOOL_BYTES, BadRequest, FrontRequest, HTTPFrontChannel, _http_date, render,
 )
 from twisted_slb.web.body import BodyError, IBodyReader, StreamedBody
 
@@ -969,27 +967,7 @@ class H2FrontChannel(Protocol):
 
     def _dispatch(self, stream: H2Request) -> None:
         stream.dispatched = True
-        factory = self.factory
-        try:
-            body = getChildForRequest(factory.resource, stream).render(stream)
-        except Exception:
-            log.failure("listener {listener}: error rendering {request!r}", listener=factory.listener_name,
-                        request=stream)
-            self._internal_error(stream)
-            return
-        if body is NOT_DONE_YET:
-            return
-        if not isinstance(body, bytes):
-            log.error("listener {listener}: {resource!r} rendered {type} instead of bytes",
-                      listener=factory.listener_name, resource=factory.resource, type=type(body).__name__)
-            self._internal_error(stream)
-            return
-        if stream.finished:
-            return
-        if stream.code not in (204, 304):
-            stream.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
-        stream.write(body)
-        stream.finish()
+        render(self.factory, stream, self._internal_error)
 
     def _internal_error(self, stream: H2Request) -> None:
         if stream.finished or stream.channel is None:
