@@ -100,11 +100,10 @@ class LeanTLSServer(LeanServer):
     @cvar tls_factory: the listener's L{TLSServerFactory}: its C{options}
         give the context, its C{handshake_timeout} and C{reactor} the
         handshake's deadline.
-    @ivar tls: the L{SSL.Connection}.
+    @ivar tls: the L{SSL.Connection}; L{None} once closed.
     """
 
     tls_factory: TLSServerFactory = None  # type: ignore[assignment]
-    #: L{None} once closed
     tls: Optional[SSL.Connection]
     _handshake_done = False
     #: the last C{SSL_write} (or handshake, or close_notify) waits for the
