@@ -11,12 +11,11 @@ import time
 from typing import Dict, List
 
 from twisted.internet import defer, error, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.logger import globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
-from tests.test_service import NameLineClient, ServiceTestCase, backend_of, jar_update
+from tests.test_service import ServiceTestCase, backend_of, jar_update
 from twisted_slb.backends import backend_id
 from twisted_slb.config import parse_config
 
@@ -212,11 +211,6 @@ class TCPStrictTests(ServiceTestCase):
         text = TCP_CONFIG.format(**{n: p.getHost().port for n, p in self.backends.items()})
         self.service = self.start_balancer(text)
         self.port = self.port_of(self.service, "tcp")
-
-    def connect_from(self, source: str) -> defer.Deferred:
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port, bindAddress=(source, 0))
-        client = NameLineClient()
-        return connectProtocol(endpoint, client).addCallback(lambda _: client.first)
 
     @defer.inlineCallbacks
     def test_strictClosesAndKeepsThePin(self):

@@ -96,6 +96,12 @@ class NameLineClient(LineOnlyReceiver):
 class ServiceTestCase(TestCase):
     timeout = 30
 
+    def connect_from(self, source: str) -> defer.Deferred:
+        """A connection from C{source} to the balancer's TCP listener (C{self.port}); its first line."""
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port, bindAddress=(source, 0))
+        client = NameLineClient()
+        return connectProtocol(endpoint, client).addCallback(lambda _: client.first)
+
     def start_http_backend(self, name: str, port: int = 0):
         page = NamePage(name)
         page.site = TrackingSite(page)
@@ -342,11 +348,6 @@ class TCPPersistenceTests(ServiceTestCase):
         text = TCP_CONFIG.format(**{n: p.getHost().port for n, p in self.ports.items()})
         self.service = self.start_balancer(text)
         self.port = self.port_of(self.service, "tcp")
-
-    def connect_from(self, source: str) -> defer.Deferred:
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port, bindAddress=(source, 0))
-        client = NameLineClient()
-        return connectProtocol(endpoint, client).addCallback(lambda _: client.first)
 
     @defer.inlineCallbacks
     def test_eachSourceAddressStaysOnOneBackend(self):
