@@ -254,6 +254,20 @@ class LeanTLSTests(TestCase):
         self.assertEqual((received, app.handshakes), (b"ping", 1))
 
     @defer.inlineCallbacks
+    def test_everyKindOfWrite(self):
+        """C{bytes} (the direct path), a C{bytearray} and a C{memoryview}
+        (through a buffer pointer), and bytes longer than a record all
+        arrive whole and in order."""
+        client, app = yield self.handshake()
+        big = bytes(range(256)) * 100  # 25,600 bytes: two records
+        app.transport.write(b"one,")
+        app.transport.write(bytearray(b"two,"))
+        app.transport.write(memoryview(b"xthree,")[1:])
+        app.transport.write(big)
+        received = yield client.receive(14 + len(big))
+        self.assertEqual(received, b"one,two,three," + big)
+
+    @defer.inlineCallbacks
     def test_sniChoosesTheCertificate(self):
         """The client's SNI name chooses the certificate; no name gets the default."""
         client, _ = yield self.handshake(server_name=b"a.example.com")
@@ -622,6 +636,42 @@ class SlowReaderTests(TestCase):
             client.send(payload[start:start + 300000])
         received = yield client.receive(len(payload))
         self.assertEqual(received, payload)
+
+
+class DirectCallTests(SynchronousTestCase):
+    """What L{leantls} takes from pyOpenSSL beyond its public API."""
+
+    def test_pyOpenSSLStillHasWhatLeanTLSUses(self) -> None:
+        """A connection still has the C{SSL *} (C{_ssl}) and the error
+        mapping (C{_raise_ssl_error}) that the direct record calls use:
+        a pyOpenSSL release that renames them fails here, by name."""
+        connection = SSL.Connection(SSL.Context(SSL.TLS_SERVER_METHOD), None)
+        self.assertTrue(hasattr(connection, "_ssl"), "pyOpenSSL's Connection has no _ssl")
+        self.assertTrue(callable(getattr(connection, "_raise_ssl_error", None)),
+                        "pyOpenSSL's Connection has no _raise_ssl_error")
+
+    def test_failedCallMapsToPyOpenSSLsError(self) -> None:
+        """A failed C{SSL_read} raises what pyOpenSSL's C{recv} raises: on a
+        memory-BIO connection mid-handshake with nothing to read, a
+        L{SSL.WantReadError}."""
+        connection = SSL.Connection(SSL.Context(SSL.TLS_SERVER_METHOD), None)
+        connection.set_accept_state()
+        result = leantls._SSL_read(connection._ssl, leantls._read_buffer, 10)
+        self.assertLessEqual(result, 0)
+        self.assertRaises(SSL.WantReadError, leantls._failed, connection, result)
+
+    def test_failureWithoutAnErrorStillRaises(self) -> None:
+        """Should OpenSSL report no error for a failed call, the caller
+        still gets an L{SSL.Error} (never a negative byte count used as a
+        length)."""
+
+        class Quiet:
+            _ssl = None
+
+            def _raise_ssl_error(self, ssl, result) -> None:
+                pass
+
+        self.assertRaises(SSL.Error, leantls._failed, Quiet(), -1)
 
 
 class FallbackTests(SynchronousTestCase):
