@@ -7,7 +7,7 @@ listener, certificates re-read on reload, and verified TLS to backends.
 from __future__ import annotations
 
 import os
-from typing import Dict
+from typing import Dict, List
 
 from twisted.internet import defer, protocol, reactor, ssl
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol, wrapClientTLS
@@ -261,9 +261,26 @@ class BackendTLSTests(TestCase):
 
             f.write(key_pem(issued.key) + cert_pem(issued.certificate))
         options = ssl.PrivateCertificate.loadPEM(open(os.path.join(self.dir, "b.pem"), "rb").read()).options()
+        # What the backend's HTTP server receives, decrypted.
+        self.backend_received: List[bytes] = []
+        site = Site(EchoForwarded("tls"))
+        build = site.buildProtocol
+
+        def buildProtocol(addr):
+            channel = build(addr)
+            deliver = channel.dataReceived
+
+            def dataReceived(data: bytes) -> None:
+                self.backend_received.append(data)
+                deliver(data)
+
+            channel.dataReceived = dataReceived
+            return channel
+
+        site.buildProtocol = buildProtocol
         port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
             __import__("twisted.protocols.tls", fromlist=["TLSMemoryBIOFactory"]).TLSMemoryBIOFactory(
-                options, False, Site(EchoForwarded("tls"))
+                options, False, site
             )
         )
         self.addCleanup(port.stopListening)
@@ -288,10 +305,15 @@ class BackendTLSTests(TestCase):
         code, body = yield self.run_with("backend.internal")
         self.assertEqual(code, 200)
         self.assertIn(b"backend=tls", body)
+        self.assertIn(b"GET / HTTP/1.1", b"".join(self.backend_received))
 
     @defer.inlineCallbacks
     def test_wrongNameRefused(self):
-        """A backend whose certificate does not name it is never used: 502."""
+        """
+        A backend whose certificate does not name it is never used: 502, and
+        not a byte of the request reaches it.
+        """
         code, _ = yield self.run_with("other.internal")
         self.assertEqual(code, 502)
+        self.assertEqual(self.backend_received, [])
         self.flushLoggedErrors()

@@ -583,19 +583,19 @@ class SlowReaderTests(TestCase):
     def setUp(self) -> None:
         self.patch(leantls, "enabled", True)  # whatever the environment says
 
-    @defer.inlineCallbacks
-    def test_slowReaderPausesTheProducerAndGetsEverything(self):
+    def small_connection(self, echo: bool):
         """
-        A client that stops reading: a 4 MB write fills the small socket,
-        the transport pauses its producer (the application) and sends the
-        rest as the client reads again, then resumes it; the client gets
-        every byte in order.
+        A lean TLS connection on a small-buffered socket pair, its
+        application registered as the transport's streaming producer.
+
+        @return: C{(app, transport, client)}; the handshake is not done yet.
         """
         options = tls.SNIServerOptions(certificate_set(self, DEFAULT), clock=reactor)
-        apps = Apps(echo=False)
+        apps = Apps(echo=echo)
         factory = tls.server_tls_factory(options, apps, reactor=reactor)
         factory.lean_transport = type("LeanTLSServer", (leantls.LeanTLSServer,), {"tls_factory": factory})
         accepted, peer = small_tcp_pair()
+        self.addCleanup(accepted.close)
         self.addCleanup(peer.close)
         peer.setblocking(False)
         client = Client(client_context())
@@ -606,6 +606,17 @@ class SlowReaderTests(TestCase):
         app.makeConnection(transport)
         transport.registerProducer(app, True)
         self.addCleanup(lambda: transport.abortConnection())
+        return app, transport, client
+
+    @defer.inlineCallbacks
+    def test_slowReaderPausesTheProducerAndGetsEverything(self):
+        """
+        A client that stops reading: a 4 MB write fills the small socket,
+        the transport pauses its producer (the application) and sends the
+        rest as the client reads again, then resumes it; the client gets
+        every byte in order.
+        """
+        app, transport, client = self.small_connection(echo=False)
         yield client.handshake
         client.transport.pauseProducing()
         payload = bytes(range(256)) * (4 * 4096)
@@ -616,6 +627,36 @@ class SlowReaderTests(TestCase):
         received = yield client.receive(len(payload))
         self.assertEqual(received, payload)
         self.assertEqual(app.resumed, 1)
+        self.assertEqual(len(transport._buffer), 0)
+
+    @defer.inlineCallbacks
+    def test_writeRetriedFromTheTransportsCopy(self):
+        """
+        A write the full socket takes only part of, once the handshake is
+        done: OpenSSL stopped mid-record, the rest is copied into the
+        transport's buffer, and the record is retried from that copy (the
+        same bytes at another address) as the client reads again; the
+        client gets every byte in order and the connection stays up.
+        Without OpenSSL's ACCEPT_MOVING_WRITE_BUFFER mode on the server's
+        contexts (pyOpenSSL 24.3 does not set it; 26.4 does) the retry fails
+        ("bad write retry") and the connection is lost.
+        """
+        app, transport, client = self.small_connection(echo=True)
+        yield client.handshake
+        # A round trip: the server's side of the handshake is done too.
+        client.send(b"!")
+        yield client.receive(1)
+        client.transport.pauseProducing()
+        payload = bytes(range(256)) * (4 * 4096)
+        app.transport.write(payload)
+        self.assertEqual(app.paused, 1)
+        self.assertGreater(len(transport._buffer), 0)
+        self.assertLess(len(transport._buffer), len(payload))  # the first part went directly
+        client.transport.resumeProducing()
+        received = yield client.receive(1 + len(payload))
+        self.assertEqual(received, b"!" + payload)
+        self.assertIsNone(client.error)
+        self.assertTrue(transport.connected)
         self.assertEqual(len(transport._buffer), 0)
 
     @defer.inlineCallbacks

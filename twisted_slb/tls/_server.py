@@ -35,6 +35,10 @@ from twisted_slb.tls._certificates import CertificateSet, LoadedCertificate
 
 log = Logger(namespace="twisted_slb.tls")
 
+#: OpenSSL's SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER (ssl.h; pyOpenSSL does not
+#: name it): a retried SSL_write may pass the same bytes from another address.
+_MODE_ACCEPT_MOVING_WRITE_BUFFER = getattr(SSL, "MODE_ACCEPT_MOVING_WRITE_BUFFER", 0x2)
+
 #: TLS 1.2 cipher suites offered to clients: ECDHE key exchange only (forward
 #: secrecy) with AEAD ciphers only (AES-GCM, ChaCha20-Poly1305), ECDSA before
 #: RSA, 128-bit AES first (as fast, and as strong in practice).  This is
@@ -184,8 +188,17 @@ class SNIServerOptions:
             | SSL.OP_CIPHER_SERVER_PREFERENCE
             | getattr(SSL, "OP_NO_RENEGOTIATION", 0)
         )
-        # Idle keep-alive connections give their buffers back.
-        ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+        # Idle keep-alive connections give their buffers back. A write that
+        # OpenSSL could not finish (the socket full, on the lean transport,
+        # twisted_slb._io.leantls) is retried with the same bytes, but not
+        # from the same address: the rest of a write is copied into the
+        # transport's buffer, whose storage may move as it is sent (on PyPy
+        # when its head is deleted). Without ACCEPT_MOVING_WRITE_BUFFER
+        # OpenSSL fails that retry ("bad write retry") and the connection is
+        # lost. Recent pyOpenSSL (26.4) sets the mode on every context, as
+        # Python's ssl module does; 24.3 (the last with PyPy 3.9 wheels, and
+        # allowed on CPython too) does not.
+        ctx.set_mode(SSL.MODE_RELEASE_BUFFERS | _MODE_ACCEPT_MOVING_WRITE_BUFFER)
         ctx.set_cipher_list(MODERN_CIPHERS.encode("ascii"))
         ctx.set_session_id(_SESSION_ID_CONTEXT)
         ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
