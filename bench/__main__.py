@@ -217,7 +217,10 @@ frontend https
 backend web
     mode http
     balance roundrobin
-    http-reuse always
+    # http-reuse safe, HAProxy's default, is the rule twisted_slb keeps: a
+    # client connection's first request gets a backend connection of its
+    # own, so a new client connection costs a backend connection on both.
+    http-reuse safe
     cookie SERVERID insert indirect nocache
     server a 127.0.0.1:{a} cookie a
     server b 127.0.0.1:{b} cookie b
