@@ -336,6 +336,53 @@ class TwistdLogWritingTests(SynchronousTestCase):
         self.assertGreater(len(writes), 1)
         self.assertLessEqual(max(writes), accesslog._BATCH_BYTES)
 
+    def test_nonASCIIBatchesStayWithinPIPE_BUF(self):
+        """Batches are counted in the bytes written (UTF-8), not in
+        characters: lines of two-byte characters stay within PIPE_BUF too."""
+        writes = []
+
+        class Recording(io.StringIO):
+            def write(self, text):
+                writes.append(len(text.encode()))
+                return io.StringIO.write(self, text)
+
+        publisher, out = twistd_like(Recording())
+        sink = TwistdLog(self.clock, publisher)
+        for i in range(200):
+            sink.write_line("\u00e9" * 100)
+        self.clock.advance(0.1)
+        self.assertEqual(out.getvalue().count("\n"), 200)
+        self.assertLessEqual(max(writes), accesslog._BATCH_BYTES)
+
+    def test_regularFileBatchesUpTo64KB(self):
+        """To a regular file (twistd's --logfile), where one write is never
+        cut by another process's, a batch is written in one write of up to
+        64 KB: 200 lines of 100 bytes go in one write, not in five."""
+        writes = []
+        path = self.mktemp()
+        log_file = LogFile.fromFullPath(path)
+        self.addCleanup(log_file.close)
+        real_write = log_file.write
+
+        def write(data):
+            writes.append(len(data))
+            return real_write(data)
+
+        log_file.write = write  # type: ignore[method-assign]
+        sink = TwistdLog(self.clock, LogPublisher(textFileLogObserver(log_file)))
+        for i in range(200):
+            self.assertTrue(sink.write_line("x" * 100))
+        self.assertEqual(writes, [])
+        self.clock.advance(0.1)
+        self.assertEqual(len(writes), 1)
+        for i in range(1000):
+            sink.write_line("x" * 100)
+        self.clock.advance(0.1)
+        self.assertLessEqual(max(writes), accesslog._FILE_BATCH_BYTES)
+        self.assertGreater(max(writes), accesslog._BATCH_BYTES)
+        with open(path) as f:
+            self.assertEqual(f.read().count("\n"), 1200)
+
     def test_flushedAtShutdown(self):
         """Lines written while shutting down (connections closed by the
         reactor after the services stopped) are written by a shutdown

@@ -24,12 +24,15 @@ writing is tried again at the next flush; the requests never notice.
 
 from __future__ import annotations
 
+import io
 import os
 import select
+import stat
 import time
 from typing import IO, Any, List, Optional, cast
 
 from twisted.logger import FileLogObserver, Logger, LogLevel, globalLogPublisher
+from twisted.python.logfile import BaseLogFile
 
 from twisted_slb._io.twisted_private import file_observer_output, publisher_observers
 from twisted_slb._reactor import maybe_global_reactor
@@ -41,9 +44,24 @@ access = Logger(namespace="twisted_slb.access")
 ACCESS_NAMESPACE = "twisted_slb.access"
 
 # A batch is written in one call of at most this many bytes (unless one
-# line is longer): workers share their parent's standard output, and
-# writes to a pipe are kept whole only up to PIPE_BUF bytes.
+# line is longer) when twistd's log is a pipe or a terminal: workers share
+# their parent's standard output, and writes to a pipe are kept whole only
+# up to PIPE_BUF bytes.
 _BATCH_BYTES = getattr(select, "PIPE_BUF", 4096)
+# To a regular file (twistd's --logfile), where one write(2) is not split by
+# another process's: a write per 64 KB, not per 4 KB.
+_FILE_BATCH_BYTES = 65536
+
+
+def _batch_bytes(out: IO[Any]) -> int:
+    """The largest batch for twistd's log file C{out}."""
+    if isinstance(out, BaseLogFile):
+        return _FILE_BATCH_BYTES  # twistd's --logfile (no fileno(): always a file on disk)
+    try:
+        regular = stat.S_ISREG(os.fstat(out.fileno()).st_mode)
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        regular = False
+    return _FILE_BATCH_BYTES if regular else _BATCH_BYTES
 
 _MARK = "\x00twisted_slb-access-mark\x00"
 
@@ -205,7 +223,9 @@ class TwistdLog:
 
     The first line of a batch schedules its write C{flush_delay} seconds
     later (a tenth of a second), and a batch is written at once when it
-    reaches C{PIPE_BUF} bytes; so lines reach the file at most a tenth of a
+    reaches 64 KB (to a regular file, twistd's C{--logfile}) or C{PIPE_BUF}
+    bytes (to a pipe or a terminal: workers share their parent's standard
+    output, and a pipe keeps only writes up to C{PIPE_BUF} whole); so lines reach the file at most a tenth of a
     second late, in writes of a few dozen lines, instead of an event, a
     formatting and a flush each.  (A write per reactor turn was tried
     first: with a new connection per request a turn holds one or two
@@ -237,9 +257,11 @@ class TwistdLog:
         self._encode = False
         self._lines: List[str] = []
         self._size = 0
+        self._batch = _BATCH_BYTES
         self._second = -1
         self._prefix = ""
         self._suffix = "\n"
+        self._affixes = 1
         self._flush_call = None
         self._trigger = None
         self._announced: Optional[FileLogObserver] = None
@@ -268,6 +290,7 @@ class TwistdLog:
         out, encoding = output
         self._out = cast(IO[Any], out)
         self._encode = encoding is not None
+        self._batch = _batch_bytes(self._out)
         if self._trigger is None and hasattr(self.reactor, "addSystemEventTrigger"):
             self._trigger = self.reactor.addSystemEventTrigger("after", "shutdown", self.flush)
         return True
@@ -316,13 +339,20 @@ class TwistdLog:
                 return False
             self._second = second
             self._prefix, self._suffix = parts
+            self._affixes = len((self._prefix + self._suffix).encode("utf-8"))
         if "\n" in line:
             line = line.replace("\n", "\n\t")  # as formatEventAsClassicLogText does
-        text = self._prefix + line + self._suffix
-        if self._size + len(text) > _BATCH_BYTES and self._lines:
+        # Bytes as written (UTF-8): a decoded header may hold non-ASCII.
+        added = (len(line) if line.isascii() else len(line.encode("utf-8"))) + self._affixes
+        size = self._size + added
+        if size > self._batch and self._lines:
             self.flush()
-        self._lines.append(text)
-        self._size += len(text)
+            size = added
+        lines = self._lines
+        lines.append(self._prefix)  # (three appends and one join: no copy per line)
+        lines.append(line)
+        lines.append(self._suffix)
+        self._size = size
         if self._flush_call is None:
             self._flush_call = self.reactor.callLater(self.flush_delay, self.flush)
         return True

@@ -434,7 +434,7 @@ def parse_proxy_header(data: bytes):
             want = 4 if fields[1] == b"TCP4" else 6
             for address in (info.source, info.destination):
                 # V1Parser gives IPv4Address or IPv6Address for a TCP4 or TCP6 line.
-                host = cast(Union[IPv4Address, IPv6Address], address).host
+                host = cast("Union[IPv4Address, IPv6Address]", address).host
                 if _ip_version(host) != want:
                     raise InvalidProxyHeader(f"PROXY v1: {host[:40]!r} is not of family TCP{want}")
     else:

@@ -497,7 +497,7 @@ class HealthMonitor(Service):
 
     def success(self, backend: Backend) -> None:
         """A connect or a request to C{backend} succeeded."""
-        state = cast(Optional[HealthState], backend.extra.get("health"))
+        state = cast("Optional[HealthState]", backend.extra.get("health"))
         if state is not None:
             state.passive_failures = 0
             self._roll(state, self.passive.interval)
@@ -614,7 +614,7 @@ class HealthMonitor(Service):
     # -- state -----------------------------------------------------------------
 
     def state(self, backend: Backend) -> HealthState:
-        state = cast(Optional[HealthState], backend.extra.get("health"))
+        state = cast("Optional[HealthState]", backend.extra.get("health"))
         if state is None:
             state = backend.extra["health"] = HealthState(window_start=self.reactor.seconds())
         return state

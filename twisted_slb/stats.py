@@ -210,7 +210,7 @@ class StatsRegistry:
             backends = []
             for b in group.backends:
                 # What twisted_slb.health keeps there (Backend.extra holds objects).
-                health = cast(Optional["HealthState"], b.extra.get("health"))
+                health = cast("Optional[HealthState]", b.extra.get("health"))
                 backends.append({
                     "name": b.name,
                     "address": b.address,

@@ -546,7 +546,7 @@ class InsertCookie(PersistenceResource):
         if self.clients is not None:
             self.clients.seen(backend.id, _client_identity(session, request))
         # What find() read from the cookie (backend key, written, issued).
-        seen = cast(Optional[Tuple[str, Optional[int], Optional[int]]], session.note)
+        seen = cast("Optional[Tuple[str, Optional[int], Optional[int]]]", session.note)
         headers = request.responseHeaders
         self._drop_backend_cookie(headers, backend)
         issued = None

@@ -489,7 +489,7 @@ class _Exchange:
         backend.bytes_out += len(self.head) + length
         if length > _SMALL_BODY:
             # Twisted types Request.content as None (its class default); here it is the body's file.
-            content = cast(IO[bytes], request.content)
+            content = cast("IO[bytes]", request.content)
             content.seek(0, 0)
             sender = self.sender = FileSender()
             sender.beginFileTransfer(content, upstream.transport).addCallbacks(
@@ -588,7 +588,7 @@ class _Exchange:
         if not self.body_length:
             return b""
         # Twisted types Request.content as None (its class default); here it is the body's file.
-        content = cast(IO[bytes], self.request.content)
+        content = cast("IO[bytes]", self.request.content)
         content.seek(0, 0)
         return content.read()
 
