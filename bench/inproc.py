@@ -35,6 +35,7 @@ from typing import Optional
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogPublisher, textFileLogObserver
+from twisted.python.logfile import LogFile
 
 from twisted_slb.accesslog import TwistdLog
 from twisted_slb.backends import Backend, BackendGroup
@@ -61,7 +62,7 @@ class Rig:
         access_file = None
         if access_log:
             # As twistd: one file observer, which TwistdLog writes behind.
-            publisher = LogPublisher(textFileLogObserver(open(access_log, "a")))
+            publisher = LogPublisher(textFileLogObserver(LogFile.fromFullPath(access_log)))
             access_file = TwistdLog(reactor=self.reactor, publisher=publisher)
             if not access_file.resolve():
                 raise RuntimeError("the access log found no twistd-like observer")

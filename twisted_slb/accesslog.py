@@ -255,12 +255,15 @@ class TwistdLog:
         self._resolved = False
         self._out: Optional[IO[Any]] = None  # a text or a binary file (self._encode)
         self._encode = False
-        self._lines: List[str] = []
+        self._lines: List[str] = []  # to a text file
         self._size = 0
+        self._pending = bytearray()  # to a binary file (self._encode)
         self._batch = _BATCH_BYTES
         self._second = -1
         self._prefix = ""
         self._suffix = "\n"
+        self._prefix_bytes = b""
+        self._suffix_bytes = b"\n"
         self._affixes = 1
         self._flush_call = None
         self._trigger = None
@@ -339,20 +342,36 @@ class TwistdLog:
                 return False
             self._second = second
             self._prefix, self._suffix = parts
-            self._affixes = len((self._prefix + self._suffix).encode("utf-8"))
+            self._prefix_bytes = self._prefix.encode("utf-8")
+            self._suffix_bytes = self._suffix.encode("utf-8")
+            self._affixes = len(self._prefix_bytes) + len(self._suffix_bytes)
         if "\n" in line:
             line = line.replace("\n", "\n\t")  # as formatEventAsClassicLogText does
-        # Bytes as written (UTF-8): a decoded header may hold non-ASCII.
-        added = (len(line) if line.isascii() else len(line.encode("utf-8"))) + self._affixes
-        size = self._size + added
-        if size > self._batch and self._lines:
-            self.flush()
-            size = added
-        lines = self._lines
-        lines.append(self._prefix)  # (three appends and one join: no copy per line)
-        lines.append(line)
-        lines.append(self._suffix)
-        self._size = size
+        if self._encode:
+            # twistd's LogFile takes bytes: each line is encoded at once into
+            # one buffer, so that no line outlives this call (on PyPy, lines
+            # kept until the batch is written are copied by every minor
+            # collection they live through).
+            data = line.encode("utf-8")
+            pending = self._pending
+            if len(pending) + len(data) + self._affixes > self._batch and pending:
+                self.flush()
+                pending = self._pending
+            pending += self._prefix_bytes
+            pending += data
+            pending += self._suffix_bytes
+        else:
+            # Bytes as written (UTF-8): a decoded header may hold non-ASCII.
+            added = (len(line) if line.isascii() else len(line.encode("utf-8"))) + self._affixes
+            size = self._size + added
+            if size > self._batch and self._lines:
+                self.flush()
+                size = added
+            lines = self._lines
+            lines.append(self._prefix)  # (three appends and one join: no copy per line)
+            lines.append(line)
+            lines.append(self._suffix)
+            self._size = size
         if self._flush_call is None:
             self._flush_call = self.reactor.callLater(self.flush_delay, self.flush)
         return True
@@ -364,19 +383,20 @@ class TwistdLog:
             self._flush_call = None
             if call.active():
                 call.cancel()
-        if not self._lines:
+        data: Any
+        if self._pending:
+            data, self._pending = self._pending, bytearray()
+        elif self._lines:
+            data = "".join(self._lines)
+            self._lines = []
+            self._size = 0
+        else:
             return
-        data = "".join(self._lines)
-        self._lines = []
-        self._size = 0
         out = self._out
         try:
             # Lines wait only while self._out is set; a failure here is caught as any other.
             assert out is not None
-            if self._encode:
-                out.write(data.encode("utf-8"))
-            else:
-                out.write(data)
+            out.write(data)
             out.flush()
         except Exception:
             # What twistd's observer would have met too (closed file, full
