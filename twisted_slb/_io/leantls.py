@@ -48,6 +48,18 @@ It is used by https listeners when the reactor can drive lean transports
 read first, and L{enabled} is true (the default):
 C{TWISTED_SLB_LEAN_TLS=0} in the environment turns it off, and Twisted's TLS
 then serves https listeners, as it always does with any other reactor.
+
+The backend side: L{connect} (used by the HTTP proxy's connection pool for
+groups with C{tls}) is C{connectSSL} on the same machinery.  The TLS half
+above is L{LeanTLSConnection}, shared by L{LeanTLSServer} and
+L{LeanTLSClient}; L{LeanTLSConnector} makes the TCP connect, runs the
+handshake on the socket (SNI, a session of an earlier connection resumed)
+and checks the certificate (the chain by OpenSSL during the handshake, the
+name by service_identity after it) with the group's
+L{twisted_slb.tls.BackendClientTLS}, and only then builds the protocol, on a
+L{LeanTLSClient}: nothing can be written to a backend that failed, since
+nobody has a transport to write to.  The same switch and the same reactors
+decide, and a backend given by host name goes through C{connectSSL}.
 """
 
 from __future__ import annotations
@@ -577,8 +589,19 @@ def serve_port(port, switch, factory) -> bool:
     return False
 
 
+#: TLS sessions kept for resumption, at most (one per backend and settings)
+_MAX_SESSIONS = 4096
+
+
 class BackendTLSError(error.ConnectError):
-    """TLS to the backend failed"""
+    """
+    TLS to a backend failed: the handshake (OpenSSL's reason, such as
+    C{certificate verify failed}), or the check of the certificate's name.
+    A L{error.ConnectError}: nothing was sent, the connect failed.
+    """
+
+    def __str__(self) -> str:
+        return f"TLS to the backend failed: {self.args[0]}"
 
 
 @implementer(ISSLTransport, INegotiated, ISystemHandle)
@@ -614,6 +637,8 @@ class LeanTLSClient(LeanTLSConnection):
                 self._sessions = None
                 session = tls.get_session()
                 if session is not None:
+                    if len(sessions) >= _MAX_SESSIONS and self._session_key not in sessions:
+                        sessions.clear()  # (keys of backends long gone, after many reloads)
                     sessions[self._session_key] = (tls.get_context(), session)
 
 
