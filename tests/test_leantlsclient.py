@@ -441,10 +441,11 @@ class ConnectionTests(Base):
         self.assertEqual(_lib.SSL_session_reused(proto.transport.tls._ssl), 0)
 
     @defer.inlineCallbacks
-    def test_resumedSessionStillChecksTheName(self):
+    def test_otherSettingsOnTheSameAddressStillChecked(self):
         """
-        A group with another server_name on the same backend address never
-        resumes the first group's session (its own key), and is refused.
+        After a verified connection left its session, a group with another
+        server_name on the same backend address (its own pool key: no
+        session to resume, no connection to reuse) is still refused.
         """
         port = self.listen()
         proto, _ = yield self.get(port, self.verified())
@@ -520,3 +521,52 @@ class TwistedPathTests(Base):
         self.assertEqual(b"".join(self.backend_factory.log).count(b"GET"), 1)
         self.flushLoggedErrors()
 
+
+
+class ProxyTests(Base):
+    """Through the HTTP proxy: the lean TLS client under a listener, as a client sees it."""
+
+    @defer.inlineCallbacks
+    def proxied(self, tls: BackendTLSConfig, request: bytes) -> defer.Deferred:
+        from twisted.internet.protocol import ClientCreator
+
+        from tests.test_smuggling import Client
+        from twisted_slb.backends import BackendGroup
+        from twisted_slb.web.front import HTTPFrontFactory
+        from twisted_slb.web.proxy import BalancedProxyResource
+
+        port = self.listen()
+        group = BackendGroup("b", [Backend("s", "127.0.0.1", port)], tls=tls)
+        resource = BalancedProxyResource(group, pool=self.pool, tls=self.cache, access_log=False)
+        listening = reactor.listenTCP(0, HTTPFrontFactory(resource, reactor=reactor), interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        client = Client()
+        yield ClientCreator(reactor, lambda: client).connectTCP("127.0.0.1", listening.getHost().port)
+        self.addCleanup(lambda: client.transport.abortConnection() if client.transport.connected else None)
+        client.transport.write(request)
+        received = yield client.until(b"\r\n\r\n")
+        return received
+
+    @defer.inlineCallbacks
+    def test_wrongNameIs502WithTheReasonLogged(self):
+        """
+        A POST (not retried once sent) to a backend whose certificate names
+        another host: 502, the reason in the proxy's log line, and not a
+        byte of the request at the backend.
+        """
+        from tests.test_tls import LogCapture
+
+        logs = LogCapture(self)
+        received = yield self.proxied(self.verified("other.internal"),
+                                      b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        self.assertTrue(received.startswith(b"HTTP/1.1 502 "), received)
+        self.assertEqual(self.backend_factory.log, [])
+        self.assertTrue(logs.mentioning("TLS to the backend failed: its certificate is not valid for 'other.internal'"))
+
+    @defer.inlineCallbacks
+    def test_rightNameProxied(self):
+        """The right name: the backend's answer, over a lean TLS connection of the pool."""
+        received = yield self.proxied(self.verified(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(received.startswith(b"HTTP/1.1 200 "), received)
+        self.assertTrue(self.pool.all)
+        self.assertTrue(all(isinstance(p.transport, leantls.LeanTLSClient) for p in self.pool.all))
