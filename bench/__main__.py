@@ -157,9 +157,11 @@ class Setup:
         self.args = args
         self.procs: List[Proc] = []
         self.backend_ports = [free_port(), free_port()]
-        self.ha = {k: free_port() for k in ("http", "tcp", "https")}
-        self.slb = {k: free_port() for k in ("http", "tcp", "https", "http_log")}
-        self.caddy = {k: free_port() for k in ("http", "tcp", "https")}
+        # the same nginx backends over TLS (the http_tls_backend row)
+        self.tls_backend_ports = [free_port(), free_port()]
+        self.ha = {k: free_port() for k in ("http", "tcp", "https", "tls_backend")}
+        self.slb = {k: free_port() for k in ("http", "tcp", "https", "http_log", "tls_backend")}
+        self.caddy = {k: free_port() for k in ("http", "tcp", "https", "tls_backend")}
         # the udp row: echo backends, nginx's stream module, our udp listener
         self.udp_backends = [udp.free_udp_port(), udp.free_udp_port()]
         self.nginx_udp = udp.free_udp_port()
@@ -179,6 +181,11 @@ class Setup:
                  location = /big {{ alias {big}; }}
                  location / {{ return 200 "hello from {i}\\n"; }} }}"""
             for i, port in enumerate(self.backend_ports)
+        ) + "\n".join(
+            f"""server {{ listen 127.0.0.1:{port} ssl reuseport; access_log off;
+                 ssl_certificate {self.cert}; ssl_certificate_key {self.key};
+                 location / {{ return 200 "hello from {i}\\n"; }} }}"""
+            for i, port in enumerate(self.tls_backend_ports)
         )
         conf = os.path.join(self.tmp, "nginx.conf")
         with open(conf, "w") as f:
@@ -191,11 +198,12 @@ http {{ keepalive_requests 1000000; client_body_temp_path {self.tmp}; proxy_temp
 """
             )
         self.procs.append(Proc([tool("nginx"), "-c", conf, "-p", self.tmp], os.path.join(self.tmp, "nginx.log")))
-        for port in self.backend_ports:
+        for port in self.backend_ports + self.tls_backend_ports:
             wait_port(port)
 
     def start_haproxy(self) -> None:
         a, b = self.backend_ports
+        ta, tb = self.tls_backend_ports
         conf = os.path.join(self.tmp, "haproxy.cfg")
         with open(conf, "w") as f:
             f.write(
@@ -224,6 +232,17 @@ backend web
     cookie SERVERID insert indirect nocache
     server a 127.0.0.1:{a} cookie a
     server b 127.0.0.1:{b} cookie b
+frontend tls_backend
+    mode http
+    bind 127.0.0.1:{self.ha['tls_backend']}
+    default_backend webtls
+backend webtls
+    mode http
+    balance roundrobin
+    http-reuse always
+    cookie SERVERID insert indirect nocache
+    server a 127.0.0.1:{ta} cookie a ssl verify required ca-file {self.cert} sni str(localhost) verifyhost localhost
+    server b 127.0.0.1:{tb} cookie b ssl verify required ca-file {self.cert} sni str(localhost) verifyhost localhost
 frontend tcp
     mode tcp
     bind 127.0.0.1:{self.ha['tcp']}
@@ -247,6 +266,7 @@ backend tcpweb
         """Caddy, one process on one core (C{GOMAXPROCS=1}), no admin API, no automatic HTTPS, no log."""
         a, b = self.backend_ports
         upstreams = f"127.0.0.1:{a} 127.0.0.1:{b}"
+        ta, tb = self.tls_backend_ports
         conf = os.path.join(self.tmp, "Caddyfile")
         with open(conf, "w") as f:
             f.write(
@@ -268,6 +288,16 @@ https://127.0.0.1:{self.caddy['https']} {{
 \t\tlb_policy cookie SERVERID
 \t}}
 }}
+http://127.0.0.1:{self.caddy['tls_backend']} {{
+\tbind 127.0.0.1
+\treverse_proxy https://127.0.0.1:{ta} https://127.0.0.1:{tb} {{
+\t\tlb_policy cookie SERVERID
+\t\ttransport http {{
+\t\t\ttls_trusted_ca_certs {self.cert}
+\t\t\ttls_server_name localhost
+\t\t}}
+\t}}
+}}
 http://127.0.0.1:{self.caddy['tcp']} {{
 \tbind 127.0.0.1
 \treverse_proxy {upstreams} {{
@@ -286,6 +316,7 @@ http://127.0.0.1:{self.caddy['tcp']} {{
 
     def start_slb(self) -> None:
         a, b = self.backend_ports
+        ta, tb = self.tls_backend_ports
         conf = os.path.join(self.tmp, "slb.toml")
         with open(conf, "w") as f:
             f.write(
@@ -294,6 +325,19 @@ http://127.0.0.1:{self.caddy['tcp']} {{
 [backends.web]
 scheduler = "rr"
 servers = [ {{ name = "a", address = "127.0.0.1:{a}" }}, {{ name = "b", address = "127.0.0.1:{b}" }} ]
+
+# The same backends over TLS, verified as HAProxy and Caddy verify them.
+[backends.webtls]
+scheduler = "rr"
+servers = [ {{ name = "a", address = "127.0.0.1:{ta}" }}, {{ name = "b", address = "127.0.0.1:{tb}" }} ]
+tls = {{ verify = true, ca = "{self.cert}", server_name = "localhost" }}
+
+[listeners.tls_backend]
+protocol = "http"
+access_log = false
+bind = "tcp:{self.slb['tls_backend']}:interface=127.0.0.1:backlog=4096"
+backends = "webtls"
+persistence = {{ type = "insert_cookie", timeout = 3600 }}
 
 [listeners.http]
 protocol = "http"
@@ -607,6 +651,8 @@ def main(argv: Optional[List[str]] = None) -> int:
              lambda base: resumed(base["https_port"], d), False),
             ("https_h2", "HTTPS HTTP/2, h2load -c50 -m10 (req/s)", "rps",
              lambda base: h2load(base["https"] + "/", d, n, 10), False),
+            ("http_tls_backend", "HTTP keep-alive, TLS to the backends (req/s)", "rps",
+             lambda base: wrk(base["tls_backend"] + "/", d, n), False),
         ]
 
         def urls(ports: Dict[str, int]) -> Dict[str, object]:

@@ -48,6 +48,18 @@ It is used by https listeners when the reactor can drive lean transports
 read first, and L{enabled} is true (the default):
 C{TWISTED_SLB_LEAN_TLS=0} in the environment turns it off, and Twisted's TLS
 then serves https listeners, as it always does with any other reactor.
+
+The backend side: L{connect} (used by the HTTP proxy's connection pool for
+groups with C{tls}) is C{connectSSL} on the same machinery.  The TLS half
+above is L{LeanTLSConnection}, shared by L{LeanTLSServer} and
+L{LeanTLSClient}; L{LeanTLSConnector} makes the TCP connect, runs the
+handshake on the socket (SNI, a session of an earlier connection resumed)
+and checks the certificate (the chain by OpenSSL during the handshake, the
+name by service_identity after it) with the group's
+L{twisted_slb.tls.BackendClientTLS}, and only then builds the protocol, on a
+L{LeanTLSClient}: nothing can be written to a backend that failed, since
+nobody has a transport to write to.  The same switch and the same reactors
+decide, and a backend given by host name goes through C{connectSSL}.
 """
 
 from __future__ import annotations
@@ -59,12 +71,18 @@ from typing import Optional, Type, cast
 from cryptography.hazmat.bindings.openssl.binding import Binding
 from OpenSSL import SSL
 from twisted.internet import error, tcp
-from twisted.internet.interfaces import IHalfCloseableProtocol, INegotiated, ISSLTransport, ISystemHandle
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    INegotiated,
+    IReadWriteDescriptor,
+    ISSLTransport,
+    ISystemHandle,
+)
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_slb._io import lean
-from twisted_slb._io.lean import _ABORTED, _DONE, _LINGER_RESET, LeanServer
+from twisted_slb._io.lean import _ABORTED, _DONE, _LINGER_RESET, LeanConnection, LeanConnector, LeanServer
 from twisted_slb.tls import TLSServerFactory, log_handshake_failure, log_handshake_timeout
 
 #: whether https listeners use L{LeanTLSServer} where they can
@@ -117,22 +135,18 @@ def _lost(exc: BaseException) -> Failure:
 
 
 @implementer(ISSLTransport, INegotiated, ISystemHandle)
-class LeanTLSServer(LeanServer):
+class LeanTLSConnection(LeanConnection):
     """
-    An accepted connection served over TLS by OpenSSL on the socket.
+    The TLS half shared by L{LeanTLSServer} and L{LeanTLSClient}: reads and
+    writes through OpenSSL on the socket, close_notify, and the bookkeeping
+    of a read that waits for writability and a write that waits for
+    readability.  A subclass does the handshake (C{_handshake}, called on
+    the socket's events until C{_handshake_done}).
 
-    A listening C{tcp.Port} builds it (see L{serve_port}) with the
-    signature of C{tcp.Server}; the class the port holds is a subclass
-    made for one L{TLSServerFactory}, L{tls_factory}.
-
-    @cvar tls_factory: the listener's L{TLSServerFactory}: its C{options}
-        give the context, its C{handshake_timeout} and C{reactor} the
-        handshake's deadline.
     @ivar tls: the L{SSL.Connection}; L{None} once closed.
     """
 
-    tls_factory: TLSServerFactory = None  # type: ignore[assignment]
-    tls: Optional[SSL.Connection]
+    tls: Optional[SSL.Connection] = None
     _handshake_done = False
     #: the last C{SSL_write} (or handshake, or close_notify) waits for the
     #: socket to take more
@@ -141,24 +155,6 @@ class LeanTLSServer(LeanServer):
     _read_wants_write = False
     _write_wants_read = False
     _shutdown_pending = False
-    _timer = None
-    _timed_out = False
-    #: the protocol ALPN chose is being connected; a close meanwhile is held
-    #: in C{_held_close} until it is this transport's protocol
-    _choosing = False
-    _held_close = None
-    #: bytes the client had sent when its first read came (for the log line
-    #: of a handshake that fails)
-    received_bytes = 0
-
-    def __init__(self, sock, protocol, client, server, sessionno, reactor) -> None:
-        factory = self.tls_factory
-        LeanServer.__init__(self, sock, protocol, client, server, sessionno, reactor)
-        self.tls = SSL.Connection(factory.options.server_context(), sock)
-        self.tls.set_accept_state()
-        timeout = factory.handshake_timeout
-        if timeout:
-            self._timer = factory.reactor.callLater(timeout, self._handshake_timed_out)
 
     def getHandle(self):
         """The L{SSL.Connection}, as Twisted's TLS transport gives it (L{ISystemHandle})."""
@@ -176,71 +172,9 @@ class LeanTLSServer(LeanServer):
             return None
         return tls.get_alpn_proto_negotiated() or None
 
-    # -- the handshake ----------------------------------------------------------
-
     def _handshake(self) -> None:
-        tls = self.tls
-        assert tls is not None  # the handshake runs on an open connection
-        try:
-            tls.do_handshake()
-        except _WantRead:
-            return
-        except _WantWrite:
-            self._wait_writable()
-            return
-        except _SSLError as e:
-            self._handshake_failed(e)
-            return
-        self._handshake_done = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        protocol = self.protocol
-        # The protocol ALPN chose decides who serves the connection (as
-        # twisted_slb.tls's guard does on Twisted's TLS): an HTTP listener's
-        # channel hands it to HTTP/2 for "h2".
-        # The chosen protocol is connected (and may write, or close) before
-        # it is returned: a close meanwhile (its first write meeting a
-        # client already gone, a broken pipe) waits until it is this
-        # transport's protocol, so that it hears connectionLost, not the
-        # protocol it replaced (which let go of the connection, and whose
-        # factory would forget the wrong one).
-        choose = getattr(protocol, "protocol_for_alpn", None)
-        if choose is not None:
-            self._choosing = True
-            try:
-                chosen = choose(self.negotiatedProtocol)
-            finally:
-                self._choosing = False
-            if chosen is not protocol:
-                protocol = self.protocol = chosen
-                self._half = protocol if IHalfCloseableProtocol.providedBy(protocol) else None
-            held, self._held_close = self._held_close, None
-            if held is not None:
-                self._close(held)
-                return
-        completed = getattr(protocol, "handshakeCompleted", None)
-        if completed is not None:
-            completed()
-        if (self._buffer or self._write_closing) and self.connected:
-            self._flush()
-
-    def _handshake_failed(self, e: BaseException) -> None:
-        if isinstance(e, SSL.SysCallError):
-            reason = _lost(e)
-        else:
-            reason = Failure(e)
-        if not self._timed_out:
-            log_handshake_failure(self.getPeer(), reason, self.received_bytes)
-        self._close(reason)
-
-    def _handshake_timed_out(self) -> None:
-        self._timer = None
-        self._timed_out = True
-        timeout = self.tls_factory.handshake_timeout
-        assert timeout is not None  # the timer is only set with a timeout
-        log_handshake_timeout(self.getPeer(), timeout)
-        self.abortConnection()
+        """One step of the handshake: the subclass's (the socket has an event for it)."""
+        raise NotImplementedError()
 
     # -- reading ----------------------------------------------------------------
 
@@ -251,11 +185,6 @@ class LeanTLSServer(LeanServer):
             if not self.connected:
                 return
         if not self._handshake_done:
-            if not self.received_bytes:
-                try:
-                    self.received_bytes = len(self.socket.recv(_RECORD, socket.MSG_PEEK))
-                except OSError:
-                    pass
             self._handshake()
             if not self._handshake_done or not self.connected:
                 return
@@ -461,7 +390,7 @@ class LeanTLSServer(LeanServer):
     def _shutdown_write(self) -> None:
         if not self._close_notify():
             return  # again when the socket takes it (doWrite -> _shutdown_tls)
-        LeanServer._shutdown_write(self)
+        LeanConnection._shutdown_write(self)
 
     def loseConnection(self) -> None:
         """
@@ -489,6 +418,125 @@ class LeanTLSServer(LeanServer):
         self._close(_ABORTED)
 
     def _close(self, reason: Failure) -> None:
+        LeanConnection._close(self, reason)
+        self.tls = None
+
+    def resumeProducing(self) -> None:
+        LeanConnection.resumeProducing(self)
+        tls = self.tls
+        if self._reading and tls is not None and self._handshake_done and tls.pending():
+            self.reactor.callLater(0, self._read_pending)
+
+
+@implementer(ISSLTransport, INegotiated, ISystemHandle)
+class LeanTLSServer(LeanTLSConnection, LeanServer):
+    """
+    An accepted connection served over TLS by OpenSSL on the socket.
+
+    A listening C{tcp.Port} builds it (see L{serve_port}) with the
+    signature of C{tcp.Server}; the class the port holds is a subclass
+    made for one L{TLSServerFactory}, L{tls_factory}.
+
+    @cvar tls_factory: the listener's L{TLSServerFactory}: its C{options}
+        give the context, its C{handshake_timeout} and C{reactor} the
+        handshake's deadline.
+    """
+
+    tls_factory: TLSServerFactory = None  # type: ignore[assignment]
+    _timer = None
+    _timed_out = False
+    #: the protocol ALPN chose is being connected; a close meanwhile is held
+    #: in C{_held_close} until it is this transport's protocol
+    _choosing = False
+    _held_close = None
+    #: bytes the client had sent when its first read came (for the log line
+    #: of a handshake that fails)
+    received_bytes = 0
+
+    def __init__(self, sock, protocol, client, server, sessionno, reactor) -> None:
+        factory = self.tls_factory
+        LeanServer.__init__(self, sock, protocol, client, server, sessionno, reactor)
+        self.tls = SSL.Connection(factory.options.server_context(), sock)
+        self.tls.set_accept_state()
+        timeout = factory.handshake_timeout
+        if timeout:
+            self._timer = factory.reactor.callLater(timeout, self._handshake_timed_out)
+
+    # -- the handshake ----------------------------------------------------------
+
+    def _handshake(self) -> None:
+        tls = self.tls
+        assert tls is not None  # the handshake runs on an open connection
+        try:
+            tls.do_handshake()
+        except _WantRead:
+            return
+        except _WantWrite:
+            self._wait_writable()
+            return
+        except _SSLError as e:
+            self._handshake_failed(e)
+            return
+        self._handshake_done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        protocol = self.protocol
+        # The protocol ALPN chose decides who serves the connection (as
+        # twisted_slb.tls's guard does on Twisted's TLS): an HTTP listener's
+        # channel hands it to HTTP/2 for "h2".
+        # The chosen protocol is connected (and may write, or close) before
+        # it is returned: a close meanwhile (its first write meeting a
+        # client already gone, a broken pipe) waits until it is this
+        # transport's protocol, so that it hears connectionLost, not the
+        # protocol it replaced (which let go of the connection, and whose
+        # factory would forget the wrong one).
+        choose = getattr(protocol, "protocol_for_alpn", None)
+        if choose is not None:
+            self._choosing = True
+            try:
+                chosen = choose(self.negotiatedProtocol)
+            finally:
+                self._choosing = False
+            if chosen is not protocol:
+                protocol = self.protocol = chosen
+                self._half = protocol if IHalfCloseableProtocol.providedBy(protocol) else None
+            held, self._held_close = self._held_close, None
+            if held is not None:
+                self._close(held)
+                return
+        completed = getattr(protocol, "handshakeCompleted", None)
+        if completed is not None:
+            completed()
+        if (self._buffer or self._write_closing) and self.connected:
+            self._flush()
+
+    def _handshake_failed(self, e: BaseException) -> None:
+        if isinstance(e, SSL.SysCallError):
+            reason = _lost(e)
+        else:
+            reason = Failure(e)
+        if not self._timed_out:
+            log_handshake_failure(self.getPeer(), reason, self.received_bytes)
+        self._close(reason)
+
+    def _handshake_timed_out(self) -> None:
+        self._timer = None
+        self._timed_out = True
+        timeout = self.tls_factory.handshake_timeout
+        assert timeout is not None  # the timer is only set with a timeout
+        log_handshake_timeout(self.getPeer(), timeout)
+        self.abortConnection()
+
+    def doRead(self) -> None:
+        if not self._handshake_done and not self.received_bytes:
+            try:
+                self.received_bytes = len(self.socket.recv(_RECORD, socket.MSG_PEEK))
+            except OSError:
+                pass
+        LeanTLSConnection.doRead(self)
+
+    def _close(self, reason: Failure) -> None:
         if not self.connected:
             return
         if self._choosing:
@@ -505,14 +553,7 @@ class LeanTLSServer(LeanServer):
             # guard of Twisted's path, one line for a failed handshake
             # (those of OpenSSL and of an EOF were logged already).
             log_handshake_failure(self.getPeer(), reason, self.received_bytes)
-        LeanServer._close(self, reason)
-        self.tls = None
-
-    def resumeProducing(self) -> None:
-        LeanServer.resumeProducing(self)
-        tls = self.tls
-        if self._reading and tls is not None and self._handshake_done and tls.pending():
-            self.reactor.callLater(0, self._read_pending)
+        LeanTLSConnection._close(self, reason)
 
 
 def serve_port(port, switch, factory) -> bool:
@@ -546,3 +587,244 @@ def serve_port(port, switch, factory) -> bool:
         port.transport = factory.lean_transport = cast("Type[tcp.Server]", transport)
         return True
     return False
+
+
+#: TLS sessions kept for resumption, at most (one per backend and settings)
+_MAX_SESSIONS = 4096
+
+
+class BackendTLSError(error.ConnectError):
+    """
+    TLS to a backend failed: the handshake (OpenSSL's reason, such as
+    C{certificate verify failed}), or the check of the certificate's name.
+    A L{error.ConnectError}: nothing was sent, the connect failed.
+    """
+
+    def __str__(self) -> str:
+        return f"TLS to the backend failed: {self.args[0]}"
+
+
+@implementer(ISSLTransport, INegotiated, ISystemHandle)
+class LeanTLSClient(LeanTLSConnection):
+    """
+    A backend connection over TLS, made by L{LeanTLSConnector} once the
+    handshake is done and the backend's certificate verified: its protocol
+    is connected only to a verified peer, so nothing it writes can reach
+    another.
+
+    @ivar _sessions: where to keep the connection's TLS session once it is
+        resumable (after the first read: a TLS 1.3 ticket comes after the
+        handshake), under C{_session_key}; L{None} once kept, or without.
+    """
+
+    _handshake_done = True
+    _sessions: Optional[dict] = None
+    _session_key = None
+
+    def __init__(self, sock: socket.socket, protocol, reactor, tls: SSL.Connection) -> None:
+        LeanConnection.__init__(self, sock, protocol, reactor)
+        self.tls = tls
+
+    def _handshake(self) -> None:
+        """Never called: the connector did it."""
+
+    def doRead(self) -> None:
+        LeanTLSConnection.doRead(self)
+        sessions = self._sessions
+        if sessions is not None:
+            tls = self.tls
+            if tls is not None:
+                self._sessions = None
+                session = tls.get_session()
+                if session is not None:
+                    if len(sessions) >= _MAX_SESSIONS and self._session_key not in sessions:
+                        sessions.clear()  # (keys of backends long gone, after many reloads)
+                    sessions[self._session_key] = (tls.get_context(), session)
+
+
+@implementer(IReadWriteDescriptor)
+class LeanTLSConnector(LeanConnector):
+    """
+    One TLS connect (see L{connect}): the TCP connect of L{LeanConnector},
+    then the TLS handshake on the socket, then the check of the backend's
+    certificate by C{client_tls}.  Only then is the factory's protocol
+    built, on a L{LeanTLSClient}: before, nobody can write.
+
+    The connect's timeout covers the handshake too (a backend that accepts
+    and never answers its ClientHello times out as one that never accepts).
+    A failed handshake or check is reported to the factory's
+    C{clientConnectionFailed} as a L{BackendTLSError} saying why; the
+    socket is closed without a byte of the application's.
+
+    @ivar client_tls: a L{twisted_slb.tls.BackendClientTLS}: the context,
+        the SNI name, the check of the certificate.
+    @ivar sessions: a dictionary of TLS sessions (of earlier connections)
+        to resume, by C{session_key}; L{None} for none.
+    """
+
+    _tls: Optional[SSL.Connection] = None
+    #: registered with the reactor for reading / for writing (the TCP
+    #: connect waits for writability)
+    _tls_reading = False
+    _tls_writing = True
+
+    def __init__(self, reactor, family: int, host: str, port: int, factory, timeout: float, client_tls,
+                 sessions: Optional[dict] = None, session_key=None, deadlines=None) -> None:
+        self.client_tls = client_tls
+        self.sessions = sessions
+        self.session_key = session_key
+        LeanConnector.__init__(self, reactor, family, host, port, factory, timeout, deadlines)
+
+    def __repr__(self) -> str:
+        return f"<LeanTLSConnector to {self.address.host}:{self.address.port}>"
+
+    def logPrefix(self) -> str:
+        return "LeanTLSConnector"
+
+    def doWrite(self) -> None:
+        if self._tls is None:
+            self._tcp_connected()
+        else:
+            self._handshake()
+
+    def doRead(self) -> None:
+        if self._tls is not None:
+            self._handshake()
+
+    def _tcp_connected(self) -> None:
+        sock = self.sock
+        assert sock is not None  # registered only while connecting, with its socket
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._fail(error.getConnectError((err, os.strerror(err))))
+            return
+        client_tls = self.client_tls
+        try:
+            tls = SSL.Connection(client_tls.context(), sock)
+            tls.set_connect_state()
+            if client_tls.sni is not None:
+                tls.set_tlsext_host_name(client_tls.sni)
+            sessions = self.sessions
+            if sessions is not None:
+                kept = sessions.get(self.session_key)
+                # (Only a session of this context: the options of a group
+                # whose settings changed have a new one.)
+                if kept is not None and kept[0] is tls.get_context():
+                    tls.set_session(kept[1])
+        except _SSLError as e:
+            self._fail(BackendTLSError(string=f"cannot start TLS: {_describe(e)}"))
+            return
+        self._tls = tls
+        self._handshake()
+
+    def _wait(self, readable: bool) -> None:
+        """Be called back when the socket is readable (else writable), not on the other event."""
+        reactor = self.reactor
+        if readable:
+            if not self._tls_reading:
+                self._tls_reading = True
+                reactor.addReader(self)
+            if self._tls_writing:
+                self._tls_writing = False
+                reactor.removeWriter(self)
+        else:
+            if not self._tls_writing:
+                self._tls_writing = True
+                reactor.addWriter(self)
+            if self._tls_reading:
+                self._tls_reading = False
+                reactor.removeReader(self)
+
+    def _handshake(self) -> None:
+        tls = self._tls
+        assert tls is not None  # set by _tcp_connected
+        try:
+            tls.do_handshake()
+        except _WantRead:
+            self._wait(True)
+            return
+        except _WantWrite:
+            self._wait(False)
+            return
+        except SSL.SysCallError as e:
+            self._fail(BackendTLSError(string=f"connection lost in the handshake: {_lost(e).getErrorMessage()}"))
+            return
+        except _SSLError as e:
+            self._fail(BackendTLSError(string=f"handshake: {_describe(e)}"))
+            return
+        client_tls = self.client_tls
+        try:
+            client_tls.check(tls)
+        except Exception as e:
+            # (service_identity's VerificationError, or its
+            # CertificateError for a certificate it cannot read.)
+            self._fail(BackendTLSError(
+                string=f"its certificate is not valid for {client_tls.server_name!r}: {e}"))
+            return
+        # Verified: the application may have the connection.
+        protocol = self.factory.buildProtocol(self.address)
+        if protocol is None:
+            self._fail(error.NoProtocol())
+            return
+        sock, self.sock = self.sock, None
+        assert sock is not None
+        self._tls = None
+        self._finish()
+        transport = LeanTLSClient(sock, protocol, self.reactor, tls)
+        transport._peer = self.address
+        if self.sessions is not None:
+            transport._sessions = self.sessions
+            transport._session_key = self.session_key
+        transport.startReading()
+        protocol.makeConnection(transport)
+        completed = getattr(protocol, "handshakeCompleted", None)
+        if completed is not None and transport.connected:
+            completed()
+
+    def connectionLost(self, reason: Failure) -> None:
+        """The reactor saw the socket fail, or is shutting down."""
+        if self._tls is None:
+            LeanConnector.connectionLost(self, reason)
+        else:
+            self._fail(BackendTLSError(string=f"connection lost in the handshake: {reason.getErrorMessage()}"))
+
+    def _finish(self) -> None:
+        if self._tls_reading:
+            self._tls_reading = False
+            self.reactor.removeReader(self)
+        self._tls_writing = False
+        LeanConnector._finish(self)  # (removes it as a writer)
+        self._tls = None
+
+
+def _describe(e: BaseException) -> str:
+    """OpenSSL's reason for a failed handshake: C{certificate verify failed}, ..."""
+    args = getattr(e, "args", ())
+    if args and isinstance(args[0], list):
+        reasons = [str(entry[-1]) for entry in args[0] if isinstance(entry, tuple) and entry]
+        if reasons:
+            return ", ".join(reasons)
+    return str(e) or e.__class__.__name__
+
+
+def connect(reactor, host: str, port: int, factory, client_tls, timeout: float = 30,
+            sessions: Optional[dict] = None, session_key=None):
+    """
+    Connect to C{host}:C{port} over TLS for C{factory} (a C{ClientFactory})
+    with the settings of C{client_tls} (a
+    L{twisted_slb.tls.BackendClientTLS}), as C{reactor.connectSSL} does with
+    its connection creator, but on a L{LeanTLSClient}, and with the
+    protocol built only once the backend's certificate passed (see
+    L{LeanTLSConnector}).
+
+    A host name (not an IP address), a reactor that cannot drive lean
+    transports, or L{enabled} false: C{reactor.connectSSL} with
+    C{client_tls} as its connection creator.
+
+    @param sessions: TLS sessions to resume and keep, by C{session_key}.
+    @return: the connector (C{disconnect()} gives up on it).
+    """
+    family = lean._family(host) if enabled and lean.usable(reactor) else None
+    if family is None:
+        return reactor.connectSSL(host, port, factory, client_tls, timeout=timeout)
+    return LeanTLSConnector(reactor, family, host, port, factory, timeout, client_tls, sessions, session_key)

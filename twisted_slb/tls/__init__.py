@@ -24,8 +24,9 @@ line for each failed handshake (C{twisted_slb.tls._server}).
 Client side
 ===========
 
-L{client_tls_options} builds the connection creator for TLS to one backend,
-verified with service_identity against the group's C{server_name} or the
+L{client_tls_options} builds the TLS settings of one backend (a
+L{BackendClientTLS}: Twisted's connection creator, and what the lean TLS
+client needs), verified with service_identity against the group's C{server_name} or the
 backend's host; L{ClientTLSCache} builds each of those once per group and
 host rather than once per connection (C{twisted_slb.tls._client}).
 """
@@ -45,6 +46,7 @@ from twisted_slb.tls._certificates import (
 
 if TYPE_CHECKING:
     from twisted_slb.tls._client import (
+        BackendClientTLS,
         ClientTLSCache,
         StagedClientTLS,
         client_tls_options,
@@ -77,6 +79,7 @@ __all__ = [
     "log_handshake_failure",
     "log_handshake_timeout",
     "server_tls_factory",
+    "BackendClientTLS",
     "ClientTLSCache",
     "StagedClientTLS",
     "client_tls_options",
@@ -99,7 +102,7 @@ _SERVER = frozenset(
         "server_tls_factory",
     ]
 )
-_CLIENT = frozenset(["ClientTLSCache", "StagedClientTLS", "client_tls_options", "warn_unverified"])
+_CLIENT = frozenset(["BackendClientTLS", "ClientTLSCache", "StagedClientTLS", "client_tls_options", "warn_unverified"])
 
 
 def __getattr__(name: str) -> Any:

@@ -1,10 +1,11 @@
 """
 Client TLS to backends.
 
-L{client_tls_options} builds the connection creator for TLS to one backend,
-verified with service_identity against the group's C{server_name} or the
-backend's host; L{ClientTLSCache} builds each of those once per group and
-host rather than once per connection.
+L{client_tls_options} builds the TLS settings of one backend (a
+L{BackendClientTLS}: Twisted's connection creator, and what the lean TLS
+client needs), verified with service_identity against the group's
+C{server_name} or the backend's host; L{ClientTLSCache} builds each of those
+once per group and host rather than once per connection.
 """
 
 from __future__ import annotations
@@ -68,12 +69,92 @@ def warn_unverified(group_name: str) -> None:
     )
 
 
+def _idna(name: str) -> bytes:
+    """C{name} as the IDNA bytes SNI and service_identity take (as Twisted's client TLS encodes it)."""
+    try:
+        import idna
+    except ImportError:  # (Twisted's fallback too)
+        return name.encode("idna")
+    try:
+        return idna.encode(name)
+    except idna.IDNAError:
+        return name.encode("idna")
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class BackendClientTLS:
+    """
+    The TLS settings for connecting to one backend, for both transports.
+
+    As an L{IOpenSSLClientConnectionCreator} it is Twisted's
+    (C{optionsForClientTLS}, or L{_UnverifiedClientTLS}): C{connectSSL}
+    and the health checks' C{wrapClientTLS} use it.  The lean TLS client
+    (L{twisted_slb._io.leantls.connect}) builds its own connection on the
+    socket from L{context}, sends L{sni}, and calls L{check} once the
+    handshake is done, before anything is written.
+
+    @ivar server_name: the name the certificate must carry (a DNS name or
+        an IP address).
+    @ivar verify: whether the certificate is checked at all.
+    @ivar sni: the IDNA name sent by SNI, or L{None} for an IP address.
+    """
+
+    def __init__(self, server_name: str, verify: bool, trust_root: Optional[IOpenSSLTrustRoot]) -> None:
+        self.server_name = server_name
+        self.verify = verify
+        self._is_ip = bool(isIPAddress(server_name) or isIPv6Address(server_name))
+        self.sni = None if self._is_ip else _idna(server_name)
+        self._trust_root = trust_root
+        self._context: Optional[SSL.Context] = None
+        self._creator: IOpenSSLClientConnectionCreator
+        if verify:
+            self._creator = optionsForClientTLS(server_name, trustRoot=trust_root)
+        else:
+            self._creator = _UnverifiedClientTLS(server_name)
+
+    def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        return self._creator.clientConnectionForTLS(tlsProtocol)
+
+    def context(self) -> SSL.Context:
+        """
+        The context of the lean client's connections, built once: the same
+        L{CertificateOptions} as Twisted's path (TLS 1.2 minimum, its
+        ciphers), and with C{verify} the same trust root, so that OpenSSL
+        verifies the chain (C{VERIFY_PEER}, fail without a certificate)
+        during the handshake.
+        """
+        if self._context is None:
+            if self.verify:
+                self._context = CertificateOptions(trustRoot=self._trust_root).getContext()
+            else:
+                self._context = CertificateOptions(verify=False).getContext()
+        return self._context
+
+    def check(self, connection: SSL.Connection) -> None:
+        """
+        Check that the certificate of C{connection} (handshake done, chain
+        verified by OpenSSL) names L{server_name}, with service_identity
+        as Twisted's path does; nothing without C{verify}.
+
+        @raise service_identity.VerificationError: it does not.
+        """
+        if not self.verify:
+            return
+        from service_identity.pyopenssl import verify_hostname, verify_ip_address
+
+        if self._is_ip:
+            verify_ip_address(connection, self.server_name)
+        else:
+            assert self.sni is not None  # a DNS name has its IDNA form
+            verify_hostname(connection, self.sni.decode("ascii"))
+
+
 def client_tls_options(
     group_tls: BackendTLSConfig,
     host: str,
     trust_root: Optional[IOpenSSLTrustRoot] = None,
     where: str = "backends.tls.ca",
-) -> IOpenSSLClientConnectionCreator:
+) -> BackendClientTLS:
     """
     The TLS settings for connecting to one backend.
 
@@ -91,10 +172,10 @@ def client_tls_options(
     """
     name = _server_name(group_tls, host)
     if not group_tls.verify:
-        return _UnverifiedClientTLS(name)
+        return BackendClientTLS(name, False, None)
     if trust_root is None:
         trust_root = platformTrust() if group_tls.ca is None else load_trust_root(group_tls.ca, where)
-    return optionsForClientTLS(name, trustRoot=trust_root)
+    return BackendClientTLS(name, True, trust_root)
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -116,7 +197,7 @@ class ClientTLSCache:
 
     def __init__(self) -> None:
         self._groups: Dict[str, Tuple[BackendTLSConfig, Optional[IOpenSSLTrustRoot]]] = {}
-        self._options: Dict[Tuple[str, BackendTLSConfig, str], IOpenSSLClientConnectionCreator] = {}
+        self._options: Dict[Tuple[str, BackendTLSConfig, str], BackendClientTLS] = {}
 
     def prepare(self, group_name: str, group_tls: BackendTLSConfig) -> None:
         """
@@ -164,7 +245,7 @@ class ClientTLSCache:
 
     def options_for(
         self, group_name: str, group_tls: BackendTLSConfig, host: str
-    ) -> IOpenSSLClientConnectionCreator:
+    ) -> BackendClientTLS:
         """
         The TLS options for a connection to C{host} in group C{group_name}.
 

@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_slb._io import lean
+from twisted_slb._io import lean, leantls
 from twisted_slb._io.headers import cached_name, canonical_name
 from twisted_slb._io.sockets import set_nodelay, write_now
 from twisted_slb._reactor import maybe_global_reactor
@@ -434,9 +434,12 @@ class UpstreamPool:
         50 connections with 10 streams each closed and reopened a backend
         connection for three requests in four.
     @ivar idle_timeout: seconds an idle connection is kept.
-    @ivar lean: whether plain (not TLS) backend connections use
-        L{twisted_slb._io.lean}'s transports where the reactor can drive them;
-        otherwise C{connectTCP}'s.
+    @ivar lean: whether backend connections use L{twisted_slb._io.lean}'s
+        transports where the reactor can drive them, and TLS ones
+        L{twisted_slb._io.leantls}'s (unless C{TWISTED_SLB_LEAN_TLS=0});
+        otherwise C{connectTCP}'s and C{connectSSL}'s.
+    @ivar tls_sessions: the TLS session of a recent connection of each key,
+        resumed by the next (a shorter handshake, no certificate to send).
     """
 
     lean = True
@@ -448,6 +451,7 @@ class UpstreamPool:
         self.idle_timeout = idle_timeout
         self.idle: Dict[tuple, List[UpstreamProtocol]] = {}
         self.all: set = set()
+        self.tls_sessions: Dict[tuple, object] = {}
         self._closed = IdleTracker()
         # One timer for the whole pool closes connections idle for longer
         # than idle_timeout (a timer per connection would be set and
@@ -489,6 +493,13 @@ class UpstreamPool:
 
         factory = _Connector(self, key, ready, failed)
         if tls_options is not None:
+            # The lean TLS client where it can run (see
+            # twisted_slb._io.leantls.connect, which falls back on
+            # connectSSL): the protocol is connected once the backend's
+            # certificate passed, and TLS sessions are resumed per key.
+            if self.lean and callable(getattr(tls_options, "context", None)):
+                return leantls.connect(self.reactor, backend.host, backend.port, factory, tls_options,
+                                       connect_timeout, self.tls_sessions, key)
             return self.reactor.connectSSL(backend.host, backend.port, factory, tls_options, timeout=connect_timeout)
         # A lean transport where the reactor can drive one (see
         # twisted_slb._io.lean): fewer calls per read and write than
