@@ -268,6 +268,25 @@ class LeanTLSTests(TestCase):
         self.assertEqual(received, b"one,two,three," + big)
 
     @defer.inlineCallbacks
+    def test_failedWriteClosesFromTheReactor(self):
+        """A write that fails (the client reset the connection) returns to
+        its caller normally; the protocol hears C{connectionLost}
+        (L{error.ConnectionLost}) afterwards, from the reactor, not in the
+        middle of its own C{write}; later writes are dropped."""
+        client, app = yield self.handshake()
+        app.transport.pauseProducing()  # the server does not read: its write meets the reset first
+        sock = client.transport.getHandle()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.transport.abortConnection()
+        yield client.lost  # closed: the reset reached the server's socket (loopback)
+        app.transport.write(b"x" * 100)
+        self.assertFalse(app.lost.called, "connectionLost came from inside write")
+        app.transport.write(b"more")
+        self.assertFalse(app.lost.called)
+        yield app.lost
+        self.assertTrue(app.reason.check(error.ConnectionLost), app.reason)
+
+    @defer.inlineCallbacks
     def test_sniChoosesTheCertificate(self):
         """The client's SNI name chooses the certificate; no name gets the default."""
         client, _ = yield self.handshake(server_name=b"a.example.com")

@@ -155,6 +155,8 @@ class LeanTLSConnection(LeanConnection):
     _read_wants_write = False
     _write_wants_read = False
     _shutdown_pending = False
+    #: why a write failed; the next write event closes with it
+    _write_failure: Optional[Failure] = None
 
     def getHandle(self):
         """The L{SSL.Connection}, as Twisted's TLS transport gives it (L{ISystemHandle})."""
@@ -179,6 +181,9 @@ class LeanTLSConnection(LeanConnection):
     # -- reading ----------------------------------------------------------------
 
     def doRead(self) -> None:
+        if self._write_failure is not None:
+            self._close(self._write_failure)
+            return
         if self._write_wants_read:
             self._write_wants_read = False
             self._flush()
@@ -266,12 +271,26 @@ class LeanTLSConnection(LeanConnection):
             self._write_wants_read = True
             return 0
         except SSL.SysCallError as e:
-            self._close(_lost(e))
-            return -1
+            return self._write_failed(_lost(e))
         except _SSLError:
-            self._close(Failure())
-            return -1
+            return self._write_failed(Failure())
         return sent
+
+    def _write_failed(self, reason: Failure) -> int:
+        """
+        A write failed (the client reset the connection, a broken TLS
+        state): nothing more is written, and the connection closes with
+        C{reason} on the next write event, from the reactor, never inside
+        the caller's C{write} (as Twisted's transports, and the lean TCP
+        ones: the protocol does not hear C{connectionLost} in the middle
+        of its own call).
+
+        @return: -1
+        """
+        if self._write_failure is None:
+            self._write_failure = reason
+        self._wait_writable()
+        return -1
 
     def _send(self, view) -> int:
         """
@@ -290,7 +309,7 @@ class LeanTLSConnection(LeanConnection):
         return total
 
     def write(self, data: bytes) -> None:
-        if not self.connected or self._write_closed or not data:
+        if not self.connected or self._write_closed or not data or self._write_failure is not None:
             return
         buffer = self._buffer
         if not buffer and self._handshake_done and not self._shutdown_pending:
@@ -316,6 +335,9 @@ class LeanTLSConnection(LeanConnection):
 
     def doWrite(self) -> None:
         self._want_write = False
+        if self._write_failure is not None:
+            self._close(self._write_failure)
+            return
         if not self._handshake_done:
             self._handshake()
         elif self._read_wants_write:
@@ -343,6 +365,9 @@ class LeanTLSConnection(LeanConnection):
             with memoryview(buffer) as view:
                 sent = self._send(view)
             if sent < 0:
+                # (Called from the reactor: the failed write closes now.)
+                assert self._write_failure is not None
+                self._close(self._write_failure)
                 return
             del buffer[:sent]
             if buffer:
@@ -362,6 +387,8 @@ class LeanTLSConnection(LeanConnection):
 
     def _close_notify(self) -> bool:
         """Send close_notify; C{False} while the socket has no room for it."""
+        if self._write_failure is not None:
+            return False  # the connection is broken: the write event closes it
         self._shutdown_pending = False
         tls = self.tls
         assert tls is not None  # sent only while connected
