@@ -199,6 +199,12 @@ class LeanTLSConnection(LeanConnection):
         tls = self.tls
         if tls is None:  # closed meanwhile (by the protocol, or a failed write)
             return
+        if self._write_failure is not None:
+            # A write failed meanwhile (the chosen protocol's first write,
+            # during the handshake's read): OpenSSL's state is broken, and
+            # the failure is the reason to report.
+            self._close(self._write_failure)
+            return
         # One record, more only while they come whole (a large upload): a
         # small request costs one SSL_read, not a second one meeting EAGAIN.
         ssl = tls._ssl
