@@ -209,6 +209,18 @@ class ShutdownClock(Clock):
                 f()
 
 
+class RecordingText(io.StringIO):
+    """A text file that records the size of each write, in UTF-8 bytes."""
+
+    def __init__(self, writes: list) -> None:
+        io.StringIO.__init__(self)
+        self.writes = writes
+
+    def write(self, text):
+        self.writes.append(len(text.encode()))
+        return io.StringIO.write(self, text)
+
+
 def twistd_like(out=None):
     """A publisher with only a twistd-style file observer, and the file."""
     out = io.StringIO() if out is None else out
@@ -320,14 +332,8 @@ class TwistdLogWritingTests(SynchronousTestCase):
     def test_batchesStayWithinPIPE_BUF(self):
         """A batch is written before it would pass PIPE_BUF bytes, so that
         workers sharing a pipe never cut each other's lines."""
-        writes = []
-
-        class Recording(io.StringIO):
-            def write(self, text):
-                writes.append(len(text.encode()))
-                return io.StringIO.write(self, text)
-
-        publisher, out = twistd_like(Recording())
+        writes: list = []
+        publisher, out = twistd_like(RecordingText(writes))
         sink = TwistdLog(self.clock, publisher)
         for i in range(200):
             sink.write_line("x" * 100)
@@ -339,14 +345,8 @@ class TwistdLogWritingTests(SynchronousTestCase):
     def test_nonASCIIBatchesStayWithinPIPE_BUF(self):
         """Batches are counted in the bytes written (UTF-8), not in
         characters: lines of two-byte characters stay within PIPE_BUF too."""
-        writes = []
-
-        class Recording(io.StringIO):
-            def write(self, text):
-                writes.append(len(text.encode()))
-                return io.StringIO.write(self, text)
-
-        publisher, out = twistd_like(Recording())
+        writes: list = []
+        publisher, out = twistd_like(RecordingText(writes))
         sink = TwistdLog(self.clock, publisher)
         for i in range(200):
             sink.write_line("\u00e9" * 100)
