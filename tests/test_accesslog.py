@@ -391,6 +391,20 @@ class TwistdLogWritingTests(SynchronousTestCase):
         self.clock.shutdown()
         self.assertEqual(self.lines(), ["closed at shutdown"])
 
+    def test_logFileFlushedAtShutdown(self):
+        """The same with twistd's L{LogFile} (the bytes path): lines waiting
+        in the encoded buffer reach the file at shutdown."""
+        path = self.mktemp()
+        log_file = LogFile.fromFullPath(path)
+        self.addCleanup(log_file.close)
+        sink = TwistdLog(self.clock, LogPublisher(textFileLogObserver(log_file)))
+        self.assertTrue(sink.write_line("closed at shutdown \u00e9"))
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), b"")
+        self.clock.shutdown()
+        with open(path, "rb") as f:
+            self.assertTrue(f.read().endswith(" [twisted_slb.access#info] closed at shutdown \u00e9\n".encode()))
+
     def test_closeDropsTheTrigger(self):
         """close writes what waits and removes the shutdown trigger."""
         self.sink.write_line("last")
