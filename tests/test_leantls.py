@@ -720,6 +720,18 @@ class DirectCallTests(SynchronousTestCase):
         self.assertLessEqual(result, 0)
         self.assertRaises(SSL.WantReadError, leantls._failed, connection, result)
 
+    def test_everyConnectionAcceptsAMovedWriteBuffer(self) -> None:
+        """Connections of any context (a backend's client context made
+        elsewhere too) may retry a write from a moved buffer: without it
+        pyOpenSSL 24.3 (PyPy 3.9's) fails the retry of a write the socket
+        took only part of ("bad write retry")."""
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        tls = leantls._new_connection(SSL.Context(SSL.TLS_CLIENT_METHOD), a)
+        mode = leantls._SSL_set_mode(tls._ssl, 0)  # (0 adds nothing and returns the mode)
+        self.assertTrue(mode & leantls._MOVING_WRITE_BUFFER)
+
     def test_failureWithoutAnErrorStillRaises(self) -> None:
         """Should OpenSSL report no error for a failed call, the caller
         still gets an L{SSL.Error} (never a negative byte count used as a

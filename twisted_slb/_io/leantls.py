@@ -110,6 +110,22 @@ _SSL_write = _binding.lib.SSL_write
 _SSL_pending = _binding.lib.SSL_pending
 _unpack = _ffi.unpack
 _from_buffer = _ffi.from_buffer
+_SSL_set_mode = _binding.lib.SSL_set_mode
+#: a retried SSL_write may come from another address: the rest of a write
+#: waits in the transport's buffer, whose storage moves as it is sent (on
+#: PyPy as soon as its head is deleted).  pyOpenSSL 26 sets this on every
+#: context; 24.3 (PyPy 3.9's, allowed on CPython) does not, and OpenSSL
+#: then fails the retry ("bad write retry").  Set on each connection, so
+#: that a context made elsewhere (the backends' client contexts) needs
+#: nothing.
+_MOVING_WRITE_BUFFER = _binding.lib.SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
+
+
+def _new_connection(context: SSL.Context, sock: socket.socket) -> SSL.Connection:
+    """An L{SSL.Connection} on C{sock} whose writes may be retried from a moved buffer."""
+    tls = SSL.Connection(context, sock)
+    _SSL_set_mode(tls._ssl, _MOVING_WRITE_BUFFER)
+    return tls
 #: one buffer for every connection's reads: the reactor runs one read at a
 #: time, and the bytes are copied out of it before anything else runs
 _read_buffer = _ffi.new("char[]", 2 ** 14)
@@ -489,7 +505,7 @@ class LeanTLSServer(LeanTLSConnection, LeanServer):
     def __init__(self, sock, protocol, client, server, sessionno, reactor) -> None:
         factory = self.tls_factory
         LeanServer.__init__(self, sock, protocol, client, server, sessionno, reactor)
-        self.tls = SSL.Connection(factory.options.server_context(), sock)
+        self.tls = _new_connection(factory.options.server_context(), sock)
         self.tls.set_accept_state()
         timeout = factory.handshake_timeout
         if timeout:
@@ -733,7 +749,7 @@ class LeanTLSConnector(LeanConnector):
             return
         client_tls = self.client_tls
         try:
-            tls = SSL.Connection(client_tls.context(), sock)
+            tls = _new_connection(client_tls.context(), sock)
             tls.set_connect_state()
             if client_tls.sni is not None:
                 tls.set_tlsext_host_name(client_tls.sni)
