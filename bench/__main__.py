@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from bench import udp
 
@@ -603,6 +603,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated workloads")
     parser.add_argument("--slb-python", default=sys.executable, help="interpreter that runs twisted_slb (e.g. a PyPy venv)")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--interleave", action="store_true",
+                        help="measure in rounds over all rows (a warm-up round, then --runs rounds) rather than "
+                             "row after row: for ratios between rows on a shared machine")
     parser.add_argument("--json", default=os.path.join(HERE, "results", "latest.json"))
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny durations and sizes")
     parser.add_argument("--udp-clients", type=int, default=64, help="client sockets of the udp row (default 64)")
@@ -668,6 +671,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             "twisted_slb": urls(setup.slb),
         }
         pids = {"haproxy": setup.ha_pid, "caddy": setup.caddy_pid, "twisted_slb": setup.slb_pid}
+        plans: List[Tuple[dict, str, Callable[[], Dict[str, float]]]] = []
+        copies: List[Tuple[dict, dict, str]] = []
         for key, title, unit, fn, has_direct in workloads:
             if only and key not in only:
                 continue
@@ -677,15 +682,35 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if system == "direct" and not has_direct:
                     continue
                 if same is not None and system in ("haproxy", "caddy"):
-                    row[system] = same[system]  # they log nothing: the row without our log measured them
+                    copies.append((row, same, system))  # they log nothing: the row without our log measures them
                     continue
                 pid = pids.get(system)
-                run = (lambda: fn(base)) if pid is None else with_cpu(pid, lambda: fn(base))
+                run = (lambda fn=fn, base=base: fn(base))
+                plans.append((row, system, run if pid is None else with_cpu(pid, run)))
+            rows.append(row)
+        if args.interleave:
+            # Rounds over every row and balancer: a neighbour that loads the
+            # shared machine for a minute disturbs every row alike.
+            measured: Dict[Tuple[int, str], List[Dict[str, float]]] = {}
+            for round_ in range(args.runs + 1):  # (round 0 is the warm-up)
+                for row, system, run in plans:
+                    result = run()
+                    if round_:
+                        measured.setdefault((id(row), system), []).append(result)
+            for row, system, _ in plans:
+                results = measured[(id(row), system)]
+                keys = [k for k, v in results[0].items() if isinstance(v, float)]
+                row[system] = {k: statistics.median(r[k] for r in results) for k in keys}
+        else:
+            for row, system, run in plans:
                 row[system] = median_of(args.runs, run)
+        for row, same, system in copies:
+            row[system] = same[system]
+        for row in rows:
+            unit, title = row["unit"], row["title"]
             slb = row["twisted_slb"][unit]
             row["ratio"] = slb / row["haproxy"][unit] if row["haproxy"][unit] else 0.0
             row["ratio_caddy"] = slb / row["caddy"][unit] if row["caddy"][unit] else 0.0
-            rows.append(row)
             cpu = "".join(
                 f"  {who} {row[system]['cpu_us']:.1f} us CPU/req"
                 for who, system in (("slb", "twisted_slb"), ("haproxy", "haproxy"), ("caddy", "caddy"))
