@@ -392,8 +392,8 @@ class TwistdLogWritingTests(SynchronousTestCase):
         self.assertEqual(self.lines(), ["closed at shutdown"])
 
     def test_logFileFlushedAtShutdown(self):
-        """The same with twistd's L{LogFile} (the bytes path): lines waiting
-        in the encoded buffer reach the file at shutdown."""
+        """The same with twistd's L{LogFile}: the lines waiting reach the
+        file at shutdown."""
         path = self.mktemp()
         log_file = LogFile.fromFullPath(path)
         self.addCleanup(log_file.close)
@@ -404,6 +404,29 @@ class TwistdLogWritingTests(SynchronousTestCase):
         self.clock.shutdown()
         with open(path, "rb") as f:
             self.assertTrue(f.read().endswith(" [twisted_slb.access#info] closed at shutdown \u00e9\n".encode()))
+
+    def test_binaryOutputGetsUTF8Batches(self):
+        """To a binary output (the observer encodes), lines are encoded into
+        one buffer as they come: written as UTF-8, in batches of at most
+        PIPE_BUF bytes (not a regular file), the rest at shutdown."""
+        writes = []
+
+        class Recording(io.BytesIO):
+            def write(self, data):
+                writes.append(bytes(data))
+                return io.BytesIO.write(self, data)
+
+        out = Recording()
+        sink = TwistdLog(self.clock, LogPublisher(textFileLogObserver(out)))
+        for i in range(100):
+            self.assertTrue(sink.write_line(f"caf\u00e9 {i}"))
+        self.assertTrue(sink._encode)
+        self.assertEqual(len(writes), 1)  # the first 4 KB; the rest waits
+        self.clock.shutdown()
+        self.assertEqual(len(writes), 2)
+        self.assertLessEqual(max(len(w) for w in writes), accesslog._BATCH_BYTES)
+        lines = out.getvalue().decode("utf-8").splitlines()
+        self.assertEqual([line.split("] ", 1)[1] for line in lines], [f"caf\u00e9 {i}" for i in range(100)])
 
     def test_closeDropsTheTrigger(self):
         """close writes what waits and removes the shutdown trigger."""

@@ -225,8 +225,8 @@ class TwistdLog:
     later (a tenth of a second), and a batch is written at once when it
     reaches 64 KB (to a regular file, twistd's C{--logfile}) or C{PIPE_BUF}
     bytes (to a pipe or a terminal: workers share their parent's standard
-    output, and a pipe keeps only writes up to C{PIPE_BUF} whole); so lines reach the file at most a tenth of a
-    second late, in writes of a few dozen lines, instead of an event, a
+    output, and a pipe keeps only writes up to C{PIPE_BUF} whole); so lines
+    reach the file at most a tenth of a second late, in writes of a few dozen lines, instead of an event, a
     formatting and a flush each.  (A write per reactor turn was tried
     first: with a new connection per request a turn holds one or two
     requests, and the write per turn cost 10% of the request.)  L{flush} writes what is waiting; the
@@ -348,10 +348,11 @@ class TwistdLog:
         if "\n" in line:
             line = line.replace("\n", "\n\t")  # as formatEventAsClassicLogText does
         if self._encode:
-            # twistd's LogFile takes bytes: each line is encoded at once into
-            # one buffer, so that no line outlives this call (on PyPy, lines
-            # kept until the batch is written are copied by every minor
-            # collection they live through).
+            # A binary output (the observer encodes: a file opened in binary
+            # mode; twistd's LogFile counts as text) takes bytes: each line
+            # is encoded at once into one buffer, so that no line outlives
+            # this call (on PyPy, lines kept until the batch is written are
+            # copied by every minor collection they live through).
             data = line.encode("utf-8")
             pending = self._pending
             if len(pending) + len(data) + self._affixes > self._batch and pending:
