@@ -17,7 +17,7 @@ import os
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.logger import (
-    FileLogObserver, Logger, LoggingFile, LogPublisher, textFileLogObserver,
+    FileLogObserver, Logger, LoggingFile, LogPublisher, formatEvent, textFileLogObserver,
 )
 from twisted.python.logfile import LogFile
 from twisted.trial.unittest import SynchronousTestCase
@@ -427,6 +427,35 @@ class TwistdLogWritingTests(SynchronousTestCase):
         self.assertLessEqual(max(len(w) for w in writes), accesslog._BATCH_BYTES)
         lines = out.getvalue().decode("utf-8").splitlines()
         self.assertEqual([line.split("] ", 1)[1] for line in lines], [f"caf\u00e9 {i}" for i in range(100)])
+
+    def test_rotatingLogFileIsWarnedAbout(self):
+        """twistd's default --logfile rotates every megabyte and keeps every
+        rotated file: finding access lines headed there logs one warning
+        that names the file and says what to do instead; a LogFile that
+        keeps a bounded number of files gets none."""
+        from twisted.logger import globalLogPublisher
+
+        events: list = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        path = self.mktemp()
+        log_file = LogFile.fromFullPath(path)
+        self.addCleanup(log_file.close)
+        sink = TwistdLog(self.clock, LogPublisher(textFileLogObserver(log_file)))
+        self.assertTrue(sink.write_line("x"))
+        sink.resolve()  # (a reload: not said twice)
+        warnings = [e for e in events if e.get("log_level") == accesslog.LogLevel.warn]
+        self.assertEqual(len(warnings), 1)
+        text = formatEvent(warnings[0])
+        self.assertIn(path, text)
+        self.assertIn("--logfile=-", text)
+        self.assertIn("access_log", text)
+
+        events.clear()
+        bounded = LogFile.fromFullPath(self.mktemp(), maxRotatedFiles=5)
+        self.addCleanup(bounded.close)
+        TwistdLog(self.clock, LogPublisher(textFileLogObserver(bounded))).write_line("x")
+        self.assertEqual([e for e in events if e.get("log_level") == accesslog.LogLevel.warn], [])
 
     def test_closeDropsTheTrigger(self):
         """close writes what waits and removes the shutdown trigger."""

@@ -32,7 +32,7 @@ import time
 from typing import IO, Any, List, Optional, cast
 
 from twisted.logger import FileLogObserver, Logger, LogLevel, globalLogPublisher
-from twisted.python.logfile import BaseLogFile
+from twisted.python.logfile import BaseLogFile, LogFile
 
 from twisted_slb._io.twisted_private import file_observer_output, publisher_observers
 from twisted_slb._reactor import maybe_global_reactor
@@ -284,13 +284,20 @@ class TwistdLog:
         parts = self._format(observer, self.reactor.seconds())
         if parts is None:
             return False
-        if observer is not self._announced:
-            self._announced = observer
-            log.info("access lines go to twistd's log, written in batches")
-        self._observer = observer
         output = file_observer_output(observer)  # see twistd_file_observer for why
         assert output is not None  # twistd_file_observer returns only an observer with a file
         out, encoding = output
+        if observer is not self._announced:
+            self._announced = observer
+            log.info("access lines go to twistd's log, written in batches")
+            if isinstance(out, LogFile) and out.rotateLength and out.maxRotatedFiles is None:
+                log.warn(
+                    "twistd's log file {path} is rotated every {size} bytes, keeping every rotated file and "
+                    "renaming all of them at each rotation: with access lines under load that is about a rotation "
+                    "a second, ever slower, until the disk is full. Run twistd with --logfile=- (the journal), "
+                    "or give the listeners access_log = \"/path\" and rotate that file (docs/operations.md)",
+                    path=out.path, size=out.rotateLength)
+        self._observer = observer
         self._out = cast(IO[Any], out)
         self._encode = encoding is not None
         self._batch = _batch_bytes(self._out)
