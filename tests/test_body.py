@@ -31,6 +31,7 @@ from twisted_slb.web.body import HIGH_WATER, BodyError, IBodyReader, IRequestBod
 from twisted_slb.web.front import HTTPFrontFactory
 from twisted_slb.web.proxy import BalancedProxyResource
 from twisted_slb.web.upstream import UpstreamPool
+from tests.test_smuggling import Client
 
 from .test_stall import buffered
 
@@ -325,31 +326,6 @@ class Upload:
 
     def stopProducing(self) -> None:
         self.left = 0
-
-
-class Client(protocol.Protocol):
-    def connectionMade(self):
-        self.received = b""
-        self.waiting = []
-        self.done: defer.Deferred = defer.Deferred()
-
-    def dataReceived(self, data):
-        self.received += data
-        for item in list(self.waiting):
-            if self.received.count(item[0]) >= item[1]:
-                self.waiting.remove(item)
-                item[2].callback(self.received)
-
-    def until(self, marker: bytes, count: int = 1) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        if self.received.count(marker) >= count:
-            d.callback(self.received)
-        else:
-            self.waiting.append((marker, count, d))
-        return d
-
-    def connectionLost(self, reason):
-        self.done.callback(self.received)
 
 
 def rss() -> int:
