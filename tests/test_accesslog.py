@@ -293,6 +293,179 @@ class TwistdTextTests(SynchronousTestCase):
             self.assertTrue(f.read().endswith(" [twisted_slb.access#info] caf\u00e9\n".encode("utf-8")))
 
 
+def http_fields(uri=b"/cart", host=b"app.example.com", listener="web", status=200, gone=False):
+    """The fields of an HTTP access line (accesslog.HTTP_FORMAT), as the proxy gives them."""
+    return (listener.encode(), b"203.0.113.7", host, b"GET", uri, b"HTTP/1.1", status, b"a", b"hit", 5120, 0.0042,
+            b" (client closed)" if gone else b"")
+
+
+class HTTPFieldsTests(SynchronousTestCase):
+    """
+    HTTP lines given as fields (C{write_http}) and formatted with their
+    batch are byte for byte the lines the text path writes, whatever the
+    fields hold, in order with the other lines.
+    """
+
+    def setUp(self):
+        self.clock = ShutdownClock()
+        self.clock.advance(1_700_000_000.25)
+
+    def logfile_sink(self):
+        path = self.mktemp()
+        log_file = LogFile.fromFullPath(path, rotateLength=None)
+        self.addCleanup(log_file.close)
+        sink = TwistdLog(self.clock, LogPublisher(textFileLogObserver(log_file)))
+        sink.batch_format = True  # (the default on CPython only)
+        return sink, path
+
+    def written(self, path) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    def assertSameAsText(self, *rows):
+        """Each of C{rows} written as fields gives the bytes of its text through write_line."""
+        by_fields, path = self.logfile_sink()
+        for fields in rows:
+            self.assertTrue(by_fields.write_http(self.clock.seconds(), fields))
+        by_fields.flush()
+        by_text, text_path = self.logfile_sink()
+        by_text.batch_format = False
+        for fields in rows:
+            self.assertTrue(by_text.write_line(accesslog.http_line(fields)))
+        by_text.flush()
+        self.assertEqual(self.written(path), self.written(text_path))
+        return self.written(path)
+
+    def test_line(self):
+        """The text of a line: what the access log has always said."""
+        data = self.assertSameAsText(http_fields(), http_fields(gone=True))
+        lines = data.decode().splitlines()
+        self.assertEqual([l.split("] ", 1)[1] for l in lines], [
+            'web 203.0.113.7 app.example.com "GET /cart HTTP/1.1" 200 -> a persistence=hit bytes=5120 0.004s',
+            'web 203.0.113.7 app.example.com "GET /cart HTTP/1.1" 200 -> a persistence=hit bytes=5120 0.004s'
+            " (client closed)",
+        ])
+        self.assertIn(" [twisted_slb.access#info] ", lines[0])
+
+    def test_nonASCIIRequestBytes(self):
+        """A request's non-ASCII bytes are Latin-1 characters written in UTF-8, as
+        in the text path, and non-ASCII names are UTF-8 (the batch is formatted
+        row by row then)."""
+        data = self.assertSameAsText(http_fields(), http_fields(uri=b"/caf\xe9"), http_fields(listener="w\u00e9b"))
+        self.assertIn('"GET /caf\u00e9 HTTP/1.1"'.encode(), data)
+        self.assertIn("w\u00e9b 203".encode(), data)
+
+    def test_newlineIndented(self):
+        """A newline inside a field continues with a tab, as twistd's text does."""
+        data = self.assertSameAsText(http_fields(host=b"a\nb"), http_fields())
+        self.assertIn(b" a\n\tb ", data)
+        self.assertEqual(data.count(b"\n"), 3)
+
+    def test_unexpectedType(self):
+        """A status that is not a number is written as the text path shows it."""
+        data = self.assertSameAsText(http_fields(status=None), http_fields())
+        self.assertIn(b'" None -> a', data)
+
+    def test_percentInThePrefix(self):
+        """A % in the text around a line is kept as it is, not read as a format."""
+        fmt = accesslog._row_format(b"100% [x] ", b"%s\n")
+        self.assertEqual(accesslog._format_rows([http_fields()], fmt, None),
+                         b'100% [x] web 203.0.113.7 app.example.com "GET /cart HTTP/1.1" 200 -> a persistence=hit '
+                         b"bytes=5120 0.004s%s\n")
+
+    def test_formattedAsABatch(self):
+        """Fields wait unformatted until the batch is written: one format of
+        the batch, not one per line."""
+        sink, path = self.logfile_sink()
+        formats = []
+        real = accesslog._format_rows
+
+        def counting(rows, *args):
+            formats.append(len(rows))
+            return real(rows, *args)
+
+        self.patch(accesslog, "_format_rows", counting)
+        for i in range(10):
+            sink.write_http(self.clock.seconds(), http_fields())
+        self.assertEqual(formats, [])
+        self.clock.advance(0.1)
+        self.assertEqual(formats, [10])
+        self.assertEqual(self.written(path).count(b"\n"), 10)
+
+    def test_orderAndTimeKept(self):
+        """Lines given as text and as fields stay in the order they came, and a
+        line of a later second gets that second's time."""
+        sink, path = self.logfile_sink()
+        sink.write_http(self.clock.seconds(), http_fields(uri=b"/1"))
+        sink.write_line("tcp line")
+        sink.write_http(self.clock.seconds(), http_fields(uri=b"/2"))
+        self.clock.advance(0.05)
+        first = self.clock.seconds()
+        self.clock.advance(1)
+        sink.write_http(self.clock.seconds(), http_fields(uri=b"/3"))
+        sink.flush()
+        lines = self.written(path).decode().splitlines()
+        self.assertEqual([l.split("] ", 1)[1].split('"')[1] if '"' in l else l.split("] ", 1)[1] for l in lines],
+                         ["GET /1 HTTP/1.1", "tcp line", "GET /2 HTTP/1.1", "GET /3 HTTP/1.1"])
+        stamp = textFileLogObserver(io.StringIO()).formatEvent
+        for line, when in zip(lines, [first, first, first, self.clock.seconds()]):
+            expected = stamp({"log_time": when, "log_format": "x", "log_namespace": "twisted_slb.access",
+                              "log_level": accesslog.LogLevel.info}).split(" ", 1)[0]
+            self.assertEqual(line.split(" ", 1)[0], expected)
+
+    def test_writtenAtShutdownAndOnSize(self):
+        """Fields waiting are written by the shutdown trigger; many lines are
+        written in batches of about 64 KB without waiting for the timer."""
+        sink, path = self.logfile_sink()
+        sink.write_http(self.clock.seconds(), http_fields())
+        self.clock.shutdown()
+        self.assertEqual(self.written(path).count(b"\n"), 1)
+        for i in range(2000):
+            sink.write_http(self.clock.seconds(), http_fields())
+        self.assertGreater(self.written(path).count(b"\n"), 1)
+        self.clock.advance(0.1)
+        self.assertEqual(self.written(path).count(b"\n"), 2001)
+
+    def test_pipesAndTextTakeText(self):
+        """To a pipe or a terminal (batches counted to PIPE_BUF), or with
+        batch_format off (PyPy), write_http says no: the caller writes the
+        text."""
+        publisher, out = twistd_like()
+        sink = TwistdLog(self.clock, publisher)
+        sink.batch_format = True
+        self.assertFalse(sink.write_http(self.clock.seconds(), http_fields()))
+        text_sink, path = self.logfile_sink()
+        text_sink.batch_format = False
+        self.assertFalse(text_sink.write_http(self.clock.seconds(), http_fields()))
+
+    def test_textFileGetsText(self):
+        """A regular file opened as text gets the batch as text."""
+        path = self.mktemp()
+        with open(path, "w") as out:
+            sink = TwistdLog(self.clock, LogPublisher(textFileLogObserver(out)))
+            sink.batch_format = True
+            self.assertTrue(sink.write_http(self.clock.seconds(), http_fields(uri=b"/caf\xe9")))
+            sink.flush()
+        with open(path, encoding="utf-8") as f:
+            self.assertIn('"GET /caf\u00e9 HTTP/1.1"', f.read())
+
+    def test_ownFile(self):
+        """access_log = "/path": fields are formatted with the batch, as the text would be."""
+        path = os.path.abspath(self.mktemp())
+        text_path = os.path.abspath(self.mktemp())
+        by_fields = AccessLogFile(path, reactor=self.clock)
+        by_text = AccessLogFile(text_path, reactor=self.clock)
+        for fields in (http_fields(), http_fields(uri=b"/caf\xe9"), http_fields(gone=True)):
+            self.assertTrue(by_fields.write_http(self.clock.seconds(), fields))
+            by_text.write_line(accesslog.http_line(fields))
+        by_fields.close()
+        by_text.close()
+        self.assertEqual(self.written(path), self.written(text_path))
+        self.assertEqual(self.written(path).count(b"\n"), 3)
+        by_fields.write_http(self.clock.seconds(), http_fields())  # after close: written at once
+        self.assertEqual(self.written(path).count(b"\n"), 4)
+
+
 class TwistdLogWritingTests(SynchronousTestCase):
     """When L{TwistdLog} writes, and that nothing waits past a stop, a reload or a shutdown."""
 
@@ -522,6 +695,34 @@ class TwistdLogServiceTests(ServiceTestCase):
         service.twistd_log.flush()
         self.assertRegex(out.getvalue(), r'\[twisted_slb.access#info\] web 127\.0\.0\.1 127\.0\.0\.1:\d+ '
                                          r'"GET /x\?y HTTP/1\.1" 200 -> a persistence=none bytes=\d+ \d+\.\d{3}s\n')
+
+    @defer.inlineCallbacks
+    def test_requestLineToTwistdsLogFile(self):
+        """To twistd's --logfile (a LogFile), a request's line is the same
+        whether the proxy gives it as fields formatted with the batch (CPython's
+        default) or as text (PyPy's)."""
+        port, _ = yield self.start_http_backend("a")
+        service = self.start_balancer(CONFIG.format(a=port.getHost().port, log="x").replace('access_log = "x"', ""))
+        self.addCleanup(service.twistd_log.close)
+        texts = []
+        for batch_format in (True, False):
+            path = self.mktemp()
+            log_file = LogFile.fromFullPath(path)
+            self.addCleanup(log_file.close)
+            service.twistd_log.publisher = LogPublisher(textFileLogObserver(log_file))
+            service.twistd_log.resolve()
+            service.twistd_log.batch_format = batch_format
+            response = yield self.agent().request(
+                b"GET", f"http://127.0.0.1:{self.port_of(service, 'web')}/x?y".encode()
+            )
+            yield readBody(response)
+            service.twistd_log.flush()
+            with open(path, "rb") as f:
+                texts.append(f.read().decode("utf-8"))
+        for text in texts:
+            self.assertRegex(text, r'\[twisted_slb.access#info\] web 127\.0\.0\.1 127\.0\.0\.1:\d+ '
+                                   '"GET /x\\?y HTTP/1\\.1" 200 -> a persistence=none bytes=\\d+ '
+                                   r'\d+\.\d{3}s\n')
 
     def test_reloadWritesWhatWaits(self):
         """SIGHUP's reload writes the lines waiting."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import os
+import platform
 import select
 import stat
 import time
@@ -65,6 +66,65 @@ def _batch_bytes(out: IO[Any]) -> int:
 
 _MARK = "\x00twisted_slb-access-mark\x00"
 
+#: An HTTP access line, as C{bytes % fields}: L{http_line} gives the same
+#: text from the same fields.  The fields, in this order: listener, client,
+#: host, method, URI, protocol, status (int), backend, persistence outcome,
+#: bytes sent (int), duration (float seconds), and C{b" (client closed)"}
+#: or C{b""}; the request's own fields (host to protocol) as received, the
+#: others encoded as UTF-8.
+HTTP_FORMAT = b'%s %s %s "%s %s %s" %d -> %s persistence=%s bytes=%d %.3fs%s'
+
+#: Whether the access logs take HTTP lines as fields, formatted with their
+#: batch (C{write_http}), rather than as text.  On CPython a line formatted
+#: per request costs twice what a tuple does plus its share of a batch
+#: formatted in one C loop (C{bytes %} by C{map}): the interpreter's work
+#: per request is what costs there.  On PyPy the reverse: the JIT makes the
+#: f-string cheap, its strings are UTF-8 already, and C{bytes %} is slow
+#: (docs/performance.md has the figures).
+BATCH_FORMAT = platform.python_implementation() == "CPython"
+
+# Fields of a batch are formatted together (one C loop, L{_format_rows})
+# once this many wait, or when the second (the line's time) changes.
+_ROWS = 256
+
+
+def http_text(listener: str, client: str, host: bytes, method: bytes, uri: bytes, proto: bytes, status: int,
+              backend: str, outcome: str, sent: int, duration: float, gone: str) -> str:
+    """The text of an HTTP access line: the request's bytes are shown as
+    Latin-1 characters."""
+    return (f'{listener} {client} {host.decode("latin-1")} "{method.decode("latin-1")} {uri.decode("latin-1")} '
+            f'{proto.decode("latin-1")}" {status} -> {backend} persistence={outcome} bytes={sent} '
+            f"{duration:.3f}s{gone}")
+
+
+def http_line(fields: tuple) -> str:
+    """The text of an HTTP access line from its fields (see L{HTTP_FORMAT})."""
+    listener, client, host, method, uri, proto, status, name, outcome, sent, duration, gone = fields
+    return http_text(listener.decode(), client.decode(), host, method, uri, proto, status, name.decode(),
+                     outcome.decode(), sent, duration, gone.decode())
+
+
+def _row_format(prefix: bytes, suffix: bytes) -> bytes:
+    """L{HTTP_FORMAT} between C{prefix} and C{suffix}, as one format."""
+    return prefix.replace(b"%", b"%%") + HTTP_FORMAT + suffix.replace(b"%", b"%%")
+
+
+def _format_rows(rows: list, row_format: bytes, slow) -> bytes:
+    """
+    The lines of C{rows} (fields of L{HTTP_FORMAT}) as bytes: formatted by
+    C{row_format} all at once when the result is what L{http_line} would
+    give, that is ASCII (a request's non-ASCII bytes are shown as Latin-1
+    characters, written in UTF-8) and without a newline inside a line;
+    otherwise each row by C{slow(row)}.
+    """
+    try:
+        data = b"".join(map(row_format.__mod__, rows))
+    except (TypeError, ValueError):  # a field of an unexpected type: the text path shows it
+        return b"".join(map(slow, rows))
+    if data.isascii() and data.count(b"\n") == row_format.count(b"\n") * len(rows):
+        return data
+    return b"".join(map(slow, rows))
+
 
 def _timestamp(now: float) -> str:
     """Local time like twistd's log lines: C{2026-11-24T23:41:29+0000}."""
@@ -88,12 +148,15 @@ class AccessLogFile:
         self.reactor = reactor
         self.buffer_bytes = buffer_bytes
         self.flush_interval = flush_interval
+        self.batch_format = BATCH_FORMAT
         self.failing = False
         self._closed = False
         self._lines: List[bytes] = []
         self._size = 0
         self._second = -1
         self._stamp = b""
+        self._rows: List[tuple] = []  # HTTP lines not yet formatted (write_http)
+        self._row_format = b""
         self._flush_call = None
         self._fd: Optional[int] = None
         self._open()
@@ -111,13 +174,55 @@ class AccessLogFile:
         @return: C{True}: the line is taken.
         """
         now = self.reactor.seconds()
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            self._stamp = _timestamp(now).encode("ascii") + b" "
+        if int(now) != self._second:
+            self._new_second(now)
+        if self._rows:
+            self._close_rows()  # (lines stay in order)
         data = self._stamp + line.encode("utf-8", "replace") + b"\n"
         self._lines.append(data)
         self._size += len(data)
+        self._taken()
+        return True
+
+    def _new_second(self, now: float) -> None:
+        self._close_rows()  # (with the previous second's time)
+        self._second = int(now)
+        self._stamp = _timestamp(now).encode("ascii") + b" "
+        self._row_format = _row_format(self._stamp, b"\n")
+
+    def write_http(self, now: float, fields: tuple) -> bool:
+        """
+        Add one HTTP access line given by its fields (L{HTTP_FORMAT}), at
+        time C{now}: the text is L{http_line}'s, formatted later with the
+        other lines of its batch, in one C loop instead of a format per
+        request.
+
+        @return: C{True}: the line is taken.
+        """
+        if int(now) != self._second:
+            self._new_second(now)
+        rows = self._rows
+        rows.append(fields)
+        if len(rows) >= _ROWS or self._closed:
+            self._close_rows()
+        self._taken()
+        return True
+
+    def _close_rows(self) -> None:
+        """Format the HTTP lines waiting as fields into the buffer."""
+        rows = self._rows
+        if rows:
+            self._rows = []
+            data = _format_rows(rows, self._row_format, self._row_text)
+            self._lines.append(data)
+            self._size += len(data)
+
+    def _row_text(self, fields: tuple) -> bytes:
+        """One HTTP line formatted as L{write_line} would write it."""
+        return self._stamp + http_line(fields).encode("utf-8", "replace") + b"\n"
+
+    def _taken(self) -> None:
+        """Write now, or later, what was just added."""
         if self._closed:
             # A connection that ended after the service closed its files (as
             # it stops): its line is written at once, and nothing is left
@@ -128,7 +233,6 @@ class AccessLogFile:
             self.flush()
         elif self._flush_call is None:
             self._flush_call = self.reactor.callLater(self.flush_interval, self.flush)
-        return True
 
     def flush(self) -> None:
         """Write what is buffered."""
@@ -136,6 +240,7 @@ class AccessLogFile:
             if self._flush_call.active():
                 self._flush_call.cancel()
             self._flush_call = None
+        self._close_rows()
         if not self._lines:
             return
         data = b"".join(self._lines)
@@ -251,6 +356,7 @@ class TwistdLog:
         self.reactor = reactor
         self.publisher = publisher
         self.flush_delay = flush_delay
+        self.batch_format = BATCH_FORMAT
         self._observer: Optional[FileLogObserver] = None
         self._resolved = False
         self._out: Optional[IO[Any]] = None  # a text or a binary file (self._encode)
@@ -265,6 +371,11 @@ class TwistdLog:
         self._prefix_bytes = b""
         self._suffix_bytes = b"\n"
         self._affixes = 1
+        self._file = False  # a regular file (twistd's --logfile): batches of any size, HTTP rows
+        self._bytes = False  # what waits is in self._pending (a binary output or a regular file)
+        self._decode = False  # a regular file opened as text: batches written as str
+        self._rows: List[tuple] = []  # HTTP lines not yet formatted (write_http)
+        self._row_format = b""
         self._flush_call = None
         self._trigger = None
         self._announced: Optional[FileLogObserver] = None
@@ -301,6 +412,10 @@ class TwistdLog:
         self._out = cast(IO[Any], out)
         self._encode = encoding is not None
         self._batch = _batch_bytes(self._out)
+        self._file = self._batch == _FILE_BATCH_BYTES
+        # (Lines and fields are kept in the same buffer, in order.)
+        self._bytes = self._encode or (self._file and self.batch_format)
+        self._decode = self._file and not self._encode and not isinstance(out, BaseLogFile)
         if self._trigger is None and hasattr(self.reactor, "addSystemEventTrigger"):
             self._trigger = self.reactor.addSystemEventTrigger("after", "shutdown", self.flush)
         return True
@@ -339,27 +454,18 @@ class TwistdLog:
             if self._resolved or not self.resolve():
                 return False
         now = self.reactor.seconds()
-        second = int(now)
-        if second != self._second:
-            assert self._observer is not None  # set with self._out (resolve)
-            parts = self._format(self._observer, now)
-            if parts is None:
-                self.flush()
-                self._out = None
-                return False
-            self._second = second
-            self._prefix, self._suffix = parts
-            self._prefix_bytes = self._prefix.encode("utf-8")
-            self._suffix_bytes = self._suffix.encode("utf-8")
-            self._affixes = len(self._prefix_bytes) + len(self._suffix_bytes)
+        if int(now) != self._second and not self._new_second(now):
+            return False
         if "\n" in line:
             line = line.replace("\n", "\n\t")  # as formatEventAsClassicLogText does
-        if self._encode:
+        if self._bytes:
             # A binary output (the observer encodes: a file opened in binary
-            # mode; twistd's LogFile counts as text) takes bytes: each line
+            # mode) or a regular file (twistd's LogFile) takes bytes: each line
             # is encoded at once into one buffer, so that no line outlives
             # this call (on PyPy, lines kept until the batch is written are
             # copied by every minor collection they live through).
+            if self._rows:
+                self._close_rows()  # (lines stay in order)
             data = line.encode("utf-8")
             pending = self._pending
             if len(pending) + len(data) + self._affixes > self._batch and pending:
@@ -384,6 +490,70 @@ class TwistdLog:
             self._flush_call = self.reactor.callLater(self.flush_delay, self.flush)
         return True
 
+    def _new_second(self, now: float) -> bool:
+        """
+        The prefix for lines of the second of C{now}, from twistd's
+        observer; C{False} (and what waits is written) when its format has
+        no room for a line any more.
+        """
+        self._close_rows()  # (with the previous second's prefix)
+        assert self._observer is not None  # set with self._out (resolve)
+        parts = self._format(self._observer, now)
+        if parts is None:
+            self.flush()
+            self._out = None
+            return False
+        self._second = int(now)
+        self._prefix, self._suffix = parts
+        self._prefix_bytes = self._prefix.encode("utf-8")
+        self._suffix_bytes = self._suffix.encode("utf-8")
+        self._affixes = len(self._prefix_bytes) + len(self._suffix_bytes)
+        self._row_format = _row_format(self._prefix_bytes, self._suffix_bytes)
+        return True
+
+    def write_http(self, now: float, fields: tuple) -> bool:
+        """
+        Queue one HTTP access line given by its fields (L{HTTP_FORMAT}),
+        at time C{now}: the text is L{http_line}'s, formatted later, with
+        the other lines of its batch, in one C loop instead of a format per
+        request.  Only to a regular file (twistd's C{--logfile}), where a
+        batch may be of any size.
+
+        @return: C{False} when the caller must write L{http_line} with
+            L{write_line} instead (a pipe: batches counted to C{PIPE_BUF}).
+        """
+        if self._out is None:
+            if self._resolved or not self.resolve():
+                return False
+        if not (self._file and self.batch_format):
+            return False
+        if int(now) != self._second and not self._new_second(now):
+            return False
+        rows = self._rows
+        rows.append(fields)
+        if len(rows) >= _ROWS:
+            self._close_rows()
+            if len(self._pending) >= self._batch:
+                self.flush()
+                return True
+        if self._flush_call is None:
+            self._flush_call = self.reactor.callLater(self.flush_delay, self.flush)
+        return True
+
+    def _close_rows(self) -> None:
+        """Format the HTTP lines waiting as fields into the batch."""
+        rows = self._rows
+        if rows:
+            self._rows = []
+            self._pending += _format_rows(rows, self._row_format, self._row_text)
+
+    def _row_text(self, fields: tuple) -> bytes:
+        """One HTTP line formatted as L{write_line} would write it."""
+        line = http_line(fields)
+        if "\n" in line:
+            line = line.replace("\n", "\n\t")
+        return self._prefix_bytes + line.encode("utf-8") + self._suffix_bytes
+
     def flush(self) -> None:
         """Write the waiting lines to twistd's log file."""
         call = self._flush_call
@@ -391,9 +561,12 @@ class TwistdLog:
             self._flush_call = None
             if call.active():
                 call.cancel()
+        self._close_rows()
         data: Any
         if self._pending:
             data, self._pending = self._pending, bytearray()
+            if self._decode:
+                data = data.decode("utf-8")
         elif self._lines:
             data = "".join(self._lines)
             self._lines = []

@@ -56,6 +56,7 @@ from zope.interface import implementer
 from twisted_slb._io.headers import FastHeaders
 from twisted_slb._io.timers import Deadlines
 from twisted_slb._reactor import maybe_global_reactor
+from twisted_slb.accesslog import http_line, http_text
 from twisted_slb.backends import Backend, BackendGroup, local_failure
 from twisted_slb.persistence.interfaces import session_for, strict_refusal
 from twisted_slb.web.body import BodyError, IBodyConsumer, StreamedBody
@@ -1021,26 +1022,32 @@ class _Exchange:
         request = self.request
         session = self.session
         resource = self.resource
-        listener = resource.listener_name
-        client = session.client_ip
-        host = (request.getHeader(b"host") or b"-").decode("latin-1")
-        method = request.method.decode("latin-1")
-        path = request.uri.decode("latin-1")
-        proto = request.clientproto.decode("latin-1")
-        status = self.status
-        name = backend.name if backend else "-"
-        outcome = session.outcome
-        sent = self.bytes_sent
-        duration = resource.reactor.seconds() - self.started
-        gone = " (client closed)" if client_gone else ""
-        # One f-string; a log event also keeps every field for observers.
-        line = (f'{listener} {client} {host} "{method} {path} {proto}" {status} -> {name} persistence={outcome} '
-                f"bytes={sent} {duration:.3f}s{gone}")
+        now = resource.reactor.seconds()
+        host = request.getHeader(b"host") or b"-"
         access_file = resource.access_file
+        if access_file is not None and access_file.batch_format:
+            # The line's fields (accesslog.HTTP_FORMAT), formatted by the
+            # access log with its batch: a tuple per request, no format.
+            fields = (resource.listener_name.encode("utf-8", "replace"), session.client_ip.encode("utf-8", "replace"),
+                      host, request.method, request.uri, request.clientproto, self.status,
+                      backend.name.encode("utf-8", "replace") if backend else b"-",
+                      session.outcome.encode("utf-8", "replace"), self.bytes_sent, now - self.started,
+                      b" (client closed)" if client_gone else b"")
+            if access_file.write_http(now, fields):
+                return
+            line = http_line(fields)
+        else:
+            line = http_text(resource.listener_name, session.client_ip, host, request.method, request.uri,
+                             request.clientproto, self.status, backend.name if backend else "-", session.outcome,
+                             self.bytes_sent, now - self.started, " (client closed)" if client_gone else "")
         if access_file is None or not access_file.write_line(line):
-            access.info("{line}", line=line, listener=listener, client=client, host=host, method=method,
-                        path=path, protocol=proto, status=status, backend=name, outcome=outcome, bytes=sent,
-                        duration=duration, gone=gone)
+            # A log event also keeps every field for observers.
+            access.info("{line}", line=line, listener=resource.listener_name, client=session.client_ip,
+                        host=host.decode("latin-1"), method=request.method.decode("latin-1"),
+                        path=request.uri.decode("latin-1"), protocol=request.clientproto.decode("latin-1"),
+                        status=self.status, backend=backend.name if backend else "-", outcome=session.outcome,
+                        bytes=self.bytes_sent, duration=now - self.started,
+                        gone=" (client closed)" if client_gone else "")
 
 
 class BalancedProxyResource(Resource):
