@@ -466,6 +466,47 @@ class HTTPFieldsTests(SynchronousTestCase):
         self.assertEqual(self.written(path).count(b"\n"), 4)
 
 
+class ProxyLineTests(SynchronousTestCase):
+    """What the proxy gives an access log for each request."""
+
+    def test_fieldsOrText(self):
+        """A log with batch_format gets the request's fields, any other
+        object with only write_line (an embedder's) the same line as text."""
+        from twisted_slb.testing import BalancerRig
+
+        class Fields:
+            batch_format = True
+
+            def __init__(self):
+                self.rows = []
+
+            def write_http(self, now, fields):
+                self.rows.append(fields)
+                return True
+
+        class Text:
+            def __init__(self):
+                self.lines = []
+
+            def write_line(self, line):
+                self.lines.append(line)
+                return True
+
+        texts = []
+        for sink in (Fields(), Text()):
+            rig = BalancerRig(backends=["a"])
+            rig.proxy.access_log = True
+            rig.proxy.access_file = sink
+            rig.proxy.listener_name = "w\u00e9b"
+            self.assertEqual(rig.get("/x?y").code, 200)
+            texts.append([accesslog.http_line(fields) for fields in sink.rows]
+                         if isinstance(sink, Fields) else sink.lines)
+        self.assertEqual(texts[0], texts[1])
+        self.assertEqual(len(texts[0]), 1)
+        self.assertRegex(texts[0][0], r'^w\u00e9b 127\.0\.0\.1 balancer\.test "GET /x\?y HTTP/1\.1" 200 -> a '
+                                      r"persistence=none bytes=\d+ \d\.\d{3}s$")
+
+
 class TwistdLogWritingTests(SynchronousTestCase):
     """When L{TwistdLog} writes, and that nothing waits past a stop, a reload or a shutdown."""
 

@@ -1025,7 +1025,7 @@ class _Exchange:
         now = resource.reactor.seconds()
         host = request.getHeader(b"host") or b"-"
         access_file = resource.access_file
-        if access_file is not None and access_file.batch_format:
+        if getattr(access_file, "batch_format", False):  # (an embedder's file may have only write_line)
             # The line's fields (accesslog.HTTP_FORMAT), formatted by the
             # access log with its batch: a tuple per request, no format.
             fields = (resource.listener_name.encode("utf-8", "replace"), session.client_ip.encode("utf-8", "replace"),
@@ -1078,6 +1078,9 @@ class BalancedProxyResource(Resource):
     @ivar access_file: a L{twisted_slb.accesslog.AccessLogFile} or
         L{twisted_slb.accesslog.TwistdLog} the lines go to (when its C{write_line}
         returns C{False}, or with L{None}: log events in the C{twisted_slb.access} namespace).
+        One whose C{batch_format} is true is given each line's fields instead
+        (C{write_http}), formatted with their batch; any object with
+        C{write_line} will do.
     @ivar request_buffering: whether a streamed request body is read whole
         (spooled) before the request goes to a backend, for backends that
         need whole bodies (nginx's C{proxy_request_buffering}); otherwise it
