@@ -765,6 +765,28 @@ class TwistdLogServiceTests(ServiceTestCase):
                                    '"GET /x\\?y HTTP/1\\.1" 200 -> a persistence=none bytes=\\d+ '
                                    r'\d+\.\d{3}s\n')
 
+    @defer.inlineCallbacks
+    def test_fieldsWaitingAreWrittenAtReloadAndStop(self):
+        """HTTP lines waiting as fields in a batch for twistd's --logfile are
+        written by SIGHUP's reload and by the stop, not lost."""
+        service = self.start_balancer(CONFIG.format(a=1, log="x").replace('access_log = "x"', ""))
+        self.addCleanup(service.twistd_log.close)
+        path = self.mktemp()
+        log_file = LogFile.fromFullPath(path)
+        self.addCleanup(log_file.close)
+        service.twistd_log.publisher = LogPublisher(textFileLogObserver(log_file))
+        service.twistd_log.resolve()
+        service.twistd_log.batch_format = True
+        self.assertTrue(service.twistd_log.write_http(reactor.seconds(), http_fields(uri=b"/before-reload")))
+        service.reload()
+        with open(path, "rb") as f:
+            self.assertIn(b'"GET /before-reload HTTP/1.1"', f.read())
+        self.assertTrue(service.twistd_log.write_http(reactor.seconds(), http_fields(uri=b"/before-stop")))
+        service.twistd_log._flush_call.cancel()  # only the stop may write it
+        yield service.stopService()
+        with open(path, "rb") as f:
+            self.assertIn(b'"GET /before-stop HTTP/1.1"', f.read())
+
     def test_reloadWritesWhatWaits(self):
         """SIGHUP's reload writes the lines waiting."""
         service, out = self.sink_of(CONFIG.format(a=1, log="x").replace('access_log = "x"', ""))
