@@ -737,6 +737,16 @@ class TwistdLogServiceTests(ServiceTestCase):
         self.assertRegex(out.getvalue(), r'\[twisted_slb.access#info\] web 127\.0\.0\.1 127\.0\.0\.1:\d+ '
                                          r'"GET /x\?y HTTP/1\.1" 200 -> a persistence=none bytes=\d+ \d+\.\d{3}s\n')
 
+    def to_log_file(self, service, batch_format: bool) -> str:
+        """Send the service's access lines to a twistd-like LogFile, as fields or as text; its path."""
+        path = self.mktemp()
+        log_file = LogFile.fromFullPath(path)
+        self.addCleanup(log_file.close)
+        service.twistd_log.publisher = LogPublisher(textFileLogObserver(log_file))
+        service.twistd_log.resolve()
+        service.twistd_log.batch_format = batch_format
+        return path
+
     @defer.inlineCallbacks
     def test_requestLineToTwistdsLogFile(self):
         """To twistd's --logfile (a LogFile), a request's line is the same
@@ -747,12 +757,7 @@ class TwistdLogServiceTests(ServiceTestCase):
         self.addCleanup(service.twistd_log.close)
         texts = []
         for batch_format in (True, False):
-            path = self.mktemp()
-            log_file = LogFile.fromFullPath(path)
-            self.addCleanup(log_file.close)
-            service.twistd_log.publisher = LogPublisher(textFileLogObserver(log_file))
-            service.twistd_log.resolve()
-            service.twistd_log.batch_format = batch_format
+            path = self.to_log_file(service, batch_format)
             response = yield self.agent().request(
                 b"GET", f"http://127.0.0.1:{self.port_of(service, 'web')}/x?y".encode()
             )
@@ -771,12 +776,7 @@ class TwistdLogServiceTests(ServiceTestCase):
         written by SIGHUP's reload and by the stop, not lost."""
         service = self.start_balancer(CONFIG.format(a=1, log="x").replace('access_log = "x"', ""))
         self.addCleanup(service.twistd_log.close)
-        path = self.mktemp()
-        log_file = LogFile.fromFullPath(path)
-        self.addCleanup(log_file.close)
-        service.twistd_log.publisher = LogPublisher(textFileLogObserver(log_file))
-        service.twistd_log.resolve()
-        service.twistd_log.batch_format = True
+        path = self.to_log_file(service, True)
         self.assertTrue(service.twistd_log.write_http(reactor.seconds(), http_fields(uri=b"/before-reload")))
         service.reload()
         with open(path, "rb") as f:
