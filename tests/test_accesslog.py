@@ -743,8 +743,8 @@ class TwistdLogServiceTests(ServiceTestCase):
         log_file = LogFile.fromFullPath(path)
         self.addCleanup(log_file.close)
         service.twistd_log.publisher = LogPublisher(textFileLogObserver(log_file))
-        service.twistd_log.resolve()
         service.twistd_log.batch_format = batch_format
+        service.twistd_log.resolve()
         return path
 
     @defer.inlineCallbacks

@@ -138,6 +138,8 @@ class AccessLogFile:
     @ivar path: the file.
     @ivar buffer_bytes: write when this much is waiting.
     @ivar flush_interval: seconds a line may wait at most.
+    @ivar batch_format: whether the proxy gives HTTP lines as fields
+        (L{write_http}) rather than as text (L{BATCH_FORMAT} by default).
     @ivar failing: whether the last write failed (logged once until one
         succeeds).
     """
@@ -349,6 +351,10 @@ class TwistdLog:
     @ivar reactor: the clock.
     @ivar flush_delay: seconds a line may wait at most.
     @ivar publisher: where twistd's observer is looked for.
+    @ivar batch_format: whether HTTP lines given as fields (L{write_http})
+        are taken, to a regular file (L{BATCH_FORMAT} by default); read
+        when twistd's observer is found (L{resolve}: the first line, and
+        each reload).
     """
 
     def __init__(self, reactor=None, publisher=globalLogPublisher, flush_delay: float = 0.1) -> None:
@@ -371,7 +377,8 @@ class TwistdLog:
         self._prefix_bytes = b""
         self._suffix_bytes = b"\n"
         self._affixes = 1
-        self._file = False  # a regular file (twistd's --logfile): batches of any size, HTTP rows
+        self._file = False  # a regular file (twistd's --logfile): batches of any size
+        self._takes_fields = False  # write_http takes fields (to a regular file, with batch_format)
         self._bytes = False  # what waits is in self._pending (a binary output or a regular file)
         self._decode = False  # a regular file opened as text: batches written as str
         self._rows: List[tuple] = []  # HTTP lines not yet formatted (write_http)
@@ -413,8 +420,9 @@ class TwistdLog:
         self._encode = encoding is not None
         self._batch = _batch_bytes(self._out)
         self._file = self._batch == _FILE_BATCH_BYTES
+        self._takes_fields = self._file and self.batch_format
         # (Lines and fields are kept in the same buffer, in order.)
-        self._bytes = self._encode or (self._file and self.batch_format)
+        self._bytes = self._encode or self._takes_fields
         self._decode = self._file and not self._encode and not isinstance(out, BaseLogFile)
         if self._trigger is None and hasattr(self.reactor, "addSystemEventTrigger"):
             self._trigger = self.reactor.addSystemEventTrigger("after", "shutdown", self.flush)
@@ -525,7 +533,7 @@ class TwistdLog:
         if self._out is None:
             if self._resolved or not self.resolve():
                 return False
-        if not (self._file and self.batch_format):
+        if not self._takes_fields:
             return False
         if int(now) != self._second and not self._new_second(now):
             return False
