@@ -506,6 +506,24 @@ class ProxyLineTests(SynchronousTestCase):
         self.assertRegex(texts[0][0], r'^w\u00e9b 127\.0\.0\.1 balancer\.test "GET /x\?y HTTP/1\.1" 200 -> a '
                                       r"persistence=none bytes=\d+ \d\.\d{3}s$")
 
+    def test_fieldThatIsNotText(self):
+        """A listener name that is not text (an embedder set a number) is
+        shown as the text path shows it: the request is answered and its
+        line written."""
+        from twisted_slb.testing import BalancerRig
+
+        path = self.mktemp()
+        sink = AccessLogFile(path, reactor=Clock())
+        sink.batch_format = True
+        rig = BalancerRig(backends=["a"])
+        rig.proxy.access_log = True
+        rig.proxy.access_file = sink
+        rig.proxy.listener_name = 7  # type: ignore[assignment]
+        self.assertEqual(rig.get("/").code, 200)
+        sink.close()
+        with open(path, "rb") as f:
+            self.assertRegex(f.read(), rb' 7 127\.0\.0\.1 balancer\.test "GET / HTTP/1\.1" 200 -> a persistence=none ')
+
 
 class TwistdLogWritingTests(SynchronousTestCase):
     """When L{TwistdLog} writes, and that nothing waits past a stop, a reload or a shutdown."""

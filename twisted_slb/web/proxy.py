@@ -1025,14 +1025,20 @@ class _Exchange:
         now = resource.reactor.seconds()
         host = request.getHeader(b"host") or b"-"
         access_file = resource.access_file
+        fields = None
         if getattr(access_file, "batch_format", False):  # (an embedder's file may have only write_line)
             # The line's fields (accesslog.HTTP_FORMAT), formatted by the
             # access log with its batch: a tuple per request, no format.
-            fields = (resource.listener_name.encode("utf-8", "replace"), session.client_ip.encode("utf-8", "replace"),
-                      host, request.method, request.uri, request.clientproto, self.status,
-                      backend.name.encode("utf-8", "replace") if backend else b"-",
-                      session.outcome.encode("utf-8", "replace"), self.bytes_sent, now - self.started,
-                      b" (client closed)" if client_gone else b"")
+            try:
+                fields = (resource.listener_name.encode("utf-8", "replace"),
+                          session.client_ip.encode("utf-8", "replace"),
+                          host, request.method, request.uri, request.clientproto, self.status,
+                          backend.name.encode("utf-8", "replace") if backend else b"-",
+                          session.outcome.encode("utf-8", "replace"), self.bytes_sent, now - self.started,
+                          b" (client closed)" if client_gone else b"")
+            except AttributeError:
+                pass  # a name that is not text (set by a policy of an embedder's): the text shows it as it is
+        if fields is not None:
             if access_file.write_http(now, fields):
                 return
             line = http_line(fields)
