@@ -377,9 +377,8 @@ class TwistdLog:
         self._prefix_bytes = b""
         self._suffix_bytes = b"\n"
         self._affixes = 1
-        self._file = False  # a regular file (twistd's --logfile): batches of any size
         self._takes_fields = False  # write_http takes fields (to a regular file, with batch_format)
-        self._bytes = False  # what waits is in self._pending (a binary output or a regular file)
+        self._bytes = False  # what waits is in self._pending (a binary output, or fields are taken)
         self._decode = False  # a regular file opened as text: batches written as str
         self._rows: List[tuple] = []  # HTTP lines not yet formatted (write_http)
         self._row_format = b""
@@ -419,11 +418,11 @@ class TwistdLog:
         self._out = cast(IO[Any], out)
         self._encode = encoding is not None
         self._batch = _batch_bytes(self._out)
-        self._file = self._batch == _FILE_BATCH_BYTES
-        self._takes_fields = self._file and self.batch_format
+        regular = self._batch == _FILE_BATCH_BYTES  # (twistd's --logfile: batches of any size)
+        self._takes_fields = regular and self.batch_format
         # (Lines and fields are kept in the same buffer, in order.)
         self._bytes = self._encode or self._takes_fields
-        self._decode = self._file and not self._encode and not isinstance(out, BaseLogFile)
+        self._decode = regular and not self._encode and not isinstance(out, BaseLogFile)
         if self._trigger is None and hasattr(self.reactor, "addSystemEventTrigger"):
             self._trigger = self.reactor.addSystemEventTrigger("after", "shutdown", self.flush)
         return True
